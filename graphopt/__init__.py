@@ -1,0 +1,50 @@
+"""graphopt: a compiler-style graph optimizer for Transformer models.
+
+Models come in from ONNX (`from_onnx`) or torch.fx (`from_fx`) as one IR `Graph`, and go
+out as ONNX (`Graph.to_onnx`, `Graph.save_onnx`) or a runnable torch.fx GraphModule
+(`Graph.to_fx`). Heavy dependencies (onnx, torch) load only when a function needs them.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from graphopt.errors import (
+    ExportError,
+    GraphError,
+    GraphoptError,
+    ModelLoadError,
+    UnsupportedOpError,
+    VerificationError,
+)
+from graphopt.ir import DType, Graph, Node, TensorType, Value, verify
+
+if TYPE_CHECKING:
+    import onnx
+    import torch
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "DType", "ExportError", "Graph", "GraphError", "GraphoptError", "ModelLoadError", "Node",
+    "TensorType", "UnsupportedOpError", "Value", "VerificationError", "__version__", "from_fx",
+    "from_onnx", "verify",
+]
+
+
+def from_onnx(model: "str | onnx.ModelProto | Any") -> Graph:
+    """Import an ONNX model (a path or a ModelProto) into an IR graph.
+
+    Weights are not copied: those in the file (inline or external data) are memory-mapped
+    on use. Raises `ModelLoadError` naming the file for a missing, corrupt or non-ONNX file.
+    """
+    from graphopt.frontends.onnx_import import from_onnx as _from_onnx
+
+    return _from_onnx(model)
+
+
+def from_fx(graph_module: "torch.fx.GraphModule | torch.export.ExportedProgram", example_inputs: Any = None) -> Graph:
+    """Import a torch.fx GraphModule (dynamo, AOT/ATen) or an ExportedProgram into an IR graph."""
+    from graphopt.frontends.fx_import import from_fx as _from_fx
+
+    return _from_fx(graph_module, example_inputs)

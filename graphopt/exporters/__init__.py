@@ -1,0 +1,1 @@
+"""Exporters: turn IR graphs back into ONNX models and runnable torch.fx GraphModules."""

@@ -1,0 +1,129 @@
+"""IR -> torch.fx: `to_fx(graph)` builds a runnable `torch.fx.GraphModule`.
+
+Each IR node becomes one call to the torch implementation of its op's semantics (see
+`graphopt.exporters.torch_kernels`); constants become buffers of the module (shared with
+the IR where the data is already writable memory). The module's `forward` takes the graph
+inputs positionally, in order, and returns a tuple of the graph outputs. An op without a
+torch implementation raises `UnsupportedOpError` naming the node and the op.
+"""
+
+from __future__ import annotations
+
+import keyword
+import operator
+import re
+from typing import Any
+
+import numpy as np
+
+from graphopt.errors import UnsupportedOpError
+from graphopt.exporters import torch_kernels
+from graphopt.ir.graph import Graph, Node
+from graphopt.ir.tensor import ConstTensor
+
+
+def to_fx(graph: Graph) -> Any:
+    """Lower `graph` to a `torch.fx.GraphModule` that computes the same outputs."""
+    import torch
+    import torch.fx
+
+    _check_supported(graph)
+    root = torch.nn.Module()
+    fx_graph = torch.fx.Graph()
+    env: dict[int, torch.fx.Node] = {}
+    for value in graph.inputs:
+        env[id(value)] = fx_graph.placeholder(_identifier(value.name))
+    buffers = _BufferNamer(root)
+    for value in graph.constants.values():
+        if value.uses():
+            env[id(value)] = fx_graph.get_attr(buffers.add(value.name, value.const))  # type: ignore[arg-type]
+    for node in graph.nodes:
+        _emit(node, graph, fx_graph, env, buffers)
+    outputs = tuple(env[id(v)] for v in graph.outputs)
+    fx_graph.output(outputs)
+    module = torch.fx.GraphModule(root, fx_graph, class_name=_identifier(graph.name) or "GraphModule")
+    module.eval()
+    return module
+
+
+def _check_supported(graph: Graph) -> None:
+    missing = [n for n in graph.nodes if torch_kernels.get_kernel(n.domain, n.op_type) is None]
+    if missing:
+        ops = sorted({n.qualified_op for n in missing})
+        first = missing[0]
+        raise UnsupportedOpError(
+            f"to_fx: no torch implementation for op(s) {', '.join(ops)} "
+            f"(first at node {first.label}); these ops can only run in a target that provides them"
+        )
+
+
+def _emit(node: Node, graph: Graph, fx_graph: Any, env: dict[int, Any], buffers: "_BufferNamer") -> None:
+    if node.op_type == "Constant" and node.domain == "" and isinstance(node.attrs.get("value"), ConstTensor):
+        env[id(node.output)] = fx_graph.get_attr(buffers.add(node.output.name, node.attrs["value"]))
+        return
+    kernel = torch_kernels.get_kernel(node.domain, node.op_type)
+    args = tuple(None if v is None else env[id(v)] for v in node.inputs)
+    kwargs: dict[str, Any] = {}
+    for name, attr in node.attrs.items():
+        if isinstance(attr, ConstTensor):
+            kwargs[name] = fx_graph.get_attr(buffers.add(f"{node.name}_{name}", attr))
+        elif isinstance(attr, tuple):
+            kwargs[name] = list(attr)
+        else:
+            kwargs[name] = attr
+    if node.op_type in torch_kernels.OPSET_SENSITIVE_OPS and node.domain == "":
+        kwargs["opset"] = graph.opset("")
+    call = fx_graph.call_function(kernel, args, kwargs)
+    if node.op_type in torch_kernels.MULTI_OUTPUT_OPS:
+        for index, out in enumerate(node.outputs):
+            env[id(out)] = fx_graph.call_function(operator.getitem, (call, index))
+    else:
+        env[id(node.output)] = call
+
+
+class _BufferNamer:
+    """Registers constants as module buffers under unique attribute names."""
+
+    def __init__(self, root: Any) -> None:
+        self.root = root
+        self.taken: set[str] = set()
+
+    def add(self, name: str, tensor: ConstTensor) -> str:
+        base = _identifier(name) or "const"
+        attr = base
+        suffix = 0
+        while attr in self.taken:
+            suffix += 1
+            attr = f"{base}_{suffix}"
+        self.taken.add(attr)
+        self.root.register_buffer(attr, _to_torch(tensor))
+        return attr
+
+
+def _to_torch(tensor: ConstTensor) -> Any:
+    import torch
+
+    array = tensor.numpy()
+    if array.dtype.kind == "V" or array.dtype.name in ("bfloat16",) or str(array.dtype).startswith("float8"):
+        return torch.from_numpy(_c_contiguous(array).view(_same_width_int(array.dtype))).view(tensor.dtype.to_torch())
+    if not array.flags.writeable or not array.flags.c_contiguous:
+        array = np.array(array, copy=True, order="C")
+    return torch.from_numpy(array)
+
+
+def _same_width_int(dtype: np.dtype) -> Any:
+    return {1: np.uint8, 2: np.int16, 4: np.int32, 8: np.int64}[dtype.itemsize]
+
+
+def _identifier(name: str) -> str:
+    ident = re.sub(r"\W", "_", name)
+    if ident and ident[0].isdigit():
+        ident = "v_" + ident
+    if keyword.iskeyword(ident):
+        ident += "_"
+    return ident
+
+
+def _c_contiguous(array: np.ndarray) -> np.ndarray:
+    """`array` in C order, keeping 0-d arrays 0-d (np.ascontiguousarray makes them 1-d)."""
+    return array if array.flags.c_contiguous else np.array(array, order="C")

@@ -1,0 +1,1 @@
+"""Frontends: turn ONNX models and torch.fx graphs into IR graphs."""

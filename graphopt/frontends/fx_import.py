@@ -1,0 +1,204 @@
+"""torch.fx -> IR: `from_fx(graph_module_or_exported_program, example_inputs)`.
+
+ATen-to-ONNX translation is torch's own (`torch.onnx.export(..., dynamo=True)`, built on
+onnxscript's torchlib), so every ATen op that torch can export is covered without a
+hand-written table; the resulting ONNX model is then imported like any other.
+
+Accepted inputs:
+- a `torch.export.ExportedProgram` (symbolic dims come from its range constraints);
+- a `torch.fx.GraphModule` from torch.compile (dynamo or AOT/ATen level) with the
+  backend's `example_inputs`. Placeholders holding parameters or buffers become IR
+  constants (their values are read from `example_inputs`); SymInt placeholders that are
+  sizes of tensor inputs are recomputed from those tensors; symbolic dims of fake example
+  values stay symbolic. `graph.metadata["fx_input_kinds"]` records, per placeholder,
+  whether it became an "input", a "constant" or a "size", so a caller knows which
+  arguments the IR graph still takes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import warnings
+from typing import Any, Optional, Sequence
+
+from graphopt.errors import GraphoptError, UnsupportedOpError
+from graphopt.frontends.onnx_import import from_onnx
+from graphopt.ir.graph import Graph
+
+DEFAULT_OPSET = 18
+
+
+def from_fx(module: Any, example_inputs: Optional[Sequence[Any]] = None, *, opset: int = DEFAULT_OPSET) -> Graph:
+    """Import a GraphModule or an ExportedProgram into an IR graph (see module docstring)."""
+    import torch
+
+    if isinstance(module, torch.export.ExportedProgram):
+        program = module
+        kinds = ["input"] * len(program.graph_signature.user_inputs)
+    elif isinstance(module, torch.fx.GraphModule):
+        if example_inputs is None:
+            raise GraphoptError("from_fx: a GraphModule needs its example_inputs (the backend's second argument)")
+        program, kinds = _export_graph_module(module, list(example_inputs))
+    else:
+        raise GraphoptError(
+            f"from_fx expects a torch.fx.GraphModule or a torch.export.ExportedProgram, got {type(module).__name__}"
+        )
+    with _quiet():
+        try:
+            onnx_program = torch.onnx.export(program, dynamo=True, optimize=False, verbose=False, opset_version=opset)
+        except Exception as exc:
+            raise UnsupportedOpError(f"from_fx: torch could not translate the graph to ONNX ops: {_first_line(exc)}") from exc
+    graph = from_onnx(onnx_program.model_proto)
+    graph.metadata["fx_input_kinds"] = kinds
+    graph.metadata["producer_name"] = "graphopt.from_fx"
+    return graph
+
+
+def _export_graph_module(gm: Any, example_inputs: list[Any]) -> tuple[Any, list[str]]:
+    import torch
+
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    if len(placeholders) != len(example_inputs):
+        raise GraphoptError(
+            f"from_fx: the GraphModule has {len(placeholders)} placeholders but {len(example_inputs)} example inputs were given"
+        )
+    kinds, constants, sizes, tensors = _classify(placeholders, example_inputs)
+    wrapper = _PlaceholderFeeder(gm, kinds, constants, sizes)
+    real = [_real_example(example_inputs[i], placeholders[i]) for i in tensors]
+    dynamic = tuple(_dynamic_dims(placeholders[i], example_inputs[i]) for i in tensors)
+    with _quiet():
+        try:
+            program = torch.export.export(wrapper, tuple(real), dynamic_shapes=dynamic if any(dynamic) else None, strict=False)
+        except Exception as exc:
+            raise UnsupportedOpError(f"from_fx: torch.export could not trace the GraphModule: {_first_line(exc)}") from exc
+    return program, kinds
+
+
+def _classify(placeholders: list[Any], example_inputs: list[Any]) -> tuple[list[str], dict[int, Any], dict[int, tuple[int, int]], list[int]]:
+    import torch
+
+    kinds: list[str] = []
+    constants: dict[int, Any] = {}
+    sizes: dict[int, tuple[int, int]] = {}
+    tensors: list[int] = []
+    sources = {}
+    for index, node in enumerate(placeholders):
+        arg = node.meta.get("grapharg")
+        if arg is not None:
+            sources[_source_key(arg.source)] = index
+    for index, (node, example) in enumerate(zip(placeholders, example_inputs)):
+        if isinstance(example, torch.nn.Parameter) or _is_param_source(node):
+            kinds.append("constant")
+            constants[index] = example.detach()
+            continue
+        if isinstance(example, (torch.SymInt, int)) and not isinstance(example, bool):
+            owner = _size_owner(node, sources)
+            if owner is None:
+                raise UnsupportedOpError(
+                    f"from_fx: placeholder '{node.name}' is an integer that is not a size of a tensor input; "
+                    "graphopt imports tensor inputs only"
+                )
+            kinds.append("size")
+            sizes[index] = owner
+            continue
+        if not isinstance(example, torch.Tensor):
+            raise UnsupportedOpError(f"from_fx: placeholder '{node.name}' holds a {type(example).__name__}; graphopt imports tensor inputs only")
+        kinds.append("input")
+        tensors.append(index)
+    return kinds, constants, sizes, tensors
+
+
+def _source_key(source: Any) -> str:
+    return source.name() if callable(getattr(source, "name", None)) else repr(source)
+
+
+def _is_param_source(node: Any) -> bool:
+    arg = node.meta.get("grapharg")
+    if arg is None:
+        return False
+    text = _source_key(arg.source)
+    return "_parameters" in text or "_buffers" in text or "ParamBuffer" in type(arg.source).__name__
+
+
+def _size_owner(node: Any, sources: dict[str, int]) -> Optional[tuple[int, int]]:
+    arg = node.meta.get("grapharg")
+    source = getattr(arg, "source", None)
+    base, idx, prop = getattr(source, "base", None), getattr(source, "idx", None), getattr(source, "prop", None)
+    if base is None or idx is None or getattr(prop, "name", "") != "SIZE":
+        return None
+    owner = sources.get(_source_key(base))
+    return None if owner is None else (owner, int(idx))
+
+
+def _real_example(example: Any, node: Any) -> Any:
+    """A real tensor with the example's shape (fake tensors are materialized as zeros)."""
+    import torch
+
+    from torch._subclasses.fake_tensor import FakeTensor
+
+    if not isinstance(example, FakeTensor):
+        return example.detach()
+    shape = [int(d) if not isinstance(d, torch.SymInt) else int(d.node.hint or 2) for d in example.shape]
+    return torch.zeros(shape, dtype=example.dtype)
+
+
+def _dynamic_dims(node: Any, example: Any) -> Optional[dict[int, Any]]:
+    import torch
+
+    fake = node.meta.get("example_value", node.meta.get("val", example))
+    shape = getattr(fake, "shape", ())
+    dims = {axis: torch.export.Dim.DYNAMIC for axis, d in enumerate(shape) if isinstance(d, torch.SymInt)}
+    return dims or None
+
+
+class _PlaceholderFeeder:
+    """Builds the nn.Module torch.export traces: tensor inputs in, the GraphModule's
+    other placeholders (weights, sizes) filled in from constants and tensor sizes."""
+
+    def __new__(cls, gm: Any, kinds: list[str], constants: dict[int, Any], sizes: dict[int, tuple[int, int]]) -> Any:
+        import torch
+
+        class Feeder(torch.nn.Module):
+            def __init__(self) -> None:
+                super().__init__()
+                self.gm = gm
+                for index, tensor in constants.items():
+                    self.register_buffer(f"const_{index}", tensor)
+
+            def forward(self, *tensors: Any) -> Any:
+                remaining = iter(tensors)
+                args: list[Any] = []
+                for index, kind in enumerate(kinds):
+                    if kind == "input":
+                        args.append(next(remaining))
+                    elif kind == "constant":
+                        args.append(getattr(self, f"const_{index}"))
+                    else:
+                        args.append(None)
+                for index, (owner, axis) in sizes.items():
+                    args[index] = args[owner].size(axis)
+                return self.gm(*args)
+
+        return Feeder()
+
+
+@contextlib.contextmanager
+def _quiet():
+    """Silence torch's exporter chatter (warnings and log lines) for one call."""
+    loggers = [logging.getLogger(name) for name in ("torch.onnx", "torch.export", "torch._dynamo", "torch.fx")]
+    levels = [logger.level for logger in loggers]
+    for logger in loggers:
+        logger.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        for logger, level in zip(loggers, levels):
+            logger.setLevel(level)
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[0] if text else ''}"

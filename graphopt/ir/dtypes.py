@@ -1,0 +1,150 @@
+"""Element types of IR tensors, with their ONNX, numpy and torch equivalents.
+
+`DType` values are the ONNX `TensorProto.DataType` numbers, so converting to and from
+ONNX is the identity; numpy and torch equivalents are looked up lazily so the IR does
+not import torch.
+"""
+
+from __future__ import annotations
+
+import enum
+from typing import Any
+
+import numpy as np
+
+
+class DType(enum.IntEnum):
+    """A tensor element type; the integer value is the ONNX data-type number."""
+
+    FLOAT = 1
+    UINT8 = 2
+    INT8 = 3
+    UINT16 = 4
+    INT16 = 5
+    INT32 = 6
+    INT64 = 7
+    STRING = 8
+    BOOL = 9
+    FLOAT16 = 10
+    DOUBLE = 11
+    UINT32 = 12
+    UINT64 = 13
+    COMPLEX64 = 14
+    COMPLEX128 = 15
+    BFLOAT16 = 16
+    FLOAT8E4M3FN = 17
+    FLOAT8E4M3FNUZ = 18
+    FLOAT8E5M2 = 19
+    FLOAT8E5M2FNUZ = 20
+    UINT4 = 21
+    INT4 = 22
+
+    @property
+    def short(self) -> str:
+        """The compact name the IR printer uses (f32, i64, bool, ...)."""
+        return _SHORT_NAMES[self]
+
+    @property
+    def is_float(self) -> bool:
+        return self in _FLOATS
+
+    @property
+    def is_integer(self) -> bool:
+        return self in _INTEGERS
+
+    @property
+    def itemsize(self) -> int:
+        """Bytes per element (rounded up for 4-bit types)."""
+        return _ITEMSIZE[self]
+
+    def to_numpy(self) -> np.dtype:
+        """The numpy dtype holding this element type (ml_dtypes for bfloat16/float8/int4)."""
+        return np.dtype(_numpy_type(self))
+
+    def to_torch(self) -> Any:
+        """The torch.dtype for this element type; raises ValueError if torch has none."""
+        import torch
+
+        table = {
+            DType.FLOAT: torch.float32, DType.DOUBLE: torch.float64,
+            DType.FLOAT16: torch.float16, DType.BFLOAT16: torch.bfloat16,
+            DType.INT8: torch.int8, DType.INT16: torch.int16, DType.INT32: torch.int32,
+            DType.INT64: torch.int64, DType.UINT8: torch.uint8, DType.UINT16: torch.uint16,
+            DType.UINT32: torch.uint32, DType.UINT64: torch.uint64, DType.BOOL: torch.bool,
+            DType.COMPLEX64: torch.complex64, DType.COMPLEX128: torch.complex128,
+            DType.FLOAT8E4M3FN: torch.float8_e4m3fn, DType.FLOAT8E5M2: torch.float8_e5m2,
+            DType.FLOAT8E4M3FNUZ: torch.float8_e4m3fnuz, DType.FLOAT8E5M2FNUZ: torch.float8_e5m2fnuz,
+        }
+        if self not in table:
+            raise ValueError(f"torch has no dtype for {self.name}")
+        return table[self]
+
+    @classmethod
+    def from_numpy(cls, dtype: Any) -> DType:
+        """The DType of a numpy dtype (or anything `np.dtype` accepts)."""
+        dtype = np.dtype(dtype)
+        for member in cls:
+            try:
+                if np.dtype(_numpy_type(member)) == dtype:
+                    return member
+            except (TypeError, ValueError):
+                continue
+        raise ValueError(f"no IR dtype for numpy dtype {dtype}")
+
+    @classmethod
+    def from_torch(cls, dtype: Any) -> DType:
+        """The DType of a torch.dtype."""
+        for member in cls:
+            try:
+                if member.to_torch() == dtype:
+                    return member
+            except ValueError:
+                continue
+        raise ValueError(f"no IR dtype for torch dtype {dtype}")
+
+
+_SHORT_NAMES = {
+    DType.FLOAT: "f32", DType.UINT8: "u8", DType.INT8: "i8", DType.UINT16: "u16",
+    DType.INT16: "i16", DType.INT32: "i32", DType.INT64: "i64", DType.STRING: "str",
+    DType.BOOL: "bool", DType.FLOAT16: "f16", DType.DOUBLE: "f64", DType.UINT32: "u32",
+    DType.UINT64: "u64", DType.COMPLEX64: "c64", DType.COMPLEX128: "c128",
+    DType.BFLOAT16: "bf16", DType.FLOAT8E4M3FN: "f8e4m3fn", DType.FLOAT8E4M3FNUZ: "f8e4m3fnuz",
+    DType.FLOAT8E5M2: "f8e5m2", DType.FLOAT8E5M2FNUZ: "f8e5m2fnuz", DType.UINT4: "u4",
+    DType.INT4: "i4",
+}
+_FLOATS = frozenset({
+    DType.FLOAT, DType.FLOAT16, DType.DOUBLE, DType.BFLOAT16, DType.FLOAT8E4M3FN,
+    DType.FLOAT8E4M3FNUZ, DType.FLOAT8E5M2, DType.FLOAT8E5M2FNUZ,
+})
+_INTEGERS = frozenset({
+    DType.UINT8, DType.INT8, DType.UINT16, DType.INT16, DType.INT32, DType.INT64,
+    DType.UINT32, DType.UINT64, DType.UINT4, DType.INT4,
+})
+_ITEMSIZE = {
+    DType.FLOAT: 4, DType.UINT8: 1, DType.INT8: 1, DType.UINT16: 2, DType.INT16: 2,
+    DType.INT32: 4, DType.INT64: 8, DType.STRING: 8, DType.BOOL: 1, DType.FLOAT16: 2,
+    DType.DOUBLE: 8, DType.UINT32: 4, DType.UINT64: 8, DType.COMPLEX64: 8,
+    DType.COMPLEX128: 16, DType.BFLOAT16: 2, DType.FLOAT8E4M3FN: 1, DType.FLOAT8E4M3FNUZ: 1,
+    DType.FLOAT8E5M2: 1, DType.FLOAT8E5M2FNUZ: 1, DType.UINT4: 1, DType.INT4: 1,
+}
+
+
+def _numpy_type(dtype: DType) -> Any:
+    plain = {
+        DType.FLOAT: np.float32, DType.UINT8: np.uint8, DType.INT8: np.int8,
+        DType.UINT16: np.uint16, DType.INT16: np.int16, DType.INT32: np.int32,
+        DType.INT64: np.int64, DType.STRING: np.object_, DType.BOOL: np.bool_,
+        DType.FLOAT16: np.float16, DType.DOUBLE: np.float64, DType.UINT32: np.uint32,
+        DType.UINT64: np.uint64, DType.COMPLEX64: np.complex64, DType.COMPLEX128: np.complex128,
+    }
+    if dtype in plain:
+        return plain[dtype]
+    import ml_dtypes
+
+    extended = {
+        DType.BFLOAT16: ml_dtypes.bfloat16, DType.FLOAT8E4M3FN: ml_dtypes.float8_e4m3fn,
+        DType.FLOAT8E4M3FNUZ: ml_dtypes.float8_e4m3fnuz, DType.FLOAT8E5M2: ml_dtypes.float8_e5m2,
+        DType.FLOAT8E5M2FNUZ: ml_dtypes.float8_e5m2fnuz, DType.UINT4: ml_dtypes.uint4,
+        DType.INT4: ml_dtypes.int4,
+    }
+    return extended[dtype]

@@ -1,0 +1,550 @@
+"""The IR: `Graph`, `Node` and `Value`, with use-def chains and a checked rewrite API.
+
+A `Value` is produced by exactly one `Node` (or is a graph input or a constant) and knows
+its uses. A `Graph` holds its nodes in a valid execution order. Every change goes through
+`Graph` and `Value` methods (`add_node`, `replace_all_uses_with`, `erase`, ...) so use
+lists can never go stale; passes never edit the lists themselves.
+"""
+
+from __future__ import annotations
+
+import itertools
+from typing import TYPE_CHECKING, Any, Iterable, Iterator, NamedTuple, Optional, Sequence, Union
+
+import numpy as np
+
+from graphopt.errors import GraphError
+from graphopt.ir.dtypes import DType
+from graphopt.ir.schema import InferenceContext, OpSchema, SymbolicValue, get_schema
+from graphopt.ir.tensor import ArrayTensor, ConstTensor
+from graphopt.ir.types import UNKNOWN, TensorType, merge_types
+
+if TYPE_CHECKING:
+    import networkx
+    import onnx
+    import torch
+
+MAX_INFERENCE_CONSTANT = 4096
+"""Constants with more elements than this are not materialized for shape inference."""
+
+
+class Use(NamedTuple):
+    """One use of a value: input slot `index` of `node`."""
+
+    node: "Node"
+    index: int
+
+
+class Value:
+    """A tensor in the graph: a graph input, a constant, or a node output."""
+
+    __slots__ = ("name", "type", "producer", "output_index", "const", "symbolic", "graph", "_uses")
+
+    def __init__(self, name: str, type: TensorType = UNKNOWN, const: Optional[ConstTensor] = None) -> None:
+        self.name = name
+        self.type = type
+        self.producer: Optional[Node] = None
+        self.output_index = 0
+        self.const = const
+        self.symbolic: Optional[SymbolicValue] = None
+        self.graph: Optional[Graph] = None
+        self._uses: list[Use] = []
+
+    @property
+    def dtype(self) -> Optional[DType]:
+        return self.type.dtype
+
+    @property
+    def shape(self) -> Optional[tuple]:
+        return self.type.shape
+
+    @property
+    def is_constant(self) -> bool:
+        return self.const is not None
+
+    def uses(self) -> list[Use]:
+        """Every (node, input index) reading this value, in insertion order."""
+        return list(self._uses)
+
+    @property
+    def users(self) -> list["Node"]:
+        """The distinct nodes reading this value."""
+        return list(dict.fromkeys(use.node for use in self._uses))
+
+    @property
+    def is_graph_output(self) -> bool:
+        return self.graph is not None and any(out is self for out in self.graph.outputs)
+
+    def replace_all_uses_with(self, other: "Value") -> None:
+        """Make every reader of this value (and the graph outputs) read `other` instead."""
+        if other is self:
+            return
+        for use in list(self._uses):
+            use.node.replace_input(use.index, other)
+        if self.graph is not None:
+            self.graph._replace_output(self, other)
+
+    def __repr__(self) -> str:
+        return f"%{self.name}: {self.type}"
+
+
+AttrValue = Union[int, float, str, tuple, ConstTensor, Any]
+
+
+class Node:
+    """One operation: `op_type` in `domain`, reading `inputs`, producing `outputs`.
+
+    `inputs` may contain None for an omitted optional input. `attrs` maps attribute names
+    to Python values (int, float, str, tuples of those, `ConstTensor`, or an opaque
+    attribute kept from the source format). `origin` records where an op came from (e.g.
+    ONNX doc strings or metadata) so it can be written back unchanged.
+    """
+
+    __slots__ = ("op_type", "domain", "name", "attrs", "origin", "graph", "_inputs", "_outputs")
+
+    def __init__(
+        self,
+        op_type: str,
+        inputs: Sequence[Optional[Value]] = (),
+        attrs: Optional[dict[str, AttrValue]] = None,
+        *,
+        domain: str = "",
+        num_outputs: int = 1,
+        output_names: Optional[Sequence[str]] = None,
+        name: str = "",
+        origin: Optional[dict[str, Any]] = None,
+    ) -> None:
+        self.op_type = op_type
+        self.domain = "" if domain == "ai.onnx" else domain
+        self.name = name
+        self.attrs: dict[str, AttrValue] = dict(attrs or {})
+        self.origin: dict[str, Any] = dict(origin or {})
+        self.graph: Optional[Graph] = None
+        self._inputs: list[Optional[Value]] = []
+        for value in inputs:
+            if value is not None and not isinstance(value, Value):
+                raise TypeError(f"node {op_type}: inputs must be Values or None, got {type(value).__name__}")
+            self._inputs.append(value)
+        names = list(output_names) if output_names is not None else [""] * num_outputs
+        self._outputs: list[Value] = []
+        for index, out_name in enumerate(names):
+            out = Value(out_name)
+            out.producer = self
+            out.output_index = index
+            self._outputs.append(out)
+
+    @property
+    def inputs(self) -> tuple[Optional[Value], ...]:
+        return tuple(self._inputs)
+
+    @property
+    def outputs(self) -> tuple[Value, ...]:
+        return tuple(self._outputs)
+
+    @property
+    def output(self) -> Value:
+        """The single output; raises for multi-output nodes."""
+        if len(self._outputs) != 1:
+            raise GraphError(f"node {self.label} has {len(self._outputs)} outputs; use .outputs")
+        return self._outputs[0]
+
+    @property
+    def schema(self) -> Optional[OpSchema]:
+        return get_schema(self.domain, self.op_type)
+
+    @property
+    def is_opaque(self) -> bool:
+        """True for an op the IR has no schema for (kept and round-tripped as is)."""
+        return self.schema is None
+
+    @property
+    def qualified_op(self) -> str:
+        return f"{self.domain}::{self.op_type}" if self.domain else self.op_type
+
+    @property
+    def label(self) -> str:
+        """How messages refer to this node: its name and op."""
+        return f"'{self.name}' ({self.qualified_op})" if self.name else f"({self.qualified_op})"
+
+    def replace_input(self, index: int, value: Optional[Value]) -> None:
+        """Point input slot `index` at `value`, keeping use lists right."""
+        old = self._inputs[index]
+        if old is value:
+            return
+        if old is not None and self.graph is not None:
+            old._uses.remove(Use(self, index))
+        self._inputs[index] = value
+        if value is not None and self.graph is not None:
+            value._uses.append(Use(self, index))
+
+    def __repr__(self) -> str:
+        ins = ", ".join("None" if v is None else f"%{v.name}" for v in self._inputs)
+        outs = ", ".join(f"%{v.name}" for v in self._outputs)
+        return f"{outs} = {self.qualified_op}({ins})"
+
+
+class Graph:
+    """An ordered, use-def-linked graph of nodes with inputs, outputs and constants."""
+
+    def __init__(self, name: str = "graph", opset_imports: Optional[dict[str, int]] = None) -> None:
+        self.name = name
+        self.opset_imports: dict[str, int] = dict(opset_imports or {"": 18})
+        self.metadata: dict[str, Any] = {}
+        self._inputs: list[Value] = []
+        self._outputs: list[Value] = []
+        self._nodes: list[Node] = []
+        self._constants: dict[str, Value] = {}
+        self._names: set[str] = set()
+        self._node_names: set[str] = set()
+        self._counter = itertools.count()
+
+    # ----------------------------------------------------------------- reading
+    @property
+    def inputs(self) -> tuple[Value, ...]:
+        return tuple(self._inputs)
+
+    @property
+    def outputs(self) -> tuple[Value, ...]:
+        return tuple(self._outputs)
+
+    @property
+    def nodes(self) -> tuple[Node, ...]:
+        return tuple(self._nodes)
+
+    @property
+    def constants(self) -> dict[str, Value]:
+        """Constants (weights) by name; a copy, so edit through the Graph API."""
+        return dict(self._constants)
+
+    def __iter__(self) -> Iterator[Node]:
+        return iter(list(self._nodes))
+
+    def __len__(self) -> int:
+        return len(self._nodes)
+
+    def opset(self, domain: str = "") -> int:
+        """The opset version imported for `domain` (default domain: ONNX)."""
+        return self.opset_imports.get(domain, self.opset_imports.get("ai.onnx", 0))
+
+    def values(self) -> Iterator[Value]:
+        """Every value: inputs, constants, then node outputs in order."""
+        yield from self._inputs
+        yield from self._constants.values()
+        for node in self._nodes:
+            yield from node._outputs
+
+    def find_value(self, name: str) -> Optional[Value]:
+        for value in self.values():
+            if value.name == name:
+                return value
+        return None
+
+    def op_counts(self) -> dict[str, int]:
+        """How many nodes of each (qualified) op type the graph holds, sorted by name."""
+        counts: dict[str, int] = {}
+        for node in self._nodes:
+            counts[node.qualified_op] = counts.get(node.qualified_op, 0) + 1
+        return dict(sorted(counts.items()))
+
+    # ----------------------------------------------------------------- names
+    def unique_name(self, base: str) -> str:
+        """A value name not yet used in this graph, derived from `base`."""
+        base = base or "v"
+        if base not in self._names:
+            return base
+        while True:
+            candidate = f"{base}_{next(self._counter)}"
+            if candidate not in self._names:
+                return candidate
+
+    def _claim(self, value: Value, base: str) -> None:
+        value.name = self.unique_name(base)
+        self._names.add(value.name)
+        value.graph = self
+
+    # ----------------------------------------------------------------- inputs, outputs, constants
+    def add_input(self, name: str, type: TensorType = UNKNOWN) -> Value:
+        """Append a graph input; the name must be free."""
+        if name in self._names:
+            raise GraphError(f"graph '{self.name}' already has a value named '{name}'")
+        value = Value(name, type)
+        self._claim(value, name)
+        self._inputs.append(value)
+        return value
+
+    def remove_input(self, value: Value) -> None:
+        """Remove an unused graph input."""
+        if value not in self._inputs:
+            raise GraphError(f"%{value.name} is not an input of graph '{self.name}'")
+        if value._uses or value.is_graph_output:
+            raise GraphError(f"cannot remove input %{value.name}: it is still used")
+        self._inputs.remove(value)
+        self._names.discard(value.name)
+        value.graph = None
+
+    def add_constant(self, name: str, data: Union[ConstTensor, np.ndarray]) -> Value:
+        """Add a named constant (weight). Numpy arrays are wrapped, not copied."""
+        tensor = data if isinstance(data, ConstTensor) else ArrayTensor(data)
+        value = Value(name, TensorType(tensor.dtype, tensor.shape), const=tensor)
+        self._claim(value, name)
+        self._constants[value.name] = value
+        return value
+
+    def remove_constant(self, value: Value) -> None:
+        """Remove a constant nothing reads any more."""
+        if self._constants.get(value.name) is not value:
+            raise GraphError(f"%{value.name} is not a constant of graph '{self.name}'")
+        if value._uses or value.is_graph_output:
+            raise GraphError(f"cannot remove constant %{value.name}: it is still used")
+        del self._constants[value.name]
+        self._names.discard(value.name)
+        value.graph = None
+
+    def set_outputs(self, values: Iterable[Value]) -> None:
+        """Make `values` the graph outputs, in order."""
+        values = list(values)
+        for value in values:
+            if value.graph is not self:
+                raise GraphError(f"output %{value.name} does not belong to graph '{self.name}'")
+        self._outputs = values
+
+    def _replace_output(self, old: Value, new: Value) -> None:
+        self._outputs = [new if out is old else out for out in self._outputs]
+
+    # ----------------------------------------------------------------- nodes
+    def add_node(
+        self,
+        op_type: str,
+        inputs: Sequence[Optional[Value]] = (),
+        attrs: Optional[dict[str, AttrValue]] = None,
+        *,
+        domain: str = "",
+        num_outputs: int = 1,
+        output_names: Optional[Sequence[str]] = None,
+        name: str = "",
+        before: Optional[Node] = None,
+        after: Optional[Node] = None,
+        infer: bool = True,
+        origin: Optional[dict[str, Any]] = None,
+    ) -> Node:
+        """Create a node, insert it (at the end, or before/after an anchor), infer its types."""
+        node = Node(
+            op_type, inputs, attrs, domain=domain, num_outputs=num_outputs,
+            output_names=output_names, name=name, origin=origin,
+        )
+        self.insert(node, before=before, after=after)
+        if infer:
+            self.infer_types(node)
+        return node
+
+    def insert(self, node: Node, *, before: Optional[Node] = None, after: Optional[Node] = None) -> Node:
+        """Insert a detached node at the end, or right before/after `anchor`."""
+        if node.graph is not None:
+            raise GraphError(f"node {node.label} is already in a graph")
+        if before is not None and after is not None:
+            raise GraphError("give either before= or after=, not both")
+        for value in node._inputs:
+            if value is not None and value.graph is not self:
+                raise GraphError(
+                    f"node {node.label} reads %{value.name}, which does not belong to graph '{self.name}'"
+                )
+        if before is not None:
+            position = self._position(before)
+        elif after is not None:
+            position = self._position(after) + 1
+        else:
+            position = len(self._nodes)
+        self._nodes.insert(position, node)
+        node.graph = self
+        if not node.name or node.name in self._node_names:
+            node.name = self.unique_node_name(node.name or node.op_type)
+        self._node_names.add(node.name)
+        for index, value in enumerate(node._inputs):
+            if value is not None:
+                value._uses.append(Use(node, index))
+        for out in node._outputs:
+            self._claim(out, out.name or f"{node.name}_out{out.output_index}")
+        return node
+
+    def unique_node_name(self, base: str) -> str:
+        """A node name not yet used in this graph, derived from `base`."""
+        candidate = f"{base}_{next(self._counter)}"
+        while candidate in self._node_names:
+            candidate = f"{base}_{next(self._counter)}"
+        return candidate
+
+    def _position(self, node: Node) -> int:
+        if node.graph is not self:
+            raise GraphError(f"node {node.label} is not in graph '{self.name}'")
+        for index, candidate in enumerate(self._nodes):
+            if candidate is node:
+                return index
+        raise GraphError(f"node {node.label} is not in graph '{self.name}'")  # pragma: no cover
+
+    def erase(self, node: Node) -> None:
+        """Remove a node whose outputs nothing reads; refuses otherwise."""
+        for out in node._outputs:
+            if out._uses:
+                readers = ", ".join(use.node.label for use in out._uses[:3])
+                raise GraphError(f"cannot erase node {node.label}: its output %{out.name} is used by {readers}")
+            if out.is_graph_output:
+                raise GraphError(f"cannot erase node {node.label}: its output %{out.name} is a graph output")
+        del self._nodes[self._position(node)]
+        for index, value in enumerate(node._inputs):
+            if value is not None:
+                value._uses.remove(Use(node, index))
+        for out in node._outputs:
+            self._names.discard(out.name)
+            out.graph = None
+        self._node_names.discard(node.name)
+        node.graph = None
+
+    def move_before(self, node: Node, anchor: Node) -> None:
+        """Move `node` to run right before `anchor` (the caller keeps the order valid)."""
+        del self._nodes[self._position(node)]
+        self._nodes.insert(self._position(anchor), node)
+
+    def rename_value(self, value: Value, name: str) -> None:
+        """Give a value a new name that is free in this graph."""
+        if value.graph is not self:
+            raise GraphError(f"%{value.name} does not belong to graph '{self.name}'")
+        if name == value.name:
+            return
+        if name in self._names:
+            raise GraphError(f"graph '{self.name}' already has a value named '{name}'")
+        self._names.discard(value.name)
+        if value.name in self._constants:
+            del self._constants[value.name]
+            self._constants[name] = value
+        value.name = name
+        self._names.add(name)
+
+    # ----------------------------------------------------------------- types
+    def inference_context(self, node: Node) -> InferenceContext:
+        """The inputs, attributes and known data that type inference sees for `node`."""
+        types = [None if v is None else v.type for v in node._inputs]
+        constants = [None if v is None else constant_data(v) for v in node._inputs]
+        symbolic = [None if v is None else v.symbolic for v in node._inputs]
+        return InferenceContext(
+            node.op_type, node.domain, types, _plain_attrs(node.attrs), len(node._outputs),
+            self.opset(node.domain), constants, symbolic,
+        )
+
+    def infer_types(self, node: Node) -> None:
+        """Refine the output types (and symbolic contents) of `node` from its schema."""
+        schema = node.schema
+        if schema is None:
+            return
+        ctx = self.inference_context(node)
+        try:
+            inferred = schema.infer(ctx)
+        except ValueError as exc:
+            raise GraphError(f"node {node.label}: {exc}") from exc
+        for out, found in zip(node._outputs, inferred):
+            out.type = merge_types(found, out.type)
+        if schema.propagate is not None:
+            for out, sym in zip(node._outputs, schema.propagate(ctx)):
+                if sym is not None:
+                    out.symbolic = tuple(sym)
+
+    # ----------------------------------------------------------------- views
+    def to_networkx(self) -> "networkx.DiGraph":
+        """A networkx view: one vertex per node (keyed by node name), one edge per value read.
+
+        Each vertex carries `node` (the Node) and `op`; each edge carries `value` names.
+        Graph inputs and constants are not vertices.
+        """
+        import networkx as nx
+
+        view = nx.DiGraph()
+        for node in self._nodes:
+            view.add_node(node.name, node=node, op=node.qualified_op)
+        for node in self._nodes:
+            for value in node._inputs:
+                if value is not None and value.producer is not None and value.producer.graph is self:
+                    src = value.producer.name
+                    if view.has_edge(src, node.name):
+                        view.edges[src, node.name]["values"].append(value.name)
+                    else:
+                        view.add_edge(src, node.name, values=[value.name])
+        return view
+
+    def clone(self) -> "Graph":
+        """A structural copy sharing the constant tensors (weights are not copied)."""
+        copy = Graph(self.name, self.opset_imports)
+        copy.metadata = dict(self.metadata)
+        mapping: dict[int, Value] = {}
+        for value in self._inputs:
+            new = copy.add_input(value.name, value.type)
+            mapping[id(value)] = new
+        for value in self._constants.values():
+            new = copy.add_constant(value.name, value.const)  # type: ignore[arg-type]
+            mapping[id(value)] = new
+        for node in self._nodes:
+            new_node = Node(
+                node.op_type, [None if v is None else mapping[id(v)] for v in node._inputs], node.attrs,
+                domain=node.domain, output_names=[o.name for o in node._outputs], name=node.name,
+                origin=node.origin,
+            )
+            copy.insert(new_node)
+            for old_out, new_out in zip(node._outputs, new_node._outputs):
+                new_out.type = old_out.type
+                new_out.symbolic = old_out.symbolic
+                mapping[id(old_out)] = new_out
+        copy.set_outputs(mapping[id(v)] for v in self._outputs)
+        return copy
+
+    def __str__(self) -> str:
+        from graphopt.ir.printer import format_graph
+
+        return format_graph(self)
+
+    def __repr__(self) -> str:
+        return f"<Graph '{self.name}': {len(self._inputs)} inputs, {len(self._nodes)} nodes, {len(self._outputs)} outputs>"
+
+    # ----------------------------------------------------------------- conversions
+    def verify(self) -> None:
+        """Raise `VerificationError` listing every structural or type problem found."""
+        from graphopt.ir.verify import verify
+
+        verify(self)
+
+    def to_onnx(self) -> "onnx.ModelProto":
+        """This graph as an ONNX model (weights inline)."""
+        from graphopt.exporters.onnx_export import to_onnx
+
+        return to_onnx(self)
+
+    def save_onnx(self, path: Any, *, external_data: Optional[bool] = None) -> None:
+        """Write this graph as an .onnx file, atomically; large weights go to external data."""
+        from graphopt.exporters.onnx_export import save_onnx
+
+        save_onnx(self, path, external_data=external_data)
+
+    def to_fx(self) -> "torch.fx.GraphModule":
+        """This graph as a runnable torch.fx GraphModule."""
+        from graphopt.exporters.fx_export import to_fx
+
+        return to_fx(self)
+
+
+def constant_data(value: Value) -> Optional[np.ndarray]:
+    """The data of a small constant value (weight or Constant-node output), else None."""
+    if value.const is not None:
+        if value.const.size <= MAX_INFERENCE_CONSTANT:
+            return value.const.numpy()
+        return None
+    producer = value.producer
+    if producer is not None and producer.op_type == "Constant" and producer.domain == "":
+        tensor = producer.attrs.get("value")
+        if isinstance(tensor, ConstTensor):
+            return tensor.numpy() if tensor.size <= MAX_INFERENCE_CONSTANT else None
+        for key, dtype in (("value_int", np.int64), ("value_ints", np.int64), ("value_float", np.float32), ("value_floats", np.float32)):
+            if key in producer.attrs:
+                return np.asarray(producer.attrs[key], dtype=dtype)
+    return None
+
+
+def _plain_attrs(attrs: dict[str, AttrValue]) -> dict[str, Any]:
+    """Attributes as inference functions expect them: tensors as numpy arrays."""
+    return {k: (v.numpy() if isinstance(v, ConstTensor) else v) for k, v in attrs.items()}

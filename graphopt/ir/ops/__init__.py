@@ -1,0 +1,1 @@
+"""Op schemas by domain; each module registers its schemas when imported."""
