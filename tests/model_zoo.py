@@ -28,7 +28,6 @@ import warnings
 import zipfile
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 import transformers
@@ -108,7 +107,7 @@ class ZooModel:
 class _TensorOutputs(torch.nn.Module):
     """Calls a Hugging Face model and returns the selected outputs as a tuple."""
 
-    def __init__(self, model: torch.nn.Module, output_names: list[str], **call_kwargs: Any) -> None:
+    def __init__(self, model: torch.nn.Module, output_names: list[str], **call_kwargs: bool) -> None:
         super().__init__()
         self.hf_model = model
         self.output_names = list(output_names)
@@ -306,8 +305,8 @@ _DECODER_CONFIGS: dict[str, Callable[[], transformers.PretrainedConfig]] = {
 _TYPED = frozenset({"bert", "electra", "albert"})
 
 
-def _config(factory: Callable[[], transformers.PretrainedConfig]) -> transformers.PretrainedConfig:
-    config = factory()
+def _prepare(config: transformers.PretrainedConfig) -> transformers.PretrainedConfig:
+    """Selects the export-friendly eager attention and turns every dropout off."""
     config._attn_implementation = "eager"
     for name in (
         "hidden_dropout_prob",
@@ -342,31 +341,33 @@ def _token_inputs(name: str, generator: torch.Generator, batch: int, seq: int) -
     return inputs
 
 
-def _build_hf(
-    name: str, generator: torch.Generator, batch: int, seq: int
-) -> tuple[_TensorOutputs, dict[str, torch.Tensor], dict[str, dict[int, str]]]:
-    """Returns the wrapped model, its example inputs and its dynamic axes."""
+def _token_model(name: str, model: _TensorOutputs, inputs: dict[str, torch.Tensor]) -> ZooModel:
+    """A ZooModel whose inputs and outputs all have a (batch, seq) prefix."""
     token_axes = {0: "batch", 1: "seq"}
+    axes = {key: dict(token_axes) for key in [*inputs, *model.output_names]}
+    return ZooModel(name=name, model=model, inputs=inputs, dynamic_axes=axes, output_names=list(model.output_names))
+
+
+def _build(name: str, generator: torch.Generator, batch: int, seq: int) -> ZooModel:
+    """Builds architecture ``name``; weights come from the global RNG, inputs from ``generator``."""
     if name in _ENCODER_CONFIGS:
-        config = _config(_ENCODER_CONFIGS[name])
+        config = _prepare(_ENCODER_CONFIGS[name]())
         if name == "t5-encoder":
             hf = transformers.T5EncoderModel(config)
         else:
             hf = transformers.AutoModel.from_config(config)
         wrapper_type = _TypedTextModel if name in _TYPED else _TextModel
-        inputs = _token_inputs(name, generator, batch, seq)
-        axes = {key: token_axes for key in inputs} | {"last_hidden_state": token_axes}
-        return wrapper_type(hf, ["last_hidden_state"]), inputs, axes
+        return _token_model(name, wrapper_type(hf, ["last_hidden_state"]), _token_inputs(name, generator, batch, seq))
     if name in _DECODER_CONFIGS:
-        config = _config(_DECODER_CONFIGS[name])
+        config = _prepare(_DECODER_CONFIGS[name]())
         config.use_cache = False
         hf = transformers.AutoModelForCausalLM.from_config(config)
-        inputs = _token_inputs(name, generator, batch, seq)
-        axes = {key: token_axes for key in inputs} | {"logits": token_axes}
-        return _TextModel(hf, ["logits"], use_cache=False), inputs, axes
+        model = _TextModel(hf, ["logits"], use_cache=False)
+        return _token_model(name, model, _token_inputs(name, generator, batch, seq))
+    batch_axes = {"last_hidden_state": {0: "batch"}}
     if name == "vit":
-        config = _config(
-            lambda: transformers.ViTConfig(
+        config = _prepare(
+            transformers.ViTConfig(
                 hidden_size=HIDDEN,
                 num_hidden_layers=LAYERS,
                 num_attention_heads=HEADS,
@@ -375,12 +376,16 @@ def _build_hf(
                 patch_size=PATCH_SIZE,
             )
         )
-        inputs = {"pixel_values": torch.randn(batch, 3, IMAGE_SIZE, IMAGE_SIZE, generator=generator)}
-        axes = {"pixel_values": {0: "batch"}, "last_hidden_state": {0: "batch"}}
-        return _VisionModel(transformers.ViTModel(config), ["last_hidden_state"]), inputs, axes
+        return ZooModel(
+            name=name,
+            model=_VisionModel(transformers.ViTModel(config), ["last_hidden_state"]),
+            inputs={"pixel_values": torch.randn(batch, 3, IMAGE_SIZE, IMAGE_SIZE, generator=generator)},
+            dynamic_axes={"pixel_values": {0: "batch"}} | batch_axes,
+            output_names=["last_hidden_state"],
+        )
     if name == "whisper-encoder":
-        config = _config(
-            lambda: transformers.WhisperConfig(
+        config = _prepare(
+            transformers.WhisperConfig(
                 vocab_size=VOCAB,
                 num_mel_bins=MEL_BINS,
                 d_model=HIDDEN,
@@ -396,16 +401,22 @@ def _build_hf(
         )
         # The encoder insists on exactly 2 * max_source_positions frames.
         frames = 2 * AUDIO_POSITIONS
-        inputs = {"input_features": torch.randn(batch, MEL_BINS, frames, generator=generator)}
-        axes = {"input_features": {0: "batch"}, "last_hidden_state": {0: "batch"}}
-        return _AudioModel(WhisperEncoder(config), ["last_hidden_state"]), inputs, axes
+        return ZooModel(
+            name=name,
+            model=_AudioModel(WhisperEncoder(config), ["last_hidden_state"]),
+            inputs={"input_features": torch.randn(batch, MEL_BINS, frames, generator=generator)},
+            dynamic_axes={"input_features": {0: "batch"}} | batch_axes,
+            output_names=["last_hidden_state"],
+        )
     raise ValueError(f"unknown architecture {name!r}; expected one of {', '.join(ARCHITECTURES)}")
 
 
 @contextlib.contextmanager
 def _quiet() -> Iterator[None]:
     """Silences warnings, library logging and stray prints within the block."""
-    loggers = [logging.getLogger(name) for name in ("torch", "torch.onnx", "torch.export", "onnxscript", "transformers")]
+    loggers = [
+        logging.getLogger(name) for name in ("torch", "torch.onnx", "torch.export", "onnxscript", "transformers")
+    ]
     levels = [logger.level for logger in loggers]
     verbosity = transformers.logging.get_verbosity()
     try:
@@ -420,7 +431,7 @@ def _quiet() -> Iterator[None]:
             warnings.simplefilter("ignore")
             yield
     finally:
-        for logger, level in zip(loggers, levels):
+        for logger, level in zip(loggers, levels, strict=True):
             logger.setLevel(level)
         transformers.logging.set_verbosity(verbosity)
 
@@ -434,19 +445,19 @@ def build(name: str, *, seed: int = 0, batch: int = 2, seq: int = 8) -> ZooModel
     log-mel features (its frame count is fixed by the architecture).
     The global RNG state is left as it was.
     """
-    if name not in ARCHITECTURES:
-        raise ValueError(f"unknown architecture {name!r}; expected one of {', '.join(ARCHITECTURES)}")
     if seq > MAX_POSITIONS:
         raise ValueError(f"seq={seq} exceeds the zoo's {MAX_POSITIONS} positions")
     generator = torch.Generator().manual_seed(seed)
     with torch.random.fork_rng(devices=[]), _quiet():
         torch.manual_seed(seed)
-        model, inputs, axes = _build_hf(name, generator, batch, seq)
-    model.eval()
-    return ZooModel(name=name, model=model, inputs=inputs, dynamic_axes=axes, output_names=list(model.output_names))
+        zm = _build(name, generator, batch, seq)
+    zm.model.eval()
+    return zm
 
 
-def export_onnx(zm: ZooModel, path: str | os.PathLike[str], *, dynamo: bool = False, opset: int | None = None) -> pathlib.Path:
+def export_onnx(
+    zm: ZooModel, path: str | os.PathLike[str], *, dynamo: bool = False, opset: int | None = None
+) -> pathlib.Path:
     """Exports ``zm`` to a self-contained ONNX file at ``path`` and returns the path.
 
     ``opset`` defaults to 17 for the TorchScript exporter and 18 for the
@@ -558,8 +569,6 @@ def minilm() -> ZooModel:
     encoded = tokenizer(list(MINILM_SENTENCES), padding=True, return_tensors="pt")
     inputs = {key: encoded[key] for key in ("input_ids", "attention_mask", "token_type_ids") if key in encoded}
     wrapper_type = _TypedTextModel if "token_type_ids" in inputs else _TextModel
-    model = wrapper_type(hf, ["last_hidden_state"])
-    model.eval()
-    token_axes = {0: "batch", 1: "seq"}
-    axes = {key: token_axes for key in inputs} | {"last_hidden_state": token_axes}
-    return ZooModel(name="all-MiniLM-L6-v2", model=model, inputs=inputs, dynamic_axes=axes, output_names=list(model.output_names))
+    zm = _token_model("all-MiniLM-L6-v2", wrapper_type(hf, ["last_hidden_state"]), inputs)
+    zm.model.eval()
+    return zm

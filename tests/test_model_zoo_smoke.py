@@ -59,8 +59,7 @@ def _onnx(path: pathlib.Path, inputs: dict[str, torch.Tensor]) -> list[np.ndarra
 
 
 def _assert_close(actual: list[np.ndarray], expected: list[np.ndarray]) -> None:
-    assert len(actual) == len(expected)
-    for got, want in zip(actual, expected):
+    for got, want in zip(actual, expected, strict=True):
         assert got.shape == want.shape
         np.testing.assert_allclose(got, want, atol=ATOL, rtol=0)
 

@@ -73,6 +73,8 @@ def _emit(node: Node, graph: Graph, fx_graph: Any, env: dict[int, Any], buffers:
             kwargs[name] = attr
     if node.op_type in torch_kernels.OPSET_SENSITIVE_OPS and node.domain == "":
         kwargs["opset"] = graph.opset("")
+    if node.op_type == "Split" and node.domain == "" and "split" not in kwargs and "num_outputs" not in kwargs and (len(args) < 2 or args[1] is None):
+        kwargs["num_outputs"] = len(node.outputs)
     call = fx_graph.call_function(kernel, args, kwargs)
     if node.op_type in torch_kernels.MULTI_OUTPUT_OPS:
         for index, out in enumerate(node.outputs):

@@ -821,7 +821,7 @@ def _wrap_negative(indices: Tensor, size: int | Tensor) -> Tensor:
 def onnx_Gather(data: Tensor, indices: Tensor, *, axis: int = 0) -> Tensor:
     axis = _axis(axis, data.dim())
     picked = data.index_select(axis, _wrap_negative(indices, data.shape[axis]).reshape(-1))
-    return picked.reshape(*data.shape[:axis], *indices.shape, *data.shape[axis + 1 :])
+    return picked.reshape((*data.shape[:axis], *indices.shape, *data.shape[axis + 1 :]))
 
 
 def onnx_GatherElements(data: Tensor, indices: Tensor, *, axis: int = 0) -> Tensor:
@@ -836,7 +836,7 @@ def onnx_GatherND(data: Tensor, indices: Tensor, *, batch_dims: int = 0) -> Tens
     flat_indices = indices.long().reshape(batch, -1, depth)
     batch_index = torch.arange(batch, device=data.device).unsqueeze(1)
     picked = flat_data[(batch_index, *flat_indices.unbind(-1))]
-    return picked.reshape(*indices.shape[:-1], *data.shape[batch_dims + depth :])
+    return picked.reshape((*indices.shape[:-1], *data.shape[batch_dims + depth :]))
 
 
 _SCATTER_REDUCTIONS = {"add": "sum", "mul": "prod", "max": "amax", "min": "amin"}

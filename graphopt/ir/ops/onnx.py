@@ -113,6 +113,22 @@ def _str_attr(ctx: InferenceContext, name: str, default: str) -> str:
     return value.decode() if isinstance(value, bytes) else str(value)
 
 
+def _required_attr(ctx: InferenceContext, name: str) -> Any:
+    value = ctx.attr(name)
+    if value is None:
+        raise _error(ctx, f"required attribute {name!r} is missing")
+    return value
+
+
+def _dtype_attr(ctx: InferenceContext, name: str, default: Optional[int] = None) -> Optional[DType]:
+    """A dtype-number attribute as a DType; None when absent or not an IR dtype."""
+    value = ctx.attr(name, default)
+    try:
+        return None if value is None else DType(int(value))
+    except ValueError:
+        return None
+
+
 def _ints_attr(ctx: InferenceContext, name: str) -> Optional[tuple[int, ...]]:
     value = ctx.attr(name)
     return None if value is None else tuple(int(v) for v in value)
@@ -374,7 +390,10 @@ def _select(condition: Dim, x: Dim, y: Dim) -> Dim:
 
 
 def _arithmetic(fn: Callable[[Dim, Dim], Dim]) -> PropagateFn:
-    return lambda ctx: _binary_values(ctx, fn)
+    def propagate(ctx: InferenceContext) -> Propagated:
+        return _binary_values(ctx, fn)
+
+    return propagate
 
 
 def _propagate_equal(ctx: InferenceContext) -> Propagated:
@@ -516,9 +535,13 @@ for _name, _doc in {
     _register(_name, _infer_softmax, doc=_doc)
 _register("Trilu", _infer_trilu, inputs=(1, 2), doc="Upper or lower triangle of the last two dims, offset by k.")
 _register("CumSum", _same_as_input, inputs=(2, 2), doc="Cumulative sum along the axis given as input 1.")
+def _infer_dropout(ctx: InferenceContext) -> list[TensorType]:
+    return [ctx.input_type(0), TensorType(DType.BOOL, _shape(ctx, 0))][: ctx.num_outputs]
+
+
 _register(
     "Dropout",
-    lambda ctx: [ctx.input_type(0), TensorType(DType.BOOL, _shape(ctx, 0))][: ctx.num_outputs],
+    _infer_dropout,
     inputs=(1, 3),
     outputs=(1, 2),
     doc="Dropout (identity in inference) with an optional bool mask output.",
@@ -576,7 +599,7 @@ def _infer_gemm(ctx: InferenceContext) -> list[TensorType]:
 def _einsum_term(ctx: InferenceContext, term: str, shape: Shape) -> tuple[list[tuple[str, Dim]], Shape]:
     """(label, dim) pairs of one input term and the dims its ellipsis covers (None if unknown)."""
     labels = term.replace("...", "")
-    if not labels.isalpha() and labels:
+    if (labels and not labels.isalpha()) or term.count("...") > 1:
         raise _error(ctx, f"bad term {term!r} in the equation")
     has_ellipsis = "..." in term
     if shape is None:
@@ -594,7 +617,7 @@ def _einsum_term(ctx: InferenceContext, term: str, shape: Shape) -> tuple[list[t
 
 
 def _infer_einsum(ctx: InferenceContext) -> list[TensorType]:
-    equation = _str_attr(ctx, "equation", "").replace(" ", "")
+    equation = _str_attr(ctx, "equation", _required_attr(ctx, "equation")).replace(" ", "")
     lhs, arrow, rhs = equation.partition("->")
     terms = lhs.split(",")
     if len(terms) != ctx.num_inputs:
@@ -823,7 +846,8 @@ def _infer_flatten(ctx: InferenceContext) -> list[TensorType]:
     axis = int(ctx.attr("axis", 1))
     if not -len(shape) <= axis <= len(shape):
         raise _error(ctx, f"axis {axis} is out of range for rank {len(shape)}")
-    axis %= len(shape) + 1 if axis >= 0 else len(shape)
+    if axis < 0:
+        axis += len(shape)
     return [TensorType(_dtype(ctx, 0), (_product(shape[:axis]), _product(shape[axis:])))]
 
 
@@ -869,7 +893,7 @@ def _infer_concat(ctx: InferenceContext) -> list[TensorType]:
     rank = len(known[0])
     if any(len(s) != rank for s in known):
         raise _error(ctx, f"inputs have different ranks: {', '.join(_fmt(s) for s in known)}")
-    axis = _axis(ctx, int(ctx.attr("axis")), rank)
+    axis = _axis(ctx, int(_required_attr(ctx, "axis")), rank)
     out: list[Dim] = []
     for i in range(rank):
         if i == axis:
@@ -1013,7 +1037,7 @@ def _infer_pad(ctx: InferenceContext) -> list[TensorType]:
                 raise _error(ctx, f"pads {list(pads)} remove more than dim {dim}")
             out[axis] = dim + extra
         else:
-            out[axis] = dim if extra == 0 and pads[i] == 0 else None
+            out[axis] = dim if pads[i] == pads[i + len(axes)] == 0 else None
     return [TensorType(dtype, tuple(out))]
 
 
@@ -1028,31 +1052,29 @@ def _propagate_gather(ctx: InferenceContext) -> Propagated:
 
 def _propagate_slice(ctx: InferenceContext) -> Propagated:
     data = ctx.input_symbolic(0)
-    if data is None or ctx.input_type(0).rank != 1:
-        return [None]
-    bounds = [_static(_list_arg(ctx, i, name)[1]) for i, name in ((1, "starts"), (2, "ends"))]
+    starts = _static(_list_arg(ctx, 1, "starts")[1])
+    ends = _static(_list_arg(ctx, 2, "ends")[1])
     axes_given, axes = _list_arg(ctx, 3, "axes")
     steps_given, steps = _list_arg(ctx, 4, "steps")
-    starts, ends = bounds
-    if starts is None or ends is None or len(starts) != 1 or len(ends) != 1:
+    steps = _static(steps) if steps_given else (1,)
+    if data is None or ctx.input_type(0).rank != 1 or starts is None or ends is None or steps is None:
         return [None]
-    if axes_given and _static(axes) not in ((0,), (-1,)):
+    if (axes_given and _static(axes) not in ((0,), (-1,))) or not len(starts) == len(ends) == len(steps) == 1:
         return [None]
-    step = 1
-    if steps_given:
-        static_steps = _static(steps)
-        if static_steps is None or len(static_steps) != 1 or static_steps[0] == 0:
-            return [None]
-        step = static_steps[0]
-    return [data[starts[0] : ends[0] : step]]
+    if steps[0] == 0:
+        return [None]
+    # ONNX clamps starts and ends exactly as a Python slice does
+    return [data[starts[0] : ends[0] : steps[0]]]
 
 
 def _propagate_concat(ctx: InferenceContext) -> Propagated:
     parts = [ctx.input_symbolic(i) for i in range(ctx.num_inputs)]
     axis = int(ctx.attr("axis", 0))
-    ranks = {ctx.input_type(i).rank for i in range(ctx.num_inputs)} - {None}
+    if axis < 0:
+        ranks = {ctx.input_type(i).rank for i in range(ctx.num_inputs)} - {None}
+        axis += ranks.pop() if len(ranks) == 1 else 0
     # only a concat along the first axis joins flat contents end to end
-    if any(p is None for p in parts) or not (axis == 0 or (ranks and axis == -min(ranks) and ranks == {1})):
+    if axis != 0 or any(p is None for p in parts):
         return [None]
     return [tuple(v for part in parts for v in part)]  # type: ignore[union-attr]
 
@@ -1207,11 +1229,13 @@ _register("TopK", _infer_topk, inputs=(2, 2), outputs=(2, 2), doc="The k largest
 
 
 def _infer_cast(ctx: InferenceContext) -> list[TensorType]:
-    return [TensorType(DType(int(ctx.attr("to"))), _shape(ctx, 0))]
+    _required_attr(ctx, "to")
+    return [TensorType(_dtype_attr(ctx, "to"), _shape(ctx, 0))]
 
 
 def _propagate_cast(ctx: InferenceContext) -> Propagated:
-    return [ctx.input_symbolic(0) if DType(int(ctx.attr("to"))).is_integer else None]
+    to = _dtype_attr(ctx, "to")
+    return [ctx.input_symbolic(0) if to is not None and to.is_integer else None]
 
 
 def _infer_castlike(ctx: InferenceContext) -> list[TensorType]:
@@ -1235,6 +1259,10 @@ def _propagate_shape(ctx: InferenceContext) -> Propagated:
     return [tuple(shape[i] for i in _shape_range(ctx, len(shape)))]
 
 
+def _infer_size(ctx: InferenceContext) -> list[TensorType]:
+    return [TensorType(DType.INT64, ())]
+
+
 def _propagate_size(ctx: InferenceContext) -> Propagated:
     shape = _shape(ctx, 0)
     return [None if shape is None else (_product(shape),)]
@@ -1256,9 +1284,9 @@ def _propagate_constant_of_shape(ctx: InferenceContext) -> Propagated:
     value = ctx.attr("value")
     fill = None if value is None else _tensor_attr_ints(value)
     target = _static(ctx.input_symbolic(0))
-    if fill is None or target is None or len(target) != 1 or math.prod(target) > _MAX_PROPAGATED:
+    if fill is None or len(fill) != 1 or target is None or len(target) != 1 or target[0] > _MAX_PROPAGATED:
         return [None]
-    return [fill * math.prod(target)]
+    return [fill * target[0]]
 
 
 _CONSTANT_LISTS = {
@@ -1319,7 +1347,7 @@ _register(
     "Shape", _infer_shape, propagate=_propagate_shape, doc="The input's shape as int64, dims [start, end) (opset 15)."
 )
 _register(
-    "Size", lambda ctx: [TensorType(DType.INT64, ())], propagate=_propagate_size, doc="The input's element count as an int64 scalar."
+    "Size", _infer_size, propagate=_propagate_size, doc="The input's element count as an int64 scalar."
 )
 _register(
     "ConstantOfShape",
@@ -1395,7 +1423,7 @@ _register("ArgMin", _infer_arg_reduce, doc="int64 index of the minimum along `ax
 
 def _infer_layer_norm(ctx: InferenceContext) -> list[TensorType]:
     x = ctx.input_type(0)
-    stats_dtype = DType(int(ctx.attr("stash_type", 1)))
+    stats_dtype = _dtype_attr(ctx, "stash_type", DType.FLOAT)
     stats_shape: Shape = None
     if x.shape is not None:
         axis = _axis(ctx, int(ctx.attr("axis", -1)), len(x.shape))
@@ -1451,15 +1479,14 @@ _register("MeanVarianceNormalization", _same_as_input, doc="Zero-mean, unit-vari
 
 
 def _infer_quantize(ctx: InferenceContext) -> list[TensorType]:
-    output_dtype = int(ctx.attr("output_dtype", 0))
-    if ctx.has_input(2):
-        dtype = _dtype(ctx, 2)
-        if output_dtype and dtype is not None and dtype != output_dtype:
-            raise _error(ctx, f"output_dtype {DType(output_dtype).name} differs from zero point {dtype.name}")
-        dtype = dtype if dtype is not None else (DType(output_dtype) if output_dtype else None)
-    else:
-        dtype = DType(output_dtype) if output_dtype else DType.UINT8
-    return [TensorType(dtype, _shape(ctx, 0))]
+    # output_dtype (opset 21) defaults to 0, "not set"
+    requested = _dtype_attr(ctx, "output_dtype") if ctx.attr("output_dtype", 0) else None
+    if not ctx.has_input(2):
+        return [TensorType(requested or DType.UINT8, _shape(ctx, 0))]
+    zero_point = _dtype(ctx, 2)
+    if requested is not None and zero_point is not None and zero_point != requested:
+        raise _error(ctx, f"output_dtype {requested.name} differs from the zero point's {zero_point.name}")
+    return [TensorType(zero_point or requested, _shape(ctx, 0))]
 
 
 def _infer_dequantize(ctx: InferenceContext) -> list[TensorType]:
@@ -1502,12 +1529,12 @@ _register(
 
 
 def _infer_random_like(ctx: InferenceContext) -> list[TensorType]:
-    dtype = ctx.attr("dtype")
-    return [TensorType(DType(int(dtype)) if dtype is not None else _dtype(ctx, 0), _shape(ctx, 0))]
+    dtype = _dtype_attr(ctx, "dtype") if ctx.attr("dtype") is not None else _dtype(ctx, 0)
+    return [TensorType(dtype, _shape(ctx, 0))]
 
 
 def _infer_random(ctx: InferenceContext) -> list[TensorType]:
-    return [TensorType(DType(int(ctx.attr("dtype", DType.FLOAT))), _ints_attr(ctx, "shape"))]
+    return [TensorType(_dtype_attr(ctx, "dtype", DType.FLOAT), _ints_attr(ctx, "shape"))]
 
 
 def _infer_multinomial(ctx: InferenceContext) -> list[TensorType]:
@@ -1515,7 +1542,7 @@ def _infer_multinomial(ctx: InferenceContext) -> list[TensorType]:
     if shape is not None and len(shape) != 2:
         raise _error(ctx, f"input must be [batch, classes], got {_fmt(shape)}")
     batch = None if shape is None else shape[0]
-    dtype = DType(int(ctx.attr("dtype", DType.INT32)))
+    dtype = _dtype_attr(ctx, "dtype", DType.INT32)
     return [TensorType(dtype, (batch, int(ctx.attr("sample_size", 1))))]
 
 

@@ -1,0 +1,107 @@
+"""The rewrite API keeps use-def chains right and refuses illegal edits."""
+
+import numpy as np
+import pytest
+
+from graphopt import DType, Graph, GraphError, TensorType
+
+F32 = DType.FLOAT
+
+
+def _chain() -> tuple[Graph, list]:
+    graph = Graph("chain")
+    x = graph.add_input("x", TensorType(F32, ("batch", 4)))
+    w = graph.add_constant("w", np.ones((4, 4), np.float32))
+    mm = graph.add_node("MatMul", [x, w], output_names=["y"])
+    relu = graph.add_node("Relu", [mm.output], output_names=["z"])
+    graph.set_outputs([relu.output])
+    return graph, [x, w, mm, relu]
+
+
+def test_uses_follow_inputs():
+    graph, (x, w, mm, relu) = _chain()
+    assert [u.node for u in x.uses()] == [mm]
+    assert mm.output.users == [relu]
+    assert relu.output.is_graph_output
+
+
+def test_add_node_infers_symbolic_types():
+    graph, (_, _, mm, relu) = _chain()
+    assert mm.output.type == TensorType(F32, ("batch", 4))
+    assert relu.output.type == TensorType(F32, ("batch", 4))
+
+
+def test_replace_all_uses_with_moves_readers_and_graph_outputs():
+    graph, (x, w, mm, relu) = _chain()
+    sigmoid = graph.add_node("Sigmoid", [mm.output], after=relu)
+    relu.output.replace_all_uses_with(sigmoid.output)
+    assert graph.outputs == (sigmoid.output,)
+    mm.output.replace_all_uses_with(x)
+    assert mm.output.uses() == []
+    assert [u.node for u in x.uses()] == [mm, relu, sigmoid]
+    graph.erase(relu)
+    graph.erase(mm)
+    assert [n.op_type for n in graph.nodes] == ["Sigmoid"]
+    graph.verify()
+
+
+def test_erase_refuses_node_still_in_use():
+    graph, (_, _, mm, relu) = _chain()
+    with pytest.raises(GraphError, match=r"cannot erase node 'MatMul_\d+' \(MatMul\): its output %y is used by"):
+        graph.erase(mm)
+    with pytest.raises(GraphError, match="is a graph output"):
+        graph.erase(relu)
+
+
+def test_insert_before_keeps_order_and_names_unique():
+    graph, (x, _, mm, _) = _chain()
+    neg = graph.add_node("Neg", [x], before=mm, output_names=["y"])
+    assert graph.nodes[0] is neg
+    assert neg.output.name != "y"
+    assert len({v.name for v in graph.values()}) == len(list(graph.values()))
+
+
+def test_insert_refuses_values_from_another_graph():
+    graph, _ = _chain()
+    other = Graph("other")
+    foreign = other.add_input("q", TensorType(F32, (4,)))
+    with pytest.raises(GraphError, match="does not belong to graph 'chain'"):
+        graph.add_node("Relu", [foreign])
+
+
+def test_remove_constant_only_when_unused():
+    graph, (_, w, mm, _) = _chain()
+    with pytest.raises(GraphError, match="still used"):
+        graph.remove_constant(w)
+    mm.replace_input(1, graph.add_constant("w2", np.zeros((4, 4), np.float32)))
+    graph.remove_constant(w)
+    assert "w" not in graph.constants
+
+
+def test_clone_is_independent_and_shares_weights():
+    graph, (_, w, _, _) = _chain()
+    copy = graph.clone()
+    assert str(copy) == str(graph)
+    assert copy.constants["w"].const is w.const
+    copy.add_node("Neg", [copy.inputs[0]])
+    assert len(copy) == len(graph) + 1
+
+
+def test_to_networkx_has_one_edge_per_dataflow():
+    graph, (_, _, mm, relu) = _chain()
+    view = graph.to_networkx()
+    assert list(view.edges) == [(mm.name, relu.name)]
+    assert view.nodes[relu.name]["op"] == "Relu"
+
+
+def test_unknown_op_is_opaque_and_kept():
+    graph, (x, _, _, _) = _chain()
+    node = graph.add_node("FancyOp", [x], {"alpha": 0.5}, domain="com.example")
+    assert node.is_opaque
+    assert node.output.type == TensorType()
+    graph.verify()
+
+
+def test_op_counts():
+    graph, _ = _chain()
+    assert graph.op_counts() == {"MatMul": 1, "Relu": 1}

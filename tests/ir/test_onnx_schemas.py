@@ -1,0 +1,577 @@
+"""The ONNX-domain op schemas: inference checked against onnx's own shape inference on static
+shapes, hand-written symbolic cases, value propagation chains and inconsistency errors."""
+
+from __future__ import annotations
+
+from typing import Any, Optional, Sequence, Union
+
+import numpy as np
+import onnx
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from onnx import TensorProto, helper, numpy_helper
+
+from graphopt.ir.dtypes import DType
+from graphopt.ir.ops.onnx import ALL_INPUTS, SLICE_TO_END
+from graphopt.ir.schema import InferenceContext, SymbolicValue, get_schema, registered_ops
+from graphopt.ir.types import UNKNOWN, TensorType
+
+F32, F16, I64, I32, U8, I8, BOOL = (
+    TensorProto.FLOAT, TensorProto.FLOAT16, TensorProto.INT64, TensorProto.INT32,
+    TensorProto.UINT8, TensorProto.INT8, TensorProto.BOOL,
+)
+
+# An input spec: (elem_type, shape) for a graph input, an array for a constant (initializer),
+# or None for an omitted optional input.
+Spec = Union[tuple[int, Sequence[int]], np.ndarray, None]
+
+
+def i64(*values: int) -> np.ndarray:
+    return np.array(values, dtype=np.int64)
+
+
+def onnx_output_types(
+    op: str, inputs: Sequence[Spec], attrs: dict[str, Any], opset: int, num_outputs: int
+) -> list[TensorType]:
+    """Output types from onnx.shape_inference on a one-node model."""
+    names = [f"in{i}" if spec is not None else "" for i, spec in enumerate(inputs)]
+    graph_inputs, initializers = [], []
+    for name, spec in zip(names, inputs):
+        if isinstance(spec, np.ndarray):
+            initializers.append(numpy_helper.from_array(spec, name))
+        elif spec is not None:
+            graph_inputs.append(helper.make_tensor_value_info(name, spec[0], list(spec[1])))
+    outputs = [f"out{i}" for i in range(num_outputs)]
+    node = helper.make_node(op, names, outputs, **attrs)
+    graph = helper.make_graph([node], "g", graph_inputs, [], initializer=initializers)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
+    model = onnx.shape_inference.infer_shapes(model, strict_mode=True, data_prop=True)
+    found = {vi.name: vi.type.tensor_type for vi in model.graph.value_info}
+    result = []
+    for name in outputs:
+        tensor_type = found[name]
+        dims = tuple(
+            d.dim_value if d.HasField("dim_value") else (d.dim_param or None) for d in tensor_type.shape.dim
+        )
+        result.append(TensorType(DType(tensor_type.elem_type), dims if tensor_type.HasField("shape") else None))
+    return result
+
+
+def context_from_specs(
+    op: str, inputs: Sequence[Spec], attrs: dict[str, Any], opset: int, num_outputs: int
+) -> InferenceContext:
+    """The InferenceContext an IR would build for the same node (attributes as onnx gives them)."""
+    types: list[Optional[TensorType]] = []
+    constants: list[Optional[np.ndarray]] = []
+    for spec in inputs:
+        if isinstance(spec, np.ndarray):
+            types.append(TensorType(DType.from_numpy(spec.dtype), spec.shape))
+            constants.append(spec)
+        elif spec is None:
+            types.append(None)
+            constants.append(None)
+        else:
+            types.append(TensorType(DType(spec[0]), tuple(spec[1])))
+            constants.append(None)
+    node = helper.make_node(op, [], [], **attrs)
+    onnx_attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+    return InferenceContext(op, "", types, onnx_attrs, num_outputs, opset, constants)
+
+
+def infer(
+    op: str,
+    types: Sequence[Optional[TensorType]],
+    attrs: Optional[dict[str, Any]] = None,
+    *,
+    constants: Sequence[Optional[np.ndarray]] = (),
+    symbolic: Sequence[Optional[SymbolicValue]] = (),
+    num_outputs: int = 1,
+    opset: int = 18,
+) -> list[TensorType]:
+    ctx = InferenceContext(op, "", types, attrs or {}, num_outputs, opset, constants, symbolic)
+    schema = get_schema("", op)
+    assert schema is not None
+    return schema.infer(ctx)
+
+
+def propagate(
+    op: str,
+    types: Sequence[Optional[TensorType]],
+    attrs: Optional[dict[str, Any]] = None,
+    *,
+    constants: Sequence[Optional[np.ndarray]] = (),
+    symbolic: Sequence[Optional[SymbolicValue]] = (),
+    opset: int = 18,
+) -> Optional[SymbolicValue]:
+    ctx = InferenceContext(op, "", types, attrs or {}, 1, opset, constants, symbolic)
+    schema = get_schema("", op)
+    assert schema is not None and schema.propagate is not None
+    return schema.propagate(ctx)[0]
+
+
+def f32(*dims: Any) -> TensorType:
+    return TensorType(DType.FLOAT, dims)
+
+
+def i64_vec(length: int) -> TensorType:
+    return TensorType(DType.INT64, (length,))
+
+
+SCALAR_I64 = TensorType(DType.INT64, ())
+
+# (op, inputs, attrs, opset, num_outputs)
+STATIC_CASES: list[tuple[str, list[Spec], dict[str, Any], int, int]] = [
+    ("Add", [(F32, [2, 1, 4]), (F32, [3, 1])], {}, 17, 1),
+    ("Sub", [(I64, [5]), (I64, [])], {}, 17, 1),
+    ("Mul", [(F16, [1, 8, 1, 64]), (F16, [8, 1, 1])], {}, 17, 1),
+    ("Div", [(F32, [2, 3]), (F32, [2, 3])], {}, 17, 1),
+    ("Pow", [(F32, [2, 3]), (I64, [])], {}, 17, 1),
+    ("Mod", [(I32, [4, 1]), (I32, [5])], {}, 17, 1),
+    ("Equal", [(I64, [3, 1]), (I64, [4])], {}, 17, 1),
+    ("Less", [(F32, [2, 3]), (F32, [3])], {}, 17, 1),
+    ("GreaterOrEqual", [(F32, [2, 3]), (F32, [1])], {}, 17, 1),
+    ("And", [(BOOL, [2, 3]), (BOOL, [2, 1])], {}, 17, 1),
+    ("Not", [(BOOL, [2, 3])], {}, 17, 1),
+    ("IsNaN", [(F32, [2, 3])], {}, 17, 1),
+    ("Where", [(BOOL, [1, 4]), (F32, [3, 1]), (F32, [])], {}, 17, 1),
+    ("Max", [(F32, [2, 1]), (F32, [3]), (F32, [1, 1, 1])], {}, 17, 1),
+    ("Sum", [(F32, [4]), (F32, [2, 4])], {}, 17, 1),
+    ("Clip", [(F32, [2, 3]), np.array(0.0, np.float32), np.array(6.0, np.float32)], {}, 17, 1),
+    ("Gelu", [(F32, [2, 3])], {"approximate": "tanh"}, 20, 1),
+    ("PRelu", [(F32, [2, 3, 4]), (F32, [3, 1])], {}, 17, 1),
+    ("Softmax", [(F32, [2, 3, 4])], {"axis": 1}, 17, 1),
+    ("Trilu", [(F32, [3, 4]), i64(1)], {"upper": 0}, 17, 1),
+    ("CumSum", [(F32, [3, 4]), np.array(1, np.int64)], {}, 17, 1),
+    ("MatMul", [(F32, [2, 1, 3, 4]), (F32, [5, 4, 6])], {}, 17, 1),
+    ("MatMul", [(F32, [4]), (F32, [2, 4, 6])], {}, 17, 1),
+    ("MatMul", [(F32, [2, 3, 4]), (F32, [4])], {}, 17, 1),
+    ("Gemm", [(F32, [4, 3]), (F32, [5, 4]), (F32, [5])], {"transA": 1, "transB": 1}, 17, 1),
+    ("MatMulInteger", [(U8, [2, 3]), (I8, [3, 4])], {}, 17, 1),
+    ("Einsum", [(F32, [2, 3, 4]), (F32, [2, 4, 5])], {"equation": "bij,bjk->bik"}, 17, 1),
+    ("Einsum", [(F32, [7, 2, 3]), (F32, [3, 5])], {"equation": "...ij,jk"}, 17, 1),
+    ("Conv", [(F32, [1, 4, 9, 10]), (F32, [6, 2, 3, 3])], {"group": 2, "strides": [2, 1], "pads": [1, 0, 1, 2]}, 17, 1),
+    ("Conv", [(F32, [1, 3, 11]), (F32, [8, 3, 3])], {"auto_pad": "SAME_UPPER", "strides": [2]}, 17, 1),
+    ("Conv", [(F32, [1, 3, 11, 11]), (F32, [8, 3, 3, 3])], {"dilations": [2, 2]}, 17, 1),
+    ("MaxPool", [(F32, [1, 3, 9, 9])], {"kernel_shape": [3, 3], "strides": [2, 2], "ceil_mode": 1}, 17, 2),
+    ("AveragePool", [(F32, [1, 3, 8, 8])], {"kernel_shape": [2, 2], "pads": [1, 1, 1, 1]}, 17, 1),
+    ("GlobalAveragePool", [(F32, [2, 3, 5, 7])], {}, 17, 1),
+    ("Transpose", [(F32, [2, 3, 4, 5])], {"perm": [0, 2, 1, 3]}, 17, 1),
+    ("Transpose", [(F32, [2, 3, 4])], {}, 17, 1),
+    ("Reshape", [(F32, [2, 3, 32]), i64(0, 0, 4, 8)], {}, 17, 1),
+    ("Reshape", [(F32, [2, 3, 4, 8]), i64(0, -1, 32)], {}, 17, 1),
+    ("Reshape", [(F32, [2, 0, 4]), i64(0, 0, 2, 2)], {"allowzero": 1}, 17, 1),
+    ("Flatten", [(F32, [2, 3, 4, 5])], {"axis": -1}, 17, 1),
+    ("Flatten", [(F32, [2, 3])], {"axis": 0}, 17, 1),
+    ("Squeeze", [(F32, [1, 3, 1, 4]), i64(0, -2)], {}, 17, 1),
+    ("Squeeze", [(F32, [1, 3, 1, 4])], {}, 17, 1),
+    ("Squeeze", [(F32, [1, 3, 1, 4])], {"axes": [2]}, 11, 1),
+    ("Unsqueeze", [(F32, [3, 4]), i64(0, -1)], {}, 17, 1),
+    ("Unsqueeze", [(F32, [3, 4])], {"axes": [1]}, 11, 1),
+    ("Concat", [(F32, [2, 3]), (F32, [2, 5]), (F32, [2, 0])], {"axis": -1}, 17, 1),
+    ("Split", [(F32, [2, 10]), i64(3, 7)], {"axis": 1}, 17, 2),
+    ("Split", [(F32, [6, 4])], {}, 17, 3),
+    ("Split", [(F32, [7, 4])], {"num_outputs": 3}, 18, 3),
+    ("Split", [(F32, [6, 4])], {"split": [2, 4]}, 11, 2),
+    ("Slice", [(F32, [10, 20, 30]), i64(1, -5), i64(SLICE_TO_END, 100), i64(0, 2), i64(2, 1)], {}, 17, 1),
+    ("Slice", [(F32, [10, 20]), i64(-1), i64(-(2**63)), i64(1), i64(-1)], {}, 17, 1),
+    ("Slice", [(F32, [10, 20]), i64(2, 3), i64(5, 30)], {}, 17, 1),
+    ("Gather", [(F32, [5, 6, 7]), (I64, [2, 3])], {"axis": 1}, 17, 1),
+    ("Gather", [(F32, [5, 6]), np.array(2, np.int64)], {"axis": 0}, 17, 1),
+    ("GatherElements", [(F32, [3, 4]), (I64, [3, 2])], {"axis": 1}, 17, 1),
+    ("GatherND", [(F32, [2, 3, 4, 5]), (I64, [2, 6, 2])], {"batch_dims": 1}, 17, 1),
+    ("ScatterND", [(F32, [4, 5]), (I64, [2, 1]), (F32, [2, 5])], {}, 17, 1),
+    ("ScatterElements", [(F32, [4, 5]), (I64, [2, 5]), (F32, [2, 5])], {"axis": 0}, 17, 1),
+    ("Expand", [(F32, [3, 1]), i64(2, 1, 6)], {}, 17, 1),
+    ("Tile", [(F32, [2, 3]), i64(3, 1)], {}, 17, 1),
+    ("Pad", [(F32, [2, 3]), i64(1, 2, 0, 3)], {}, 17, 1),
+    ("Pad", [(F32, [2, 3, 4]), i64(1, -1), np.array(0.0, np.float32), i64(2)], {}, 18, 1),
+    ("Cast", [(F32, [2, 3])], {"to": TensorProto.FLOAT16}, 17, 1),
+    ("CastLike", [(F32, [2, 3]), (I32, [])], {}, 17, 1),
+    ("Shape", [(F32, [2, 3, 4, 5])], {"start": 1, "end": -1}, 17, 1),
+    ("Size", [(F32, [2, 3])], {}, 17, 1),
+    ("ConstantOfShape", [i64(2, 3)], {"value": helper.make_tensor("v", I32, [1], [7])}, 17, 1),
+    ("Constant", [], {"value": numpy_helper.from_array(np.ones((2, 3), np.float16))}, 17, 1),
+    ("Constant", [], {"value_ints": [1, 2, 3]}, 17, 1),
+    ("Range", [np.array(1, np.int64), np.array(10, np.int64), np.array(3, np.int64)], {}, 17, 1),
+    ("Range", [np.array(0.0, np.float32), np.array(1.0, np.float32), np.array(0.3, np.float32)], {}, 17, 1),
+    ("Dropout", [(F32, [2, 3])], {}, 17, 2),
+    ("ReduceMean", [(F32, [2, 3, 4])], {"axes": [-1], "keepdims": 1}, 17, 1),
+    ("ReduceMean", [(F32, [2, 3, 4]), i64(0, 2)], {"keepdims": 0}, 18, 1),
+    ("ReduceSum", [(F32, [2, 3, 4]), i64(1)], {}, 13, 1),
+    ("ReduceMax", [(F32, [2, 3, 4])], {"keepdims": 0}, 18, 1),
+    ("ReduceL2", [(F32, [2, 3, 4])], {"noop_with_empty_axes": 1}, 18, 1),
+    ("ArgMax", [(F32, [2, 3, 4])], {"axis": 1, "keepdims": 0}, 17, 1),
+    ("TopK", [(F32, [3, 10]), i64(4)], {"axis": 1}, 17, 2),
+    ("LayerNormalization", [(F32, [2, 5, 8]), (F32, [8]), (F32, [8])], {"axis": -1}, 17, 3),
+    ("LayerNormalization", [(F16, [2, 5, 8]), (F16, [5, 8])], {"axis": 1}, 17, 3),
+    ("BatchNormalization", [(F32, [2, 3, 4]), (F32, [3]), (F32, [3]), (F32, [3]), (F32, [3])], {}, 15, 1),
+    ("InstanceNormalization", [(F32, [2, 3, 4]), (F32, [3]), (F32, [3])], {}, 17, 1),
+    ("GroupNormalization", [(F32, [2, 6, 4]), (F32, [6]), (F32, [6])], {"num_groups": 3}, 21, 1),
+    ("NonZero", [(F32, [2, 3])], {}, 17, 1),
+    ("OneHot", [(I64, [2, 3]), np.array(10, np.int64), (F32, [2])], {"axis": 1}, 17, 1),
+    ("QuantizeLinear", [(F32, [2, 3]), np.array(0.1, np.float32), np.array(0, np.int8)], {}, 17, 1),
+    ("QuantizeLinear", [(F32, [2, 3]), np.array(0.1, np.float32)], {}, 17, 1),
+    ("DequantizeLinear", [(I8, [2, 3]), np.array(0.1, np.float16)], {}, 21, 1),
+    ("DynamicQuantizeLinear", [(F32, [2, 3])], {}, 17, 3),
+    ("RandomNormalLike", [(F32, [2, 3])], {"dtype": TensorProto.DOUBLE}, 17, 1),
+    ("Bernoulli", [(F32, [2, 3])], {}, 17, 1),
+]
+
+
+@pytest.mark.parametrize(
+    "op, inputs, attrs, opset, num_outputs",
+    STATIC_CASES,
+    ids=[f"{case[0]}-{i}" for i, case in enumerate(STATIC_CASES)],
+)
+def test_matches_onnx_shape_inference(
+    op: str, inputs: list[Spec], attrs: dict[str, Any], opset: int, num_outputs: int
+) -> None:
+    expected = onnx_output_types(op, inputs, attrs, opset, num_outputs)
+    schema = get_schema("", op)
+    assert schema is not None
+    ctx = context_from_specs(op, inputs, attrs, opset, num_outputs)
+    assert schema.infer(ctx) == expected
+
+
+def test_every_listed_op_has_a_schema() -> None:
+    listed = """Add Sub Mul Div Pow Mod Neg Abs Sqrt Reciprocal Exp Log Erf Tanh Sigmoid Relu LeakyRelu
+    Elu Selu Gelu HardSigmoid HardSwish Softplus Mish PRelu Sin Cos Floor Ceil Round Sign IsNaN IsInf
+    Not And Or Xor Equal Less Greater LessOrEqual GreaterOrEqual Min Max Sum Mean Where Clip Softmax
+    LogSoftmax Hardmax MatMul Gemm MatMulInteger Einsum Conv Transpose Reshape Flatten Squeeze
+    Unsqueeze Concat Split Slice Gather GatherElements GatherND ScatterND ScatterElements Expand Tile
+    Pad Cast CastLike Shape Size ConstantOfShape Constant Range Identity Dropout Trilu CumSum
+    ReduceMean ReduceSum ReduceMax ReduceMin ReduceProd ReduceL1 ReduceL2 ReduceSumSquare
+    ReduceLogSumExp ArgMax ArgMin TopK LayerNormalization BatchNormalization InstanceNormalization
+    GroupNormalization NonZero OneHot QuantizeLinear DequantizeLinear DynamicQuantizeLinear
+    RandomNormalLike RandomUniformLike Bernoulli""".split()
+    assert set(listed) <= set(registered_ops())
+    impure = {name for name in registered_ops() if not get_schema("", name).pure}  # type: ignore[union-attr]
+    assert impure == {"RandomNormal", "RandomNormalLike", "RandomUniform", "RandomUniformLike", "Bernoulli", "Multinomial"}
+
+
+def test_schema_facts() -> None:
+    add, where, concat, clip = (get_schema("", n) for n in ("Add", "Where", "Concat", "Clip"))
+    assert add is not None and add.same_dtype_inputs == ((0, 1),) and (add.min_inputs, add.max_inputs) == (2, 2)
+    assert where is not None and where.same_dtype_inputs == ((1, 2),)
+    assert concat is not None and concat.same_dtype_inputs == (ALL_INPUTS,) and ALL_INPUTS[:3] == (0, 1, 2)
+    assert clip is not None and (clip.min_inputs, clip.max_inputs) == (1, 3)
+    assert all(get_schema("", n).doc for n in registered_ops())  # type: ignore[union-attr]
+
+
+# Minimal attributes an op cannot do without.
+_REQUIRED_ATTRS = {"Cast": {"to": 1}, "Concat": {"axis": 0}, "Einsum": {"equation": "ij,jk->ik"}}
+
+
+@pytest.mark.parametrize("op", registered_ops())
+def test_unknown_inputs_never_raise(op: str) -> None:
+    schema = get_schema("", op)
+    assert schema is not None
+    num_inputs = min(max(schema.min_inputs, 2 if op == "Einsum" else 1), schema.max_inputs)
+    num_outputs = min(max(schema.min_outputs, 2), schema.max_outputs)
+    attrs = dict(_REQUIRED_ATTRS.get(op, {}))
+    if op == "Constant":
+        attrs["value_int"] = 3
+    if op in ("MaxPool", "AveragePool", "LpPool"):
+        attrs["kernel_shape"] = [2, 2]
+    ctx = InferenceContext(op, "", [UNKNOWN] * num_inputs, attrs, num_outputs, 18)
+    outputs = schema.infer(ctx)
+    assert len(outputs) == (num_outputs if schema.max_outputs > 1 else 1)
+    assert all(isinstance(t, TensorType) for t in outputs)
+    if schema.propagate is not None:
+        schema.propagate(ctx)
+
+
+# ---- symbolic dims ---------------------------------------------------------------------
+
+
+def test_matmul_symbolic() -> None:
+    assert infer("MatMul", [f32("batch", "seq", 64), f32(64, 128)]) == [f32("batch", "seq", 128)]
+    assert infer("MatMul", [f32("b", 1, "s", "d"), f32("h", "d", "t")]) == [f32("b", "h", "s", "t")]
+    assert infer("MatMul", [f32("b", "s", 64), UNKNOWN]) == [TensorType(DType.FLOAT, None)]
+
+
+def test_transpose_and_gemm_symbolic() -> None:
+    assert infer("Transpose", [f32("b", "s", 12, 64)], {"perm": [0, 2, 1, 3]}) == [f32("b", 12, "s", 64)]
+    assert infer("Transpose", [UNKNOWN], {"perm": [1, 0]}) == [TensorType(None, (None, None))]
+    assert infer("Gemm", [f32("m", 8), UNKNOWN]) == [f32("m", None)]
+
+
+def test_reshape_zero_and_minus_one() -> None:
+    shape = i64_vec(4)
+    assert infer("Reshape", [f32("batch", "seq", 32), shape], constants=[None, i64(0, 0, 4, 8)]) == [
+        f32("batch", "seq", 4, 8)
+    ]
+    assert infer("Reshape", [f32("batch", "seq", 4, 8), i64_vec(3)], constants=[None, i64(0, -1, 32)]) == [
+        f32("batch", "seq", 32)
+    ]
+    assert infer("Reshape", [f32("b", 4, 8), i64_vec(2)], constants=[None, i64(0, -1)]) == [f32("b", 32)]
+    assert infer("Reshape", [f32(2, "s", 8), i64_vec(3)], constants=[None, i64(2, 8, -1)]) == [f32(2, 8, "s")]
+    assert infer("Reshape", [f32("b", "s"), i64_vec(1)], constants=[None, i64(-1)]) == [f32(None)]
+    assert infer("Reshape", [f32("b", 6), i64_vec(3)], constants=[None, i64(0, 4, -1)]) == [f32("b", 4, None)]
+    assert infer("Reshape", [f32(2, 0), i64_vec(2)], constants=[None, i64(0, 5)], opset=14) == [f32(2, 5)]
+    assert infer("Reshape", [f32(2, 3), i64_vec(2)], constants=[None, i64(0, 0)], opset=14) == [f32(2, 3)]
+
+
+def test_reshape_from_propagated_shape_vector() -> None:
+    target = ("batch", "seq", 4, 8)
+    assert infer("Reshape", [f32("batch", "seq", 32), i64_vec(4)], symbolic=[None, target]) == [
+        f32("batch", "seq", 4, 8)
+    ]
+    assert infer("Reshape", [f32("batch", "seq", 32), i64_vec(3)], symbolic=[None, ("batch", None, 32)]) == [
+        f32("batch", None, 32)
+    ]
+    assert infer("Reshape", [f32("b", 32), i64_vec(3)]) == [f32(None, None, None)]
+    assert infer("Reshape", [f32("b", 32), UNKNOWN]) == [TensorType(DType.FLOAT, None)]
+
+
+def test_expand_and_tile_symbolic() -> None:
+    result = infer("Expand", [f32(1, "seq", 1), i64_vec(3)], symbolic=[None, ("batch", 1, 64)])
+    assert result == [f32("batch", "seq", 64)]
+    assert infer("Expand", [f32(3, 1), i64_vec(3)]) == [f32(None, 3, None)]
+    assert infer("Tile", [f32("b", 4), i64_vec(2)], constants=[None, i64(1, 3)]) == [f32("b", 12)]
+
+
+def test_concat_symbolic_axis() -> None:
+    assert infer("Concat", [f32("b", "past", 64), f32("b", "seq", 64)], {"axis": 1}) == [f32("b", None, 64)]
+    assert infer("Concat", [f32("b", 0, 64), f32("b", "seq", 64)], {"axis": -2}) == [f32("b", "seq", 64)]
+    assert infer("Concat", [f32("b", 2, 64), f32(None, 3, 64)], {"axis": 1}) == [f32("b", 5, 64)]
+    assert infer("Concat", [f32("b", 2, 64), UNKNOWN], {"axis": 1}) == [f32("b", None, 64)]
+
+
+def test_slice_gather_squeeze_symbolic() -> None:
+    starts, ends = i64(0, -1), i64(SLICE_TO_END, SLICE_TO_END)
+    result = infer("Slice", [f32("b", "s", 64), i64_vec(2), i64_vec(2), i64_vec(2)], constants=[None, starts, ends, i64(0, 1)])
+    assert result == [f32("b", None, 64)]
+    result = infer("Slice", [f32("b", "s", 64), i64_vec(1), i64_vec(1), i64_vec(1)], constants=[None, i64(0), None, i64(1)], symbolic=[None, None, ("s",)])
+    assert result == [f32("b", "s", 64)]
+    result = infer("Slice", [f32("b", "s", 64), i64_vec(1), i64_vec(1), i64_vec(1)], constants=[None, i64(0), None, i64(1)])
+    assert result == [f32("b", None, 64)]
+    assert infer("Gather", [f32("vocab", 768), TensorType(DType.INT64, ("b", "s"))]) == [f32("b", "s", 768)]
+    assert infer("Squeeze", [f32("b", 1, "s"), i64_vec(1)], constants=[None, i64(1)]) == [f32("b", "s")]
+    assert infer("Squeeze", [f32("b", 1, "s")]) == [TensorType(DType.FLOAT, None)]
+    assert infer("Unsqueeze", [f32("b", "s"), i64_vec(2)], constants=[None, i64(1, 2)]) == [f32("b", 1, 1, "s")]
+
+
+def test_shape_range_constant_of_shape_symbolic() -> None:
+    assert infer("Shape", [f32("b", "s", 64)], {"start": -2}) == [TensorType(DType.INT64, (2,))]
+    assert infer("Shape", [UNKNOWN]) == [TensorType(DType.INT64, (None,))]
+    ranged = infer("Range", [SCALAR_I64, SCALAR_I64, SCALAR_I64], constants=[np.array(0, np.int64), None, np.array(1, np.int64)], symbolic=[None, ("seq",)])
+    assert ranged == [TensorType(DType.INT64, ("seq",))]
+    filled = infer("ConstantOfShape", [i64_vec(2)], {"value": np.array([1], np.int64)}, symbolic=[("b", "s")])
+    assert filled == [TensorType(DType.INT64, ("b", "s"))]
+
+
+def test_split_symbolic_and_opsets() -> None:
+    assert infer("Split", [f32("b", 96), i64_vec(3)], {"axis": -1}, constants=[None, i64(32, 32, 32)], num_outputs=3) == [
+        f32("b", 32)
+    ] * 3
+    assert infer("Split", [f32("b", "s")], {"axis": 1}, num_outputs=2) == [f32("b", None)] * 2
+    assert infer("Split", [f32(6, 2)], {"split": [1, 5]}, num_outputs=2, opset=11) == [f32(1, 2), f32(5, 2)]
+
+
+def test_conv_and_pool_symbolic() -> None:
+    weight = f32(64, 3, 3, 3)
+    assert infer("Conv", [f32("n", 3, "h", "w"), weight], {"pads": [1, 1, 1, 1]}) == [f32("n", 64, "h", "w")]
+    assert infer("Conv", [f32("n", 3, "h", "w"), weight], {"strides": [2, 2]}) == [f32("n", 64, None, None)]
+    assert infer("Conv", [UNKNOWN, weight]) == [f32(None, 64, None, None)]
+    # onnxruntime drops a window that would start in the right padding; onnx's inference does not
+    assert infer("MaxPool", [f32(1, 1, 5, 5)], {"kernel_shape": [2, 2], "strides": [2, 2], "ceil_mode": 1, "pads": [1, 1, 1, 1]}) == [
+        f32(1, 1, 3, 3)
+    ]
+
+
+def test_einsum_symbolic() -> None:
+    q, k = f32("b", "h", "s", 64), f32("b", "h", "t", 64)
+    assert infer("Einsum", [q, k], {"equation": "bhsd,bhtd->bhst"}) == [f32("b", "h", "s", "t")]
+    assert infer("Einsum", [f32("x", 2, 3), UNKNOWN], {"equation": b"...ij,jk->...ik"}) == [TensorType(DType.FLOAT, None)]
+    assert infer("Einsum", [f32(2, 3), UNKNOWN], {"equation": "ij,jk"}) == [f32(2, None)]
+
+
+def test_reductions_and_norms_symbolic() -> None:
+    x = f32("b", "s", 768)
+    assert infer("ReduceMean", [x, i64_vec(1)], {"keepdims": 1}, constants=[None, i64(-1)]) == [f32("b", "s", 1)]
+    assert infer("ReduceMean", [x], {"axes": [-1], "keepdims": 0}, opset=13) == [f32("b", "s")]
+    assert infer("ReduceSum", [x, i64_vec(1)], {"keepdims": 1}) == [f32(None, None, None)]
+    assert infer("ReduceSum", [x, i64_vec(1)], {"keepdims": 0}) == [TensorType(DType.FLOAT, None)]
+    layer_norm = infer("LayerNormalization", [x, f32(768), f32(768)], num_outputs=3)
+    assert layer_norm == [x, f32("b", "s", 1), f32("b", "s", 1)]
+    assert infer("ArgMax", [x], {"axis": -1}) == [TensorType(DType.INT64, ("b", "s", 1))]
+    assert infer("TopK", [x, i64_vec(1)], constants=[None, i64(5)], num_outputs=2)[1] == TensorType(DType.INT64, ("b", "s", 5))
+
+
+def test_dtype_rules() -> None:
+    assert infer("Pow", [TensorType(DType.FLOAT16, (2,)), TensorType(DType.FLOAT, ())])[0].dtype == DType.FLOAT16
+    assert infer("Cast", [f32("b")], {"to": int(DType.INT64)}) == [TensorType(DType.INT64, ("b",))]
+    assert infer("Cast", [f32("b")], {"to": 999}) == [TensorType(None, ("b",))]
+    assert infer("QuantizeLinear", [f32(2), f32()], {"output_dtype": int(DType.INT8)}, opset=21)[0].dtype == DType.INT8
+    assert infer("QuantizeLinear", [f32(2), f32(), TensorType(DType.INT8, ())])[0].dtype == DType.INT8
+    assert infer("DequantizeLinear", [TensorType(DType.INT8, (2,)), TensorType(DType.FLOAT16, ())], opset=13)[0].dtype == DType.FLOAT
+    assert infer("DequantizeLinear", [TensorType(DType.INT8, (2,)), TensorType(DType.FLOAT16, ())], opset=19)[0].dtype == DType.FLOAT16
+    assert infer("RandomUniformLike", [f32(2)]) == [f32(2)]
+    assert infer("Multinomial", [f32("b", 10)], {"sample_size": 4}) == [TensorType(DType.INT32, ("b", 4))]
+    assert infer("Constant", [], {"value": np.zeros((2, 3), np.int32)}) == [TensorType(DType.INT32, (2, 3))]
+
+
+# ---- value propagation -----------------------------------------------------------------
+
+
+def test_shape_gather_unsqueeze_concat_reshape_chain() -> None:
+    hidden = f32("batch", "seq", 768)
+    shape = propagate("Shape", [hidden])
+    assert shape == ("batch", "seq", 768)
+    batch = propagate("Gather", [i64_vec(3), SCALAR_I64], {"axis": 0}, constants=[None, np.array(0, np.int64)], symbolic=[shape])
+    assert batch == ("batch",)
+    assert infer("Gather", [i64_vec(3), SCALAR_I64], constants=[None, np.array(0, np.int64)]) == [SCALAR_I64]
+    batch_1d = propagate("Unsqueeze", [SCALAR_I64, i64_vec(1)], constants=[None, i64(0)], symbolic=[batch])
+    assert batch_1d == ("batch",)
+    seq_1d = propagate("Gather", [i64_vec(3), i64_vec(1)], constants=[None, i64(-2)], symbolic=[shape])
+    assert seq_1d == ("seq",)
+    heads = propagate("Constant", [], {"value": np.array([12, 64], np.int64)})
+    target = propagate(
+        "Concat",
+        [i64_vec(1), i64_vec(1), i64_vec(2)],
+        {"axis": 0},
+        symbolic=[batch_1d, seq_1d, heads],
+    )
+    assert target == ("batch", "seq", 12, 64)
+    assert infer("Reshape", [hidden, i64_vec(4)], symbolic=[None, target]) == [f32("batch", "seq", 12, 64)]
+
+
+def test_propagate_shape_slice_cast_and_constants() -> None:
+    x = f32("b", "s", 12, 64)
+    assert propagate("Shape", [x], {"start": 1, "end": -1}) == ("s", 12)
+    assert propagate("Shape", [UNKNOWN]) is None
+    sliced = propagate(
+        "Slice",
+        [i64_vec(4), i64_vec(1), i64_vec(1)],
+        constants=[None, i64(-2), i64(SLICE_TO_END)],
+        symbolic=[("b", "s", 12, 64)],
+    )
+    assert sliced == (12, 64)
+    assert propagate("Cast", [i64_vec(2)], {"to": int(DType.INT32)}, symbolic=[("b", 3)]) == ("b", 3)
+    assert propagate("Cast", [i64_vec(2)], {"to": int(DType.FLOAT)}, symbolic=[("b", 3)]) is None
+    assert propagate("Constant", [], {"value_int": 5}) == (5,)
+    assert propagate("Constant", [], {"value_ints": [1, -1]}) == (1, -1)
+    assert propagate("Constant", [], {"value": np.ones(3, np.float32)}) is None
+    assert propagate("Identity", [i64_vec(2)], symbolic=[("b", 1)]) == ("b", 1)
+    assert propagate("Squeeze", [i64_vec(1)], symbolic=[("b",)]) == ("b",)
+    assert propagate("Reshape", [i64_vec(2), i64_vec(1)], constants=[None, i64(2)], symbolic=[("b", "s")]) == ("b", "s")
+    assert propagate("Size", [f32(2, 3, 4)]) == (24,)
+
+
+def test_propagate_arithmetic() -> None:
+    vec, scalar = i64_vec(3), SCALAR_I64
+    assert propagate("Mul", [vec, scalar], constants=[i64(2, 3, 4), np.array(2, np.int64)]) == (4, 6, 8)
+    assert propagate("Mul", [vec, scalar], constants=[None, np.array(1, np.int64)], symbolic=[("b", 3, None)]) == ("b", 3, None)
+    assert propagate("Add", [vec, vec], constants=[None, i64(1, 1, 1)], symbolic=[("b", 3, 4)]) == (None, 4, 5)
+    assert propagate("Sub", [scalar, scalar], symbolic=[("s",), ("s",)]) == (0,)
+    assert propagate("Div", [vec, scalar], constants=[i64(-7, 7, 768), np.array(2, np.int64)]) == (-3, 3, 384)
+    assert propagate("Div", [scalar, scalar], constants=[np.array(7, np.int64), np.array(0, np.int64)]) == (None,)
+    assert propagate("Mul", [f32(2), f32(2)], constants=[np.ones(2, np.float32), np.ones(2, np.float32)]) is None
+    assert propagate("Add", [i64_vec(2), i64_vec(3)], constants=[i64(1, 2), i64(1, 2, 3)]) is None
+
+
+def test_propagate_expand_shape_pattern() -> None:
+    """torch's `x.expand(b, -1, -1)`: Where(Equal(shape, -1), ones, shape)."""
+    shape = ("b", -1, -1)
+    ones = propagate("ConstantOfShape", [i64_vec(1)], {"value": np.array([1], np.int64)}, constants=[i64(3)])
+    assert ones == (1, 1, 1)
+    minus_ones = propagate("Mul", [i64_vec(3), SCALAR_I64], constants=[None, np.array(-1, np.int64)], symbolic=[ones])
+    assert minus_ones == (-1, -1, -1)
+    is_minus = propagate("Equal", [i64_vec(3), i64_vec(3)], symbolic=[shape, minus_ones])
+    assert is_minus == (0, 1, 1)
+    bool_vec = TensorType(DType.BOOL, (3,))
+    chosen = propagate("Where", [bool_vec, i64_vec(3), i64_vec(3)], symbolic=[is_minus, ones, shape])
+    assert chosen == ("b", 1, 1)
+    mask = np.array([False, True, True])
+    assert propagate("Where", [bool_vec, i64_vec(3), i64_vec(3)], constants=[mask], symbolic=[None, ones, shape]) == ("b", 1, 1)
+    assert infer("Expand", [f32(1, "s", 64), i64_vec(3)], symbolic=[None, chosen]) == [f32("b", "s", 64)]
+
+
+# ---- inconsistent inputs ----------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "op, types, attrs, constants, message",
+    [
+        ("MatMul", [f32("b", 64), f32(32, 8)], {}, [], "inner dims 64 and 32"),
+        ("MatMul", [f32(2, 3, 4), f32(5, 4, 6)], {}, [], "do not broadcast"),
+        ("Gemm", [f32(3, 4), f32(5, 6)], {}, [], "inner dims"),
+        ("Add", [f32(2, 3), f32(4)], {}, [], "do not broadcast"),
+        ("Concat", [f32(2, 3), f32(2, 3, 1)], {"axis": 0}, [], "different ranks"),
+        ("Concat", [f32(2, 3), f32(4, 3)], {"axis": 1}, [], "dim 0 differs"),
+        ("Concat", [f32(2, 3)], {"axis": 2}, [], "out of range"),
+        ("Reshape", [f32(2, 3), i64_vec(1)], {}, [None, i64(5)], "6 elements"),
+        ("Reshape", [f32(2, 3), i64_vec(2)], {}, [None, i64(-1, -1)], "more than one -1"),
+        ("Reshape", [f32(2, 3), i64_vec(2)], {}, [None, i64(4, -1)], "cannot reshape"),
+        ("Transpose", [f32(2, 3)], {"perm": [0, 0]}, [], "not a permutation"),
+        ("Squeeze", [f32(2, 3), i64_vec(1)], {}, [None, i64(0)], "size 2"),
+        ("Unsqueeze", [f32(2, 3), i64_vec(2)], {}, [None, i64(0, 0)], "repeat"),
+        ("Split", [f32(7, 2), i64_vec(2)], {}, [None, i64(3, 3)], "sums to 6"),
+        ("Split", [f32(7, 2)], {}, [], "evenly"),
+        ("Slice", [f32(4), i64_vec(1), i64_vec(1), i64_vec(1), i64_vec(1)], {}, [None, i64(0), i64(2), i64(0), i64(0)], "non-zero"),
+        ("Conv", [f32(1, 4, 8, 8), f32(6, 3, 3, 3)], {}, [], "channels"),
+        ("Conv", [f32(1, 3, 2, 2), f32(6, 3, 3, 3)], {}, [], "does not fit"),
+        ("Gather", [f32(), SCALAR_I64], {}, [], "out of range"),
+        ("Expand", [f32(3), i64_vec(1)], {}, [None, i64(2)], "do not broadcast"),
+        ("Tile", [f32(3), i64_vec(2)], {}, [None, i64(2, 2)], "rank 1"),
+        ("Pad", [f32(3), i64_vec(2)], {}, [None, i64(-2, -2)], "remove more"),
+        ("TopK", [f32(3), i64_vec(1)], {}, [None, i64(4)], "exceeds"),
+        ("Einsum", [f32(2, 3), f32(4, 5)], {"equation": "ij,jk->ik"}, [], "label 'j'"),
+        ("Cast", [f32(3)], {}, [], "'to'"),
+    ],
+)
+def test_inconsistent_inputs_raise(
+    op: str, types: list[TensorType], attrs: dict[str, Any], constants: list[Optional[np.ndarray]], message: str
+) -> None:
+    with pytest.raises(ValueError, match=op) as info:
+        infer(op, types, attrs, constants=constants)
+    assert message in str(info.value)
+
+
+# ---- properties against numpy ---------------------------------------------------------
+
+_dims = st.lists(st.integers(0, 5), min_size=1, max_size=4)
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    shape=_dims,
+    data=st.data(),
+)
+def test_slice_matches_numpy(shape: list[int], data: st.DataObject) -> None:
+    axis = data.draw(st.integers(0, len(shape) - 1))
+    start = data.draw(st.integers(-8, 8))
+    end = data.draw(st.one_of(st.integers(-8, 8), st.just(SLICE_TO_END), st.just(-SLICE_TO_END)))
+    step = data.draw(st.sampled_from([-3, -2, -1, 1, 2, 3]))
+    index: list[slice] = [slice(None)] * len(shape)
+    index[axis] = slice(start, end, step)
+    expected = np.empty(shape)[tuple(index)].shape
+    consts = [None, i64(start), i64(end), i64(axis), i64(step)]
+    result = infer("Slice", [f32(*shape)] + [i64_vec(1)] * 4, constants=consts)
+    assert result == [f32(*expected)]
+
+
+@settings(max_examples=60, deadline=None)
+@given(a=_dims, b=_dims, batch=st.lists(st.sampled_from([1, 3]), max_size=2))
+def test_matmul_and_broadcast_match_numpy(a: list[int], b: list[int], batch: list[int]) -> None:
+    left, right = batch + a, b
+    if len(right) >= 2:
+        right = right[:-2] + [left[-1], right[-1]]
+    elif right:
+        right = [left[-1]]
+    try:
+        expected = np.matmul(np.empty(left), np.empty(right)).shape
+    except ValueError:
+        with pytest.raises(ValueError, match="MatMul"):
+            infer("MatMul", [f32(*left), f32(*right)])
+    else:
+        assert infer("MatMul", [f32(*left), f32(*right)]) == [f32(*expected)]
+    try:
+        broadcast = np.broadcast_shapes(tuple(a), tuple(b))
+    except ValueError:
+        with pytest.raises(ValueError, match="Add"):
+            infer("Add", [f32(*a), f32(*b)])
+    else:
+        assert infer("Add", [f32(*a), f32(*b)]) == [f32(*broadcast)]
