@@ -153,8 +153,8 @@ def _node_proto(node: Node) -> Any:
         doc_string=node.origin.get("doc_string"), overload=node.origin.get("overload"),
     )
     empty_types = node.origin.get("empty_list_types", {})
-    for name in sorted(node.attrs):
-        proto.attribute.append(_attribute(node, name, node.attrs[name], empty_types.get(name)))
+    for name, value in node.attrs.items():
+        proto.attribute.append(_attribute(node, name, value, empty_types.get(name)))
     for key, value in node.origin.get("metadata_props", {}).items():
         entry = proto.metadata_props.add()
         entry.key, entry.value = key, value

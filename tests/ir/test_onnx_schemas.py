@@ -51,8 +51,11 @@ def onnx_output_types(
     result = []
     for name in outputs:
         tensor_type = found[name]
+        # onnx names the dims it cannot know "unk__N"; graphopt says None
         dims = tuple(
-            d.dim_value if d.HasField("dim_value") else (d.dim_param or None) for d in tensor_type.shape.dim
+            d.dim_value if d.HasField("dim_value") else None
+            if d.dim_param.startswith("unk__") else (d.dim_param or None)
+            for d in tensor_type.shape.dim
         )
         result.append(TensorType(DType(tensor_type.elem_type), dims if tensor_type.HasField("shape") else None))
     return result
@@ -207,7 +210,6 @@ STATIC_CASES: list[tuple[str, list[Spec], dict[str, Any], int, int]] = [
     ("LayerNormalization", [(F16, [2, 5, 8]), (F16, [5, 8])], {"axis": 1}, 17, 3),
     ("BatchNormalization", [(F32, [2, 3, 4]), (F32, [3]), (F32, [3]), (F32, [3]), (F32, [3])], {}, 15, 1),
     ("InstanceNormalization", [(F32, [2, 3, 4]), (F32, [3]), (F32, [3])], {}, 17, 1),
-    ("GroupNormalization", [(F32, [2, 6, 4]), (F32, [6]), (F32, [6])], {"num_groups": 3}, 21, 1),
     ("NonZero", [(F32, [2, 3])], {}, 17, 1),
     ("OneHot", [(I64, [2, 3]), np.array(10, np.int64), (F32, [2])], {"axis": 1}, 17, 1),
     ("QuantizeLinear", [(F32, [2, 3]), np.array(0.1, np.float32), np.array(0, np.int8)], {}, 17, 1),
@@ -254,7 +256,7 @@ def test_schema_facts() -> None:
     add, where, concat, clip = (get_schema("", n) for n in ("Add", "Where", "Concat", "Clip"))
     assert add is not None and add.same_dtype_inputs == ((0, 1),) and (add.min_inputs, add.max_inputs) == (2, 2)
     assert where is not None and where.same_dtype_inputs == ((1, 2),)
-    assert concat is not None and concat.same_dtype_inputs == (ALL_INPUTS,) and ALL_INPUTS[:3] == (0, 1, 2)
+    assert concat is not None and concat.same_dtype_inputs == (ALL_INPUTS,) == ((-1,),)
     assert clip is not None and (clip.min_inputs, clip.max_inputs) == (1, 3)
     assert all(get_schema("", n).doc for n in registered_ops())  # type: ignore[union-attr]
 
@@ -309,8 +311,8 @@ def test_reshape_zero_and_minus_one() -> None:
     assert infer("Reshape", [f32(2, "s", 8), i64_vec(3)], constants=[None, i64(2, 8, -1)]) == [f32(2, 8, "s")]
     assert infer("Reshape", [f32("b", "s"), i64_vec(1)], constants=[None, i64(-1)]) == [f32(None)]
     assert infer("Reshape", [f32("b", 6), i64_vec(3)], constants=[None, i64(0, 4, -1)]) == [f32("b", 4, None)]
-    assert infer("Reshape", [f32(2, 0), i64_vec(2)], constants=[None, i64(0, 5)], opset=14) == [f32(2, 5)]
-    assert infer("Reshape", [f32(2, 3), i64_vec(2)], constants=[None, i64(0, 0)], opset=14) == [f32(2, 3)]
+    assert infer("Reshape", [f32(2, 0), i64_vec(2)], {"allowzero": 1}, constants=[None, i64(0, 5)]) == [f32(0, 5)]
+    assert infer("Reshape", [f32(2, 0), i64_vec(2)], constants=[None, i64(0, 0)]) == [f32(2, 0)]
 
 
 def test_reshape_from_propagated_shape_vector() -> None:
@@ -384,8 +386,16 @@ def test_conv_and_pool_symbolic() -> None:
 def test_einsum_symbolic() -> None:
     q, k = f32("b", "h", "s", 64), f32("b", "h", "t", 64)
     assert infer("Einsum", [q, k], {"equation": "bhsd,bhtd->bhst"}) == [f32("b", "h", "s", "t")]
-    assert infer("Einsum", [f32("x", 2, 3), UNKNOWN], {"equation": b"...ij,jk->...ik"}) == [TensorType(DType.FLOAT, None)]
+    assert infer("Einsum", [f32("x", 2, 3), UNKNOWN], {"equation": b"...ij,jk->...ik"}) == [f32("x", 2, None)]
+    assert infer("Einsum", [UNKNOWN, f32(3, 4)], {"equation": "...ij,jk->...ik"}) == [TensorType(None, None)]
+    assert infer("Einsum", [f32(5, 5)], {"equation": "ii->i"}) == [f32(5)]
     assert infer("Einsum", [f32(2, 3), UNKNOWN], {"equation": "ij,jk"}) == [f32(2, None)]
+
+
+def test_group_normalization_keeps_shape() -> None:
+    # onnx defines GroupNormalization as a function, so its shape inference gives nothing to compare
+    x = f32("b", 32, "s")
+    assert infer("GroupNormalization", [x, f32(32), f32(32)], {"num_groups": 8}, opset=21) == [x]
 
 
 def test_reductions_and_norms_symbolic() -> None:
@@ -493,40 +503,45 @@ def test_propagate_expand_shape_pattern() -> None:
 
 
 @pytest.mark.parametrize(
-    "op, types, attrs, constants, message",
+    "op, types, attrs, constants, message, num_outputs",
     [
-        ("MatMul", [f32("b", 64), f32(32, 8)], {}, [], "inner dims 64 and 32"),
-        ("MatMul", [f32(2, 3, 4), f32(5, 4, 6)], {}, [], "do not broadcast"),
-        ("Gemm", [f32(3, 4), f32(5, 6)], {}, [], "inner dims"),
-        ("Add", [f32(2, 3), f32(4)], {}, [], "do not broadcast"),
-        ("Concat", [f32(2, 3), f32(2, 3, 1)], {"axis": 0}, [], "different ranks"),
-        ("Concat", [f32(2, 3), f32(4, 3)], {"axis": 1}, [], "dim 0 differs"),
-        ("Concat", [f32(2, 3)], {"axis": 2}, [], "out of range"),
-        ("Reshape", [f32(2, 3), i64_vec(1)], {}, [None, i64(5)], "6 elements"),
-        ("Reshape", [f32(2, 3), i64_vec(2)], {}, [None, i64(-1, -1)], "more than one -1"),
-        ("Reshape", [f32(2, 3), i64_vec(2)], {}, [None, i64(4, -1)], "cannot reshape"),
-        ("Transpose", [f32(2, 3)], {"perm": [0, 0]}, [], "not a permutation"),
-        ("Squeeze", [f32(2, 3), i64_vec(1)], {}, [None, i64(0)], "size 2"),
-        ("Unsqueeze", [f32(2, 3), i64_vec(2)], {}, [None, i64(0, 0)], "repeat"),
-        ("Split", [f32(7, 2), i64_vec(2)], {}, [None, i64(3, 3)], "sums to 6"),
-        ("Split", [f32(7, 2)], {}, [], "evenly"),
-        ("Slice", [f32(4), i64_vec(1), i64_vec(1), i64_vec(1), i64_vec(1)], {}, [None, i64(0), i64(2), i64(0), i64(0)], "non-zero"),
-        ("Conv", [f32(1, 4, 8, 8), f32(6, 3, 3, 3)], {}, [], "channels"),
-        ("Conv", [f32(1, 3, 2, 2), f32(6, 3, 3, 3)], {}, [], "does not fit"),
-        ("Gather", [f32(), SCALAR_I64], {}, [], "out of range"),
-        ("Expand", [f32(3), i64_vec(1)], {}, [None, i64(2)], "do not broadcast"),
-        ("Tile", [f32(3), i64_vec(2)], {}, [None, i64(2, 2)], "rank 1"),
-        ("Pad", [f32(3), i64_vec(2)], {}, [None, i64(-2, -2)], "remove more"),
-        ("TopK", [f32(3), i64_vec(1)], {}, [None, i64(4)], "exceeds"),
-        ("Einsum", [f32(2, 3), f32(4, 5)], {"equation": "ij,jk->ik"}, [], "label 'j'"),
-        ("Cast", [f32(3)], {}, [], "'to'"),
+        ("MatMul", [f32("b", 64), f32(32, 8)], {}, [], "inner dims 64 and 32", 1),
+        ("MatMul", [f32(2, 3, 4), f32(5, 4, 6)], {}, [], "do not broadcast", 1),
+        ("Gemm", [f32(3, 4), f32(5, 6)], {}, [], "inner dims", 1),
+        ("Add", [f32(2, 3), f32(4)], {}, [], "do not broadcast", 1),
+        ("Concat", [f32(2, 3), f32(2, 3, 1)], {"axis": 0}, [], "different ranks", 1),
+        ("Concat", [f32(2, 3), f32(4, 3)], {"axis": 1}, [], "dim 0 differs", 1),
+        ("Concat", [f32(2, 3)], {"axis": 2}, [], "out of range", 1),
+        ("Reshape", [f32(2, 3), i64_vec(1)], {}, [None, i64(5)], "6 elements", 1),
+        ("Reshape", [f32(2, 3), i64_vec(2)], {}, [None, i64(-1, -1)], "more than one -1", 1),
+        ("Reshape", [f32(2, 3), i64_vec(2)], {}, [None, i64(4, -1)], "cannot reshape", 1),
+        ("Transpose", [f32(2, 3)], {"perm": [0, 0]}, [], "not a permutation", 1),
+        ("Squeeze", [f32(2, 3), i64_vec(1)], {}, [None, i64(0)], "size 2", 1),
+        ("Unsqueeze", [f32(2, 3), i64_vec(2)], {}, [None, i64(0, 0)], "repeat", 1),
+        ("Split", [f32(7, 2), i64_vec(2)], {}, [None, i64(3, 3)], "sums to 6", 2),
+        ("Split", [f32(7, 2)], {}, [], "evenly", 2),
+        ("Slice", [f32(4), i64_vec(1), i64_vec(1), i64_vec(1), i64_vec(1)], {}, [None, i64(0), i64(2), i64(0), i64(0)], "non-zero", 1),
+        ("Conv", [f32(1, 4, 8, 8), f32(6, 3, 3, 3)], {}, [], "channels", 1),
+        ("Conv", [f32(1, 3, 2, 2), f32(6, 3, 3, 3)], {}, [], "does not fit", 1),
+        ("Gather", [f32(), SCALAR_I64], {}, [], "out of range", 1),
+        ("Expand", [f32(3), i64_vec(1)], {}, [None, i64(2)], "do not broadcast", 1),
+        ("Tile", [f32(3), i64_vec(2)], {}, [None, i64(2, 2)], "rank 1", 1),
+        ("Pad", [f32(3), i64_vec(2)], {}, [None, i64(-2, -2)], "remove more", 1),
+        ("TopK", [f32(3), i64_vec(1)], {}, [None, i64(4)], "exceeds", 1),
+        ("Einsum", [f32(2, 3), f32(4, 5)], {"equation": "ij,jk->ik"}, [], "label 'j'", 1),
+        ("Cast", [f32(3)], {}, [], "'to'", 1),
     ],
 )
 def test_inconsistent_inputs_raise(
-    op: str, types: list[TensorType], attrs: dict[str, Any], constants: list[Optional[np.ndarray]], message: str
+    op: str,
+    types: list[TensorType],
+    attrs: dict[str, Any],
+    constants: list[Optional[np.ndarray]],
+    message: str,
+    num_outputs: int,
 ) -> None:
     with pytest.raises(ValueError, match=op) as info:
-        infer(op, types, attrs, constants=constants)
+        infer(op, types, attrs, constants=constants, num_outputs=num_outputs)
     assert message in str(info.value)
 
 
@@ -562,7 +577,7 @@ def test_matmul_and_broadcast_match_numpy(a: list[int], b: list[int], batch: lis
     elif right:
         right = [left[-1]]
     try:
-        expected = np.matmul(np.empty(left), np.empty(right)).shape
+        expected = np.matmul(np.zeros(left), np.zeros(right)).shape
     except ValueError:
         with pytest.raises(ValueError, match="MatMul"):
             infer("MatMul", [f32(*left), f32(*right)])

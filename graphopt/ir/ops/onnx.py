@@ -10,9 +10,9 @@ shape. It raises ValueError, naming the op, only when the inputs are definitely
 inconsistent (static inner dims of a MatMul that differ, a Concat of different ranks, ...).
 Element-type agreement between inputs is not checked here: `same_dtype_inputs` states it.
 
-Variadic ops (Concat, Sum, Mean, Min, Max, Einsum) name "all inputs" as the dtype group
-`ALL_INPUTS`: the indices 0 .. VARIADIC_GROUP_LIMIT - 1 in ascending order. As for an
-omitted optional input, an index at or past a node's input count is simply not there.
+In `same_dtype_inputs`, an index past a node's inputs (an omitted optional input) is
+skipped, and the group `ALL_INPUTS` = (-1,) means every input of the node, for the variadic
+ops Concat, Sum, Mean, Min, Max and Einsum (graphopt.ir.verify reads it so).
 
 Symbolic values (see `graphopt.ir.schema`) are a tensor's flat row-major contents, so ops
 that only move data around (Identity, Reshape, Squeeze, Unsqueeze) pass them through; a 0-d
@@ -39,8 +39,7 @@ from graphopt.ir.schema import (
 )
 from graphopt.ir.types import Dim, Shape, TensorType, broadcast_shapes, format_dim, merge_dims
 
-VARIADIC_GROUP_LIMIT = 1024
-ALL_INPUTS: tuple[int, ...] = tuple(range(VARIADIC_GROUP_LIMIT))
+ALL_INPUTS: tuple[int, ...] = (-1,)
 
 # Slice ends at or past this reach the end of any axis (exporters write INT32_MAX or INT64_MAX).
 SLICE_TO_END = 2**31 - 1
