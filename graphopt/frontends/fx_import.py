@@ -46,7 +46,7 @@ def from_fx(module: Any, example_inputs: Optional[Sequence[Any]] = None, *, opse
         )
     with _quiet():
         try:
-            onnx_program = torch.onnx.export(program, dynamo=True, optimize=False, verbose=False, opset_version=opset)
+            onnx_program = torch.onnx.export(program, dynamo=True, optimize=True, verbose=False, opset_version=opset)
         except Exception as exc:
             raise UnsupportedOpError(f"from_fx: torch could not translate the graph to ONNX ops: {_first_line(exc)}") from exc
     graph = from_onnx(onnx_program.model_proto)
@@ -64,12 +64,13 @@ def _export_graph_module(gm: Any, example_inputs: list[Any]) -> tuple[Any, list[
             f"from_fx: the GraphModule has {len(placeholders)} placeholders but {len(example_inputs)} example inputs were given"
         )
     kinds, constants, sizes, tensors = _classify(placeholders, example_inputs)
+    gm = _inline_scalar_items(gm, constants)
     wrapper = _PlaceholderFeeder(gm, kinds, constants, sizes)
     real = [_real_example(example_inputs[i], placeholders[i]) for i in tensors]
     dynamic = tuple(_dynamic_dims(placeholders[i], example_inputs[i]) for i in tensors)
     with _quiet():
         try:
-            program = torch.export.export(wrapper, tuple(real), dynamic_shapes=dynamic if any(dynamic) else None, strict=False)
+            program = torch.export.export(wrapper, tuple(real), dynamic_shapes=(dynamic,) if any(dynamic) else None, strict=False)
         except Exception as exc:
             raise UnsupportedOpError(f"from_fx: torch.export could not trace the GraphModule: {_first_line(exc)}") from exc
     return program, kinds
@@ -82,18 +83,12 @@ def _classify(placeholders: list[Any], example_inputs: list[Any]) -> tuple[list[
     constants: dict[int, Any] = {}
     sizes: dict[int, tuple[int, int]] = {}
     tensors: list[int] = []
-    sources = {}
-    for index, node in enumerate(placeholders):
-        arg = node.meta.get("grapharg")
-        if arg is not None:
-            sources[_source_key(arg.source)] = index
     for index, (node, example) in enumerate(zip(placeholders, example_inputs)):
-        if isinstance(example, torch.nn.Parameter) or _is_param_source(node):
+        if isinstance(example, torch.nn.Parameter) or _is_module_state(node):
             kinds.append("constant")
-            constants[index] = example.detach()
-            continue
-        if isinstance(example, (torch.SymInt, int)) and not isinstance(example, bool):
-            owner = _size_owner(node, sources)
+            constants[index] = _concrete(example)
+        elif isinstance(example, (torch.SymInt, int)) and not isinstance(example, bool):
+            owner = _size_owner(node, placeholders)
             if owner is None:
                 raise UnsupportedOpError(
                     f"from_fx: placeholder '{node.name}' is an integer that is not a size of a tensor input; "
@@ -101,34 +96,71 @@ def _classify(placeholders: list[Any], example_inputs: list[Any]) -> tuple[list[
                 )
             kinds.append("size")
             sizes[index] = owner
-            continue
-        if not isinstance(example, torch.Tensor):
-            raise UnsupportedOpError(f"from_fx: placeholder '{node.name}' holds a {type(example).__name__}; graphopt imports tensor inputs only")
-        kinds.append("input")
-        tensors.append(index)
+        elif isinstance(example, torch.Tensor):
+            kinds.append("input")
+            tensors.append(index)
+        else:
+            raise UnsupportedOpError(
+                f"from_fx: placeholder '{node.name}' holds a {type(example).__name__}; graphopt imports tensor inputs only"
+            )
     return kinds, constants, sizes, tensors
 
 
-def _source_key(source: Any) -> str:
-    return source.name() if callable(getattr(source, "name", None)) else repr(source)
+def _inline_scalar_items(gm: Any, constants: dict[int, Any]) -> Any:
+    """A copy of `gm` where `.item()` of a 0-d constant (dynamo passes float module
+    attributes such as `eps` this way under dynamic=True) is replaced by its Python value,
+    so torch.export does not see a data-dependent scalar. `gm` itself is not changed."""
+    import copy
+
+    import torch
+    from torch.fx.node import map_aggregate
+
+    scalars = {i: v.item() for i, v in constants.items() if isinstance(v, torch.Tensor) and v.dim() == 0}
+    if not scalars:
+        return gm
+    graph = copy.deepcopy(gm.graph)
+    placeholders = [n for n in graph.nodes if n.op == "placeholder"]
+    for index, value in scalars.items():
+        for item in list(placeholders[index].users):
+            if item.op != "call_method" or item.target != "item":
+                continue
+            for user in list(item.users):
+                user.args = map_aggregate(user.args, lambda a: value if a is item else a)
+                user.kwargs = map_aggregate(user.kwargs, lambda a: value if a is item else a)
+            graph.erase_node(item)
+    return torch.fx.GraphModule(gm, graph)
 
 
-def _is_param_source(node: Any) -> bool:
-    arg = node.meta.get("grapharg")
-    if arg is None:
-        return False
-    text = _source_key(arg.source)
-    return "_parameters" in text or "_buffers" in text or "ParamBuffer" in type(arg.source).__name__
+def _is_module_state(node: Any) -> bool:
+    """True for placeholders dynamo lifted from module state or globals (weights, buffers,
+    float/int attributes such as eps), as opposed to arguments of the compiled call.
+    Dynamo names those placeholders after their source: L_self_... and G_..."""
+    return str(node.target).startswith(("L_self_", "G_"))
 
 
-def _size_owner(node: Any, sources: dict[str, int]) -> Optional[tuple[int, int]]:
-    arg = node.meta.get("grapharg")
-    source = getattr(arg, "source", None)
-    base, idx, prop = getattr(source, "base", None), getattr(source, "idx", None), getattr(source, "prop", None)
-    if base is None or idx is None or getattr(prop, "name", "") != "SIZE":
+def _concrete(example: Any) -> Any:
+    import torch
+
+    if isinstance(example, torch.SymInt):
+        return int(example.node.hint)
+    return example.detach() if isinstance(example, torch.Tensor) else example
+
+
+def _size_owner(node: Any, placeholders: list[Any]) -> Optional[tuple[int, int]]:
+    """(placeholder index, axis) of a tensor input whose size this SymInt placeholder is."""
+    import torch
+
+    symbol = node.meta.get("example_value")
+    if not isinstance(symbol, torch.SymInt):
         return None
-    owner = sources.get(_source_key(base))
-    return None if owner is None else (owner, int(idx))
+    for index, other in enumerate(placeholders):
+        shape = getattr(other.meta.get("example_value"), "shape", None)
+        if shape is None or _is_module_state(other):
+            continue
+        for axis, dim in enumerate(shape):
+            if isinstance(dim, torch.SymInt) and str(dim.node.expr) == str(symbol.node.expr):
+                return index, axis
+    return None
 
 
 def _real_example(example: Any, node: Any) -> Any:
@@ -148,7 +180,7 @@ def _dynamic_dims(node: Any, example: Any) -> Optional[dict[int, Any]]:
 
     fake = node.meta.get("example_value", node.meta.get("val", example))
     shape = getattr(fake, "shape", ())
-    dims = {axis: torch.export.Dim.DYNAMIC for axis, d in enumerate(shape) if isinstance(d, torch.SymInt)}
+    dims = {axis: torch.export.Dim.AUTO for axis, d in enumerate(shape) if isinstance(d, torch.SymInt)}
     return dims or None
 
 
@@ -163,8 +195,12 @@ class _PlaceholderFeeder:
             def __init__(self) -> None:
                 super().__init__()
                 self.gm = gm
-                for index, tensor in constants.items():
-                    self.register_buffer(f"const_{index}", tensor)
+                self.plain: dict[int, Any] = {}
+                for index, value in constants.items():
+                    if isinstance(value, torch.Tensor):
+                        self.register_buffer(f"const_{index}", value)
+                    else:
+                        self.plain[index] = value
 
             def forward(self, *tensors: Any) -> Any:
                 remaining = iter(tensors)
@@ -173,7 +209,7 @@ class _PlaceholderFeeder:
                     if kind == "input":
                         args.append(next(remaining))
                     elif kind == "constant":
-                        args.append(getattr(self, f"const_{index}"))
+                        args.append(self.plain[index] if index in self.plain else getattr(self, f"const_{index}"))
                     else:
                         args.append(None)
                 for index, (owner, axis) in sizes.items():

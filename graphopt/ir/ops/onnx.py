@@ -107,16 +107,17 @@ def _first_dtype(ctx: InferenceContext, indices: Sequence[int]) -> Optional[DTyp
     return None
 
 
-def _str_attr(ctx: InferenceContext, name: str, default: str) -> str:
-    value = ctx.attr(name, default)
-    return value.decode() if isinstance(value, bytes) else str(value)
-
-
 def _required_attr(ctx: InferenceContext, name: str) -> Any:
     value = ctx.attr(name)
     if value is None:
         raise _error(ctx, f"required attribute {name!r} is missing")
     return value
+
+
+def _str_attr(ctx: InferenceContext, name: str, default: Optional[str] = None) -> str:
+    """A string attribute (str or bytes); required when there is no default."""
+    value = _required_attr(ctx, name) if default is None else ctx.attr(name, default)
+    return value.decode() if isinstance(value, bytes) else str(value)
 
 
 def _dtype_attr(ctx: InferenceContext, name: str, default: Optional[int] = None) -> Optional[DType]:
@@ -293,6 +294,10 @@ def _infer_trilu(ctx: InferenceContext) -> list[TensorType]:
     return [ctx.input_type(0)]
 
 
+def _infer_dropout(ctx: InferenceContext) -> list[TensorType]:
+    return [ctx.input_type(0), TensorType(DType.BOOL, _shape(ctx, 0))][: ctx.num_outputs]
+
+
 def _binary_values(
     ctx: InferenceContext, fn: Callable[[Dim, Dim], Dim], int_only: bool = True
 ) -> Propagated:
@@ -451,7 +456,11 @@ for _name, _doc in _UNARY_OPS.items():
     _register(_name, _same_as_input, doc=_doc)
 
 _register("IsNaN", _to_bool, doc="Elementwise test for NaN; bool output.")
-_register("IsInf", _to_bool, doc="Elementwise test for +/-inf (`detect_positive`/`detect_negative`); bool output.")
+_register(
+    "IsInf",
+    _to_bool,
+    doc="Elementwise test for +/-inf (`detect_positive`/`detect_negative`); bool output.",
+)
 _register("Identity", _same_as_input, propagate=_passthrough, doc="Returns its input unchanged.")
 
 _ARITHMETIC_OPS: dict[str, tuple[str, Optional[Callable[[Dim, Dim], Dim]]]] = {
@@ -476,10 +485,17 @@ for _name, (_doc, _fn) in _ARITHMETIC_OPS.items():
     )
 
 _register(
-    "Pow", _broadcasting(dtype_from=(0,)), inputs=(2, 2), doc="Broadcasting elementwise power; result has the base's dtype."
+    "Pow",
+    _broadcasting(dtype_from=(0,)),
+    inputs=(2, 2),
+    doc="Broadcasting elementwise power; result has the base's dtype.",
 )
 _register(
-    "PRelu", _infer_prelu, inputs=(2, 2), same=((0, 1),), doc="Elementwise PReLU; `slope` broadcasts to X's shape."
+    "PRelu",
+    _infer_prelu,
+    inputs=(2, 2),
+    same=((0, 1),),
+    doc="Elementwise PReLU; `slope` broadcasts to X's shape.",
 )
 
 _COMPARISON_OPS = {
@@ -532,12 +548,13 @@ for _name, _doc in {
     "Hardmax": "One-hot of the first maximum along `axis`.",
 }.items():
     _register(_name, _infer_softmax, doc=_doc)
-_register("Trilu", _infer_trilu, inputs=(1, 2), doc="Upper or lower triangle of the last two dims, offset by k.")
+_register(
+    "Trilu",
+    _infer_trilu,
+    inputs=(1, 2),
+    doc="Upper or lower triangle of the last two dims, offset by k.",
+)
 _register("CumSum", _same_as_input, inputs=(2, 2), doc="Cumulative sum along the axis given as input 1.")
-def _infer_dropout(ctx: InferenceContext) -> list[TensorType]:
-    return [ctx.input_type(0), TensorType(DType.BOOL, _shape(ctx, 0))][: ctx.num_outputs]
-
-
 _register(
     "Dropout",
     _infer_dropout,
@@ -616,7 +633,7 @@ def _einsum_term(ctx: InferenceContext, term: str, shape: Shape) -> tuple[list[t
 
 
 def _infer_einsum(ctx: InferenceContext) -> list[TensorType]:
-    equation = _str_attr(ctx, "equation", _required_attr(ctx, "equation")).replace(" ", "")
+    equation = _str_attr(ctx, "equation").replace(" ", "")
     lhs, arrow, rhs = equation.partition("->")
     terms = lhs.split(",")
     if len(terms) != ctx.num_inputs:
@@ -650,7 +667,11 @@ def _infer_einsum(ctx: InferenceContext) -> list[TensorType]:
 
 
 _register(
-    "MatMul", _infer_matmul, inputs=(2, 2), same=((0, 1),), doc="numpy.matmul: batched matrix product with broadcasting."
+    "MatMul",
+    _infer_matmul,
+    inputs=(2, 2),
+    same=((0, 1),),
+    doc="numpy.matmul: batched matrix product with broadcasting.",
 )
 _register(
     "MatMulInteger",
@@ -660,9 +681,19 @@ _register(
     doc="Integer matmul with optional zero points; int32 output.",
 )
 _register(
-    "Gemm", _infer_gemm, inputs=(2, 3), same=((0, 1, 2),), doc="alpha * op(A) @ op(B) + beta * C for 2-D A and B."
+    "Gemm",
+    _infer_gemm,
+    inputs=(2, 3),
+    same=((0, 1, 2),),
+    doc="alpha * op(A) @ op(B) + beta * C for 2-D A and B.",
 )
-_register("Einsum", _infer_einsum, inputs=(1, 2**31), same=(ALL_INPUTS,), doc="Einstein summation by `equation`.")
+_register(
+    "Einsum",
+    _infer_einsum,
+    inputs=(1, 2**31),
+    same=(ALL_INPUTS,),
+    doc="Einstein summation by `equation`.",
+)
 
 
 # --------------------------------------------------------------------------------------
@@ -671,9 +702,15 @@ _register("Einsum", _infer_einsum, inputs=(1, 2**31), same=(ALL_INPUTS,), doc="E
 
 
 def _window_dims(
-    ctx: InferenceContext, spatial: Sequence[Dim], kernel: Sequence[Dim], ceil_mode: bool = False
+    ctx: InferenceContext, spatial: Sequence[Dim], kernel: Sequence[Dim], pooling: bool = False
 ) -> list[Dim]:
-    """Output spatial dims of a sliding-window op (strides, dilations, pads, auto_pad)."""
+    """Output spatial dims of a sliding-window op (strides, dilations, pads, auto_pad, and
+    ceil_mode for pooling).
+
+    A convolution window that does not fit the padded input is an error; for pooling the
+    dim is left unknown, as onnxruntime accepts some such pools (auto_pad=VALID).
+    """
+    ceil_mode = pooling and bool(ctx.attr("ceil_mode", 0))
     n = len(spatial)
     strides = _ints_attr(ctx, "strides") or (1,) * n
     dilations = _ints_attr(ctx, "dilations") or (1,) * n
@@ -698,6 +735,9 @@ def _window_dims(
             out.append(size if stride == 1 and total == span - 1 else None)
             continue
         room = size + total - span
+        if room < 0 and pooling:
+            out.append(None)
+            continue
         if room < 0:
             raise _error(ctx, f"window of {span} does not fit spatial dim {size} with pads {total}")
         count = (-(-room // stride) if ceil_mode else room // stride) + 1
@@ -746,7 +786,7 @@ def _infer_pool(ctx: InferenceContext) -> list[TensorType]:
         kernel = _ints_attr(ctx, "kernel_shape")
         if kernel is None:
             raise _error(ctx, "kernel_shape is required")
-        shape = (x[0], x[1], *_window_dims(ctx, x[2:], kernel, bool(ctx.attr("ceil_mode", 0))))
+        shape = (x[0], x[1], *_window_dims(ctx, x[2:], kernel, pooling=True))
     return [TensorType(_dtype(ctx, 0), shape), TensorType(DType.INT64, shape)][: ctx.num_outputs]
 
 
@@ -757,8 +797,19 @@ def _infer_global_pool(ctx: InferenceContext) -> list[TensorType]:
     return [TensorType(_dtype(ctx, 0), shape)]
 
 
-_register("Conv", _infer_conv, inputs=(2, 3), same=((0, 1, 2),), doc="N-d convolution with groups, strides, dilations, pads.")
-_register("MaxPool", _infer_pool, outputs=(1, 2), doc="N-d max pooling with an optional int64 Indices output.")
+_register(
+    "Conv",
+    _infer_conv,
+    inputs=(2, 3),
+    same=((0, 1, 2),),
+    doc="N-d convolution with groups, strides, dilations, pads.",
+)
+_register(
+    "MaxPool",
+    _infer_pool,
+    outputs=(1, 2),
+    doc="N-d max pooling with an optional int64 Indices output.",
+)
 _register("AveragePool", _infer_pool, doc="N-d average pooling.")
 _register("LpPool", _infer_pool, doc="N-d Lp-norm pooling.")
 _register("GlobalAveragePool", _infer_global_pool, doc="Mean over all spatial dims, kept as 1s.")
@@ -950,11 +1001,27 @@ def _infer_split(ctx: InferenceContext) -> list[TensorType]:
     return [TensorType(dtype, shape[:axis] + (size,) + shape[axis + 1 :]) for size in sizes]
 
 
+def _slice_range(dim: int, start: int, end: int, step: int) -> range:
+    """The indices a Slice takes from an axis of size `dim` (step != 0).
+
+    ONNX adds `dim` to negative starts and ends, then clamps starts into [0, dim] and ends
+    into [0, dim] when stepping forward, [0, dim - 1] and [-1, dim - 1] when stepping back.
+    (A Python slice differs: it empties a backward slice that starts before -dim.)
+    """
+    if dim == 0:
+        return range(0)
+    start += dim if start < 0 else 0
+    end += dim if end < 0 else 0
+    if step > 0:
+        return range(min(max(start, 0), dim), min(max(end, 0), dim), step)
+    return range(min(max(start, 0), dim - 1), min(max(end, -1), dim - 1), step)
+
+
 def _slice_dim(ctx: InferenceContext, dim: Dim, start: Dim, end: Dim, step: int) -> Dim:
     if step == 0:
         raise _error(ctx, "steps must be non-zero")
     if isinstance(dim, int) and isinstance(start, int) and isinstance(end, int):
-        return len(range(*slice(start, end, step).indices(dim)))
+        return len(_slice_range(dim, start, end, step))
     whole = (step == 1 and start == 0 and (end == dim or (isinstance(end, int) and end >= SLICE_TO_END))) or (
         step == -1 and start == -1 and isinstance(end, int) and end <= -SLICE_TO_END
     )
@@ -1001,13 +1068,15 @@ def _infer_expand(ctx: InferenceContext) -> list[TensorType]:
 
 def _infer_tile(ctx: InferenceContext) -> list[TensorType]:
     dtype, shape = _dtype(ctx, 0), _shape(ctx, 0)
-    repeats = _static(ctx.input_symbolic(1))
+    repeats = ctx.input_symbolic(1)
     if shape is None:
         return [TensorType(dtype, None)]
     if repeats is None:
         return [TensorType(dtype, (None,) * len(shape))]
     if len(repeats) != len(shape):
-        raise _error(ctx, f"repeats {list(repeats)} do not match rank {len(shape)}")
+        raise _error(ctx, f"repeats {_fmt(repeats)} do not match rank {len(shape)}")
+    if any(isinstance(r, int) and r < 0 for r in repeats):
+        raise _error(ctx, f"repeats {_fmt(repeats)} has a negative count")
     return [TensorType(dtype, tuple(_product((d, r)) for d, r in zip(shape, repeats)))]
 
 
@@ -1042,7 +1111,9 @@ def _infer_pad(ctx: InferenceContext) -> list[TensorType]:
 
 def _propagate_gather(ctx: InferenceContext) -> Propagated:
     data, indices = ctx.input_symbolic(0), _static(ctx.input_symbolic(1))
-    if data is None or indices is None or ctx.input_type(0).rank != 1 or int(ctx.attr("axis", 0)) not in (0, -1):
+    if data is None or indices is None or ctx.input_type(0).rank != 1:
+        return [None]
+    if int(ctx.attr("axis", 0)) not in (0, -1):
         return [None]
     if not all(-len(data) <= i < len(data) for i in indices):
         return [None]
@@ -1062,8 +1133,7 @@ def _propagate_slice(ctx: InferenceContext) -> Propagated:
         return [None]
     if steps[0] == 0:
         return [None]
-    # ONNX clamps starts and ends exactly as a Python slice does
-    return [data[starts[0] : ends[0] : steps[0]]]
+    return [tuple(data[i] for i in _slice_range(len(data), starts[0], ends[0], steps[0]))]
 
 
 def _propagate_concat(ctx: InferenceContext) -> Propagated:
@@ -1071,7 +1141,9 @@ def _propagate_concat(ctx: InferenceContext) -> Propagated:
     axis = int(ctx.attr("axis", 0))
     if axis < 0:
         ranks = {ctx.input_type(i).rank for i in range(ctx.num_inputs)} - {None}
-        axis += ranks.pop() if len(ranks) == 1 else 0
+        if len(ranks) != 1:
+            return [None]
+        axis += ranks.pop()
     # only a concat along the first axis joins flat contents end to end
     if axis != 0 or any(p is None for p in parts):
         return [None]
@@ -1199,6 +1271,8 @@ def _infer_topk(ctx: InferenceContext) -> list[TensorType]:
     else:
         axis = _axis(ctx, int(ctx.attr("axis", -1)), len(shape))
         k = _scalar(ctx, 1)
+        if isinstance(k, int) and k < 0:
+            raise _error(ctx, f"k {k} is negative")
         if isinstance(k, int) and isinstance(shape[axis], int) and k > shape[axis]:  # type: ignore[operator]
             raise _error(ctx, f"k {k} exceeds dim {shape[axis]}")
         k_dim: Dim = k if isinstance(k, (int, str)) else None
@@ -1206,10 +1280,32 @@ def _infer_topk(ctx: InferenceContext) -> list[TensorType]:
     return [TensorType(_dtype(ctx, 0), out), TensorType(DType.INT64, out)]
 
 
-_register("Gather", _infer_gather, inputs=(2, 2), propagate=_propagate_gather, doc="Takes entries along `axis` by index tensor.")
-_register("GatherElements", _infer_gather_elements, inputs=(2, 2), doc="Per-element gather along `axis`; output has indices' shape.")
-_register("GatherND", _infer_gather_nd, inputs=(2, 2), doc="Gathers slices by index tuples in the last indices dim.")
-_register("ScatterND", _same_as_input, inputs=(3, 3), same=((0, 2),), doc="Writes updates into a copy of data at index tuples.")
+_register(
+    "Gather",
+    _infer_gather,
+    inputs=(2, 2),
+    propagate=_propagate_gather,
+    doc="Takes entries along `axis` by index tensor.",
+)
+_register(
+    "GatherElements",
+    _infer_gather_elements,
+    inputs=(2, 2),
+    doc="Per-element gather along `axis`; output has indices' shape.",
+)
+_register(
+    "GatherND",
+    _infer_gather_nd,
+    inputs=(2, 2),
+    doc="Gathers slices by index tuples in the last indices dim.",
+)
+_register(
+    "ScatterND",
+    _same_as_input,
+    inputs=(3, 3),
+    same=((0, 2),),
+    doc="Writes updates into a copy of data at index tuples.",
+)
 _register(
     "ScatterElements",
     _same_as_input,
@@ -1217,9 +1313,20 @@ _register(
     same=((0, 2),),
     doc="Writes updates into a copy of data per element along `axis`.",
 )
-_register("OneHot", _infer_onehot, inputs=(3, 3), doc="One-hot encoding with `depth` classes inserted at `axis`.")
+_register(
+    "OneHot",
+    _infer_onehot,
+    inputs=(3, 3),
+    doc="One-hot encoding with `depth` classes inserted at `axis`.",
+)
 _register("NonZero", _infer_nonzero, doc="Indices of non-zero elements as an int64 [rank, count] tensor.")
-_register("TopK", _infer_topk, inputs=(2, 2), outputs=(2, 2), doc="The k largest (or smallest) values along `axis` and their int64 indices.")
+_register(
+    "TopK",
+    _infer_topk,
+    inputs=(2, 2),
+    outputs=(2, 2),
+    doc="The k largest (or smallest) values along `axis` and their int64 indices.",
+)
 
 
 # --------------------------------------------------------------------------------------
@@ -1325,13 +1432,10 @@ def _propagate_constant(ctx: InferenceContext) -> Propagated:
 
 def _infer_range(ctx: InferenceContext) -> list[TensorType]:
     dtype = _first_dtype(ctx, (0, 1, 2))
-    for index in range(3):
-        shape = _shape(ctx, index)
-        if shape is not None and len(shape) != 0:
-            raise _error(ctx, f"input {index} must be a scalar, got {_fmt(shape)}")
+    # inputs are scalars in the spec; onnxruntime also takes one-element vectors
     start, limit, delta = (_scalar(ctx, i) for i in range(3))
     length: Dim = None
-    if isinstance(start, (int, float)) and isinstance(limit, (int, float)) and isinstance(delta, (int, float)):
+    if all(isinstance(v, (int, float)) for v in (start, limit, delta)):
         if delta == 0:
             raise _error(ctx, "delta is 0")
         length = max(math.ceil((limit - start) / delta), 0)
@@ -1343,7 +1447,10 @@ def _infer_range(ctx: InferenceContext) -> list[TensorType]:
 _register("Cast", _infer_cast, propagate=_propagate_cast, doc="Converts elements to dtype `to`.")
 _register("CastLike", _infer_castlike, inputs=(2, 2), doc="Converts elements to the dtype of input 1.")
 _register(
-    "Shape", _infer_shape, propagate=_propagate_shape, doc="The input's shape as int64, dims [start, end) (opset 15)."
+    "Shape",
+    _infer_shape,
+    propagate=_propagate_shape,
+    doc="The input's shape as int64, dims [start, end) (opset 15).",
 )
 _register(
     "Size", _infer_size, propagate=_propagate_size, doc="The input's element count as an int64 scalar."
@@ -1361,7 +1468,13 @@ _register(
     propagate=_propagate_constant,
     doc="A constant from `value`, `value_int(s)`, `value_float(s)` or `value_string(s)`.",
 )
-_register("Range", _infer_range, inputs=(3, 3), same=((0, 1, 2),), doc="1-D sequence start, start+delta, ... before limit.")
+_register(
+    "Range",
+    _infer_range,
+    inputs=(3, 3),
+    same=((0, 1, 2),),
+    doc="1-D sequence start, start+delta, ... before limit.",
+)
 
 
 # --------------------------------------------------------------------------------------
@@ -1398,19 +1511,20 @@ def _infer_arg_reduce(ctx: InferenceContext) -> list[TensorType]:
     return [TensorType(DType.INT64, shape[:axis] + shape[axis + 1 :])]
 
 
-for _name, _doc in {
-    "ReduceMean": "Mean over `axes`.",
-    "ReduceSum": "Sum over `axes` (an input since opset 13).",
-    "ReduceMax": "Maximum over `axes`.",
-    "ReduceMin": "Minimum over `axes`.",
-    "ReduceProd": "Product over `axes`.",
-    "ReduceL1": "Sum of absolute values over `axes`.",
-    "ReduceL2": "Euclidean norm over `axes`.",
-    "ReduceSumSquare": "Sum of squares over `axes`.",
-    "ReduceLogSum": "Log of the sum over `axes`.",
-    "ReduceLogSumExp": "Log of the sum of exponentials over `axes`.",
+for _name, _what in {
+    "ReduceMean": "Mean",
+    "ReduceSum": "Sum",
+    "ReduceMax": "Maximum",
+    "ReduceMin": "Minimum",
+    "ReduceProd": "Product",
+    "ReduceL1": "Sum of absolute values",
+    "ReduceL2": "Euclidean norm",
+    "ReduceSumSquare": "Sum of squares",
+    "ReduceLogSum": "Log of the sum",
+    "ReduceLogSumExp": "Log of the sum of exponentials",
 }.items():
-    _register(_name, _infer_reduce, inputs=(1, 2), doc=_doc + " Axes are an input since opset 18 unless noted.")
+    _since = 13 if _name == "ReduceSum" else 18
+    _register(_name, _infer_reduce, inputs=(1, 2), doc=f"{_what} over `axes` (an input since opset {_since}).")
 _register("ArgMax", _infer_arg_reduce, doc="int64 index of the maximum along `axis`.")
 _register("ArgMin", _infer_arg_reduce, doc="int64 index of the minimum along `axis`.")
 
@@ -1459,7 +1573,11 @@ _register(
     doc="Per-channel normalization with running statistics (optional outputs in training mode).",
 )
 _register(
-    "InstanceNormalization", _same_as_input, inputs=(3, 3), same=((0, 1, 2),), doc="Per-instance, per-channel normalization."
+    "InstanceNormalization",
+    _same_as_input,
+    inputs=(3, 3),
+    same=((0, 1, 2),),
+    doc="Per-instance, per-channel normalization.",
 )
 _register(
     "GroupNormalization",
@@ -1469,7 +1587,11 @@ _register(
     doc="Normalization over channel groups (`num_groups`).",
 )
 _register("LpNormalization", _same_as_input, doc="Lp-normalizes along `axis`.")
-_register("MeanVarianceNormalization", _same_as_input, doc="Zero-mean, unit-variance normalization over `axes`.")
+_register(
+    "MeanVarianceNormalization",
+    _same_as_input,
+    doc="Zero-mean, unit-variance normalization over `axes`.",
+)
 
 
 # --------------------------------------------------------------------------------------
@@ -1546,12 +1668,35 @@ def _infer_multinomial(ctx: InferenceContext) -> list[TensorType]:
 
 
 _register(
-    "RandomNormalLike", _infer_random_like, pure=False, doc="Normal samples shaped like the input (`dtype` or the input's)."
+    "RandomNormalLike",
+    _infer_random_like,
+    pure=False,
+    doc="Normal samples shaped like the input (`dtype` or the input's).",
 )
 _register(
-    "RandomUniformLike", _infer_random_like, pure=False, doc="Uniform samples shaped like the input (`dtype` or the input's)."
+    "RandomUniformLike",
+    _infer_random_like,
+    pure=False,
+    doc="Uniform samples shaped like the input (`dtype` or the input's).",
 )
-_register("RandomNormal", _infer_random, inputs=(0, 0), pure=False, doc="Normal samples of attribute `shape`.")
-_register("RandomUniform", _infer_random, inputs=(0, 0), pure=False, doc="Uniform samples of attribute `shape`.")
+_register(
+    "RandomNormal",
+    _infer_random,
+    inputs=(0, 0),
+    pure=False,
+    doc="Normal samples of attribute `shape`.",
+)
+_register(
+    "RandomUniform",
+    _infer_random,
+    inputs=(0, 0),
+    pure=False,
+    doc="Uniform samples of attribute `shape`.",
+)
 _register("Bernoulli", _infer_random_like, pure=False, doc="0/1 samples with the input's probabilities.")
-_register("Multinomial", _infer_multinomial, pure=False, doc="Class samples per batch row from unnormalized log-probabilities.")
+_register(
+    "Multinomial",
+    _infer_multinomial,
+    pure=False,
+    doc="Class samples per batch row from unnormalized log-probabilities.",
+)
