@@ -140,20 +140,17 @@ class _AudioModel(_TensorOutputs):
         return self._call(input_features=input_features)
 
 
+def _standard(config_class: type, **extra: object) -> transformers.PretrainedConfig:
+    """A config with the zoo's vocabulary, width, depth and head count, plus `extra`."""
+    return config_class(
+        vocab_size=VOCAB, hidden_size=HIDDEN, num_hidden_layers=LAYERS, num_attention_heads=HEADS, **extra
+    )
+
+
 _ENCODER_CONFIGS: dict[str, Callable[[], transformers.PretrainedConfig]] = {
-    "bert": lambda: transformers.BertConfig(
-        vocab_size=VOCAB,
-        hidden_size=HIDDEN,
-        num_hidden_layers=LAYERS,
-        num_attention_heads=HEADS,
-        intermediate_size=FFN,
-        max_position_embeddings=MAX_POSITIONS,
-    ),
-    "roberta": lambda: transformers.RobertaConfig(
-        vocab_size=VOCAB,
-        hidden_size=HIDDEN,
-        num_hidden_layers=LAYERS,
-        num_attention_heads=HEADS,
+    "bert": lambda: _standard(transformers.BertConfig, intermediate_size=FFN, max_position_embeddings=MAX_POSITIONS),
+    "roberta": lambda: _standard(
+        transformers.RobertaConfig,
         intermediate_size=FFN,
         max_position_embeddings=MAX_POSITIONS + 2,
         type_vocab_size=1,
@@ -184,28 +181,15 @@ _ENCODER_CONFIGS: dict[str, Callable[[], transformers.PretrainedConfig]] = {
         intermediate_size=FFN,
         max_position_embeddings=MAX_POSITIONS,
     ),
-    "xlm-roberta": lambda: transformers.XLMRobertaConfig(
-        vocab_size=VOCAB,
-        hidden_size=HIDDEN,
-        num_hidden_layers=LAYERS,
-        num_attention_heads=HEADS,
+    "xlm-roberta": lambda: _standard(
+        transformers.XLMRobertaConfig,
         intermediate_size=FFN,
         max_position_embeddings=MAX_POSITIONS + 2,
         type_vocab_size=1,
     ),
-    "mpnet": lambda: transformers.MPNetConfig(
-        vocab_size=VOCAB,
-        hidden_size=HIDDEN,
-        num_hidden_layers=LAYERS,
-        num_attention_heads=HEADS,
-        intermediate_size=FFN,
-        max_position_embeddings=MAX_POSITIONS + 2,
-    ),
-    "deberta-v2": lambda: transformers.DebertaV2Config(
-        vocab_size=VOCAB,
-        hidden_size=HIDDEN,
-        num_hidden_layers=LAYERS,
-        num_attention_heads=HEADS,
+    "mpnet": lambda: _standard(transformers.MPNetConfig, intermediate_size=FFN, max_position_embeddings=MAX_POSITIONS + 2),
+    "deberta-v2": lambda: _standard(
+        transformers.DebertaV2Config,
         intermediate_size=FFN,
         max_position_embeddings=MAX_POSITIONS,
         type_vocab_size=0,
@@ -248,47 +232,32 @@ _DECODER_CONFIGS: dict[str, Callable[[], transformers.PretrainedConfig]] = {
         attention_types=[[["global", "local"], LAYERS // 2]],
         window_size=4,
     ),
-    "opt": lambda: transformers.OPTConfig(
-        vocab_size=VOCAB,
-        hidden_size=HIDDEN,
-        num_hidden_layers=LAYERS,
-        num_attention_heads=HEADS,
+    "opt": lambda: _standard(
+        transformers.OPTConfig,
         ffn_dim=FFN,
         word_embed_proj_dim=HIDDEN,
         max_position_embeddings=MAX_POSITIONS,
     ),
-    "llama": lambda: transformers.LlamaConfig(
-        vocab_size=VOCAB,
-        hidden_size=HIDDEN,
-        num_hidden_layers=LAYERS,
-        num_attention_heads=HEADS,
+    "llama": lambda: _standard(
+        transformers.LlamaConfig,
         num_key_value_heads=KV_HEADS,
         intermediate_size=FFN,
         max_position_embeddings=MAX_POSITIONS,
     ),
-    "mistral": lambda: transformers.MistralConfig(
-        vocab_size=VOCAB,
-        hidden_size=HIDDEN,
-        num_hidden_layers=LAYERS,
-        num_attention_heads=HEADS,
+    "mistral": lambda: _standard(
+        transformers.MistralConfig,
         num_key_value_heads=KV_HEADS,
         intermediate_size=FFN,
         max_position_embeddings=MAX_POSITIONS,
     ),
-    "qwen2": lambda: transformers.Qwen2Config(
-        vocab_size=VOCAB,
-        hidden_size=HIDDEN,
-        num_hidden_layers=LAYERS,
-        num_attention_heads=HEADS,
+    "qwen2": lambda: _standard(
+        transformers.Qwen2Config,
         num_key_value_heads=KV_HEADS,
         intermediate_size=FFN,
         max_position_embeddings=MAX_POSITIONS,
     ),
-    "phi": lambda: transformers.PhiConfig(
-        vocab_size=VOCAB,
-        hidden_size=HIDDEN,
-        num_hidden_layers=LAYERS,
-        num_attention_heads=HEADS,
+    "phi": lambda: _standard(
+        transformers.PhiConfig,
         intermediate_size=FFN,
         max_position_embeddings=MAX_POSITIONS,
         partial_rotary_factor=0.5,

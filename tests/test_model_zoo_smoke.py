@@ -20,27 +20,10 @@ from model_zoo import ARCHITECTURES, ZooModel, build, export_onnx, minilm, minil
 
 ATOL = 1e-4
 
-REQUIRED = {
-    "bert",
-    "roberta",
-    "distilbert",
-    "electra",
-    "albert",
-    "xlm-roberta",
-    "mpnet",
-    "deberta-v2",
-    "gpt2",
-    "gpt-neo",
-    "opt",
-    "llama",
-    "mistral",
-    "qwen2",
-    "phi",
-    "bloom",
-    "vit",
-    "t5-encoder",
-    "whisper-encoder",
-}
+REQUIRED = set(
+    "bert roberta distilbert electra albert xlm-roberta mpnet deberta-v2 gpt2 gpt-neo opt llama "
+    "mistral qwen2 phi bloom vit t5-encoder whisper-encoder".split()
+)
 TOKEN_MODELS = [name for name in ARCHITECTURES if name not in {"vit", "whisper-encoder"}]
 
 needs_minilm = pytest.mark.skipif(

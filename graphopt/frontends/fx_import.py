@@ -222,7 +222,7 @@ class _PlaceholderFeeder:
 @contextlib.contextmanager
 def _quiet():
     """Silence torch's exporter chatter (warnings and log lines) for one call."""
-    loggers = [logging.getLogger(name) for name in ("torch.onnx", "torch.export", "torch._dynamo", "torch.fx")]
+    loggers = [logging.getLogger(name) for name in ("torch.onnx", "torch.export", "torch._dynamo", "torch.fx", "onnxscript", "onnx_ir")]
     levels = [logger.level for logger in loggers]
     for logger in loggers:
         logger.setLevel(logging.ERROR)
