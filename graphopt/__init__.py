@@ -18,6 +18,8 @@ from graphopt.errors import (
     VerificationError,
 )
 from graphopt.ir import DType, Graph, Node, TensorType, Value, verify
+from graphopt.pass_base import Pass, PassContext, PassResult, PipelineError
+from graphopt.registry import get_pass, register_pass, registered_passes
 
 if TYPE_CHECKING:
     import onnx
@@ -26,9 +28,10 @@ if TYPE_CHECKING:
 __version__ = "0.1.0"
 
 __all__ = [
-    "DType", "ExportError", "Graph", "GraphError", "GraphoptError", "ModelLoadError", "Node",
-    "TensorType", "UnsupportedOpError", "Value", "VerificationError", "__version__", "from_fx",
-    "from_onnx", "verify",
+    "DType", "ExportError", "Graph", "GraphError", "GraphoptError", "ModelLoadError", "Node", "Pass",
+    "PassContext", "PassResult", "PipelineError", "TensorType", "UnsupportedOpError", "Value",
+    "VerificationError", "__version__", "from_fx", "from_onnx", "get_pass", "optimize",
+    "register_pass", "registered_passes", "verify",
 ]
 
 
@@ -48,3 +51,10 @@ def from_fx(graph_module: "torch.fx.GraphModule | torch.export.ExportedProgram",
     from graphopt.frontends.fx_import import from_fx as _from_fx
 
     return _from_fx(graph_module, example_inputs)
+
+
+def optimize(model: Any, pipeline: Any = "cleanup", **options: Any) -> Graph:
+    """Run a pass pipeline over a Graph, an .onnx path or a ModelProto; see `graphopt.api.optimize`."""
+    from graphopt.api import optimize as _optimize
+
+    return _optimize(model, pipeline, **options)

@@ -1,0 +1,87 @@
+"""Running an IR graph to compare outputs: sample inputs and an ONNX Runtime executor.
+
+Used by the pass manager's check mode and by `graphopt optimize --check`. Symbolic dims get
+one size per symbol (so "batch" is the same everywhere); integer inputs get small values
+(0 or 1: valid token ids, masks and positions for any vocabulary).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Optional, Sequence
+
+import numpy as np
+
+from graphopt.errors import GraphoptError
+from graphopt.ir.graph import Graph
+
+DEFAULT_SYMBOL_SIZE = 2
+SEQUENCE_SYMBOL_SIZE = 8
+
+
+class CheckError(GraphoptError):
+    """Outputs changed beyond tolerance; the message names the pass responsible."""
+
+
+def sample_inputs(graph: Graph, seed: int = 0, sizes: Optional[dict[str, int]] = None) -> dict[str, np.ndarray]:
+    """Deterministic random inputs matching the graph's input types."""
+    rng = np.random.default_rng(seed)
+    chosen = dict(sizes or {})
+    feeds = {}
+    for value in graph.inputs:
+        if value.dtype is None or value.shape is None:
+            raise GraphoptError(f"input %{value.name} has no known type/shape; pass inputs explicitly")
+        shape = []
+        for dim in value.shape:
+            if isinstance(dim, int):
+                shape.append(dim)
+            else:
+                key = dim or f"?{value.name}"
+                if key not in chosen:
+                    chosen[key] = SEQUENCE_SYMBOL_SIZE if "seq" in str(key).lower() or str(key).endswith("1") else DEFAULT_SYMBOL_SIZE
+                shape.append(chosen[key])
+        dtype = value.dtype.to_numpy()
+        if value.dtype.is_float:
+            feeds[value.name] = rng.standard_normal(shape).astype(dtype)
+        elif value.dtype.name == "BOOL":
+            feeds[value.name] = np.ones(shape, dtype=bool)
+        else:
+            feeds[value.name] = rng.integers(0, 2, size=shape).astype(dtype)
+    return feeds
+
+
+def run_graph(graph: Graph, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+    """Outputs of `graph` on `feeds`, computed by ONNX Runtime on CPU."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    try:
+        session = ort.InferenceSession(graph.to_onnx().SerializeToString(), options, providers=["CPUExecutionProvider"])
+        wanted = {i.name for i in session.get_inputs()}
+        return session.run(None, {k: v for k, v in feeds.items() if k in wanted})
+    except Exception as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise GraphoptError(f"ONNX Runtime could not run graph '{graph.name}': {first}") from None
+
+
+def max_abs_error(expected: Sequence[Any], actual: Sequence[Any]) -> float:
+    """Largest absolute difference over paired outputs (inf if shapes or counts differ)."""
+    if len(expected) != len(actual):
+        return float("inf")
+    worst = 0.0
+    for a, b in zip(expected, actual):
+        a, b = np.asarray(a), np.asarray(b)
+        if a.shape != b.shape:
+            return float("inf")
+        if a.size == 0:
+            continue
+        if a.dtype.kind in "fc" or b.dtype.kind in "fc":
+            diff = np.abs(a.astype(np.float64) - b.astype(np.float64))
+            nan_mismatch = np.isnan(a.astype(np.float64)) != np.isnan(b.astype(np.float64))
+            if nan_mismatch.any():
+                return float("inf")
+            worst = max(worst, float(np.nanmax(diff)) if diff.size else 0.0)
+        elif not np.array_equal(a, b):
+            return float("inf")
+    return worst
