@@ -37,7 +37,7 @@ def sample_inputs(graph: Graph, seed: int = 0, sizes: Optional[dict[str, int]] =
             else:
                 key = dim or f"?{value.name}"
                 if key not in chosen:
-                    chosen[key] = SEQUENCE_SYMBOL_SIZE if "seq" in str(key).lower() or str(key).endswith("1") else DEFAULT_SYMBOL_SIZE
+                    chosen[key] = SEQUENCE_SYMBOL_SIZE if "seq" in str(key).lower() else DEFAULT_SYMBOL_SIZE
                 shape.append(chosen[key])
         dtype = value.dtype.to_numpy()
         if value.dtype.is_float:
