@@ -13,6 +13,7 @@ import numpy as np
 
 from graphopt.errors import GraphoptError
 from graphopt.ir.graph import Graph
+from graphopt.ir.schema import GRAPHOPT_DOMAIN
 
 DEFAULT_SYMBOL_SIZE = 2
 SEQUENCE_SYMBOL_SIZE = 8
@@ -50,7 +51,10 @@ def sample_inputs(graph: Graph, seed: int = 0, sizes: Optional[dict[str, int]] =
 
 
 def run_graph(graph: Graph, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
-    """Outputs of `graph` on `feeds`, computed by ONNX Runtime on CPU."""
+    """Outputs of `graph` on `feeds`, computed by ONNX Runtime on CPU, or by the graph's
+    torch.fx form when it holds graphopt's own ops (which ONNX Runtime does not know)."""
+    if any(node.domain == GRAPHOPT_DOMAIN for node in graph.nodes):
+        return _run_fx(graph, feeds)
     import onnxruntime as ort
 
     options = ort.SessionOptions()
@@ -63,6 +67,15 @@ def run_graph(graph: Graph, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
     except Exception as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise GraphoptError(f"ONNX Runtime could not run graph '{graph.name}': {first}") from None
+
+
+def _run_fx(graph: Graph, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+    import torch
+
+    module = graph.to_fx()
+    with torch.no_grad():
+        outputs = module(*[torch.from_numpy(np.asarray(feeds[v.name])) for v in graph.inputs])
+    return [out.detach().numpy() for out in outputs]
 
 
 def max_abs_error(expected: Sequence[Any], actual: Sequence[Any]) -> float:

@@ -111,7 +111,10 @@ def _model(graph: Graph, initializer: Any) -> Any:
         [_node_proto(node) for node in graph.nodes], graph.name, inputs, outputs,
         initializer=initializers, doc_string=meta.get("graph_doc_string") or None, value_info=value_info,
     )
-    opsets = [helper.make_opsetid(domain, version) for domain, version in sorted(graph.opset_imports.items())]
+    versions = dict(graph.opset_imports)
+    for node in graph.nodes:
+        versions.setdefault(node.domain, 1)
+    opsets = [helper.make_opsetid(domain, version) for domain, version in sorted(versions.items())]
     model = helper.make_model(onnx_graph, opset_imports=opsets)
     model.ir_version = meta.get("ir_version") or helper.find_min_ir_version_for(opsets, ignore_unknown=True)
     for key in ("producer_name", "producer_version", "domain", "doc_string"):

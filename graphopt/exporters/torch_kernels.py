@@ -33,6 +33,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from graphopt.exporters.graphopt_kernels import GRAPHOPT_KERNELS
+
 _IntsLike = Tensor | Sequence[int] | int | None
 
 _ONNX_DTYPES: dict[int, torch.dtype] = {
@@ -1041,6 +1043,7 @@ def onnx_DynamicQuantizeLinear(x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
 TORCH_KERNELS: dict[tuple[str, str], Callable] = {
     ("", name.removeprefix("onnx_")): fn for name, fn in sorted(globals().items()) if name.startswith("onnx_")
 }
+TORCH_KERNELS.update(GRAPHOPT_KERNELS)
 
 MULTI_OUTPUT_OPS: frozenset[str] = frozenset(
     {"Split", "TopK", "Dropout", "LayerNormalization", "BatchNormalization", "Unique", "DynamicQuantizeLinear"}

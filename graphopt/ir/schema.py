@@ -150,4 +150,5 @@ def _load_builtin_schemas() -> None:
     global _builtins_loaded
     if not _builtins_loaded:
         _builtins_loaded = True
+        import graphopt.ir.ops.graphopt  # noqa: F401  (registers graphopt's own ops)
         import graphopt.ir.ops.onnx  # noqa: F401  (registers the ONNX-domain schemas)

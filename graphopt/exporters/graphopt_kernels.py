@@ -1,0 +1,54 @@
+"""Torch implementations of graphopt's own ops (see `graphopt.ir.ops.graphopt`).
+
+These are what the torch target runs for fused ops: `Attention` becomes one
+`scaled_dot_product_attention` call (grouped-query aware), `RMSNorm` and `Gelu` the
+matching torch functions.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+
+def graphopt_Attention(
+    query: Tensor, key: Tensor, value: Tensor, bias: Optional[Tensor] = None, *,
+    num_heads: int, num_kv_heads: Optional[int] = None, scale: Optional[float] = None, causal: int = 0,
+) -> Tensor:
+    mask = bias
+    if causal:
+        q_len, k_len = query.shape[-2], key.shape[-2]
+        allowed = torch.ones(q_len, k_len, dtype=torch.bool, device=query.device).tril(k_len - q_len)
+        if mask is None:
+            mask = allowed
+        elif mask.dtype == torch.bool:
+            mask = mask & allowed
+        else:
+            mask = mask.masked_fill(~allowed, torch.finfo(mask.dtype).min)
+    if mask is not None and mask.dtype != torch.bool and mask.dtype != query.dtype:
+        mask = mask.to(query.dtype)
+    grouped = num_kv_heads is not None and num_kv_heads != num_heads
+    return F.scaled_dot_product_attention(query, key, value, attn_mask=mask, scale=scale, enable_gqa=grouped)
+
+
+def graphopt_RMSNorm(x: Tensor, scale: Tensor, *, axis: int = -1, epsilon: float = 1e-5, stash_type: int = 1) -> Tensor:
+    axes = list(range(axis % x.dim(), x.dim()))
+    stashed = x.to(torch.float32) if stash_type == 1 else x
+    normed = stashed * torch.rsqrt(stashed.pow(2).mean(dim=axes, keepdim=True) + epsilon)
+    return normed.to(x.dtype) * scale
+
+
+def graphopt_Gelu(x: Tensor, *, approximate: str = "none") -> Tensor:
+    if approximate not in ("none", "tanh"):
+        raise ValueError(f"Gelu: approximate must be 'none' or 'tanh', got {approximate!r}")
+    return F.gelu(x, approximate=approximate)
+
+
+GRAPHOPT_KERNELS: dict[tuple[str, str], Callable] = {
+    ("graphopt", "Attention"): graphopt_Attention,
+    ("graphopt", "RMSNorm"): graphopt_RMSNorm,
+    ("graphopt", "Gelu"): graphopt_Gelu,
+}

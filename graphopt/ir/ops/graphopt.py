@@ -1,0 +1,54 @@
+"""Schemas of graphopt's own high-level ops (domain "graphopt").
+
+Fusion passes raise decomposed patterns into these ops; targets lower them to their fast
+kernels (torch: scaled_dot_product_attention, ONNX Runtime: contrib ops, ...).
+
+- ``Attention(query, key, value[, bias])``: query [B, Hq, Sq, D], key [B, Hkv, Sk, D],
+  value [B, Hkv, Sk, Dv] (heads already split), optional `bias` broadcastable to
+  [B, Hq, Sq, Sk]: boolean (True = attend) or additive float. Attributes `num_heads` (Hq),
+  `num_kv_heads` (Hkv; Hq must be a multiple: grouped-query / multi-query attention),
+  `scale` (multiplies Q.K^T; 1/sqrt(D) when absent), `causal` (1: query i attends to keys
+  j <= i + Sk - Sq, i.e. aligned to the last key, as with a KV cache). Output [B, Hq, Sq, Dv].
+- ``RMSNorm(x, scale)``: x / sqrt(mean(x^2 over axes axis..-1) + epsilon) * scale,
+  computed in float32 (`stash_type`, as ONNX LayerNormalization), output in x's type.
+- ``Gelu(x)``: `approximate` = "none" (erf form) or "tanh".
+"""
+
+from __future__ import annotations
+
+from graphopt.ir.schema import GRAPHOPT_DOMAIN, InferenceContext, OpSchema, register_schema
+from graphopt.ir.types import TensorType
+
+
+def _attention(ctx: InferenceContext) -> list[TensorType]:
+    query, key, value = ctx.input_type(0), ctx.input_type(1), ctx.input_type(2)
+    heads, kv_heads = ctx.attr("num_heads"), ctx.attr("num_kv_heads", ctx.attr("num_heads"))
+    if isinstance(heads, int) and isinstance(kv_heads, int) and (kv_heads <= 0 or heads % kv_heads):
+        raise ValueError(f"Attention: num_heads {heads} is not a multiple of num_kv_heads {kv_heads}")
+    for name, t, expected in (("query", query, heads), ("key", key, kv_heads), ("value", value, kv_heads)):
+        if t.shape is not None and len(t.shape) != 4:
+            raise ValueError(f"Attention: {name} must be rank 4 [batch, heads, seq, head_dim], got rank {len(t.shape)}")
+        if t.shape is not None and isinstance(t.shape[1], int) and isinstance(expected, int) and t.shape[1] != expected:
+            raise ValueError(f"Attention: {name} has {t.shape[1]} heads, attribute says {expected}")
+    if query.shape is None:
+        return [TensorType(query.dtype, None)]
+    dv = value.shape[3] if value.shape is not None else None
+    return [TensorType(query.dtype, (query.shape[0], query.shape[1], query.shape[2], dv))]
+
+
+def _same_type(ctx: InferenceContext) -> list[TensorType]:
+    return [ctx.input_type(0)]
+
+
+register_schema(OpSchema(
+    GRAPHOPT_DOMAIN, "Attention", _attention, min_inputs=3, max_inputs=4, same_dtype_inputs=((0, 1, 2),),
+    doc="Scaled dot-product attention over split heads, grouped-query aware, optional bias and causal mask.",
+))
+register_schema(OpSchema(
+    GRAPHOPT_DOMAIN, "RMSNorm", _same_type, min_inputs=2, max_inputs=2,
+    doc="Root-mean-square normalization with a learned scale.",
+))
+register_schema(OpSchema(
+    GRAPHOPT_DOMAIN, "Gelu", _same_type, min_inputs=1, max_inputs=1,
+    doc="Gaussian error linear unit, exact (erf) or tanh approximation.",
+))
