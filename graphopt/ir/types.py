@@ -79,9 +79,11 @@ def _check_dim(dim: object) -> Dim:
 def broadcast_shapes(*shapes: Shape) -> Shape:
     """Numpy-style broadcast of shapes with symbolic dims.
 
-    Unknown rank anywhere gives unknown rank. Where one side is 1 the other wins; equal
-    dims stay; a symbolic dim against a static dim other than 1 takes the static dim (the
-    program is only valid if they agree); two different symbols give an unknown dim.
+    Unknown rank anywhere gives unknown rank. Where one side is 1 the other wins; a static
+    dim other than 1 wins over symbols and unknowns (the program is only valid if they
+    agree). Symbolic dims are assumed never to be 1 at run time, as torch.export assumes
+    of its dynamic dims: so a symbol against an unknown dim gives the symbol, and two
+    different symbols must be equal (the first is kept).
     """
     if any(s is None for s in shapes):
         return None
@@ -102,10 +104,8 @@ def _broadcast_dims(dims: Sequence[Dim]) -> Dim:
         raise ValueError(f"dims {sorted(statics)} do not broadcast")
     if statics:
         return statics.pop()
-    if any(d is None for d in not_one):
-        return None
-    symbols = set(not_one)
-    return symbols.pop() if len(symbols) == 1 else None
+    symbols = [d for d in not_one if isinstance(d, str)]
+    return symbols[0] if symbols else None
 
 
 def merge_dims(a: Dim, b: Dim) -> Dim:
