@@ -1,0 +1,338 @@
+"""fuse-attention: raise softmax(Q.K^T * scale + bias).V into one graphopt `Attention` op.
+
+The match is anchored on each Softmax over the last axis of a rank-4 tensor and follows
+the data, not exporter-specific node names or sequences:
+
+1. After the Softmax, optional no-op steps (Cast to the same type, inference Dropout,
+   Identity) lead to P; P must be the left input of a MatMul with a rank-4 V: the output.
+2. Before the Softmax, walking up the scores: `Add` of a term that does not lead to the
+   scores is an additive bias; `Mul`/`Div` by a constant scalar is a scale (applied to the
+   bias terms already seen below it); `Where(cond, scores, fill)` or `Where(cond, fill,
+   scores)` with a constant fill is a mask, turned into the additive bias
+   `Where(cond, 0, fill)`; same-type Casts are skipped. The walk ends at the Q.K^T MatMul.
+3. Q and the transposed K may each carry a constant scalar scale (`q * s`, `k * s`), folded
+   into the op's scale. K is recovered from K^T by composing its Transpose.
+4. Grouped-query attention: K and V that are `repeat_kv` expansions (Unsqueeze on axis 2,
+   Expand, Reshape back to rank 4) are replaced by the un-repeated tensors and the op gets
+   `num_kv_heads`. Missing this only costs speed: repeated K/V are still correct.
+
+Legality (checked once per match): every value inside the match is read only inside it and
+is not a graph output. Softmax nodes that do not match are counted under a reason in the
+stats, so a coverage report can say why. Needs: static head count and head size (run on an
+imported graph; shapes come from inference). Changes: replaces the matched nodes by
+`graphopt::Attention` (plus a Transpose for K, Where/Add/Mul for bias terms where needed);
+the replaced nodes are erased once unused.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Optional
+
+import numpy as np
+
+from graphopt.ir.graph import Graph, Node, Value, constant_data
+from graphopt.pass_base import Pass, PassContext, PassResult
+from graphopt.registry import register_pass
+
+_PASS_THROUGH = ("Identity",)
+
+
+@dataclasses.dataclass
+class _Match:
+    softmax: Node
+    output_matmul: Node
+    qk_matmul: Node
+    query: Value
+    key_transposed: Value
+    value: Value
+    scale: float
+    bias_terms: list[tuple[Value, float, str]]
+    interior: list[Node]
+
+
+@register_pass
+@dataclasses.dataclass
+class FuseAttention(Pass):
+    """Raise scaled dot-product attention (with masks, biases, GQA) into graphopt::Attention.
+
+    Rules: see the module docstring of `graphopt.passes.fuse_attention`. Needs shapes with
+    static head counts; provides the fact "attention-fused".
+    """
+
+    name = "fuse-attention"
+    provides = ("attention-fused",)
+
+    def run(self, graph: Graph, ctx: PassContext) -> PassResult:
+        fused = 0
+        missed: dict[str, int] = {}
+        for softmax in [n for n in graph.nodes if n.op_type == "Softmax" and n.domain == ""]:
+            if softmax.graph is not graph:
+                continue
+            match, reason = _match(graph, softmax)
+            if match is None:
+                missed[reason] = missed.get(reason, 0) + 1
+                continue
+            _rewrite(graph, match)
+            fused += 1
+        stats: dict[str, object] = {"fused": fused}
+        stats.update({f"missed: {reason}": count for reason, count in sorted(missed.items())})
+        return PassResult(fused > 0, stats)
+
+
+def _match(graph: Graph, softmax: Node) -> tuple[Optional[_Match], str]:
+    scores_type = softmax.inputs[0].type  # type: ignore[union-attr]
+    if scores_type.rank != 4:
+        return None, "scores are not rank 4"
+    axis = softmax.attrs.get("axis", -1 if graph.opset() >= 13 else 1)
+    if axis not in (-1, 3):
+        return None, "softmax is not over the last axis"
+    interior = [softmax]
+    probs = _skip_noops_down(softmax.output, interior)
+    if probs is None or len(probs.uses()) != 1:
+        return None, "attention probabilities are used more than once"
+    pv = probs.uses()[0]
+    if pv.node.op_type != "MatMul" or pv.index != 0:
+        return None, f"attention probabilities feed {pv.node.op_type}, not a P.V MatMul"
+    if pv.node.inputs[1].type.rank != 4:  # type: ignore[union-attr]
+        return None, "P.V MatMul is not rank 4 (heads folded into the batch)"
+    interior.append(pv.node)
+    walk = _walk_scores(softmax.inputs[0], interior)  # type: ignore[arg-type]
+    if isinstance(walk, str):
+        return None, walk
+    qk, scale, bias_terms = walk
+    query, q_scale = _strip_scalar_scale(qk.inputs[0], interior)  # type: ignore[arg-type]
+    key_t, k_scale = _strip_scalar_scale(qk.inputs[1], interior)  # type: ignore[arg-type]
+    if key_t.producer is not None and key_t.producer.op_type == "Transpose" and len(key_t.uses()) == 1:
+        interior.append(key_t.producer)
+    if query.type.rank != 4 or key_t.type.rank != 4:
+        return None, "Q or K^T is not rank 4"
+    match = _Match(softmax, pv.node, qk, query, key_t, pv.node.inputs[1], scale * q_scale * k_scale, bias_terms, interior)  # type: ignore[arg-type]
+    reason = _check_legal(graph, match)
+    return (None, reason) if reason else (match, "")
+
+
+def _skip_noops_down(value: Value, interior: list[Node]) -> Value:
+    while len(value.uses()) == 1:
+        node = value.uses()[0].node
+        if node.op_type in _PASS_THROUGH or _is_same_type_cast(node) or _is_inference_dropout(node):
+            interior.append(node)
+            value = node.outputs[0]
+            continue
+        break
+    return value
+
+
+def _walk_scores(value: Value, interior: list[Node]):
+    """Follow the scores up to the Q.K^T MatMul; returns (matmul, scale, bias terms) or a reason."""
+    scale = 1.0
+    terms: list[tuple[Value, float, str]] = []
+    for _ in range(16):
+        node = value.producer
+        if node is None:
+            return "scores do not come from a MatMul"
+        interior.append(node)
+        if node.op_type == "MatMul":
+            return node, scale, terms
+        if node.op_type in _PASS_THROUGH or _is_same_type_cast(node):
+            value = node.inputs[0]  # type: ignore[assignment]
+        elif node.op_type in ("Mul", "Div"):
+            factor, other = _scalar_operand(node)
+            if factor is None:
+                return f"scores are scaled by a non-constant ({node.op_type})"
+            scale *= factor
+            value = other  # type: ignore[assignment]
+        elif node.op_type == "Add":
+            left, right = node.inputs
+            if _leads_to_matmul(left) and not _leads_to_matmul(right):  # type: ignore[arg-type]
+                value, bias = left, right
+            elif _leads_to_matmul(right) and not _leads_to_matmul(left):  # type: ignore[arg-type]
+                value, bias = right, left
+            else:
+                return "cannot tell scores from bias in an Add"
+            terms.append((bias, scale, "add"))  # type: ignore[arg-type]
+        elif node.op_type == "Where":
+            cond, a, b = node.inputs
+            fill_a, fill_b = _scalar(a), _scalar(b)  # type: ignore[arg-type]
+            if fill_b is not None and fill_a is None:
+                terms.append((cond, fill_b * scale, "keep-if-true"))  # type: ignore[arg-type]
+                value = a  # type: ignore[assignment]
+            elif fill_a is not None and fill_b is None:
+                terms.append((cond, fill_a * scale, "keep-if-false"))  # type: ignore[arg-type]
+                value = b  # type: ignore[assignment]
+            else:
+                return "Where mask without a constant fill"
+        else:
+            return f"unexpected {node.op_type} between Q.K^T and Softmax"
+    return "scores chain too long"
+
+
+def _leads_to_matmul(value: Value, depth: int = 8) -> bool:
+    for _ in range(depth):
+        node = value.producer
+        if node is None:
+            return False
+        if node.op_type == "MatMul":
+            return value.type.rank == 4
+        if node.op_type in ("Mul", "Div", "Add", "Cast", "Identity"):
+            candidates = [v for v in node.inputs if v is not None and v.producer is not None and v.type.rank == 4]
+            if not candidates:
+                return False
+            value = candidates[0]
+        elif node.op_type == "Where":
+            value = node.inputs[1] if _scalar(node.inputs[2]) is not None else node.inputs[2]  # type: ignore[assignment]
+        else:
+            return False
+    return False
+
+
+def _strip_scalar_scale(value: Value, interior: list[Node]) -> tuple[Value, float]:
+    node = value.producer
+    if node is not None and node.op_type in ("Mul", "Div") and len(value.uses()) == 1:
+        factor, other = _scalar_operand(node)
+        if factor is not None:
+            interior.append(node)
+            return other, factor  # type: ignore[return-value]
+    return value, 1.0
+
+
+def _scalar_operand(node: Node) -> tuple[Optional[float], Optional[Value]]:
+    """For Mul/Div by a constant scalar: (factor applied to the other input, other input)."""
+    a, b = node.inputs
+    if node.op_type == "Mul":
+        for const, other in ((a, b), (b, a)):
+            factor = _scalar(const)  # type: ignore[arg-type]
+            if factor is not None:
+                return factor, other
+        return None, None
+    divisor = _scalar(b)  # type: ignore[arg-type]
+    return (None, None) if divisor in (None, 0.0) else (1.0 / divisor, a)  # type: ignore[operator]
+
+
+def _scalar(value: Optional[Value]) -> Optional[float]:
+    if value is None:
+        return None
+    data = constant_data(value)
+    if data is None or data.size == 0 or data.dtype.kind not in "fiu":
+        return None
+    flat = np.asarray(data, dtype=np.float64).reshape(-1)
+    return float(flat[0]) if np.all(flat == flat[0]) else None
+
+
+def _is_same_type_cast(node: Node) -> bool:
+    return node.op_type == "Cast" and node.domain == "" and node.inputs[0] is not None and node.inputs[0].dtype is not None and node.attrs.get("to") == int(node.inputs[0].dtype)
+
+
+def _is_inference_dropout(node: Node) -> bool:
+    if node.op_type != "Dropout" or (len(node.outputs) > 1 and node.outputs[1].uses()):
+        return False
+    training = node.inputs[2] if len(node.inputs) > 2 else None
+    return training is None or _scalar(training) == 0.0
+
+
+def _check_legal(graph: Graph, match: _Match) -> str:
+    inside = {id(n) for n in match.interior}
+    for node in match.interior:
+        for out in node.outputs:
+            if node is match.output_matmul:
+                continue
+            if out.is_graph_output or any(id(u.node) not in inside for u in out.uses()):
+                return "an intermediate attention value is used outside the attention (e.g. returned attention weights)"
+    query, key_t, value = match.query.type.shape, match.key_transposed.type.shape, match.value.type.shape
+    heads = query[1]  # type: ignore[index]
+    if not isinstance(heads, int):
+        return "head count is not static"
+    if isinstance(key_t[1], int) and isinstance(value[1], int) and (key_t[1] != value[1] or heads % key_t[1]):  # type: ignore[index]
+        return "K/V head counts do not divide the query heads"
+    return ""
+
+
+def _rewrite(graph: Graph, match: _Match) -> None:
+    anchor = match.output_matmul
+    heads = match.query.type.shape[1]  # type: ignore[index]
+    key = _untranspose_key(graph, match.key_transposed, anchor)
+    key, value, kv_heads = _strip_repeat_kv(key, match.value, heads)
+    bias = _build_bias(graph, match.bias_terms, anchor)
+    attrs = {"num_heads": heads, "num_kv_heads": kv_heads, "scale": float(match.scale)}
+    inputs = [match.query, key, value] + ([bias] if bias is not None else [])
+    attention = graph.add_node("Attention", inputs, attrs, domain="graphopt", before=anchor, name=graph.unique_node_name("Attention"))
+    output_name = anchor.output.name if anchor.output.is_graph_output else None
+    anchor.output.replace_all_uses_with(attention.output)
+    order = {id(node): index for index, node in enumerate(graph.nodes)}
+    for node in sorted(match.interior, key=lambda n: order.get(id(n), -1), reverse=True):
+        if node.graph is graph and not any(out.uses() or out.is_graph_output for out in node.outputs):
+            graph.erase(node)
+    if output_name is not None:
+        graph.rename_value(attention.output, output_name)
+
+
+def _untranspose_key(graph: Graph, key_t: Value, anchor: Node) -> Value:
+    node = key_t.producer
+    if node is not None and node.op_type == "Transpose" and "perm" in node.attrs:
+        perm = list(node.attrs["perm"])
+        perm[2], perm[3] = perm[3], perm[2]
+        source = node.inputs[0]
+        if perm == [0, 1, 2, 3]:
+            return source  # type: ignore[return-value]
+        return graph.add_node("Transpose", [source], {"perm": tuple(perm)}, before=anchor).output
+    return graph.add_node("Transpose", [key_t], {"perm": (0, 1, 3, 2)}, before=anchor).output
+
+
+def _strip_repeat_kv(key: Value, value: Value, heads: int) -> tuple[Value, Value, int]:
+    base_k, base_v = _repeat_source(key), _repeat_source(value)
+    if base_k is not None and base_v is not None:
+        kv_heads = base_k.type.shape[1]  # type: ignore[index]
+        if isinstance(kv_heads, int) and kv_heads == base_v.type.shape[1] and heads % kv_heads == 0:  # type: ignore[index]
+            return base_k, base_v, kv_heads
+    kv = key.type.shape[1]  # type: ignore[index]
+    return key, value, kv if isinstance(kv, int) else heads
+
+
+def _repeat_source(value: Value) -> Optional[Value]:
+    """The [B, Hkv, S, D] tensor that repeat_kv expanded into `value`, if it is one."""
+    reshape = value.producer
+    if reshape is None or reshape.op_type != "Reshape":
+        return None
+    expand = reshape.inputs[0].producer  # type: ignore[union-attr]
+    if expand is None or expand.op_type != "Expand":
+        return None
+    unsqueeze = expand.inputs[0].producer  # type: ignore[union-attr]
+    if unsqueeze is None or unsqueeze.op_type != "Unsqueeze":
+        return None
+    axes = unsqueeze.attrs.get("axes")
+    if axes is None and len(unsqueeze.inputs) > 1:
+        data = constant_data(unsqueeze.inputs[1])  # type: ignore[arg-type]
+        axes = None if data is None else tuple(int(a) for a in data.reshape(-1))
+    source = unsqueeze.inputs[0]
+    if tuple(axes or ()) not in ((2,), (-3,)) or source is None or source.type.rank != 4:
+        return None
+    expanded, repeated, base = expand.output.type.shape, value.type.shape, source.type.shape
+    if expanded is None or len(expanded) != 5 or repeated is None:
+        return None
+    copies, kv_heads, heads = expanded[2], base[1], repeated[1]  # type: ignore[index]
+    if not all(isinstance(d, int) for d in (copies, kv_heads, heads)) or kv_heads * copies != heads:
+        return None
+    if repeated[3] != base[3] or expanded[1] != kv_heads:  # type: ignore[index]
+        return None
+    return source
+
+
+def _build_bias(graph: Graph, terms: list[tuple[Value, float, str]], anchor: Node) -> Optional[Value]:
+    total: Optional[Value] = None
+    for term, factor, kind in terms:
+        if kind == "add":
+            part = term
+            if factor != 1.0:
+                part = graph.add_node("Mul", [term, _float_constant(graph, factor, term)], before=anchor).output
+        else:
+            fill = _float_constant(graph, factor, None)
+            zero = _float_constant(graph, 0.0, None)
+            branches = [zero, fill] if kind == "keep-if-true" else [fill, zero]
+            part = graph.add_node("Where", [term, *branches], before=anchor).output
+        total = part if total is None else graph.add_node("Add", [total, part], before=anchor).output
+    return total
+
+
+def _float_constant(graph: Graph, number: float, like: Optional[Value]) -> Value:
+    dtype = like.dtype.to_numpy() if like is not None and like.dtype is not None else np.float32
+    return graph.add_constant(graph.unique_name("attention_bias_constant"), np.array(number, dtype=dtype))
