@@ -44,11 +44,13 @@ class _Match:
     output_matmul: Node
     qk_matmul: Node
     query: Value
-    key_transposed: Value
+    key_transposed: Optional[Value]
+    key: Optional[Value]
     value: Value
     scale: float
-    bias_terms: list[tuple[Value, float, str]]
+    bias_terms: list[tuple[Value, float, str, bool]]
     interior: list[Node]
+    folded: bool
 
 
 @register_pass
@@ -84,32 +86,100 @@ def _match(graph: Graph, softmax: Node) -> tuple[Optional[_Match], str]:
     scores_type = softmax.inputs[0].type  # type: ignore[union-attr]
     if scores_type.rank != 4:
         return None, "scores are not rank 4"
+    heads = scores_type.shape[1]  # type: ignore[index]
+    if not isinstance(heads, int):
+        return None, "head count is not static"
     axis = softmax.attrs.get("axis", -1 if graph.opset() >= 13 else 1)
     if axis not in (-1, 3):
         return None, "softmax is not over the last axis"
     interior = [softmax]
     probs = _skip_noops_down(softmax.output, interior)
-    if probs is None or len(probs.uses()) != 1:
+    if len(probs.uses()) != 1:
         return None, "attention probabilities are used more than once"
+    folded = _is_fold(probs.uses()[0].node, heads)
+    if folded:
+        interior.append(probs.uses()[0].node)
+        probs = probs.uses()[0].node.output
+        if len(probs.uses()) != 1:
+            return None, "attention probabilities are used more than once"
     pv = probs.uses()[0]
     if pv.node.op_type != "MatMul" or pv.index != 0:
         return None, f"attention probabilities feed {pv.node.op_type}, not a P.V MatMul"
-    if pv.node.inputs[1].type.rank != 4:  # type: ignore[union-attr]
-        return None, "P.V MatMul is not rank 4 (heads folded into the batch)"
+    value = pv.node.inputs[1]
+    if folded:
+        value = _unfold(value, heads)  # type: ignore[arg-type]
+    if value is None or value.type.rank != 4:
+        return None, "V is not a rank-4 [batch, heads, seq, head_dim] tensor"
     interior.append(pv.node)
-    walk = _walk_scores(softmax.inputs[0], interior)  # type: ignore[arg-type]
+    walk = _walk_scores(softmax.inputs[0], interior, heads)  # type: ignore[arg-type]
     if isinstance(walk, str):
         return None, walk
     qk, scale, bias_terms = walk
     query, q_scale = _strip_scalar_scale(qk.inputs[0], interior)  # type: ignore[arg-type]
     key_t, k_scale = _strip_scalar_scale(qk.inputs[1], interior)  # type: ignore[arg-type]
-    if key_t.producer is not None and key_t.producer.op_type == "Transpose" and len(key_t.uses()) == 1:
+    key = None
+    if qk.output.type.rank == 3:
+        query, key = _unfold(query, heads), _unfold_transposed_key(key_t, heads, interior)  # type: ignore[assignment]
+        if query is None or key is None:
+            return None, "Q or K with heads folded into the batch is not a reshape of a rank-4 tensor"
+        key_t = None  # type: ignore[assignment]
+    elif key_t.producer is not None and key_t.producer.op_type == "Transpose" and len(key_t.uses()) == 1:
         interior.append(key_t.producer)
-    if query.type.rank != 4 or key_t.type.rank != 4:
+    if query.type.rank != 4 or (key_t is not None and key_t.type.rank != 4):
         return None, "Q or K^T is not rank 4"
-    match = _Match(softmax, pv.node, qk, query, key_t, pv.node.inputs[1], scale * q_scale * k_scale, bias_terms, interior)  # type: ignore[arg-type]
+    match = _Match(
+        softmax, pv.node, qk, query, key_t, key, value, scale * q_scale * k_scale, bias_terms, interior, folded,
+    )
     reason = _check_legal(graph, match)
     return (None, reason) if reason else (match, "")
+
+
+def _is_fold(node: Node, heads: int) -> bool:
+    """A Reshape of [B, H, S, T] into [B*H, S, T]."""
+    if node.op_type != "Reshape" or node.output.type.rank != 3 or node.inputs[0].type.rank != 4:  # type: ignore[union-attr]
+        return False
+    return _same_dims(node.inputs[0].type.shape[2:], node.output.type.shape[1:])  # type: ignore[index, union-attr]
+
+
+def _unfold(value: Value, heads: int) -> Optional[Value]:
+    """The [B, H, S, D] tensor that a [B*H, S, D] value was reshaped from, if any."""
+    node = value.producer
+    if node is None or node.op_type != "Reshape" or value.type.rank != 3:
+        return None
+    source = node.inputs[0]
+    if source is None or source.type.rank != 4 or source.type.shape[1] != heads:  # type: ignore[index]
+        return None
+    return source if _same_dims(source.type.shape[2:], value.type.shape[1:]) else None  # type: ignore[index]
+
+
+def _unfold_transposed_key(key_t: Value, heads: int, interior: list[Node]) -> Optional[Value]:
+    node = key_t.producer
+    if node is None or node.op_type != "Transpose" or tuple(node.attrs.get("perm", ())) != (0, 2, 1):
+        return None
+    if len(key_t.uses()) == 1:
+        interior.append(node)
+    return _unfold(node.inputs[0], heads)  # type: ignore[arg-type]
+
+
+def _same_dims(a, b) -> bool:
+    """Dims that are provably equal or unknown on one side (symbolic expressions such as
+    torch.export's "((seq**2)//seq)" are compared after simplification)."""
+    return len(a) == len(b) and all(x is None or y is None or x == y or _equal_expressions(x, y) for x, y in zip(a, b))
+
+
+def _equal_expressions(x: object, y: object) -> bool:
+    if not isinstance(x, str) and not isinstance(y, str):
+        return False
+    import re
+
+    import sympy
+
+    names = set(re.findall(r"[A-Za-z_]\w*", f"{x} {y}"))
+    symbols = {name: sympy.Symbol(name, integer=True, positive=True) for name in names}
+    try:
+        return sympy.simplify(sympy.sympify(str(x), locals=symbols) - sympy.sympify(str(y), locals=symbols)) == 0
+    except (sympy.SympifyError, TypeError, SyntaxError):
+        return False
 
 
 def _skip_noops_down(value: Value, interior: list[Node]) -> Value:
@@ -123,10 +193,14 @@ def _skip_noops_down(value: Value, interior: list[Node]) -> Value:
     return value
 
 
-def _walk_scores(value: Value, interior: list[Node]):
-    """Follow the scores up to the Q.K^T MatMul; returns (matmul, scale, bias terms) or a reason."""
+def _walk_scores(value: Value, interior: list[Node], heads: int):
+    """Follow the scores up to the Q.K^T MatMul; returns (matmul, scale, bias terms) or a reason.
+
+    Bias terms are (value, factor, kind, folded): `folded` terms are [B*H, ...] tensors seen
+    above a Reshape that unfolded the heads out of the batch (BLOOM's baddbmm layout)."""
     scale = 1.0
-    terms: list[tuple[Value, float, str]] = []
+    folded = False
+    terms: list[tuple[Value, float, str, bool]] = []
     for _ in range(16):
         node = value.producer
         if node is None:
@@ -134,7 +208,12 @@ def _walk_scores(value: Value, interior: list[Node]):
         interior.append(node)
         if node.op_type == "MatMul":
             return node, scale, terms
-        if node.op_type in _PASS_THROUGH or _is_same_type_cast(node):
+        if node.op_type == "Reshape" and not folded and node.output.type.rank == 4 and node.inputs[0].type.rank == 3:  # type: ignore[union-attr]
+            if node.output.type.shape[1] != heads or not _same_dims(node.output.type.shape[2:], node.inputs[0].type.shape[1:]):  # type: ignore[index, union-attr]
+                return "scores are reshaped in a way that is not a head unfold"
+            folded = True
+            value = node.inputs[0]  # type: ignore[assignment]
+        elif node.op_type in _PASS_THROUGH or _is_same_type_cast(node):
             value = node.inputs[0]  # type: ignore[assignment]
         elif node.op_type in ("Mul", "Div"):
             factor, other = _scalar_operand(node)
@@ -150,15 +229,15 @@ def _walk_scores(value: Value, interior: list[Node]):
                 value, bias = right, left
             else:
                 return "cannot tell scores from bias in an Add"
-            terms.append((bias, scale, "add"))  # type: ignore[arg-type]
+            terms.append((bias, scale, "add", folded))  # type: ignore[arg-type]
         elif node.op_type == "Where":
             cond, a, b = node.inputs
             fill_a, fill_b = _scalar(a), _scalar(b)  # type: ignore[arg-type]
             if fill_b is not None and fill_a is None:
-                terms.append((cond, fill_b * scale, "keep-if-true"))  # type: ignore[arg-type]
+                terms.append((cond, fill_b * scale, "keep-if-true", folded))  # type: ignore[arg-type]
                 value = a  # type: ignore[assignment]
             elif fill_a is not None and fill_b is None:
-                terms.append((cond, fill_a * scale, "keep-if-false"))  # type: ignore[arg-type]
+                terms.append((cond, fill_a * scale, "keep-if-false", folded))  # type: ignore[arg-type]
                 value = b  # type: ignore[assignment]
             else:
                 return "Where mask without a constant fill"
@@ -173,9 +252,11 @@ def _leads_to_matmul(value: Value, depth: int = 8) -> bool:
         if node is None:
             return False
         if node.op_type == "MatMul":
-            return value.type.rank == 4
-        if node.op_type in ("Mul", "Div", "Add", "Cast", "Identity"):
-            candidates = [v for v in node.inputs if v is not None and v.producer is not None and v.type.rank == 4]
+            return value.type.rank in (3, 4)
+        if node.op_type == "Reshape":
+            value = node.inputs[0]  # type: ignore[assignment]
+        elif node.op_type in ("Mul", "Div", "Add", "Cast", "Identity"):
+            candidates = [v for v in node.inputs if v is not None and v.producer is not None and v.type.rank in (3, 4)]
             if not candidates:
                 return False
             value = candidates[0]
@@ -238,11 +319,11 @@ def _check_legal(graph: Graph, match: _Match) -> str:
                 continue
             if out.is_graph_output or any(id(u.node) not in inside for u in out.uses()):
                 return "an intermediate attention value is used outside the attention (e.g. returned attention weights)"
-    query, key_t, value = match.query.type.shape, match.key_transposed.type.shape, match.value.type.shape
-    heads = query[1]  # type: ignore[index]
+    key = match.key if match.key is not None else match.key_transposed
+    heads, kv_heads, v_heads = match.query.type.shape[1], key.type.shape[1], match.value.type.shape[1]  # type: ignore[index, union-attr]
     if not isinstance(heads, int):
         return "head count is not static"
-    if isinstance(key_t[1], int) and isinstance(value[1], int) and (key_t[1] != value[1] or heads % key_t[1]):  # type: ignore[index]
+    if isinstance(kv_heads, int) and isinstance(v_heads, int) and (kv_heads != v_heads or heads % kv_heads):
         return "K/V head counts do not divide the query heads"
     return ""
 
@@ -250,20 +331,23 @@ def _check_legal(graph: Graph, match: _Match) -> str:
 def _rewrite(graph: Graph, match: _Match) -> None:
     anchor = match.output_matmul
     heads = match.query.type.shape[1]  # type: ignore[index]
-    key = _untranspose_key(graph, match.key_transposed, anchor)
+    key = match.key if match.key is not None else _untranspose_key(graph, match.key_transposed, anchor)  # type: ignore[arg-type]
     key, value, kv_heads = _strip_repeat_kv(key, match.value, heads)
-    bias = _build_bias(graph, match.bias_terms, anchor)
+    bias = _build_bias(graph, match.bias_terms, anchor, heads)
     attrs = {"num_heads": heads, "num_kv_heads": kv_heads, "scale": float(match.scale)}
     inputs = [match.query, key, value] + ([bias] if bias is not None else [])
     attention = graph.add_node("Attention", inputs, attrs, domain="graphopt", before=anchor, name=graph.unique_node_name("Attention"))
     output_name = anchor.output.name if anchor.output.is_graph_output else None
-    anchor.output.replace_all_uses_with(attention.output)
+    result = attention.output
+    if match.folded:
+        result = _reshape_keeping_tail(graph, result, [-1], start=2, anchor=anchor)
+    anchor.output.replace_all_uses_with(result)
     order = {id(node): index for index, node in enumerate(graph.nodes)}
     for node in sorted(match.interior, key=lambda n: order.get(id(n), -1), reverse=True):
         if node.graph is graph and not any(out.uses() or out.is_graph_output for out in node.outputs):
             graph.erase(node)
     if output_name is not None:
-        graph.rename_value(attention.output, output_name)
+        graph.rename_value(result, output_name)
 
 
 def _untranspose_key(graph: Graph, key_t: Value, anchor: Node) -> Value:
@@ -317,9 +401,11 @@ def _repeat_source(value: Value) -> Optional[Value]:
     return source
 
 
-def _build_bias(graph: Graph, terms: list[tuple[Value, float, str]], anchor: Node) -> Optional[Value]:
+def _build_bias(graph: Graph, terms: list[tuple[Value, float, str, bool]], anchor: Node, heads: int) -> Optional[Value]:
     total: Optional[Value] = None
-    for term, factor, kind in terms:
+    for term, factor, kind, folded in terms:
+        if folded:
+            term = _reshape_keeping_tail(graph, term, [-1, heads], start=1, anchor=anchor)
         if kind == "add":
             part = term
             if factor != 1.0:
@@ -331,6 +417,18 @@ def _build_bias(graph: Graph, terms: list[tuple[Value, float, str]], anchor: Nod
             part = graph.add_node("Where", [term, *branches], before=anchor).output
         total = part if total is None else graph.add_node("Add", [total, part], before=anchor).output
     return total
+
+
+def _reshape_keeping_tail(graph: Graph, value: Value, head: list[int], start: int, anchor: Node) -> Value:
+    """Reshape `value` to `head` followed by its own dims from `start` on."""
+    shape = graph.add_node("Shape", [value], before=anchor).output
+    tail = graph.add_node("Slice", [shape, _int_constant(graph, [start]), _int_constant(graph, [2**62])], before=anchor).output
+    target = graph.add_node("Concat", [_int_constant(graph, head), tail], {"axis": 0}, before=anchor).output
+    return graph.add_node("Reshape", [value, target], before=anchor).output
+
+
+def _int_constant(graph: Graph, values: list[int]) -> Value:
+    return graph.add_constant(graph.unique_name("attention_shape_constant"), np.array(values, dtype=np.int64))
 
 
 def _float_constant(graph: Graph, number: float, like: Optional[Value]) -> Value:
