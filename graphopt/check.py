@@ -38,7 +38,7 @@ def sample_inputs(graph: Graph, seed: int = 0, sizes: Optional[dict[str, int]] =
             else:
                 key = dim or f"?{value.name}"
                 if key not in chosen:
-                    chosen[key] = SEQUENCE_SYMBOL_SIZE if "seq" in str(key).lower() else DEFAULT_SYMBOL_SIZE
+                    chosen[key] = symbol_size(key)
                 shape.append(chosen[key])
         dtype = value.dtype.to_numpy()
         if value.dtype.is_float:
@@ -48,6 +48,12 @@ def sample_inputs(graph: Graph, seed: int = 0, sizes: Optional[dict[str, int]] =
         else:
             feeds[value.name] = rng.integers(0, 2, size=shape).astype(dtype)
     return feeds
+
+
+def symbol_size(name: str) -> int:
+    """The size sample inputs give a symbolic dim: SEQUENCE_SYMBOL_SIZE for names that
+    contain "seq", DEFAULT_SYMBOL_SIZE otherwise."""
+    return SEQUENCE_SYMBOL_SIZE if "seq" in name.lower() else DEFAULT_SYMBOL_SIZE
 
 
 def run_graph(graph: Graph, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:

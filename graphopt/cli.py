@@ -1,19 +1,52 @@
 """The `graphopt` command line.
 
-    graphopt inspect MODEL.onnx            print the IR of a model
-    graphopt inspect MODEL.onnx --ops      op histogram and value counts only
+    graphopt optimize IN.onnx -o OUT.onnx -p "cleanup,my-pass{x=1}" [--check] [--verify]
+    graphopt passes [--json]                 every registered pass, its doc and options
+    graphopt inspect MODEL.onnx [--json] [--ops] [--dim seq=128]
 
-Errors graphopt raises on purpose (bad files, unsupported ops) print one line and exit
-with status 2; no traceback reaches the user.
+Global flags (before or after the command): `-v` shows tracebacks of unexpected errors and
+info logging, `-q` prints nothing but errors (and the result `--check` asked for).
+
+Exit status: 0 on success; 2 for errors graphopt raises on purpose (`GraphoptError`: bad
+pipelines, unreadable models, failed checks), for OS errors (missing folders, permissions)
+and for bad usage, printed as one line `graphopt: error: ...`; 1 for anything unexpected
+(a bug, e.g. a pass that crashes), printed as one line with a hint to rerun with `-v`,
+which shows the traceback. No traceback reaches the user otherwise.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import dataclasses
+import json
+import logging
+import os
+import pathlib
 import sys
-from typing import Optional, Sequence
+import time
+import traceback
+import typing
+from typing import Any, Iterator, Optional, Sequence, TextIO
+
+from graphopt.errors import GraphoptError
+
+if typing.TYPE_CHECKING:
+    from graphopt.ir.graph import Graph, Value
+    from graphopt.pass_base import Pass
+    from graphopt.pass_manager import PipelineReport
+
+_LOGGER = "graphopt"
 
 
+class PassCrash(Exception):
+    """A pass raised something other than a GraphoptError: a bug in that pass."""
+
+    def __init__(self, pass_name: str, error: BaseException) -> None:
+        super().__init__(f"pass '{pass_name}' crashed: {type(error).__name__}: {_one_line(error)}")
+
+
+# ----------------------------------------------------------------------------- parser
 def build_parser() -> argparse.ArgumentParser:
     from graphopt import __version__
 
@@ -22,45 +55,418 @@ def build_parser() -> argparse.ArgumentParser:
         description="A compiler-style graph optimizer for Transformer models.",
     )
     parser.add_argument("--version", action="version", version=f"graphopt {__version__}")
+    _add_verbosity(parser, top_level=True)
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
     commands.required = True
-    inspect = commands.add_parser(
-        "inspect", help="print a model's IR (or its op histogram)",
-        description="Load an ONNX model into graphopt's IR, verify it and print it.",
-    )
-    inspect.add_argument("model", help="path of an .onnx file")
-    inspect.add_argument("--ops", action="store_true", help="print the op histogram instead of the whole graph")
-    inspect.set_defaults(run=_inspect)
+    _add_optimize(commands)
+    _add_passes(commands)
+    _add_inspect(commands)
     return parser
 
 
-def _inspect(args: argparse.Namespace) -> int:
-    import graphopt
+def _add_verbosity(parser: argparse.ArgumentParser, top_level: bool) -> None:
+    """-v/-q on the main parser and on each command (so they may follow the command)."""
+    group = parser.add_mutually_exclusive_group()
+    group.add_argument(
+        "-v", "--verbose", action="store_true", default=False if top_level else argparse.SUPPRESS,
+        help="show info logging, and the traceback of unexpected errors",
+    )
+    group.add_argument(
+        "-q", "--quiet", action="store_true", default=False if top_level else argparse.SUPPRESS,
+        help="print nothing but errors (and the result --check asks for)",
+    )
 
-    graph = graphopt.from_onnx(args.model)
-    graph.verify()
-    if not args.ops:
-        sys.stdout.write(str(graph))
-        return 0
-    weights = sum(v.const.nbytes for v in graph.constants.values())  # type: ignore[union-attr]
-    print(f"{args.model}: {len(graph)} nodes, {len(graph.inputs)} inputs, {len(graph.outputs)} outputs, "
-          f"{len(graph.constants)} constants ({weights / 1e6:.1f} MB), opsets {graph.opset_imports}")
-    for op, count in sorted(graph.op_counts().items(), key=lambda item: (-item[1], item[0])):
-        print(f"  {count:6d}  {op}")
+
+def _add_optimize(commands: Any) -> None:
+    cmd = commands.add_parser(
+        "optimize", help="run a pass pipeline over an ONNX model and write the result",
+        description="Validate PIPELINE, load IN, run the passes in order and write OUT atomically "
+        "(nothing is written when a pass fails). Prints a per-pass table unless -q.",
+    )
+    _add_verbosity(cmd, top_level=False)
+    cmd.add_argument("model", metavar="IN.onnx", help="the model to optimize (never modified)")
+    cmd.add_argument("-o", "--output", required=True, metavar="OUT.onnx", help="where to write the result; must differ from IN")
+    source = cmd.add_mutually_exclusive_group(required=True)
+    source.add_argument(
+        "-p", "--pipeline", metavar="PIPELINE",
+        help="passes in order, e.g. 'cleanup,my-pass{ratio=0.5}', or a .json/.yaml pipeline file",
+    )
+    source.add_argument("--pipeline-file", metavar="FILE", help="a JSON or YAML pipeline file")
+    cmd.add_argument(
+        "--check", action="store_true",
+        help="compare outputs after every pass and OUT vs IN on sample inputs; print the max error "
+        "(fails naming the first lossless pass that changed them)",
+    )
+    cmd.add_argument("--verify", action="store_true", help="verify the IR before the first pass and after every pass")
+    cmd.add_argument("--dump-ir", metavar="PASS[,PASS]|all", help="write the IR before and after these passes (needs --dump-dir)")
+    cmd.add_argument("--dump-dir", metavar="DIR", help="folder for --dump-ir files")
+    cmd.add_argument(
+        "--external-data", action=argparse.BooleanOptionalAction, default=None,
+        help="write weights to OUT.data beside OUT (default: only when they exceed ~1.8 GB)",
+    )
+    _add_dims(cmd, "sizes of symbolic input dims for --check")
+    cmd.add_argument("--seed", type=int, default=0, help="seed of the sample inputs and of the passes (default 0)")
+    cmd.set_defaults(run=_optimize)
+
+
+def _add_passes(commands: Any) -> None:
+    cmd = commands.add_parser(
+        "passes", help="list the registered passes and their options",
+        description="List every registered pass (built-in and from installed plug-ins) with its "
+        "one-line doc and its options as `name: type = default`.",
+    )
+    _add_verbosity(cmd, top_level=False)
+    cmd.add_argument("--json", action="store_true", help="print JSON instead of text")
+    cmd.set_defaults(run=_passes)
+
+
+def _add_inspect(commands: Any) -> None:
+    cmd = commands.add_parser(
+        "inspect", help="print a model's IR and a summary (ops, parameters, I/O, FLOPs)",
+        description="Load an ONNX model into graphopt's IR, verify it, print it and a summary: "
+        "nodes, op histogram, parameters, inputs/outputs, opsets and estimated FLOPs for the "
+        "sample input sizes.",
+    )
+    _add_verbosity(cmd, top_level=False)
+    cmd.add_argument("model", help="path of an .onnx file")
+    cmd.add_argument("--ops", action="store_true", help="print the summary only, not the whole graph")
+    cmd.add_argument("--json", action="store_true", help="print the summary as JSON")
+    _add_dims(cmd, "sizes of symbolic input dims for the FLOP estimate")
+    cmd.set_defaults(run=_inspect)
+
+
+def _add_dims(cmd: argparse.ArgumentParser, purpose: str) -> None:
+    cmd.add_argument(
+        "--dim", dest="dims", action="append", type=_dim_size, default=[], metavar="NAME=SIZE",
+        help=f"{purpose}, e.g. --dim seq=128 (repeatable; others get the sample-input defaults)",
+    )
+
+
+def _dim_size(text: str) -> tuple[str, int]:
+    name, sep, size = text.partition("=")
+    if not sep or not name.strip() or not size.strip().isdigit() or int(size) < 1:
+        raise argparse.ArgumentTypeError(f"expected NAME=SIZE with a positive SIZE, got {text!r}")
+    return name.strip(), int(size)
+
+
+# ----------------------------------------------------------------------------- optimize
+def _optimize(args: argparse.Namespace) -> int:
+    from graphopt.api import load_graph
+    from graphopt.pipeline import build_pipeline
+
+    passes = build_pipeline(pathlib.Path(args.pipeline_file) if args.pipeline_file else args.pipeline)
+    dump_ir = _dump_ir_names(args, passes)
+    _check_output_path(args.model, args.output)
+    start = time.perf_counter()
+    graph = load_graph(args.model)
+    nodes_in = len(graph)
+    if args.verify:
+        graph.verify()
+    check = _prepare_check(graph, args) if args.check else None
+    report = _run_passes(graph, passes, args, dump_ir, check)
+    graph.save_onnx(args.output, external_data=args.external_data)
+    if not args.quiet:
+        print(report.table())
+        print(f"{args.model}: {nodes_in} -> {len(graph)} nodes in {time.perf_counter() - start:.2f} s; wrote {args.output}")
+    if check is not None:
+        print(_check_output(args.output, check))
     return 0
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
-    from graphopt.errors import GraphoptError
+def _dump_ir_names(args: argparse.Namespace, passes: Sequence["Pass"]) -> list[str]:
+    """The --dump-ir pass names, checked against the pipeline."""
+    if not args.dump_ir:
+        if args.dump_dir:
+            raise GraphoptError("--dump-dir needs --dump-ir PASS[,PASS]|all")
+        return []
+    if not args.dump_dir:
+        raise GraphoptError("--dump-ir needs --dump-dir DIR: the folder the IR dumps go to")
+    names = [name.strip() for name in args.dump_ir.split(",") if name.strip()]
+    in_pipeline = [p.name for p in passes]
+    for name in names:
+        if name != "all" and name not in in_pipeline:
+            raise GraphoptError(f"--dump-ir: pass '{name}' is not in the pipeline ({', '.join(in_pipeline)})")
+    return names
 
-    args = build_parser().parse_args(argv)
+
+def _check_output_path(model: str, output: str) -> None:
+    """Refuse to overwrite the input (also via a link or another spelling) or write nowhere."""
+    if os.path.exists(output) and os.path.exists(model) and os.path.samefile(model, output):
+        raise GraphoptError(f"-o {output} is the input model; write the optimized model to another path")
+    if os.path.isdir(output):
+        raise GraphoptError(f"-o {output} is a folder; give the path of the .onnx file to write")
+    folder = os.path.dirname(os.path.abspath(output))
+    if not os.path.isdir(folder):
+        raise GraphoptError(f"-o {output}: the folder {folder} does not exist")
+
+
+@dataclasses.dataclass
+class _Check:
+    """What `--check` compares OUT against: IN's outputs on fixed sample inputs."""
+
+    feeds: dict[str, Any]
+    expected: list[Any]
+    sizes: dict[str, int]
+
+
+def _prepare_check(graph: "Graph", args: argparse.Namespace) -> _Check:
+    from graphopt.check import run_graph, sample_inputs
+
+    feeds = sample_inputs(graph, seed=args.seed, sizes=dict(args.dims))
+    return _Check(feeds, run_graph(graph, feeds), _sizes_used(graph.inputs, feeds))
+
+
+def _sizes_used(inputs: Sequence["Value"], feeds: dict[str, Any]) -> dict[str, int]:
+    """The size each symbolic input dim got in `feeds`."""
+    sizes = {}
+    for value in inputs:
+        for dim, size in zip(value.shape or (), feeds[value.name].shape):
+            if isinstance(dim, str):
+                sizes[dim] = int(size)
+    return sizes
+
+
+def _run_passes(
+    graph: "Graph", passes: Sequence["Pass"], args: argparse.Namespace, dump_ir: list[str], check: Optional[_Check]
+) -> "PipelineReport":
+    """Run the pipeline through the PassManager; a crashing pass becomes a `PassCrash`."""
+    from graphopt.pass_base import PassContext
+    from graphopt.pass_manager import PassManager
+
+    progress = Progress(len(passes), enabled=not args.quiet)
+    manager = PassManager(
+        passes, verify_each=args.verify, dump_ir=dump_ir, dump_dir=args.dump_dir, check=check is not None,
+        check_inputs=None if check is None else check.feeds,
+        check_expected=None if check is None else check.expected, on_pass_start=progress,
+    )
     try:
-        return args.run(args)
-    except GraphoptError as exc:
-        print(f"graphopt: error: {exc}", file=sys.stderr)
-        return 2
-    except BrokenPipeError:
+        return manager.run(graph, PassContext(seed=args.seed))
+    except (GraphoptError, OSError):  # failures graphopt reports itself (OSError: e.g. writing dumps)
+        raise
+    except Exception as exc:
+        raise PassCrash(progress.current, exc) from exc
+
+
+def _check_output(output: str, check: _Check) -> str:
+    """Run the written OUT on the sample inputs; the line reporting its error vs IN."""
+    from graphopt.check import max_abs_error, run_graph
+    from graphopt.frontends.onnx_import import from_onnx
+
+    error = max_abs_error(check.expected, run_graph(from_onnx(output), check.feeds))
+    sizes = ", ".join(f"{name}={size}" for name, size in check.sizes.items())
+    where = f" ({sizes})" if sizes else ""
+    return f"check: max abs error of {output} vs the input on sample inputs{where}: {error:.3g}"
+
+
+class Progress:
+    """`on_pass_start` callback: one line per pass on stderr, only on a terminal.
+
+    Silent when disabled (-q), when stderr is not a TTY, or for a single-pass pipeline.
+    Remembers the pass running now so a crash can name it.
+    """
+
+    def __init__(self, total: int, enabled: bool = True) -> None:
+        self.total = total
+        self.enabled = enabled and total > 1
+        self.current = "?"
+
+    def __call__(self, index: int, item: "Pass") -> None:
+        self.current = item.name
+        stream: TextIO = sys.stderr
+        if self.enabled and stream.isatty():
+            stream.write(f"[{index + 1}/{self.total}] {item.describe()}\n")
+            stream.flush()
+
+
+# ----------------------------------------------------------------------------- passes
+def _passes(args: argparse.Namespace) -> int:
+    from graphopt.registry import registered_passes
+
+    infos = [pass_info(cls) for cls in registered_passes().values()]
+    if args.json:
+        print(json.dumps(infos, indent=2, default=str))
         return 0
+    if not infos:
+        print("no passes registered")
+    width = max((len(info["name"]) for info in infos), default=0)
+    for info in infos:
+        print(f"{info['name']:{width}}  {info['summary']}".rstrip())
+        for option in info["options"]:
+            default = f" = {option['default']!r}" if "default" in option else " (required)"
+            print(f"    {option['name']}: {option['type']}{default}")
+        facts = [f"{key}: {', '.join(info[key])}" for key in ("requires", "provides") if info[key]]
+        if facts:
+            print(f"    ({'; '.join(facts)})")
+    return 0
+
+
+def pass_info(cls: type["Pass"]) -> dict[str, Any]:
+    """What `graphopt passes` shows about one pass class."""
+    return {
+        "name": cls.name,
+        "summary": cls.summary(),
+        "options": [_option_info(cls, field) for field in cls.option_fields()],
+        "requires": list(cls.requires),
+        "provides": list(cls.provides),
+        "lossless": cls.lossless,
+        "module": cls.__module__,
+    }
+
+
+def _option_info(cls: type, field: dataclasses.Field) -> dict[str, Any]:
+    try:
+        hint = typing.get_type_hints(cls).get(field.name, field.type)
+    except (NameError, TypeError):  # a plug-in's annotation that cannot be resolved here
+        hint = field.type
+    info: dict[str, Any] = {"name": field.name, "type": _type_text(hint)}
+    if field.default is not dataclasses.MISSING:
+        info["default"] = field.default
+    elif field.default_factory is not dataclasses.MISSING:
+        info["default"] = field.default_factory()
+    return info
+
+
+def _type_text(hint: Any) -> str:
+    if isinstance(hint, str):
+        return hint
+    if isinstance(hint, type) and not typing.get_args(hint):
+        return hint.__name__
+    return str(hint).replace("typing.", "")
+
+
+# ----------------------------------------------------------------------------- inspect
+def _inspect(args: argparse.Namespace) -> int:
+    from graphopt.api import load_graph
+
+    graph = load_graph(args.model)
+    graph.verify()
+    summary = model_summary(graph, dict(args.dims))
+    if args.json:
+        print(json.dumps({"model": args.model, **summary}, indent=2))
+        return 0
+    if not args.ops:
+        sys.stdout.write(str(graph) + "\n")
+    print(_format_summary(args.model, summary))
+    return 0
+
+
+def model_summary(graph: "Graph", sizes: Optional[dict[str, int]] = None) -> dict[str, Any]:
+    """Nodes, op histogram, parameters, inputs/outputs, opsets and estimated FLOPs."""
+    from graphopt.flops import estimate_flops
+
+    constants = [v.const for v in graph.constants.values()]
+    return {
+        "graph": graph.name,
+        "nodes": len(graph),
+        "ops": dict(sorted(graph.op_counts().items(), key=lambda item: (-item[1], item[0]))),
+        "parameters": {
+            "count": sum(c.size for c in constants),  # type: ignore[union-attr]
+            "bytes": sum(c.nbytes for c in constants),  # type: ignore[union-attr]
+            "tensors": len(constants),
+        },
+        "inputs": [_value_info(v) for v in graph.inputs],
+        "outputs": [_value_info(v) for v in graph.outputs],
+        "opsets": {domain or "ai.onnx": version for domain, version in sorted(graph.opset_imports.items())},
+        "flops": estimate_flops(graph, sizes),
+    }
+
+
+def _value_info(value: "Value") -> dict[str, Any]:
+    return {
+        "name": value.name,
+        "dtype": None if value.dtype is None else value.dtype.name.lower(),
+        "shape": None if value.shape is None else list(value.shape),
+    }
+
+
+def _format_summary(model: str, summary: dict[str, Any]) -> str:
+    params, flops = summary["parameters"], summary["flops"]
+    opsets = ", ".join(f"{domain} {version}" for domain, version in summary["opsets"].items())
+    lines = [
+        f"{model}: graph '{summary['graph']}', {summary['nodes']} nodes, opsets {opsets}",
+        f"parameters: {params['count']:,} ({_scaled(params['bytes'])}B) in {params['tensors']} tensors",
+    ]
+    for kind in ("inputs", "outputs"):
+        lines.append(f"{kind}:")
+        lines += [f"  {v['name']}: {v['dtype'] or '?'}{_shape_text(v['shape'])}" for v in summary[kind]]
+    sizes = ", ".join(f"{name}={size}" for name, size in flops["sizes"].items())
+    lines.append(f"FLOPs: {flops['total']:,} ({_scaled(flops['total'])}FLOP)" + (f", assuming {sizes}" if sizes else ""))
+    if flops["uncounted"]:
+        lines.append("  not counted: " + ", ".join(f"{op} x{n}" for op, n in flops["uncounted"].items()))
+    lines.append("ops:")
+    lines += [f"  {count:6d}  {op}" for op, count in summary["ops"].items()]
+    return "\n".join(lines)
+
+
+def _shape_text(shape: Optional[list]) -> str:
+    if shape is None:
+        return "[*]"
+    return "[" + ", ".join("?" if d is None else str(d) for d in shape) + "]"
+
+
+def _scaled(number: float) -> str:
+    """1234567 -> '1.23 M' (a space and an SI prefix; '' below 1000)."""
+    for prefix, scale in (("T", 1e12), ("G", 1e9), ("M", 1e6), ("k", 1e3)):
+        if number >= scale:
+            return f"{number / scale:.3g} {prefix}"
+    return f"{number:g} "
+
+
+# ----------------------------------------------------------------------------- main
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    with _logging_to_stderr(args.verbose, args.quiet):
+        try:
+            return args.run(args)
+        except BrokenPipeError:
+            return 0
+        except (GraphoptError, OSError) as exc:
+            _report(f"graphopt: error: {_one_line(exc)}", exc if args.verbose else None)
+            return 2
+        except KeyboardInterrupt:
+            _report("graphopt: interrupted", None)
+            return 130
+        except Exception as exc:
+            described = str(exc) if isinstance(exc, PassCrash) else f"{type(exc).__name__}: {_one_line(exc)}"
+            hint = "" if args.verbose else " (rerun with -v for the traceback)"
+            _report(f"graphopt: error: {described}{hint}", exc if args.verbose else None)
+            return 1
+
+
+def _report(message: str, exc: Optional[BaseException]) -> None:
+    """Print the traceback (only when given, i.e. with -v) and then the one-line message."""
+    if exc is not None:
+        traceback.print_exception(type(exc), exc, exc.__traceback__, file=sys.stderr)
+    print(message, file=sys.stderr)
+
+
+def _one_line(exc: BaseException) -> str:
+    """The exception's message on one line (multi-line messages joined with '; ')."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    if not lines:
+        return type(exc).__name__
+    return lines[0].rstrip(":") + (": " + "; ".join(lines[1:]) if len(lines) > 1 else "")
+
+
+class _StderrHandler(logging.Handler):
+    """Writes log records to the current `sys.stderr` (which tests may swap)."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        sys.stderr.write(self.format(record) + "\n")
+
+
+@contextlib.contextmanager
+def _logging_to_stderr(verbose: bool, quiet: bool) -> Iterator[None]:
+    """Show graphopt's log records on stderr for one command (info with -v, errors only with -q)."""
+    logger = logging.getLogger(_LOGGER)
+    handler, level = _StderrHandler(), logger.level
+    logger.addHandler(handler)
+    logger.setLevel(logging.ERROR if quiet else logging.INFO if verbose else logging.WARNING)
+    try:
+        yield
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)
 
 
 if __name__ == "__main__":

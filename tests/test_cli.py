@@ -1,11 +1,20 @@
-"""The `graphopt` command: help, inspect, and one-line errors without tracebacks."""
+"""The `graphopt` command: help, optimize, passes, inspect, and one-line errors without tracebacks."""
 
+import dataclasses
+import io
+import json
 import pathlib
+import re
 import subprocess
 import sys
 
+import numpy as np
+import onnxruntime as ort
 import pytest
 
+import graphopt
+from graphopt import Pass, PassResult, register_pass
+from graphopt.check import sample_inputs
 from graphopt.cli import main
 
 
@@ -43,3 +52,305 @@ def test_console_script_is_installed():
     script = pathlib.Path(sys.executable).parent / "graphopt"
     result = subprocess.run([str(script), "--help"], capture_output=True, text=True)
     assert result.returncode == 0 and "inspect" in result.stdout
+
+
+# ----------------------------------------------------------------------------- optimize
+# Passes defined here, registered for this process (main() runs in-process below).
+
+@register_pass
+@dataclasses.dataclass
+class DropIdentities(Pass):
+    """Remove Identity nodes (CLI test pass). Needs nothing; their readers read the input."""
+
+    name = "cli-test-drop-identities"
+    limit: int = 0
+    """Remove at most this many (0: all)."""
+
+    def run(self, graph, ctx):
+        removed = 0
+        for node in graph:
+            if node.op_type != "Identity" or node.output.is_graph_output or 0 < self.limit <= removed:
+                continue
+            node.output.replace_all_uses_with(node.inputs[0])
+            graph.erase(node)
+            removed += 1
+        return PassResult(changed=removed > 0, stats={"removed": removed})
+
+
+@register_pass
+@dataclasses.dataclass
+class Provides(Pass):
+    """Change nothing (CLI test pass); provides the fact 'cli-test-fact'."""
+
+    name = "cli-test-provides"
+    provides = ("cli-test-fact",)
+
+    def run(self, graph, ctx):
+        return PassResult(changed=False)
+
+
+@register_pass
+@dataclasses.dataclass
+class Requires(Pass):
+    """Change nothing (CLI test pass); requires the fact 'cli-test-fact'."""
+
+    name = "cli-test-requires"
+    requires = ("cli-test-fact",)
+
+    def run(self, graph, ctx):
+        return PassResult(changed=False)
+
+
+@register_pass
+@dataclasses.dataclass
+class Crash(Pass):
+    """Raise RuntimeError (CLI test pass): a buggy pass."""
+
+    name = "cli-test-crash"
+
+    def run(self, graph, ctx):
+        raise RuntimeError("the pass has a bug")
+
+
+@register_pass
+@dataclasses.dataclass
+class DoubleOutputs(Pass):
+    """Multiply every float graph output by 2 (CLI test pass): claims to be lossless, is not."""
+
+    name = "cli-test-double-outputs"
+
+    def run(self, graph, ctx):
+        two = graph.add_constant("cli_test_two", np.array(2.0, dtype=np.float32))
+        outputs = [graph.add_node("Mul", [out, two]).output for out in graph.outputs]
+        graph.set_outputs(outputs)
+        return PassResult(changed=True)
+
+
+def tiny_model(path: pathlib.Path) -> pathlib.Path:
+    """y = Relu(Identity(x)) @ w: a model that loads and runs in milliseconds."""
+    graph = graphopt.Graph("tiny")
+    x = graph.add_input("x", graphopt.TensorType(graphopt.DType.FLOAT, ("batch", 4)))
+    hidden = graph.add_node("Relu", [graph.add_node("Identity", [x]).output])
+    w = graph.add_constant("w", np.arange(12, dtype=np.float32).reshape(4, 3))
+    graph.set_outputs([graph.add_node("MatMul", [hidden.output, w], output_names=["y"]).output])
+    graph.save_onnx(path)
+    return path
+
+
+def ort_outputs(path: pathlib.Path, feeds: dict) -> list:
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    return session.run(None, feeds)
+
+
+def assert_one_line_error(capsys, code: int, expected_code: int = 2) -> str:
+    err = capsys.readouterr().err
+    assert code == expected_code, err
+    assert err.startswith("graphopt: error: ") and err.count("\n") == 1, err
+    assert "Traceback" not in err
+    return err
+
+
+def test_optimize_help_lists_the_flags(capsys):
+    with pytest.raises(SystemExit) as info:
+        main(["optimize", "--help"])
+    assert info.value.code == 0
+    out = capsys.readouterr().out
+    for flag in ("--pipeline-file", "--check", "--verify", "--dump-ir", "--dump-dir", "--no-external-data", "-q"):
+        assert flag in out
+
+
+def test_optimize_zoo_bert(zoo_onnx, tmp_path, capsys):
+    source, target = zoo_onnx("bert"), tmp_path / "bert-opt.onnx"
+    code = main(["optimize", str(source), "-o", str(target), "-p", "cli-test-drop-identities,cli-test-provides"])
+    out = capsys.readouterr().out
+    assert code == 0
+    assert out.splitlines()[0].split() == ["pass", "time", "nodes", "max", "err", "stats"]
+    assert "cli-test-drop-identities" in out and "removed=19" in out
+    assert f"wrote {target}" in out
+    assert "Identity" not in graphopt.from_onnx(target).op_counts()
+    feeds = sample_inputs(graphopt.from_onnx(source))
+    for want, got in zip(ort_outputs(source, feeds), ort_outputs(target, feeds)):
+        np.testing.assert_allclose(got, want, rtol=0, atol=1e-6)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bert-opt.onnx"]
+
+
+def test_optimize_check_prints_the_max_error(tmp_path, capsys):
+    source = tiny_model(tmp_path / "in.onnx")
+    code = main(["optimize", str(source), "-o", str(tmp_path / "out.onnx"), "-p", "cli-test-drop-identities", "--check"])
+    out = capsys.readouterr().out
+    assert code == 0
+    assert re.search(r"^check: max abs error of .*out\.onnx vs the input on sample inputs \(batch=2\): 0$", out, re.M)
+    assert "0.00e+00" in out  # the per-pass column of the table
+
+
+def test_check_names_the_pass_that_changed_the_outputs(tmp_path, capsys):
+    source, target = tiny_model(tmp_path / "in.onnx"), tmp_path / "out.onnx"
+    pipeline = "cli-test-drop-identities,cli-test-double-outputs,cli-test-provides"
+    code = main(["optimize", str(source), "-o", str(target), "-p", pipeline, "--check"])
+    err = assert_one_line_error(capsys, code)
+    assert "pass 'cli-test-double-outputs' changed the outputs" in err
+    assert not target.exists()
+
+
+def test_optimize_quiet_prints_nothing(tmp_path, capsys):
+    source, target = tiny_model(tmp_path / "in.onnx"), tmp_path / "out.onnx"
+    assert main(["optimize", "-q", str(source), "-o", str(target), "-p", "cli-test-drop-identities"]) == 0
+    assert capsys.readouterr() == ("", "")
+    assert target.exists()
+
+
+def test_pipeline_file_verify_dumps_and_external_data(tmp_path, capsys):
+    source, target = tiny_model(tmp_path / "in.onnx"), tmp_path / "out.onnx"
+    pipeline = tmp_path / "pipeline.json"
+    pipeline.write_text(json.dumps({"pipeline": [{"cli-test-drop-identities": {"limit": 1}}, "cli-test-provides"]}))
+    dumps = tmp_path / "dumps"
+    code = main([
+        "optimize", str(source), "-o", str(target), "--pipeline-file", str(pipeline), "--verify",
+        "--dump-ir", "cli-test-drop-identities", "--dump-dir", str(dumps), "--external-data",
+    ])
+    assert code == 0, capsys.readouterr().err
+    assert sorted(p.name for p in dumps.iterdir()) == [
+        "01-cli-test-drop-identities.after.txt", "01-cli-test-drop-identities.before.txt",
+    ]
+    assert "Identity(" in (dumps / "01-cli-test-drop-identities.before.txt").read_text()
+    assert "Identity(" not in (dumps / "01-cli-test-drop-identities.after.txt").read_text()
+    assert (tmp_path / "out.onnx.data").exists()
+    feeds = {"x": np.ones((2, 4), dtype=np.float32)}
+    np.testing.assert_array_equal(ort_outputs(target, feeds)[0], ort_outputs(source, feeds)[0])
+
+
+def test_pipeline_option_takes_a_yaml_file(tmp_path, capsys):
+    pytest.importorskip("yaml")
+    source, target = tiny_model(tmp_path / "in.onnx"), tmp_path / "out.onnx"
+    pipeline = tmp_path / "pipeline.yaml"
+    pipeline.write_text("- cli-test-drop-identities:\n    limit: 1\n- cli-test-provides\n")
+    assert main(["optimize", str(source), "-o", str(target), "-p", str(pipeline)]) == 0
+    out = capsys.readouterr().out
+    assert "removed=1" in out and "cli-test-provides" in out
+
+
+def test_progress_goes_to_a_terminal_only(tmp_path, capsys, monkeypatch):
+    class Terminal(io.StringIO):
+        def isatty(self):
+            return True
+
+    source = tiny_model(tmp_path / "in.onnx")
+    args = ["optimize", str(source), "-o", str(tmp_path / "out.onnx"), "-p", "cli-test-drop-identities{limit=1},cli-test-provides"]
+    assert main(args) == 0
+    assert capsys.readouterr().err == ""
+    terminal = Terminal()
+    monkeypatch.setattr(sys, "stderr", terminal)
+    assert main(args) == 0
+    assert terminal.getvalue() == "[1/2] cli-test-drop-identities{limit=1}\n[2/2] cli-test-provides\n"
+    terminal.truncate(0)
+    assert main(args + ["-q"]) == 0
+    assert terminal.getvalue() == ""
+
+
+@pytest.mark.parametrize("output", ["same", "relative", "symlink"])
+def test_refuses_to_overwrite_the_input(tmp_path, capsys, monkeypatch, output):
+    source = tiny_model(tmp_path / "model.onnx")
+    before = source.read_bytes()
+    monkeypatch.chdir(tmp_path)
+    if output == "symlink":
+        (tmp_path / "link.onnx").symlink_to(source)
+    target = {"same": str(source), "relative": "./sub/../model.onnx", "symlink": "link.onnx"}[output]
+    (tmp_path / "sub").mkdir()
+    err = assert_one_line_error(capsys, main(["optimize", str(source), "-o", target, "-p", "cli-test-drop-identities"]))
+    assert "is the input model" in err
+    assert source.read_bytes() == before
+
+
+@pytest.mark.parametrize("pipeline, message", [
+    ("cli-test-drop-identites", "unknown pass 'cli-test-drop-identites'; did you mean 'cli-test-drop-identities'"),
+    ("cli-test-drop-identities{limit=many}", "pass 'cli-test-drop-identities': option 'limit' must be int, got 'many'"),
+    ("cli-test-drop-identities{limt=1}", "pass 'cli-test-drop-identities' has no option 'limt' (options: limit)"),
+    ("cli-test-requires,cli-test-provides", "pass 'cli-test-requires' (position 1) needs 'cli-test-fact', which no "
+     "earlier pass provides; move 'cli-test-provides' before it"),
+    ("cli-test-drop-identities{limit=1", "unbalanced"),
+    ("missing.json", "missing.json: no such pipeline file"),
+])
+def test_bad_pipelines_fail_before_loading(tmp_path, capsys, pipeline, message):
+    """The model path does not even exist: the pipeline is checked first."""
+    code = main(["optimize", str(tmp_path / "absent.onnx"), "-o", str(tmp_path / "out.onnx"), "-p", pipeline])
+    assert message in assert_one_line_error(capsys, code)
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--dump-ir", "all"], "--dump-ir needs --dump-dir"),
+    (["--dump-ir", "cli-test-crash", "--dump-dir", "d"], "pass 'cli-test-crash' is not in the pipeline"),
+    (["-o", "no/such/folder/out.onnx"], "does not exist"),
+])
+def test_bad_flags_are_one_line_errors(tmp_path, capsys, monkeypatch, extra, message):
+    monkeypatch.chdir(tmp_path)
+    source = tiny_model(tmp_path / "in.onnx")
+    code = main(["optimize", str(source), "-o", "out.onnx", "-p", "cli-test-drop-identities", *extra])
+    assert message in assert_one_line_error(capsys, code)
+    assert not (tmp_path / "out.onnx").exists()
+
+
+def test_a_crashing_pass_leaves_no_output(tmp_path, capsys):
+    source, target = tiny_model(tmp_path / "in.onnx"), tmp_path / "out.onnx"
+    code = main(["optimize", str(source), "-o", str(target), "-p", "cli-test-drop-identities,cli-test-crash"])
+    err = assert_one_line_error(capsys, code, expected_code=1)
+    assert err == ("graphopt: error: pass 'cli-test-crash' crashed: RuntimeError: the pass has a bug "
+                   "(rerun with -v for the traceback)\n")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in.onnx"]
+
+
+def test_verbose_shows_the_traceback(tmp_path, capsys):
+    source = tiny_model(tmp_path / "in.onnx")
+    assert main(["-v", "optimize", str(source), "-o", str(tmp_path / "out.onnx"), "-p", "cli-test-crash"]) == 1
+    err = capsys.readouterr().err
+    assert "Traceback" in err and "RuntimeError: the pass has a bug" in err
+    assert err.splitlines()[-1].startswith("graphopt: error: pass 'cli-test-crash' crashed")
+
+
+def test_errors_from_the_installed_script_are_one_line(tmp_path):
+    script = pathlib.Path(sys.executable).parent / "graphopt"
+    result = subprocess.run(
+        [str(script), "optimize", str(tmp_path / "absent.onnx"), "-o", str(tmp_path / "out.onnx"), "-p", "cleanup{no_such_option=1}"],
+        capture_output=True, text=True,
+    )
+    assert result.returncode == 2
+    assert result.stderr.startswith("graphopt: error: ") and result.stderr.count("\n") == 1, result.stderr
+    assert "Traceback" not in result.stderr
+
+
+# ----------------------------------------------------------------------------- passes
+def test_passes_lists_test_passes_with_options(capsys):
+    assert main(["passes"]) == 0
+    out = capsys.readouterr().out
+    assert re.search(r"^cli-test-drop-identities +Remove Identity nodes \(CLI test pass\)\. Needs nothing; "
+                     r"their readers read the input\.\n    limit: int = 0\n", out, re.M)
+    assert re.search(r"^cli-test-requires +Change nothing .*\n    \(requires: cli-test-fact\)\n", out, re.M)
+
+
+def test_passes_json(capsys):
+    assert main(["passes", "--json"]) == 0
+    passes = {entry["name"]: entry for entry in json.loads(capsys.readouterr().out)}
+    assert passes["cli-test-drop-identities"]["options"] == [{"name": "limit", "type": "int", "default": 0}]
+    assert passes["cli-test-provides"]["provides"] == ["cli-test-fact"]
+    assert passes["cli-test-crash"]["lossless"] is True
+
+
+# ----------------------------------------------------------------------------- inspect
+def test_inspect_json(zoo_onnx, capsys):
+    assert main(["inspect", "--json", str(zoo_onnx("bert"))]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["ops"]["MatMul"] == 16 and summary["nodes"] == sum(summary["ops"].values())
+    assert summary["parameters"]["count"] > 20_000 and summary["parameters"]["bytes"] == 4 * summary["parameters"]["count"]
+    assert summary["inputs"][0] == {"name": "input_ids", "dtype": "int64", "shape": ["batch", "seq"]}
+    assert summary["outputs"][0]["shape"] == ["batch", "seq", 32]
+    assert summary["opsets"]["ai.onnx"] >= 13
+    assert summary["flops"]["sizes"] == {"batch": 2, "seq": 8}
+    assert summary["flops"]["total"] > summary["flops"]["by_op"]["MatMul"] > 0
+
+
+def test_inspect_summary_sizes_can_be_chosen(tmp_path, capsys):
+    source = tiny_model(tmp_path / "in.onnx")
+    assert main(["inspect", "--ops", "--dim", "batch=10", str(source)]) == 0
+    out = capsys.readouterr().out
+    assert "parameters: 12 (48 B) in 1 tensors" in out
+    assert "  x: float[batch, 4]" in out
+    assert f"FLOPs: {2 * 10 * 3 * 4 + 10 * 4:,} " in out and "assuming batch=10" in out
