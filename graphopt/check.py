@@ -13,7 +13,6 @@ import numpy as np
 
 from graphopt.errors import GraphoptError
 from graphopt.ir.graph import Graph
-from graphopt.ir.schema import GRAPHOPT_DOMAIN
 
 DEFAULT_SYMBOL_SIZE = 2
 SEQUENCE_SYMBOL_SIZE = 8
@@ -56,11 +55,13 @@ def symbol_size(name: str) -> int:
     return SEQUENCE_SYMBOL_SIZE if "seq" in name.lower() else DEFAULT_SYMBOL_SIZE
 
 
-def run_graph(graph: Graph, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
-    """Outputs of `graph` on `feeds`, computed by ONNX Runtime on CPU, or by the graph's
-    torch.fx form when it holds graphopt's own ops (which ONNX Runtime does not know)."""
-    if any(node.domain == GRAPHOPT_DOMAIN for node in graph.nodes):
+def run_graph(graph: Graph, feeds: dict[str, np.ndarray], engine: str = "onnxruntime") -> list[np.ndarray]:
+    """Outputs of `graph` on `feeds`, computed on CPU by ONNX Runtime (graphopt's own ops
+    lowered to standard ONNX) or by the graph's torch.fx form (`engine="torch"`)."""
+    if engine == "torch":
         return _run_fx(graph, feeds)
+    if engine != "onnxruntime":
+        raise GraphoptError(f"unknown engine {engine!r}: use 'onnxruntime' or 'torch'")
     import onnxruntime as ort
 
     options = ort.SessionOptions()

@@ -15,6 +15,7 @@ from typing import Any, Optional
 import numpy as np
 
 from graphopt.errors import ExportError
+from graphopt.exporters.onnx_lowering import lower_graphopt_ops
 from graphopt.frontends.onnx_import import OpaqueAttribute
 from graphopt.ir.dtypes import DType
 from graphopt.ir.graph import Graph, Node, Value
@@ -30,13 +31,18 @@ EXTERNAL_TENSOR_MIN_BYTES = 1024
 _ALIGNMENT = 4096
 
 
-def to_onnx(graph: Graph) -> Any:
-    """The graph as an `onnx.ModelProto` with every weight inline."""
-    return _model(graph, lambda value: _tensor_proto(value.name, value.const))  # type: ignore[arg-type]
+def to_onnx(graph: Graph, *, keep_graphopt_ops: bool = False) -> Any:
+    """The graph as an `onnx.ModelProto` with every weight inline.
+
+    graphopt's own ops (fused attention, norms) are lowered to standard ONNX (opset 23) so
+    ONNX runtimes can run the model, unless `keep_graphopt_ops` asks for the IR as is.
+    """
+    model = _model(graph, lambda value: _tensor_proto(value.name, value.const))  # type: ignore[arg-type]
+    return model if keep_graphopt_ops else lower_graphopt_ops(model)
 
 
-def save_onnx(graph: Graph, path: Any, *, external_data: Optional[bool] = None) -> None:
-    """Write the graph to `path` atomically.
+def save_onnx(graph: Graph, path: Any, *, external_data: Optional[bool] = None, keep_graphopt_ops: bool = False) -> None:
+    """Write the graph to `path` atomically (graphopt's own ops lowered as in `to_onnx`).
 
     `external_data=None` picks external data only when the weights exceed ~1.8 GB; the data
     goes to `<file name>.data` beside the model. Refuses to overwrite a file the graph's own
@@ -64,6 +70,8 @@ def save_onnx(graph: Graph, path: Any, *, external_data: Optional[bool] = None) 
                 model = _model(graph, lambda value: _external_or_inline(value, data_file, data_name))
         else:
             model = _model(graph, lambda value: _tensor_proto(value.name, value.const))  # type: ignore[arg-type]
+        if not keep_graphopt_ops:
+            model = lower_graphopt_ops(model)
         if model.ByteSize() > 2**31 - 1:
             raise ExportError(f"{path}: the model exceeds protobuf's 2 GB limit; save with external_data=True")
         with open(model_tmp, "wb") as handle:

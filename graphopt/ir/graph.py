@@ -509,17 +509,18 @@ class Graph:
 
         verify(self)
 
-    def to_onnx(self) -> "onnx.ModelProto":
-        """This graph as an ONNX model (weights inline)."""
+    def to_onnx(self, *, keep_graphopt_ops: bool = False) -> "onnx.ModelProto":
+        """This graph as an ONNX model (weights inline; graphopt's own ops lowered to
+        standard ONNX unless `keep_graphopt_ops`)."""
         from graphopt.exporters.onnx_export import to_onnx
 
-        return to_onnx(self)
+        return to_onnx(self, keep_graphopt_ops=keep_graphopt_ops)
 
-    def save_onnx(self, path: Any, *, external_data: Optional[bool] = None) -> None:
+    def save_onnx(self, path: Any, *, external_data: Optional[bool] = None, keep_graphopt_ops: bool = False) -> None:
         """Write this graph as an .onnx file, atomically; large weights go to external data."""
         from graphopt.exporters.onnx_export import save_onnx
 
-        save_onnx(self, path, external_data=external_data)
+        save_onnx(self, path, external_data=external_data, keep_graphopt_ops=keep_graphopt_ops)
 
     def to_fx(self) -> "torch.fx.GraphModule":
         """This graph as a runnable torch.fx GraphModule."""
