@@ -10,6 +10,8 @@ alone) and replaces each graphopt node by its standard counterpart:
 | RMSNorm(x, scale) | RMSNormalization (23) | axis, epsilon, stash_type |
 | Gelu(x) | Gelu (20) | approximate |
 
+ONNX Runtime wants the mask's query axis (-2) to be the query length, not 1 to broadcast:
+a mask whose query axis is not known to match is expanded to it first.
 ONNX's `is_causal` aligns the mask to the first key; graphopt's `causal` aligns it to the
 last key; they agree when query and key lengths are equal, which is what fusion produces.
 Models without graphopt nodes are returned unchanged.
@@ -47,7 +49,8 @@ def lower_graphopt_ops(model: Any) -> Any:
             model = version_converter.convert_version(model, STANDARD_OPSET)
         except Exception as exc:
             raise ExportError(f"could not convert the model to opset {STANDARD_OPSET} to lower graphopt ops: {exc}") from None
-    nodes = []
+    shapes = _known_shapes(model)
+    nodes: list[Any] = []
     for node in model.graph.node:
         if node.domain != GRAPHOPT_DOMAIN:
             nodes.append(node)
@@ -56,7 +59,10 @@ def lower_graphopt_ops(model: Any) -> Any:
             raise ExportError(f"node '{node.name}': graphopt::{node.op_type} has no standard ONNX lowering")
         op_type, attributes = _RENAMES[node.op_type]
         attrs = {attributes[a.name]: helper.get_attribute_value(a) for a in node.attribute if a.name in attributes}
-        nodes.append(helper.make_node(op_type, list(node.input), list(node.output), name=node.name, **attrs))
+        inputs = list(node.input)
+        if node.op_type == "Attention" and len(inputs) > 3 and inputs[3]:
+            inputs[3] = _mask_with_query_axis(inputs[3], inputs[0], shapes, nodes, node.name)
+        nodes.append(helper.make_node(op_type, inputs, list(node.output), name=node.name, **attrs))
     del model.graph.node[:]
     model.graph.node.extend(nodes)
     kept = [o for o in model.opset_import if o.domain != GRAPHOPT_DOMAIN]
@@ -64,3 +70,40 @@ def lower_graphopt_ops(model: Any) -> Any:
     model.opset_import.extend(kept)
     model.ir_version = max(model.ir_version, 10)
     return model
+
+
+def _known_shapes(model: Any) -> dict[str, list[Any]]:
+    shapes = {}
+    for info in list(model.graph.input) + list(model.graph.value_info) + list(model.graph.output):
+        tensor = info.type.tensor_type
+        if tensor.HasField("shape"):
+            shapes[info.name] = [d.dim_value if d.HasField("dim_value") else (d.dim_param or None) for d in tensor.shape.dim]
+    for init in model.graph.initializer:
+        shapes[init.name] = list(init.dims)
+    return shapes
+
+
+def _mask_with_query_axis(mask: str, query: str, shapes: dict[str, list[Any]], nodes: list[Any], name: str) -> str:
+    """`mask`, expanded so that its axis -2 is the query length when that is not known."""
+    from onnx import TensorProto, helper
+
+    mask_shape, query_shape = shapes.get(mask), shapes.get(query)
+    if mask_shape and query_shape and len(mask_shape) >= 2 and mask_shape[-2] == query_shape[2] and mask_shape[-2] is not None:
+        return mask
+    prefix = f"{name}/mask_query_axis"
+
+    def constant(suffix: str, values: list[int]) -> Any:
+        tensor = helper.make_tensor(f"{prefix}/{suffix}", TensorProto.INT64, [len(values)], values)
+        return helper.make_node("Constant", [], [f"{prefix}/{suffix}"], value=tensor)
+
+    nodes += [
+        constant("lead", [1, 1]),
+        constant("tail", [1]),
+        constant("start", [2]),
+        constant("end", [3]),
+        helper.make_node("Shape", [query], [f"{prefix}/query_shape"]),
+        helper.make_node("Slice", [f"{prefix}/query_shape", f"{prefix}/start", f"{prefix}/end"], [f"{prefix}/query_length"]),
+        helper.make_node("Concat", [f"{prefix}/lead", f"{prefix}/query_length", f"{prefix}/tail"], [f"{prefix}/target"], axis=0),
+        helper.make_node("Expand", [mask, f"{prefix}/target"], [f"{prefix}/mask"]),
+    ]
+    return f"{prefix}/mask"
