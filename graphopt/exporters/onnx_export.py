@@ -15,7 +15,7 @@ from typing import Any, Optional
 import numpy as np
 
 from graphopt.errors import ExportError
-from graphopt.exporters.onnx_lowering import lower_graphopt_ops
+from graphopt.exporters.onnx_lowering import decompose_graphopt_ops
 from graphopt.frontends.onnx_import import OpaqueAttribute
 from graphopt.ir.dtypes import DType
 from graphopt.ir.graph import Graph, Node, Value
@@ -34,11 +34,12 @@ _ALIGNMENT = 4096
 def to_onnx(graph: Graph, *, keep_graphopt_ops: bool = False) -> Any:
     """The graph as an `onnx.ModelProto` with every weight inline.
 
-    graphopt's own ops (fused attention, norms) are lowered to standard ONNX (opset 23) so
-    ONNX runtimes can run the model, unless `keep_graphopt_ops` asks for the IR as is.
+    graphopt's own ops (fused attention, norms) are decomposed into standard ONNX ops so
+    any ONNX runtime can run the model, unless `keep_graphopt_ops` asks for the IR as is.
     """
-    model = _model(graph, lambda value: _tensor_proto(value.name, value.const))  # type: ignore[arg-type]
-    return model if keep_graphopt_ops else lower_graphopt_ops(model)
+    if not keep_graphopt_ops:
+        graph = decompose_graphopt_ops(graph)
+    return _model(graph, lambda value: _tensor_proto(value.name, value.const))  # type: ignore[arg-type]
 
 
 def save_onnx(graph: Graph, path: Any, *, external_data: Optional[bool] = None, keep_graphopt_ops: bool = False) -> None:
@@ -48,6 +49,8 @@ def save_onnx(graph: Graph, path: Any, *, external_data: Optional[bool] = None, 
     goes to `<file name>.data` beside the model. Refuses to overwrite a file the graph's own
     weights are read from.
     """
+    if not keep_graphopt_ops:
+        graph = decompose_graphopt_ops(graph)
     path = os.path.abspath(os.fspath(path))
     directory = os.path.dirname(path)
     if not os.path.isdir(directory):
@@ -70,8 +73,6 @@ def save_onnx(graph: Graph, path: Any, *, external_data: Optional[bool] = None, 
                 model = _model(graph, lambda value: _external_or_inline(value, data_file, data_name))
         else:
             model = _model(graph, lambda value: _tensor_proto(value.name, value.const))  # type: ignore[arg-type]
-        if not keep_graphopt_ops:
-            model = lower_graphopt_ops(model)
         if model.ByteSize() > 2**31 - 1:
             raise ExportError(f"{path}: the model exceeds protobuf's 2 GB limit; save with external_data=True")
         with open(model_tmp, "wb") as handle:

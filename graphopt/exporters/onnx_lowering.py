@@ -1,109 +1,151 @@
-"""Lower graphopt's own ops to standard ONNX so any ONNX runtime can run the model.
+"""Lower graphopt's own ops to standard ONNX ops, exactly, so any ONNX runtime runs the model.
 
-`lower_graphopt_ops(model)` converts a ModelProto that holds graphopt-domain nodes to
-default-domain opset 23 (with onnx's version converter, which leaves the other domains
-alone) and replaces each graphopt node by its standard counterpart:
+`decompose_graphopt_ops(graph)` returns a copy of `graph` in which every graphopt-domain
+node is replaced by the default-domain ops it stands for, valid in the graph's own opset
+(13 and up), with the same arithmetic as the patterns fusion raised them from:
 
-| graphopt op | ONNX op (opset) | attributes |
-| --- | --- | --- |
-| Attention(q, k, v[, bias]) | Attention (23) | num_heads -> q_num_heads, num_kv_heads -> kv_num_heads, scale, causal -> is_causal; bias -> attn_mask (bool: True attends; float: added) |
-| RMSNorm(x, scale) | RMSNormalization (23) | axis, epsilon, stash_type |
-| Gelu(x) | Gelu (20) | approximate |
+- `Attention(q, k, v[, bias])`: K and V repeated for grouped-query heads
+  (Unsqueeze/Expand/Reshape), `MatMul(q, Transpose(k))`, `Mul` by the scale, the bias added
+  (a boolean bias selects with `Where`), a causal mask aligned to the last key, `Softmax`
+  over the keys, `MatMul` with V;
+- `RMSNorm(x, scale)`: `x * 1/sqrt(ReduceMean(x^2) + eps) * scale`;
+- `Gelu(x)`: the erf or tanh formula.
 
-ONNX Runtime wants the mask's query axis (-2) to be the query length, not 1 to broadcast:
-a mask whose query axis is not known to match is expanded to it first.
-ONNX's `is_causal` aligns the mask to the first key; graphopt's `causal` aligns it to the
-last key; they agree when query and key lengths are equal, which is what fusion produces.
-Models without graphopt nodes are returned unchanged.
+ONNX Runtime's opset-23 `Attention` kernel was measured to return zeros for query rows
+whose every key is masked, where softmax over an additive mask returns the mean of V; a
+decomposition keeps the original model's results in every case, so it is the default.
 """
 
 from __future__ import annotations
 
-from typing import Any
+import math
+
+import numpy as np
 
 from graphopt.errors import ExportError
+from graphopt.ir.graph import Graph, Node, Value
 from graphopt.ir.schema import GRAPHOPT_DOMAIN
+from graphopt.ir.tensor import ArrayTensor
 
-STANDARD_OPSET = 23
-
-_RENAMES: dict[str, tuple[str, dict[str, str]]] = {
-    "Attention": ("Attention", {"num_heads": "q_num_heads", "num_kv_heads": "kv_num_heads", "scale": "scale", "causal": "is_causal"}),
-    "RMSNorm": ("RMSNormalization", {"axis": "axis", "epsilon": "epsilon", "stash_type": "stash_type"}),
-    "Gelu": ("Gelu", {"approximate": "approximate"}),
-}
+_LOWEST = float(np.finfo(np.float32).min)
 
 
-def has_graphopt_ops(model: Any) -> bool:
-    return any(node.domain == GRAPHOPT_DOMAIN for node in model.graph.node)
+def has_graphopt_ops(graph: Graph) -> bool:
+    return any(node.domain == GRAPHOPT_DOMAIN for node in graph.nodes)
 
 
-def lower_graphopt_ops(model: Any) -> Any:
-    """A copy of `model` with graphopt-domain nodes replaced by standard ONNX ops (opset 23)."""
-    if not has_graphopt_ops(model):
-        return model
-    from onnx import helper, version_converter
-
-    current = {o.domain: o.version for o in model.opset_import}.get("", 0)
-    if current < STANDARD_OPSET:
-        try:
-            model = version_converter.convert_version(model, STANDARD_OPSET)
-        except Exception as exc:
-            raise ExportError(f"could not convert the model to opset {STANDARD_OPSET} to lower graphopt ops: {exc}") from None
-    shapes = _known_shapes(model)
-    nodes: list[Any] = []
-    for node in model.graph.node:
-        if node.domain != GRAPHOPT_DOMAIN:
-            nodes.append(node)
-            continue
-        if node.op_type not in _RENAMES:
-            raise ExportError(f"node '{node.name}': graphopt::{node.op_type} has no standard ONNX lowering")
-        op_type, attributes = _RENAMES[node.op_type]
-        attrs = {attributes[a.name]: helper.get_attribute_value(a) for a in node.attribute if a.name in attributes}
-        inputs = list(node.input)
-        if node.op_type == "Attention" and len(inputs) > 3 and inputs[3]:
-            inputs[3] = _mask_with_query_axis(inputs[3], inputs[0], shapes, nodes, node.name)
-        nodes.append(helper.make_node(op_type, inputs, list(node.output), name=node.name, **attrs))
-    del model.graph.node[:]
-    model.graph.node.extend(nodes)
-    kept = [o for o in model.opset_import if o.domain != GRAPHOPT_DOMAIN]
-    del model.opset_import[:]
-    model.opset_import.extend(kept)
-    model.ir_version = max(model.ir_version, 10)
-    return model
+def decompose_graphopt_ops(graph: Graph) -> Graph:
+    """A copy of `graph` with graphopt-domain nodes replaced by standard ONNX ops."""
+    if not has_graphopt_ops(graph):
+        return graph
+    lowered = graph.clone()
+    for node in [n for n in lowered.nodes if n.domain == GRAPHOPT_DOMAIN]:
+        builder = _Builder(lowered, node)
+        if node.op_type == "Attention":
+            result = _attention(builder, node)
+        elif node.op_type == "RMSNorm":
+            result = _rmsnorm(builder, node)
+        elif node.op_type == "Gelu":
+            result = _gelu(builder, node)
+        else:
+            raise ExportError(f"node {node.label}: graphopt::{node.op_type} has no standard ONNX lowering")
+        name = node.output.name
+        node.output.replace_all_uses_with(result)
+        lowered.erase(node)
+        lowered.rename_value(result, name)
+    return lowered
 
 
-def _known_shapes(model: Any) -> dict[str, list[Any]]:
-    shapes = {}
-    for info in list(model.graph.input) + list(model.graph.value_info) + list(model.graph.output):
-        tensor = info.type.tensor_type
-        if tensor.HasField("shape"):
-            shapes[info.name] = [d.dim_value if d.HasField("dim_value") else (d.dim_param or None) for d in tensor.shape.dim]
-    for init in model.graph.initializer:
-        shapes[init.name] = list(init.dims)
-    return shapes
+class _Builder:
+    """Adds default-domain nodes before `anchor`; numbers become constants of a given dtype."""
+
+    def __init__(self, graph: Graph, anchor: Node) -> None:
+        self.graph = graph
+        self.anchor = anchor
+
+    def op(self, op_type: str, *inputs: Value, **attrs: object) -> Value:
+        return self.graph.add_node(op_type, list(inputs), attrs or None, before=self.anchor).output
+
+    def const(self, values: object, like: Value | None = None, dtype: object = None) -> Value:
+        if dtype is None:
+            dtype = like.dtype.to_numpy() if like is not None and like.dtype is not None else np.float32
+        return self.graph.add_constant(self.graph.unique_name("lowered_constant"), np.array(values, dtype=dtype))
+
+    def ints(self, values: list[int]) -> Value:
+        return self.const(values, dtype=np.int64)
+
+    def dims(self, value: Value, start: int, end: int) -> Value:
+        """Dims start:end of `value`'s runtime shape, as an int64 vector."""
+        return self.op("Slice", self.op("Shape", value), self.ints([start]), self.ints([end]))
 
 
-def _mask_with_query_axis(mask: str, query: str, shapes: dict[str, list[Any]], nodes: list[Any], name: str) -> str:
-    """`mask`, expanded so that its axis -2 is the query length when that is not known."""
-    from onnx import TensorProto, helper
+def _attention(b: _Builder, node: Node) -> Value:
+    query, key, value = node.inputs[:3]
+    bias = node.inputs[3] if len(node.inputs) > 3 else None
+    heads = int(node.attrs["num_heads"])
+    kv_heads = int(node.attrs.get("num_kv_heads", heads))
+    if kv_heads != heads:
+        key, value = _repeat_kv(b, key, heads // kv_heads), _repeat_kv(b, value, heads // kv_heads)  # type: ignore[arg-type]
+    head_size = query.type.shape[3] if query.type.shape else None  # type: ignore[union-attr]
+    scale = node.attrs.get("scale")
+    if scale is None:
+        if not isinstance(head_size, int):
+            raise ExportError(f"node {node.label}: Attention without a scale needs a static head size")
+        scale = 1.0 / math.sqrt(head_size)
+    scores = b.op("MatMul", query, b.op("Transpose", key, perm=(0, 1, 3, 2)))  # type: ignore[arg-type]
+    scores = b.op("Mul", scores, b.const(scale, like=query))
+    if bias is not None:
+        if bias.dtype is not None and bias.dtype.name == "BOOL":
+            scores = b.op("Where", bias, scores, b.const(_LOWEST, like=query))
+        else:
+            scores = b.op("Add", scores, bias)
+    if node.attrs.get("causal"):
+        scores = b.op("Where", _causal_mask(b, query, key), scores, b.const(_LOWEST, like=query))  # type: ignore[arg-type]
+    probs = b.op("Softmax", scores, axis=-1)
+    return b.op("MatMul", probs, value)  # type: ignore[arg-type]
 
-    mask_shape, query_shape = shapes.get(mask), shapes.get(query)
-    if mask_shape and query_shape and len(mask_shape) >= 2 and mask_shape[-2] == query_shape[2] and mask_shape[-2] is not None:
-        return mask
-    prefix = f"{name}/mask_query_axis"
 
-    def constant(suffix: str, values: list[int]) -> Any:
-        tensor = helper.make_tensor(f"{prefix}/{suffix}", TensorProto.INT64, [len(values)], values)
-        return helper.make_node("Constant", [], [f"{prefix}/{suffix}"], value=tensor)
+def _repeat_kv(b: _Builder, tensor: Value, copies: int) -> Value:
+    """[B, Hkv, S, D] -> [B, Hkv * copies, S, D], each head repeated `copies` times in place."""
+    unsqueezed = b.op("Unsqueeze", tensor, b.ints([2]))
+    expanded_shape = b.op("Concat", b.dims(tensor, 0, 2), b.ints([copies]), b.dims(tensor, 2, 4), axis=0)
+    expanded = b.op("Expand", unsqueezed, expanded_shape)
+    merged_shape = b.op("Concat", b.dims(tensor, 0, 1), b.ints([-1]), b.dims(tensor, 2, 4), axis=0)
+    return b.op("Reshape", expanded, merged_shape)
 
-    nodes += [
-        constant("lead", [1, 1]),
-        constant("tail", [1]),
-        constant("start", [2]),
-        constant("end", [3]),
-        helper.make_node("Shape", [query], [f"{prefix}/query_shape"]),
-        helper.make_node("Slice", [f"{prefix}/query_shape", f"{prefix}/start", f"{prefix}/end"], [f"{prefix}/query_length"]),
-        helper.make_node("Concat", [f"{prefix}/lead", f"{prefix}/query_length", f"{prefix}/tail"], [f"{prefix}/target"], axis=0),
-        helper.make_node("Expand", [mask, f"{prefix}/target"], [f"{prefix}/mask"]),
-    ]
-    return f"{prefix}/mask"
+
+def _causal_mask(b: _Builder, query: Value, key: Value) -> Value:
+    """Boolean [Sq, Sk]: query i sees keys j <= i + Sk - Sq."""
+    q_len, k_len = b.dims(query, 2, 3), b.dims(key, 2, 3)
+    ones = b.op("ConstantOfShape", b.op("Concat", q_len, k_len, axis=0), value=ArrayTensor(np.ones(1, np.float32)))
+    offset = b.op("Squeeze", b.op("Sub", k_len, q_len), b.ints([0]))
+    return b.op("Cast", b.op("Trilu", ones, offset, upper=0), to=9)
+
+
+def _rmsnorm(b: _Builder, node: Node) -> Value:
+    x, scale = node.inputs
+    axis = int(node.attrs.get("axis", -1))
+    rank = x.type.rank  # type: ignore[union-attr]
+    if rank is None:
+        raise ExportError(f"node {node.label}: RMSNorm needs the rank of its input to be known")
+    axes = list(range(axis % rank, rank))
+    square = b.op("Pow", x, b.const(2.0, like=x))  # type: ignore[arg-type]
+    if b.graph.opset() >= 18:
+        mean = b.op("ReduceMean", square, b.ints(axes), keepdims=1)
+    else:
+        mean = b.op("ReduceMean", square, axes=tuple(axes), keepdims=1)
+    root = b.op("Sqrt", b.op("Add", mean, b.const(float(node.attrs.get("epsilon", 1e-5)), like=x)))
+    normalized = b.op("Mul", x, b.op("Reciprocal", root))  # type: ignore[arg-type]
+    return b.op("Mul", scale, normalized)  # type: ignore[arg-type]
+
+
+def _gelu(b: _Builder, node: Node) -> Value:
+    (x,) = node.inputs
+    half = b.op("Mul", x, b.const(0.5, like=x))  # type: ignore[arg-type]
+    if node.attrs.get("approximate", "none") == "tanh":
+        cubic = b.op("Mul", b.op("Pow", x, b.const(3.0, like=x)), b.const(0.044715, like=x))  # type: ignore[arg-type]
+        inner = b.op("Mul", b.op("Add", x, cubic), b.const(math.sqrt(2.0 / math.pi), like=x))  # type: ignore[arg-type]
+        gate = b.op("Tanh", inner)
+    else:
+        gate = b.op("Erf", b.op("Div", x, b.const(math.sqrt(2.0), like=x)))  # type: ignore[arg-type]
+    return b.op("Mul", half, b.op("Add", gate, b.const(1.0, like=x)))

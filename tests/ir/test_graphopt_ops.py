@@ -11,12 +11,13 @@ from graphopt.exporters.graphopt_kernels import graphopt_Attention, graphopt_Gel
 F32 = DType.FLOAT
 
 
-def _attention_graph(kv_heads: int = 2, causal: int = 1) -> Graph:
+def _attention_graph(kv_heads: int = 2, causal: int = 1, bias: bool = False) -> Graph:
     graph = Graph("attn", {"": 18})
     q = graph.add_input("q", TensorType(F32, ("batch", 4, "seq", 8)))
     k = graph.add_input("k", TensorType(F32, ("batch", kv_heads, "kv", 8)))
     v = graph.add_input("v", TensorType(F32, ("batch", kv_heads, "kv", 6)))
-    node = graph.add_node("Attention", [q, k, v], {"num_heads": 4, "num_kv_heads": kv_heads, "causal": causal}, domain="graphopt", output_names=["o"])
+    extra = [graph.add_input("bias", TensorType(F32, (1, 1, 1, "kv")))] if bias else []
+    node = graph.add_node("Attention", [q, k, v, *extra], {"num_heads": 4, "num_kv_heads": kv_heads, "causal": causal}, domain="graphopt", output_names=["o"])
     graph.set_outputs([node.output])
     return graph
 
@@ -96,11 +97,34 @@ def test_graphopt_ops_roundtrip_through_onnx_and_run_as_fx():
         np.testing.assert_allclose(out, want.numpy(), atol=1e-5)
 
 
-def test_lowering_to_standard_onnx_runs_in_onnxruntime():
-    graph = _attention_graph(causal=0)
-    model = graph.to_onnx()
-    assert {o.domain: o.version for o in model.opset_import} == {"": 23}
-    assert [n.op_type for n in model.graph.node] == ["Attention"]
+@pytest.mark.parametrize("causal", [0, 1])
+@pytest.mark.parametrize("kv_heads", [4, 2])
+def test_lowering_to_standard_onnx_matches_the_torch_kernel(causal, kv_heads):
     import onnx
 
+    graph = _attention_graph(kv_heads=kv_heads, causal=causal, bias=True)
+    model = graph.to_onnx()
+    assert {o.domain for o in model.opset_import} == {""}
+    assert not any(n.domain for n in model.graph.node)
     onnx.checker.check_model(model, full_check=True)
+    gen = np.random.default_rng(0)
+    feeds = {"q": gen.standard_normal((2, 4, 3, 8), dtype=np.float32), "k": gen.standard_normal((2, kv_heads, 5, 8), dtype=np.float32),
+             "v": gen.standard_normal((2, kv_heads, 5, 6), dtype=np.float32), "bias": gen.standard_normal((1, 1, 1, 5), dtype=np.float32)}
+    from graphopt.check import run_graph
+
+    np.testing.assert_allclose(run_graph(graph, feeds)[0], run_graph(graph, feeds, engine="torch")[0], atol=1e-5)
+
+
+def test_rmsnorm_and_gelu_lower_to_standard_onnx():
+    from graphopt.check import run_graph
+
+    for opset in (17, 18):
+        graph = Graph("norms", {"": opset})
+        x = graph.add_input("x", TensorType(F32, ("n", 8)))
+        norm = graph.add_node("RMSNorm", [x, graph.add_constant("w", np.linspace(0.5, 2, 8, dtype=np.float32))], {"epsilon": 1e-6}, domain="graphopt")
+        erf = graph.add_node("Gelu", [norm.output], domain="graphopt")
+        tanh = graph.add_node("Gelu", [erf.output], {"approximate": "tanh"}, domain="graphopt", output_names=["y"])
+        graph.set_outputs([tanh.output])
+        feeds = {"x": np.random.default_rng(opset).standard_normal((3, 8), dtype=np.float32)}
+        np.testing.assert_allclose(run_graph(graph, feeds)[0], run_graph(graph, feeds, engine="torch")[0], atol=1e-5)
+        assert graph.to_onnx().graph.output[0].name == "y"
