@@ -8,7 +8,6 @@ lists can never go stale; passes never edit the lists themselves.
 
 from __future__ import annotations
 
-import itertools
 from typing import TYPE_CHECKING, Any, Iterable, Iterator, NamedTuple, Optional, Sequence, Union
 
 import numpy as np
@@ -196,7 +195,6 @@ class Graph:
         self._constants: dict[str, Value] = {}
         self._names: set[str] = set()
         self._node_names: set[str] = set()
-        self._counter = itertools.count()
 
     # ----------------------------------------------------------------- reading
     @property
@@ -252,10 +250,10 @@ class Graph:
         base = base or "v"
         if base not in self._names:
             return base
-        while True:
-            candidate = f"{base}_{next(self._counter)}"
-            if candidate not in self._names:
-                return candidate
+        suffix = 1
+        while f"{base}_{suffix}" in self._names:
+            suffix += 1
+        return f"{base}_{suffix}"
 
     def _claim(self, value: Value, base: str) -> None:
         value.name = self.unique_name(base)
@@ -367,11 +365,12 @@ class Graph:
         return node
 
     def unique_node_name(self, base: str) -> str:
-        """A node name not yet used in this graph, derived from `base`."""
-        candidate = f"{base}_{next(self._counter)}"
-        while candidate in self._node_names:
-            candidate = f"{base}_{next(self._counter)}"
-        return candidate
+        """A node name not yet used in this graph, derived from `base` (`base_N`, smallest N
+        free, so a graph and its clone name new nodes alike)."""
+        suffix = 0
+        while f"{base}_{suffix}" in self._node_names:
+            suffix += 1
+        return f"{base}_{suffix}"
 
     def _position(self, node: Node) -> int:
         if node.graph is not self:

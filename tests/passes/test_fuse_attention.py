@@ -8,13 +8,9 @@ import graphopt
 import model_zoo
 from conftest import ROUNDTRIP_ARCHITECTURES, numpy_inputs
 from graphopt import DType, Graph, TensorType
+from fusion_expectations import ATTENTION_MISSES as KNOWN_MISSES
+from fusion_expectations import LAYERS
 from graphopt.check import max_abs_error, run_graph
-
-LAYERS = 2
-KNOWN_MISSES = {"deberta-v2": "attention probabilities"}
-"""Architectures whose attention is not raised yet, with the reason the pass reports:
-DeBERTa-v2 masks the probabilities again after the softmax (XSoftmax: fully masked rows
-become zeros, which softmax with an additive mask does not reproduce)."""
 
 
 def _fuse(graph):

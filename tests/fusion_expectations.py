@@ -1,0 +1,19 @@
+"""What the fusion passes should raise in each zoo architecture (2 layers each), and why
+they do not where they do not."""
+
+from conftest import ROUNDTRIP_ARCHITECTURES
+
+LAYERS = 2
+
+ATTENTION_MISSES = {"deberta-v2": "attention probabilities"}
+"""Architectures whose attention `fuse-attention` alone does not raise, with the reason it
+reports: in DeBERTa-v2 the probabilities also feed shape computations (Shape, Reshape),
+which only constant folding removes. The `fuse` pipeline (cleanup first) raises them."""
+
+GELU_LAYERS = {name: LAYERS for name in ROUNDTRIP_ARCHITECTURES if name not in ("opt", "llama", "mistral", "qwen2", "bloom")}
+GELU_LAYERS["whisper-encoder"] = 4
+"""GELU blocks per architecture (Whisper adds two in its convolutional stem). OPT uses ReLU,
+the LLaMA family SiLU; BLOOM's own tanh-GELU form (x * (1 + 0.044715 * x * x)) is not matched yet."""
+
+RMSNORMS = {"llama": 5, "mistral": 5, "qwen2": 5, "t5-encoder": 5}
+"""Two per layer plus the final norm."""
