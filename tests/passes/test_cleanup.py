@@ -1,12 +1,12 @@
 """cleanup: the simplification passes to a fixed point, on small graphs and the model zoo."""
 
+import model_zoo
 import numpy as np
 import onnx
 import pytest
+from conftest import ROUNDTRIP_ARCHITECTURES, numpy_inputs
 
 import graphopt
-import model_zoo
-from conftest import ROUNDTRIP_ARCHITECTURES, numpy_inputs
 from graphopt import DType, Graph, TensorType
 from graphopt.check import max_abs_error, run_graph
 from graphopt.pass_base import PassContext

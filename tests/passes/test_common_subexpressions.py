@@ -1,28 +1,17 @@
 """eliminate-common-subexpressions: duplicate pure nodes and small constants merge."""
 
 import numpy as np
+from graphopt.passes.common_subexpressions import EliminateCommonSubexpressions
+from pass_testing import run_checked as checked
 
 from graphopt import DType, Graph, TensorType
-from graphopt.check import run_graph, sample_inputs
-from graphopt.pass_base import PassContext, PassResult
-from graphopt.passes.common_subexpressions import EliminateCommonSubexpressions
+from graphopt.pass_base import PassResult
 
 F32 = DType.FLOAT
 
 
 def run_checked(graph: Graph, numeric: bool = True, **options: int) -> PassResult:
-    """Run the pass; the graph verifies, computes the same, and a second run changes nothing."""
-    twin = graph.clone()
-    feeds = sample_inputs(graph) if numeric else {}
-    expected = run_graph(graph, feeds) if numeric else []
-    result = EliminateCommonSubexpressions(**options).run(graph, PassContext())
-    graph.verify()
-    for before, after in zip(expected, run_graph(graph, feeds) if numeric else []):
-        np.testing.assert_array_equal(before, after)
-    assert not EliminateCommonSubexpressions(**options).run(graph, PassContext()).changed
-    EliminateCommonSubexpressions(**options).run(twin, PassContext())
-    assert str(twin) == str(graph)
-    return result
+    return checked(EliminateCommonSubexpressions(**options), graph, numeric=numeric)
 
 
 def test_merges_duplicate_chains_and_constants():

@@ -1,28 +1,17 @@
 """eliminate-dead-code: what reaches no graph output goes, side effects stay."""
 
 import numpy as np
+from graphopt.passes.dead_code import EliminateDeadCode
+from pass_testing import run_checked as checked
 
 from graphopt import DType, Graph, TensorType
-from graphopt.check import run_graph, sample_inputs
-from graphopt.pass_base import PassContext, PassResult
-from graphopt.passes.dead_code import EliminateDeadCode
+from graphopt.pass_base import PassResult
 
 F32 = DType.FLOAT
 
 
 def run_checked(graph: Graph, numeric: bool = True, **options: bool) -> PassResult:
-    """Run the pass; the graph verifies, computes the same, and a second run changes nothing."""
-    twin = graph.clone()
-    feeds = sample_inputs(graph) if numeric else {}
-    expected = run_graph(graph, feeds) if numeric else []
-    result = EliminateDeadCode(**options).run(graph, PassContext())
-    graph.verify()
-    for before, after in zip(expected, run_graph(graph, feeds) if numeric else []):
-        np.testing.assert_array_equal(before, after)
-    assert not EliminateDeadCode(**options).run(graph, PassContext()).changed
-    EliminateDeadCode(**options).run(twin, PassContext())
-    assert str(twin) == str(graph)
-    return result
+    return checked(EliminateDeadCode(**options), graph, numeric=numeric)
 
 
 def test_removes_unread_nodes_and_constants():

@@ -17,9 +17,9 @@ import dataclasses
 
 import numpy as np
 import pytest
+from fuzz_graphs import random_graphs
 from hypothesis import HealthCheck, given, note, settings
 
-from fuzz_graphs import random_graphs
 from graphopt import DType, Graph, Pass, PassContext, PassResult, registered_passes
 from graphopt.check import max_abs_error, run_graph, sample_inputs
 from graphopt.rewrite import RewriteRule, RewriteRuleSet

@@ -2,31 +2,20 @@
 
 import numpy as np
 import pytest
+from graphopt.passes.fold_constants import FoldConstants
+from pass_testing import run_checked as checked
 
 from graphopt import DType, Graph, TensorType
 from graphopt.check import run_graph, sample_inputs
 from graphopt.ir.tensor import ArrayTensor
-from graphopt.pass_base import PassContext, PassResult
-from graphopt.passes.fold_constants import FoldConstants
+from graphopt.pass_base import PassResult
 
 F32 = DType.FLOAT
 ONE = ArrayTensor(np.ones(1, np.float32))
 
 
 def run_checked(graph: Graph, numeric: bool = True, **options: int) -> PassResult:
-    """Run the pass; the graph verifies, computes the same bits, and a second run changes nothing."""
-    twin = graph.clone()
-    feeds = sample_inputs(graph) if numeric else {}
-    expected = run_graph(graph, feeds) if numeric else []
-    result = FoldConstants(**options).run(graph, PassContext())
-    graph.verify()
-    for before, after in zip(expected, run_graph(graph, feeds) if numeric else []):
-        np.testing.assert_array_equal(before, after)
-        assert before.dtype == after.dtype
-    assert not FoldConstants(**options).run(graph, PassContext()).changed
-    FoldConstants(**options).run(twin, PassContext())
-    assert str(twin) == str(graph)
-    return result
+    return checked(FoldConstants(**options), graph, numeric=numeric)
 
 
 def test_folds_constant_nodes_arithmetic_and_static_shapes():

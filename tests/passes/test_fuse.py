@@ -1,14 +1,14 @@
 """`fuse` on the zoo: attention, GELU and RMSNorm raised in every layer, outputs unchanged,
 dynamic axes kept, and the saved model runs in ONNX Runtime."""
 
+import model_zoo
 import onnx
 import onnxruntime as ort
 import pytest
-
-import graphopt
-import model_zoo
 from conftest import ROUNDTRIP_ARCHITECTURES, max_abs_diff, numpy_inputs
 from fusion_expectations import GELU_LAYERS, LAYERS, RMSNORMS
+
+import graphopt
 
 
 def _ort(model, feeds):

@@ -4,11 +4,11 @@ import math
 
 import numpy as np
 import pytest
+from conftest import ROUNDTRIP_ARCHITECTURES, numpy_inputs
+from fusion_expectations import GELU_LAYERS, RMSNORMS
 
 import graphopt
-from conftest import ROUNDTRIP_ARCHITECTURES, numpy_inputs
 from graphopt import DType, Graph, TensorType
-from fusion_expectations import GELU_LAYERS, RMSNORMS
 from graphopt.check import max_abs_error, run_graph
 
 

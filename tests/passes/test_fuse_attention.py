@@ -1,15 +1,15 @@
 """fuse-attention raises attention in every layer of the zoo, on every capture path."""
 
+import model_zoo
 import numpy as np
 import pytest
 import torch
-
-import graphopt
-import model_zoo
 from conftest import ROUNDTRIP_ARCHITECTURES, numpy_inputs
-from graphopt import DType, Graph, TensorType
 from fusion_expectations import ATTENTION_MISSES as KNOWN_MISSES
 from fusion_expectations import LAYERS
+
+import graphopt
+from graphopt import DType, Graph, TensorType
 from graphopt.check import max_abs_error, run_graph
 
 

@@ -2,11 +2,11 @@
 
 import numpy as np
 import pytest
+from graphopt.passes.noops import EliminateNoops
+from pass_testing import run_checked as checked
 
 from graphopt import DType, Graph, TensorType, Value
-from graphopt.check import run_graph, sample_inputs
-from graphopt.pass_base import PassContext, PassResult
-from graphopt.passes.noops import EliminateNoops
+from graphopt.pass_base import PassResult
 
 F32 = DType.FLOAT
 
@@ -16,18 +16,7 @@ def ints(graph: Graph, name: str, *values: int) -> Value:
 
 
 def run_checked(graph: Graph) -> PassResult:
-    """Run the pass; the graph verifies, computes the same, and a second run changes nothing."""
-    feeds = sample_inputs(graph)
-    expected = run_graph(graph, feeds)
-    twin = graph.clone()
-    result = EliminateNoops().run(graph, PassContext())
-    graph.verify()
-    for before, after in zip(expected, run_graph(graph, feeds)):
-        np.testing.assert_array_equal(before, after)
-    assert not EliminateNoops().run(graph, PassContext()).changed
-    EliminateNoops().run(twin, PassContext())
-    assert str(twin) == str(graph)
-    return result
+    return checked(EliminateNoops(), graph)
 
 
 def test_removes_each_kind_of_noop():
