@@ -16,9 +16,10 @@ def _ort(model, feeds):
     return ort.InferenceSession(source, providers=["CPUExecutionProvider"]).run(None, feeds)
 
 
+@pytest.mark.parametrize("dynamo", [False, pytest.param(True, marks=pytest.mark.slow)])
 @pytest.mark.parametrize("name", ROUNDTRIP_ARCHITECTURES)
-def test_fuse_raises_every_layer_and_keeps_outputs(name, zoo, zoo_onnx, tmp_path):
-    path = zoo_onnx(name)
+def test_fuse_raises_every_layer_and_keeps_outputs(name, dynamo, zoo, zoo_onnx, tmp_path):
+    path = zoo_onnx(name, dynamo=dynamo)
     fused = graphopt.optimize(str(path), "fuse", verify=True)
     counts = fused.op_counts()
     assert counts.get("graphopt::Attention", 0) == LAYERS
