@@ -6,9 +6,10 @@ from conftest import ROUNDTRIP_ARCHITECTURES
 LAYERS = 2
 
 ATTENTION_MISSES = {"deberta-v2": "attention probabilities"}
-"""Architectures whose attention `fuse-attention` alone does not raise, with the reason it
-reports: in DeBERTa-v2 the probabilities also feed shape computations (Shape, Reshape),
-which only constant folding removes. The `fuse` pipeline (cleanup first) raises them."""
+"""Architectures whose attention `fuse-attention` alone does not raise in the TorchScript
+export, with the reason it reports: in DeBERTa-v2 the probabilities also feed shape
+computations (Shape, Reshape), which only constant folding removes. The dynamo export and
+the FX capture have no such reads, and the `fuse` pipeline (cleanup first) raises them all."""
 
 GELU_LAYERS = {name: LAYERS for name in ROUNDTRIP_ARCHITECTURES if name not in ("opt", "llama", "mistral", "qwen2", "bloom")}
 GELU_LAYERS["whisper-encoder"] = 4
