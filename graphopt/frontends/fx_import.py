@@ -12,7 +12,8 @@ Accepted inputs:
   sizes of tensor inputs are recomputed from those tensors; symbolic dims of fake example
   values stay symbolic. `graph.metadata["fx_input_kinds"]` records, per placeholder,
   whether it became an "input", a "constant" or a "size", so a caller knows which
-  arguments the IR graph still takes.
+  arguments the IR graph still takes; `graph.metadata["fx_output_spec"]` is the pytree
+  spec of the module's outputs (the IR's outputs are their flattened leaves).
 """
 
 from __future__ import annotations
@@ -36,10 +37,11 @@ def from_fx(module: Any, example_inputs: Optional[Sequence[Any]] = None, *, opse
     if isinstance(module, torch.export.ExportedProgram):
         program = module
         kinds = ["input"] * len(program.graph_signature.user_inputs)
+        specialized = {}
     elif isinstance(module, torch.fx.GraphModule):
         if example_inputs is None:
             raise GraphoptError("from_fx: a GraphModule needs its example_inputs (the backend's second argument)")
-        program, kinds = _export_graph_module(module, list(example_inputs))
+        program, kinds, specialized = _export_graph_module(module, list(example_inputs))
     else:
         raise GraphoptError(
             f"from_fx expects a torch.fx.GraphModule or a torch.export.ExportedProgram, got {type(module).__name__}"
@@ -48,14 +50,19 @@ def from_fx(module: Any, example_inputs: Optional[Sequence[Any]] = None, *, opse
         try:
             onnx_program = torch.onnx.export(program, dynamo=True, optimize=True, verbose=False, opset_version=opset)
         except Exception as exc:
+            op = _untranslatable_op(exc)
+            if op:
+                raise UnsupportedOpError(f"from_fx: no ONNX translation for op {op}; torch.onnx cannot export it") from exc
             raise UnsupportedOpError(f"from_fx: torch could not translate the graph to ONNX ops: {_first_line(exc)}") from exc
     graph = from_onnx(onnx_program.model_proto)
     graph.metadata["fx_input_kinds"] = kinds
+    graph.metadata["fx_specialized"] = specialized
+    graph.metadata["fx_output_spec"] = program.call_spec.out_spec
     graph.metadata["producer_name"] = "graphopt.from_fx"
     return graph
 
 
-def _export_graph_module(gm: Any, example_inputs: list[Any]) -> tuple[Any, list[str]]:
+def _export_graph_module(gm: Any, example_inputs: list[Any]) -> tuple[Any, list[str], dict[int, int]]:
     import torch
 
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
@@ -73,7 +80,8 @@ def _export_graph_module(gm: Any, example_inputs: list[Any]) -> tuple[Any, list[
             program = torch.export.export(wrapper, tuple(real), dynamic_shapes=(dynamic,) if any(dynamic) else None, strict=False)
         except Exception as exc:
             raise UnsupportedOpError(f"from_fx: torch.export could not trace the GraphModule: {_first_line(exc)}") from exc
-    return program, kinds
+    specialized = {i: constants[i] for i, kind in enumerate(kinds) if kind == "specialized"}
+    return program, kinds, specialized
 
 
 def _classify(placeholders: list[Any], example_inputs: list[Any]) -> tuple[list[str], dict[int, Any], dict[int, tuple[int, int]], list[int]]:
@@ -84,18 +92,17 @@ def _classify(placeholders: list[Any], example_inputs: list[Any]) -> tuple[list[
     sizes: dict[int, tuple[int, int]] = {}
     tensors: list[int] = []
     for index, (node, example) in enumerate(zip(placeholders, example_inputs)):
-        if isinstance(example, torch.nn.Parameter) or _is_module_state(node):
+        if isinstance(example, torch.nn.Parameter) or is_module_state(node) or _is_plain_scalar(example):
             kinds.append("constant")
             constants[index] = _concrete(example)
         elif isinstance(example, (torch.SymInt, int)) and not isinstance(example, bool):
             owner = _size_owner(node, placeholders)
             if owner is None:
-                raise UnsupportedOpError(
-                    f"from_fx: placeholder '{node.name}' is an integer that is not a size of a tensor input; "
-                    "graphopt imports tensor inputs only"
-                )
-            kinds.append("size")
-            sizes[index] = owner
+                kinds.append("specialized")
+                constants[index] = _concrete(node.meta.get("example_value", example))
+            else:
+                kinds.append("size")
+                sizes[index] = owner
         elif isinstance(example, torch.Tensor):
             kinds.append("input")
             tensors.append(index)
@@ -131,7 +138,13 @@ def _inline_scalar_items(gm: Any, constants: dict[int, Any]) -> Any:
     return torch.fx.GraphModule(gm, graph)
 
 
-def _is_module_state(node: Any) -> bool:
+def _is_plain_scalar(value: Any) -> bool:
+    """Python numbers dynamo passed as inputs: it guards on their values, so they are
+    constants of this graph (a different value recompiles)."""
+    return isinstance(value, (int, float, bool)) and not hasattr(value, "node")
+
+
+def is_module_state(node: Any) -> bool:
     """True for placeholders dynamo lifted from module state or globals (weights, buffers,
     float/int attributes such as eps), as opposed to arguments of the compiled call.
     Dynamo names those placeholders after their source: L_self_... and G_..."""
@@ -155,7 +168,7 @@ def _size_owner(node: Any, placeholders: list[Any]) -> Optional[tuple[int, int]]
         return None
     for index, other in enumerate(placeholders):
         shape = getattr(other.meta.get("example_value"), "shape", None)
-        if shape is None or _is_module_state(other):
+        if shape is None or is_module_state(other):
             continue
         for axis, dim in enumerate(shape):
             if isinstance(dim, torch.SymInt) and str(dim.node.expr) == str(symbol.node.expr):
@@ -208,7 +221,7 @@ class _PlaceholderFeeder:
                 for index, kind in enumerate(kinds):
                     if kind == "input":
                         args.append(next(remaining))
-                    elif kind == "constant":
+                    elif kind in ("constant", "specialized"):
                         args.append(self.plain[index] if index in self.plain else getattr(self, f"const_{index}"))
                     else:
                         args.append(None)
@@ -233,6 +246,14 @@ def _quiet():
     finally:
         for logger, level in zip(loggers, levels):
             logger.setLevel(level)
+
+
+def _untranslatable_op(exc: BaseException) -> str:
+    """The ATen/custom op named in torch.onnx's "No ONNX function found" error, if any."""
+    import re
+
+    match = re.search(r"OpOverload\(op='([^']+)', overload='([^']+)'\)", str(exc))
+    return f"{match.group(1)}.{match.group(2)}" if match else ""
 
 
 def _first_line(exc: BaseException) -> str:

@@ -1,0 +1,190 @@
+"""`torch.compile(model, backend="graphopt", options={...})`: graphopt as a dynamo backend.
+
+Registered through the `torch_dynamo_backends` entry point, so no import is needed.
+Each graph dynamo captures is imported (`from_fx`), optimized with the pipeline, and run as
+the torch.fx module the torch target builds (fused attention -> scaled_dot_product_attention).
+
+The conversion happens on the first call of the compiled graph, outside dynamo's own
+compile step (torch.export cannot run inside it under dynamic shapes), and is cached per
+process, keyed on the graph's code, its input shapes/dtypes/devices, the options and the
+versions of graphopt and torch, so a graph seen again (recompiles, a second
+`torch.compile` of the same model) is not optimized twice.
+
+Options (all optional):
+- `pipeline` (default "fuse"): any pipeline text/list, validated before anything runs;
+- `target` (default "torch"): the only target available so far;
+- `check` (default False): on the first call, compare against the original graph and fall
+  back (or raise) if outputs differ by more than `tolerance` (default 1e-4);
+- `fallback` (default True): if import, a pass or the target fails, log ONE warning naming
+  the problem and run the original graph; False raises instead;
+- `verbose` (default False): log what each pass did per graph.
+
+Inference only: graphs that need gradients fall back to the original graph (with a
+warning), since the optimized module does not record autograd history for the weights.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import threading
+import weakref
+from typing import Any, Callable, Sequence
+
+from graphopt.errors import GraphoptError
+from graphopt.pass_base import PipelineError
+
+_LOG = logging.getLogger("graphopt")
+_OPTION_DEFAULTS: dict[str, Any] = {
+    "pipeline": "fuse", "target": "torch", "check": False, "fallback": True, "verbose": False, "tolerance": 1e-4,
+}
+_TARGETS = ("torch",)
+_CACHE: dict[str, tuple[Callable[..., Any], list[weakref.ref]]] = {}
+_CACHE_LOCK = threading.Lock()
+_STATS = {"compiled": 0, "cache_hits": 0, "fallbacks": 0}
+
+
+def graphopt_backend(gm: Any, example_inputs: Sequence[Any], options: dict[str, Any] | None = None, **kwargs: Any) -> Callable[..., Any]:
+    """The dynamo backend: returns a callable that runs `gm` optimized by graphopt."""
+    settings = validate_options({**(options or {}), **kwargs})
+    return _LazyCompiled(gm, list(example_inputs), settings)
+
+
+def validate_options(options: dict[str, Any]) -> dict[str, Any]:
+    """Options with defaults filled in; PipelineError naming the first bad one."""
+    unknown = sorted(set(options) - set(_OPTION_DEFAULTS))
+    if unknown:
+        raise PipelineError(f"graphopt backend: unknown option(s) {', '.join(unknown)}; known: {', '.join(sorted(_OPTION_DEFAULTS))}")
+    settings = {**_OPTION_DEFAULTS, **options}
+    if settings["target"] not in _TARGETS:
+        raise PipelineError(f"graphopt backend: target {settings['target']!r} is not available; use one of {', '.join(_TARGETS)}")
+    for flag in ("check", "fallback", "verbose"):
+        if not isinstance(settings[flag], bool):
+            raise PipelineError(f"graphopt backend: option '{flag}' must be True or False, got {settings[flag]!r}")
+    from graphopt.pipeline import build_pipeline
+
+    build_pipeline(settings["pipeline"])
+    return settings
+
+
+def cache_info() -> dict[str, int]:
+    """Counters of this process: graphs compiled, cache hits, fallbacks; and cache size."""
+    return {**_STATS, "cached": len(_CACHE)}
+
+
+def clear_cache() -> None:
+    with _CACHE_LOCK:
+        _CACHE.clear()
+        for key in _STATS:
+            _STATS[key] = 0
+
+
+class _LazyCompiled:
+    """Converts on first call; afterwards calls the optimized module (or the original)."""
+
+    def __init__(self, gm: Any, example_inputs: list[Any], settings: dict[str, Any]) -> None:
+        self.gm = gm
+        self.example_inputs = example_inputs
+        self.settings = settings
+        self.state = _module_state(gm, example_inputs)
+        self.key = _cache_key(gm, example_inputs, self.state, settings)
+        self.run: Callable[..., Any] | None = None
+
+    def __call__(self, *args: Any) -> Any:
+        if self.run is None:
+            self.run = self._build(args)
+        return self.run(*args)
+
+    def _build(self, args: Sequence[Any]) -> Callable[..., Any]:
+        with _CACHE_LOCK:
+            cached = _CACHE.get(self.key)
+        if cached is not None and all(ref() is tensor for ref, tensor in zip(cached[1], self.state)):
+            _STATS["cache_hits"] += 1
+            return cached[0]
+        try:
+            run = self._optimize(args)
+        except Exception as exc:
+            if not self.settings["fallback"]:
+                raise
+            _STATS["fallbacks"] += 1
+            _LOG.warning("graphopt: running this graph unoptimized: %s", _describe(exc))
+            run = self.gm.forward
+        with _CACHE_LOCK:
+            _CACHE[self.key] = (run, [weakref.ref(tensor) for tensor in self.state])
+        return run
+
+    def _optimize(self, args: Sequence[Any]) -> Callable[..., Any]:
+        import torch
+
+        if torch.is_grad_enabled() and any(getattr(a, "requires_grad", False) for a in args):
+            raise GraphoptError("the graph needs gradients; graphopt's torch target is inference-only")
+        from graphopt.api import optimize
+        from graphopt.frontends.fx_import import from_fx
+
+        graph = from_fx(self.gm, self.example_inputs)
+        graph = optimize(graph, self.settings["pipeline"])
+        if self.settings["verbose"]:
+            _LOG.warning("graphopt: graph with %d inputs:\n%s", len(graph.inputs), graph.metadata["pipeline_report"].table())
+        module = graph.to_fx()
+        kinds = graph.metadata["fx_input_kinds"]
+        specialized = graph.metadata["fx_specialized"]
+        spec = graph.metadata["fx_output_spec"]
+        original = self.gm.forward
+
+        def run(*call_args: Any) -> Any:
+            if any(int(call_args[i]) != value for i, value in specialized.items()):
+                return original(*call_args)
+            outputs = module(*[a for a, kind in zip(call_args, kinds) if kind == "input"])
+            return torch.utils._pytree.tree_unflatten(list(outputs), spec)
+
+        if self.settings["check"]:
+            _check(self.gm, run, args, self.settings["tolerance"])
+        _STATS["compiled"] += 1
+        return run
+
+
+def _check(gm: Any, run: Callable[..., Any], args: Sequence[Any], tolerance: float) -> None:
+    import torch
+
+    with torch.no_grad():
+        expected = torch.utils._pytree.tree_leaves(gm(*args))
+        actual = torch.utils._pytree.tree_leaves(run(*args))
+    for a, b in zip(expected, actual):
+        if isinstance(a, torch.Tensor) and a.is_floating_point():
+            error = (a.float() - b.float()).abs().max().item() if a.numel() else 0.0
+            if error > tolerance:
+                raise GraphoptError(f"check: outputs differ from the original graph by {error:.3g} (tolerance {tolerance:g})")
+
+
+def _module_state(gm: Any, example_inputs: Sequence[Any]) -> list[Any]:
+    """The weights, buffers and attributes dynamo passes as inputs: the optimized module
+    bakes them in, so a cached entry is only valid for these very tensors."""
+    import torch
+
+    from graphopt.frontends.fx_import import is_module_state
+
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    return [
+        value for node, value in zip(placeholders, example_inputs)
+        if isinstance(value, torch.Tensor) and (isinstance(value, torch.nn.Parameter) or is_module_state(node))
+    ]
+
+
+def _cache_key(gm: Any, example_inputs: Sequence[Any], state: Sequence[Any], settings: dict[str, Any]) -> str:
+    import torch
+
+    import graphopt
+
+    parts = [gm.code, graphopt.__version__, torch.__version__, repr(sorted((k, repr(v)) for k, v in settings.items()))]
+    for value in example_inputs:
+        if isinstance(value, torch.Tensor):
+            parts.append(f"{tuple(str(d) for d in value.shape)}:{value.dtype}:{value.device}")
+        else:
+            parts.append(f"{type(value).__name__}:{value}")
+    parts += [str(id(tensor)) for tensor in state]
+    return hashlib.sha256("\n".join(parts).encode()).hexdigest()
+
+
+def _describe(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[0] if text else ''}"

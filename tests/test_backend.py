@@ -1,0 +1,158 @@
+"""torch.compile(backend="graphopt"): equal to eager, dynamic shapes, graph breaks, KV-cache
+generation, fallback on unknown ops, caching, option errors, user modules left alone."""
+
+import logging
+
+import pytest
+import torch
+import transformers
+
+import graphopt.backend as backend
+import model_zoo
+from conftest import max_abs_diff
+
+QUICK = ("bert", "llama", "vit")
+ZOO_12 = ("bert", "roberta", "distilbert", "albert", "deberta-v2", "gpt2", "opt", "llama", "qwen2", "phi", "vit", "whisper-encoder")
+STRICT = {"check": True, "fallback": False}
+
+
+@pytest.fixture(autouse=True)
+def _fresh_dynamo():
+    torch._dynamo.reset()
+    yield
+    torch._dynamo.reset()
+
+
+def _state(module):
+    return {k: v.clone() for k, v in module.state_dict().items()}, [m.training for m in module.modules()]
+
+
+def test_registered_through_the_entry_point():
+    assert "graphopt" in torch._dynamo.list_backends()
+
+
+def _assert_matches_eager(name, dynamic):
+    zm = model_zoo.build(name)
+    other = model_zoo.build(name, batch=3, seq=5)
+    before = _state(zm.model)
+    compiled = torch.compile(zm.model, backend="graphopt", dynamic=dynamic, options=STRICT)
+    with torch.no_grad():
+        for inputs in (zm.inputs, other.inputs):
+            assert max_abs_diff(zm.model(*inputs.values()), compiled(*inputs.values())) <= 1e-4
+    after = _state(zm.model)
+    assert after[1] == before[1] and all(torch.equal(before[0][k], after[0][k]) for k in before[0])
+
+
+@pytest.mark.parametrize("dynamic", [False, True])
+@pytest.mark.parametrize("name", QUICK)
+def test_outputs_equal_eager(name, dynamic):
+    _assert_matches_eager(name, dynamic)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("dynamic", [False, True])
+@pytest.mark.parametrize("name", [n for n in ZOO_12 if n not in QUICK])
+def test_outputs_equal_eager_zoo(name, dynamic):
+    _assert_matches_eager(name, dynamic)
+
+
+def test_generate_with_kv_cache_gives_the_same_tokens():
+    config = transformers.LlamaConfig(
+        vocab_size=128, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+        intermediate_size=64, max_position_embeddings=64,
+    )
+    torch.manual_seed(0)
+    eager = transformers.LlamaForCausalLM(config).eval()
+    compiled = transformers.LlamaForCausalLM(config).eval()
+    compiled.load_state_dict(eager.state_dict())
+    compiled.forward = torch.compile(compiled.forward, backend="graphopt", dynamic=True, options={"fallback": False})
+    prompt = torch.randint(4, 128, (1, 6), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        expected = eager.generate(prompt, max_new_tokens=6, do_sample=False)
+        actual = compiled.generate(prompt, max_new_tokens=6, do_sample=False)
+    assert torch.equal(expected, actual)
+
+
+class _WithGraphBreak(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.first, self.second = torch.nn.Linear(8, 8), torch.nn.Linear(8, 4)
+
+    def forward(self, x):
+        h = torch.nn.functional.gelu(self.first(x))
+        torch._dynamo.graph_break()
+        return torch.softmax(self.second(h), dim=-1)
+
+
+def test_graph_break_compiles_both_graphs():
+    torch.manual_seed(0)
+    model = _WithGraphBreak().eval()
+    compiled = torch.compile(model, backend="graphopt", options=STRICT)
+    x = torch.randn(3, 8)
+    backend.clear_cache()
+    with torch.no_grad():
+        assert max_abs_diff([model(x)], [compiled(x)]) <= 1e-5
+    assert backend.cache_info()["compiled"] == 2
+
+
+@torch.library.custom_op("graphopt_test::mystery", mutates_args=())
+def _mystery(x: torch.Tensor) -> torch.Tensor:
+    return x * 2 + 1
+
+
+@_mystery.register_fake
+def _(x):
+    return torch.empty_like(x)
+
+
+class _WithUnknownOp(torch.nn.Module):
+    def forward(self, x):
+        return torch.ops.graphopt_test.mystery(torch.relu(x)) - 1
+
+
+def test_unknown_op_falls_back_with_one_warning(caplog):
+    model = _WithUnknownOp()
+    compiled = torch.compile(model, backend="graphopt")
+    with caplog.at_level(logging.WARNING, logger="graphopt"):
+        for _ in range(3):
+            x = torch.randn(4)
+            assert torch.equal(compiled(x), model(x))
+    warnings = [r for r in caplog.records if "running this graph unoptimized" in r.getMessage()]
+    assert len(warnings) == 1
+    assert "graphopt_test" in warnings[0].getMessage() or "mystery" in warnings[0].getMessage()
+
+
+def test_unknown_op_raises_without_fallback():
+    compiled = torch.compile(_WithUnknownOp(), backend="graphopt", options={"fallback": False})
+    with pytest.raises(Exception, match="from_fx"):
+        compiled(torch.randn(4))
+
+
+def test_second_compile_of_the_same_model_hits_the_cache():
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.GELU()).eval()
+    x = torch.randn(2, 8)
+    backend.clear_cache()
+    with torch.no_grad():
+        torch.compile(model, backend="graphopt")(x)
+        torch._dynamo.reset()
+        torch.compile(model, backend="graphopt")(x)
+    info = backend.cache_info()
+    assert info["compiled"] == 1 and info["cache_hits"] == 1
+    other = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.GELU()).eval()
+    torch._dynamo.reset()
+    with torch.no_grad():
+        assert torch.allclose(torch.compile(other, backend="graphopt")(x), other(x), atol=1e-6)
+    assert backend.cache_info()["compiled"] == 2, "different weights must not share a cache entry"
+
+
+@pytest.mark.parametrize("options, message", [
+    ({"pipelin": "cleanup"}, "unknown option"),
+    ({"target": "tvm:llvm"}, "target 'tvm:llvm' is not available"),
+    ({"pipeline": "clenup"}, "did you mean 'cleanup'"),
+    ({"check": "yes"}, "option 'check' must be True or False"),
+])
+def test_bad_options_name_the_problem(options, message):
+    compiled = torch.compile(torch.nn.Linear(2, 2), backend="graphopt", options=options)
+    with pytest.raises(Exception, match=message):
+        compiled(torch.randn(1, 2))
