@@ -32,7 +32,7 @@ def bert_base() -> torch.nn.Module:
 def minilm() -> torch.nn.Module:
     import model_zoo
 
-    return model_zoo.minilm().model.eval()
+    return model_zoo.minilm().model.hf_model.eval()
 
 
 MODELS = {"bert-base": bert_base, "minilm": minilm}
