@@ -8,6 +8,8 @@ fuse-gelu
    written x * (1/sqrt(2)).
 2. x * 0.5 * (1 + tanh(sqrt(2/pi) * (x + 0.044715 * x^3)))  -> graphopt::Gelu(x, approximate="tanh"),
    in the three groupings.
+2b. The opset-20 ONNX Gelu op (newer exporters emit it) -> graphopt::Gelu with its
+   `approximate`, so later passes and targets see one form.
 
 fuse-rmsnorm
 3. w * (x * 1/sqrt(mean(x^2, last axis, keepdims) + eps))  -> graphopt::RMSNorm(x, w, epsilon=eps),
@@ -96,6 +98,16 @@ def _rmsnorm_rule(axes_as_input: bool, reciprocal: bool, weighted: bool) -> Rewr
     return RewriteRule(name + ("" if weighted else "-unit-scale"), pattern, replacement, check=_rmsnorm_check)
 
 
+def _standard_gelu_rule() -> RewriteRule:
+    def pattern(op, x, approximate):
+        return op.Gelu(x, approximate=approximate)
+
+    def replacement(op, x, approximate):
+        return op.Gelu(x, _domain="graphopt", approximate=approximate or "none")
+
+    return RewriteRule("onnx-gelu", pattern, replacement)
+
+
 def _rmsnorm_check(graph: Graph, match: Match) -> bool | str:
     x = match["x"]
     mean = next(n for n in match.nodes if n.op_type == "ReduceMean")
@@ -123,9 +135,9 @@ def _apply(graph: Graph, rules: list[RewriteRule]) -> PassResult:
 @register_pass
 @dataclasses.dataclass
 class FuseGelu(Pass):
-    """Raise erf- and tanh-form GELU subgraphs into graphopt::Gelu.
+    """Raise erf- and tanh-form GELU subgraphs (and ONNX Gelu nodes) into graphopt::Gelu.
 
-    Rules 1-2 of `graphopt.passes.fuse_activations_norms`. Needs nothing; replaces each
+    Rules 1, 2 and 2b of `graphopt.passes.fuse_activations_norms`. Needs nothing; replaces each
     matched subgraph by one node.
     """
 
@@ -133,7 +145,7 @@ class FuseGelu(Pass):
 
     def run(self, graph: Graph, ctx: PassContext) -> PassResult:
         rules = [_erf_gelu_rule(d, g) for d in (True, False) for g in GROUPINGS]
-        rules += [_tanh_gelu_rule(g) for g in GROUPINGS]
+        rules += [_tanh_gelu_rule(g) for g in GROUPINGS] + [_standard_gelu_rule()]
         return _apply(graph, rules)
 
 

@@ -62,3 +62,16 @@ def test_gelu_with_an_extra_reader_inside_is_not_fused():
     graph.set_outputs([graph.outputs[0], erf.output])
     _, stats = _fuse(graph, "fuse-gelu")
     assert stats[0] == {"fused": 0}
+
+
+@pytest.mark.parametrize("attrs", [{}, {"approximate": "tanh"}])
+def test_onnx_gelu_op_is_raised_too(attrs):
+    graph = Graph("gelu20", {"": 20})
+    x = graph.add_input("x", TensorType(DType.FLOAT, (2, 3)))
+    graph.set_outputs([graph.add_node("Gelu", [x], attrs, output_names=["y"]).output])
+    fused, stats = _fuse(graph, "fuse-gelu")
+    assert stats[0] == {"fused": 1}
+    (node,) = fused.nodes
+    assert node.qualified_op == "graphopt::Gelu" and node.attrs == {"approximate": attrs.get("approximate", "none")}
+    feeds = {"x": np.linspace(-3, 3, 6, dtype=np.float32).reshape(2, 3)}
+    assert max_abs_error(run_graph(graph, feeds), run_graph(fused, feeds)) <= 1e-6

@@ -1,0 +1,77 @@
+"""Fusion coverage over the model zoo: what `fuse` raises per architecture, exporter and
+mask input, and the max output error vs the unfused export (ONNX Runtime, zoo inputs).
+
+    python benchmarks/fusion_coverage.py > docs/fusion_coverage.md
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+import tempfile
+import warnings
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+
+import model_zoo  # noqa: E402
+
+import graphopt  # noqa: E402
+from graphopt.check import max_abs_error, run_graph  # noqa: E402
+
+
+class _WithoutMask(torch.nn.Module):
+    """The zoo model with its attention-mask input replaced by ones inside the graph."""
+
+    def __init__(self, model: torch.nn.Module, names: list[str]) -> None:
+        super().__init__()
+        self.model, self.names = model, names
+
+    def forward(self, input_ids: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        extra = {"attention_mask": torch.ones_like(input_ids), "token_type_ids": torch.zeros_like(input_ids)}
+        return self.model(input_ids, *[extra[n] for n in self.names[1:]])
+
+
+def _export(zm: model_zoo.ZooModel, masked: bool, dynamo: bool, folder: Path) -> tuple[Path, dict]:
+    path = folder / f"{zm.name}-{masked}-{dynamo}.onnx"
+    if masked:
+        return model_zoo.export_onnx(zm, path, dynamo=dynamo), {k: v.numpy() for k, v in zm.inputs.items()}
+    module = _WithoutMask(zm.model, list(zm.inputs)).eval()
+    ids = zm.inputs["input_ids"]
+    if dynamo:
+        torch.onnx.export(module, (ids,), str(path), dynamo=True, input_names=["input_ids"], dynamic_shapes=({0: "batch", 1: "seq"},), verbose=False)
+    else:
+        torch.onnx.export(module, (ids,), str(path), dynamo=False, input_names=["input_ids"],
+                          dynamic_axes={"input_ids": {0: "batch", 1: "seq"}}, opset_version=17)
+    return path, {"input_ids": ids.numpy()}
+
+
+def main() -> None:
+    warnings.filterwarnings("ignore")
+    logging.disable(logging.WARNING)
+    print("| architecture | exporter | mask input | attention | GELU | RMSNorm | nodes before -> after | max abs error |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- |")
+    with tempfile.TemporaryDirectory() as tmp:
+        for name in model_zoo.ARCHITECTURES:
+            zm = model_zoo.build(name)
+            variants = [True, False] if "input_ids" in zm.inputs and "attention_mask" in zm.inputs else [True]
+            for masked in variants:
+                for dynamo in (False, True):
+                    try:
+                        path, feeds = _export(zm, masked, dynamo, Path(tmp))
+                        graph = graphopt.from_onnx(path)
+                        fused = graphopt.optimize(graph.clone(), "fuse", verify=True)
+                        counts = fused.op_counts()
+                        error = max_abs_error(run_graph(graph, feeds), run_graph(fused, feeds))
+                        row = [counts.get(f"graphopt::{op}", 0) for op in ("Attention", "Gelu", "RMSNorm")]
+                        cells = [str(c) for c in row] + [f"{len(graph)} -> {len(fused)}", f"{error:.1e}"]
+                    except Exception as exc:
+                        cells = ["-", "-", "-", "-", f"failed: {type(exc).__name__}: {str(exc).splitlines()[0][:80]}"]
+                    exporter = "dynamo" if dynamo else "TorchScript"
+                    print(f"| {name} | {exporter} | {'yes' if masked else 'no'} | " + " | ".join(cells) + " |", flush=True)
+
+
+if __name__ == "__main__":
+    main()
