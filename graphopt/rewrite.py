@@ -56,7 +56,7 @@ from typing import Any, Callable, Iterator, NamedTuple, Optional, Sequence, Unio
 import numpy as np
 
 from graphopt.errors import GraphoptError
-from graphopt.ir.graph import Graph, Node, Value, constant_data
+from graphopt.ir.graph import Graph, Node, Value, uniform_constant
 from graphopt.ir.tensor import ConstTensor
 from graphopt.ir.types import merge_types
 
@@ -355,16 +355,14 @@ def _plain(value: Any) -> Any:
 
 def _scalar_constant(value: Value, pattern: Const) -> Optional[float]:
     """The number every element of constant `value` holds, if it fits `pattern`."""
-    data = constant_data(value)
-    if data is None or data.size == 0 or data.dtype.kind in "OSUc":
+    first = uniform_constant(value)
+    if first is None:
         return None
-    flat = np.asarray(data).reshape(-1)
-    if not bool(np.all(flat == flat[0])):
-        return None
-    number = flat[0].item() if data.dtype.kind in "iub" else float(flat[0])
+    kind = first.dtype.kind
+    number = first.item() if kind in "iub" else float(first)
     if pattern.value is not None:
-        tolerance = pattern.rel_tol if pattern.rel_tol is not None else (1e-6 if data.dtype.itemsize >= 4 else 1e-2)
-        if data.dtype.kind in "iub" and number != pattern.value:
+        tolerance = pattern.rel_tol if pattern.rel_tol is not None else (1e-6 if first.dtype.itemsize >= 4 else 1e-2)
+        if kind in "iub" and number != pattern.value:
             return None
         if not math.isclose(number, pattern.value, rel_tol=tolerance):
             return None

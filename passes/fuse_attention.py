@@ -30,12 +30,14 @@ import dataclasses
 from typing import Optional
 
 import numpy as np
+from graphopt.passes.noops import noop_source
 
-from graphopt.ir.graph import Graph, Node, Value, constant_data
+from graphopt.ir.graph import Graph, Node, Value, constant_data, uniform_constant
 from graphopt.pass_base import Pass, PassContext, PassResult
 from graphopt.registry import register_pass
 
-_PASS_THROUGH = ("Identity",)
+_NOOPS_AFTER_SOFTMAX = ("Identity", "Cast", "Dropout")
+_NOOPS_IN_SCORES = ("Identity", "Cast")
 
 
 @dataclasses.dataclass
@@ -93,7 +95,7 @@ def _match(graph: Graph, softmax: Node) -> tuple[Optional[_Match], str]:
     if axis not in (-1, 3):
         return None, "softmax is not over the last axis"
     interior = [softmax]
-    probs = _skip_noops_down(softmax.output, interior)
+    probs = _skip_noops_down(graph, softmax.output, interior)
     if len(probs.uses()) != 1:
         return None, "attention probabilities are used more than once"
     folded = _is_fold(probs.uses()[0].node, heads)
@@ -111,7 +113,7 @@ def _match(graph: Graph, softmax: Node) -> tuple[Optional[_Match], str]:
     if value is None or value.type.rank != 4:
         return None, "V is not a rank-4 [batch, heads, seq, head_dim] tensor"
     interior.append(pv.node)
-    walk = _walk_scores(softmax.inputs[0], interior, heads)  # type: ignore[arg-type]
+    walk = _walk_scores(graph, softmax.inputs[0], interior, heads)  # type: ignore[arg-type]
     if isinstance(walk, str):
         return None, walk
     qk, scale, bias_terms = walk
@@ -182,18 +184,17 @@ def _equal_expressions(x: object, y: object) -> bool:
         return False
 
 
-def _skip_noops_down(value: Value, interior: list[Node]) -> Value:
+def _skip_noops_down(graph: Graph, value: Value, interior: list[Node]) -> Value:
     while len(value.uses()) == 1:
         node = value.uses()[0].node
-        if node.op_type in _PASS_THROUGH or _is_same_type_cast(node) or _is_inference_dropout(node):
-            interior.append(node)
-            value = node.outputs[0]
-            continue
-        break
+        if noop_source(graph, node, _NOOPS_AFTER_SOFTMAX) is not value:
+            break
+        interior.append(node)
+        value = node.outputs[0]
     return value
 
 
-def _walk_scores(value: Value, interior: list[Node], heads: int):
+def _walk_scores(graph: Graph, value: Value, interior: list[Node], heads: int):
     """Follow the scores up to the Q.K^T MatMul; returns (matmul, scale, bias terms) or a reason.
 
     Bias terms are (value, factor, kind, folded): `folded` terms are [B*H, ...] tensors seen
@@ -213,7 +214,7 @@ def _walk_scores(value: Value, interior: list[Node], heads: int):
                 return "scores are reshaped in a way that is not a head unfold"
             folded = True
             value = node.inputs[0]  # type: ignore[assignment]
-        elif node.op_type in _PASS_THROUGH or _is_same_type_cast(node):
+        elif noop_source(graph, node, _NOOPS_IN_SCORES) is not None:
             value = node.inputs[0]  # type: ignore[assignment]
         elif node.op_type in ("Mul", "Div"):
             factor, other = _scalar_operand(node)
@@ -291,24 +292,8 @@ def _scalar_operand(node: Node) -> tuple[Optional[float], Optional[Value]]:
 
 
 def _scalar(value: Optional[Value]) -> Optional[float]:
-    if value is None:
-        return None
-    data = constant_data(value)
-    if data is None or data.size == 0 or data.dtype.kind not in "fiu":
-        return None
-    flat = np.asarray(data, dtype=np.float64).reshape(-1)
-    return float(flat[0]) if np.all(flat == flat[0]) else None
-
-
-def _is_same_type_cast(node: Node) -> bool:
-    return node.op_type == "Cast" and node.domain == "" and node.inputs[0] is not None and node.inputs[0].dtype is not None and node.attrs.get("to") == int(node.inputs[0].dtype)
-
-
-def _is_inference_dropout(node: Node) -> bool:
-    if node.op_type != "Dropout" or (len(node.outputs) > 1 and node.outputs[1].uses()):
-        return False
-    training = node.inputs[2] if len(node.inputs) > 2 else None
-    return training is None or _scalar(training) == 0.0
+    number = uniform_constant(value)
+    return float(number) if number is not None and number.dtype.kind in "fiu" else None
 
 
 def _check_legal(graph: Graph, match: _Match) -> str:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
-from typing import Callable, Optional
+from typing import Callable, Iterable, Optional
 
 import numpy as np
 
@@ -206,16 +206,23 @@ class EliminateNoops(Pass):
     def run(self, graph: Graph, ctx: PassContext) -> PassResult:
         removed = 0
         for node in graph:
-            rule = RULES.get(node.op_type)
-            if rule is None or node.domain != "" or not node.inputs or node.inputs[0] is None:
-                continue
-            source = rule(graph, node)
-            if source is None or not _only_first_output_used(node):
+            source = noop_source(graph, node)
+            if source is None:
                 continue
             if forward_value(graph, node.outputs[0], source):
                 graph.erase(node)
                 removed += 1
         return PassResult(removed > 0, {"removed": removed})
+
+
+def noop_source(graph: Graph, node: Node, ops: Optional[Iterable[str]] = None) -> Optional[Value]:
+    """The value `node`'s first output provably equals by EliminateNoops' rules (only the
+    rules for the op types in `ops` when given), or None when the node is not a no-op."""
+    rule = RULES.get(node.op_type) if ops is None or node.op_type in ops else None
+    if rule is None or node.domain != "" or not node.inputs or node.inputs[0] is None:
+        return None
+    source = rule(graph, node)
+    return source if source is not None and _only_first_output_used(node) else None
 
 
 def _only_first_output_used(node: Node) -> bool:

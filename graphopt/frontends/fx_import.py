@@ -72,7 +72,7 @@ def _export_graph_module(gm: Any, example_inputs: list[Any]) -> tuple[Any, list[
         )
     kinds, constants, sizes, tensors = _classify(placeholders, example_inputs)
     gm = _inline_scalar_items(gm, constants)
-    wrapper = _PlaceholderFeeder(gm, kinds, constants, sizes)
+    wrapper = _placeholder_feeder(gm, kinds, constants, sizes)
     real = [_real_example(example_inputs[i], placeholders[i]) for i in tensors]
     dynamic = tuple(_dynamic_dims(placeholders[i], example_inputs[i]) for i in tensors)
     with _quiet():
@@ -197,39 +197,37 @@ def _dynamic_dims(node: Any, example: Any) -> Optional[dict[int, Any]]:
     return dims or None
 
 
-class _PlaceholderFeeder:
-    """Builds the nn.Module torch.export traces: tensor inputs in, the GraphModule's
-    other placeholders (weights, sizes) filled in from constants and tensor sizes."""
+def _placeholder_feeder(gm: Any, kinds: list[str], constants: dict[int, Any], sizes: dict[int, tuple[int, int]]) -> Any:
+    """The nn.Module torch.export traces: tensor inputs in, the GraphModule's other
+    placeholders (weights, sizes) filled in from constants and tensor sizes."""
+    import torch
 
-    def __new__(cls, gm: Any, kinds: list[str], constants: dict[int, Any], sizes: dict[int, tuple[int, int]]) -> Any:
-        import torch
+    class Feeder(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.gm = gm
+            self.plain: dict[int, Any] = {}
+            for index, value in constants.items():
+                if isinstance(value, torch.Tensor):
+                    self.register_buffer(f"const_{index}", value)
+                else:
+                    self.plain[index] = value
 
-        class Feeder(torch.nn.Module):
-            def __init__(self) -> None:
-                super().__init__()
-                self.gm = gm
-                self.plain: dict[int, Any] = {}
-                for index, value in constants.items():
-                    if isinstance(value, torch.Tensor):
-                        self.register_buffer(f"const_{index}", value)
-                    else:
-                        self.plain[index] = value
+        def forward(self, *tensors: Any) -> Any:
+            remaining = iter(tensors)
+            args: list[Any] = []
+            for index, kind in enumerate(kinds):
+                if kind == "input":
+                    args.append(next(remaining))
+                elif kind in ("constant", "specialized"):
+                    args.append(self.plain[index] if index in self.plain else getattr(self, f"const_{index}"))
+                else:
+                    args.append(None)
+            for index, (owner, axis) in sizes.items():
+                args[index] = args[owner].size(axis)
+            return self.gm(*args)
 
-            def forward(self, *tensors: Any) -> Any:
-                remaining = iter(tensors)
-                args: list[Any] = []
-                for index, kind in enumerate(kinds):
-                    if kind == "input":
-                        args.append(next(remaining))
-                    elif kind in ("constant", "specialized"):
-                        args.append(self.plain[index] if index in self.plain else getattr(self, f"const_{index}"))
-                    else:
-                        args.append(None)
-                for index, (owner, axis) in sizes.items():
-                    args[index] = args[owner].size(axis)
-                return self.gm(*args)
-
-        return Feeder()
+    return Feeder()
 
 
 @contextlib.contextmanager

@@ -545,6 +545,16 @@ def constant_data(value: Value) -> Optional[np.ndarray]:
     return None
 
 
+def uniform_constant(value: Optional[Value]) -> Optional[np.generic]:
+    """The one number every element of a small constant holds (a numpy scalar of the
+    constant's dtype), or None when `value` is not such a constant."""
+    data = None if value is None else constant_data(value)
+    if data is None or data.size == 0 or data.dtype.kind in "OSUc":
+        return None
+    flat = np.asarray(data).reshape(-1)
+    return flat[0] if bool(np.all(flat == flat[0])) else None
+
+
 def _plain_attrs(attrs: dict[str, AttrValue]) -> dict[str, Any]:
     """Attributes as inference functions expect them: tensors as numpy arrays."""
     return {k: (v.numpy() if isinstance(v, ConstTensor) else v) for k, v in attrs.items()}

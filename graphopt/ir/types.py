@@ -10,6 +10,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Optional, Sequence, Union
 
+import numpy as np
+
 from graphopt.ir.dtypes import DType
 
 Dim = Union[int, str, None]
@@ -63,13 +65,8 @@ def _check_dim(dim: object) -> Dim:
     if dim is None or isinstance(dim, str):
         return dim
     if isinstance(dim, bool) or not isinstance(dim, int):
-        try:
-            import numpy as np
-
-            if isinstance(dim, np.integer):
-                return int(dim)
-        except ImportError:  # pragma: no cover - numpy is a hard dependency
-            pass
+        if isinstance(dim, np.integer):
+            return int(dim)
         raise TypeError(f"a dim must be int, str or None, got {dim!r}")
     if dim < 0:
         raise ValueError(f"a static dim must be >= 0, got {dim}")
