@@ -1,15 +1,17 @@
-"""The Python entry points: `graphopt.optimize(...)`."""
+"""The Python entry points: `graphopt.optimize(...)`, `graphopt.compile(...)`, `graphopt.load_compiled(...)`."""
 
 from __future__ import annotations
 
 import os
+import sys
 from typing import Any, Optional, Sequence, Union
 
-from graphopt.errors import GraphoptError
+from graphopt.errors import GraphoptError, UnsupportedOpError
 from graphopt.ir.graph import Graph
 from graphopt.pass_base import Pass, PassContext
 from graphopt.pass_manager import PassManager, PipelineReport
 from graphopt.pipeline import PipelineLike, build_pipeline
+from graphopt.target_base import CompiledModel, TargetError
 
 
 def load_graph(model: Any) -> Graph:
@@ -49,3 +51,98 @@ def optimize(
     report: PipelineReport = manager.run(graph, PassContext(calibration=calibration, target=target, seed=seed))
     graph.metadata["pipeline_report"] = report
     return graph
+
+
+def compile(
+    model: Any,
+    target: Any = "onnxruntime",
+    pipeline: Union[PipelineLike, Sequence[Pass]] = "fuse",
+    *,
+    example_inputs: Optional[Sequence[Any]] = None,
+    calibration: Optional[list[dict[str, Any]]] = None,
+    check: bool = False,
+    seed: int = 0,
+) -> CompiledModel:
+    """Optimize `model` with `pipeline` and compile it for `target`; return a `CompiledModel`.
+
+    `model`: a Graph (copied, never modified), an .onnx path, an onnx.ModelProto, a
+    torch.export.ExportedProgram, or a torch.nn.Module with `example_inputs` (exported with
+    torch.export; the module itself is not changed). `target`: a spec such as
+    "onnxruntime:cpu{threads=2}", "torch", "tvm:llvm" (see `graphopt targets`).
+    Raises TargetError when the target is unknown or cannot run here, UnsupportedOpError
+    naming the nodes the target cannot run.
+    """
+    from graphopt.target_registry import get_target
+
+    chosen = get_target(target)
+    missing = chosen.available()
+    if missing:
+        raise TargetError(f"target '{chosen.spec}' cannot run here: {missing}")
+    passes = build_pipeline(pipeline)
+    graph = _graph_for_compile(model, example_inputs)
+    graph = optimize(graph, passes, calibration=calibration, check=check, target=chosen, seed=seed)
+    unsupported = chosen.unsupported_nodes(graph)
+    if unsupported:
+        listed = ", ".join(f"{n.qualified_op} ({n.label})" for n in unsupported[:5])
+        more = f" and {len(unsupported) - 5} more" if len(unsupported) > 5 else ""
+        raise UnsupportedOpError(f"target '{chosen.spec}' cannot run {len(unsupported)} node(s): {listed}{more}")
+    compiled = chosen.compile(graph)
+    compiled.pipeline_report = graph.metadata.get("pipeline_report")
+    return compiled
+
+
+def load_compiled(directory: "str | os.PathLike[str]") -> CompiledModel:
+    """Load a compiled model that `CompiledModel.save(directory)` wrote."""
+    import json
+
+    from graphopt.target_base import MANIFEST, MANIFEST_FORMAT
+    from graphopt.target_registry import get_target
+
+    directory = os.path.abspath(os.fspath(directory))
+    path = os.path.join(directory, MANIFEST)
+    if not os.path.isfile(path):
+        raise TargetError(f"{directory}: not a compiled graphopt model (no {MANIFEST}); write one with `graphopt compile`")
+    try:
+        with open(path) as handle:
+            manifest = json.load(handle)
+        spec, version = manifest["spec"], manifest["format"]
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise TargetError(f"{path}: unreadable manifest ({exc})") from None
+    if version != MANIFEST_FORMAT:
+        raise TargetError(f"{path}: manifest format {version} is not supported (this graphopt reads {MANIFEST_FORMAT})")
+    for name in manifest.get("files", []):
+        if os.path.isabs(name) or ".." in name.replace("\\", "/").split("/") or not os.path.isfile(os.path.join(directory, name)):
+            raise TargetError(f"{path}: artifact file {name!r} is missing or outside the folder")
+    chosen = get_target(spec)
+    missing = chosen.available()
+    if missing:
+        raise TargetError(f"{directory}: target '{spec}' cannot run here: {missing}")
+    return chosen.load(directory, manifest)
+
+
+def _graph_for_compile(model: Any, example_inputs: Optional[Sequence[Any]]) -> Graph:
+    if isinstance(model, Graph):
+        return model.clone()
+    torch = sys.modules.get("torch")
+    if torch is not None and isinstance(model, (torch.nn.Module, torch.export.ExportedProgram)):
+        from graphopt.frontends.fx_import import from_fx
+
+        if isinstance(model, torch.nn.Module):
+            model = _export_module(torch, model, example_inputs)
+        return from_fx(model)
+    return load_graph(model)
+
+
+def _export_module(torch: Any, module: Any, example_inputs: Optional[Sequence[Any]]) -> Any:
+    """torch.export of `module` in eval mode; the module's own mode is restored after."""
+    if example_inputs is None:
+        raise GraphoptError("compile: a torch.nn.Module needs example_inputs (a tuple of tensors)")
+    was_training = module.training
+    try:
+        module.eval()
+        return torch.export.export(module, tuple(example_inputs))
+    except Exception as exc:
+        first = str(exc).strip().splitlines()
+        raise GraphoptError(f"compile: torch.export could not capture the module: {first[0] if first else type(exc).__name__}") from None
+    finally:
+        module.train(was_training)

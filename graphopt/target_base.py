@@ -1,0 +1,301 @@
+"""What a target is: `TargetSpec` (text such as ``tvm:llvm{mcpu=znver4}``), `Target`, `CompiledModel`.
+
+A target turns an IR graph into something runnable and saveable. Subclasses of `Target`
+declare a `name`, the `variants` they accept (the first is the default), typed option
+fields (a dataclass, like passes) and implement:
+
+- `available()`: None when the target can run here, else a sentence saying what is missing
+  (e.g. "the tensorrt package is not installed");
+- `unsupported_nodes(graph)`: the nodes it cannot run (a caller names them in its error);
+- `compile(graph) -> CompiledModel`;
+- `load(directory, manifest) -> CompiledModel` for artifacts `CompiledModel.save` wrote.
+
+`CompiledModel` subclasses implement `_run(feeds)` on numpy arrays (or override `_call`
+to keep torch tensors on their device) and `_save_files(directory) -> [file names]`.
+Calling a compiled model takes numpy arrays or torch tensors, positionally in input order
+or by input name, and returns a list of outputs of the same kind.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import re
+import shutil
+import tempfile
+import typing
+from typing import Any, ClassVar, Optional, Sequence
+
+import numpy as np
+
+from graphopt.errors import GraphoptError
+from graphopt.pass_base import PipelineError, coerce_option
+
+MANIFEST = "manifest.json"
+MANIFEST_FORMAT = 1
+
+
+class TargetError(GraphoptError):
+    """A target spec, option or artifact is invalid, or the target cannot run a graph here."""
+
+
+_SPEC = re.compile(r"^\s*([a-z][a-z0-9_\-]*)\s*(?::\s*([A-Za-z0-9_\-]+))?\s*(?:\{(.*)\})?\s*$", re.DOTALL)
+
+
+@dataclasses.dataclass(frozen=True)
+class TargetSpec:
+    """A parsed target spec: name, optional variant, options."""
+
+    name: str
+    variant: Optional[str] = None
+    options: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+    @classmethod
+    def parse(cls, text: "str | TargetSpec") -> "TargetSpec":
+        """``name[:variant][{key=value,...}]``; option values as in pipeline texts."""
+        if isinstance(text, TargetSpec):
+            return text
+        if not isinstance(text, str):
+            raise TargetError(f"a target spec is a string such as 'onnxruntime:cpu', got {type(text).__name__}")
+        match = _SPEC.match(text)
+        if not match:
+            raise TargetError(f"malformed target spec {text!r}: expected name[:variant][{{option=value,...}}], e.g. 'tvm:llvm{{mcpu=znver4}}'")
+        name, variant, body = match.groups()
+        options: dict[str, Any] = {}
+        if body is not None and body.strip():
+            from graphopt.pipeline import parse_pipeline
+
+            try:
+                (item,) = parse_pipeline(f"target{{{body}}}")
+            except (PipelineError, ValueError) as exc:
+                raise TargetError(f"malformed options in target spec {text!r}: {exc}") from None
+            options = dict(item.options)
+        return cls(name, variant, options)
+
+    def __str__(self) -> str:
+        text = self.name + (f":{self.variant}" if self.variant else "")
+        if self.options:
+            text += "{" + ",".join(f"{k}={v!r}" if isinstance(v, str) else f"{k}={v}" for k, v in self.options.items()) + "}"
+        return text
+
+
+@dataclasses.dataclass
+class Target:
+    """Base class of targets; subclasses are dataclasses whose fields are options."""
+
+    name: ClassVar[str] = ""
+    variants: ClassVar[tuple[str, ...]] = ()
+    variant: str = ""
+
+    @classmethod
+    def from_spec(cls, spec: TargetSpec) -> "Target":
+        """Instantiate with the spec's variant (default: the first) and options, validated."""
+        variant = spec.variant or (cls.variants[0] if cls.variants else "")
+        if cls.variants and variant not in cls.variants:
+            raise TargetError(f"target '{cls.name}' has no variant '{variant}'; use one of {', '.join(cls.variants)}")
+        fields = {f.name: f for f in dataclasses.fields(cls) if f.name != "variant"}
+        hints = typing.get_type_hints(cls)
+        values: dict[str, Any] = {}
+        for key, raw in spec.options.items():
+            if key not in fields:
+                known = ", ".join(sorted(fields)) or "none"
+                raise TargetError(f"target '{cls.name}' has no option '{key}' (options: {known})")
+            try:
+                values[key] = coerce_option(cls.name, key, raw, hints.get(key, Any))
+            except PipelineError as exc:
+                raise TargetError(str(exc).replace("pass '", "target '", 1)) from None
+        try:
+            return cls(variant=variant, **values)
+        except (TypeError, ValueError) as exc:
+            raise TargetError(f"target '{cls.name}': {exc}") from None
+
+    @property
+    def spec(self) -> TargetSpec:
+        options = {
+            f.name: getattr(self, f.name) for f in dataclasses.fields(self)
+            if f.name != "variant" and getattr(self, f.name) != _default(f)
+        }
+        return TargetSpec(self.name, self.variant or None, options)
+
+    @classmethod
+    def summary(cls) -> str:
+        doc = (cls.__doc__ or "").strip()
+        return doc.splitlines()[0] if doc else ""
+
+    def available(self) -> Optional[str]:
+        """None if this target can compile and run here; else what is missing."""
+        return None
+
+    def unsupported_nodes(self, graph: Any) -> list[Any]:
+        """Nodes of `graph` this target cannot run."""
+        return []
+
+    def compile(self, graph: Any) -> "CompiledModel":
+        raise NotImplementedError(f"target '{self.name}' does not implement compile()")
+
+    def load(self, directory: str, manifest: dict[str, Any]) -> "CompiledModel":
+        raise NotImplementedError(f"target '{self.name}' cannot load saved artifacts")
+
+
+def _default(field: dataclasses.Field) -> Any:
+    if field.default is not dataclasses.MISSING:
+        return field.default
+    if field.default_factory is not dataclasses.MISSING:  # type: ignore[misc]
+        return field.default_factory()  # type: ignore[misc]
+    return dataclasses.MISSING
+
+
+@dataclasses.dataclass(frozen=True)
+class IOSpec:
+    """A model input or output: name, numpy dtype name, shape (ints, symbol names or None)."""
+
+    name: str
+    dtype: Optional[str]
+    shape: Optional[tuple[Any, ...]]
+
+    def to_json(self) -> dict[str, Any]:
+        return {"name": self.name, "dtype": self.dtype, "shape": None if self.shape is None else list(self.shape)}
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> "IOSpec":
+        shape = data.get("shape")
+        return cls(data["name"], data.get("dtype"), None if shape is None else tuple(shape))
+
+    @classmethod
+    def of(cls, value: Any) -> "IOSpec":
+        """From an IR Value."""
+        dtype = value.dtype.to_numpy().name if value.dtype is not None else None
+        return cls(value.name, dtype, value.shape)
+
+
+class CompiledModel:
+    """A graph compiled for a target: call it, save it, load it back with `load_compiled`."""
+
+    def __init__(self, target: Target, inputs: Sequence[IOSpec], outputs: Sequence[IOSpec]) -> None:
+        self.target = target
+        self.inputs = list(inputs)
+        self.outputs = list(outputs)
+        self.pipeline_report: Any = None
+
+    @property
+    def input_names(self) -> list[str]:
+        return [spec.name for spec in self.inputs]
+
+    @property
+    def output_names(self) -> list[str]:
+        return [spec.name for spec in self.outputs]
+
+    def __repr__(self) -> str:
+        return f"<CompiledModel target={self.target.spec} inputs={self.input_names} outputs={self.output_names}>"
+
+    def __call__(self, *args: Any, **kwargs: Any) -> list[Any]:
+        feeds = self.bind(args, kwargs)
+        return self._call(feeds)
+
+    def bind(self, args: Sequence[Any], kwargs: dict[str, Any]) -> dict[str, Any]:
+        """{input name: tensor} from positional and keyword arguments; TargetError if wrong."""
+        names = self.input_names
+        if len(args) > len(names):
+            raise TargetError(f"the model takes {len(names)} input(s) ({', '.join(names)}), got {len(args)} positional")
+        feeds = dict(zip(names, args))
+        for key, value in kwargs.items():
+            if key not in names:
+                raise TargetError(f"the model has no input {key!r}; inputs: {', '.join(names)}")
+            if key in feeds:
+                raise TargetError(f"input {key!r} given both positionally and by name")
+            feeds[key] = value
+        missing = [n for n in names if n not in feeds]
+        if missing:
+            raise TargetError(f"missing input(s): {', '.join(missing)} (the model takes {', '.join(names)})")
+        for spec in self.inputs:
+            _check_input(spec, feeds[spec.name])
+        return feeds
+
+    def _call(self, feeds: dict[str, Any]) -> list[Any]:
+        """Run on numpy (torch tensors are converted and the outputs converted back)."""
+        torch_like = next((v for v in feeds.values() if _is_torch(v)), None)
+        arrays = {k: v.detach().cpu().numpy() if _is_torch(v) else np.asarray(v) for k, v in feeds.items()}
+        outputs = self._run(arrays)
+        if torch_like is None:
+            return outputs
+        import torch
+
+        return [torch.from_numpy(np.ascontiguousarray(o)).to(torch_like.device) for o in outputs]
+
+    def _run(self, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+        raise NotImplementedError
+
+    def _save_files(self, directory: str) -> list[str]:
+        """Write the artifact's files into `directory`; return their names."""
+        raise NotImplementedError(f"target '{self.target.name}' cannot save compiled models")
+
+    def _manifest_extra(self) -> dict[str, Any]:
+        """Target-specific manifest entries."""
+        return {}
+
+    def save(self, directory: "str | os.PathLike[str]") -> str:
+        """Write the artifact and a manifest.json into `directory`, atomically; return its path.
+
+        An existing folder is replaced only if it holds a graphopt artifact (a manifest);
+        any other non-empty folder is refused.
+        """
+        from graphopt import __version__
+
+        directory = os.path.abspath(os.fspath(directory))
+        if os.path.exists(directory):
+            if not os.path.isdir(directory):
+                raise TargetError(f"{directory}: exists and is not a folder")
+            if os.listdir(directory) and not os.path.isfile(os.path.join(directory, MANIFEST)):
+                raise TargetError(f"{directory}: folder is not empty and holds no graphopt artifact; choose another")
+        parent = os.path.dirname(directory)
+        if not os.path.isdir(parent):
+            raise TargetError(f"{directory}: the folder {parent} does not exist")
+        staging = tempfile.mkdtemp(prefix=".graphopt-", dir=parent)
+        try:
+            files = self._save_files(staging)
+            manifest = {
+                "format": MANIFEST_FORMAT,
+                "graphopt_version": __version__,
+                "target": self.target.name,
+                "spec": str(self.target.spec),
+                "inputs": [spec.to_json() for spec in self.inputs],
+                "outputs": [spec.to_json() for spec in self.outputs],
+                "files": sorted(files),
+                **self._manifest_extra(),
+            }
+            with open(os.path.join(staging, MANIFEST), "w") as handle:
+                json.dump(manifest, handle, indent=2, sort_keys=True)
+            if os.path.exists(directory):
+                old = tempfile.mkdtemp(prefix=".graphopt-old-", dir=parent)
+                os.rename(directory, os.path.join(old, "artifact"))
+                os.rename(staging, directory)
+                shutil.rmtree(old, ignore_errors=True)
+            else:
+                os.rename(staging, directory)
+        except BaseException:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
+        return directory
+
+
+def _is_torch(value: Any) -> bool:
+    return type(value).__module__.startswith("torch") and hasattr(value, "detach")
+
+
+def _check_input(spec: IOSpec, value: Any) -> None:
+    shape = tuple(value.shape) if hasattr(value, "shape") else np.shape(value)
+    if spec.shape is not None:
+        if len(shape) != len(spec.shape):
+            raise TargetError(f"input {spec.name!r}: expected rank {len(spec.shape)} {_shape_text(spec.shape)}, got shape {tuple(shape)}")
+        for axis, (want, got) in enumerate(zip(spec.shape, shape)):
+            if isinstance(want, int) and want != got:
+                raise TargetError(f"input {spec.name!r}: dim {axis} must be {want} {_shape_text(spec.shape)}, got shape {tuple(shape)}")
+    if spec.dtype is not None:
+        got_dtype = str(value.dtype).replace("torch.", "") if hasattr(value, "dtype") else np.asarray(value).dtype.name
+        if got_dtype != spec.dtype and not (got_dtype == "bool" and spec.dtype == "bool"):
+            raise TargetError(f"input {spec.name!r}: expected dtype {spec.dtype}, got {got_dtype}")
+
+
+def _shape_text(shape: tuple[Any, ...]) -> str:
+    return "[" + ", ".join("?" if d is None else str(d) for d in shape) + "]"

@@ -1,0 +1,161 @@
+"""The `onnxruntime` target: the graph as ONNX, run in an ONNX Runtime InferenceSession.
+
+Spec: ``onnxruntime[:cpu|:cuda]{threads=N, optimization_level=all|extended|basic|disable,
+contrib_ops=True|False}``. graphopt's fused ops are lowered to the com.microsoft contrib
+kernels ORT accelerates where `contrib_ops` is on (see `onnxruntime_lowering`), and to
+standard ONNX otherwise. On CUDA, inputs given as CUDA torch tensors are bound in place
+(IO binding) and outputs come back as CUDA tensors. The saved artifact is `model.onnx`
+(plus `model.onnx.data` for models over ~1.8 GB).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import shutil
+import tempfile
+from typing import Any, Literal, Optional
+
+import numpy as np
+
+from graphopt.errors import GraphoptError
+from graphopt.exporters.onnx_export import EXTERNAL_DATA_THRESHOLD
+from graphopt.ir.graph import Graph
+from graphopt.target_base import CompiledModel, IOSpec, Target, TargetError
+
+MODEL_FILE = "model.onnx"
+_LEVELS = ("disable", "basic", "extended", "all")
+_PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
+
+
+@dataclasses.dataclass
+class OnnxRuntimeTarget(Target):
+    """ONNX Runtime on CPU or CUDA, with graphopt's fused ops lowered to ORT's contrib kernels."""
+
+    name = "onnxruntime"
+    variants = ("cpu", "cuda")
+    threads: int = 0
+    optimization_level: Literal["disable", "basic", "extended", "all"] = "all"
+    contrib_ops: bool = True
+
+    def __post_init__(self) -> None:
+        if self.threads < 0:
+            raise ValueError(f"threads must be >= 0 (0: ONNX Runtime's default), got {self.threads}")
+
+    def available(self) -> Optional[str]:
+        try:
+            import onnxruntime
+        except ImportError:
+            return "the onnxruntime package is not installed (pip install onnxruntime)"
+        if _PROVIDERS[self.variant] not in onnxruntime.get_available_providers():
+            return f"this onnxruntime build has no {_PROVIDERS[self.variant]} (pip install onnxruntime-gpu for CUDA)"
+        return None
+
+    def lower(self, graph: Graph) -> Graph:
+        """A copy of `graph` in the ops this target runs: contrib ops where enabled, the rest
+        of graphopt's own ops decomposed into standard ONNX."""
+        from graphopt.exporters.onnx_lowering import decompose_graphopt_ops
+
+        if self.contrib_ops:
+            from graphopt.targets.onnxruntime_lowering import lower_to_contrib_ops
+
+            graph = lower_to_contrib_ops(graph)
+        return decompose_graphopt_ops(graph)
+
+    def compile(self, graph: Graph) -> "OnnxRuntimeModel":
+        lowered = self.lower(graph)
+        inputs = [IOSpec.of(v) for v in graph.inputs]
+        outputs = [IOSpec.of(v) for v in graph.outputs]
+        return OnnxRuntimeModel(self, inputs, outputs, graph=lowered)
+
+    def load(self, directory: str, manifest: dict[str, Any]) -> "OnnxRuntimeModel":
+        inputs = [IOSpec.from_json(d) for d in manifest["inputs"]]
+        outputs = [IOSpec.from_json(d) for d in manifest["outputs"]]
+        return OnnxRuntimeModel(self, inputs, outputs, path=os.path.join(directory, MODEL_FILE))
+
+    def session_options(self) -> Any:
+        import onnxruntime as ort
+
+        options = ort.SessionOptions()
+        options.log_severity_level = 3
+        if self.threads:
+            options.intra_op_num_threads = self.threads
+            options.inter_op_num_threads = 1
+        options.graph_optimization_level = {
+            "disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
+            "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
+            "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
+            "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
+        }[self.optimization_level]
+        return options
+
+
+class OnnxRuntimeModel(CompiledModel):
+    """An InferenceSession over the lowered model."""
+
+    def __init__(self, target: OnnxRuntimeTarget, inputs: list[IOSpec], outputs: list[IOSpec], *, graph: Optional[Graph] = None, path: Optional[str] = None) -> None:
+        super().__init__(target, inputs, outputs)
+        import onnxruntime as ort
+
+        self.graph, self.path = graph, path
+        if graph is not None and _weight_bytes(graph) > EXTERNAL_DATA_THRESHOLD:
+            self._staging = tempfile.TemporaryDirectory(prefix="graphopt-ort-")
+            path = os.path.join(self._staging.name, MODEL_FILE)
+            graph.save_onnx(path, keep_graphopt_ops=True)
+            graph = None
+        source = graph.to_onnx(keep_graphopt_ops=True).SerializeToString() if graph is not None else path
+        try:
+            self.session = ort.InferenceSession(source, target.session_options(), providers=[_PROVIDERS[target.variant]])
+        except Exception as exc:
+            text = str(exc).strip().splitlines()
+            where = path or "the lowered graph"
+            raise TargetError(f"ONNX Runtime could not load {where}: {text[0] if text else type(exc).__name__}") from None
+        self._session_inputs = {i.name for i in self.session.get_inputs()}
+
+    def _run(self, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+        try:
+            return self.session.run(None, {k: v for k, v in feeds.items() if k in self._session_inputs})
+        except Exception as exc:
+            text = str(exc).strip().splitlines()
+            raise GraphoptError(f"ONNX Runtime failed to run the model: {text[0] if text else type(exc).__name__}") from None
+
+    def _call(self, feeds: dict[str, Any]) -> list[Any]:
+        on_cuda = [v for v in feeds.values() if getattr(getattr(v, "device", None), "type", None) == "cuda"]
+        if self.target.variant != "cuda" or not on_cuda:
+            return super()._call(feeds)
+        return self._run_bound(feeds, on_cuda[0].device)
+
+    def _run_bound(self, feeds: dict[str, Any], device: Any) -> list[Any]:
+        """IO binding: CUDA torch tensors in and out, no host copies."""
+        import torch
+
+        binding = self.session.io_binding()
+        for name, tensor in feeds.items():
+            if name not in self._session_inputs:
+                continue
+            tensor = tensor.contiguous()
+            binding.bind_input(name, "cuda", device.index or 0, _numpy_dtype(tensor), tuple(tensor.shape), tensor.data_ptr())
+        for output in self.session.get_outputs():
+            binding.bind_output(output.name, "cuda", device.index or 0)
+        self.session.run_with_iobinding(binding)
+        return [torch.from_dlpack(o.to_dlpack()) if hasattr(o, "to_dlpack") else torch.from_numpy(o.numpy()).to(device) for o in binding.get_outputs()]
+
+    def _save_files(self, directory: str) -> list[str]:
+        if self.graph is not None:
+            self.graph.save_onnx(os.path.join(directory, MODEL_FILE), keep_graphopt_ops=True)
+        else:
+            source = os.path.dirname(self.path)  # type: ignore[arg-type]
+            for name in os.listdir(source):
+                if name.startswith(MODEL_FILE):
+                    shutil.copyfile(os.path.join(source, name), os.path.join(directory, name))
+        return sorted(name for name in os.listdir(directory) if name.startswith(MODEL_FILE))
+
+
+def _weight_bytes(graph: Graph) -> int:
+    return sum(v.const.nbytes for v in graph.constants.values())  # type: ignore[union-attr]
+
+
+def _numpy_dtype(tensor: Any) -> Any:
+    import torch
+
+    return {torch.float32: np.float32, torch.float16: np.float16, torch.int64: np.int64, torch.int32: np.int32, torch.bool: np.bool_}[tensor.dtype]

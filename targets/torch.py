@@ -1,0 +1,82 @@
+"""The `torch` target: the graph as a torch.fx GraphModule built from torch kernels.
+
+Spec: ``torch[:cpu|:cuda]``. Fused attention runs as `scaled_dot_product_attention`.
+Called with torch tensors it returns torch tensors on the target's device; with numpy
+arrays, numpy arrays. The saved artifact is the optimized graph as ONNX with graphopt's
+own ops kept (`graph.onnx`); loading rebuilds the module from it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from typing import Any, Optional
+
+import numpy as np
+
+from graphopt.exporters import torch_kernels
+from graphopt.ir.graph import Graph
+from graphopt.target_base import CompiledModel, IOSpec, Target
+
+GRAPH_FILE = "graph.onnx"
+
+
+@dataclasses.dataclass
+class TorchTarget(Target):
+    """PyTorch eager kernels (SDPA for fused attention) in a torch.fx GraphModule."""
+
+    name = "torch"
+    variants = ("cpu", "cuda")
+
+    def available(self) -> Optional[str]:
+        try:
+            import torch
+        except ImportError:
+            return "the torch package is not installed"
+        if self.variant == "cuda" and not torch.cuda.is_available():
+            return "torch sees no CUDA device"
+        return None
+
+    def unsupported_nodes(self, graph: Graph) -> list[Any]:
+        return [n for n in graph.nodes if torch_kernels.get_kernel(n.domain, n.op_type) is None]
+
+    def compile(self, graph: Graph) -> "TorchModel":
+        return TorchModel(self, graph)
+
+    def load(self, directory: str, manifest: dict[str, Any]) -> "TorchModel":
+        from graphopt.frontends.onnx_import import from_onnx
+
+        return TorchModel(self, from_onnx(os.path.join(directory, GRAPH_FILE)))
+
+
+class TorchModel(CompiledModel):
+    """A GraphModule on the target's device."""
+
+    def __init__(self, target: TorchTarget, graph: Graph) -> None:
+        super().__init__(target, [IOSpec.of(v) for v in graph.inputs], [IOSpec.of(v) for v in graph.outputs])
+        self.graph = graph
+        self.device = target.variant or "cpu"
+        self.module = graph.to_fx().to(self.device)
+
+    def _call(self, feeds: dict[str, Any]) -> list[Any]:
+        import torch
+
+        as_numpy = not any(isinstance(v, torch.Tensor) for v in feeds.values())
+        args = [_as_tensor(feeds[name], self.device) for name in self.input_names]
+        with torch.no_grad():
+            outputs = self.module(*args)
+        if as_numpy:
+            return [o.detach().cpu().numpy() for o in outputs]
+        return list(outputs)
+
+    def _save_files(self, directory: str) -> list[str]:
+        self.graph.save_onnx(os.path.join(directory, GRAPH_FILE), keep_graphopt_ops=True)
+        return sorted(name for name in os.listdir(directory) if name.startswith(GRAPH_FILE))
+
+
+def _as_tensor(value: Any, device: str) -> Any:
+    import torch
+
+    if isinstance(value, torch.Tensor):
+        return value.to(device)
+    return torch.from_numpy(np.ascontiguousarray(value)).to(device)
