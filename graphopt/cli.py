@@ -3,6 +3,9 @@
     graphopt optimize IN.onnx -o OUT.onnx -p "cleanup,my-pass{x=1}" [--check] [--verify]
     graphopt passes [--json]                 every registered pass, its doc and options
     graphopt inspect MODEL.onnx [--json] [--ops] [--dim seq=128]
+    graphopt compile IN.onnx -t SPEC -o DIR  optimize + compile for a target, save the artifact
+    graphopt run DIR -i INPUTS.npz           run a saved artifact
+    graphopt targets [--json]                the registered targets, variants and options
 
 Global flags (before or after the command): `-v` shows tracebacks of unexpected errors and
 info logging, `-q` prints nothing but errors (and the result `--check` asked for).
@@ -61,6 +64,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_optimize(commands)
     _add_passes(commands)
     _add_inspect(commands)
+    from graphopt.cli_targets import add_commands
+
+    add_commands(commands, _add_verbosity)
     return parser
 
 

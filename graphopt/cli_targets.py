@@ -1,0 +1,153 @@
+"""The `graphopt compile`, `graphopt run` and `graphopt targets` commands.
+
+    graphopt compile IN.onnx --target SPEC -o DIR [-p PIPELINE]   optimize, compile, save an artifact
+    graphopt run DIR --inputs INPUTS.npz [-o OUTPUTS.npz]         run a saved artifact
+    graphopt targets [--json]                                     the registered targets and options
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import pathlib
+import time
+import typing
+from typing import Any
+
+from graphopt.errors import GraphoptError
+
+
+def add_commands(commands: Any, add_verbosity: typing.Callable[..., None]) -> None:
+    """Add the three commands to the `graphopt` subparsers."""
+    cmd = commands.add_parser(
+        "compile", help="optimize an ONNX model and compile it for a target into an artifact folder",
+        description="Run PIPELINE over IN, compile the result for TARGET and save the artifact "
+        "(target files + manifest.json) into DIR atomically. Load it with `graphopt run` or "
+        "graphopt.load_compiled(DIR).",
+    )
+    add_verbosity(cmd, top_level=False)
+    cmd.add_argument("model", metavar="IN.onnx", help="the model to compile (never modified)")
+    cmd.add_argument("-t", "--target", required=True, metavar="SPEC", help="e.g. onnxruntime:cpu{threads=2}, torch, tvm:llvm; see `graphopt targets`")
+    cmd.add_argument("-o", "--output", required=True, metavar="DIR", help="the artifact folder to write (replaced if it holds an artifact)")
+    cmd.add_argument("-p", "--pipeline", default="fuse", metavar="PIPELINE", help="passes to run first (default: fuse)")
+    cmd.set_defaults(run=_compile)
+
+    cmd = commands.add_parser(
+        "run", help="run a compiled artifact on inputs from an .npz file",
+        description="Load the artifact in DIR, run it on the arrays in INPUTS.npz (named by input) "
+        "and print the output shapes, or save the outputs with -o.",
+    )
+    add_verbosity(cmd, top_level=False)
+    cmd.add_argument("artifact", metavar="DIR", help="a folder written by `graphopt compile`")
+    cmd.add_argument("-i", "--inputs", required=True, metavar="INPUTS.npz", help="one array per model input, named by input")
+    cmd.add_argument("-o", "--output", metavar="OUTPUTS.npz", help="write the outputs here (named by output)")
+    cmd.set_defaults(run=_run)
+
+    cmd = commands.add_parser(
+        "targets", help="list the registered targets, their variants and options",
+        description="List every registered target (built-in and from plug-ins), whether it can run here, its variants and options.",
+    )
+    add_verbosity(cmd, top_level=False)
+    cmd.add_argument("--json", action="store_true", help="print JSON instead of text")
+    cmd.set_defaults(run=_targets)
+
+
+def _compile(args: argparse.Namespace) -> int:
+    from graphopt.api import compile
+
+    if os.path.exists(args.output) and os.path.exists(args.model) and os.path.samefile(args.output, args.model):
+        raise GraphoptError(f"-o {args.output} is the input model; give a folder for the artifact")
+    start = time.perf_counter()
+    compiled = compile(args.model, args.target, args.pipeline)
+    built = time.perf_counter() - start
+    path = compiled.save(args.output)
+    if not args.quiet:
+        if compiled.pipeline_report is not None:
+            print(compiled.pipeline_report.table())
+        print(f"{args.model}: compiled for {compiled.target.spec} in {built:.2f} s; wrote {path}")
+    return 0
+
+
+def _run(args: argparse.Namespace) -> int:
+    import numpy as np
+
+    from graphopt.api import load_compiled
+
+    compiled = load_compiled(args.artifact)
+    feeds = _load_inputs(args.inputs)
+    start = time.perf_counter()
+    outputs = compiled(**feeds)
+    elapsed = time.perf_counter() - start
+    if args.output:
+        _save_outputs(args.output, dict(zip(compiled.output_names, outputs)))
+    if not args.quiet:
+        for name, value in zip(compiled.output_names, outputs):
+            array = np.asarray(value)
+            print(f"{name}: {array.dtype} {list(array.shape)}")
+        print(f"ran {args.artifact} ({compiled.target.spec}) in {elapsed * 1000:.1f} ms" + (f"; wrote {args.output}" if args.output else ""))
+    return 0
+
+
+def _load_inputs(path: str) -> dict[str, Any]:
+    import numpy as np
+
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            return {name: data[name] for name in data.files}
+    except FileNotFoundError:
+        raise GraphoptError(f"{path}: no such file") from None
+    except (OSError, ValueError) as exc:
+        raise GraphoptError(f"{path}: not a readable .npz file of arrays ({exc})") from None
+
+
+def _save_outputs(path: str, arrays: dict[str, Any]) -> None:
+    """Write the .npz atomically (temporary file renamed into place)."""
+    import tempfile
+
+    import numpy as np
+
+    folder = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(folder):
+        raise GraphoptError(f"-o {path}: the folder {folder} does not exist")
+    handle, temporary = tempfile.mkstemp(suffix=".npz", dir=folder)
+    try:
+        with os.fdopen(handle, "wb") as stream:
+            np.savez(stream, **{name: np.asarray(value) for name, value in arrays.items()})
+        os.replace(temporary, path)
+    except BaseException:
+        pathlib.Path(temporary).unlink(missing_ok=True)
+        raise
+
+
+def _targets(args: argparse.Namespace) -> int:
+    from graphopt.target_registry import registered_targets
+
+    infos = [target_info(cls) for cls in registered_targets().values()]
+    if args.json:
+        print(json.dumps(infos, indent=2, default=str))
+        return 0
+    for info in infos:
+        status = "available" if info["available"] is None else f"unavailable: {info['available']}"
+        variants = ":" + "|".join(info["variants"]) if info["variants"] else ""
+        print(f"{info['name']}{variants}  {info['summary']} ({status})")
+        for option in info["options"]:
+            print(f"    {option['name']}: {option['type']} = {option['default']!r}")
+    return 0
+
+
+def target_info(cls: type) -> dict[str, Any]:
+    """Name, summary, variants, options and availability of a target class."""
+    from graphopt.cli import _type_text
+
+    hints = typing.get_type_hints(cls)
+    options = [
+        {"name": f.name, "type": _type_text(hints.get(f.name, Any)), "default": f.default}
+        for f in dataclasses.fields(cls) if f.name != "variant"
+    ]
+    try:
+        available = cls(variant=cls.variants[0] if cls.variants else "").available()
+    except Exception as exc:  # a plug-in's availability probe must not break the listing
+        available = f"availability check failed: {exc}"
+    return {"name": cls.name, "summary": cls.summary(), "variants": list(cls.variants), "options": options, "available": available}
