@@ -12,7 +12,9 @@ versions of graphopt and torch, so a graph seen again (recompiles, a second
 
 Options (all optional):
 - `pipeline` (default "fuse"): any pipeline text/list, validated before anything runs;
-- `target` (default "torch"): the only target available so far;
+- `target` (default "torch"): any registered target spec (`graphopt targets`), e.g.
+  "onnxruntime:cpu{threads=2}" runs the optimized graph in ONNX Runtime (torch tensors in
+  and out);
 - `check` (default False): on the first call, compare against the original graph and fall
   back (or raise) if outputs differ by more than `tolerance` (default 1e-4);
 - `fallback` (default True): if import, a pass or the target fails, log ONE warning naming
@@ -38,7 +40,6 @@ _LOG = logging.getLogger("graphopt")
 _OPTION_DEFAULTS: dict[str, Any] = {
     "pipeline": "fuse", "target": "torch", "check": False, "fallback": True, "verbose": False, "tolerance": 1e-4,
 }
-_TARGETS = ("torch",)
 _CACHE: dict[str, tuple[Callable[..., Any], list[weakref.ref]]] = {}
 _CACHE_LOCK = threading.Lock()
 _STATS = {"compiled": 0, "cache_hits": 0, "fallbacks": 0}
@@ -56,8 +57,12 @@ def validate_options(options: dict[str, Any]) -> dict[str, Any]:
     if unknown:
         raise PipelineError(f"graphopt backend: unknown option(s) {', '.join(unknown)}; known: {', '.join(sorted(_OPTION_DEFAULTS))}")
     settings = {**_OPTION_DEFAULTS, **options}
-    if settings["target"] not in _TARGETS:
-        raise PipelineError(f"graphopt backend: target {settings['target']!r} is not available; use one of {', '.join(_TARGETS)}")
+    from graphopt.target_registry import get_target
+
+    target = get_target(settings["target"])
+    missing = target.available()
+    if missing:
+        raise PipelineError(f"graphopt backend: target '{target.spec}' cannot run here: {missing}")
     for flag in ("check", "fallback", "verbose"):
         if not isinstance(settings[flag], bool):
             raise PipelineError(f"graphopt backend: option '{flag}' must be True or False, got {settings[flag]!r}")
@@ -121,11 +126,14 @@ class _LazyCompiled:
         from graphopt.api import optimize
         from graphopt.frontends.fx_import import from_fx
 
+        from graphopt.target_registry import get_target
+
+        target = get_target(self.settings["target"])
         graph = from_fx(self.gm, self.example_inputs)
-        graph = optimize(graph, self.settings["pipeline"])
+        graph = optimize(graph, self.settings["pipeline"], target=target)
         if self.settings["verbose"]:
             _LOG.warning("graphopt: graph with %d inputs:\n%s", len(graph.inputs), graph.metadata["pipeline_report"].table())
-        module = graph.to_fx()
+        module = graph.to_fx() if target.name == "torch" else _unsupported_checked(target, graph).compile(graph)
         kinds = graph.metadata["fx_input_kinds"]
         specialized = graph.metadata["fx_specialized"]
         spec = graph.metadata["fx_output_spec"]
@@ -141,6 +149,17 @@ class _LazyCompiled:
             _check(self.gm, run, args, self.settings["tolerance"])
         _STATS["compiled"] += 1
         return run
+
+
+def _unsupported_checked(target: Any, graph: Any) -> Any:
+    """`target`, after checking it can run every node of `graph` (else UnsupportedOpError naming them)."""
+    from graphopt.errors import UnsupportedOpError
+
+    unsupported = target.unsupported_nodes(graph)
+    if unsupported:
+        listed = ", ".join(f"{n.qualified_op} ({n.label})" for n in unsupported[:3])
+        raise UnsupportedOpError(f"target '{target.spec}' cannot run {len(unsupported)} node(s): {listed}")
+    return target
 
 
 def _check(gm: Any, run: Callable[..., Any], args: Sequence[Any], tolerance: float) -> None:

@@ -148,7 +148,8 @@ def test_second_compile_of_the_same_model_hits_the_cache():
 
 @pytest.mark.parametrize("options, message", [
     ({"pipelin": "cleanup"}, "unknown option"),
-    ({"target": "tvm:llvm"}, "target 'tvm:llvm' is not available"),
+    ({"target": "tensorrtt"}, "unknown target 'tensorrtt'"),
+    ({"target": "onnxruntime{threads=x}"}, "option 'threads' must be int"),
     ({"pipeline": "clenup"}, "did you mean 'cleanup'"),
     ({"check": "yes"}, "option 'check' must be True or False"),
 ])
@@ -156,3 +157,14 @@ def test_bad_options_name_the_problem(options, message):
     compiled = torch.compile(torch.nn.Linear(2, 2), backend="graphopt", options=options)
     with pytest.raises(Exception, match=message):
         compiled(torch.randn(1, 2))
+
+
+def test_onnxruntime_target_runs_the_optimized_graph_with_dynamic_shapes():
+    model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.GELU(), torch.nn.LayerNorm(16)).eval()
+    compiled = torch.compile(model, backend="graphopt", dynamic=True, options={"target": "onnxruntime{threads=1}", "fallback": False})
+    with torch.no_grad():
+        for batch in (2, 5):
+            x = torch.randn(batch, 8)
+            out = compiled(x)
+            assert isinstance(out, torch.Tensor)
+            torch.testing.assert_close(out, model(x), atol=1e-5, rtol=1e-5)

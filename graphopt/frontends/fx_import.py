@@ -147,8 +147,9 @@ def _is_plain_scalar(value: Any) -> bool:
 def is_module_state(node: Any) -> bool:
     """True for placeholders dynamo lifted from module state or globals (weights, buffers,
     float/int attributes such as eps), as opposed to arguments of the compiled call.
-    Dynamo names those placeholders after their source: L_self_... and G_..."""
-    return str(node.target).startswith(("L_self_", "G_"))
+    Dynamo names those placeholders after their source: L_self_... (a method's module),
+    L_fn_... (a module compiled directly: torch.compile(module) traces it as `fn`) and G_..."""
+    return str(node.target).startswith(("L_self_", "L_fn_", "G_"))
 
 
 def _concrete(example: Any) -> Any:

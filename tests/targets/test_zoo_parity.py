@@ -3,7 +3,6 @@ at the export's batch size and at another one (one compiled model serves both)."
 
 from __future__ import annotations
 
-import numpy as np
 import onnxruntime as ort
 import pytest
 from conftest import ROUNDTRIP_ARCHITECTURES, max_abs_diff, numpy_inputs
