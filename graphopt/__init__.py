@@ -30,7 +30,7 @@ __version__ = "0.1.0"
 __all__ = [
     "DType", "ExportError", "Graph", "GraphError", "GraphoptError", "ModelLoadError", "Node", "Pass",
     "PassContext", "PassResult", "PipelineError", "TensorType", "UnsupportedOpError", "Value",
-    "VerificationError", "__version__", "from_fx", "from_onnx", "get_pass", "optimize",
+    "VerificationError", "__version__", "compile", "explain", "from_fx", "load_compiled", "from_onnx", "get_pass", "optimize",
     "register_pass", "registered_passes", "verify",
 ]
 
@@ -51,6 +51,27 @@ def from_fx(graph_module: "torch.fx.GraphModule | torch.export.ExportedProgram",
     from graphopt.frontends.fx_import import from_fx as _from_fx
 
     return _from_fx(graph_module, example_inputs)
+
+
+def explain(model: Any, *args: Any, **kwargs: Any) -> Any:
+    """What torch.compile(backend="graphopt") does to each graph of `model`; see `graphopt.explanation.explain`."""
+    from graphopt.explanation import explain as _explain
+
+    return _explain(model, *args, **kwargs)
+
+
+def compile(model: Any, target: Any = "onnxruntime", pipeline: Any = "fuse", **options: Any) -> Any:
+    """Optimize and compile for a target; returns a CompiledModel. See `graphopt.api.compile`."""
+    from graphopt.api import compile as _compile
+
+    return _compile(model, target, pipeline, **options)
+
+
+def load_compiled(directory: Any) -> Any:
+    """Load what `CompiledModel.save(directory)` wrote; see `graphopt.api.load_compiled`."""
+    from graphopt.api import load_compiled as _load_compiled
+
+    return _load_compiled(directory)
 
 
 def optimize(model: Any, pipeline: Any = "cleanup", **options: Any) -> Graph:

@@ -168,3 +168,36 @@ def test_onnxruntime_target_runs_the_optimized_graph_with_dynamic_shapes():
             out = compiled(x)
             assert isinstance(out, torch.Tensor)
             torch.testing.assert_close(out, model(x), atol=1e-5, rtol=1e-5)
+
+
+class _TwoGraphs(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = torch.nn.Linear(8, 8), torch.nn.Linear(8, 8)
+
+    def forward(self, x):
+        y = torch.nn.functional.gelu(self.a(x))
+        torch._dynamo.graph_break()
+        return self.b(y).softmax(-1)
+
+
+def test_explain_reports_each_graph_the_breaks_and_what_fusion_did():
+    import graphopt
+
+    model = _TwoGraphs().train()
+    explanation = graphopt.explain(model, torch.randn(2, 8))
+    assert model.training, "explain must leave the module's mode alone"
+    assert len(explanation.graphs) == 2 and len(explanation.graph_breaks) == 1
+    first = explanation.graphs[0]
+    assert first.ops_after.get("graphopt::Gelu") == 1 and "Erf" in first.ops_before
+    text = str(explanation)
+    assert "2 graph(s), 1 graph break(s)" in text and "new ops: graphopt::Gelu x1" in text
+
+
+def test_explain_names_why_a_graph_would_run_unoptimized():
+    import graphopt
+
+    explanation = graphopt.explain(_WithUnknownOp(), torch.randn(4))
+    (graph,) = explanation.graphs
+    assert graph.fallback_reason is not None and "mystery" in graph.fallback_reason
+    assert "runs unoptimized: UnsupportedOpError" in str(explanation)
