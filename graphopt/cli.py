@@ -6,6 +6,7 @@
     graphopt compile IN.onnx -t SPEC -o DIR  optimize + compile for a target, save the artifact
     graphopt run DIR -i INPUTS.npz           run a saved artifact
     graphopt targets [--json]                the registered targets, variants and options
+    graphopt bench MODEL [-p P] [--against ort-opt,ort-int8,inductor]   side-by-side timings
 
 Global flags (before or after the command): `-v` shows tracebacks of unexpected errors and
 info logging, `-q` prints nothing but errors (and the result `--check` asked for).
@@ -67,6 +68,9 @@ def build_parser() -> argparse.ArgumentParser:
     from graphopt.cli_targets import add_commands
 
     add_commands(commands, _add_verbosity)
+    from graphopt.cli_bench import add_command
+
+    add_command(commands, _add_verbosity, _add_dims)
     return parser
 
 
@@ -104,6 +108,10 @@ def _add_optimize(commands: Any) -> None:
         "(fails naming the first lossless pass that changed them)",
     )
     cmd.add_argument("--verify", action="store_true", help="verify the IR before the first pass and after every pass")
+    cmd.add_argument(
+        "--report", metavar="FILE.md|FILE.html",
+        help="write a report: per-pass table, op histograms before/after, sizes, fidelity, DOT drawings beside it",
+    )
     cmd.add_argument("--dump-ir", metavar="PASS[,PASS]|all", help="write the IR before and after these passes (needs --dump-dir)")
     cmd.add_argument("--dump-dir", metavar="DIR", help="folder for --dump-ir files")
     cmd.add_argument(
@@ -112,6 +120,10 @@ def _add_optimize(commands: Any) -> None:
     )
     _add_dims(cmd, "sizes of symbolic input dims for --check")
     cmd.add_argument("--seed", type=int, default=0, help="seed of the sample inputs and of the passes (default 0)")
+    cmd.add_argument(
+        "--calibration-data", metavar="INPUTS.npz",
+        help="samples for data-aware passes (quantize, smooth-quant): arrays named by input, first axis = samples",
+    )
     cmd.set_defaults(run=_optimize)
 
 
@@ -163,20 +175,37 @@ def _optimize(args: argparse.Namespace) -> int:
     passes = build_pipeline(pathlib.Path(args.pipeline_file) if args.pipeline_file else args.pipeline)
     dump_ir = _dump_ir_names(args, passes)
     _check_output_path(args.model, args.output)
+    if args.report and os.path.splitext(args.report)[1].lower() not in (".md", ".html", ".htm"):
+        raise GraphoptError(f"--report {args.report}: use a .md or .html file name")
     start = time.perf_counter()
     graph = load_graph(args.model)
     nodes_in = len(graph)
     if args.verify:
         graph.verify()
     check = _prepare_check(graph, args) if args.check else None
+    before = _snapshot(graph, args) if args.report else None
     report = _run_passes(graph, passes, args, dump_ir, check)
     graph.save_onnx(args.output, external_data=args.external_data)
     if not args.quiet:
         print(report.table())
         print(f"{args.model}: {nodes_in} -> {len(graph)} nodes in {time.perf_counter() - start:.2f} s; wrote {args.output}")
-    if check is not None:
-        print(_check_output(args.output, check))
+    fidelity = _check_output(args.output, check) if check is not None else None
+    if fidelity is not None:
+        print(fidelity)
+    if before is not None:
+        from graphopt.report import write_report
+
+        pipeline = args.pipeline_file or args.pipeline
+        written = write_report(args.report, args.model, pipeline, before, _snapshot(graph, args), report, fidelity)
+        if not args.quiet:
+            print(f"report: {', '.join(written)}")
     return 0
+
+
+def _snapshot(graph: "Graph", args: argparse.Namespace) -> Any:
+    from graphopt.report import GraphSnapshot
+
+    return GraphSnapshot.of(graph, dict(args.dims))
 
 
 def _dump_ir_names(args: argparse.Namespace, passes: Sequence["Pass"]) -> list[str]:
@@ -246,11 +275,20 @@ def _run_passes(
         check_expected=None if check is None else check.expected, on_pass_start=progress,
     )
     try:
-        return manager.run(graph, PassContext(seed=args.seed))
+        return manager.run(graph, PassContext(seed=args.seed, calibration=_calibration(graph, args)))
     except (GraphoptError, OSError):  # failures graphopt reports itself (OSError: e.g. writing dumps)
         raise
     except Exception as exc:
         raise PassCrash(progress.current, exc) from exc
+
+
+def _calibration(graph: "Graph", args: argparse.Namespace) -> Optional[list[dict[str, Any]]]:
+    """The --calibration-data samples, checked against the graph's inputs (None without it)."""
+    if not getattr(args, "calibration_data", None):
+        return None
+    from graphopt.calibration import load_npz, normalize_calibration
+
+    return normalize_calibration(graph, load_npz(args.calibration_data))
 
 
 def _check_output(output: str, check: _Check) -> str:
