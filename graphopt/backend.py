@@ -133,7 +133,11 @@ class _LazyCompiled:
         graph = optimize(graph, self.settings["pipeline"], target=target)
         if self.settings["verbose"]:
             _LOG.warning("graphopt: graph with %d inputs:\n%s", len(graph.inputs), graph.metadata["pipeline_report"].table())
-        module = graph.to_fx() if target.name == "torch" else _unsupported_checked(target, graph).compile(graph)
+        if target.name == "torch":
+            on_cpu = all(a.device.type == "cpu" for a in args if isinstance(a, torch.Tensor))
+            module = graph.to_fx(prepack_linears=on_cpu and getattr(target, "prepack", True))
+        else:
+            module = _unsupported_checked(target, graph).compile(graph)
         kinds = graph.metadata["fx_input_kinds"]
         specialized = graph.metadata["fx_specialized"]
         spec = graph.metadata["fx_output_spec"]

@@ -1,6 +1,8 @@
 """The `torch` target: the graph as a torch.fx GraphModule built from torch kernels.
 
-Spec: ``torch[:cpu|:cuda]``. Fused attention runs as `scaled_dot_product_attention`.
+Spec: ``torch[:cpu|:cuda]{prepack=True|False}``. Fused attention runs as
+`scaled_dot_product_attention`; on CPU, matmuls with constant weights run as oneDNN linears
+over weights packed once at compile time (bias and GELU folded in), unless `prepack=False`.
 Called with torch tensors it returns torch tensors on the target's device; with numpy
 arrays, numpy arrays. The saved artifact is the optimized graph as ONNX with graphopt's
 own ops kept (`graph.onnx`); loading rebuilds the module from it.
@@ -27,6 +29,8 @@ class TorchTarget(Target):
 
     name = "torch"
     variants = ("cpu", "cuda")
+    prepack: bool = True
+    """CPU: run matmuls with constant weights as oneDNN linears over prepacked weights."""
 
     def available(self) -> Optional[str]:
         try:
@@ -56,7 +60,7 @@ class TorchModel(CompiledModel):
         super().__init__(target, [IOSpec.of(v) for v in graph.inputs], [IOSpec.of(v) for v in graph.outputs])
         self.graph = graph
         self.device = target.variant or "cpu"
-        self.module = graph.to_fx().to(self.device)
+        self.module = graph.to_fx(prepack_linears=target.prepack and self.device == "cpu").to(self.device)
 
     def _call(self, feeds: dict[str, Any]) -> list[Any]:
         import torch

@@ -78,3 +78,9 @@ def test_cli_bench_rejects_bad_options(bert_onnx, capsys, args, message):
 def test_bench_names_a_missing_model():
     with pytest.raises(GraphoptError, match="nothere.onnx: no such file"):
         run_bench("nothere.onnx")
+
+
+def test_cli_bench_draws_the_charts_as_png(bert_onnx, tmp_path):
+    png = tmp_path / "bench.png"
+    assert main(["bench", bert_onnx, "--against", "ort-opt", "--seq", "8", "--repeats", "2", "--warmup", "1", "--threads", "1", "--png", str(png), "-q"]) == 0
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000

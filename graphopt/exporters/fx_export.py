@@ -19,15 +19,23 @@ import numpy as np
 from graphopt.errors import UnsupportedOpError
 from graphopt.exporters import torch_kernels
 from graphopt.ir.graph import Graph, Node
-from graphopt.ir.tensor import ConstTensor
+from graphopt.ir.tensor import ArrayTensor, ConstTensor
 
 
-def to_fx(graph: Graph) -> Any:
-    """Lower `graph` to a `torch.fx.GraphModule` that computes the same outputs."""
+def to_fx(graph: Graph, *, prepack_linears: bool = False) -> Any:
+    """Lower `graph` to a `torch.fx.GraphModule` that computes the same outputs.
+
+    `prepack_linears` (CPU only): matmuls with constant float32 weights run as oneDNN linears
+    over weights packed once here, with bias and GELU epilogues folded in (see `fx_linear`).
+    """
     import torch
     import torch.fx
 
+    from graphopt.exporters import fx_linear
+
     _check_supported(graph)
+    plans = fx_linear.plan_linears(graph) if prepack_linears and fx_linear.prepacked_linear_available() else {}
+    absorbed = {id(n) for plan in plans.values() for n in plan.absorbed[1:]}
     root = torch.nn.Module()
     fx_graph = torch.fx.Graph()
     env: dict[int, torch.fx.Node] = {}
@@ -38,7 +46,10 @@ def to_fx(graph: Graph) -> Any:
         if value.uses():
             env[id(value)] = fx_graph.get_attr(buffers.add(value.name, value.const))  # type: ignore[arg-type]
     for node in graph.nodes:
-        _emit(node, graph, fx_graph, env, buffers)
+        if id(node) in plans:
+            _emit_linear(node, plans[id(node)], fx_graph, env, buffers)
+        elif id(node) not in absorbed:
+            _emit(node, graph, fx_graph, env, buffers)
     outputs = tuple(env[id(v)] for v in graph.outputs)
     fx_graph.output(outputs)
     module = torch.fx.GraphModule(root, fx_graph, class_name=_identifier(graph.name) or "GraphModule")
@@ -83,6 +94,17 @@ def _emit(node: Node, graph: Graph, fx_graph: Any, env: dict[int, Any], buffers:
         env[id(node.output)] = call
 
 
+def _emit_linear(node: Node, plan: Any, fx_graph: Any, env: dict[int, Any], buffers: "_BufferNamer") -> None:
+    from graphopt.exporters import fx_linear
+
+    weight = fx_graph.get_attr(buffers.add_tensor(f"{node.name}_packed_weight", fx_linear.pack_weight(plan.weight)))
+    bias = None
+    if plan.bias is not None:
+        bias = fx_graph.get_attr(buffers.add(f"{node.name}_bias", ArrayTensor(plan.bias)))
+    call = fx_graph.call_function(fx_linear.packed_linear, (env[id(node.inputs[0])], weight, bias), {"gelu": plan.gelu})
+    env[id(plan.last.output)] = call
+
+
 class _BufferNamer:
     """Registers constants as module buffers under unique attribute names."""
 
@@ -91,6 +113,10 @@ class _BufferNamer:
         self.taken: set[str] = set()
 
     def add(self, name: str, tensor: ConstTensor) -> str:
+        return self.add_tensor(name, _to_torch(tensor))
+
+    def add_tensor(self, name: str, tensor: Any) -> str:
+        """Register a torch tensor as it is."""
         base = _identifier(name) or "const"
         attr = base
         suffix = 0
@@ -98,7 +124,7 @@ class _BufferNamer:
             suffix += 1
             attr = f"{base}_{suffix}"
         self.taken.add(attr)
-        self.root.register_buffer(attr, _to_torch(tensor))
+        self.root.register_buffer(attr, tensor)
         return attr
 
 

@@ -521,11 +521,12 @@ class Graph:
 
         save_onnx(self, path, external_data=external_data, keep_graphopt_ops=keep_graphopt_ops)
 
-    def to_fx(self) -> "torch.fx.GraphModule":
-        """This graph as a runnable torch.fx GraphModule."""
+    def to_fx(self, *, prepack_linears: bool = False) -> "torch.fx.GraphModule":
+        """This graph as a runnable torch.fx GraphModule (`prepack_linears`: CPU-only oneDNN
+        linears over weights packed once, see `graphopt.exporters.fx_linear`)."""
         from graphopt.exporters.fx_export import to_fx
 
-        return to_fx(self)
+        return to_fx(self, prepack_linears=prepack_linears)
 
 
 def constant_data(value: Value) -> Optional[np.ndarray]:
