@@ -16,6 +16,8 @@ from graphopt.ir.graph import Graph
 
 DEFAULT_SYMBOL_SIZE = 2
 SEQUENCE_SYMBOL_SIZE = 8
+MAX_SAMPLE_BYTES = 1 << 30
+"""The most memory `sample_inputs` allocates, over all inputs together."""
 
 
 class CheckError(GraphoptError):
@@ -23,10 +25,12 @@ class CheckError(GraphoptError):
 
 
 def sample_inputs(graph: Graph, seed: int = 0, sizes: Optional[dict[str, int]] = None) -> dict[str, np.ndarray]:
-    """Deterministic random inputs matching the graph's input types."""
+    """Deterministic random inputs matching the graph's input types (at most
+    `MAX_SAMPLE_BYTES` in all; GraphoptError naming the input past that)."""
     rng = np.random.default_rng(seed)
     chosen = dict(sizes or {})
     feeds = {}
+    total = 0
     for value in graph.inputs:
         if value.dtype is None or value.shape is None:
             raise GraphoptError(f"input %{value.name} has no known type/shape; pass inputs explicitly")
@@ -40,6 +44,12 @@ def sample_inputs(graph: Graph, seed: int = 0, sizes: Optional[dict[str, int]] =
                     chosen[key] = symbol_size(key)
                 shape.append(chosen[key])
         dtype = value.dtype.to_numpy()
+        total += int(np.prod(shape, dtype=object)) * np.dtype(dtype).itemsize
+        if total > MAX_SAMPLE_BYTES:
+            raise GraphoptError(
+                f"sample inputs would take more than {MAX_SAMPLE_BYTES >> 20} MiB (input %{value.name} is "
+                f"{value.dtype.short}{shape}); give smaller symbolic sizes (e.g. --dim seq=128) or inputs explicitly"
+            )
         if value.dtype.is_float:
             feeds[value.name] = rng.standard_normal(shape).astype(dtype)
         elif value.dtype.name == "BOOL":

@@ -89,8 +89,11 @@ def _looks_like_file(text: str) -> bool:
 def _load_file(path: str) -> Any:
     if not os.path.exists(path):
         raise PipelineError(f"{path}: no such pipeline file")
-    with open(path, encoding="utf-8") as handle:
-        text = handle.read()
+    try:
+        with open(path, encoding="utf-8") as handle:
+            text = handle.read()
+    except UnicodeDecodeError as exc:
+        raise PipelineError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start}); a pipeline file is JSON or YAML") from None
     if path.lower().endswith(".json"):
         try:
             return json.loads(text)

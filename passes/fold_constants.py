@@ -92,13 +92,18 @@ class FoldConstants(Pass):
        folded by this rule) is evaluated, all at once, with ONNX Runtime's CPU kernels in
        the element types of the graph (no upcasting), so folded values are bit-exact with
        what ONNX Runtime computes; outputs read by the rest of the graph become constants.
-       A node whose output would hold more than `max_elements` elements stays.
+       Nodes reading only constants get their output types inferred again first (an input
+       folded since the last inference may settle an output's size).
+       `max_elements` caps the memory folding may take: a node is evaluated only when the
+       size of each of its outputs is known beforehand and at most `max_elements` elements
+       (the default is 4 MB of float32); larger or unknown-size results stay nodes.
 
     Random ops (impure), opaque ops, and nodes whose output is a graph output are never
     folded; constants that are also graph inputs (overridable) count as unknown.
 
     Needs: ONNX Runtime. Changes: adds constants and removes the nodes they replace;
-    intermediate results that only fed folded nodes are not kept.
+    intermediate results that only fed folded nodes are not kept; output types refined by
+    inferring again are counted as "retyped" (a stat present only when nonzero).
     """
 
     name = "fold-constants"
@@ -109,8 +114,11 @@ class FoldConstants(Pass):
             "constant_nodes": self._lift_constant_nodes(graph),
             "aliases": self._bypass_identities(graph),
             "known_shapes": sum(fold_known_outputs(graph, node) for node in graph if _is_pure_onnx(node)),
-            "evaluated": self._evaluate_constant_nodes(graph, ctx),
         }
+        retyped = self._refresh_types(graph)
+        stats["evaluated"] = self._evaluate_constant_nodes(graph, ctx)
+        if retyped:
+            stats["retyped"] = retyped
         return PassResult(any(stats.values()), stats)
 
     def _lift_constant_nodes(self, graph: Graph) -> int:
@@ -136,6 +144,21 @@ class FoldConstants(Pass):
                 graph.erase(node)
                 bypassed += 1
         return bypassed
+
+    def _refresh_types(self, graph: Graph) -> int:
+        """Infer again the output types of nodes that read only constants and have an output
+        of unknown size (their inputs may have been folded since); the number refined."""
+        refined = 0
+        for node in graph:
+            inputs = [v for v in node.inputs if v is not None]
+            if not _is_pure_onnx(node) or not inputs or not all(v.is_constant for v in inputs):
+                continue
+            before = [out.type for out in node.outputs]
+            if all(t.numel() is not None for t in before):
+                continue
+            graph.infer_types(node)
+            refined += [out.type for out in node.outputs] != before
+        return refined
 
     def _evaluate_constant_nodes(self, graph: Graph, ctx: PassContext) -> int:
         nodes = self._foldable(graph)
@@ -164,11 +187,17 @@ class FoldConstants(Pass):
             inputs = [v for v in node.inputs if v is not None]
             if not inputs or not _is_pure_onnx(node) or not all(id(v) in known for v in inputs):
                 continue
-            if any(out.is_graph_output or (out.type.numel() or 0) > self.max_elements for out in node.outputs):
+            if any(out.is_graph_output or not _within(out, self.max_elements) for out in node.outputs):
                 continue
             nodes.append(node)
             known.update(id(out) for out in node.outputs)
         return nodes
+
+
+def _within(value: Value, max_elements: int) -> bool:
+    """True when `value`'s element count is known and at most `max_elements`."""
+    numel = value.type.numel()
+    return numel is not None and numel <= max_elements
 
 
 def _fits(value: Value, data: Optional[np.ndarray], max_elements: int) -> bool:

@@ -256,6 +256,8 @@ class SimplifyShapes(Pass):
             self._sweep(graph, stats)
             if stats == before:
                 break
+        else:
+            ctx.logger.warning("graphopt: simplify-shapes still rewriting after %d sweeps; stopping", MAX_SWEEPS)
         return PassResult(any(stats.values()), stats)
 
     def _sweep(self, graph: Graph, stats: dict[str, int]) -> None:

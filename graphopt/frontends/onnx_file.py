@@ -51,7 +51,10 @@ def read_model_skeleton(path: str) -> tuple[Any, dict[str, tuple[int, int]]]:
                 skeleton += buf[start:end]
         del buf
     finally:
-        mapped.close()
+        try:
+            mapped.close()
+        except BufferError:
+            pass  # a failed parse's traceback still holds views of the map; it unmaps when they go
     model = onnx.ModelProto()
     model.ParseFromString(bytes(skeleton))
     return model, ranges

@@ -5,19 +5,27 @@ metadata, node doc strings, custom-domain ops (as opaque nodes with their attrib
 model-local functions. Weights are not copied: initializers in a file (inline or external
 data) become `FileTensor`s mapped on use, initializers of an in-memory ModelProto become
 `ProtoTensor`s converted on use.
+
+Refuses, with a one-line `ModelLoadError` naming the file and the problem: unknown default-
+domain opsets and ops, domains the model does not import, values defined twice, cycles and
+dangling inputs, declared types that contradict inference, initializers whose data does not
+match their shape, and external data that is missing, short, not a file, or outside the
+model's folder (`../`, absolute paths, symlinks leading out: refused before any read).
 """
 
 from __future__ import annotations
 
+import heapq
 import os
 from typing import Any, Optional
 
-from graphopt.errors import GraphError, ModelLoadError
+from graphopt.errors import GraphError, ModelLoadError, VerificationError
 from graphopt.frontends.onnx_file import WireFormatError, read_model_skeleton
 from graphopt.ir.dtypes import DType
 from graphopt.ir.graph import Graph, Node, Value
 from graphopt.ir.tensor import ArrayTensor, ConstTensor, FileTensor, ProtoTensor
 from graphopt.ir.types import TensorType, UNKNOWN, merge_types
+from graphopt.ir.verify import type_mismatch
 
 
 class OpaqueAttribute:
@@ -63,9 +71,13 @@ def from_onnx(model: Any) -> Graph:
 
 def _convert(model: Any, base_dir: str, ranges: dict[str, tuple[int, int]], source: str) -> Graph:
     opsets = {("" if o.domain == "ai.onnx" else o.domain): o.version for o in model.opset_import}
+    _check_opsets(opsets, source)
+    onnx_graph = model.graph
+    if not len(onnx_graph.output):
+        raise ModelLoadError(f"{source}: the graph has no outputs, so there is nothing to compute")
+    _check_unique_names(onnx_graph, source)
     graph = Graph(model.graph.name or "graph", opsets)
     graph.metadata.update(_model_metadata(model))
-    onnx_graph = model.graph
     types = {vi.name: _value_type(vi) for vi in list(onnx_graph.value_info) + list(onnx_graph.output)}
     scope: dict[str, Value] = {}
 
@@ -85,6 +97,7 @@ def _convert(model: Any, base_dir: str, ranges: dict[str, tuple[int, int]], sour
         graph.metadata["initializer_inputs"] = overridable
 
     for proto in _topological(onnx_graph, set(scope), source):
+        _check_op(proto, opsets, source)
         node = _node(proto, scope, source)
         graph.insert(node)
         for out in node.outputs:
@@ -94,6 +107,13 @@ def _convert(model: Any, base_dir: str, ranges: dict[str, tuple[int, int]], sour
             graph.infer_types(node)
         except GraphError as exc:
             raise ModelLoadError(f"{source}: {exc}") from None
+        for out in node.outputs:
+            declared = types.get(out.name, UNKNOWN)
+            mismatch = type_mismatch(declared, out.type)
+            if mismatch:
+                raise ModelLoadError(
+                    f"{source}: the model declares '{out.name}' as {declared} but node {node.label} gives {out.type} ({mismatch})"
+                )
 
     outputs = []
     for vi in onnx_graph.output:
@@ -103,7 +123,59 @@ def _convert(model: Any, base_dir: str, ranges: dict[str, tuple[int, int]], sour
         value.type = merge_types(value.type, _value_type(vi))
         outputs.append(value)
     graph.set_outputs(outputs)
+    try:
+        graph.verify()
+    except VerificationError as exc:
+        more = f" (and {len(exc.problems) - 1} more problems)" if len(exc.problems) > 1 else ""
+        raise ModelLoadError(f"{source}: {exc.problems[0]}{more}") from None
     return graph
+
+
+def _check_opsets(opsets: dict[str, int], source: str) -> None:
+    from onnx.defs import onnx_opset_version
+
+    newest = onnx_opset_version()
+    version = opsets.get("")
+    if version is not None and not 1 <= version <= newest:
+        raise ModelLoadError(f"{source}: imports ONNX opset {version}; this graphopt knows opsets 1 to {newest}")
+
+
+def _check_unique_names(onnx_graph: Any, source: str) -> None:
+    """Every value is defined once (an input may repeat an initializer: an overridable weight)."""
+    defined: dict[str, str] = {}
+
+    def define(name: str, where: str) -> None:
+        if name in defined:
+            raise ModelLoadError(f"{source}: value '{name}' is defined twice ({defined[name]} and {where})")
+        defined[name] = where
+
+    for init in onnx_graph.initializer:
+        define(init.name, "an initializer")
+    for sparse in onnx_graph.sparse_initializer:
+        define(sparse.values.name, "a sparse initializer")
+    initializers = set(defined)
+    for vi in onnx_graph.input:
+        if vi.name not in initializers:
+            define(vi.name, "a graph input")
+    for proto in onnx_graph.node:
+        for name in proto.output:
+            if name:
+                define(name, f"node '{proto.name or proto.op_type}' ({proto.op_type})")
+
+
+def _check_op(proto: Any, opsets: dict[str, int], source: str) -> None:
+    """The node's domain is imported and, in the standard domain, its op exists."""
+    from onnx.defs import has
+
+    domain = "" if proto.domain == "ai.onnx" else proto.domain
+    label = proto.name or proto.op_type
+    if domain not in opsets:
+        shown = domain or "ai.onnx"
+        raise ModelLoadError(
+            f"{source}: node '{label}' ({shown}::{proto.op_type}) uses domain '{shown}', which the model's opset_import does not list"
+        )
+    if domain == "" and not has(proto.op_type):
+        raise ModelLoadError(f"{source}: node '{label}' uses unknown op '{proto.op_type}' (not an ONNX standard op)")
 
 
 def _model_metadata(model: Any) -> dict[str, Any]:
@@ -124,30 +196,47 @@ def _model_metadata(model: Any) -> dict[str, Any]:
 
 def _topological(onnx_graph: Any, known: set[str], source: str) -> list[Any]:
     """The graph's nodes in an order where every input is defined first (ONNX requires it,
-    but some producers write unsorted graphs)."""
+    but some producers write unsorted graphs): file order where it allows, in linear time."""
     nodes = list(onnx_graph.node)
-    defined = set(known)
+    producer = {name: index for index, proto in enumerate(nodes) for name in proto.output if name}
+    waiting_on = [0] * len(nodes)
+    readers: list[list[int]] = [[] for _ in nodes]
+    for index, proto in enumerate(nodes):
+        for name in dict.fromkeys(proto.input):
+            if not name or name in known:
+                continue
+            if name not in producer:
+                label = proto.name or proto.op_type
+                raise ModelLoadError(
+                    f"{source}: node '{label}' ({proto.op_type}) reads '{name}', which no node, input or initializer defines"
+                )
+            waiting_on[index] += 1
+            readers[producer[name]].append(index)
+    ready = [index for index, count in enumerate(waiting_on) if count == 0]
     ordered: list[Any] = []
-    pending = nodes
-    while pending:
-        progress = []
-        waiting = []
-        for proto in pending:
-            if all(name == "" or name in defined for name in proto.input):
-                progress.append(proto)
-                defined.update(name for name in proto.output if name)
-            else:
-                waiting.append(proto)
-        if not progress:
-            proto = waiting[0]
-            missing = next(name for name in proto.input if name and name not in defined)
-            label = proto.name or proto.op_type
-            raise ModelLoadError(
-                f"{source}: node '{label}' ({proto.op_type}) reads '{missing}', which no node, input or initializer defines"
-            )
-        ordered.extend(progress)
-        pending = waiting
+    while ready:
+        index = heapq.heappop(ready)
+        ordered.append(nodes[index])
+        for reader in readers[index]:
+            waiting_on[reader] -= 1
+            if waiting_on[reader] == 0:
+                heapq.heappush(ready, reader)
+    if len(ordered) < len(nodes):
+        placed = {id(proto) for proto in ordered}
+        defined = set(known) | {name for proto in ordered for name in proto.output if name}
+        raise ModelLoadError(f"{source}: {_cycle([proto for proto in nodes if id(proto) not in placed], defined)}")
     return ordered
+
+
+def _cycle(waiting: list[Any], defined: set[str]) -> str:
+    """The cycle that keeps `waiting` (nodes whose inputs are all produced by nodes) from running."""
+    producers = {name: proto for proto in waiting for name in proto.output if name}
+    proto, path = waiting[0], []
+    while all(seen is not proto for seen in path):
+        path.append(proto)
+        proto = producers[next(name for name in proto.input if name and name not in defined)]
+    cycle = path[next(i for i, seen in enumerate(path) if seen is proto):] + [proto]
+    return "the nodes form a cycle: " + " -> ".join(f"'{p.name or p.op_type}' ({p.op_type})" for p in cycle)
 
 
 def _node(proto: Any, scope: dict[str, Value], source: str) -> Node:
@@ -225,6 +314,8 @@ def _tensor(proto: Any, base_dir: str, ranges: dict[str, tuple[int, int]], sourc
     except ValueError:
         raise ModelLoadError(f"{source}: initializer '{proto.name}' has unknown data type {proto.data_type}") from None
     shape = tuple(int(d) for d in proto.dims)
+    if any(d < 0 for d in shape):
+        raise ModelLoadError(f"{source}: initializer '{proto.name}' has a negative dim in its shape {list(shape)}")
     try:
         if proto.name in ranges:
             offset, length = ranges[proto.name]
@@ -233,7 +324,33 @@ def _tensor(proto: Any, base_dir: str, ranges: dict[str, tuple[int, int]], sourc
             return _external_tensor(proto, base_dir, dtype, shape, source)
     except ValueError as exc:
         raise ModelLoadError(f"{source}: initializer '{proto.name}': {exc}") from None
-    return ProtoTensor(proto)
+    tensor = ProtoTensor(proto)
+    held = _inline_count(proto)
+    if held is not None and held != tensor.size:
+        raise ModelLoadError(
+            f"{source}: initializer '{proto.name}' declares {dtype.short}{list(shape)} ({tensor.size} elements) but holds {held}"
+        )
+    return tensor
+
+
+def _inline_count(proto: Any) -> Optional[int]:
+    """How many elements an inline TensorProto holds (None for kinds not counted here)."""
+    from onnx import TensorProto, helper
+
+    packed = {getattr(TensorProto, name, None) for name in ("INT4", "UINT4", "FLOAT4E2M1")}
+    if proto.data_type in packed:
+        return None
+    if proto.HasField("raw_data"):
+        try:
+            itemsize = helper.tensor_dtype_to_np_dtype(proto.data_type).itemsize
+        except (KeyError, TypeError, ValueError):
+            return None
+        return len(proto.raw_data) // itemsize
+    field = helper.tensor_dtype_to_field(proto.data_type) if proto.data_type != TensorProto.STRING else "string_data"
+    count = len(getattr(proto, field))
+    if proto.data_type in (TensorProto.COMPLEX64, TensorProto.COMPLEX128):
+        return count // 2
+    return count
 
 
 def _external_tensor(proto: Any, base_dir: str, dtype: DType, shape: tuple[int, ...], source: str) -> ConstTensor:
@@ -242,14 +359,34 @@ def _external_tensor(proto: Any, base_dir: str, dtype: DType, shape: tuple[int, 
     if not location:
         raise ModelLoadError(f"{source}: initializer '{proto.name}' is external but names no location")
     path = os.path.normpath(os.path.join(base_dir, location))
+    folder = os.path.realpath(base_dir or os.curdir)
+    if os.path.isabs(location) or os.path.commonpath([folder, os.path.realpath(path)]) != folder:
+        raise ModelLoadError(
+            f"{source}: initializer '{proto.name}' reads external data '{location}', which is outside the model's folder "
+            f"{folder} (refused: external data must sit in or below the model's folder)"
+        )
     if not os.path.exists(path):
         raise ModelLoadError(f"{source}: initializer '{proto.name}' reads external data '{location}', which does not exist")
-    offset = int(info.get("offset", 0))
-    default_length = os.path.getsize(path) - offset
-    length = int(info.get("length", default_length))
+    if not os.path.isfile(path):
+        raise ModelLoadError(f"{source}: initializer '{proto.name}' reads external data '{location}', which is not a file")
+    offset = _byte_count(info, "offset", 0, proto.name, source)
+    length = _byte_count(info, "length", os.path.getsize(path) - offset, proto.name, source)
     if offset + length > os.path.getsize(path):
         raise ModelLoadError(f"{source}: initializer '{proto.name}' reads past the end of '{location}' (truncated data file?)")
     return FileTensor(path, offset, length, dtype, shape)
+
+
+def _byte_count(info: dict[str, str], key: str, default: int, name: str, source: str) -> int:
+    text = info.get(key)
+    if text is None:
+        return default
+    try:
+        count = int(text)
+    except ValueError:
+        count = -1
+    if count < 0:
+        raise ModelLoadError(f"{source}: initializer '{name}' has external data {key} {text!r}; expected a byte count >= 0")
+    return count
 
 
 def _sparse_to_dense(sparse: Any) -> Any:

@@ -131,12 +131,13 @@ def _check_types(graph: "Graph", node: "Node", problems: list[str]) -> None:
         problems.append(f"node {node.label}: {exc}")
         return
     for out, found in zip(node.outputs, inferred):
-        mismatch = _type_mismatch(out.type, found)
+        mismatch = type_mismatch(out.type, found)
         if mismatch:
             problems.append(f"node {node.label}: output %{out.name} is recorded as {out.type} but its inputs give {found} ({mismatch})")
 
 
-def _type_mismatch(recorded: TensorType, inferred: TensorType) -> str:
+def type_mismatch(recorded: TensorType, inferred: TensorType) -> str:
+    """How two known types of one value contradict each other ('' when they agree)."""
     if recorded.dtype is not None and inferred.dtype is not None and recorded.dtype != inferred.dtype:
         return "element type differs"
     if recorded.shape is not None and inferred.shape is not None:
