@@ -22,6 +22,7 @@ import subprocess
 import sys
 from typing import Any, Iterator, Optional
 
+import onnx
 import pytest
 
 import graphopt
@@ -203,6 +204,26 @@ def test_bad_target_spec_raises_one_line_target_error(case):
 
     error = _one_line_exception(lambda: get_target(case.subject), case.expected)
     assert isinstance(error, TargetError)
+
+
+@pytest.mark.parametrize("case", TARGET_CASES, ids=lambda case: case.name)
+def test_cli_compile_with_a_bad_target_gives_one_line_error_and_writes_nothing(case, tmp_path, capsys):
+    model = tmp_path / "m.onnx"
+    model.write_bytes(_small_model_bytes())
+    before = _snapshot(tmp_path)
+    assert main(["compile", str(model), "-t", case.subject, "-o", str(tmp_path / "artifact")]) == 2
+    _assert_one_line_error(capsys.readouterr().err, case.expected)
+    assert _snapshot(tmp_path) == before
+
+
+def _small_model_bytes() -> bytes:
+    import onnx.helper as h
+
+    graph = h.make_graph(
+        [h.make_node("Relu", ["x"], ["y"])], "g",
+        [h.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [2])], [h.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [2])],
+    )
+    return h.make_model(graph, opset_imports=[h.make_opsetid("", 17)]).SerializeToString()
 
 
 @pytest.mark.parametrize("name", ["truncated", "external-parent-path", "cycle", "pipeline-file-not-utf8"])
