@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 import sys
-from typing import Any, Optional, Sequence, Union
+from typing import Any, Iterable, Optional, Sequence, Union
 
 from graphopt.errors import GraphoptError, UnsupportedOpError
 from graphopt.ir.graph import Graph
@@ -35,6 +35,7 @@ def optimize(
     dump_ir: Sequence[str] = (),
     dump_dir: Optional[str] = None,
     calibration: Optional[list[dict[str, Any]]] = None,
+    calibration_data: Optional[Iterable[Any]] = None,
     target: Any = None,
     seed: int = 0,
 ) -> Graph:
@@ -43,10 +44,16 @@ def optimize(
     A Graph argument is optimized in place; files and ModelProtos are never modified. The
     pipeline is validated before anything runs. `check=True` compares outputs after every
     pass (see `PassManager`); `verify=True` verifies the IR after every pass. The per-pass
-    report is in `graph.metadata["pipeline_report"]`.
+    report is in `graph.metadata["pipeline_report"]`. `calibration_data`: samples for
+    data-aware passes, an iterable of dicts (input name -> numpy array or torch tensor) or
+    tuples in input order, checked against the graph's inputs (see `graphopt.calibration`).
     """
     passes = build_pipeline(pipeline)
     graph = load_graph(model)
+    if calibration_data is not None:
+        from graphopt.calibration import normalize_calibration
+
+        calibration = normalize_calibration(graph, calibration_data)
     manager = PassManager(passes, verify_each=verify, dump_ir=dump_ir, dump_dir=dump_dir, check=check, check_inputs=check_inputs)
     report: PipelineReport = manager.run(graph, PassContext(calibration=calibration, target=target, seed=seed))
     graph.metadata["pipeline_report"] = report
@@ -60,6 +67,7 @@ def compile(
     *,
     example_inputs: Optional[Sequence[Any]] = None,
     calibration: Optional[list[dict[str, Any]]] = None,
+    calibration_data: Optional[Iterable[Any]] = None,
     check: bool = False,
     seed: int = 0,
 ) -> CompiledModel:
@@ -80,7 +88,7 @@ def compile(
         raise TargetError(f"target '{chosen.spec}' cannot run here: {missing}")
     passes = build_pipeline(pipeline)
     graph = _graph_for_compile(model, example_inputs)
-    graph = optimize(graph, passes, calibration=calibration, check=check, target=chosen, seed=seed)
+    graph = optimize(graph, passes, calibration=calibration, calibration_data=calibration_data, check=check, target=chosen, seed=seed)
     unsupported = chosen.unsupported_nodes(graph)
     if unsupported:
         listed = ", ".join(f"{n.qualified_op} ({n.label})" for n in unsupported[:5])

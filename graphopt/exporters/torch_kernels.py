@@ -1036,6 +1036,29 @@ def onnx_DynamicQuantizeLinear(x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     return y.to(torch.uint8), scale.to(x.dtype), zero_point.to(torch.uint8)
 
 
+def com_microsoft_MatMulNBits(
+    a: Tensor, b: Tensor, scales: Tensor, zero_points: Tensor | None = None, g_idx: Tensor | None = None,
+    bias: Tensor | None = None, *, K: int, N: int, bits: int, block_size: int, accuracy_level: int = 0,
+) -> Tensor:
+    """Reference path of ONNX Runtime's weight-only matmul: unpack the `bits`-bit blocks of
+    W^T ([N, blocks, block_size * bits / 8] uint8, low nibble first), subtract the zero point
+    (default 2^(bits-1)), scale per (column, block), then a float matmul."""
+    if bits not in (4, 8) or g_idx is not None:
+        raise ValueError(f"MatMulNBits: only bits=4 or 8 without g_idx are implemented, got bits={bits}")
+    packed = b.reshape(N, -1, block_size * bits // 8).to(torch.int32)
+    q = torch.stack([packed & 0x0F, packed >> 4], dim=-1).reshape(N, -1, block_size) if bits == 4 else packed
+    if zero_points is None:
+        zero = torch.full((), 2 ** (bits - 1), dtype=torch.float32)
+    elif bits == 4:
+        zp = zero_points.reshape(N, -1).to(torch.int32)
+        zero = torch.stack([zp & 0x0F, zp >> 4], dim=-1).reshape(N, -1)[:, : q.shape[1]].unsqueeze(-1).float()
+    else:
+        zero = zero_points.reshape(N, -1, 1).float()
+    weight = ((q.float() - zero) * scales.reshape(N, -1, 1).float()).reshape(N, -1)[:, :K]
+    y = torch.matmul(a, weight.t().to(a.dtype))
+    return y if bias is None else y + bias
+
+
 # ---------------------------------------------------------------------------
 # Registry
 # ---------------------------------------------------------------------------
@@ -1044,9 +1067,10 @@ TORCH_KERNELS: dict[tuple[str, str], Callable] = {
     ("", name.removeprefix("onnx_")): fn for name, fn in sorted(globals().items()) if name.startswith("onnx_")
 }
 TORCH_KERNELS.update(GRAPHOPT_KERNELS)
+TORCH_KERNELS[("com.microsoft", "MatMulNBits")] = com_microsoft_MatMulNBits
 
 MULTI_OUTPUT_OPS: frozenset[str] = frozenset(
-    {"Split", "TopK", "Dropout", "LayerNormalization", "BatchNormalization", "Unique", "DynamicQuantizeLinear"}
+    {"Split", "TopK", "Dropout", "LayerNormalization", "BatchNormalization", "Unique", "DynamicQuantizeLinear", "SkipLayerNorm"}
 )
 
 OPSET_SENSITIVE_OPS: frozenset[str] = frozenset({"Softmax", "LogSoftmax", "Hardmax"})

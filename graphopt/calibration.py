@@ -1,0 +1,292 @@
+"""Calibration data and per-tensor statistics for data-aware passes (quantization, pruning).
+
+- `normalize_calibration(graph, data)`: checks user-given samples against the graph inputs and
+  returns a list of `{input name: numpy array}`. A sample is a dict (name -> numpy array or
+  torch tensor) or a tuple/list in input order; a sample one rank short of its input (no
+  batch axis) gets a batch axis of 1. Unknown or missing names, wrong dtypes, ranks and
+  static dims raise `CalibrationError` naming the sample, the input and both types.
+- `load_npz(path)`: samples from an .npz file whose arrays are named by input, first axis =
+  samples (what `graphopt optimize --calibration-data` reads).
+- `collect_statistics(graph, samples, values)`: runs the graph in ONNX Runtime with the chosen
+  values as extra outputs (one thread, no graph rewrites, so results are deterministic) and
+  returns a `TensorStats` per value: min, max, per-channel |max| over the last axis and, when
+  asked, a histogram of |x| that `calibrated_range` turns into a clipping range.
+- `collect_rows(graph, samples, values)`: a deterministic subsample of each value's last-axis
+  vectors, for passes that try alternatives on real activations (smooth-quant's per-layer alpha).
+- `calibrated_range(stats, method)`: the (low, high) range a quantizer should cover:
+  `minmax`, `percentile` (99.99th percentile of |x|), `entropy` (the KL-divergence threshold
+  of TensorRT's int8 calibrator) or `mse` (the threshold minimizing the expected squared
+  quantization plus clipping error).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from typing import Any, Iterable, Optional, Sequence
+
+import numpy as np
+
+from graphopt.errors import GraphoptError
+from graphopt.ir.graph import Graph
+
+HISTOGRAM_BINS = 2048
+PERCENTILE = 99.99
+RANGE_METHODS = ("minmax", "percentile", "entropy", "mse")
+
+
+class CalibrationError(GraphoptError):
+    """Calibration data does not fit the graph, or statistics could not be collected."""
+
+
+@dataclasses.dataclass
+class TensorStats:
+    """What calibration saw of one value over all samples."""
+
+    min: float
+    max: float
+    channel_absmax: np.ndarray
+    """max |x| per index of the last axis (SmoothQuant's per-channel activation range)."""
+    histogram: Optional[np.ndarray] = None
+    """Counts of |x| over HISTOGRAM_BINS equal bins of [0, absmax]."""
+
+    @property
+    def absmax(self) -> float:
+        return max(abs(self.min), abs(self.max))
+
+
+def normalize_calibration(graph: Graph, data: Iterable[Any]) -> list[dict[str, np.ndarray]]:
+    """Validate `data` against `graph`'s inputs; return the samples as dicts of numpy arrays."""
+    if isinstance(data, (dict, str, bytes, os.PathLike)) or not hasattr(data, "__iter__"):
+        raise CalibrationError(
+            f"calibration data must be an iterable of samples (dicts or tuples), got {type(data).__name__}"
+        )
+    names = [v.name for v in graph.inputs]
+    samples = []
+    for index, sample in enumerate(data):
+        if isinstance(sample, dict):
+            unknown = sorted(set(sample) - set(names))
+            if unknown:
+                raise CalibrationError(
+                    f"calibration sample {index}: unknown input(s) {', '.join(unknown)} (graph inputs: {', '.join(names)})"
+                )
+            missing = [n for n in names if n not in sample]
+            if missing:
+                raise CalibrationError(f"calibration sample {index}: missing input(s) {', '.join(missing)}")
+            items = [(n, sample[n]) for n in names]
+        elif isinstance(sample, (tuple, list)):
+            if len(sample) != len(names):
+                raise CalibrationError(
+                    f"calibration sample {index}: {len(sample)} arrays given, the graph has {len(names)} inputs ({', '.join(names)})"
+                )
+            items = list(zip(names, sample))
+        else:
+            raise CalibrationError(f"calibration sample {index}: expected a dict or a tuple, got {type(sample).__name__}")
+        samples.append({name: _checked_array(graph, index, name, array) for name, array in items})
+    if not samples:
+        raise CalibrationError("calibration data is empty")
+    return samples
+
+
+def _checked_array(graph: Graph, index: int, name: str, array: Any) -> np.ndarray:
+    if hasattr(array, "detach"):
+        array = array.detach().cpu().numpy()
+    array = np.asarray(array)
+    value = next(v for v in graph.inputs if v.name == name)
+    where = f"calibration sample {index}, input '{name}'"
+    if value.dtype is not None and array.dtype != value.dtype.to_numpy():
+        raise CalibrationError(f"{where}: dtype {array.dtype} given, the graph expects {value.dtype.to_numpy()}")
+    shape = value.shape
+    if shape is None:
+        return array
+    if array.ndim == len(shape) - 1:
+        array = array[None]
+    if array.ndim != len(shape):
+        raise CalibrationError(f"{where}: rank {array.ndim} given, the graph expects rank {len(shape)} {value.type}")
+    for axis, (got, want) in enumerate(zip(array.shape, shape)):
+        if isinstance(want, int) and got != want:
+            raise CalibrationError(f"{where}: shape {list(array.shape)} given, the graph expects {value.type} (axis {axis})")
+    return array
+
+
+def load_npz(path: "str | os.PathLike[str]") -> list[dict[str, np.ndarray]]:
+    """Samples from an .npz file: one array per input, named by it, first axis = samples."""
+    path = os.fspath(path)
+    try:
+        with np.load(path, allow_pickle=False) as archive:
+            arrays = {name: archive[name] for name in archive.files}
+    except (OSError, ValueError) as exc:
+        raise CalibrationError(f"{path}: not a readable .npz file ({exc})") from None
+    if not arrays:
+        raise CalibrationError(f"{path}: holds no arrays")
+    counts = {name: (a.shape[0] if a.ndim else 0) for name, a in arrays.items()}
+    if len(set(counts.values())) != 1 or 0 in counts.values():
+        listed = ", ".join(f"{n}: {c}" for n, c in counts.items())
+        raise CalibrationError(f"{path}: every array needs the same number of samples on its first axis ({listed})")
+    total = next(iter(counts.values()))
+    return [{name: array[i] for name, array in arrays.items()} for i in range(total)]
+
+
+def collect_statistics(
+    graph: Graph, samples: Sequence[dict[str, np.ndarray]], values: Sequence[str], *, histogram: bool = False
+) -> dict[str, TensorStats]:
+    """Statistics of the named float values over `samples` (see the module doc)."""
+    if not values:
+        return {}
+    runner = GraphRunner(graph, list(values))
+    ranges: dict[str, list[Any]] = {}
+    for sample in samples:
+        for name, array in runner.run(sample).items():
+            flat = np.abs(array).reshape(-1, array.shape[-1]) if array.ndim else np.abs(array).reshape(1, 1)
+            channel = flat.max(axis=0) if flat.size else np.zeros(flat.shape[-1], np.float32)
+            low, high = (float(array.min()), float(array.max())) if array.size else (0.0, 0.0)
+            if name in ranges:
+                seen = ranges[name]
+                seen[0], seen[1] = min(seen[0], low), max(seen[1], high)
+                seen[2] = np.maximum(seen[2], channel)
+            else:
+                ranges[name] = [low, high, channel]
+    stats = {name: TensorStats(lo, hi, ch.astype(np.float32)) for name, (lo, hi, ch) in ranges.items()}
+    if histogram:
+        for stat in stats.values():
+            stat.histogram = np.zeros(HISTOGRAM_BINS, dtype=np.int64)
+        for sample in samples:
+            for name, array in runner.run(sample).items():
+                stat = stats[name]
+                top = stat.absmax or 1.0
+                counts, _ = np.histogram(np.abs(array), bins=HISTOGRAM_BINS, range=(0.0, top))
+                stat.histogram += counts
+    return stats
+
+
+def collect_rows(
+    graph: Graph, samples: Sequence[dict[str, np.ndarray]], values: Sequence[str], max_rows: int = 512
+) -> dict[str, np.ndarray]:
+    """A deterministic subsample of each named value's last-axis vectors: [rows, channels],
+    evenly spaced rows from every sample, at most `max_rows` in all."""
+    runner = GraphRunner(graph, list(values))
+    per_sample = max(1, -(-max_rows // len(samples)))
+    rows: dict[str, list[np.ndarray]] = {name: [] for name in values}
+    for sample in samples:
+        for name, array in runner.run(sample).items():
+            flat = array.reshape(-1, array.shape[-1])
+            picked = np.linspace(0, len(flat) - 1, num=min(per_sample, len(flat))).astype(np.int64)
+            rows[name].append(flat[picked])
+    return {name: np.concatenate(parts)[:max_rows].astype(np.float32) for name, parts in rows.items()}
+
+
+class GraphRunner:
+    """Runs a graph in ONNX Runtime and returns chosen values (inputs, outputs or inner)."""
+
+    def __init__(self, graph: Graph, values: Sequence[str], *, optimize: bool = False) -> None:
+        import onnx
+        import onnxruntime as ort
+
+        self.values = list(values)
+        model = graph.to_onnx()
+        known = {o.name for o in model.graph.output}
+        infos = {vi.name: vi for vi in model.graph.value_info}
+        kinds = {v.name: v for v in graph.values()}
+        for name in self.values:
+            if name in known:
+                continue
+            value = kinds.get(name)
+            if value is None:
+                raise CalibrationError(f"graph '{graph.name}' has no value named '{name}'")
+            info = infos.get(name)
+            if info is None:
+                info = onnx.helper.make_tensor_value_info(name, value.dtype.value if value.dtype else 0, None)
+            model.graph.output.append(info)
+        options = ort.SessionOptions()
+        options.log_severity_level = 3
+        options.intra_op_num_threads = 1
+        options.inter_op_num_threads = 1
+        options.graph_optimization_level = (
+            ort.GraphOptimizationLevel.ORT_ENABLE_ALL if optimize else ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+        )
+        try:
+            self.session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+        except Exception as exc:
+            first = str(exc).strip().splitlines()
+            raise CalibrationError(f"ONNX Runtime could not load graph '{graph.name}' for calibration: {first[0] if first else exc}") from None
+        self._inputs = {i.name for i in self.session.get_inputs()}
+
+    def run(self, sample: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        try:
+            results = self.session.run(self.values, {k: v for k, v in sample.items() if k in self._inputs})
+        except Exception as exc:
+            first = str(exc).strip().splitlines()
+            raise CalibrationError(f"ONNX Runtime failed on a calibration sample: {first[0] if first else exc}") from None
+        return dict(zip(self.values, results))
+
+
+def calibrated_range(stats: TensorStats, method: str, levels: int = 256) -> tuple[float, float]:
+    """The (low, high) range, low <= 0 <= high, that a quantizer with `levels` steps should cover."""
+    low, high = min(stats.min, 0.0), max(stats.max, 0.0)
+    if method == "minmax" or stats.absmax == 0.0:
+        return low, high
+    if stats.histogram is None:
+        raise CalibrationError(f"calibration method '{method}' needs histograms (collect_statistics(histogram=True))")
+    if method == "percentile":
+        threshold = _percentile_threshold(stats)
+    elif method == "entropy":
+        threshold = _entropy_threshold(stats, levels)
+    elif method == "mse":
+        threshold = _mse_threshold(stats, levels)
+    else:
+        raise CalibrationError(f"unknown calibration method '{method}' (use one of {', '.join(RANGE_METHODS)})")
+    return max(low, -threshold), min(high, threshold)
+
+
+def _bin_width(stats: TensorStats) -> float:
+    return stats.absmax / HISTOGRAM_BINS
+
+
+def _percentile_threshold(stats: TensorStats) -> float:
+    cumulative = np.cumsum(stats.histogram)
+    index = int(np.searchsorted(cumulative, cumulative[-1] * PERCENTILE / 100.0))
+    return (index + 1) * _bin_width(stats)
+
+
+def _entropy_threshold(stats: TensorStats, levels: int) -> float:
+    """TensorRT's calibrator: the clip point whose quantized distribution has the smallest KL
+    divergence from the clipped one (levels // 2 quantization bins over |x|)."""
+    hist = stats.histogram.astype(np.float64)
+    target = levels // 2
+    best, best_index = np.inf, HISTOGRAM_BINS
+    for index in range(target, HISTOGRAM_BINS + 1, 16):
+        reference = hist[:index].copy()
+        reference[-1] += hist[index:].sum()
+        chunks = np.array_split(hist[:index], target)
+        expanded = []
+        for chunk in chunks:
+            nonzero = chunk != 0
+            mean = chunk.sum() / max(int(nonzero.sum()), 1)
+            expanded.append(np.where(nonzero, mean, 0.0))
+        candidate = np.concatenate(expanded)
+        divergence = _kl(reference, candidate)
+        if divergence < best:
+            best, best_index = divergence, index
+    return best_index * _bin_width(stats)
+
+
+def _kl(p: np.ndarray, q: np.ndarray) -> float:
+    p = p / max(p.sum(), 1e-12)
+    q = q / max(q.sum(), 1e-12)
+    mask = p > 0
+    return float(np.sum(p[mask] * np.log(p[mask] / np.maximum(q[mask], 1e-12))))
+
+
+def _mse_threshold(stats: TensorStats, levels: int) -> float:
+    hist = stats.histogram.astype(np.float64)
+    width = _bin_width(stats)
+    centers = (np.arange(HISTOGRAM_BINS) + 0.5) * width
+    best, best_threshold = np.inf, stats.absmax
+    for index in range(HISTOGRAM_BINS // 32, HISTOGRAM_BINS + 1, 8):
+        threshold = index * width
+        step = 2 * threshold / (levels - 1)
+        clipped = np.maximum(centers - threshold, 0.0)
+        error = np.sum(hist * (clipped**2 + np.where(centers <= threshold, step**2 / 12, 0.0)))
+        if error < best:
+            best, best_threshold = error, threshold
+    return best_threshold

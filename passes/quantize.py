@@ -1,0 +1,314 @@
+"""quantize: int8 Q/DQ, dynamic int8 and weight-only int4/int8 matmuls.
+
+Rules. A *candidate* is a MatMul whose second input is a constant float32 [K, N] weight and
+whose first input is a float32 activation, or a Gemm (transA=0, alpha=beta=1) with a constant
+B; nodes or weights matching an `exclude` pattern (fnmatch) are skipped, and so are matmuls
+already quantized (their weight is a DequantizeLinear output), so a second run changes nothing.
+
+- mode=static: the weight becomes a constant int8 (or uint8) tensor, symmetric, per output
+  channel (or per tensor), read through a DequantizeLinear (a Gemm's constant bias becomes
+  int32 through a DequantizeLinear, without which ONNX Runtime leaves the Gemm in float); the
+  activation gets one
+  QuantizeLinear (range calibrated on `ctx.calibration` with `calibrate`) and one
+  DequantizeLinear *per consumer*, so ONNX Runtime fuses every matmul into an int8 kernel
+  (a DequantizeLinear shared by Q, K and V projections left half of them in float32).
+- mode=dynamic: DynamicQuantizeLinear -> MatMulInteger -> Cast -> Mul by the scales (the form
+  ONNX Runtime fuses into DynamicQuantizeMatMul), one chain per matmul; no calibration.
+- mode=weight-only: com.microsoft MatMulNBits (dtype int4 or int8, blocks of `block_size` along
+  K, symmetric); activations stay float. For ONNX Runtime and the torch target.
+
+`fidelity_budget` (static and dynamic): measures each candidate's sensitivity (the drop in
+mean cosine similarity of the graph's float outputs, per last-axis vector, over the
+calibration samples, when only that matmul is quantized), then keeps the most sensitive ones
+in float, as few as possible, until the drop with everything else quantized is at most the
+budget. Needs: calibration data for static mode and for `fidelity_budget`. Changes: candidate
+matmuls as above; their float weights are removed once unused. Lossy: reports `quantized`,
+`kept_float`, `excluded` and, with a budget, the `fidelity` reached on the calibration data.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import fnmatch
+from typing import Literal, Optional, Sequence
+
+import numpy as np
+
+from graphopt.errors import GraphoptError
+from graphopt.ir.dtypes import DType
+from graphopt.ir.graph import Graph, Node, Value
+from graphopt.ir.types import TensorType
+from graphopt.pass_base import Pass, PassContext, PassResult
+from graphopt.registry import register_pass
+from graphopt.passes.quantize_weights import activation_params, quantize_blocks, quantize_symmetric
+
+MICROSOFT_DOMAIN = "com.microsoft"
+SENSITIVITY_SAMPLES = 8
+"""fidelity_budget measures each matmul's sensitivity on this many calibration samples."""
+
+
+class QuantizationError(GraphoptError):
+    """A quantization pass cannot run as configured on this graph."""
+
+
+@dataclasses.dataclass
+class Candidate:
+    """A matmul the pass can quantize: its node, its constant weight and how B is laid out."""
+
+    node: Node
+    weight: Value
+    transposed: bool
+
+    @property
+    def activation(self) -> Value:
+        return self.node.inputs[0]  # type: ignore[return-value]
+
+
+def find_candidates(graph: Graph, exclude: Sequence[str] = ()) -> tuple[list[Candidate], list[str], int]:
+    """(candidates, names of excluded matmuls, number of matmuls already quantized)."""
+    candidates, excluded, quantized = [], [], 0
+    for node in graph.nodes:
+        if node.domain or node.op_type not in ("MatMul", "Gemm") or len(node.inputs) < 2:
+            continue
+        activation, weight = node.inputs[0], node.inputs[1]
+        if weight is not None and weight.producer is not None and weight.producer.op_type == "DequantizeLinear":
+            quantized += 1
+            continue
+        if activation is None or weight is None or weight.const is None or activation.const is not None:
+            continue
+        if activation.dtype != DType.FLOAT or weight.dtype != DType.FLOAT or weight.type.rank != 2:
+            continue
+        if node.op_type == "Gemm" and (node.attrs.get("transA", 0) or node.attrs.get("alpha", 1.0) != 1.0 or node.attrs.get("beta", 1.0) != 1.0):
+            continue
+        if any(fnmatch.fnmatchcase(node.name, p) or fnmatch.fnmatchcase(weight.name, p) for p in exclude):
+            excluded.append(node.name)
+            continue
+        candidates.append(Candidate(node, weight, node.op_type == "Gemm" and bool(node.attrs.get("transB", 0))))
+    return candidates, excluded, quantized
+
+
+@register_pass
+@dataclasses.dataclass
+class Quantize(Pass):
+    """Quantize matmuls with constant weights: static int8 Q/DQ, dynamic int8 or weight-only int4/int8.
+
+    See the module doc of `graphopt.passes.quantize` for the rules. `dtype`: the weights' type
+    (int8 or uint8 for static/dynamic; int4 or int8 for weight-only); `activations`: the
+    static activations' type (uint8 is ONNX Runtime's fast x86 path). Needs calibration data
+    for mode=static and for `fidelity_budget`. Changes: candidate matmuls only; lossy.
+    """
+
+    name = "quantize"
+    lossless = False
+    mode: Literal["static", "dynamic", "weight-only"] = "static"
+    dtype: Literal["int8", "uint8", "int4"] = "int8"
+    activations: Literal["uint8", "int8"] = "uint8"
+    per_channel: bool = True
+    calibrate: Literal["minmax", "percentile", "entropy", "mse"] = "minmax"
+    block_size: int = 32
+    """Weight-only: weights per scale along K (a power of two, at least 16)."""
+    exclude: list[str] = dataclasses.field(default_factory=list)
+    """fnmatch patterns of node or weight names to keep in float."""
+    fidelity_budget: Optional[float] = None
+    """Largest allowed drop in mean output cosine similarity on the calibration data."""
+
+    def __post_init__(self) -> None:
+        if self.mode == "weight-only" and self.dtype == "uint8":
+            raise ValueError("mode=weight-only takes dtype=int4 or int8 (MatMulNBits stores unsigned values itself)")
+        if self.mode != "weight-only" and self.dtype == "int4":
+            raise ValueError(f"dtype=int4 needs mode=weight-only (mode={self.mode} runs int8 kernels)")
+        if self.block_size < 16 or self.block_size & (self.block_size - 1):
+            raise ValueError(f"block_size must be a power of two >= 16, got {self.block_size}")
+        if self.fidelity_budget is not None and not 0.0 < self.fidelity_budget < 1.0:
+            raise ValueError(f"fidelity_budget is a drop in cosine similarity, in (0, 1); got {self.fidelity_budget}")
+
+    def run(self, graph: Graph, ctx: PassContext) -> PassResult:
+        candidates, excluded, already = find_candidates(graph, list(self.exclude))
+        stats: dict[str, object] = {"quantized": 0, "kept_float": 0, "excluded": len(excluded)}
+        if already:
+            stats["already_quantized"] = already
+        if not candidates:
+            return PassResult(False, stats)
+        needs_data = self.mode == "static" or self.fidelity_budget is not None
+        if needs_data and not ctx.calibration:
+            why = "mode=static" if self.mode == "static" else "fidelity_budget"
+            raise QuantizationError(
+                f"pass 'quantize' with {why} needs calibration data: graphopt.optimize(..., calibration_data=[...]) "
+                "or `graphopt optimize --calibration-data inputs.npz`"
+            )
+        plan = self._activation_plan(graph, candidates, ctx) if self.mode == "static" else {}
+        chosen = [c.node.name for c in candidates]
+        if self.fidelity_budget is not None:
+            chosen, fidelity = self._within_budget(graph, chosen, plan, ctx)
+            stats["fidelity"] = round(fidelity, 6)
+        self.apply(graph, set(chosen), plan)
+        stats["quantized"], stats["kept_float"] = len(chosen), len(candidates) - len(chosen)
+        return PassResult(bool(chosen), stats)
+
+    # ------------------------------------------------------------------ planning
+    def _activation_plan(self, graph: Graph, candidates: list[Candidate], ctx: PassContext) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+        """Scale and zero point of every candidate activation, from calibration."""
+        from graphopt.calibration import calibrated_range, collect_statistics
+
+        names = list(dict.fromkeys(c.activation.name for c in candidates))
+        stats = collect_statistics(graph, ctx.calibration, names, histogram=self.calibrate != "minmax")
+        plan = {}
+        for name in names:
+            low, high = calibrated_range(stats[name], self.calibrate)
+            plan[name] = activation_params(low, high, self.activations)
+        return plan
+
+    def _within_budget(self, graph: Graph, names: list[str], plan: dict, ctx: PassContext) -> tuple[list[str], float]:
+        """The largest set of `names` (dropping the most sensitive first) within the budget."""
+        from graphopt.calibration import GraphRunner
+
+        outputs = [v.name for v in graph.outputs if v.dtype is not None and v.dtype.is_float]
+        if not outputs:
+            raise QuantizationError(f"fidelity_budget: graph '{graph.name}' has no float output to compare")
+        baseline = GraphRunner(graph, outputs)
+        reference = [baseline.run(s) for s in ctx.calibration]
+
+        def fidelity(subset: set[str], count: Optional[int] = None) -> float:
+            trial = graph.clone()
+            self.apply(trial, subset, plan)
+            runner = GraphRunner(trial, outputs, optimize=True)
+            samples = ctx.calibration[:count]
+            return mean_cosine(reference, [runner.run(s) for s in samples])
+
+        sensitivity = {name: 1.0 - fidelity({name}, SENSITIVITY_SAMPLES) for name in names}
+        order = sorted(names, key=lambda n: (-sensitivity[n], names.index(n)))
+        ctx.logger.debug("quantize: sensitivity %s", ", ".join(f"{n}={sensitivity[n]:.2e}" for n in order))
+        low, high = 0, len(order)
+        best = (order[len(order):], 1.0)
+        while low <= high:
+            keep = (low + high) // 2
+            subset = order[keep:]
+            reached = fidelity(set(subset)) if subset else 1.0
+            if 1.0 - reached <= self.fidelity_budget:
+                best, high = (subset, reached), keep - 1
+            else:
+                low = keep + 1
+        chosen = set(best[0])
+        ctx.logger.info("quantize: kept %d of %d matmuls in float for fidelity %.5f", len(names) - len(chosen), len(names), best[1])
+        return [n for n in names if n in chosen], best[1]
+
+    # ------------------------------------------------------------------ rewriting
+    def apply(self, graph: Graph, names: set[str], plan: dict) -> None:
+        """Quantize the candidates of `graph` named in `names` (plan: static activation params)."""
+        candidates = [c for c in find_candidates(graph, list(self.exclude))[0] if c.node.name in names]
+        weights: dict[str, tuple[Value, ...]] = {}
+        if self.mode == "static":
+            by_activation: dict[str, list[Candidate]] = {}
+            for c in candidates:
+                by_activation.setdefault(c.activation.name, []).append(c)
+            for group in by_activation.values():
+                self._static(graph, group, plan[group[0].activation.name], weights)
+        else:
+            for c in candidates:
+                if self.mode == "dynamic":
+                    self._dynamic(graph, c, weights)
+                else:
+                    self._weight_only(graph, c, weights)
+        for c in candidates:
+            if not c.weight.uses() and c.weight.graph is graph:
+                graph.remove_constant(c.weight)
+
+    def _weight_constants(self, graph: Graph, c: Candidate, weights: dict, as_stored: bool) -> tuple[Value, Value, Value, int]:
+        """(quantized, scale, zero point, channel axis) constants of a candidate's weight, per
+        output channel, made once: in its stored layout (`as_stored`) or as a [K, N] matrix."""
+        layout = as_stored or not c.transposed
+        key = (c.weight.name, layout)
+        axis = 0 if (c.transposed and as_stored) else 1
+        if key not in weights:
+            data = c.weight.const.numpy()  # type: ignore[union-attr]
+            matrix = data if layout else np.ascontiguousarray(data.T)
+            q, scale, zero = quantize_symmetric(matrix, axis if self.per_channel else None, self.dtype)
+            suffix = "" if layout else "_t"
+            weights[key] = (
+                graph.add_constant(f"{c.weight.name}{suffix}_quantized", q),
+                graph.add_constant(f"{c.weight.name}{suffix}_scale", scale),
+                graph.add_constant(f"{c.weight.name}{suffix}_zero_point", zero),
+            )
+        return (*weights[key], axis)  # type: ignore[return-value]
+
+    def _static(self, graph: Graph, group: list[Candidate], params: tuple[np.ndarray, np.ndarray], weights: dict) -> None:
+        activation = group[0].activation
+        scale = graph.add_constant(f"{activation.name}_scale", params[0])
+        zero = graph.add_constant(f"{activation.name}_zero_point", params[1])
+        quant = graph.add_node("QuantizeLinear", [activation, scale, zero], before=group[0].node)
+        for c in group:
+            dq_act = graph.add_node("DequantizeLinear", [quant.output, scale, zero], before=c.node)
+            q, w_scale, w_zero, axis = self._weight_constants(graph, c, weights, as_stored=True)
+            attrs = {"axis": axis} if self.per_channel else {}
+            dq_weight = graph.add_node("DequantizeLinear", [q, w_scale, w_zero], attrs, before=c.node)
+            c.node.replace_input(0, dq_act.output)
+            c.node.replace_input(1, dq_weight.output)
+            if c.node.op_type == "Gemm" and len(c.node.inputs) > 2 and c.node.inputs[2] is not None:
+                self._quantize_bias(graph, c.node, params[0] * w_scale.const.numpy())  # type: ignore[union-attr]
+
+    def _quantize_bias(self, graph: Graph, gemm: Node, scale: np.ndarray) -> None:
+        """A Gemm's constant bias vector as int32 (scale = activation scale * weight scale)
+        through a DequantizeLinear: ONNX Runtime fuses the Gemm into QGemm only then."""
+        bias = gemm.inputs[2]
+        n = gemm.output.shape[-1] if gemm.output.shape else None
+        if bias.const is None or bias.type.rank != 1 or bias.shape[0] != n:  # type: ignore[union-attr]
+            return
+        scale = np.broadcast_to(scale.astype(np.float32), (n,)).copy()
+        q = np.clip(np.rint(bias.const.numpy() / scale), -(2**31), 2**31 - 1).astype(np.int32)  # type: ignore[union-attr]
+        values = [graph.add_constant(f"{bias.name}_quantized", q), graph.add_constant(f"{bias.name}_scale", scale),
+                  graph.add_constant(f"{bias.name}_zero_point", np.zeros(n, np.int32))]
+        gemm.replace_input(2, graph.add_node("DequantizeLinear", values, {"axis": 0}, before=gemm).output)
+        if not bias.uses() and bias.graph is graph:
+            graph.remove_constant(bias)
+
+    def _dynamic(self, graph: Graph, c: Candidate, weights: dict) -> None:
+        q, w_scale, w_zero, _ = self._weight_constants(graph, c, weights, as_stored=False)
+        node = c.node
+        dynamic = graph.add_node("DynamicQuantizeLinear", [c.activation], num_outputs=3, before=node)
+        a_q, a_scale, a_zero = dynamic.outputs
+        product = graph.add_node("MatMulInteger", [a_q, q, a_zero, w_zero], before=node)
+        as_float = graph.add_node("Cast", [product.output], {"to": DType.FLOAT.value}, before=node)
+        scales = graph.add_node("Mul", [a_scale, w_scale], before=node)
+        result = graph.add_node("Mul", [as_float.output, scales.output], before=node)
+        self._replace(graph, node, result)
+
+    def _weight_only(self, graph: Graph, c: Candidate, weights: dict) -> None:
+        bits = 4 if self.dtype == "int4" else 8
+        data = c.weight.const.numpy()  # type: ignore[union-attr]
+        matrix = data.T if c.transposed else data
+        k, n = matrix.shape
+        if c.weight.name not in weights:
+            packed, scales = quantize_blocks(matrix, bits, self.block_size)
+            weights[c.weight.name] = (
+                graph.add_constant(f"{c.weight.name}_q{bits}", packed),
+                graph.add_constant(f"{c.weight.name}_scales", scales.reshape(-1)),
+            )
+        packed_value, scale_value = weights[c.weight.name]
+        graph.opset_imports.setdefault(MICROSOFT_DOMAIN, 1)
+        attrs = {"K": k, "N": n, "bits": bits, "block_size": self.block_size}
+        node = graph.add_node("MatMulNBits", [c.activation, packed_value, scale_value], attrs, domain=MICROSOFT_DOMAIN, before=c.node)
+        shape = c.activation.shape
+        node.output.type = TensorType(DType.FLOAT, None if shape is None else (*shape[:-1], n))
+        self._replace(graph, c.node, node)
+
+    def _replace(self, graph: Graph, old: Node, new: Node) -> None:
+        """Make `new` stand for the matmul `old` (adding a Gemm's bias C), and erase `old`."""
+        result = new.output
+        if old.op_type == "Gemm" and len(old.inputs) > 2 and old.inputs[2] is not None:
+            result = graph.add_node("Add", [result, old.inputs[2]], before=old).output
+        name = old.output.name
+        old.output.replace_all_uses_with(result)
+        graph.erase(old)
+        graph.rename_value(result, name)
+
+
+def mean_cosine(reference: list[dict[str, np.ndarray]], actual: list[dict[str, np.ndarray]]) -> float:
+    """Mean cosine similarity of last-axis vectors over every sample and output."""
+    cosines = []
+    for ref, got in zip(reference, actual):
+        for name, expected in ref.items():
+            a = expected.reshape(-1, expected.shape[-1] if expected.ndim else 1).astype(np.float64)
+            b = got[name].reshape(a.shape).astype(np.float64)
+            norms = np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1)
+            cosines.append(np.where(norms > 0, np.sum(a * b, axis=1) / np.maximum(norms, 1e-30), 1.0))
+    return float(np.mean(np.concatenate(cosines)))

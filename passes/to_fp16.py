@@ -1,0 +1,137 @@
+"""to-fp16 and to-bf16: mixed precision with numerically sensitive ops kept in float32.
+
+Rule: walking the nodes in order, a node whose op is in `HALF_OPS` (matmuls, elementwise
+arithmetic, activations, data movement, fused attention) and whose float inputs are all
+float32 runs in the half type: its float32 constant inputs are replaced by half copies and
+its other float32 inputs are cast (one Cast per value, shared). Every other node (softmax,
+norms, reductions, exp/log/pow/sqrt, casts, anything unknown) keeps float32: its half inputs
+are cast back. Graph inputs and outputs keep their float32 type (outputs are cast back under
+their own names). A graph with no float32 left to convert is unchanged, so a second run
+does nothing.
+
+Needs: nothing. Changes: float32 constants read by half nodes (the float32 copy is removed
+when unused), value types, and the Casts at the float32/half boundaries. Lossy (half
+precision): check mode reports the error.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import ClassVar
+
+import numpy as np
+
+from graphopt.ir.dtypes import DType
+from graphopt.ir.graph import Graph, Node, Value
+from graphopt.pass_base import Pass, PassContext, PassResult
+from graphopt.registry import register_pass
+
+HALF_OPS = frozenset({
+    ("", op) for op in (
+        "MatMul", "Gemm", "Add", "Sub", "Mul", "Div", "Neg", "Relu", "Tanh", "Sigmoid", "Gelu", "Erf",
+        "Where", "Transpose", "Reshape", "Concat", "Split", "Slice", "Gather", "Squeeze", "Unsqueeze",
+        "Expand", "Flatten", "Identity", "Max", "Min", "Clip",
+    )
+} | {("graphopt", "Attention"), ("graphopt", "Gelu")})
+"""Ops that run in the half type; everything else stays float32."""
+
+
+TYPE_AGNOSTIC = frozenset({("", "Cast"), ("", "CastLike"), ("", "Shape"), ("", "Size")})
+"""Ops that read any type: their inputs are left as they are."""
+
+
+class _MixedPrecision(Pass):
+    half: ClassVar[DType] = DType.FLOAT16
+
+    def run(self, graph: Graph, ctx: PassContext) -> PassResult:
+        casts: dict[tuple[int, DType], Value] = {}
+        halves: dict[str, Value] = {}
+        converted = restored = 0
+        for node in graph:
+            key = (node.domain, node.op_type)
+            if key in TYPE_AGNOSTIC:
+                continue
+            if key in HALF_OPS:
+                inputs = [(i, v) for i, v in enumerate(node.inputs) if v is not None and v.dtype == DType.FLOAT]
+                for index, value in inputs:
+                    node.replace_input(index, self._half_input(graph, node, value, casts, halves))
+                if inputs or any(v is not None and v.dtype == self.half for v in node.inputs):
+                    graph.infer_types(node)
+                converted += bool(inputs)
+            else:
+                for index, value in enumerate(node.inputs):
+                    if value is not None and value.dtype == self.half:
+                        node.replace_input(index, _cast(graph, node, value, DType.FLOAT, casts))
+                        restored += 1
+        outputs_cast = self._restore_outputs(graph)
+        for value in list(graph.constants.values()):
+            if value.name in halves and not value.uses() and not value.is_graph_output:
+                graph.remove_constant(value)
+        changed = converted + restored + outputs_cast > 0
+        return PassResult(changed, {"converted": converted, "outputs_cast": outputs_cast})
+
+    def _half_input(self, graph: Graph, node: Node, value: Value, casts: dict, halves: dict[str, Value]) -> Value:
+        if value.const is None:
+            return _cast(graph, node, value, self.half, casts)
+        if value.name not in halves:
+            half = _to_half(value.const.numpy().astype(np.float32), self.half)
+            halves[value.name] = graph.add_constant(f"{value.name}_{self.half.short}", half)
+        return halves[value.name]
+
+    def _restore_outputs(self, graph: Graph) -> int:
+        """Cast half graph outputs back to float32, under their own names."""
+        outputs, restored = [], 0
+        for value in graph.outputs:
+            if value.dtype != self.half or value.producer is None:
+                outputs.append(value)
+                continue
+            cast = graph.add_node("Cast", [value], {"to": DType.FLOAT.value})
+            name = value.name
+            graph.rename_value(value, graph.unique_name(f"{name}_{self.half.short}"))
+            graph.rename_value(cast.output, name)
+            outputs.append(cast.output)
+            restored += 1
+        graph.set_outputs(outputs)
+        return restored
+
+
+def _to_half(data: np.ndarray, dtype: DType) -> np.ndarray:
+    if dtype == DType.FLOAT16:
+        return np.clip(data, -65504.0, 65504.0).astype(np.float16)
+    return data.astype(dtype.to_numpy())
+
+
+def _cast(graph: Graph, reader: Node, value: Value, dtype: DType, casts: dict) -> Value:
+    """One Cast of `value` per type, placed before its first (earliest) reader."""
+    key = (id(value), dtype)
+    if key not in casts:
+        casts[key] = graph.add_node("Cast", [value], {"to": dtype.value}, before=reader).output
+    return casts[key]
+
+
+@register_pass
+@dataclasses.dataclass
+class ToFp16(_MixedPrecision):
+    """Run matmuls, elementwise ops and attention in float16; softmax, norms and reductions stay float32.
+
+    See `graphopt.passes.to_fp16`. Needs nothing; changes constant and value types and adds
+    Casts at the float32/float16 boundaries; graph inputs and outputs stay float32. Lossy.
+    """
+
+    name = "to-fp16"
+    lossless = False
+    half = DType.FLOAT16
+
+
+@register_pass
+@dataclasses.dataclass
+class ToBf16(_MixedPrecision):
+    """Run matmuls, elementwise ops and attention in bfloat16; softmax, norms and reductions stay float32.
+
+    Same rules as `to-fp16` with bfloat16 (wider range, fewer mantissa bits; ONNX Runtime's
+    CPU kernels mostly lack it, the torch target runs it). Needs nothing; lossy.
+    """
+
+    name = "to-bf16"
+    lossless = False
+    half = DType.BFLOAT16
