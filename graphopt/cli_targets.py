@@ -108,6 +108,8 @@ def _save_outputs(path: str, arrays: dict[str, Any]) -> None:
 
     import numpy as np
 
+    from graphopt.files import file_mode
+
     folder = os.path.dirname(os.path.abspath(path))
     if not os.path.isdir(folder):
         raise GraphoptError(f"-o {path}: the folder {folder} does not exist")
@@ -115,6 +117,7 @@ def _save_outputs(path: str, arrays: dict[str, Any]) -> None:
     try:
         with os.fdopen(handle, "wb") as stream:
             np.savez(stream, **{name: np.asarray(value) for name, value in arrays.items()})
+        os.chmod(temporary, file_mode())
         os.replace(temporary, path)
     except BaseException:
         pathlib.Path(temporary).unlink(missing_ok=True)

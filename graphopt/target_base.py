@@ -241,6 +241,7 @@ class CompiledModel:
         any other non-empty folder is refused.
         """
         from graphopt import __version__
+        from graphopt.files import folder_mode
 
         directory = os.path.abspath(os.fspath(directory))
         if os.path.exists(directory):
@@ -253,6 +254,7 @@ class CompiledModel:
             raise TargetError(f"{directory}: the folder {parent} does not exist")
         staging = tempfile.mkdtemp(prefix=".graphopt-", dir=parent)
         try:
+            os.chmod(staging, folder_mode())
             files = self._save_files(staging)
             manifest = {
                 "format": MANIFEST_FORMAT,

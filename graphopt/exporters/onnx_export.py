@@ -15,6 +15,7 @@ from typing import Any, Optional
 import numpy as np
 
 from graphopt.errors import ExportError
+from graphopt.files import file_mode
 from graphopt.exporters.onnx_lowering import decompose_graphopt_ops
 from graphopt.frontends.onnx_import import OpaqueAttribute
 from graphopt.ir.dtypes import DType
@@ -89,6 +90,7 @@ def save_onnx(graph: Graph, path: Any, *, external_data: Optional[bool] = None, 
 
 def _temp_path(directory: str, suffix: str) -> str:
     handle, name = tempfile.mkstemp(prefix=".graphopt-", suffix=suffix, dir=directory)
+    os.chmod(name, file_mode())
     os.close(handle)
     return name
 
@@ -235,17 +237,18 @@ def _external_or_inline(value: Value, data_file: Any, data_name: str) -> Any:
     return proto
 
 
-def _write_tensor_bytes(tensor: ConstTensor, handle: Any, chunk: int = 64 * 1024 * 1024) -> int:
+def _write_tensor_bytes(tensor: ConstTensor, handle: Any, chunk: int = 16 * 1024 * 1024) -> int:
     if isinstance(tensor, FileTensor):
+        view = memoryview(bytearray(min(chunk, tensor.length)))
         with open(tensor.path, "rb") as source:
             source.seek(tensor.offset)
             remaining = tensor.length
             while remaining:
-                block = source.read(min(chunk, remaining))
-                if not block:
+                got = source.readinto(view[: min(chunk, remaining)])
+                if not got:
                     raise ExportError(f"{tensor.path}: ended early while copying a weight (file changed?)")
-                handle.write(block)
-                remaining -= len(block)
+                handle.write(view[:got])
+                remaining -= got
         return tensor.length
     if tensor.dtype in (DType.INT4, DType.UINT4):
         packed = _tensor_proto("", tensor).raw_data

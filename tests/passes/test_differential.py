@@ -8,6 +8,7 @@ plus a rule-based pass defined here that exercises `graphopt.rewrite`, on random
 - ONNX Runtime gives the same outputs as before, within 1e-5 (relative for outputs above 1);
 - a pass that reports no change left the printed IR as it was;
 - a second run reports `changed=False` and leaves the printed IR identical (idempotence).
+Passes get the sample inputs as calibration data, so data-aware lossless passes run too.
 The examples are derandomized, so CI runs the same graphs every time.
 """
 
@@ -101,7 +102,8 @@ def test_lossless_pass_keeps_outputs_and_is_idempotent(pass_cls: type[Pass], gra
     feeds = sample_inputs(graph)
     expected = run_graph(graph, feeds)
     work = graph.clone()
-    first = pass_cls().run(work, PassContext())
+    context = PassContext(calibration=[feeds])  # data-aware lossless passes (smooth-quant) calibrate on the sample
+    first = pass_cls().run(work, context)
     printed = str(work)
     note(f"after {pass_cls.name} (changed={first.changed}):\n{printed}")
     work.verify()
@@ -112,6 +114,6 @@ def test_lossless_pass_keeps_outputs_and_is_idempotent(pass_cls: type[Pass], gra
     scale = max([1.0] + [float(np.max(np.abs(out))) for out in expected if np.size(out)])
     error = max_abs_error(expected, run_graph(work, feeds))
     assert error <= TOLERANCE * scale, f"outputs moved by {error:g}"
-    second = pass_cls().run(work, PassContext())
+    second = pass_cls().run(work, context)
     assert not second.changed, f"a second run changed the graph again: {second.stats}"
     assert str(work) == printed

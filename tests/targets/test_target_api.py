@@ -180,3 +180,16 @@ def test_cli_compile_run_and_targets(tmp_path, capsys):
     assert main(["targets", "--json"]) == 0
     listed = {t["name"]: t for t in json.loads(capsys.readouterr().out)}
     assert listed["onnxruntime"]["variants"] == ["cpu", "cuda"] and listed["onnxruntime"]["available"] is None
+
+
+def test_saved_files_get_the_usual_permissions_not_temporary_ones(tmp_path):
+    import stat
+
+    from graphopt.files import file_mode, folder_mode
+
+    graph = _small_graph()
+    graph.save_onnx(tmp_path / "m.onnx")
+    folder = compile(graph, "onnxruntime", "cleanup").save(tmp_path / "artifact")
+    assert stat.S_IMODE(os.stat(tmp_path / "m.onnx").st_mode) == file_mode()
+    assert stat.S_IMODE(os.stat(folder).st_mode) == folder_mode()
+    assert stat.S_IMODE(os.stat(os.path.join(folder, "model.onnx")).st_mode) == file_mode()
