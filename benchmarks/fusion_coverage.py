@@ -48,11 +48,23 @@ def _export(zm: model_zoo.ZooModel, masked: bool, dynamo: bool, folder: Path) ->
     return path, {"input_ids": ids.numpy()}
 
 
+def _norm_counts(graph: graphopt.Graph) -> list[int]:
+    """Attention, GELU, RMSNorm (incl. RMS skip-norms), LayerNorm (incl. skip-norms), skip-norms, bias-GELU."""
+    counts = graph.op_counts()
+    skips = [n for n in graph.nodes if n.op_type == "SkipLayerNorm"]
+    rms_skips = sum(1 for n in skips if n.attrs.get("simplified"))
+    return [
+        counts.get("graphopt::Attention", 0), counts.get("graphopt::Gelu", 0), counts.get("graphopt::RMSNorm", 0) + rms_skips,
+        counts.get("LayerNormalization", 0) + len(skips) - rms_skips, len(skips),
+        sum(1 for n in graph.nodes if n.op_type == "Gelu" and len(n.inputs) > 1),
+    ]
+
+
 def main() -> None:
     warnings.filterwarnings("ignore")
     logging.disable(logging.WARNING)
-    print("| architecture | exporter | mask input | attention | GELU | RMSNorm | nodes before -> after | max abs error |")
-    print("| --- | --- | --- | --- | --- | --- | --- | --- |")
+    print("| architecture | exporter | mask input | attention | GELU | RMSNorm | LayerNorm | of which skip-norms | bias-GELU | nodes before -> after | max abs error |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     with tempfile.TemporaryDirectory() as tmp:
         for name in model_zoo.ARCHITECTURES:
             zm = model_zoo.build(name)
@@ -63,12 +75,10 @@ def main() -> None:
                         path, feeds = _export(zm, masked, dynamo, Path(tmp))
                         graph = graphopt.from_onnx(path)
                         fused = graphopt.optimize(graph.clone(), "fuse", verify=True)
-                        counts = fused.op_counts()
                         error = max_abs_error(run_graph(graph, feeds), run_graph(fused, feeds))
-                        row = [counts.get(f"graphopt::{op}", 0) for op in ("Attention", "Gelu", "RMSNorm")]
-                        cells = [str(c) for c in row] + [f"{len(graph)} -> {len(fused)}", f"{error:.1e}"]
+                        cells = [str(c) for c in _norm_counts(fused)] + [f"{len(graph)} -> {len(fused)}", f"{error:.1e}"]
                     except Exception as exc:
-                        cells = ["-", "-", "-", "-", f"failed: {type(exc).__name__}: {str(exc).splitlines()[0][:80]}"]
+                        cells = ["-"] * 7 + [f"failed: {type(exc).__name__}: {str(exc).splitlines()[0][:80]}"]
                     exporter = "dynamo" if dynamo else "TorchScript"
                     print(f"| {name} | {exporter} | {'yes' if masked else 'no'} | " + " | ".join(cells) + " |", flush=True)
 

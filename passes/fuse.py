@@ -8,17 +8,23 @@ from graphopt.ir.graph import Graph
 from graphopt.pass_base import Pass, PassContext, PassResult
 from graphopt.registry import get_pass, register_pass
 
-FUSION_ORDER = ("cleanup", "fuse-gelu", "fuse-rmsnorm", "fuse-attention", "cleanup")
+FUSION_ORDER = (
+    "cleanup", "fuse-layernorm", "fuse-gelu", "fuse-rmsnorm", "fuse-attention",
+    "fuse-bias-gelu", "fuse-skip-layernorm", "fuse-qkv", "fuse-matmul-add", "cleanup",
+)
 
 
 @register_pass
 @dataclasses.dataclass
 class Fuse(Pass):
-    """Run cleanup, fuse-gelu, fuse-rmsnorm, fuse-attention, then cleanup again.
+    """Run cleanup, every fusion (norms, GELU, attention, bias-GELU, skip-norm, QKV, Gemm), then cleanup again.
 
     Cleanup first puts the graph in canonical form (no same-type Casts, folded shape
-    arithmetic), which the fusion patterns assume; cleanup last removes what the fusions
-    left dead. Needs nothing; provides "attention-fused". Stats: what each fusion raised.
+    arithmetic), which the fusion patterns assume. The norm and GELU fusions come before
+    fuse-attention, fuse-bias-gelu and fuse-skip-layernorm after the ops they extend exist,
+    and fuse-qkv after fuse-attention, whose patterns follow each projection on its own.
+    Cleanup last removes what the fusions left dead. Needs nothing; provides
+    "attention-fused". Stats: what each fusion raised.
     """
 
     name = "fuse"

@@ -1,15 +1,307 @@
 """Lower graphopt's fused ops to the com.microsoft contrib ops ONNX Runtime accelerates.
 
-`lower_to_contrib_ops(graph)` returns a copy in which the fused ops ORT has fast kernels for
-are replaced by those kernels; anything left is decomposed into standard ONNX by the
-exporter. (Filled in op by op as measurements show a contrib kernel is faster.)
+`lower_to_contrib_ops(graph)` returns a copy in which each fused op is replaced by ORT's
+kernel for it where that kernel computes the same thing on these inputs; anything left is
+decomposed into standard ONNX by the exporter. Each mapping, and when it is taken:
+
+- `Attention(q, k, v[, bias])` -> packed `Attention(x, W, b, , , attention_bias)` when q, k
+  and v are the three outputs of one Split of `x @ W (+ b)` (fuse-qkv), each reshaped into
+  heads ([B, S, N, D]) and transposed ([B, N, S, D]); otherwise `MultiHeadAttention(q', k',
+  v', , , attention_bias)` with q' (and k', v') the [B, S, N*D] projections the head
+  transposes were made from (or the heads merged back when there is no such projection:
+  K and V are then passed as [B, N, S, D], which the op also takes). Where the output is
+  only transposed back and merged ([B, S, N*Dv]), the contrib op's own [B, S, N*Dv] output
+  replaces that chain; the dead layout ops are removed. Taken when every K/V head has its
+  own query head (no grouped-query attention: ORT's GroupQueryAttention wants a KV cache
+  layout), the query and value head sizes are equal and static, the bias is rank 4 with
+  its last two dims the query and key lengths (a boolean bias becomes 0 / lowest-float
+  additive, which gives the same softmax), and a causal mask only without a bias and only
+  for equal query and key lengths (`unidirectional=1`). Measured against the softmax form
+  (`tests/targets/test_onnxruntime_lowering.py`): equal to <= 1e-5, including query rows
+  whose every key is masked with the lowest float (both give the mean of V, unlike the
+  opset-23 ONNX Attention kernel, which returns zeros there).
+- `SkipLayerNorm` -> `SkipLayerNormalization` (or `SkipSimplifiedLayerNormalization` when
+  `simplified`) with the residual sum as output 3, for rank-3 inputs of one shape (as
+  fuse-skip-layernorm checks it) and a static hidden size.
+- `RMSNorm` -> `SimplifiedLayerNormalization` (an ORT kernel in the ONNX domain) over the
+  last axis; a scalar scale becomes a vector.
+- `Gelu` -> `Gelu` / `BiasGelu` (erf form) or `FastGelu` (tanh form, with its bias).
+
+Only float32 nodes are lowered (ORT's CPU kernels for several of these ops are float32
+only); other element types keep the standard decomposition. Speed of each choice on
+BERT-base and all-MiniLM-L6-v2: `benchmarks/onnxruntime_cpu.py`.
 """
 
 from __future__ import annotations
 
-from graphopt.ir.graph import Graph
+import math
+from typing import Optional
+
+import numpy as np
+
+from graphopt.ir.dtypes import DType
+from graphopt.ir.graph import Graph, Node, Value, constant_data
+from graphopt.ir.schema import GRAPHOPT_DOMAIN
+from graphopt.ir.types import TensorType
+from graphopt.passes.fuse_skip_layernorm import same_shape
+from graphopt.pass_base import PassContext
+from graphopt.registry import get_pass
+
+MS_DOMAIN = "com.microsoft"
+HEAD_PERM = (0, 2, 1, 3)
+_LOWEST = float(np.finfo(np.float32).min)
 
 
 def lower_to_contrib_ops(graph: Graph) -> Graph:
-    """A copy of `graph` with graphopt ops replaced by faster ORT contrib ops where measured."""
-    return graph.clone()
+    """A copy of `graph` with graphopt ops replaced by ORT contrib ops where they are equal."""
+    lowered = graph.clone()
+    lowered.opset_imports.setdefault(MS_DOMAIN, 1)
+    changed = False
+    for node in [n for n in lowered.nodes if n.domain == GRAPHOPT_DOMAIN]:
+        lower = _LOWERINGS.get(node.op_type)
+        if node.inputs[0] is None or node.inputs[0].dtype != DType.FLOAT:
+            continue
+        if lower is not None and lower(lowered, node):
+            changed = True
+    if changed:
+        get_pass("eliminate-dead-code")().run(lowered, PassContext())
+    if not any(n.domain == MS_DOMAIN for n in lowered.nodes):
+        del lowered.opset_imports[MS_DOMAIN]
+    return lowered
+
+
+def _replace(graph: Graph, node: Node, new: Node, pairs: list[tuple[int, int]]) -> None:
+    """Point readers of `node`'s outputs at `new`'s outputs (old index, new index), erase `node`,
+    and give the new outputs the old names."""
+    names = []
+    for old_index, new_index in pairs:
+        old = node.outputs[old_index]
+        if old.uses() or old.is_graph_output:
+            old.replace_all_uses_with(new.outputs[new_index])
+            names.append((new.outputs[new_index], old.name))
+    graph.erase(node)
+    for value, name in names:
+        graph.rename_value(value, name)
+
+
+def _vector(graph: Graph, value: Optional[Value], width: int) -> Optional[Value]:
+    """`value` as a [width] vector: itself when it is one, a new constant for a constant scalar."""
+    if value is None:
+        return None
+    if value.shape == (width,):
+        return value
+    data = constant_data(value)
+    if data is None or data.size != 1:
+        return None
+    return graph.add_constant(graph.unique_name("contrib_vector"), np.full(width, data.reshape(-1)[0], data.dtype))
+
+
+def _static_width(value: Value) -> Optional[int]:
+    shape = value.shape
+    return shape[-1] if shape and isinstance(shape[-1], int) else None
+
+
+# ---------------------------------------------------------------------------- activations and norms
+def _gelu(graph: Graph, node: Node) -> bool:
+    x = node.inputs[0]
+    bias = node.inputs[1] if len(node.inputs) > 1 else None
+    if node.attrs.get("approximate", "none") == "tanh":
+        new = graph.add_node("FastGelu", [x, bias] if bias is not None else [x], domain=MS_DOMAIN, before=node)
+    elif bias is not None:
+        new = graph.add_node("BiasGelu", [x, bias], domain=MS_DOMAIN, before=node)
+    else:
+        new = graph.add_node("Gelu", [x], domain=MS_DOMAIN, before=node)
+    new.outputs[0].type = node.output.type
+    _replace(graph, node, new, [(0, 0)])
+    return True
+
+
+def _rmsnorm(graph: Graph, node: Node) -> bool:
+    x, scale = node.inputs
+    width = _static_width(x)  # type: ignore[arg-type]
+    rank = x.type.rank  # type: ignore[union-attr]
+    if width is None or not rank or int(node.attrs.get("axis", -1)) % rank != rank - 1:
+        return False
+    scale = _vector(graph, scale, width)
+    if scale is None:
+        return False
+    attrs = {"axis": -1, "epsilon": float(node.attrs.get("epsilon", 1e-5)), "stash_type": 1}
+    new = graph.add_node("SimplifiedLayerNormalization", [x, scale], attrs, before=node, infer=False)
+    new.outputs[0].type = node.output.type
+    _replace(graph, node, new, [(0, 0)])
+    return True
+
+
+def _skip_layer_norm(graph: Graph, node: Node) -> bool:
+    x, skip, scale = node.inputs[:3]
+    beta = node.inputs[3] if len(node.inputs) > 3 else None
+    bias = node.inputs[4] if len(node.inputs) > 4 else None
+    width = _static_width(x)  # type: ignore[arg-type]
+    if width is None or x.type.rank != 3 or not same_shape(x.shape, skip.shape):  # type: ignore[union-attr]
+        return False
+    scale = _vector(graph, scale, width)
+    if scale is None or (beta is not None and beta.shape != (width,)) or (bias is not None and bias.shape != (width,)):
+        return False
+    simplified = bool(node.attrs.get("simplified", 0))
+    attrs = {"epsilon": float(node.attrs.get("epsilon", 1e-5))}
+    if simplified:
+        op, inputs = "SkipSimplifiedLayerNormalization", [x, skip, scale, bias]
+    else:
+        op, inputs = "SkipLayerNormalization", [x, skip, scale, beta, bias]
+    new = graph.add_node(op, inputs, attrs, domain=MS_DOMAIN, num_outputs=4, before=node)
+    new.outputs[0].type = node.outputs[0].type
+    new.outputs[3].type = node.outputs[-1].type
+    _replace(graph, node, new, [(0, 0), (1, 3)] if len(node.outputs) > 1 else [(0, 0)])
+    return True
+
+
+# ---------------------------------------------------------------------------- attention
+def _merged_source(value: Value, heads: int, head_size: int) -> Optional[Value]:
+    """The [B, S, heads*head_size] tensor `value` ([B, heads, S, head_size]) was made from by
+    Reshape to [B, S, heads, head_size] and Transpose(0, 2, 1, 3), if it was."""
+    transpose = value.producer
+    if transpose is None or transpose.op_type != "Transpose" or transpose.domain or tuple(transpose.attrs.get("perm", ())) != HEAD_PERM:
+        return None
+    reshape = transpose.inputs[0].producer  # type: ignore[union-attr]
+    if reshape is None or reshape.op_type != "Reshape" or reshape.domain:
+        return None
+    source, split = reshape.inputs[0], reshape.output.shape
+    if source is None or source.shape is None or len(source.shape) != 3 or split is None or len(split) != 4:
+        return None
+    if tuple(split[2:]) != (heads, head_size) or source.shape[2] != heads * head_size or tuple(split[:2]) != tuple(source.shape[:2]):
+        return None
+    return source
+
+
+def _merged_readers(value: Value, heads: int, head_size: int) -> Optional[list[Value]]:
+    """The [B, S, heads*head_size] values the [B, heads, S, head_size] `value` is turned into
+    by Transpose(0, 2, 1, 3) + Reshape, when that is all its readers do."""
+    batch, seq = value.shape[0], value.shape[2]  # type: ignore[index]
+    if value.is_graph_output or not value.uses():
+        return None
+    merged = []
+    for transpose in value.users:
+        if transpose.op_type != "Transpose" or transpose.domain or tuple(transpose.attrs.get("perm", ())) != HEAD_PERM:
+            return None
+        if transpose.output.is_graph_output or not transpose.output.uses():
+            return None
+        for reshape in transpose.output.users:
+            shape = reshape.output.shape
+            if reshape.op_type != "Reshape" or reshape.domain or shape is None or len(shape) != 3 or shape[2] != heads * head_size:
+                return None
+            if not same_shape(tuple(shape[:2]), (batch, seq)):
+                return None
+            merged.append(reshape.output)
+    return merged if sum(v.is_graph_output for v in merged) <= 1 else None
+
+
+def _packed_projection(sources: list[Value]) -> Optional[tuple[Value, Value, Optional[Value]]]:
+    """(x, W, b) when the three sources are outputs 0, 1, 2 of one Split of x @ W (+ b)."""
+    split = sources[0].producer
+    if split is None or split.op_type != "Split" or split.domain or len(split.outputs) != 3:
+        return None
+    if any(s.producer is not split or s.output_index != i for i, s in enumerate(sources)):
+        return None
+    if int(split.attrs.get("axis", 0)) % 3 != 2 or any(len(s.uses()) != 1 for s in sources):
+        return None
+    fused, bias = split.inputs[0], None
+    producer = fused.producer  # type: ignore[union-attr]
+    if producer is not None and producer.op_type == "Add" and not producer.domain and len(fused.uses()) == 1:  # type: ignore[union-attr]
+        matmul_out, bias = producer.inputs
+        if bias is None or not bias.is_constant:
+            matmul_out, bias = bias, matmul_out
+        if bias is None or not bias.is_constant or len(bias.shape or ()) != 1 or matmul_out is None or len(matmul_out.uses()) != 1:
+            return None
+        producer = matmul_out.producer
+    if producer is None or producer.op_type != "MatMul" or producer.domain:
+        return None
+    x, weight = producer.inputs
+    if x is None or weight is None or not weight.is_constant or x.type.rank != 3:
+        return None
+    return x, weight, bias
+
+
+def _additive_bias(graph: Graph, bias: Optional[Value], query: Value, key: Value, anchor: Node) -> tuple[bool, Optional[Value]]:
+    """(usable, attention_bias): the bias as a float [B|1, N|1, Sq, Sk] additive input."""
+    if bias is None:
+        return True, None
+    shape, q_shape, k_shape = bias.shape, query.shape, key.shape
+    if shape is None or len(shape) != 4 or q_shape is None or k_shape is None:
+        return False, None
+    if shape[2] != q_shape[2] or shape[3] != k_shape[2] or shape[2] is None or shape[3] is None:
+        return False, None
+    if bias.dtype is not None and bias.dtype.name == "BOOL":
+        zero = graph.add_constant(graph.unique_name("mask_zero"), np.zeros((), query.dtype.to_numpy()))  # type: ignore[union-attr]
+        lowest = graph.add_constant(graph.unique_name("mask_lowest"), np.array(_LOWEST, query.dtype.to_numpy()))  # type: ignore[union-attr]
+        return True, graph.add_node("Where", [bias, zero, lowest], before=anchor).output
+    return bias.dtype == query.dtype, bias
+
+
+def _attention(graph: Graph, node: Node) -> bool:
+    query, key, value = node.inputs[:3]
+    bias = node.inputs[3] if len(node.inputs) > 3 else None
+    heads = int(node.attrs["num_heads"])
+    if int(node.attrs.get("num_kv_heads", heads)) != heads:
+        return False
+    shapes = [v.shape for v in (query, key, value)]  # type: ignore[union-attr]
+    if any(s is None or len(s) != 4 for s in shapes) or not isinstance(shapes[0][3], int) or shapes[2][3] != shapes[0][3]:  # type: ignore[index]
+        return False
+    head_size = shapes[0][3]  # type: ignore[index]
+    causal = bool(node.attrs.get("causal", 0))
+    if causal and (bias is not None or shapes[0][2] != shapes[1][2] or shapes[0][2] is None):  # type: ignore[index]
+        return False
+    usable, attention_bias = _additive_bias(graph, bias, query, key, node)  # type: ignore[arg-type]
+    if not usable:
+        return False
+    attrs: dict = {"num_heads": heads, "scale": float(node.attrs.get("scale", 1.0 / math.sqrt(head_size)))}
+    if causal:
+        attrs["unidirectional"] = 1
+    sources = [_merged_source(v, heads, head_size) for v in (query, key, value)]  # type: ignore[arg-type]
+    packed = _packed_projection(sources) if all(s is not None for s in sources) else None  # type: ignore[arg-type]
+    if packed is not None:
+        x, weight, qkv_bias = packed
+        if qkv_bias is None:
+            width = weight.shape[1]  # type: ignore[index]
+            qkv_bias = graph.add_constant(graph.unique_name("qkv_zero_bias"), np.zeros(width, weight.dtype.to_numpy()))  # type: ignore[union-attr]
+        inputs = [x, weight, qkv_bias, None, None, attention_bias]
+        new = graph.add_node("Attention", inputs, attrs, domain=MS_DOMAIN, before=node, infer=False)
+    else:
+        q_in = sources[0] or _merge_heads(graph, query, heads * head_size, node)  # type: ignore[arg-type]
+        if sources[1] is not None and sources[2] is not None:
+            k_in, v_in = sources[1], sources[2]
+        else:
+            k_in, v_in = key, value
+        inputs = [q_in, k_in, v_in, None, None, attention_bias]
+        new = graph.add_node("MultiHeadAttention", inputs, attrs, domain=MS_DOMAIN, before=node, infer=False)
+    out = new.output
+    out.type = TensorType(query.dtype, (shapes[0][0], shapes[0][2], heads * head_size))  # type: ignore[union-attr,index]
+    merged = _merged_readers(node.output, heads, head_size)
+    if merged is not None:
+        for reader in merged:
+            name = reader.name if reader.is_graph_output else None
+            reader.replace_all_uses_with(out)
+            if name is not None:
+                graph.erase(reader.producer)  # type: ignore[arg-type]
+                graph.rename_value(out, name)
+    else:
+        heads_split = graph.add_node("Reshape", [out, _ints(graph, [0, 0, heads, head_size])], before=node).output
+        _replace(graph, node, graph.add_node("Transpose", [heads_split], {"perm": HEAD_PERM}, before=node), [(0, 0)])
+    return True
+
+
+def _ints(graph: Graph, values: list[int]) -> Value:
+    return graph.add_constant(graph.unique_name("contrib_shape"), np.array(values, np.int64))
+
+
+def _merge_heads(graph: Graph, value: Value, width: int, anchor: Node) -> Value:
+    """[B, N, S, D] -> [B, S, N*D]."""
+    transposed = graph.add_node("Transpose", [value], {"perm": HEAD_PERM}, before=anchor).output
+    return graph.add_node("Reshape", [transposed, _ints(graph, [0, 0, width])], before=anchor).output
+
+
+_LOWERINGS = {
+    "Attention": _attention,
+    "SkipLayerNorm": _skip_layer_norm,
+    "RMSNorm": _rmsnorm,
+    "Gelu": _gelu,
+}

@@ -18,3 +18,15 @@ the LLaMA family SiLU; BLOOM's own tanh-GELU form (x * (1 + 0.044715 * x * x)) i
 
 RMSNORMS = {"llama": 5, "mistral": 5, "qwen2": 5, "t5-encoder": 5}
 """Two per layer plus the final norm."""
+
+SKIP_LAYERNORMS = {name: 2 * LAYERS for name in ROUNDTRIP_ARCHITECTURES}
+SKIP_LAYERNORMS.update({"roberta": 5, "mpnet": 5, "opt": 1, "phi": 2})
+"""Residual Add + norm pairs `fuse` folds into graphopt::SkipLayerNorm: two per layer. RoBERTa
+and MPNet also fold the embedding sum before their first LayerNorm (its two terms have one
+shape); OPT adds its MLP residual in a [batch*seq, hidden] view, so only the last residual
+before the final norm has one shape on both sides; Phi's attention and MLP run in parallel
+off one norm, so its residual sums feed only the next layer's norm (one per layer)."""
+
+SKIP_LAYERNORM_DYNAMO_MISSES = {"gpt-neo": 1}
+"""Fewer skip-norms in the dynamo export: GPT-Neo's attention output has length
+`Min(128, seq)`, another symbol than the residual's `seq`, so one residual is left as is."""

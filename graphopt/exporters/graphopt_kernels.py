@@ -2,7 +2,7 @@
 
 These are what the torch target runs for fused ops: `Attention` becomes one
 `scaled_dot_product_attention` call (grouped-query aware), `RMSNorm` and `Gelu` the
-matching torch functions.
+matching torch functions, `SkipLayerNorm` the residual add and `layer_norm` (or the RMS form).
 """
 
 from __future__ import annotations
@@ -41,14 +41,27 @@ def graphopt_RMSNorm(x: Tensor, scale: Tensor, *, axis: int = -1, epsilon: float
     return normed.to(x.dtype) * scale
 
 
-def graphopt_Gelu(x: Tensor, *, approximate: str = "none") -> Tensor:
+def graphopt_Gelu(x: Tensor, bias: Optional[Tensor] = None, *, approximate: str = "none") -> Tensor:
     if approximate not in ("none", "tanh"):
         raise ValueError(f"Gelu: approximate must be 'none' or 'tanh', got {approximate!r}")
-    return F.gelu(x, approximate=approximate)
+    return F.gelu(x if bias is None else x + bias, approximate=approximate)
+
+
+def graphopt_SkipLayerNorm(
+    x: Tensor, skip: Tensor, scale: Tensor, beta: Optional[Tensor] = None, bias: Optional[Tensor] = None, *,
+    epsilon: float = 1e-5, simplified: int = 0,
+) -> tuple[Tensor, Tensor]:
+    total = (x if bias is None else x + bias) + skip
+    if simplified:
+        return graphopt_RMSNorm(total, scale, epsilon=epsilon), total
+    stashed = total.to(torch.float32)
+    normed = F.layer_norm(stashed, stashed.shape[-1:], eps=epsilon).to(total.dtype) * scale
+    return (normed if beta is None else normed + beta), total
 
 
 GRAPHOPT_KERNELS: dict[tuple[str, str], Callable] = {
     ("graphopt", "Attention"): graphopt_Attention,
     ("graphopt", "RMSNorm"): graphopt_RMSNorm,
     ("graphopt", "Gelu"): graphopt_Gelu,
+    ("graphopt", "SkipLayerNorm"): graphopt_SkipLayerNorm,
 }

@@ -9,7 +9,13 @@ node is replaced by the default-domain ops it stands for, valid in the graph's o
   (a boolean bias selects with `Where`), a causal mask aligned to the last key, `Softmax`
   over the keys, `MatMul` with V;
 - `RMSNorm(x, scale)`: `x * 1/sqrt(ReduceMean(x^2) + eps) * scale`;
-- `Gelu(x)`: the erf or tanh formula.
+- `Gelu(x[, bias])`: `x + bias`, then the erf or tanh formula;
+- `SkipLayerNorm(x, skip, scale[, beta][, bias])`: `(x + bias) + skip`, then
+  `LayerNormalization` (or the RMSNorm formula when `simplified`); the sum is the second output.
+
+Standard `LayerNormalization` nodes (fuse-layernorm raises them) in a graph whose opset is
+below 17, where the op does not exist yet, are decomposed too: `ReduceMean`, `Sub`,
+`ReduceMean` of the square, `Add` epsilon, `Sqrt`, `Div`, `* scale + beta`.
 
 ONNX Runtime's opset-23 `Attention` kernel was measured to return zeros for query rows
 whose every key is masked, where softmax over an additive mask returns the mean of V; a
@@ -19,6 +25,7 @@ decomposition keeps the original model's results in every case, so it is the def
 from __future__ import annotations
 
 import math
+from typing import Optional
 
 import numpy as np
 
@@ -30,8 +37,19 @@ from graphopt.ir.tensor import ArrayTensor
 _LOWEST = float(np.finfo(np.float32).min)
 
 
+LAYER_NORM_OPSET = 17
+"""The first ONNX opset with LayerNormalization."""
+
+
+def _needs_decomposition(graph: Graph, node: Node) -> bool:
+    if node.domain == GRAPHOPT_DOMAIN:
+        return True
+    return node.domain == "" and node.op_type == "LayerNormalization" and graph.opset() < LAYER_NORM_OPSET
+
+
 def has_graphopt_ops(graph: Graph) -> bool:
-    return any(node.domain == GRAPHOPT_DOMAIN for node in graph.nodes)
+    """True when the graph holds ops `decompose_graphopt_ops` replaces."""
+    return any(_needs_decomposition(graph, node) for node in graph.nodes)
 
 
 def decompose_graphopt_ops(graph: Graph) -> Graph:
@@ -39,20 +57,28 @@ def decompose_graphopt_ops(graph: Graph) -> Graph:
     if not has_graphopt_ops(graph):
         return graph
     lowered = graph.clone()
-    for node in [n for n in lowered.nodes if n.domain == GRAPHOPT_DOMAIN]:
+    for node in [n for n in lowered.nodes if _needs_decomposition(lowered, n)]:
         builder = _Builder(lowered, node)
         if node.op_type == "Attention":
-            result = _attention(builder, node)
+            results = [_attention(builder, node)]
         elif node.op_type == "RMSNorm":
-            result = _rmsnorm(builder, node)
+            results = [_rmsnorm(builder, node)]
         elif node.op_type == "Gelu":
-            result = _gelu(builder, node)
+            results = [_gelu(builder, node)]
+        elif node.op_type == "SkipLayerNorm":
+            results = _skip_layer_norm(builder, node)
+        elif node.op_type == "LayerNormalization":
+            results = [_layer_norm(builder, node, *node.inputs[:3])]
         else:
             raise ExportError(f"node {node.label}: graphopt::{node.op_type} has no standard ONNX lowering")
-        name = node.output.name
-        node.output.replace_all_uses_with(result)
+        if node.domain == "" and any(out.uses() or out.is_graph_output for out in node.outputs[1:]):
+            raise ExportError(f"node {node.label}: LayerNormalization's mean/inv_std_dev outputs are not decomposed for opset < 17")
+        names = [out.name for out in node.outputs]
+        for out, result in zip(node.outputs, results):
+            out.replace_all_uses_with(result)
         lowered.erase(node)
-        lowered.rename_value(result, name)
+        for result, name in zip(results, names):
+            lowered.rename_value(result, name)
     return lowered
 
 
@@ -122,25 +148,60 @@ def _causal_mask(b: _Builder, query: Value, key: Value) -> Value:
     return b.op("Cast", b.op("Trilu", ones, offset, upper=0), to=9)
 
 
-def _rmsnorm(b: _Builder, node: Node) -> Value:
-    x, scale = node.inputs
+def _normalized_axes(node: Node, x: Value) -> list[int]:
     axis = int(node.attrs.get("axis", -1))
-    rank = x.type.rank  # type: ignore[union-attr]
+    rank = x.type.rank
     if rank is None:
-        raise ExportError(f"node {node.label}: RMSNorm needs the rank of its input to be known")
-    axes = list(range(axis % rank, rank))
-    square = b.op("Pow", x, b.const(2.0, like=x))  # type: ignore[arg-type]
+        raise ExportError(f"node {node.label}: {node.op_type} needs the rank of its input to be known")
+    return list(range(axis % rank, rank))
+
+
+def _mean(b: _Builder, x: Value, axes: list[int]) -> Value:
     if b.graph.opset() >= 18:
-        mean = b.op("ReduceMean", square, b.ints(axes), keepdims=1)
-    else:
-        mean = b.op("ReduceMean", square, axes=tuple(axes), keepdims=1)
+        return b.op("ReduceMean", x, b.ints(axes), keepdims=1)
+    return b.op("ReduceMean", x, axes=tuple(axes), keepdims=1)
+
+
+def _rmsnorm(b: _Builder, node: Node, x: Optional[Value] = None) -> Value:
+    x = node.inputs[0] if x is None else x
+    scale = node.inputs[1] if node.op_type == "RMSNorm" else node.inputs[2]
+    square = b.op("Pow", x, b.const(2.0, like=x))  # type: ignore[arg-type]
+    mean = _mean(b, square, _normalized_axes(node, x))  # type: ignore[arg-type]
     root = b.op("Sqrt", b.op("Add", mean, b.const(float(node.attrs.get("epsilon", 1e-5)), like=x)))
     normalized = b.op("Mul", x, b.op("Reciprocal", root))  # type: ignore[arg-type]
     return b.op("Mul", scale, normalized)  # type: ignore[arg-type]
 
 
+def _layer_norm(b: _Builder, node: Node, x: Value, scale: Value, beta: Optional[Value] = None) -> Value:
+    """LayerNormalization over the node's `axis`..-1: the op itself from opset 17, else its formula."""
+    epsilon = float(node.attrs.get("epsilon", 1e-5))
+    if b.graph.opset() >= LAYER_NORM_OPSET:
+        inputs = [x, scale] if beta is None else [x, scale, beta]
+        return b.op("LayerNormalization", *inputs, axis=-1, epsilon=epsilon)
+    axes = _normalized_axes(node, x)
+    centered = b.op("Sub", x, _mean(b, x, axes))
+    variance = _mean(b, b.op("Mul", centered, centered), axes)
+    normalized = b.op("Div", centered, b.op("Sqrt", b.op("Add", variance, b.const(epsilon, like=x))))
+    scaled = b.op("Mul", normalized, scale)
+    return scaled if beta is None else b.op("Add", scaled, beta)
+
+
+def _skip_layer_norm(b: _Builder, node: Node) -> list[Value]:
+    x, skip, scale = node.inputs[:3]
+    beta = node.inputs[3] if len(node.inputs) > 3 else None
+    bias = node.inputs[4] if len(node.inputs) > 4 else None
+    total = b.op("Add", x if bias is None else b.op("Add", x, bias), skip)  # type: ignore[arg-type]
+    if node.attrs.get("simplified", 0):
+        y = _rmsnorm(b, node, total)
+    else:
+        y = _layer_norm(b, node, total, scale, beta)  # type: ignore[arg-type]
+    return [y, total][: len(node.outputs)]
+
+
 def _gelu(b: _Builder, node: Node) -> Value:
-    (x,) = node.inputs
+    x = node.inputs[0]
+    if len(node.inputs) > 1 and node.inputs[1] is not None:
+        x = b.op("Add", x, node.inputs[1])  # type: ignore[arg-type]
     half = b.op("Mul", x, b.const(0.5, like=x))  # type: ignore[arg-type]
     if node.attrs.get("approximate", "none") == "tanh":
         cubic = b.op("Mul", b.op("Pow", x, b.const(3.0, like=x)), b.const(0.044715, like=x))  # type: ignore[arg-type]

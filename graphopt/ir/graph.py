@@ -195,6 +195,8 @@ class Graph:
         self._constants: dict[str, Value] = {}
         self._names: set[str] = set()
         self._node_names: set[str] = set()
+        self._name_cursor: dict[str, int] = {}
+        """Per base name, a suffix below which every `base_N` node name is taken."""
 
     # ----------------------------------------------------------------- reading
     @property
@@ -367,9 +369,10 @@ class Graph:
     def unique_node_name(self, base: str) -> str:
         """A node name not yet used in this graph, derived from `base` (`base_N`, smallest N
         free, so a graph and its clone name new nodes alike)."""
-        suffix = 0
+        suffix = self._name_cursor.get(base, 0)
         while f"{base}_{suffix}" in self._node_names:
             suffix += 1
+        self._name_cursor[base] = suffix
         return f"{base}_{suffix}"
 
     def _position(self, node: Node) -> int:
@@ -396,6 +399,9 @@ class Graph:
             self._names.discard(out.name)
             out.graph = None
         self._node_names.discard(node.name)
+        base, _, index = node.name.rpartition("_")
+        if index.isdigit() and self._name_cursor.get(base, 0) > int(index):
+            self._name_cursor[base] = int(index)
         node.graph = None
 
     def move_before(self, node: Node, anchor: Node) -> None:

@@ -6,7 +6,7 @@ import onnx
 import onnxruntime as ort
 import pytest
 from conftest import ROUNDTRIP_ARCHITECTURES, max_abs_diff, numpy_inputs
-from fusion_expectations import GELU_LAYERS, LAYERS, RMSNORMS
+from fusion_expectations import GELU_LAYERS, LAYERS, RMSNORMS, SKIP_LAYERNORM_DYNAMO_MISSES, SKIP_LAYERNORMS
 
 import graphopt
 
@@ -24,7 +24,11 @@ def test_fuse_raises_every_layer_and_keeps_outputs(name, dynamo, zoo, zoo_onnx, 
     counts = fused.op_counts()
     assert counts.get("graphopt::Attention", 0) == LAYERS
     assert counts.get("graphopt::Gelu", 0) == GELU_LAYERS.get(name, 0)
-    assert counts.get("graphopt::RMSNorm", 0) == RMSNORMS.get(name, 0)
+    skip_norms = SKIP_LAYERNORMS[name] - (SKIP_LAYERNORM_DYNAMO_MISSES.get(name, 0) if dynamo else 0)
+    assert counts.get("graphopt::SkipLayerNorm", 0) == skip_norms
+    assert counts.get("graphopt::RMSNorm", 0) == RMSNORMS.get(name, 0) - sum(
+        1 for n in fused.nodes if n.op_type == "SkipLayerNorm" and n.attrs.get("simplified")
+    )
     assert len(fused) < len(graphopt.from_onnx(path))
     out = tmp_path / "fused.onnx"
     fused.save_onnx(out)

@@ -11,7 +11,13 @@ kernels (torch: scaled_dot_product_attention, ONNX Runtime: contrib ops, ...).
   j <= i + Sk - Sq, i.e. aligned to the last key, as with a KV cache). Output [B, Hq, Sq, Dv].
 - ``RMSNorm(x, scale)``: x / sqrt(mean(x^2 over axes axis..-1) + epsilon) * scale,
   computed in float32 (`stash_type`, as ONNX LayerNormalization), output in x's type.
-- ``Gelu(x)``: `approximate` = "none" (erf form) or "tanh".
+- ``Gelu(x[, bias])``: gelu(x + bias); `approximate` = "none" (erf form) or "tanh". `bias`
+  is a vector over x's last axis (fuse-bias-gelu folds the Add before the activation).
+- ``SkipLayerNorm(x, skip, scale[, beta][, bias]) -> (y[, sum])``: sum = (x + bias) + skip
+  (bias omitted: x + skip), y = LayerNormalization(sum, scale, beta) over the last axis
+  (`simplified` = 0) or RMSNorm(sum, scale) (`simplified` = 1, no beta), with `epsilon`;
+  statistics in float32. The optional second output is the residual sum itself, for the
+  nodes that read it (it usually feeds the next residual Add).
 """
 
 from __future__ import annotations
@@ -40,6 +46,16 @@ def _same_type(ctx: InferenceContext) -> list[TensorType]:
     return [ctx.input_type(0)]
 
 
+def _skip_layer_norm(ctx: InferenceContext) -> list[TensorType]:
+    if ctx.attr("simplified", 0) and ctx.has_input(3):
+        raise ValueError("SkipLayerNorm: the simplified (RMS) form takes no beta input")
+    x, skip = ctx.input_type(0), ctx.input_type(1)
+    shape = x.shape if x.shape is not None else skip.shape
+    if x.shape is not None and skip.shape is not None and len(x.shape) == len(skip.shape):
+        shape = tuple(a if a is not None else b for a, b in zip(x.shape, skip.shape))
+    return [TensorType(x.dtype, shape)] * ctx.num_outputs
+
+
 register_schema(OpSchema(
     GRAPHOPT_DOMAIN, "Attention", _attention, min_inputs=3, max_inputs=4, same_dtype_inputs=((0, 1, 2),),
     doc="Scaled dot-product attention over split heads, grouped-query aware, optional bias and causal mask.",
@@ -49,6 +65,11 @@ register_schema(OpSchema(
     doc="Root-mean-square normalization with a learned scale.",
 ))
 register_schema(OpSchema(
-    GRAPHOPT_DOMAIN, "Gelu", _same_type, min_inputs=1, max_inputs=1,
-    doc="Gaussian error linear unit, exact (erf) or tanh approximation.",
+    GRAPHOPT_DOMAIN, "Gelu", _same_type, min_inputs=1, max_inputs=2, same_dtype_inputs=((0, 1),),
+    doc="Gaussian error linear unit of x (+ bias), exact (erf) or tanh approximation.",
+))
+register_schema(OpSchema(
+    GRAPHOPT_DOMAIN, "SkipLayerNorm", _skip_layer_norm, min_inputs=3, max_inputs=5, max_outputs=2,
+    same_dtype_inputs=((0, 1, 2, 3, 4),),
+    doc="Residual add (x + bias + skip) then LayerNorm or RMSNorm; the sum as an optional second output.",
 ))

@@ -1,0 +1,86 @@
+"""fuse-layernorm: decomposed layer norms become LayerNormalization, also below opset 17."""
+
+import numpy as np
+import onnx
+import pytest
+
+import graphopt
+from graphopt import DType, Graph, TensorType
+from graphopt.check import max_abs_error, run_graph
+
+
+def _layernorm_graph(opset: int, *, pow_square: bool, affine: bool, axes=(-1,)) -> Graph:
+    graph = Graph("ln", {"": opset})
+    x = graph.add_input("x", TensorType(DType.FLOAT, ("batch", "seq", 16)))
+    rng = np.random.default_rng(0)
+
+    def mean(value):
+        if opset >= 18:
+            return graph.add_node("ReduceMean", [value, graph.add_constant(graph.unique_name("axes"), np.array(axes, np.int64))], {"keepdims": 1}).output
+        return graph.add_node("ReduceMean", [value], {"axes": axes, "keepdims": 1}).output
+
+    def const(value):
+        return graph.add_constant(graph.unique_name("c"), np.asarray(value, np.float32))
+
+    centered = graph.add_node("Sub", [x, mean(x)]).output
+    square = graph.add_node("Pow", [centered, const(2.0)]) if pow_square else graph.add_node("Mul", [centered, centered])
+    root = graph.add_node("Sqrt", [graph.add_node("Add", [mean(square.output), const(1e-6)]).output]).output
+    y = graph.add_node("Div", [centered, root]).output
+    if affine:
+        y = graph.add_node("Mul", [const(rng.standard_normal(16)), y]).output
+        y = graph.add_node("Add", [y, const(rng.standard_normal(16))]).output
+    graph.set_outputs([graph.add_node("Relu", [y], output_names=["out"]).output])
+    return graph
+
+
+def _feeds():
+    return {"x": np.random.default_rng(1).standard_normal((2, 5, 16)).astype(np.float32) * 3 + 1}
+
+
+@pytest.mark.parametrize("opset,pow_square,affine", [(17, True, True), (18, False, True), (17, True, False)])
+def test_decomposed_layernorm_becomes_one_node(opset, pow_square, affine):
+    graph = _layernorm_graph(opset, pow_square=pow_square, affine=affine)
+    fused = graphopt.optimize(graph.clone(), "fuse-layernorm,eliminate-dead-code", verify=True)
+    assert fused.metadata["pipeline_report"].records[0].stats == {"fused": 1}
+    assert fused.op_counts() == {"LayerNormalization": 1, "Relu": 1}
+    (norm,) = [n for n in fused.nodes if n.op_type == "LayerNormalization"]
+    assert norm.attrs["axis"] == -1 and norm.attrs["epsilon"] == pytest.approx(1e-6)
+    assert len(norm.inputs) == (3 if affine else 2)
+    assert max_abs_error(run_graph(graph, _feeds()), run_graph(fused, _feeds())) <= 1e-5
+
+
+def test_below_opset_17_the_export_decomposes_it_back(tmp_path):
+    graph = _layernorm_graph(16, pow_square=True, affine=True)
+    fused = graphopt.optimize(graph.clone(), "fuse-layernorm,eliminate-dead-code", verify=True)
+    assert fused.op_counts()["LayerNormalization"] == 1
+    path = tmp_path / "ln16.onnx"
+    fused.save_onnx(path)
+    model = onnx.load(str(path))
+    onnx.checker.check_model(model, full_check=True)
+    assert "LayerNormalization" not in {n.op_type for n in model.graph.node}
+    assert max_abs_error(run_graph(graph, _feeds()), run_graph(fused, _feeds())) <= 1e-5
+
+
+def test_a_mean_over_two_axes_is_not_fused():
+    graph = _layernorm_graph(17, pow_square=True, affine=True, axes=(-2, -1))
+    fused = graphopt.optimize(graph.clone(), "fuse-layernorm", verify=True)
+    assert "LayerNormalization" not in fused.op_counts()
+
+
+@pytest.mark.slow
+def test_layernorms_of_an_opset_14_export_are_raised_and_written_back_as_opset_14(zoo, tmp_path):
+    """Below opset 17 the TorchScript exporter writes nn.LayerNorm as mean/sub/pow/sqrt/div."""
+    import model_zoo
+    from conftest import numpy_inputs
+
+    path = model_zoo.export_onnx(zoo("bert"), tmp_path / "bert14.onnx", opset=14)
+    graph = graphopt.from_onnx(path)
+    assert "LayerNormalization" not in graph.op_counts()
+    fused = graphopt.optimize(graph.clone(), "cleanup,fuse-layernorm", verify=True)
+    assert fused.op_counts()["LayerNormalization"] == 5  # embeddings + two per layer
+    out = tmp_path / "fused14.onnx"
+    fused.save_onnx(out)
+    assert onnx.load(str(out)).opset_import[0].version == 14
+    onnx.checker.check_model(str(out), full_check=True)
+    feeds = numpy_inputs(zoo("bert"))
+    assert max_abs_error(run_graph(graph, feeds), run_graph(fused, feeds)) <= 1e-4
