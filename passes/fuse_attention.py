@@ -5,6 +5,9 @@ the data, not exporter-specific node names or sequences:
 
 1. After the Softmax, optional no-op steps (Cast to the same type, inference Dropout,
    Identity) lead to P; P must be the left input of a MatMul with a rank-4 V: the output.
+   A NaN guard `Where(IsNaN(P), 0, P)` on the way (what transformers' SDPA attention exports:
+   with a -inf mask, a fully masked row's softmax is NaN and the guard makes it 0) becomes
+   the op's `nan_to_zero` attribute.
 2. Before the Softmax, walking up the scores: `Add` of a term that does not lead to the
    scores is an additive bias; `Mul`/`Div` by a constant scalar is a scale (applied to the
    bias terms already seen below it); `Where(cond, scores, fill)` or `Where(cond, fill,
@@ -53,6 +56,7 @@ class _Match:
     bias_terms: list[tuple[Value, float, str, bool]]
     interior: list[Node]
     folded: bool
+    nan_to_zero: bool = False
 
 
 @register_pass
@@ -96,6 +100,10 @@ def _match(graph: Graph, softmax: Node) -> tuple[Optional[_Match], str]:
         return None, "softmax is not over the last axis"
     interior = [softmax]
     probs = _skip_noops_down(graph, softmax.output, interior)
+    guard = _nan_guard(probs)
+    if guard is not None:
+        interior.extend(guard)
+        probs = _skip_noops_down(graph, guard[1].output, interior)
     if len(probs.uses()) != 1:
         return None, "attention probabilities are used more than once"
     folded = _is_fold(probs.uses()[0].node, heads)
@@ -131,9 +139,28 @@ def _match(graph: Graph, softmax: Node) -> tuple[Optional[_Match], str]:
         return None, "Q or K^T is not rank 4"
     match = _Match(
         softmax, pv.node, qk, query, key_t, key, value, scale * q_scale * k_scale, bias_terms, interior, folded,
+        nan_to_zero=guard is not None,
     )
     reason = _check_legal(graph, match)
     return (None, reason) if reason else (match, "")
+
+
+def _nan_guard(probs: Value) -> Optional[tuple[Node, Node]]:
+    """(IsNaN, Where) of `Where(IsNaN(P), 0, P)` when those are P's only readers."""
+    readers = [use.node for use in probs.uses()]
+    if len(readers) != 2 or probs.is_graph_output:
+        return None
+    isnan = next((n for n in readers if n.op_type == "IsNaN" and n.domain == ""), None)
+    where = next((n for n in readers if n.op_type == "Where" and n.domain == ""), None)
+    if isnan is None or where is None or len(isnan.output.uses()) != 1 or isnan.output.is_graph_output:
+        return None
+    condition, fill, kept = where.inputs
+    if condition is not isnan.output or kept is not probs or fill is None:
+        return None
+    zero = uniform_constant(fill)
+    if zero is None or float(zero) != 0.0 or (fill.shape is not None and len(fill.shape) > 0 and fill.shape != probs.shape and any(d != 1 for d in fill.shape)):
+        return None
+    return isnan, where
 
 
 def _is_fold(node: Node, heads: int) -> bool:
@@ -320,6 +347,8 @@ def _rewrite(graph: Graph, match: _Match) -> None:
     key, value, kv_heads = _strip_repeat_kv(key, match.value, heads)
     bias = _build_bias(graph, match.bias_terms, anchor, heads)
     attrs = {"num_heads": heads, "num_kv_heads": kv_heads, "scale": float(match.scale)}
+    if match.nan_to_zero:
+        attrs["nan_to_zero"] = 1
     inputs = [match.query, key, value] + ([bias] if bias is not None else [])
     attention = graph.add_node("Attention", inputs, attrs, domain="graphopt", before=anchor, name=graph.unique_node_name("Attention"))
     output_name = anchor.output.name if anchor.output.is_graph_output else None

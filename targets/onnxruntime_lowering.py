@@ -275,6 +275,9 @@ def _attention(graph: Graph, node: Node) -> bool:
         new = graph.add_node("MultiHeadAttention", inputs, attrs, domain=MS_DOMAIN, before=node, infer=False)
     out = new.output
     out.type = TensorType(query.dtype, (shapes[0][0], shapes[0][2], heads * head_size))  # type: ignore[union-attr,index]
+    if node.attrs.get("nan_to_zero"):
+        zero = graph.add_constant(graph.unique_name("nan_zero"), np.zeros((), query.dtype.to_numpy()))  # type: ignore[union-attr]
+        out = graph.add_node("Where", [graph.add_node("IsNaN", [out], before=node).output, zero, out], before=node).output
     merged = _merged_readers(node.output, heads, head_size)
     if merged is not None:
         for reader in merged:

@@ -274,9 +274,13 @@ _DECODER_CONFIGS: dict[str, Callable[[], transformers.PretrainedConfig]] = {
 _TYPED = frozenset({"bert", "electra", "albert"})
 
 
+_ATTENTION = {"implementation": "eager"}
+"""The attention implementation `build` asks for (eager unless `attention=` says otherwise)."""
+
+
 def _prepare(config: transformers.PretrainedConfig) -> transformers.PretrainedConfig:
-    """Selects the export-friendly eager attention and turns every dropout off."""
-    config._attn_implementation = "eager"
+    """Selects the attention implementation (export-friendly eager by default) and turns every dropout off."""
+    config._attn_implementation = _ATTENTION["implementation"]
     for name in (
         "hidden_dropout_prob",
         "attention_probs_dropout_prob",
@@ -405,21 +409,26 @@ def _quiet() -> Iterator[None]:
         transformers.logging.set_verbosity(verbosity)
 
 
-def build(name: str, *, seed: int = 0, batch: int = 2, seq: int = 8) -> ZooModel:
+def build(name: str, *, seed: int = 0, batch: int = 2, seq: int = 8, attention: str = "eager") -> ZooModel:
     """Builds the tiny ``name`` architecture with weights and inputs drawn from ``seed``.
 
     Token models get ``batch x seq`` random token ids and an attention mask
     whose last row is right-padded (when ``batch > 1``); ViT gets
     ``batch x 3 x 32 x 32`` pixels and the Whisper encoder ``batch x 8 x 32``
     log-mel features (its frame count is fixed by the architecture).
-    The global RNG state is left as it was.
+    The global RNG state is left as it was. `attention="sdpa"` builds the model with
+    transformers' default SDPA attention instead of the eager one.
     """
     if seq > MAX_POSITIONS:
         raise ValueError(f"seq={seq} exceeds the zoo's {MAX_POSITIONS} positions")
     generator = torch.Generator().manual_seed(seed)
     with torch.random.fork_rng(devices=[]), _quiet():
         torch.manual_seed(seed)
-        zm = _build(name, generator, batch, seq)
+        _ATTENTION["implementation"] = attention
+        try:
+            zm = _build(name, generator, batch, seq)
+        finally:
+            _ATTENTION["implementation"] = "eager"
     zm.model.eval()
     return zm
 

@@ -17,6 +17,7 @@ from torch import Tensor
 def graphopt_Attention(
     query: Tensor, key: Tensor, value: Tensor, bias: Optional[Tensor] = None, *,
     num_heads: int, num_kv_heads: Optional[int] = None, scale: Optional[float] = None, causal: int = 0,
+    nan_to_zero: int = 0,
 ) -> Tensor:
     mask = bias
     if causal:
@@ -31,7 +32,11 @@ def graphopt_Attention(
     if mask is not None and mask.dtype != torch.bool and mask.dtype != query.dtype:
         mask = mask.to(query.dtype)
     grouped = num_kv_heads is not None and num_kv_heads != num_heads
-    return F.scaled_dot_product_attention(query, key, value, attn_mask=mask, scale=scale, enable_gqa=grouped)
+    out = F.scaled_dot_product_attention(query, key, value, attn_mask=mask, scale=scale, enable_gqa=grouped)
+    if nan_to_zero and mask is not None:
+        attended = mask.any(dim=-1, keepdim=True) if mask.dtype == torch.bool else (mask > float("-inf")).any(dim=-1, keepdim=True)
+        out = torch.where(attended, out, torch.zeros((), dtype=out.dtype, device=out.device))
+    return out
 
 
 def graphopt_RMSNorm(x: Tensor, scale: Tensor, *, axis: int = -1, epsilon: float = 1e-5, stash_type: int = 1) -> Tensor:

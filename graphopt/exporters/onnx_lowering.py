@@ -128,6 +128,8 @@ def _attention(b: _Builder, node: Node) -> Value:
     if node.attrs.get("causal"):
         scores = b.op("Where", _causal_mask(b, query, key), scores, b.const(_LOWEST, like=query))  # type: ignore[arg-type]
     probs = b.op("Softmax", scores, axis=-1)
+    if node.attrs.get("nan_to_zero"):
+        probs = b.op("Where", b.op("IsNaN", probs), b.const(0.0, like=query), probs)
     return b.op("MatMul", probs, value)  # type: ignore[arg-type]
 
 

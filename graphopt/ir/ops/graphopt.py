@@ -8,7 +8,9 @@ kernels (torch: scaled_dot_product_attention, ONNX Runtime: contrib ops, ...).
   [B, Hq, Sq, Sk]: boolean (True = attend) or additive float. Attributes `num_heads` (Hq),
   `num_kv_heads` (Hkv; Hq must be a multiple: grouped-query / multi-query attention),
   `scale` (multiplies Q.K^T; 1/sqrt(D) when absent), `causal` (1: query i attends to keys
-  j <= i + Sk - Sq, i.e. aligned to the last key, as with a KV cache). Output [B, Hq, Sq, Dv].
+  j <= i + Sk - Sq, i.e. aligned to the last key, as with a KV cache), `nan_to_zero` (1:
+  probabilities that come out NaN, i.e. rows whose every score is -inf because every key is
+  masked, count as 0, so such rows output 0, as transformers' SDPA export computes). Output [B, Hq, Sq, Dv].
 - ``RMSNorm(x, scale)``: x / sqrt(mean(x^2 over axes axis..-1) + epsilon) * scale,
   computed in float32 (`stash_type`, as ONNX LayerNormalization), output in x's type.
 - ``Gelu(x[, bias])``: gelu(x + bias); `approximate` = "none" (erf form) or "tanh". `bias`
