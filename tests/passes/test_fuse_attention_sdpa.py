@@ -49,3 +49,15 @@ def test_bert_sdpa_attention_carries_the_nan_guard(tmp_path):
     attrs = [n.attrs for n in graph.nodes if n.qualified_op == "graphopt::Attention"]
     assert attrs and all(a.get("nan_to_zero") == 1 for a in attrs)
     assert "IsNaN" not in graph.op_counts()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["bert", "llama"])
+def test_tvm_target_keeps_the_nan_guard(name, tmp_path):
+    pytest.importorskip("tvm")
+    zm = model_zoo.build(name, attention="sdpa", batch=3)
+    path = str(model_zoo.export_onnx(zm, tmp_path / f"{name}.onnx"))
+    feeds = {k: v.numpy().copy() for k, v in zm.inputs.items()}
+    feeds["attention_mask"][-1, :] = 0
+    expected = ort.InferenceSession(path, providers=["CPUExecutionProvider"]).run(None, feeds)
+    assert max_abs_diff(expected, compile(path, "tvm:llvm", "fuse")(**feeds)) <= 1e-4

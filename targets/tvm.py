@@ -1,0 +1,169 @@
+"""The `tvm` target: the graph as a Relax module, compiled by Apache TVM (0.27) for CPU or CUDA.
+
+Spec: ``tvm[:llvm|:cuda]{mcpu=NAME, num_cores=N}``.
+
+- The graph becomes a Relax function (`tvm_relax.to_relax`); symbolic batch/sequence dims
+  stay symbolic, so one build serves any batch. Weights are parameters, kept in numpy
+  (matmul weights pre-packed in column panels). graphopt ops without a Relax translation
+  are decomposed into standard ONNX first (`onnx_lowering`).
+- llvm: TVM's CPU pipeline (fast math, legalize, fuse), then graphopt's CPU schedules
+  (`tvm_schedule`: register-tiled, vectorized, parallel matmuls with fused epilogues;
+  dlight's CPU reductions; parallel vectorized elementwise kernels). `mcpu` defaults to the
+  host CPU (LLVM's detection), `num_cores` (the target's ``num-cores``) to `os.cpu_count()`;
+  the kernels run on TVM's runtime thread pool (all cores, or ``TVM_NUM_THREADS``).
+- cuda: dlight's GPU schedules (matmul, GEMV, reductions, fallback); only cross-compiled
+  (for sm_90, without a GPU), never run.
+
+No MetaSchedule tuning: its records are keyed by the kernel with its shapes, so a build
+with symbolic batch/sequence dims cannot use records tuned at one shape. (The untuned
+schedules measured 1.3-1.9x ONNX Runtime on MiniLM in `benchmarks/tvm_cpu.py`; ANCHORS.md
+has MetaSchedule at 2.8x after 531 s of tuning, a different run.)
+
+The saved artifact is `model.so` (`export_library`) and `params.npz` (the weights, in the
+order ``main`` takes them after the inputs).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from typing import Any, Optional
+
+import numpy as np
+
+from graphopt.errors import GraphoptError
+from graphopt.ir.graph import Graph
+from graphopt.ir.schema import GRAPHOPT_DOMAIN
+from graphopt.target_base import CompiledModel, IOSpec, Target, TargetError
+
+LIBRARY_FILE = "model.so"
+PARAMS_FILE = "params.npz"
+
+
+@dataclasses.dataclass
+class TvmTarget(Target):
+    """Apache TVM: Relax compiled for CPU (llvm, graphopt's schedules) or CUDA (dlight)."""
+
+    name = "tvm"
+    variants = ("llvm", "cuda")
+    mcpu: str = ""
+    num_cores: int = 0
+
+    def __post_init__(self) -> None:
+        if self.num_cores < 0:
+            raise ValueError(f"num_cores must be >= 0 (0: all cores), got {self.num_cores}")
+        if self.mcpu and not self.mcpu.replace("-", "").replace("_", "").isalnum():
+            raise ValueError(f"mcpu must be an LLVM CPU name such as 'znver4' or 'skylake-avx512', got {self.mcpu!r}")
+
+    def available(self) -> Optional[str]:
+        try:
+            import tvm
+        except ImportError:
+            return "the tvm package is not installed (pip install apache-tvm==0.27.0)"
+        if self.variant == "cuda" and not tvm.cuda(0).exist:
+            return "TVM sees no CUDA device"
+        if self.variant == "llvm" and self.mcpu:
+            from tvm.target import codegen
+
+            if not codegen.llvm_is_valid_cpu(self.mcpu, codegen.llvm_get_system_triple()):
+                return f"LLVM does not know the CPU in option mcpu={self.mcpu!r}"
+        return None
+
+    def unsupported_nodes(self, graph: Graph) -> list[Any]:
+        from graphopt.errors import ExportError
+        from graphopt.targets.tvm_relax import unsupported_nodes
+
+        missing = unsupported_nodes(graph)
+        if not any(n.domain == GRAPHOPT_DOMAIN for n in missing):
+            return missing
+        try:
+            return unsupported_nodes(self.lower(graph))
+        except ExportError:
+            return missing
+
+    def lower(self, graph: Graph) -> Graph:
+        """`graph`, or a copy with graphopt's ops decomposed into standard ONNX where one has
+        no direct Relax translation (Attention, RMSNorm, SkipLayerNorm and Gelu have)."""
+        from graphopt.exporters.onnx_lowering import decompose_graphopt_ops
+        from graphopt.targets.tvm_relax import native_graphopt_ops
+
+        native = native_graphopt_ops()
+        if all(n.domain != GRAPHOPT_DOMAIN or n.op_type in native for n in graph.nodes):
+            return graph
+        return decompose_graphopt_ops(graph)
+
+    def tvm_target(self) -> Any:
+        """The `tvm.target.Target` this spec builds for."""
+        import tvm
+
+        if self.variant == "cuda":
+            return tvm.target.Target({"kind": "cuda", "arch": _cuda_arch()})
+        from tvm.target import codegen
+
+        return tvm.target.Target({
+            "kind": "llvm",
+            "mcpu": self.mcpu or codegen.llvm_get_system_cpu(),
+            "num-cores": self.num_cores or os.cpu_count() or 1,
+        })
+
+    def compile(self, graph: Graph) -> "TvmModel":
+        from graphopt.targets.tvm_build import build
+        from graphopt.targets.tvm_relax import to_relax
+
+        relax_module = to_relax(self.lower(graph), pack_weights=self.variant == "llvm")
+        executable = build(relax_module.module, self)
+        inputs = [IOSpec.of(v) for v in graph.inputs]
+        outputs = [IOSpec.of(v) for v in graph.outputs]
+        return TvmModel(self, inputs, outputs, executable, relax_module.params)
+
+    def load(self, directory: str, manifest: dict[str, Any]) -> "TvmModel":
+        import tvm
+
+        inputs = [IOSpec.from_json(d) for d in manifest["inputs"]]
+        outputs = [IOSpec.from_json(d) for d in manifest["outputs"]]
+        library = tvm.runtime.load_module(os.path.join(directory, LIBRARY_FILE))
+        with np.load(os.path.join(directory, PARAMS_FILE)) as archive:
+            params = [archive[f"p{i}"] for i in range(len(archive.files))]
+        return TvmModel(self, inputs, outputs, library, params)
+
+
+class TvmModel(CompiledModel):
+    """A Relax virtual machine over the compiled module, with the weights on the device."""
+
+    def __init__(self, target: TvmTarget, inputs: list[IOSpec], outputs: list[IOSpec], executable: Any, params: list[np.ndarray]) -> None:
+        super().__init__(target, inputs, outputs)
+        import tvm
+        from tvm import relax
+
+        self.executable = executable
+        self.params = params
+        self.device = tvm.cuda(0) if target.variant == "cuda" else tvm.cpu(0)
+        self.vm = relax.VirtualMachine(executable, self.device)
+        self._weights = [tvm.runtime.tensor(p, self.device) for p in params]
+
+    def _run(self, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+        import tvm
+
+        args = [tvm.runtime.tensor(np.ascontiguousarray(feeds[name]), self.device) for name in self.input_names]
+        try:
+            results = self.vm["main"](*args, *self._weights)
+        except Exception as exc:
+            text = str(exc).strip().splitlines()
+            raise GraphoptError(f"TVM failed to run the model: {text[-1] if text else type(exc).__name__}") from None
+        return [r.numpy() for r in results]
+
+    def _save_files(self, directory: str) -> list[str]:
+        try:
+            self.executable.export_library(os.path.join(directory, LIBRARY_FILE))
+        except Exception as exc:
+            text = str(exc).strip().splitlines()
+            raise TargetError(f"TVM could not write {LIBRARY_FILE} (export_library needs a C compiler): {text[-1] if text else exc}") from None
+        np.savez(os.path.join(directory, PARAMS_FILE), **{f"p{i}": p for i, p in enumerate(self.params)})
+        return [LIBRARY_FILE, PARAMS_FILE]
+
+
+def _cuda_arch() -> str:
+    import tvm
+
+    major, minor = tvm.cuda(0).compute_version.split(".")
+    return f"sm_{major}{minor}"

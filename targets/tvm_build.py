@@ -1,0 +1,52 @@
+"""Compile a Relax module for a `TvmTarget`: the pass pipeline and the schedules.
+
+Fast math (polynomial erf/exp/tanh, the softmax with the fast exp), library dispatch,
+legalization and operator fusion (TVM's pipeline for the target), then graphopt's CPU
+schedules (`tvm_schedule`) for every kernel, then TVM's lowering and finalization passes.
+cuda: the same with dlight's GPU rules in place of the CPU schedules.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from graphopt.target_base import TargetError
+
+
+def build(module: Any, target: Any) -> Any:
+    """The `tvm.runtime.Executable` of `module` (a Relax IRModule) for `target` (a TvmTarget)."""
+    import tvm
+    from tvm import relax
+
+    tvm_target = target.tvm_target()
+    with tvm_target:
+        module = tvm.transform.Sequential(
+            [relax.transform.FastMathTransform()]
+            + relax.pipeline.library_dispatch_passes(tvm_target)
+            + relax.pipeline.legalize_passes(tvm_target)
+        )(module)
+        module = schedule(module, target, tvm_target)
+        lowering = [
+            relax.transform.RewriteDataflowReshape(),
+            relax.transform.ToNonDataflow(),
+            relax.transform.RemovePurityChecking(),
+            relax.transform.CallTIRRewrite(),
+        ]
+        module = tvm.transform.Sequential(lowering + relax.pipeline.finalize_passes(tvm_target))(module)
+    try:
+        return tvm.compile(module, tvm_target, relax_pipeline=None)
+    except Exception as exc:
+        text = str(exc).strip().splitlines()
+        raise TargetError(f"TVM could not build the model for {target.spec}: {text[-1] if text else type(exc).__name__}") from None
+
+
+def schedule(module: Any, target: Any, tvm_target: Any) -> Any:
+    """Every PrimFunc of `module` scheduled for `tvm_target`."""
+    from tvm.s_tir import dlight
+
+    if target.variant == "cuda":
+        rules = [dlight.gpu.Matmul(), dlight.gpu.GEMV(), dlight.gpu.Reduction(), dlight.gpu.GeneralReduction(), dlight.gpu.Fallback()]
+        return dlight.ApplyDefaultSchedule(*rules)(module)
+    from graphopt.targets.tvm_schedule import cpu_rules
+
+    return dlight.ApplyDefaultSchedule(*cpu_rules())(module)

@@ -1,0 +1,157 @@
+"""CPU schedules for TVM kernels without tuning (dlight rules).
+
+TVM 0.27's default CPU build runs every kernel as plain serial loops (MiniLM ~100x slower
+than ONNX Runtime). `cpu_rules()` gives, in order of preference:
+
+- `Matmul`: a (batched) matmul with an optional elementwise epilogue (bias, GELU, ...):
+  register-blocked micro-kernel, `MR` rows x `NR_VECTORS` vector registers of columns,
+  accumulated in a local tile over the whole reduction, the column panel outermost so a
+  weight panel (pre-packed contiguous by `tvm_relax`) stays in cache while every row block
+  streams past it, the outer loops parallel, the tile written back through the fused
+  epilogue. A transposing producer of an operand is materialized, not inlined (inlined, the
+  vector loads would be strided). A runtime-sized column count leaves the last panel
+  predicated, which TVM does not vectorize: attention pads its key axis for this reason.
+  Known cost: with a runtime row count (``batch * seq``) the same kernel measured 2.4x
+  slower than with a static one ([seq, 384] x [384, 1536], one thread: 3.7-4.3 ms against
+  1.6-1.8 ms, torch 1.6 ms). Padding the rows to whole tiles in TE removed the row
+  predicate but not the cost (its LLVM IR had one more workspace allocation than the
+  static build's, so the tile is likely not kept in registers). Not fixed;
+- dlight's CPU `Reduction` (softmax, layer norm, RMS norm) and `GEMV`;
+- `Elementwise`: injective kernels with every loop fused, parallel and vectorized (pure
+  reshapes excepted: Relax turns those into views).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Optional
+
+MR = 4
+"""Rows of the register tile."""
+
+NR_VECTORS = 2
+"""Columns of the register tile, in vector registers."""
+
+
+def cpu_rules() -> list[Any]:
+    """The schedule rules applied to each CPU kernel, first match wins."""
+    from tvm.s_tir import dlight
+
+    return [_rule(_schedule_matmul), dlight.cpu.GEMV(), dlight.cpu.Reduction(), _rule(_schedule_elementwise)]
+
+
+def _rule(fn: Any) -> Any:
+    from tvm.s_tir import dlight
+
+    class _Rule(dlight.ScheduleRule):
+        def apply(self, func: Any, target: Any, tunable: bool) -> Optional[Any]:
+            from tvm import s_tir, tirx
+            from tvm.s_tir.schedule import ScheduleError
+
+            if not isinstance(func, tirx.PrimFunc) or target.kind.name != "llvm":
+                return None
+            sch = s_tir.Schedule(func)
+            try:
+                return fn(sch, target)
+            except ScheduleError:
+                return None
+
+    _Rule.__name__ = fn.__name__
+    return _Rule()
+
+
+def _lanes(target: Any) -> int:
+    from tvm.target.codegen import llvm_get_vector_width
+
+    width = llvm_get_vector_width(target)
+    return max((width if width > 0 else 128) // 32, 4)
+
+
+def _static(sch: Any, loop: Any) -> Optional[int]:
+    from tvm import tirx
+
+    extent = sch.get(loop).extent
+    return int(extent.value) if isinstance(extent, tirx.IntImm) else None
+
+
+def _schedule_matmul(sch: Any, target: Any) -> Optional[Any]:
+    from tvm.s_tir import dlight
+    from tvm.s_tir.schedule import ScheduleError
+
+    blocks = dlight.normalize_prim_func(sch)
+    if blocks is None:
+        return None
+    transposes = [b for b in blocks if b.is_injective() and _is_transpose(sch, b.block_rv)]
+    blocks = dlight.try_inline_contiguous_spatial(sch, [b for b in blocks if b not in transposes])
+    if not blocks or blocks[0].is_injective() or any(not b.is_injective() for b in blocks[1:]):
+        return None
+    for producer in transposes:
+        loops = sch.get_loops(producer.block_rv)
+        sch.parallel(sch.fuse(*loops[:-1]) if len(loops) > 2 else loops[0])
+    main = blocks[0]
+    kinds = main.dom_kind()
+    if not kinds.endswith("SSR") or kinds.count("R") != 1 or len(main.read_bufs(sch)) != 2:
+        return None
+    block = main.block_rv
+    *batch, i, j, k = sch.get_loops(block)
+    lanes = _lanes(target)
+    n = _static(sch, j)
+    nr = lanes if n is not None and n % (NR_VECTORS * lanes) else NR_VECTORS * lanes
+    local = sch.cache_write(block, 0, "local")
+    pending = []
+    for epilogue in blocks[1:]:
+        try:
+            sch.reverse_compute_inline(epilogue.block_rv)
+        except ScheduleError:
+            pending.append(epilogue.block_rv)
+    io, ii = sch.split(i, [None, MR])
+    jo, ji = sch.split(j, [None, nr])
+    sch.reorder(*batch, jo, io, k, ii, ji)
+    sch.reverse_compute_at(local, io, preserve_unit_loops=True)
+    for epilogue in pending:
+        sch.reverse_compute_at(epilogue, io, preserve_unit_loops=True)
+    sch.parallel(sch.fuse(*batch, jo) if batch else jo)
+    sch.unroll(ii)
+    sch.vectorize(ji)
+    init = sch.decompose_reduction(block, k)
+    for tail in [init, local, *pending]:
+        sch.vectorize(sch.get_loops(tail)[-1])
+    return sch
+
+
+def _is_transpose(sch: Any, block: Any) -> bool:
+    """A copy whose loads index the block's iterators in another order (inlining it into a
+    matmul operand would make the vector loads strided, so it is materialized instead)."""
+    from tvm import tirx
+
+    stmt = sch.get(block)
+    if len(stmt.reads) != 1 or len(stmt.writes) != 1:
+        return False
+    read = [r.min for r in stmt.reads[0].region]
+    written = [r.min for r in stmt.writes[0].region]
+    if not all(isinstance(e, tirx.Var) for e in read + written):
+        return False
+    order = [next((n for n, w in enumerate(written) if w.same_as(r)), -1) for r in read]
+    return order != sorted(order)
+
+
+def _schedule_elementwise(sch: Any, target: Any) -> Optional[Any]:
+    from tvm import relax
+    from tvm.s_tir import dlight
+
+    if relax.analysis.has_reshape_pattern(sch.mod["main"]):
+        return None  # left alone, Relax turns it into a view (no copy)
+    blocks = dlight.normalize_prim_func(sch)
+    if not blocks or any(not b.is_injective() for b in blocks):
+        return None
+    blocks = dlight.try_inline(sch, blocks)
+    lanes = _lanes(target)
+    for info in blocks:
+        loops = sch.get_loops(info.block_rv)
+        if not loops:
+            continue
+        fused = sch.fuse(*loops) if len(loops) > 1 else loops[0]
+        outer, inner = sch.split(fused, [None, lanes * 4])
+        sch.parallel(outer)
+        _, vector = sch.split(inner, [None, lanes])
+        sch.vectorize(vector)
+    return sch
