@@ -11,6 +11,8 @@
   values as extra outputs (one thread, no graph rewrites, so results are deterministic) and
   returns a `TensorStats` per value: min, max, per-channel |max| over the last axis and, when
   asked, a histogram of |x| that `calibrated_range` turns into a clipping range.
+  Values are fetched in groups whose activations stay under `MEMORY_CAP` bytes per run
+  (`value_groups`), so a large model is calibrated in several runs rather than at once.
 - `collect_rows(graph, samples, values)`: a deterministic subsample of each value's last-axis
   vectors, for passes that try alternatives on real activations (smooth-quant's per-layer alpha).
 - `calibrated_range(stats, method)`: the (low, high) range a quantizer should cover:
@@ -133,10 +135,10 @@ def collect_statistics(
     """Statistics of the named float values over `samples` (see the module doc)."""
     if not values:
         return {}
-    runner = GraphRunner(graph, list(values))
+    runners = [GraphRunner(graph, group) for group in value_groups(graph, samples, values)]
     ranges: dict[str, list[Any]] = {}
     for sample in samples:
-        for name, array in runner.run(sample).items():
+        for name, array in _run_all(runners, sample):
             flat = np.abs(array).reshape(-1, array.shape[-1]) if array.ndim else np.abs(array).reshape(1, 1)
             channel = flat.max(axis=0) if flat.size else np.zeros(flat.shape[-1], np.float32)
             low, high = (float(array.min()), float(array.max())) if array.size else (0.0, 0.0)
@@ -151,7 +153,7 @@ def collect_statistics(
         for stat in stats.values():
             stat.histogram = np.zeros(HISTOGRAM_BINS, dtype=np.int64)
         for sample in samples:
-            for name, array in runner.run(sample).items():
+            for name, array in _run_all(runners, sample):
                 stat = stats[name]
                 top = stat.absmax or 1.0
                 counts, _ = np.histogram(np.abs(array), bins=HISTOGRAM_BINS, range=(0.0, top))
@@ -164,15 +166,71 @@ def collect_rows(
 ) -> dict[str, np.ndarray]:
     """A deterministic subsample of each named value's last-axis vectors: [rows, channels],
     evenly spaced rows from every sample, at most `max_rows` in all."""
-    runner = GraphRunner(graph, list(values))
+    runners = [GraphRunner(graph, group) for group in value_groups(graph, samples, values)]
     per_sample = max(1, -(-max_rows // len(samples)))
     rows: dict[str, list[np.ndarray]] = {name: [] for name in values}
     for sample in samples:
-        for name, array in runner.run(sample).items():
+        for name, array in _run_all(runners, sample):
             flat = array.reshape(-1, array.shape[-1])
             picked = np.linspace(0, len(flat) - 1, num=min(per_sample, len(flat))).astype(np.int64)
             rows[name].append(flat[picked])
     return {name: np.concatenate(parts)[:max_rows].astype(np.float32) for name, parts in rows.items()}
+
+
+MEMORY_CAP = 1 << 30
+"""Bytes of requested activations one calibration run may hold; more values are split over runs."""
+
+
+def value_groups(
+    graph: Graph, samples: Sequence[dict[str, np.ndarray]], values: Sequence[str], cap: Optional[int] = None
+) -> list[list[str]]:
+    """`values` split so that one sample's activations of a group stay under `cap` bytes
+    (estimated from the values' types, symbolic dims sized from the largest sample; a value
+    whose size is unknown runs alone)."""
+    cap = MEMORY_CAP if cap is None else cap
+    sizes: dict[str, int] = {}
+    for sample in samples:
+        for value in graph.inputs:
+            if value.name in sample:
+                for dim, size in zip(value.shape or (), np.shape(sample[value.name])):
+                    if isinstance(dim, str):
+                        sizes[dim] = max(sizes.get(dim, 0), int(size))
+    by_name = {v.name: v for v in graph.values()}
+    groups: list[list[str]] = []
+    current: list[str] = []
+    used = 0
+    for name in values:
+        estimate = _estimated_bytes(by_name.get(name), sizes)
+        if estimate is None or (current and used + estimate > cap):
+            if current:
+                groups.append(current)
+            current, used = [], 0
+        if estimate is None:
+            groups.append([name])
+            continue
+        current.append(name)
+        used += estimate
+    if current:
+        groups.append(current)
+    return groups
+
+
+def _estimated_bytes(value: Any, sizes: dict[str, int]) -> Optional[int]:
+    if value is None or value.shape is None or value.dtype is None:
+        return None
+    count = 1
+    for dim in value.shape:
+        size = dim if isinstance(dim, int) else sizes.get(dim) if isinstance(dim, str) else None
+        if size is None:
+            return None
+        count *= size
+    return count * np.dtype(value.dtype.to_numpy()).itemsize
+
+
+def _run_all(runners: Sequence["GraphRunner"], sample: dict[str, np.ndarray]) -> Iterable[tuple[str, np.ndarray]]:
+    """(name, activation) of every runner's values on `sample`, one runner's group at a time."""
+    for runner in runners:
+        yield from runner.run(sample).items()
 
 
 class GraphRunner:

@@ -93,3 +93,25 @@ def test_cli_reads_calibration_npz(tmp_path, capsys):
     np.savez(data, y=np.ones((2, 4, 16), np.float32))
     assert main(["optimize", str(model), "-o", str(output), "-p", "quantize", "--calibration-data", str(data), "-q"]) == 2
     assert "calibration sample 0: unknown input(s) y (graph inputs: x)" in capsys.readouterr().err
+
+
+def test_values_are_fetched_in_groups_under_the_memory_cap():
+    from graphopt.calibration import collect_statistics, value_groups
+    from graphopt.ir.dtypes import DType
+    from graphopt.ir.graph import Graph
+    from graphopt.ir.types import TensorType
+
+    graph = Graph("chain", opset_imports={"": 17})
+    x = graph.add_input("x", TensorType(DType.FLOAT, ("batch", 256)))
+    names = []
+    value = x
+    for _ in range(4):
+        value = graph.add_node("Relu", [value]).output
+        names.append(value.name)
+    graph.set_outputs([value])
+    samples = [{"x": np.linspace(-1, 1, 2 * 256, dtype=np.float32).reshape(2, 256)}]
+    groups = value_groups(graph, samples, names, cap=2 * 2 * 256 * 4)
+    assert groups == [names[:2], names[2:]]
+    assert value_groups(graph, samples, names) == [names]
+    stats = collect_statistics(graph, samples, names)
+    assert all(stats[n].max == 1.0 and stats[n].min == 0.0 for n in names)
