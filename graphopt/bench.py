@@ -11,7 +11,7 @@ spread (25th-75th percentile), the ratio of its median to the baseline's median 
 original model in ONNX Runtime), parameters and bytes of the graph it runs, estimated FLOPs,
 and fidelity against the baseline's outputs (max and mean absolute error, cosine).
 
-Contenders (`against`):
+Contenders (`against`; `ort`, the original model in ONNX Runtime, is always the baseline):
 - `ort-opt`: ONNX Runtime's `transformers.optimizer.optimize_model` output;
 - `ort-int8`: that output through `quantize_dynamic` (int8 weights);
 - `eager`, `inductor`: PyTorch eager / `torch.compile()` (needs a PyTorch model: give an
@@ -142,6 +142,7 @@ def run_bench(
     progress: Optional[Callable[[str], None]] = None,
 ) -> BenchResult:
     """Build and time every contender on the same inputs; see the module docstring."""
+    against = [name for name in against if name != "ort"]  # "ort" is the baseline, always run
     unknown = [name for name in against if name not in CONTENDERS]
     if unknown:
         raise GraphoptError(f"bench: unknown contender(s) {', '.join(unknown)}; choose from {', '.join(CONTENDERS)}")

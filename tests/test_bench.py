@@ -21,7 +21,7 @@ def bert_onnx(tmp_path_factory):
 
 
 def test_bench_rows_ratios_and_fidelity_come_from_the_measurements(bert_onnx):
-    result = run_bench(bert_onnx, "fuse", "onnxruntime:cpu", ["ort-opt", "inductor"], batch=2, seq=16, threads=1, warmup=1, repeats=4)
+    result = run_bench(bert_onnx, "fuse", "onnxruntime:cpu", ["ort", "ort-opt", "inductor"], batch=2, seq=16, threads=1, warmup=1, repeats=4)
     labels = [r.label for r in result.rows]
     assert labels == [BASELINE, "graphopt (fuse -> onnxruntime:cpu{threads=1})", "ort-opt", "inductor"]
     baseline = result.row(BASELINE)
