@@ -653,9 +653,9 @@ def test_get_kernel_default_domain_alias() -> None:
 
 
 def test_table_is_consistent() -> None:
-    assert {domain for domain, _ in TORCH_KERNELS} == {"", "graphopt"}
+    assert {domain for domain, _ in TORCH_KERNELS} == {"", "graphopt", "com.microsoft"}
     for (domain, op), kernel in TORCH_KERNELS.items():
-        assert kernel.__name__ == f"{domain or 'onnx'}_{op}"
+        assert kernel.__name__ == f"{(domain or 'onnx').replace('.', '_')}_{op}"
     ops = {op for domain, op in TORCH_KERNELS if domain == ""}
     assert MULTI_OUTPUT_OPS <= ops
     assert OPSET_SENSITIVE_OPS <= ops
