@@ -55,6 +55,14 @@ def header() -> str:
     return f"Measured {time.strftime('%Y-%m-%d')} on {machine_description()}; {_versions()}."
 
 
+def _markdown(text: str) -> str:
+    """A saved result as markdown: the header line, then the output (fixed-width text fenced)."""
+    header, _, body = text.partition("\n\n")
+    if any(line.startswith("|") for line in body.splitlines()):
+        return text
+    return f"{header}\n\n```text\n{body.strip()}\n```"
+
+
 def update_readme() -> None:
     readme = ROOT / "README.md"
     text = readme.read_text()
@@ -64,7 +72,7 @@ def update_readme() -> None:
     for name, (title, _) in BENCHMARKS.items():
         result = RESULTS / f"{name}.md"
         if result.exists():
-            parts.append(f"### {title}\n\n`python benchmarks/{name}.py`\n\n{result.read_text().strip()}\n")
+            parts.append(f"### {title}\n\n`python benchmarks/{name}.py`\n\n{_markdown(result.read_text().strip())}\n")
     body = "\n".join(parts) if parts else "(no saved results yet: run `python benchmarks/run_all.py`)\n"
     before, rest = text.split(START, 1)
     after = rest.split(END, 1)[1]
