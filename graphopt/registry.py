@@ -13,7 +13,7 @@ import difflib
 import importlib.metadata
 import logging
 import re
-from typing import TypeVar
+from typing import Any, Callable, TypeVar
 
 from graphopt.pass_base import Pass, PipelineError
 
@@ -66,18 +66,24 @@ def _load_entry_points() -> None:
     if _loaded_entry_points:
         return
     _loaded_entry_points = True
-    for entry in importlib.metadata.entry_points(group=ENTRY_POINT_GROUP):
+    load_plugins(ENTRY_POINT_GROUP, Pass, register_pass, "pass")
+
+
+def load_plugins(group: str, base: type, register: Callable[[Any], Any], kind: str) -> None:
+    """Register every class the entry points of `group` name; a broken or wrong plug-in
+    is logged and skipped, never fatal."""
+    for entry in importlib.metadata.entry_points(group=group):
         try:
             cls = entry.load()
         except Exception as exc:  # a broken plug-in must not take graphopt down
-            _log.warning("graphopt: could not load pass '%s' from %s: %s", entry.name, entry.value, exc)
+            _log.warning("graphopt: could not load %s '%s' from %s: %s", kind, entry.name, entry.value, exc)
             continue
-        if not (isinstance(cls, type) and issubclass(cls, Pass)):
-            _log.warning("graphopt: entry point '%s' (%s) is not a Pass subclass; ignored", entry.name, entry.value)
+        if not (isinstance(cls, type) and issubclass(cls, base)):
+            _log.warning("graphopt: entry point '%s' (%s) is not a %s subclass; ignored", entry.name, entry.value, base.__name__)
             continue
-        if cls.name != entry.name:
-            _log.warning("graphopt: entry point '%s' names pass '%s'; registering it as '%s'", entry.name, cls.name, cls.name)
-        register_pass(cls)
+        if getattr(cls, "name", entry.name) != entry.name:
+            _log.warning("graphopt: entry point '%s' names %s '%s'; registering it as '%s'", entry.name, kind, cls.name, cls.name)
+        register(cls)
 
 
 def _qualname(cls: type) -> str:

@@ -9,16 +9,14 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
-import importlib.metadata
-import logging
 from typing import TypeVar
 
+from graphopt.registry import load_plugins
 from graphopt.target_base import Target, TargetError, TargetSpec
 
 ENTRY_POINT_GROUP = "graphopt.targets"
 _TARGETS: dict[str, type[Target]] = {}
 _loaded_entry_points = False
-_log = logging.getLogger("graphopt")
 
 T = TypeVar("T", bound=type[Target])
 
@@ -60,13 +58,4 @@ def _load_entry_points() -> None:
     if _loaded_entry_points:
         return
     _loaded_entry_points = True
-    for entry in importlib.metadata.entry_points(group=ENTRY_POINT_GROUP):
-        try:
-            cls = entry.load()
-        except Exception as exc:  # a broken plug-in must not take graphopt down
-            _log.warning("graphopt: could not load target '%s' from %s: %s", entry.name, entry.value, exc)
-            continue
-        if not (isinstance(cls, type) and issubclass(cls, Target)):
-            _log.warning("graphopt: entry point '%s' (%s) is not a Target subclass; ignored", entry.name, entry.value)
-            continue
-        register_target(cls)
+    load_plugins(ENTRY_POINT_GROUP, Target, register_target, "target")
