@@ -269,6 +269,21 @@ def add_output_bias(graph: Graph, matmul: Node, bias: np.ndarray) -> None:
         graph.set_outputs([add.output if v is out else v for v in graph.outputs])
 
 
+def lowest_under_budget(scores: Sequence[np.ndarray], ratio: float, caps: Sequence[int]) -> list[list[int]]:
+    """Global ranking: the `ratio` share of all units with the lowest scores, at most `caps[i]`
+    from layer i (so each layer keeps some); per layer, the chosen unit indices in order."""
+    ranked = sorted((float(v), i, j) for i, layer_scores in enumerate(scores) for j, v in enumerate(layer_scores))
+    budget = int(round(ratio * len(ranked)))
+    chosen: list[list[int]] = [[] for _ in scores]
+    for _, i, j in ranked:
+        if budget == 0:
+            break
+        if len(chosen[i]) < caps[i]:
+            chosen[i].append(j)
+            budget -= 1
+    return [sorted(c) for c in chosen]
+
+
 def count_params(graph: Graph) -> int:
     """Elements of the graph's float constants (weights, biases, norm scales)."""
     return int(sum(v.const.size for v in graph.constants.values() if v.const is not None and v.dtype is not None and v.dtype.is_float))

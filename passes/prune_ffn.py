@@ -34,7 +34,7 @@ from graphopt.pass_base import Pass, PassContext, PassResult
 from graphopt.registry import register_pass
 from graphopt.passes._structured import (
     Columns, CompressionError, add_output_bias, capture, constant_weight, count_params, find_columns,
-    refit, reinfer, replace_vector, slice_columns, slice_rows,
+    lowest_under_budget, refit, reinfer, replace_vector, slice_columns, slice_rows,
 )
 
 ACTIVATIONS = {("graphopt", "Gelu"), ("", "Gelu"), ("", "Relu"), ("", "Sigmoid"), ("", "Tanh"), ("", "Erf"), ("", "Softplus"), ("com.microsoft", "Gelu"), ("com.microsoft", "FastGelu")}
@@ -180,16 +180,8 @@ class PruneFFN(Pass):
 
     def _global(self, blocks: list[_Block], hidden: list[Optional[np.ndarray]]) -> list[np.ndarray]:
         scores = [self._scores(b, h) for b, h in zip(blocks, hidden)]  # type: ignore[arg-type]
-        ranked = sorted((float(v), i, j) for i, s in enumerate(scores) for j, v in enumerate(s))
-        budget = int(round(self.ratio * len(ranked)))
-        chosen: list[list[int]] = [[] for _ in blocks]
-        for _, i, j in ranked:
-            if budget == 0:
-                break
-            if len(chosen[i]) < blocks[i].width - 1:
-                chosen[i].append(j)
-                budget -= 1
-        return [np.array(sorted(c), np.int64) for c in chosen]
+        chosen = lowest_under_budget(scores, self.ratio, [b.width - 1 for b in blocks])
+        return [np.array(c, np.int64) for c in chosen]
 
     def _choose(self, index: int, block: _Block, data: Optional[np.ndarray]) -> np.ndarray:
         if self.neurons:

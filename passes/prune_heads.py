@@ -49,7 +49,7 @@ from graphopt.pass_base import Pass, PassContext, PassResult
 from graphopt.registry import register_pass
 from graphopt.passes._structured import (
     Columns, CompressionError, add_output_bias, capture, constant_weight, count_params, find_columns,
-    refit, reinfer, replace_vector, slice_columns, slice_rows,
+    lowest_under_budget, refit, reinfer, replace_vector, slice_columns, slice_rows,
 )
 
 HEAD_LOCAL = {"Mul", "Add", "Sub", "Div", "Neg", "Slice", "Concat", "Cast", "Identity"}
@@ -309,16 +309,7 @@ class PruneHeads(Pass):
             scores = [_magnitude(layer) for layer in layers]
         if self.scope == "per-layer":
             return [sorted(np.argsort(s, kind="stable")[: min(int(round(self.ratio * len(s))), len(s) - 1)].tolist()) for s in scores]
-        ranked = sorted((float(s), i, u) for i, layer_scores in enumerate(scores) for u, s in enumerate(layer_scores))
-        budget = int(round(self.ratio * len(ranked)))
-        chosen: list[list[int]] = [[] for _ in layers]
-        for _, i, unit in ranked:
-            if budget == 0:
-                break
-            if len(chosen[i]) < layers[i].kv_heads - 1:
-                chosen[i].append(unit)
-                budget -= 1
-        return [sorted(c) for c in chosen]
+        return lowest_under_budget(scores, self.ratio, [layer.kv_heads - 1 for layer in layers])
 
     def _check_layers(self, layers: list[_Layer]) -> None:
         unknown = sorted(i for i in self.heads if not 0 <= i < len(layers))
