@@ -89,14 +89,19 @@ def compile(
     passes = build_pipeline(pipeline)
     graph = _graph_for_compile(model, example_inputs)
     graph = optimize(graph, passes, calibration=calibration, calibration_data=calibration_data, check=check, target=chosen, seed=seed)
-    unsupported = chosen.unsupported_nodes(graph)
-    if unsupported:
-        listed = ", ".join(f"{n.qualified_op} ({n.label})" for n in unsupported[:5])
-        more = f" and {len(unsupported) - 5} more" if len(unsupported) > 5 else ""
-        raise UnsupportedOpError(f"target '{chosen.spec}' cannot run {len(unsupported)} node(s): {listed}{more}")
+    check_supported(chosen, graph)
     compiled = chosen.compile(graph)
     compiled.pipeline_report = graph.metadata.get("pipeline_report")
     return compiled
+
+
+def check_supported(target: Any, graph: Graph) -> None:
+    """UnsupportedOpError naming the nodes (the first five) `target` cannot run, if any."""
+    unsupported = target.unsupported_nodes(graph)
+    if unsupported:
+        listed = ", ".join(f"{n.qualified_op} ({n.label})" for n in unsupported[:5])
+        more = f" and {len(unsupported) - 5} more" if len(unsupported) > 5 else ""
+        raise UnsupportedOpError(f"target '{target.spec}' cannot run {len(unsupported)} node(s): {listed}{more}")
 
 
 def load_compiled(directory: "str | os.PathLike[str]") -> CompiledModel:

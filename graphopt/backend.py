@@ -123,7 +123,7 @@ class _LazyCompiled:
 
         if torch.is_grad_enabled() and any(getattr(a, "requires_grad", False) for a in args):
             raise GraphoptError("the graph needs gradients; graphopt's torch target is inference-only")
-        from graphopt.api import optimize
+        from graphopt.api import check_supported, optimize
         from graphopt.frontends.fx_import import from_fx
 
         from graphopt.target_registry import get_target
@@ -137,7 +137,8 @@ class _LazyCompiled:
             on_cpu = all(a.device.type == "cpu" for a in args if isinstance(a, torch.Tensor))
             module = graph.to_fx(prepack_linears=on_cpu and getattr(target, "prepack", True))
         else:
-            module = _unsupported_checked(target, graph).compile(graph)
+            check_supported(target, graph)
+            module = target.compile(graph)
         kinds = graph.metadata["fx_input_kinds"]
         specialized = graph.metadata["fx_specialized"]
         spec = graph.metadata["fx_output_spec"]
@@ -153,17 +154,6 @@ class _LazyCompiled:
             _check(self.gm, run, args, self.settings["tolerance"])
         _STATS["compiled"] += 1
         return run
-
-
-def _unsupported_checked(target: Any, graph: Any) -> Any:
-    """`target`, after checking it can run every node of `graph` (else UnsupportedOpError naming them)."""
-    from graphopt.errors import UnsupportedOpError
-
-    unsupported = target.unsupported_nodes(graph)
-    if unsupported:
-        listed = ", ".join(f"{n.qualified_op} ({n.label})" for n in unsupported[:3])
-        raise UnsupportedOpError(f"target '{target.spec}' cannot run {len(unsupported)} node(s): {listed}")
-    return target
 
 
 def _check(gm: Any, run: Callable[..., Any], args: Sequence[Any], tolerance: float) -> None:

@@ -82,21 +82,26 @@ class BenchResult:
     def row(self, label: str) -> BenchRow:
         return next(r for r in self.rows if r.label == label)
 
-    def table(self) -> str:
-        """A markdown table (the rows in order, the baseline first)."""
-        head = ["contender", "build s", "median ms", "p25-p75 ms", "ratio", "params", "MB", "GFLOPs", "max err", "mean err", "cosine", "note"]
-        lines = ["| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
+    def cells(self) -> list[list[str]]:
+        """The table as text cells: the head row, then one row per contender (baseline first)."""
+        rows = [["contender", "build s", "median ms", "p25-p75 ms", "ratio", "params", "MB", "GFLOPs", "max err", "mean err", "cosine", "note"]]
         for r in self.rows:
             spread = r.spread_ms
-            cells = [
+            rows.append([
                 r.label, _num(r.build_s, ".1f"), _num(r.median_ms, ".2f"),
                 f"{spread[0]:.2f}-{spread[1]:.2f}" if spread else "-", _num(r.ratio, ".2f"),
                 f"{r.parameters:,}" if r.parameters is not None else "-",
                 _num(None if r.bytes is None else r.bytes / 1e6, ".1f"),
                 _num(None if r.flops is None else r.flops / 1e9, ".2f"),
                 _num(r.max_error, ".2e"), _num(r.mean_error, ".2e"), _num(r.cosine, ".6f"), r.note,
-            ]
-            lines.append("| " + " | ".join(cells) + " |")
+            ])
+        return rows
+
+    def table(self) -> str:
+        """A markdown table of `cells()`."""
+        head, *rows = self.cells()
+        lines = ["| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
+        lines += ["| " + " | ".join(cells) + " |" for cells in rows]
         return "\n".join(lines)
 
     def header(self) -> str:
@@ -496,8 +501,7 @@ def save_html(result: BenchResult, path: str) -> None:
     import base64
     import html
 
-    rows = result.table().splitlines()
-    cells = [[c.strip() for c in line.strip("|").split("|")] for line in rows if not line.startswith("|---") and "---" not in line]
+    cells = result.cells()
     table = "<table>" + "".join(
         "<tr>" + "".join(f"<{'th' if i == 0 else 'td'}>{html.escape(c)}</{'th' if i == 0 else 'td'}>" for c in row) + "</tr>"
         for i, row in enumerate(cells)

@@ -11,7 +11,6 @@ import argparse
 import dataclasses
 import json
 import os
-import pathlib
 import time
 import typing
 from typing import Any
@@ -103,25 +102,16 @@ def _load_inputs(path: str) -> dict[str, Any]:
 
 
 def _save_outputs(path: str, arrays: dict[str, Any]) -> None:
-    """Write the .npz atomically (temporary file renamed into place)."""
-    import tempfile
+    """Write the .npz atomically."""
+    import io
 
     import numpy as np
 
-    from graphopt.files import file_mode
+    from graphopt.files import atomic_write
 
-    folder = os.path.dirname(os.path.abspath(path))
-    if not os.path.isdir(folder):
-        raise GraphoptError(f"-o {path}: the folder {folder} does not exist")
-    handle, temporary = tempfile.mkstemp(suffix=".npz", dir=folder)
-    try:
-        with os.fdopen(handle, "wb") as stream:
-            np.savez(stream, **{name: np.asarray(value) for name, value in arrays.items()})
-        os.chmod(temporary, file_mode())
-        os.replace(temporary, path)
-    except BaseException:
-        pathlib.Path(temporary).unlink(missing_ok=True)
-        raise
+    buffer = io.BytesIO()
+    np.savez(buffer, **{name: np.asarray(value) for name, value in arrays.items()})
+    atomic_write(path, buffer.getvalue())
 
 
 def _targets(args: argparse.Namespace) -> int:

@@ -295,7 +295,7 @@ def _check_input(spec: IOSpec, value: Any) -> None:
                 raise TargetError(f"input {spec.name!r}: dim {axis} must be {want} {_shape_text(spec.shape)}, got shape {tuple(shape)}")
     if spec.dtype is not None:
         got_dtype = str(value.dtype).replace("torch.", "") if hasattr(value, "dtype") else np.asarray(value).dtype.name
-        if got_dtype != spec.dtype and not (got_dtype == "bool" and spec.dtype == "bool"):
+        if got_dtype != spec.dtype:
             raise TargetError(f"input {spec.name!r}: expected dtype {spec.dtype}, got {got_dtype}")
 
 
