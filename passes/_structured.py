@@ -257,7 +257,7 @@ def add_output_bias(graph: Graph, matmul: Node, bias: np.ndarray) -> None:
                 replace_vector(graph, user, index, (old + bias).astype(old.dtype))
                 return
         if user.domain == "graphopt" and user.op_type == "SkipLayerNorm" and slot in (0, 1) and len(user.inputs) > 4 and user.inputs[4] is not None:
-            old = constant_data(user.inputs[4]) if user.inputs[4].const is None else user.inputs[4].const.numpy()
+            old = constant_data(user.inputs[4], limit=None)
             if old is not None and old.size == bias.size:
                 replace_vector(graph, user, 4, (old + bias).astype(old.dtype))
                 return

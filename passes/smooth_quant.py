@@ -223,7 +223,7 @@ def _last_axis(node: Node) -> bool:
 
 def _vector(value: Optional[Value], channels: int) -> Optional[np.ndarray]:
     """The data of a constant holding one value per channel of the last axis, else None."""
-    data = None if value is None else (value.const.numpy() if value.const is not None else constant_data(value))
+    data = None if value is None else constant_data(value, limit=None)
     if data is None or data.dtype != np.float32 or data.size != channels or data.shape[-1] != channels:
         return None
     return data

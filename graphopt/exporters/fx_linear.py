@@ -22,9 +22,8 @@ from typing import Any, Optional
 
 import numpy as np
 
-from graphopt.ir.graph import Graph, Node, Value
+from graphopt.ir.graph import Graph, Node, Value, constant_data
 from graphopt.ir.schema import GRAPHOPT_DOMAIN
-from graphopt.ir.tensor import ConstTensor
 
 
 @dataclasses.dataclass
@@ -72,7 +71,7 @@ def plan_linears(graph: Graph) -> dict[int, LinearPlan]:
 def _weight(node: Node) -> Optional[np.ndarray]:
     if node.op_type == "MatMul":
         x, w = node.inputs
-        data = _constant_array(w)
+        data = constant_data(w, limit=None) if w is not None else None
         if data is None or data.dtype != np.float32 or data.ndim != 2 or x is None or x.type.rank is None or x.type.rank < 2:
             return None
         return np.ascontiguousarray(data.T)
@@ -80,29 +79,15 @@ def _weight(node: Node) -> Optional[np.ndarray]:
         attrs = node.attrs
         if float(attrs.get("alpha", 1.0)) != 1.0 or float(attrs.get("beta", 1.0)) != 1.0 or int(attrs.get("transA", 0)):
             return None
-        data = _constant_array(node.inputs[1])
+        data = constant_data(node.inputs[1], limit=None) if node.inputs[1] is not None else None
         if data is None or data.dtype != np.float32 or data.ndim != 2:
             return None
         return np.ascontiguousarray(data if int(attrs.get("transB", 0)) else data.T)
     return None
 
 
-def _constant_array(value: Optional[Value]) -> Optional[np.ndarray]:
-    """The data of a weight (any size) or of a Constant node's tensor."""
-    if value is None:
-        return None
-    if value.const is not None:
-        return value.const.numpy()
-    producer = value.producer
-    if producer is not None and producer.op_type == "Constant" and producer.domain == "":
-        tensor = producer.attrs.get("value")
-        if isinstance(tensor, ConstTensor):
-            return tensor.numpy()
-    return None
-
-
 def _bias_vector(value: Value, width: int) -> Optional[np.ndarray]:
-    data = _constant_array(value)
+    data = constant_data(value, limit=None)
     if data is None or data.dtype != np.float32:
         return None
     if data.size == width and data.shape[-1:] == (width,):

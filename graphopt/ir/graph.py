@@ -535,17 +535,18 @@ class Graph:
         return to_fx(self, prepack_linears=prepack_linears)
 
 
-def constant_data(value: Value) -> Optional[np.ndarray]:
-    """The data of a small constant value (weight or Constant-node output), else None."""
+def constant_data(value: Value, limit: Optional[int] = MAX_INFERENCE_CONSTANT) -> Optional[np.ndarray]:
+    """The data of a constant value (weight or Constant-node output) of at most `limit`
+    elements (None: any size), else None."""
     if value.const is not None:
-        if value.const.size <= MAX_INFERENCE_CONSTANT:
+        if limit is None or value.const.size <= limit:
             return value.const.numpy()
         return None
     producer = value.producer
     if producer is not None and producer.op_type == "Constant" and producer.domain == "":
         tensor = producer.attrs.get("value")
         if isinstance(tensor, ConstTensor):
-            return tensor.numpy() if tensor.size <= MAX_INFERENCE_CONSTANT else None
+            return tensor.numpy() if limit is None or tensor.size <= limit else None
         for key, dtype in (("value_int", np.int64), ("value_ints", np.int64), ("value_float", np.float32), ("value_floats", np.float32)):
             if key in producer.attrs:
                 return np.asarray(producer.attrs[key], dtype=dtype)
