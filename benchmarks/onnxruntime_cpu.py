@@ -24,10 +24,10 @@ each variant's max abs output difference from the plain export.
 from __future__ import annotations
 
 import argparse
+import functools
 import statistics
 import sys
 import tempfile
-import time
 from pathlib import Path
 from typing import Callable
 
@@ -39,6 +39,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 import model_zoo  # noqa: E402
 
 import graphopt.api  # noqa: E402
+from graphopt.timing import time_interleaved  # noqa: E402
 
 THREADS = 2
 SEQ = 128
@@ -119,16 +120,11 @@ def _variants(path: Path, folder: Path) -> dict[str, Callable[[dict], list]]:
 
 
 def _measure(variants: dict[str, Callable[[dict], list]], feeds: dict, repeats: int) -> tuple[dict[str, list[float]], dict[str, float]]:
-    """Milliseconds of every call, per variant (the variants take turns), and max abs output
+    """Milliseconds of every call, per variant (taken side by side, see graphopt.timing), and max abs output
     differences from the plain export."""
     reference = variants["ORT plain"](feeds)[0]
     errors = {name: float(np.abs(np.asarray(run(feeds)[0]) - reference).max()) for name, run in variants.items()}
-    times: dict[str, list[float]] = {name: [] for name in variants}
-    for _ in range(repeats):
-        for name, run in variants.items():
-            start = time.perf_counter()
-            run(feeds)
-            times[name].append((time.perf_counter() - start) * 1e3)
+    times = time_interleaved({name: functools.partial(run, feeds) for name, run in variants.items()}, repeats)
     return times, errors
 
 

@@ -28,9 +28,9 @@ from __future__ import annotations
 
 import argparse
 import collections
+import functools
 import json
 import os
-import statistics
 import sys
 import tempfile
 import time
@@ -39,6 +39,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
+
+from graphopt.timing import median_ms
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
@@ -149,13 +151,7 @@ def interleaved_latency(sessions: dict, feed: dict, repeats: int) -> dict[str, f
     for sess in sessions.values():
         for _ in range(2):
             sess.run(None, feed)
-    times: dict[str, list[float]] = {name: [] for name in sessions}
-    for _ in range(repeats):
-        for name, sess in sessions.items():
-            start = time.perf_counter()
-            sess.run(None, feed)
-            times[name].append(time.perf_counter() - start)
-    return {name: statistics.median(t) * 1e3 for name, t in times.items()}
+    return median_ms({name: functools.partial(sess.run, None, feed) for name, sess in sessions.items()}, repeats)
 
 
 def run_model(name: str, args: argparse.Namespace, folder: str) -> None:

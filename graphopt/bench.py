@@ -5,8 +5,9 @@
     print(result.table())
 
 Everything runs in one process on the same inputs. Each contender is built first (its
-build time is reported), warmed up, and then timed in interleaved rounds (one call of each
-per round), so drift on a shared machine hits them alike. Per contender: median latency and
+build time is reported), warmed up, and then timed side by side in rounds (each round gives every contender one
+untimed and three timed calls: see `graphopt.timing`), so drift on a shared machine hits
+them alike. Per contender: median latency and
 spread (25th-75th percentile), the ratio of its median to the baseline's median (the
 original model in ONNX Runtime), parameters and bytes of the graph it runs, estimated FLOPs,
 and fidelity against the baseline's outputs (max and mean absolute error, cosine).
@@ -26,6 +27,7 @@ no download).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import os
 import platform
@@ -38,6 +40,7 @@ import numpy as np
 
 from graphopt.errors import GraphoptError
 from graphopt.files import atomic_write
+from graphopt.timing import time_interleaved
 
 CONTENDERS = ("ort-opt", "ort-int8", "eager", "inductor", "tvm-default")
 BASELINE = "original (ort)"
@@ -108,7 +111,7 @@ class BenchResult:
         s = self.settings
         return (
             f"{self.model}: batch {s['batch']}, seq {s['seq']}, {s['threads']} threads, "
-            f"{s['warmup']} warm-up + {s['repeats']} timed calls each (interleaved); "
+            f"{s['warmup']} warm-up + {s['repeats']} timed calls each (side by side, in blocks of 3 after 1 untimed call); "
             f"machine: {s['machine']}; {s['versions']}"
         )
 
@@ -436,12 +439,10 @@ def _time_all(contenders: list[_Contender], feeds: dict[str, np.ndarray], warmup
             contender.row.note = f"failed to run: {str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__}"
             contender.run = None
     runnable = [c for c in runnable if c.run is not None]
-    for round_index in range(repeats):
-        say(f"timing round {round_index + 1}/{repeats}")
-        for contender in runnable:
-            start = time.perf_counter()
-            contender.run(feeds)  # type: ignore[misc]
-            contender.row.times_ms.append((time.perf_counter() - start) * 1000)
+    runners = {c.label: functools.partial(c.run, feeds) for c in runnable}  # type: ignore[arg-type]
+    times = time_interleaved(runners, repeats, on_round=lambda index, rounds: say(f"timing round {index + 1}/{rounds}"))
+    for contender in runnable:
+        contender.row.times_ms.extend(times[contender.label])
 
 
 def _fill_ratios_and_fidelity(contenders: list[_Contender], feeds: dict[str, np.ndarray]) -> None:

@@ -14,7 +14,7 @@ def add_command(commands: Any, add_verbosity: typing.Callable[..., None], add_di
     cmd = commands.add_parser(
         "bench", help="time the original model, graphopt's result and alternatives side by side",
         description="Build the original model (ONNX Runtime), graphopt's result (PIPELINE compiled for "
-        "TARGET) and each contender of --against; time them in interleaved rounds on the same inputs and "
+        "TARGET) and each contender of --against; time them side by side in rounds on the same inputs and "
         "print latency, ratio to the original, size, FLOPs and fidelity.",
     )
     add_verbosity(cmd, top_level=False)

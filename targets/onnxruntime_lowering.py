@@ -20,6 +20,13 @@ decomposed into standard ONNX by the exporter. Each mapping, and when it is take
   (`tests/targets/test_onnxruntime_lowering.py`): equal to <= 1e-5, including query rows
   whose every key is masked with the lowest float (both give the mean of V, unlike the
   opset-23 ONNX Attention kernel, which returns zeros there).
+  When that fused-qkv projection was quantized (`quantize{mode=dynamic}`'s
+  DynamicQuantizeLinear -> MatMulInteger chain, or `mode=static`'s Q/DQ pair with uint8
+  activations), it becomes `QAttention` over the int8 weight with its per-column scales (the
+  kernel ORT's own `quantize_dynamic` picks), provided the mask is absent or boolean
+  [B, 1, Sq, Sk] (possibly as `Where(mask, 0, very negative)`): it is given as the int32
+  [B, Sq, Sk] raw mask with that negative value as `mask_filter_value`. Equal to the
+  unlowered quantized graph to <= 1e-4 (same test file), padding included.
 - `SkipLayerNorm` -> `SkipLayerNormalization` (or `SkipSimplifiedLayerNormalization` when
   `simplified`) with the residual sum as output 3, for rank-3 inputs of one shape (as
   fuse-skip-layernorm checks it) and a static hidden size.
@@ -34,6 +41,7 @@ BERT-base and all-MiniLM-L6-v2: `benchmarks/onnxruntime_cpu.py`.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from typing import Optional
 
@@ -195,8 +203,9 @@ def _merged_readers(value: Value, heads: int, head_size: int) -> Optional[list[V
     return merged if sum(v.is_graph_output for v in merged) <= 1 else None
 
 
-def _packed_projection(sources: list[Value]) -> Optional[tuple[Value, Value, Optional[Value]]]:
-    """(x, W, b) when the three sources are outputs 0, 1, 2 of one Split of x @ W (+ b)."""
+def _split_projection(sources: list[Value]) -> Optional[tuple[Node, Optional[Value]]]:
+    """(producer of the projection, constant bias or None) when the three sources are outputs
+    0, 1, 2 of one last-axis Split of `projection (+ b)`, each read once."""
     split = sources[0].producer
     if split is None or split.op_type != "Split" or split.domain or len(split.outputs) != 3:
         return None
@@ -213,12 +222,111 @@ def _packed_projection(sources: list[Value]) -> Optional[tuple[Value, Value, Opt
         if bias is None or not bias.is_constant or len(bias.shape or ()) != 1 or matmul_out is None or len(matmul_out.uses()) != 1:
             return None
         producer = matmul_out.producer
-    if producer is None or producer.op_type != "MatMul" or producer.domain:
+    return (producer, bias) if producer is not None else None
+
+
+def _packed_projection(sources: list[Value]) -> Optional[tuple[Value, Value, Optional[Value]]]:
+    """(x, W, b) when the three sources are outputs 0, 1, 2 of one Split of x @ W (+ b)."""
+    found = _split_projection(sources)
+    if found is None or found[0].op_type != "MatMul" or found[0].domain:
         return None
-    x, weight = producer.inputs
+    x, weight = found[0].inputs
     if x is None or weight is None or not weight.is_constant or x.type.rank != 3:
         return None
-    return x, weight, bias
+    return x, weight, found[1]
+
+
+@dataclasses.dataclass
+class _QuantizedProjection:
+    """x @ W (+ b) in int8 as QAttention reads it: the uint8 activation with its scale and
+    zero point, the constant int8 [K, N] weight with its per-tensor or per-column ones."""
+
+    x: Value
+    weight: Value
+    bias: Optional[Value]
+    x_scale: Value
+    w_scale: Value
+    x_zero: Value
+    w_zero: Value
+
+
+def _only(value: Optional[Value], op_type: str) -> Optional[Node]:
+    """The standard-domain `op_type` node producing `value`, if that is what produces it."""
+    node = None if value is None else value.producer
+    return node if node is not None and node.op_type == op_type and not node.domain else None
+
+
+def _quantized_projection(sources: list[Value]) -> Optional[_QuantizedProjection]:
+    """The int8 form of the packed projection the quantize pass leaves: mode=dynamic's
+    DynamicQuantizeLinear -> MatMulInteger -> Cast -> Mul(scales), or mode=static's
+    MatMul(DequantizeLinear(QuantizeLinear(x)), DequantizeLinear(W)) with a per-column axis."""
+    found = _split_projection(sources)
+    if found is None:
+        return None
+    producer, bias = found
+    if producer.op_type == "Mul" and not producer.domain:
+        cast, scales = (_only(v, op) for v, op in zip(producer.inputs, ("Cast", "Mul")))
+        matmul = _only(cast.inputs[0], "MatMulInteger") if cast is not None else None
+        dynamic = _only(matmul.inputs[0], "DynamicQuantizeLinear") if matmul is not None else None
+        if dynamic is None or scales is None or len(matmul.inputs) < 4 or matmul.inputs[1] is None or not matmul.inputs[1].is_constant:  # type: ignore[union-attr]
+            return None
+        w_scale = scales.inputs[1] if scales.inputs[0] is dynamic.outputs[1] else None
+        if w_scale is None or not w_scale.is_constant or matmul.inputs[2] is not dynamic.outputs[2]:  # type: ignore[union-attr]
+            return None
+        x, weight, w_zero = dynamic.outputs[0], matmul.inputs[1], matmul.inputs[3]  # type: ignore[union-attr]
+        return _QuantizedProjection(x, weight, bias, dynamic.outputs[1], w_scale, dynamic.outputs[2], w_zero)  # type: ignore[arg-type]
+    if producer.op_type != "MatMul" or producer.domain:
+        return None
+    dq_x, dq_w = (_only(v, "DequantizeLinear") for v in producer.inputs)
+    quant = _only(dq_x.inputs[0], "QuantizeLinear") if dq_x is not None else None
+    if quant is None or dq_w is None or int(dq_w.attrs.get("axis", 1)) % 2 != 1 and dq_w.inputs[1].shape not in ((), (1,)):  # type: ignore[union-attr]
+        return None
+    if any(v is None or not v.is_constant for v in dq_w.inputs) or quant.output.dtype != DType.UINT8:
+        return None
+    if dq_x.inputs[1:] != quant.inputs[1:] or any(v is None for v in quant.inputs[1:3]):  # type: ignore[union-attr]
+        return None
+    weight, w_scale, w_zero = dq_w.inputs[:3]
+    return _QuantizedProjection(quant.output, weight, bias, quant.inputs[1], w_scale, quant.inputs[2], w_zero)  # type: ignore[arg-type]
+
+
+def _mask_index(graph: Graph, bias: Optional[Value], query: Value, key: Value, anchor: Node) -> tuple[bool, Optional[Value], float]:
+    """(usable, mask_index, filter value): a boolean [B, 1, Sq, Sk] mask (or the additive
+    Where(mask, 0, very negative) made of it) as QAttention's int32 [B, Sq, Sk] raw mask,
+    with the value masked scores get."""
+    if bias is None:
+        return True, None, _LOWEST
+    filler = _LOWEST
+    where = _only(bias, "Where")
+    if bias.dtype != DType.BOOL and where is not None:
+        zero, fill = (constant_data(v) for v in where.inputs[1:])
+        if zero is None or fill is None or zero.size != 1 or fill.size != 1 or float(zero.reshape(-1)[0]) != 0.0:
+            return False, None, filler
+        if float(fill.reshape(-1)[0]) > -1e4:
+            return False, None, filler
+        filler = max(float(fill.reshape(-1)[0]), _LOWEST)
+        bias = where.inputs[0]
+    shape, q_shape, k_shape = bias.shape, query.shape, key.shape  # type: ignore[union-attr]
+    if bias.dtype != DType.BOOL or shape is None or len(shape) != 4 or shape[1] != 1 or q_shape is None or k_shape is None:  # type: ignore[union-attr]
+        return False, None, filler
+    if not same_shape((shape[0], shape[2], shape[3]), (q_shape[0], q_shape[2], k_shape[2])):
+        return False, None, filler
+    as_int = graph.add_node("Cast", [bias], {"to": DType.INT32.value}, before=anchor).output
+    return True, graph.add_node("Squeeze", [as_int, _ints(graph, [1])], before=anchor).output, filler
+
+
+def _quantized_attention(graph: Graph, node: Node, projection: _QuantizedProjection, attrs: dict) -> Optional[Node]:
+    """QAttention over the int8 packed projection, or None where its mask cannot be given."""
+    query, key = node.inputs[:2]
+    bias = node.inputs[3] if len(node.inputs) > 3 else None
+    usable, mask, filler = _mask_index(graph, bias, query, key, node)  # type: ignore[arg-type]
+    if not usable:
+        return None
+    qkv_bias = projection.bias
+    if qkv_bias is None:
+        width = projection.weight.shape[1]  # type: ignore[index]
+        qkv_bias = graph.add_constant(graph.unique_name("qkv_zero_bias"), np.zeros(width, np.float32))
+    inputs = [projection.x, projection.weight, qkv_bias, projection.x_scale, projection.w_scale, mask, projection.x_zero, projection.w_zero]
+    return graph.add_node("QAttention", inputs, {**attrs, "mask_filter_value": filler}, domain=MS_DOMAIN, before=node, infer=False)
 
 
 def _additive_bias(graph: Graph, bias: Optional[Value], query: Value, key: Value, anchor: Node) -> tuple[bool, Optional[Value]]:
@@ -237,6 +345,30 @@ def _additive_bias(graph: Graph, bias: Optional[Value], query: Value, key: Value
     return bias.dtype == query.dtype, bias
 
 
+def _float_attention(graph: Graph, node: Node, sources: list[Optional[Value]], attrs: dict, width: int) -> Optional[Node]:
+    """Packed `Attention` over a float fused-qkv projection, else `MultiHeadAttention`; None
+    where the mask cannot be given to them."""
+    query, key, value = node.inputs[:3]
+    bias = node.inputs[3] if len(node.inputs) > 3 else None
+    usable, attention_bias = _additive_bias(graph, bias, query, key, node)  # type: ignore[arg-type]
+    if not usable:
+        return None
+    packed = _packed_projection(sources) if all(s is not None for s in sources) else None  # type: ignore[arg-type]
+    if packed is not None:
+        x, weight, qkv_bias = packed
+        if qkv_bias is None:
+            qkv_bias = graph.add_constant(graph.unique_name("qkv_zero_bias"), np.zeros(weight.shape[1], weight.dtype.to_numpy()))  # type: ignore[index,union-attr]
+        inputs = [x, weight, qkv_bias, None, None, attention_bias]
+        return graph.add_node("Attention", inputs, attrs, domain=MS_DOMAIN, before=node, infer=False)
+    q_in = sources[0] or _merge_heads(graph, query, width, node)  # type: ignore[arg-type]
+    if sources[1] is not None and sources[2] is not None:
+        k_in, v_in = sources[1], sources[2]
+    else:
+        k_in, v_in = key, value
+    inputs = [q_in, k_in, v_in, None, None, attention_bias]
+    return graph.add_node("MultiHeadAttention", inputs, attrs, domain=MS_DOMAIN, before=node, infer=False)
+
+
 def _attention(graph: Graph, node: Node) -> bool:
     query, key, value = node.inputs[:3]
     bias = node.inputs[3] if len(node.inputs) > 3 else None
@@ -250,29 +382,18 @@ def _attention(graph: Graph, node: Node) -> bool:
     causal = bool(node.attrs.get("causal", 0))
     if causal and (bias is not None or shapes[0][2] != shapes[1][2] or shapes[0][2] is None):  # type: ignore[index]
         return False
-    usable, attention_bias = _additive_bias(graph, bias, query, key, node)  # type: ignore[arg-type]
-    if not usable:
-        return False
     attrs: dict = {"num_heads": heads, "scale": float(node.attrs.get("scale", 1.0 / math.sqrt(head_size)))}
     if causal:
         attrs["unidirectional"] = 1
     sources = [_merged_source(v, heads, head_size) for v in (query, key, value)]  # type: ignore[arg-type]
-    packed = _packed_projection(sources) if all(s is not None for s in sources) else None  # type: ignore[arg-type]
-    if packed is not None:
-        x, weight, qkv_bias = packed
-        if qkv_bias is None:
-            width = weight.shape[1]  # type: ignore[index]
-            qkv_bias = graph.add_constant(graph.unique_name("qkv_zero_bias"), np.zeros(width, weight.dtype.to_numpy()))  # type: ignore[union-attr]
-        inputs = [x, weight, qkv_bias, None, None, attention_bias]
-        new = graph.add_node("Attention", inputs, attrs, domain=MS_DOMAIN, before=node, infer=False)
-    else:
-        q_in = sources[0] or _merge_heads(graph, query, heads * head_size, node)  # type: ignore[arg-type]
-        if sources[1] is not None and sources[2] is not None:
-            k_in, v_in = sources[1], sources[2]
-        else:
-            k_in, v_in = key, value
-        inputs = [q_in, k_in, v_in, None, None, attention_bias]
-        new = graph.add_node("MultiHeadAttention", inputs, attrs, domain=MS_DOMAIN, before=node, infer=False)
+    new = None
+    if all(s is not None for s in sources):
+        quantized = _quantized_projection(sources)  # type: ignore[arg-type]
+        new = _quantized_attention(graph, node, quantized, attrs) if quantized is not None else None
+    if new is None:
+        new = _float_attention(graph, node, sources, attrs, heads * head_size)
+    if new is None:
+        return False
     out = new.output
     out.type = TensorType(query.dtype, (shapes[0][0], shapes[0][2], heads * head_size))  # type: ignore[union-attr,index]
     if node.attrs.get("nan_to_zero"):

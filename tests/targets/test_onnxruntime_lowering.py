@@ -94,3 +94,19 @@ def test_grouped_query_attention_is_left_to_the_decomposition():
     attention.attrs["num_heads"] = 2
     lowered = lower_to_contrib_ops(graph)
     assert "MultiHeadAttention" not in str(lowered.op_counts()) and lowered.op_counts()["graphopt::Attention"] == 1
+
+
+@pytest.mark.parametrize("mode", ["dynamic", "static"])
+def test_quantized_packed_attention_becomes_qattention(mode, zoo, zoo_onnx):
+    feeds = numpy_inputs(zoo("bert"))
+    padded = {**feeds, "attention_mask": feeds["attention_mask"].copy()}
+    padded["attention_mask"][-1, 3:] = 0  # the last sample has padding: the mask reaches QAttention
+    quantized = graphopt.optimize(str(zoo_onnx("bert")), f"fuse,quantize{{mode={mode}}}", calibration_data=[feeds])
+    lowered = lower_to_contrib_ops(quantized)
+    lowered.verify()
+    counts = lowered.op_counts()
+    assert counts.get("com.microsoft::QAttention") == 2
+    assert "com.microsoft::MultiHeadAttention" not in counts and "Split" not in counts
+    for sample in (feeds, padded):
+        assert max_abs_error(_run(quantized, sample), _run(lowered, sample)) <= 1e-4
+    assert not np.allclose(_run(lowered, padded)[0][-1], _run(lowered, feeds)[0][-1], atol=1e-3)  # the mask is applied

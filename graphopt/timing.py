@@ -1,0 +1,49 @@
+"""Side-by-side latency: every contender timed in the same rounds, in blocks.
+
+Timing contenders strictly one call each in turn (A, B, C, A, B, C, ...) is unfair on a
+small machine: ONNX Runtime's and OpenMP's worker threads keep spinning for a while after a
+call returns, so the next contender's first call competes with the previous one's idle
+threads for the cores (on 2 cores this made 9 ms MiniLM calls take 35 ms). Here each round
+gives every contender, in turn, `settle` untimed calls and then a block of `block` timed
+calls; machine noise that drifts over minutes still hits all contenders alike, and no timed
+call starts while another contender's threads spin.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from typing import Any, Callable, Mapping
+
+
+def time_interleaved(
+    runners: Mapping[str, Callable[[], Any]],
+    repeats: int,
+    *,
+    block: int = 3,
+    settle: int = 1,
+    on_round: Callable[[int, int], None] | None = None,
+) -> dict[str, list[float]]:
+    """Milliseconds of `repeats` timed calls of each runner (after warm-up by the caller),
+    taken in rounds of `settle` untimed then `block` timed calls per runner.
+    `on_round(index, rounds)` is called before each round (progress reporting)."""
+    if repeats < 1 or block < 1 or settle < 0:
+        raise ValueError(f"time_interleaved: repeats and block must be >= 1 and settle >= 0, got {repeats}, {block}, {settle}")
+    times: dict[str, list[float]] = {name: [] for name in runners}
+    rounds = -(-repeats // block)
+    for index in range(rounds):
+        if on_round is not None:
+            on_round(index, rounds)
+        for name, run in runners.items():
+            for _ in range(settle):
+                run()
+            for _ in range(min(block, repeats - len(times[name]))):
+                start = time.perf_counter()
+                run()
+                times[name].append((time.perf_counter() - start) * 1000)
+    return times
+
+
+def median_ms(runners: Mapping[str, Callable[[], Any]], repeats: int, **options: Any) -> dict[str, float]:
+    """The median of `time_interleaved`'s calls, per runner."""
+    return {name: statistics.median(t) for name, t in time_interleaved(runners, repeats, **options).items()}
