@@ -5,7 +5,7 @@
 Per model: ORT on the plain export (the baseline), graphopt `fuse` compiled for each target
 (onnxruntime, torch, tvm:llvm), torch eager and torch.compile (inductor). Build time (for
 torch.compile: its first, compiling call) is its own column; latencies are medians of
-interleaved rounds (`graphopt.bench`), ratios to the baseline; fidelity is the max abs error
+side-by-side rounds (`graphopt.timing`), ratios to the baseline; fidelity is the max abs error
 against the baseline's outputs.
 """
 
@@ -56,7 +56,7 @@ def main() -> None:
 
     torch.set_num_threads(args.threads)
     os.environ.setdefault("TVM_NUM_THREADS", str(args.threads))
-    print(f"batch {args.batch}, seq {args.seq}, {args.threads} threads, {args.repeats} interleaved rounds; machine: {bench.machine_description()}")
+    print(f"batch {args.batch}, seq {args.seq}, {args.threads} threads, {args.repeats} timed calls each, side by side (graphopt.timing); machine: {bench.machine_description()}")
     for name in args.models.split(","):
         module = _module(name)
         with tempfile.TemporaryDirectory() as scratch:
