@@ -70,6 +70,7 @@ def compile(
     calibration_data: Optional[Iterable[Any]] = None,
     check: bool = False,
     seed: int = 0,
+    partition: bool = False,
 ) -> CompiledModel:
     """Optimize `model` with `pipeline` and compile it for `target`; return a `CompiledModel`.
 
@@ -78,7 +79,8 @@ def compile(
     torch.export; the module itself is not changed). `target`: a spec such as
     "onnxruntime:cpu{threads=2}", "torch", "tvm:llvm" (see `graphopt targets`).
     Raises TargetError when the target is unknown or cannot run here, UnsupportedOpError
-    naming the nodes the target cannot run.
+    naming the nodes the target cannot run unless `partition=True`, which runs those nodes
+    in torch and the rest in the target (`graphopt.partition`; such a model cannot be saved).
     """
     from graphopt.target_registry import get_target
 
@@ -89,8 +91,9 @@ def compile(
     passes = build_pipeline(pipeline)
     graph = _graph_for_compile(model, example_inputs)
     graph = optimize(graph, passes, calibration=calibration, calibration_data=calibration_data, check=check, target=chosen, seed=seed)
-    check_supported(chosen, graph)
-    compiled = chosen.compile(graph)
+    from graphopt.partition import compile_for_target
+
+    compiled = compile_for_target(graph, chosen, partition=partition)
     compiled.pipeline_report = graph.metadata.get("pipeline_report")
     return compiled
 

@@ -17,6 +17,9 @@ Options (all optional):
   and out);
 - `check` (default False): on the first call, compare against the original graph and fall
   back (or raise) if outputs differ by more than `tolerance` (default 1e-4);
+- `partition` (default True): when the target cannot run some nodes, run those in torch and
+  the rest in the target (`graphopt.partition`), logging ONE warning naming the ops that run
+  in torch; False treats such a graph as a failure (see `fallback`);
 - `fallback` (default True): if import, a pass or the target fails, log ONE warning naming
   the problem and run the original graph; False raises instead;
 - `verbose` (default False): log what each pass did per graph.
@@ -39,6 +42,7 @@ from graphopt.pass_base import PipelineError
 _LOG = logging.getLogger("graphopt")
 _OPTION_DEFAULTS: dict[str, Any] = {
     "pipeline": "fuse", "target": "torch", "check": False, "fallback": True, "verbose": False, "tolerance": 1e-4,
+    "partition": True,
 }
 _CACHE: dict[str, tuple[Callable[..., Any], list[weakref.ref]]] = {}
 _CACHE_LOCK = threading.Lock()
@@ -63,7 +67,7 @@ def validate_options(options: dict[str, Any]) -> dict[str, Any]:
     missing = target.available()
     if missing:
         raise PipelineError(f"graphopt backend: target '{target.spec}' cannot run here: {missing}")
-    for flag in ("check", "fallback", "verbose"):
+    for flag in ("check", "fallback", "verbose", "partition"):
         if not isinstance(settings[flag], bool):
             raise PipelineError(f"graphopt backend: option '{flag}' must be True or False, got {settings[flag]!r}")
     from graphopt.pipeline import build_pipeline
@@ -123,7 +127,7 @@ class _LazyCompiled:
 
         if torch.is_grad_enabled() and any(getattr(a, "requires_grad", False) for a in args):
             raise GraphoptError("the graph needs gradients; graphopt's torch target is inference-only")
-        from graphopt.api import check_supported, optimize
+        from graphopt.api import optimize
         from graphopt.frontends.fx_import import from_fx
 
         from graphopt.target_registry import get_target
@@ -137,8 +141,11 @@ class _LazyCompiled:
             on_cpu = all(a.device.type == "cpu" for a in args if isinstance(a, torch.Tensor))
             module = graph.to_fx(prepack_linears=on_cpu and getattr(target, "prepack", True))
         else:
-            check_supported(target, graph)
-            module = target.compile(graph)
+            from graphopt.partition import PartitionedModel, compile_for_target
+
+            module = compile_for_target(graph, target, partition=self.settings["partition"])
+            if isinstance(module, PartitionedModel):
+                _LOG.warning("graphopt: %s", module.report.summary())
         kinds = graph.metadata["fx_input_kinds"]
         specialized = graph.metadata["fx_specialized"]
         spec = graph.metadata["fx_output_spec"]

@@ -221,7 +221,7 @@ class CompiledModel:
             return outputs
         import torch
 
-        return [torch.from_numpy(np.ascontiguousarray(o)).to(torch_like.device) for o in outputs]
+        return [torch.from_numpy(np.require(o, requirements="C")).to(torch_like.device) for o in outputs]
 
     def _run(self, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
         raise NotImplementedError
