@@ -4,7 +4,10 @@
   returns a list of `{input name: numpy array}`. A sample is a dict (name -> numpy array or
   torch tensor) or a tuple/list in input order; a sample one rank short of its input (no
   batch axis) gets a batch axis of 1. Unknown or missing names, wrong dtypes, ranks and
-  static dims raise `CalibrationError` naming the sample, the input and both types.
+  static dims raise `CalibrationError` naming the sample, the input and both types. A dict
+  sample may also carry an entry `labels` (`LABELS`, when no graph input has that name): the
+  targets of the graph's first output, kept as given for gradient-based scores (prune-heads
+  and prune-ffn `score=taylor`); other passes ignore it.
 - `load_npz(path)`: samples from an .npz file whose arrays are named by input, first axis =
   samples (what `graphopt optimize --calibration-data` reads).
 - `collect_statistics(graph, samples, values)`: runs the graph in ONNX Runtime with the chosen
@@ -35,6 +38,8 @@ from graphopt.ir.graph import Graph
 HISTOGRAM_BINS = 2048
 PERCENTILE = 99.99
 RANGE_METHODS = ("minmax", "percentile", "entropy", "mse")
+LABELS = "labels"
+"""The calibration sample entry that holds targets of the first output rather than an input."""
 
 
 class CalibrationError(GraphoptError):
@@ -67,7 +72,7 @@ def normalize_calibration(graph: Graph, data: Iterable[Any]) -> list[dict[str, n
     samples = []
     for index, sample in enumerate(data):
         if isinstance(sample, dict):
-            unknown = sorted(set(sample) - set(names))
+            unknown = sorted(set(sample) - set(names) - {LABELS})
             if unknown:
                 raise CalibrationError(
                     f"calibration sample {index}: unknown input(s) {', '.join(unknown)} (graph inputs: {', '.join(names)})"
@@ -84,16 +89,21 @@ def normalize_calibration(graph: Graph, data: Iterable[Any]) -> list[dict[str, n
             items = list(zip(names, sample))
         else:
             raise CalibrationError(f"calibration sample {index}: expected a dict or a tuple, got {type(sample).__name__}")
-        samples.append({name: _checked_array(graph, index, name, array) for name, array in items})
+        checked = {name: _checked_array(graph, index, name, array) for name, array in items}
+        if isinstance(sample, dict) and LABELS in sample and LABELS not in names:
+            checked[LABELS] = _numpy(sample[LABELS])
+        samples.append(checked)
     if not samples:
         raise CalibrationError("calibration data is empty")
     return samples
 
 
+def _numpy(array: Any) -> np.ndarray:
+    return np.asarray(array.detach().cpu().numpy() if hasattr(array, "detach") else array)
+
+
 def _checked_array(graph: Graph, index: int, name: str, array: Any) -> np.ndarray:
-    if hasattr(array, "detach"):
-        array = array.detach().cpu().numpy()
-    array = np.asarray(array)
+    array = _numpy(array)
     value = next(v for v in graph.inputs if v.name == name)
     where = f"calibration sample {index}, input '{name}'"
     if value.dtype is not None and array.dtype != value.dtype.to_numpy():

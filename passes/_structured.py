@@ -7,6 +7,7 @@
   columns, the bias entries and the Split sizes of one MatMul are sliced together.
 - `slice_rows(graph, matmul, keep)`: keeps chosen rows of a MatMul's constant weight.
 - `reinfer(graph, nodes)`: recomputes the types of nodes whose shapes a slice changed.
+- `require_calibration(ctx, ...)`: the calibration samples, or an error naming the option.
 - `capture(graph, ctx, names)`: the named values on every calibration sample (ORT).
 - `refit(...)` / `add_output_bias(...)`: least-squares compensation of a projection.
 - `count_params(graph)`: elements of the float constants (weights and biases).
@@ -216,17 +217,23 @@ def reinfer(graph: Graph, nodes: Sequence[Node]) -> None:
                     pending[id(use.node)] = use.node
 
 
-def capture(graph: Graph, ctx: PassContext, names: Sequence[str], pass_name: str, option: str) -> list[dict[str, np.ndarray]]:
-    """The named values on every calibration sample, computed by ONNX Runtime."""
-    from graphopt.calibration import GraphRunner
-
+def require_calibration(ctx: PassContext, pass_name: str, option: str) -> list[dict[str, np.ndarray]]:
+    """ctx's calibration samples; a CompressionError naming the pass and `option` when there are none."""
     if not ctx.calibration:
         raise CompressionError(
             f"pass '{pass_name}': {option} needs calibration data: "
             "graphopt.optimize(..., calibration_data=[...]) or `graphopt optimize --calibration-data inputs.npz`"
         )
+    return ctx.calibration
+
+
+def capture(graph: Graph, ctx: PassContext, names: Sequence[str], pass_name: str, option: str) -> list[dict[str, np.ndarray]]:
+    """The named values on every calibration sample, computed by ONNX Runtime."""
+    from graphopt.calibration import GraphRunner
+
+    samples = require_calibration(ctx, pass_name, option)
     runner = GraphRunner(graph, list(dict.fromkeys(names)))
-    return [runner.run(sample) for sample in ctx.calibration]
+    return [runner.run(sample) for sample in samples]
 
 
 def refit(inputs: np.ndarray, target: np.ndarray, start: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

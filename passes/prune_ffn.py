@@ -11,11 +11,16 @@ ones (SwiGLU: silu(x W_gate) * (x W_up)) both fit.
 Rule: neuron j is kept or removed everywhere at once: column j of every up/gate weight and
 bias, entry j of every per-neuron constant in the block (e.g. graphopt::Gelu's bias), row j
 of W2. `ratio` of the neurons go in every block (`scope=per-block`) or over all blocks
-(`scope=global`, activation scores divided by the energy of each block's output); at least
-one stays per block; the lowest scored go:
+(`scope=global`: activation scores divided by the energy of each block's output, taylor
+scores by their block's L2 norm); at least one stays per block; the lowest scored go:
 `score=magnitude`: ||W2[j, :]||^2 times the sum of the squared up/gate column norms (no
 data); `score=activation`: E[h_j^2] ||W2[j, :]||^2 over calibration tokens (the energy of
-the neuron's contribution to the output; its variance when `compensate`).
+the neuron's contribution to the output; its variance when `compensate`); `score=taylor`:
+first-order Taylor importance (Molchanov et al. 2019; see `graphopt.passes._taylor`): mean
+over calibration samples of |dL/dxi_j| = |sum over tokens of dL/dh_j * h_j| for a gate xi_j
+on the down projection's input h, L a loss on the first output (cross-entropy or squared
+error against a sample's `labels` entry; without labels, squared error against targets
+sampled around the unpruned output).
 `compensate=true` refits the kept rows of W2 and a bias by ridge least squares, block by
 block in graph order, so that the kept neurons in the graph as pruned so far reproduce the
 original block output on the calibration tokens, as `prune-heads` does. Lossy. Stats: neurons before/after per
@@ -36,6 +41,7 @@ from graphopt.passes._structured import (
     Columns, CompressionError, add_output_bias, capture, constant_weight, count_params, find_columns,
     lowest_under_budget, refit, reinfer, replace_vector, slice_columns, slice_rows,
 )
+from graphopt.passes._taylor import gate_gradients, importance
 
 ACTIVATIONS = {("graphopt", "Gelu"), ("", "Gelu"), ("", "Relu"), ("", "Sigmoid"), ("", "Tanh"), ("", "Erf"), ("", "Softplus"), ("com.microsoft", "Gelu"), ("com.microsoft", "FastGelu")}
 ELEMENTWISE = {("", "Mul"), ("", "Add"), ("", "Sub"), ("", "Div"), ("", "Neg"), ("", "Cast"), ("", "Identity")}
@@ -114,24 +120,35 @@ def _source_columns(columns: Columns) -> np.ndarray:
     return columns.weight[:, columns.offset:columns.offset + columns.width]
 
 
+def _magnitude(block: _Block) -> np.ndarray:
+    down = constant_weight(block.down).astype(np.float64)  # type: ignore[union-attr]
+    return (down**2).sum(1) * sum((_source_columns(c).astype(np.float64) ** 2).sum(0) for c in block.sources)
+
+
+def _taylor(graph: Graph, ctx: PassContext, blocks: list[_Block]) -> list[np.ndarray]:
+    """Taylor importance of every block's neurons: one gate per neuron on the down input."""
+    gradients = gate_gradients(graph, ctx, [(b.down.inputs[0].name, (b.width,)) for b in blocks], "prune-ffn")  # type: ignore[union-attr]
+    return [importance(g) for g in gradients]
+
+
 @register_pass
 @dataclasses.dataclass
 class PruneFFN(Pass):
     """Remove feed-forward intermediate neurons by slicing the up/gate and down weights.
 
     See `graphopt.passes.prune_ffn`. Needs constant-weight MatMuls; calibration data for
-    score=activation or compensate. Changes weight and bias shapes; lossy.
+    score=activation, score=taylor or compensate. Changes weight and bias shapes; lossy.
     """
 
     name = "prune-ffn"
     lossless = False
     ratio: float = 0.25
     """Fraction of each block's intermediate neurons to remove."""
-    score: Literal["magnitude", "activation"] = "magnitude"
-    """How neurons are ranked (see the module doc); activation needs calibration data."""
+    score: Literal["magnitude", "activation", "taylor"] = "magnitude"
+    """How neurons are ranked (see the module doc); activation and taylor need calibration data."""
     scope: Literal["per-block", "global"] = "per-block"
-    """`global` (score=activation only): rank all neurons together, each block's scores
-    divided by the energy of its whole output, so blocks that matter less give more."""
+    """`global` (score=activation or taylor): rank all neurons together, each block's scores
+    normalized (see the module doc), so blocks that matter less give more."""
     compensate: bool = False
     """Least-squares refit of the down projection (+ bias) on calibration activations."""
     neurons: dict[int, list[int]] = dataclasses.field(default_factory=dict)
@@ -140,8 +157,8 @@ class PruneFFN(Pass):
     def __post_init__(self) -> None:
         if not 0.0 <= self.ratio < 1.0:
             raise ValueError(f"ratio must be in [0, 1), got {self.ratio}")
-        if self.scope == "global" and self.score != "activation":
-            raise ValueError("scope=global needs score=activation (magnitudes of different blocks do not compare)")
+        if self.scope == "global" and self.score == "magnitude":
+            raise ValueError("scope=global needs score=activation or score=taylor (magnitudes of different blocks do not compare)")
 
     def run(self, graph: Graph, ctx: PassContext) -> PassResult:
         blocks = find_blocks(graph)
@@ -155,10 +172,9 @@ class PruneFFN(Pass):
             outputs = capture(graph, ctx, [b.down.inputs[0].name for b in blocks], self.name, option)  # type: ignore[union-attr]
             hidden = [np.concatenate([o[b.down.inputs[0].name].reshape(-1, b.width) for o in outputs]).astype(np.float64) for b in blocks]  # type: ignore
         before = after = 0
-        chosen = self._global(blocks, hidden) if self.scope == "global" and not self.neurons else None
+        chosen = [self._explicit(i, b) for i, b in enumerate(blocks)] if self.neurons else self._lowest(graph, ctx, blocks, hidden)
         pruned_any = False
-        for index, (block, data) in enumerate(zip(blocks, hidden)):
-            remove = chosen[index] if chosen is not None else self._choose(index, block, data)
+        for block, data, remove in zip(blocks, hidden, chosen):
             before += block.width
             after += block.width - len(remove)
             if not len(remove):
@@ -178,24 +194,23 @@ class PruneFFN(Pass):
         x = data - data.mean(0) if self.compensate else data
         return (x**2).mean(0) * (down**2).sum(1) / max(float(np.mean((x @ down) ** 2)) * down.shape[1], 1e-30)
 
-    def _global(self, blocks: list[_Block], hidden: list[Optional[np.ndarray]]) -> list[np.ndarray]:
-        scores = [self._scores(b, h) for b, h in zip(blocks, hidden)]  # type: ignore[arg-type]
-        chosen = lowest_under_budget(scores, self.ratio, [b.width - 1 for b in blocks])
-        return [np.array(c, np.int64) for c in chosen]
-
-    def _choose(self, index: int, block: _Block, data: Optional[np.ndarray]) -> np.ndarray:
-        if self.neurons:
-            wanted = np.array(sorted(set(self.neurons.get(index, []))), np.int64)
-            if wanted.size and (wanted.min() < 0 or wanted.max() >= block.width or wanted.size >= block.width):
-                raise CompressionError(f"pass 'prune-ffn': option 'neurons' block {index}: indices must lie in [0, {block.width}) and leave at least one")
-            return wanted
-        down = constant_weight(block.down).astype(np.float64)  # type: ignore[union-attr]
-        if self.score == "activation":
-            scores = self._scores(block, data)  # type: ignore[arg-type]
+    def _lowest(self, graph: Graph, ctx: PassContext, blocks: list[_Block], hidden: list[Optional[np.ndarray]]) -> list[np.ndarray]:
+        """The lowest-scored neurons of each block: `ratio` of each, or of all (scope=global)."""
+        if self.score == "taylor":
+            scores = _taylor(graph, ctx, blocks)
+        elif self.score == "activation":
+            scores = [self._scores(b, h) for b, h in zip(blocks, hidden)]  # type: ignore[arg-type]
         else:
-            scores = (down**2).sum(1) * sum((_source_columns(c).astype(np.float64) ** 2).sum(0) for c in block.sources)
-        count = min(int(round(self.ratio * block.width)), block.width - 1)
-        return np.sort(np.argsort(scores, kind="stable")[:count])
+            scores = [_magnitude(b) for b in blocks]
+        if self.scope == "global":
+            return [np.array(c, np.int64) for c in lowest_under_budget(scores, self.ratio, [b.width - 1 for b in blocks])]
+        return [np.sort(np.argsort(s, kind="stable")[: min(int(round(self.ratio * len(s))), len(s) - 1)]) for s in scores]
+
+    def _explicit(self, index: int, block: _Block) -> np.ndarray:
+        wanted = np.array(sorted(set(self.neurons.get(index, []))), np.int64)
+        if wanted.size and (wanted.min() < 0 or wanted.max() >= block.width or wanted.size >= block.width):
+            raise CompressionError(f"pass 'prune-ffn': option 'neurons' block {index}: indices must lie in [0, {block.width}) and leave at least one")
+        return wanted
 
     def _prune(self, graph: Graph, block: _Block, keep: np.ndarray, current: Optional[np.ndarray], original: Optional[np.ndarray]) -> None:
         """Keep neurons `keep`; with compensate, refit W2 so that the kept neurons in the graph

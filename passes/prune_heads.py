@@ -25,6 +25,12 @@ nothing). Which units go:
   unit's contribution to the output projection, sum over calibration tokens of
   ||O_h @ Wo_h||^2 (centered when `compensate`, since the mean is restored), divided by the
   energy of the whole layer's projection so that layers compare under `scope=global`.
+  `score=taylor`: first-order Taylor importance (Michel et al. 2019's head-mask gradient; see
+  `graphopt.passes._taylor`): mean over calibration samples of |dL/dxi| for a gate xi on the
+  unit's attention output (a KV group's query heads share one gate), L a loss on the first
+  output (cross-entropy or squared error against a sample's `labels` entry; without labels,
+  squared error against targets sampled around the unpruned output), divided by the L2 norm
+  of the layer's scores.
 
 `compensate=true` (needs calibration data): layer by layer, in graph order, the kept rows of
 the output projection and a bias are refit by ridge-regularized least squares
@@ -51,6 +57,7 @@ from graphopt.passes._structured import (
     Columns, CompressionError, add_output_bias, capture, constant_weight, count_params, find_columns,
     lowest_under_budget, refit, reinfer, replace_vector, slice_columns, slice_rows,
 )
+from graphopt.passes._taylor import gate_gradients, importance
 
 HEAD_LOCAL = {"Mul", "Add", "Sub", "Div", "Neg", "Slice", "Concat", "Cast", "Identity"}
 """Ops allowed between the head Reshape and the Attention (elementwise or last-axis)."""
@@ -230,6 +237,13 @@ def _activation(layer: _Layer, merged: np.ndarray, centered: bool) -> np.ndarray
     return np.array(scores)
 
 
+def _taylor(graph: Graph, ctx: PassContext, layers: list[_Layer]) -> list[np.ndarray]:
+    """Taylor importance of every layer's units: one gate per query head on the attention
+    output [B, H, S, Dv]; a unit's gradient is the sum of its heads' (their gates tied)."""
+    gradients = gate_gradients(graph, ctx, [(layer.attention.output.name, (layer.heads, 1, 1)) for layer in layers], "prune-heads")
+    return [importance(g.reshape(len(g), layer.kv_heads, layer.group).sum(2)) for g, layer in zip(gradients, layers)]
+
+
 def _rewrite_shape(graph: Graph, reshape: Node, index: int, old: int, new: int) -> None:
     """Replace entry `index` of reshape's constant shape when it spells out `old`."""
     shape = constant_data(reshape.inputs[1]) if reshape.inputs[1] is not None else None
@@ -247,7 +261,7 @@ class PruneHeads(Pass):
     """Remove attention heads (or KV groups) by slicing Q/K/V and output-projection weights.
 
     See `graphopt.passes.prune_heads`. Needs raised `graphopt::Attention` ops (`fuse` or
-    `fuse-attention`); calibration data for score=activation or compensate. Changes weight
+    `fuse-attention`); calibration data for score=activation, score=taylor or compensate. Changes weight
     shapes, num_heads/num_kv_heads, Reshape shape constants; lossy.
     """
 
@@ -258,8 +272,8 @@ class PruneHeads(Pass):
     """Fraction of units (heads, or KV groups) to remove."""
     heads: dict[int, list[int]] = dataclasses.field(default_factory=dict)
     """Explicit query heads to remove per layer index (instead of ratio)."""
-    score: Literal["magnitude", "activation"] = "magnitude"
-    """How units are ranked (see the module doc); activation needs calibration data."""
+    score: Literal["magnitude", "activation", "taylor"] = "magnitude"
+    """How units are ranked (see the module doc); activation and taylor need calibration data."""
     scope: Literal["global", "per-layer"] = "global"
     """Rank units over all layers, or remove `ratio` of each layer's."""
     compensate: bool = False
@@ -280,7 +294,7 @@ class PruneHeads(Pass):
             option = "compensate=true" if self.compensate else "score=activation"
             outputs = capture(graph, ctx, [layer.attention.output.name for layer in layers], self.name, option)
             merged = [_head_outputs(layer, outputs) for layer in layers]
-        removed = self._choose(layers, merged)
+        removed = self._choose(graph, ctx, layers, merged)
         heads_before = sum(layer.heads for layer in layers)
         for index, (layer, units, data) in enumerate(zip(layers, removed, merged)):
             if not units:
@@ -298,12 +312,14 @@ class PruneHeads(Pass):
             stats["skipped"] = skipped
         return PassResult(any(removed), stats)
 
-    def _choose(self, layers: list[_Layer], merged: list[Optional[np.ndarray]]) -> list[list[int]]:
+    def _choose(self, graph: Graph, ctx: PassContext, layers: list[_Layer], merged: list[Optional[np.ndarray]]) -> list[list[int]]:
         """The units to remove in each layer."""
         if self.heads:
             self._check_layers(layers)
             return [self._explicit(i, layer) for i, layer in enumerate(layers)]
-        if self.score == "activation":
+        if self.score == "taylor":
+            scores = _taylor(graph, ctx, layers)
+        elif self.score == "activation":
             scores = [_activation(layer, data, self.compensate) for layer, data in zip(layers, merged)]  # type: ignore[arg-type]
         else:
             scores = [_magnitude(layer) for layer in layers]

@@ -7,7 +7,8 @@ import graphopt
 from graphopt import PassContext
 from graphopt.check import max_abs_error, run_graph, sample_inputs
 from graphopt.passes._structured import CompressionError, bias_slot, constant_weight, count_params, replace_vector
-from graphopt.passes.prune_ffn import PruneFFN, find_blocks
+from graphopt.passes._taylor import LABEL_FREE_DRAWS, label_free_noise
+from graphopt.passes.prune_ffn import PruneFFN, _taylor, find_blocks
 
 
 @pytest.fixture(scope="module")
@@ -132,3 +133,53 @@ def test_global_scope_meets_the_overall_ratio(graphs):
     assert sum(b.width for b in find_blocks(graph)) == 64
     with pytest.raises(graphopt.PipelineError, match="scope=global needs score=activation"):
         graphopt.optimize(graph, "prune-ffn{scope=global}")
+
+
+@pytest.mark.parametrize("labelled", [False, True], ids=["label-free", "float targets"])
+def test_taylor_scores_are_the_gate_gradient_formula(labelled):
+    graph = _biased_mlp()
+    weights = {v.name: v.const.numpy().astype(np.float64) for v in graph.constants.values()}
+    rng = np.random.default_rng(2)
+    samples = [{"x": rng.standard_normal((5, 8)).astype(np.float32)} for _ in range(3)]
+    slopes = []
+    for index, sample in enumerate(samples):
+        hidden = np.maximum(sample["x"] @ weights["w1"] + weights["b1"], 0) * weights["scale"]
+        y = hidden @ weights["w2"] + weights["b2"]
+        if labelled:
+            sample["labels"] = rng.standard_normal((5, 8)).astype(np.float32)
+            upstream = (y - sample["labels"])[None]
+        else:
+            upstream = -label_free_noise(y.shape, 0, index)
+        slopes.extend(((u @ weights["w2"].T) * hidden).sum(0) for u in upstream)
+    slopes = np.array(slopes)
+    assert len(slopes) == len(samples) * (1 if labelled else LABEL_FREE_DRAWS)
+    expected = np.abs(slopes).mean(0)
+    [scores] = _taylor(graph, PassContext(calibration=samples), find_blocks(graph))
+    np.testing.assert_allclose(scores, expected / np.linalg.norm(expected), rtol=1e-4, atol=1e-6)
+    assert np.all(scores[[2, 7, 11]] == 0)
+    result = PruneFFN(ratio=3 / 16, score="taylor").run(graph, PassContext(calibration=samples))
+    assert result.stats["neurons"] == "16 -> 13"
+    assert {v.name.split("_")[0]: v.shape for v in graph.constants.values()}["w2"] == (13, 8)
+
+
+@pytest.mark.parametrize("model, scope", [("bert", "per-block"), ("llama", "global")])
+def test_taylor_prunes_dead_neurons_first_exactly(graphs, model, scope):
+    graph = graphs(model)
+    dead = {0: [1, 5, 9, 33], 1: [0, 2, 63, 40]}
+    _kill(graph, dead)
+    samples = [sample_inputs(graph, seed=s) for s in range(2)]
+    ctx = PassContext(calibration=samples)
+    scores = _taylor(graph, ctx, find_blocks(graph))
+    assert [np.flatnonzero(s == 0).tolist() for s in scores] == [sorted(d) for d in dead.values()]
+    expected = run_graph(graph, samples[0])
+    result = PruneFFN(ratio=4 / 64, score="taylor", scope=scope).run(graph, ctx)
+    graph.verify()
+    assert result.stats["neurons"] == "128 -> 120"
+    assert [b.width for b in find_blocks(graph)] == [60, 60]
+    assert max_abs_error(expected, run_graph(graph, samples[0])) < 1e-5
+    assert max_abs_error(expected, run_graph(graph, samples[0], engine="torch")) < 1e-4
+
+
+def test_taylor_score_needs_calibration(graphs):
+    with pytest.raises(CompressionError, match=r"^pass 'prune-ffn': score=taylor needs calibration data: graphopt.optimize"):
+        PruneFFN(score="taylor", scope="global").run(graphs("bert"), PassContext())

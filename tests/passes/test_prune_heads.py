@@ -5,9 +5,11 @@ import pytest
 
 import graphopt
 from graphopt import PassContext
+from graphopt.calibration import GraphRunner
 from graphopt.check import max_abs_error, run_graph, sample_inputs
 from graphopt.passes._structured import CompressionError, bias_slot, constant_weight, count_params, replace_vector
-from graphopt.passes.prune_heads import PruneHeads, find_layers
+from graphopt.passes._taylor import gate_gradients, label_free_noise
+from graphopt.passes.prune_heads import PruneHeads, _taylor, find_layers
 
 FORMS = {"fused-qkv": "fuse", "separate": "cleanup,fuse-attention"}
 
@@ -155,3 +157,121 @@ def test_pipeline_text_with_calibration_data(zoo_onnx):
     assert record.stats["heads"] == "8 -> 6"
     with pytest.raises(graphopt.PipelineError, match="pass 'prune-heads' .* needs 'attention-fused'"):
         graphopt.optimize(path, "prune-heads{ratio=0.25}")
+
+
+TAYLOR_CASES = {"bert, no labels": ("bert", None), "bert, float targets": ("bert", "float"), "llama (GQA), token labels": ("llama", "int")}
+
+
+def _labelled(graph, kind, seed: int) -> dict:
+    """Sample inputs, with `labels` for the first output: float targets, or class indices (one ignored)."""
+    sample = sample_inputs(graph, seed=seed)
+    shape = run_graph(graph, sample)[0].shape
+    rng = np.random.default_rng(seed)
+    if kind == "float":
+        sample["labels"] = rng.standard_normal(shape).astype(np.float32)
+    elif kind == "int":
+        sample["labels"] = rng.integers(0, shape[-1], shape[:-1])
+        sample["labels"][0, 0] = -100
+    return sample
+
+
+def _losses(y: np.ndarray, labels, index: int) -> np.ndarray:
+    """score=taylor's documented losses of sample `index` (label-free: one per draw, up to
+    terms whose gradient is zero at the unpruned model), computed in numpy (float64)."""
+    y = y.astype(np.float64)
+    if labels is None:
+        noise = label_free_noise(y.shape, 0, index)
+        return -(noise * y).reshape(len(noise), -1).sum(1)
+    if labels.dtype.kind == "f":
+        return np.array([0.5 * np.sum((y - labels) ** 2)])
+    flat, target = y.reshape(-1, y.shape[-1]), labels.reshape(-1)
+    top = flat.max(1, keepdims=True)
+    log_probs = flat - top - np.log(np.exp(flat - top).sum(1, keepdims=True))
+    kept = target != -100
+    return np.array([-log_probs[kept, target[kept]].sum()])
+
+
+def _slopes(graph, index: int, samples: list, eps: float = 1e-2) -> np.ndarray:
+    """[samples * losses per sample, units]: central-difference slope of each loss when one
+    unit's output-projection rows (so its output) are scaled by 1 +- eps."""
+    layer = find_layers(graph)[0][index]
+    columns = []
+    for unit in range(layer.kv_heads):
+        heads = range(unit * layer.group, (unit + 1) * layer.group)
+        rows = np.concatenate([np.arange(h * layer.v_dim, (h + 1) * layer.v_dim) for h in heads])
+        losses = []
+        for sign in (1, -1):
+            scaled = graph.clone()
+            out_proj = find_layers(scaled)[0][index].out_proj
+            weight = constant_weight(out_proj).copy()
+            weight[rows] *= 1 + sign * eps
+            replace_vector(scaled, out_proj, 1, weight)
+            runner = GraphRunner(scaled, [scaled.outputs[0].name])
+            losses.append(np.concatenate([_losses(runner.run(sample)[scaled.outputs[0].name], sample.get("labels"), s) for s, sample in enumerate(samples)]))
+        columns.append((losses[0] - losses[1]) / (2 * eps))
+    return np.stack(columns, axis=1)
+
+
+@pytest.mark.parametrize("case", TAYLOR_CASES)
+def test_taylor_scores_are_the_loss_slope_of_each_head_gate(graphs, case):
+    model, kind = TAYLOR_CASES[case]
+    graph = graphs(model)
+    samples = [_labelled(graph, kind, seed) for seed in range(2)]
+    ctx = PassContext(calibration=samples)
+    layers = find_layers(graph)[0]
+    gradients = gate_gradients(graph, ctx, [(layer.attention.output.name, (layer.heads, 1, 1)) for layer in layers], "prune-heads")
+    scores = _taylor(graph, ctx, layers)
+    for index, (layer, gradient, score) in enumerate(zip(layers, gradients, scores)):
+        slopes = _slopes(graph, index, samples)
+        per_unit = gradient.reshape(len(gradient), layer.kv_heads, layer.group).sum(2)
+        np.testing.assert_allclose(per_unit, slopes, rtol=1e-2, atol=1e-2 * np.abs(slopes).max())
+        expected = np.abs(slopes).mean(0)
+        np.testing.assert_allclose(score, expected / np.linalg.norm(expected), rtol=1e-2, atol=1e-3)
+
+
+@pytest.mark.parametrize("model, silent", [("bert", {0: [1], 1: [0, 3]}), ("llama", {0: [2, 3], 1: [0, 1]})])
+def test_taylor_prunes_heads_with_no_output_first_exactly(graphs, model, silent):
+    graph = graphs(model)
+    for index, heads in silent.items():
+        layer = find_layers(graph)[0][index]
+        weight = constant_weight(layer.out_proj).copy()
+        weight[np.concatenate([np.arange(h * layer.v_dim, (h + 1) * layer.v_dim) for h in heads])] = 0
+        replace_vector(graph, layer.out_proj, 1, weight)
+    samples = [sample_inputs(graph, seed=s) for s in range(2)]
+    expected = run_graph(graph, samples[0])
+    layers = find_layers(graph)[0]
+    scores = _taylor(graph, PassContext(calibration=samples), layers)
+    for index, (layer, score) in enumerate(zip(layers, scores)):
+        silent_units = {h // layer.group for h in silent[index]}
+        assert [u for u in range(layer.kv_heads) if score[u] == 0] == sorted(silent_units)
+    result = PruneHeads(ratio=sum(map(len, silent.values())) / 8, score="taylor").run(graph, PassContext(calibration=samples))
+    graph.verify()
+    assert result.stats["removed"] == silent
+    for layer in find_layers(graph)[0]:
+        assert layer.heads // layer.kv_heads == (2 if model == "llama" else 1)
+    assert max_abs_error(expected, run_graph(graph, samples[0])) < 1e-5
+    assert max_abs_error(expected, run_graph(graph, samples[0], engine="torch")) < 1e-4
+
+
+def test_taylor_score_needs_calibration_and_fitting_labels(graphs):
+    with pytest.raises(CompressionError, match=r"^pass 'prune-heads': score=taylor needs calibration data: graphopt.optimize"):
+        PruneHeads(ratio=0.25, score="taylor").run(graphs("bert"), PassContext())
+    graph = graphs("llama")
+    sample = sample_inputs(graph) | {"labels": np.zeros((2, 5), np.int64)}
+    with pytest.raises(CompressionError, match=(
+        r"^pass 'prune-heads': score=taylor: calibration sample 0: labels of shape \[2, 5\] do not fit the first graph output "
+        r"\[2, 8, 256\] \(integer labels: one class index per position, \[2, 8\]; float labels: targets of its shape\)$"
+    )):
+        PruneHeads(ratio=0.25, score="taylor").run(graph, PassContext(calibration=[sample]))
+
+
+def test_taylor_labels_pass_the_calibration_checks_without_a_batch_axis(graphs, zoo_onnx):
+    graph = graphs("llama")
+    samples = [_labelled(graph, "int", seed) for seed in range(3)]
+    first_rows = PassContext(calibration=[{name: array[:1] for name, array in s.items()} for s in samples])
+    direct = PruneHeads(ratio=0.5, score="taylor").run(graph, first_rows).stats["removed"]
+    unbatched = [{name: array[0] for name, array in s.items()} for s in samples]
+    optimized = graphopt.optimize(str(zoo_onnx("llama")), "fuse,prune-heads{ratio=0.5,score=taylor}", calibration_data=unbatched, verify=True)
+    record = next(r for r in optimized.metadata["pipeline_report"].records if r.name == "prune-heads")
+    assert record.stats["heads"] == "8 -> 4"
+    assert record.stats["removed"] == direct
