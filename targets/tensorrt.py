@@ -172,7 +172,7 @@ class TensorRTModel(CompiledModel):
         tensors = {}
         for spec in self.inputs:
             value = feeds[spec.name]
-            tensor = value if hasattr(value, "detach") else torch.from_numpy(np.ascontiguousarray(value))
+            tensor = value if hasattr(value, "detach") else torch.from_numpy(np.require(value, requirements="C"))
             if tensor.dtype == torch.int64 and tensor.numel() and (tensor.min() < -(2**31) or tensor.max() >= 2**31):
                 raise TargetError(f"input {spec.name!r}: int64 values outside the int32 range the engine takes")
             tensors[spec.name] = tensor.to(device)

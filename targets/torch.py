@@ -83,4 +83,4 @@ def _as_tensor(value: Any, device: str) -> Any:
 
     if isinstance(value, torch.Tensor):
         return value.to(device)
-    return torch.from_numpy(np.ascontiguousarray(value)).to(device)
+    return torch.from_numpy(np.require(value, requirements="C")).to(device)

@@ -144,7 +144,7 @@ class TvmModel(CompiledModel):
     def _run(self, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
         import tvm
 
-        args = [tvm.runtime.tensor(np.ascontiguousarray(feeds[name]), self.device) for name in self.input_names]
+        args = [tvm.runtime.tensor(np.require(feeds[name], requirements="C"), self.device) for name in self.input_names]
         try:
             results = self.vm["main"](*args, *self._weights)
         except Exception as exc:

@@ -193,3 +193,17 @@ def test_saved_files_get_the_usual_permissions_not_temporary_ones(tmp_path):
     assert stat.S_IMODE(os.stat(tmp_path / "m.onnx").st_mode) == file_mode()
     assert stat.S_IMODE(os.stat(folder).st_mode) == folder_mode()
     assert stat.S_IMODE(os.stat(os.path.join(folder, "model.onnx")).st_mode) == file_mode()
+
+
+@pytest.mark.parametrize("target", ["torch", "onnxruntime", "tvm:llvm"])
+@pytest.mark.parametrize("kind", ["numpy", "torch"])
+def test_scalar_inputs_and_outputs_keep_their_0d_shape(target, kind):
+    import torch
+
+    graph = Graph("scalar", {"": 17})
+    x = graph.add_input("x", TensorType(DType.FLOAT, ()))
+    graph.set_outputs([graph.add_node("Neg", [x], output_names=["y"]).output])
+    compiled = compile(graph, target, "cleanup")
+    value = np.array(2.0, np.float32)
+    (out,) = compiled(torch.from_numpy(value) if kind == "torch" else value)
+    assert tuple(out.shape) == () and float(out) == -2.0
