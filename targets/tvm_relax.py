@@ -12,7 +12,9 @@
   after the graph inputs, in the order of `RelaxModule.params`; small constants are inlined.
 - Data movement, elementwise and shape ops are translated here; the compute ops (matmuls
   with packed weights, norms, softmax, conv, graphopt's Attention, Gelu, RMSNorm and
-  SkipLayerNorm) in `tvm_relax_compute`, which registers into the same rule table.
+  SkipLayerNorm) in `tvm_relax_compute`, the quantization ops (Quantize/DequantizeLinear,
+  DynamicQuantizeLinear, MatMulInteger, com.microsoft MatMulNBits; constant MatMulNBits
+  weights dequantized at build time) in `tvm_relax_quant`; both register into the same rule table.
 
 Ops without a rule here are reported by `unsupported_nodes` (the target names them).
 """
@@ -86,8 +88,11 @@ def _plain_gemm(node: Node) -> bool:
 
 def to_relax(graph: Graph, *, pack_weights: bool = True) -> RelaxModule:
     """`graph` as a Relax IRModule whose ``main`` takes (inputs..., params...);
-    `pack_weights`: matmul weights in CPU column panels (see `PACK`)."""
-    return _Converter(graph, pack_weights).run()
+    `pack_weights`: matmul weights in CPU column panels (see `PACK`). Constant
+    MatMulNBits weights are dequantized first (`tvm_relax_quant.dequantize_nbits_weights`)."""
+    from graphopt.targets.tvm_relax_quant import dequantize_nbits_weights
+
+    return _Converter(dequantize_nbits_weights(graph), pack_weights).run()
 
 
 def unsupported_nodes(graph: Graph) -> list[Node]:
@@ -671,3 +676,4 @@ def _transpose(c: _Converter, node: Node, x: Any) -> Any:
 
 
 from graphopt.targets import tvm_relax_compute  # noqa: E402,F401  (registers the compute rules)
+from graphopt.targets import tvm_relax_quant  # noqa: E402,F401  (registers the quantization rules)
