@@ -77,13 +77,23 @@ def _groups(graph: Graph) -> list[list[_Projection]]:
     return found
 
 
+def _concatenate_columns(weights: list[np.ndarray]) -> np.ndarray:
+    """concat(weights, axis=1) in the weights' own layout: when each is a transposed view of
+    a row-major [N_i, K] array (a torch Linear weight seen as [K, N_i]), the result is the
+    transposed view of one row-major [sum N_i, K] array, so neither this copy nor a reader
+    wanting the [N, K] form (the prepacked linears) walks memory column by column."""
+    if all(w.T.flags.c_contiguous for w in weights):
+        return np.concatenate([w.T for w in weights], axis=0).T
+    return np.concatenate(weights, axis=1)
+
+
 def _fuse_group(graph: Graph, group: list[_Projection]) -> None:
     positions = {id(n): i for i, n in enumerate(graph.nodes)}
     group.sort(key=lambda p: positions[id(p.matmul)])
     first = group[0].matmul
     x = first.inputs[0]
     sizes = [p.weight.shape[1] for p in group]
-    weight = graph.add_constant(graph.unique_name("qkv_weight"), np.concatenate([p.weight for p in group], axis=1))
+    weight = graph.add_constant(graph.unique_name("qkv_weight"), _concatenate_columns([p.weight for p in group]))
     fused = graph.add_node("MatMul", [x, weight], before=first).output
     if any(p.bias is not None for p in group):
         biases = [p.bias if p.bias is not None else np.zeros(n, p.weight.dtype) for p, n in zip(group, sizes)]

@@ -1,8 +1,15 @@
 """torch.fx -> IR: `from_fx(graph_module_or_exported_program, example_inputs)`.
 
-ATen-to-ONNX translation is torch's own (`torch.onnx.export(..., dynamo=True)`, built on
-onnxscript's torchlib), so every ATen op that torch can export is covered without a
-hand-written table; the resulting ONNX model is then imported like any other.
+Graphs are translated op by op, with the module's weights shared as numpy views:
+- a dynamo GraphModule of static shapes as it is (`graphopt.frontends.dynamo_import`: no
+  trace at all), else its make_fx trace to ATen (pre-dispatch, over fake tensors);
+- a GraphModule with symbolic sizes through `torch.export`, and an ExportedProgram as it
+  is, by the ATen rules (`graphopt.frontends.aten_import`).
+A graph holding an op no rule covers goes through torch's own exporter instead
+(`torch.onnx.export(..., dynamo=True)`, built on onnxscript's torchlib, so every ATen op
+that torch can export is covered) and the resulting ONNX model is imported like any other.
+`graph.metadata["fx_importer"]` says which path was taken: "dynamo", "aten" (the ATen
+graph of a make_fx trace or of torch.export) or "torch.onnx".
 
 Accepted inputs:
 - a `torch.export.ExportedProgram` (symbolic dims come from its range constraints);
@@ -20,14 +27,18 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import re
 import warnings
-from typing import Any, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 from graphopt.errors import GraphoptError, UnsupportedOpError
+from graphopt.frontends.aten_import import GraphInput, State, UntranslatableError, import_graph, import_program
+from graphopt.frontends.dynamo_import import import_dynamo_graph
 from graphopt.frontends.onnx_import import from_onnx
 from graphopt.ir.graph import Graph
 
 DEFAULT_OPSET = 18
+_LOG = logging.getLogger("graphopt")
 
 
 def from_fx(module: Any, example_inputs: Optional[Sequence[Any]] = None, *, opset: int = DEFAULT_OPSET) -> Graph:
@@ -35,17 +46,111 @@ def from_fx(module: Any, example_inputs: Optional[Sequence[Any]] = None, *, opse
     import torch
 
     if isinstance(module, torch.export.ExportedProgram):
-        program = module
-        kinds = ["input"] * len(program.graph_signature.user_inputs)
-        specialized = {}
+        graph = _import_program(module, opset)
+        kinds = ["input"] * len(module.graph_signature.user_inputs)
+        specialized: dict[int, int] = {}
+        out_spec = module.call_spec.out_spec
     elif isinstance(module, torch.fx.GraphModule):
         if example_inputs is None:
             raise GraphoptError("from_fx: a GraphModule needs its example_inputs (the backend's second argument)")
-        program, kinds, specialized = _export_graph_module(module, list(example_inputs))
+        graph, kinds, specialized, out_spec = _import_graph_module(module, list(example_inputs), opset)
     else:
         raise GraphoptError(
             f"from_fx expects a torch.fx.GraphModule or a torch.export.ExportedProgram, got {type(module).__name__}"
         )
+    graph.metadata["fx_input_kinds"] = kinds
+    graph.metadata["fx_specialized"] = specialized
+    graph.metadata["fx_output_spec"] = out_spec
+    graph.metadata["producer_name"] = "graphopt.from_fx"
+    return graph
+
+
+def _import_program(program: Any, opset: int, input_names: Sequence[str] = (), constant_names: Optional[dict[str, str]] = None) -> Graph:
+    """The program translated op by op, else through torch.onnx."""
+    translated = _attempt("aten", lambda: import_program(program, opset=opset, input_names=input_names, constant_names=constant_names))
+    return translated or _import_through_onnx(program, opset)
+
+
+def _attempt(importer: str, translate: Callable[[], Graph]) -> Optional[Graph]:
+    """`translate()`, its graph marked as coming from `importer`; None (logged) when it
+    cannot translate the graph."""
+    try:
+        graph = translate()
+    except UntranslatableError as exc:
+        _LOG.info("graphopt: from_fx cannot translate this graph by its %s path: %s", importer, exc)
+        return None
+    graph.metadata["fx_importer"] = importer
+    return graph
+
+
+def _import_graph_module(gm: Any, example_inputs: list[Any], opset: int) -> tuple[Graph, list[str], dict[int, int], Any]:
+    """(graph, placeholder kinds, specialized sizes, output spec) of a dynamo GraphModule.
+
+    A graph of static shapes is translated as it is (`dynamo_import`), else traced to ATen
+    with make_fx over fake tensors (a third of torch.export's time) and translated op by op;
+    a graph with symbolic sizes is exported with torch.export first; what none of these
+    translates goes through torch.onnx."""
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    if len(placeholders) != len(example_inputs):
+        raise GraphoptError(
+            f"from_fx: the GraphModule has {len(placeholders)} placeholders but {len(example_inputs)} example inputs were given"
+        )
+    kinds, constants, sizes, tensors = _classify(placeholders, example_inputs)
+    input_names = [_display_name(placeholders[i].target) for i in tensors]
+    static = "size" not in kinds and "specialized" not in kinds and all(_is_real(e) for e in example_inputs)
+    if static:
+        bindings = [
+            GraphInput(input_names[tensors.index(i)]) if kind == "input" else
+            State(_display_name(node.target), constants[i]) if hasattr(constants[i], "detach") else constants[i]
+            for i, (node, kind) in enumerate(zip(placeholders, kinds))
+        ]
+        graph = _import_static(gm, example_inputs, bindings, opset)
+        if graph is not None:
+            return graph, kinds, {}, _output_spec(gm)
+    program, kinds, specialized = _export_graph_module(gm, example_inputs)
+    constant_names = {f"const_{i}": _display_name(placeholders[i].target) for i, kind in enumerate(kinds) if kind == "constant"}
+    return _import_program(program, opset, input_names, constant_names), kinds, specialized, program.call_spec.out_spec
+
+
+def _import_static(gm: Any, example_inputs: list[Any], bindings: list[Any], opset: int) -> Optional[Graph]:
+    """The static-shape graph `gm` translated as it is, else through a make_fx trace (pre-dispatch,
+    so ops such as linear and layer_norm stay whole); None when neither works."""
+    import torch
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    graph = _attempt("dynamo", lambda: import_dynamo_graph(gm, bindings, opset=opset))
+    if graph is not None:
+        return graph
+    try:
+        with torch.no_grad(), _quiet():
+            traced = make_fx(gm, tracing_mode="fake", pre_dispatch=True, _allow_non_fake_inputs=True, record_stack_traces=False)(*example_inputs)
+    except Exception as exc:
+        _LOG.info("graphopt: from_fx exports this graph with torch.export: make_fx failed: %s", _first_line(exc))
+        return None
+    return _attempt("aten", lambda: import_graph(traced, bindings, opset=opset))
+
+
+def _is_real(value: Any) -> bool:
+    import torch
+    from torch._subclasses.fake_tensor import FakeTensor
+
+    if isinstance(value, torch.Tensor):
+        return not isinstance(value, FakeTensor) and not any(isinstance(d, torch.SymInt) for d in value.shape)
+    return _is_plain_scalar(value)
+
+
+def _output_spec(gm: Any) -> Any:
+    """The pytree spec of a GraphModule's outputs (the IR's outputs are its leaves)."""
+    import torch
+
+    (output,) = [n for n in gm.graph.nodes if n.op == "output"]
+    return torch.utils._pytree.tree_structure(output.args[0])
+
+
+def _import_through_onnx(program: Any, opset: int) -> Graph:
+    """`program` exported by torch.onnx (torchlib, onnxscript's optimizer), then imported."""
+    import torch
+
     with _quiet():
         try:
             onnx_program = torch.onnx.export(program, dynamo=True, optimize=True, verbose=False, opset_version=opset)
@@ -55,21 +160,21 @@ def from_fx(module: Any, example_inputs: Optional[Sequence[Any]] = None, *, opse
                 raise UnsupportedOpError(f"from_fx: no ONNX translation for op {op}; torch.onnx cannot export it") from exc
             raise UnsupportedOpError(f"from_fx: torch could not translate the graph to ONNX ops: {_first_line(exc)}") from exc
     graph = from_onnx(onnx_program.model_proto)
-    graph.metadata["fx_input_kinds"] = kinds
-    graph.metadata["fx_specialized"] = specialized
-    graph.metadata["fx_output_spec"] = program.call_spec.out_spec
-    graph.metadata["producer_name"] = "graphopt.from_fx"
+    graph.metadata["fx_importer"] = "torch.onnx"
     return graph
+
+
+def _display_name(target: str) -> str:
+    """A dynamo placeholder's source as a dotted path: L_self_modules_encoder_parameters_weight_
+    -> encoder.weight, L_input_ids_ -> input_ids."""
+    name = re.sub(r"^(L_self_|L_fn_|L_|G_)", "", str(target)).rstrip("_")
+    return re.sub(r"(^|_)(modules|parameters|buffers)_", lambda m: "." if m.group(1) else "", name) or str(target)
 
 
 def _export_graph_module(gm: Any, example_inputs: list[Any]) -> tuple[Any, list[str], dict[int, int]]:
     import torch
 
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
-    if len(placeholders) != len(example_inputs):
-        raise GraphoptError(
-            f"from_fx: the GraphModule has {len(placeholders)} placeholders but {len(example_inputs)} example inputs were given"
-        )
     kinds, constants, sizes, tensors = _classify(placeholders, example_inputs)
     gm = _inline_scalar_items(gm, constants)
     wrapper = _placeholder_feeder(gm, kinds, constants, sizes)
