@@ -21,7 +21,7 @@ import time
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
 START, END = "<!-- performance:start -->", "<!-- performance:end -->"
-TIMEOUT_S = 1200
+TIMEOUT_S = 3600
 
 BENCHMARKS: dict[str, tuple[str, list[str]]] = {
     "targets_cpu": ("every target vs ONNX Runtime and torch.compile (CPU)", []),
