@@ -91,6 +91,9 @@ RECOVER = {"steps": 250, "lr": 1e-4, "batch_size": 16}
 RECOVERED = {
     "heads 25% activation+comp+recover": (HEADS_25, "cleanup"),
     "heads 25% (comp+recover) + int8": (HEADS_25, INT8),
+    "heads 50% activation+comp+recover": (PIPELINES["heads 50% activation+comp"], "cleanup"),
+    "ffn 25% activation+comp+recover": (PIPELINES["ffn 25% activation+comp"], "cleanup"),
+    "low-rank -25% act-aware+recover": (PIPELINES["low-rank -25% act-aware"], "cleanup"),
     "heads 25% + ffn 25% (comp+recover)": (f"{HEADS_25},{FFN_25}", "cleanup"),
     "heads 25% + ffn 25% (comp+recover) + int8": (f"{HEADS_25},{FFN_25}", INT8),
     "ffn 50% global+comp+recover": (PIPELINES["ffn 50% global+comp"], "cleanup"),
