@@ -160,7 +160,17 @@ def _skip_layer_norm(graph: Graph, node: Node) -> bool:
     new.outputs[0].type = node.outputs[0].type
     new.outputs[3].type = node.outputs[-1].type
     _replace(graph, node, new, [(0, 0), (1, 3)] if len(node.outputs) > 1 else [(0, 0)])
+    _omit_unread_outputs(new)
     return True
+
+
+def _omit_unread_outputs(node: Node) -> None:
+    """Export the optional outputs nobody reads as "": ORT computes and writes every named
+    output (SkipLayerNormalization's mean, inverse std and pre-norm sum: a [B, S, H] write
+    per layer for nothing)."""
+    unread = [i for i, v in enumerate(node.outputs) if i > 0 and not v.uses() and not v.is_graph_output]
+    if unread:
+        node.origin["omitted_outputs"] = unread
 
 
 # ---------------------------------------------------------------------------- attention

@@ -110,3 +110,21 @@ def test_quantized_packed_attention_becomes_qattention(mode, zoo, zoo_onnx):
     for sample in (feeds, padded):
         assert max_abs_error(_run(quantized, sample), _run(lowered, sample)) <= 1e-4
     assert not np.allclose(_run(lowered, padded)[0][-1], _run(lowered, feeds)[0][-1], atol=1e-3)  # the mask is applied
+
+
+@pytest.mark.parametrize("sum_read", [False, True])
+def test_skip_layer_norm_exports_only_the_outputs_that_are_read(sum_read):
+    """ORT computes every named output; the mean, inverse std (and an unread pre-norm sum) go out as ""."""
+    graph = Graph("skipln", {"": 17})
+    x = graph.add_input("x", TensorType(DType.FLOAT, ("b", "s", 8)))
+    skip = graph.add_input("skip", TensorType(DType.FLOAT, ("b", "s", 8)))
+    rng = np.random.default_rng(0)
+    scale, beta = (graph.add_constant(n, rng.standard_normal(8).astype(np.float32)) for n in ("scale", "beta"))
+    node = graph.add_node("SkipLayerNorm", [x, skip, scale, beta], {"epsilon": 1e-5}, domain="graphopt",
+                          num_outputs=2 if sum_read else 1, output_names=["y", "sum"] if sum_read else ["y"])
+    graph.set_outputs(list(node.outputs))
+    lowered = lower_to_contrib_ops(graph)
+    (proto,) = [n for n in lowered.to_onnx().graph.node if n.op_type == "SkipLayerNormalization"]
+    assert list(proto.output) == ["y", "", "", "sum" if sum_read else ""]
+    feeds = {"x": rng.standard_normal((2, 3, 8)).astype(np.float32), "skip": rng.standard_normal((2, 3, 8)).astype(np.float32)}
+    assert max_abs_error(_run(graph, feeds), _run(lowered, feeds)) <= 1e-5
