@@ -179,16 +179,6 @@ def fidelity(reference: list[np.ndarray], sess, samples: list[dict]) -> tuple[fl
     return float(np.mean(sentences)), float(np.min(sentences)), float(np.mean(tokens))
 
 
-def latency_ms(sessions: dict, feed: dict, repeats: int) -> dict[str, float]:
-    """Median ms per session, timed side by side in blocks (`graphopt.timing`)."""
-    from graphopt.timing import median_ms
-
-    for sess in sessions.values():
-        for _ in range(3):
-            sess.run(None, feed)
-    return median_ms({name: functools.partial(sess.run, None, feed) for name, sess in sessions.items()}, repeats)
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seq", type=int, default=128)
@@ -200,6 +190,7 @@ def main() -> None:
     import onnxruntime
 
     import graphopt
+    from graphopt.timing import median_ms
 
     texts = json.loads(SENTENCES.read_text())
     labels = args.only.split(",") if args.only else None
@@ -236,7 +227,7 @@ def main() -> None:
         reference = [sessions["original"].run(None, feed)[0] for feed in evaluation]
         scores = {label: fidelity(reference, s, evaluation) for label, s in sessions.items()}
         feed = encode(tokenizer, texts["evaluation"][:1], args.seq)[0]
-        latency = latency_ms(sessions, feed, args.repeats)
+        latency = median_ms({label: functools.partial(s.run, None, feed) for label, s in sessions.items()}, args.repeats, warmup=3)
         params = {label: param_count(m) for label, m in models.items()}
     print(f"onnxruntime {onnxruntime.__version__}; all-MiniLM-L6-v2; calibration 20 sentences, evaluation 20 others (unpadded)")
     print(f"latency: batch 1, seq {args.seq}, {args.threads} threads, {args.repeats} repeats side by side in blocks, median\n")

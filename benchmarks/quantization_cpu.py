@@ -147,13 +147,6 @@ def fidelity(reference: list[np.ndarray], sess, samples: list[dict]) -> tuple[fl
     return float(np.mean(tokens)), float(np.min(tokens)), float(np.mean(sentences))
 
 
-def interleaved_latency(sessions: dict, feed: dict, repeats: int) -> dict[str, float]:
-    for sess in sessions.values():
-        for _ in range(2):
-            sess.run(None, feed)
-    return median_ms({name: functools.partial(sess.run, None, feed) for name, sess in sessions.items()}, repeats)
-
-
 def run_model(name: str, args: argparse.Namespace, folder: str) -> None:
     texts = json.loads(SENTENCES.read_text())
     module, tokenizer, heads, hidden = load_model(name)
@@ -187,7 +180,7 @@ def run_model(name: str, args: argparse.Namespace, folder: str) -> None:
     latency = {}
     for batch in args.batches:
         feed = {k: np.repeat(v, batch, axis=0) for k, v in evaluation[0].items()}
-        latency[batch] = interleaved_latency(sessions, feed, args.repeats)
+        latency[batch] = median_ms({label: functools.partial(s.run, None, feed) for label, s in sessions.items()}, args.repeats, warmup=2)
     print(f"\n## {name} (seq {args.seq}, {args.threads} threads, {args.repeats} repeats side by side in blocks, median)")
     head = "| variant | build s | int8 mm | " + " | ".join(f"b{b} ms | vs fp32 | vs ort-dyn" for b in args.batches)
     print(head + " | token cos mean / worst | sentence cos | notes |")

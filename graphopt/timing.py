@@ -29,15 +29,21 @@ def time_interleaved(
     block: int = 3,
     settle: int = 1,
     pause_s: float = PAUSE_S,
+    warmup: int = 0,
     on_round: Callable[[int, int], None] | None = None,
 ) -> dict[str, list[float]]:
     """Milliseconds of `repeats` timed calls of each runner (after warm-up by the caller),
-    taken in rounds of a `pause_s` sleep, `settle` untimed then `block` timed calls per runner.
+    taken in rounds of a `pause_s` sleep, `settle` untimed then `block` timed calls per runner,
+    after `warmup` untimed calls of each runner (first calls that build caches or kernels).
     `on_round(index, rounds)` is called before each round (progress reporting)."""
-    if repeats < 1 or block < 1 or settle < 0 or pause_s < 0:
+    if repeats < 1 or block < 1 or settle < 0 or pause_s < 0 or warmup < 0:
         raise ValueError(
-            f"time_interleaved: repeats and block must be >= 1, settle and pause_s >= 0, got {repeats}, {block}, {settle}, {pause_s}"
+            "time_interleaved: repeats and block must be >= 1, settle, pause_s and warmup >= 0, "
+            f"got {repeats}, {block}, {settle}, {pause_s}, {warmup}"
         )
+    for run in runners.values():
+        for _ in range(warmup):
+            run()
     times: dict[str, list[float]] = {name: [] for name in runners}
     rounds = -(-repeats // block)
     for index in range(rounds):

@@ -20,7 +20,7 @@ def test_median_and_progress():
     assert rounds == [(0, 2), (1, 2)]
 
 
-@pytest.mark.parametrize("options", [{"repeats": 0}, {"repeats": 3, "block": 0}, {"repeats": 3, "settle": -1}, {"repeats": 3, "pause_s": -1}])
+@pytest.mark.parametrize("options", [{"repeats": 0}, {"repeats": 3, "block": 0}, {"repeats": 3, "settle": -1}, {"repeats": 3, "pause_s": -1}, {"repeats": 3, "warmup": -1}])
 def test_bad_counts_are_refused(options):
     with pytest.raises(ValueError, match="time_interleaved"):
         time_interleaved({"x": lambda: None}, **options)
@@ -33,3 +33,10 @@ def test_each_turn_starts_with_the_pause(monkeypatch):
     monkeypatch.setattr(graphopt.timing.time, "sleep", lambda s: events.append(("sleep", s)))
     time_interleaved({"a": lambda: events.append("a"), "b": lambda: events.append("b")}, repeats=1, block=1, settle=0, pause_s=0.25)
     assert events == [("sleep", 0.25), "a", ("sleep", 0.25), "b"]
+
+
+def test_warmup_calls_come_before_the_first_round():
+    calls = []
+    times = time_interleaved({"a": lambda: calls.append("a"), "b": lambda: calls.append("b")}, repeats=1, block=1, settle=0, pause_s=0, warmup=2)
+    assert calls == ["a", "a", "b", "b", "a", "b"]
+    assert {name: len(t) for name, t in times.items()} == {"a": 1, "b": 1}
