@@ -107,7 +107,8 @@ def _import_graph_module(gm: Any, example_inputs: list[Any], opset: int) -> tupl
         graph = _import_static(gm, example_inputs, bindings, opset)
         if graph is not None:
             return graph, kinds, {}, _output_spec(gm)
-    program, kinds, specialized = _export_graph_module(gm, example_inputs)
+    program = _export_graph_module(gm, example_inputs, placeholders, kinds, constants, sizes, tensors)
+    specialized = {i: constants[i] for i, kind in enumerate(kinds) if kind == "specialized"}
     constant_names = {f"const_{i}": _display_name(placeholders[i].target) for i, kind in enumerate(kinds) if kind == "constant"}
     return _import_program(program, opset, input_names, constant_names), kinds, specialized, program.call_spec.out_spec
 
@@ -171,11 +172,13 @@ def _display_name(target: str) -> str:
     return re.sub(r"(^|_)(modules|parameters|buffers)_", lambda m: "." if m.group(1) else "", name) or str(target)
 
 
-def _export_graph_module(gm: Any, example_inputs: list[Any]) -> tuple[Any, list[str], dict[int, int]]:
+def _export_graph_module(
+    gm: Any, example_inputs: list[Any], placeholders: list[Any], kinds: list[str], constants: dict[int, Any],
+    sizes: dict[int, tuple[int, int]], tensors: list[int],
+) -> Any:
+    """`gm` exported by torch.export, its placeholders fed as `_classify` sorted them."""
     import torch
 
-    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
-    kinds, constants, sizes, tensors = _classify(placeholders, example_inputs)
     gm = _inline_scalar_items(gm, constants)
     wrapper = _placeholder_feeder(gm, kinds, constants, sizes)
     real = [_real_example(example_inputs[i], placeholders[i]) for i in tensors]
@@ -185,8 +188,7 @@ def _export_graph_module(gm: Any, example_inputs: list[Any]) -> tuple[Any, list[
             program = torch.export.export(wrapper, tuple(real), dynamic_shapes=(dynamic,) if any(dynamic) else None, strict=False)
         except Exception as exc:
             raise UnsupportedOpError(f"from_fx: torch.export could not trace the GraphModule: {_first_line(exc)}") from exc
-    specialized = {i: constants[i] for i, kind in enumerate(kinds) if kind == "specialized"}
-    return program, kinds, specialized
+    return program
 
 
 def _classify(placeholders: list[Any], example_inputs: list[Any]) -> tuple[list[str], dict[int, Any], dict[int, tuple[int, int]], list[int]]:
