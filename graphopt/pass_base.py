@@ -159,7 +159,10 @@ def coerce_option(pass_name: str, key: str, value: Any, hint: Any) -> Any:
                 coerce_option(pass_name, key, k, key_type): coerce_option(pass_name, key, v, value_type)
                 for k, v in value.items()
             }
-    raise PipelineError(f"pass '{pass_name}': option '{key}' must be {_type_name(hint)}, got {value!r}")
+    hint_text = ""
+    if origin in (list, tuple) and isinstance(value, str) and value.lstrip().startswith("["):
+        hint_text = " (quote the items of a list: ['a*', 'b'])"
+    raise PipelineError(f"pass '{pass_name}': option '{key}' must be {_type_name(hint)}, got {value!r}{hint_text}")
 
 
 def _type_name(hint: Any) -> str:

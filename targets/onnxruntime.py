@@ -59,7 +59,7 @@ class OnnxRuntimeTarget(Target):
         if self.contrib_ops:
             from graphopt.targets.onnxruntime_lowering import lower_to_contrib_ops
 
-            graph = lower_to_contrib_ops(graph)
+            graph = lower_to_contrib_ops(graph, device=self.variant)
         return decompose_graphopt_ops(graph)
 
     def compile(self, graph: Graph) -> "OnnxRuntimeModel":
@@ -90,6 +90,12 @@ class OnnxRuntimeTarget(Target):
         return options
 
 
+    def disabled_optimizers(self) -> list[str]:
+        """ORT graph transformers turned off: on CPU, the fusion that would swap the lowering's
+        Add + LayerNormalization back for the slower SkipLayerNormalization kernel."""
+        return ["SkipLayerNormFusion"] if self.variant == "cpu" and self.contrib_ops else []
+
+
 class OnnxRuntimeModel(CompiledModel):
     """An InferenceSession over the lowered model."""
 
@@ -105,7 +111,9 @@ class OnnxRuntimeModel(CompiledModel):
             graph = None
         source = graph.to_onnx(keep_graphopt_ops=True).SerializeToString() if graph is not None else path
         try:
-            self.session = ort.InferenceSession(source, target.session_options(), providers=[_PROVIDERS[target.variant]])
+            self.session = ort.InferenceSession(
+                source, target.session_options(), providers=[_PROVIDERS[target.variant]], disabled_optimizers=target.disabled_optimizers()
+            )
         except Exception as exc:
             text = str(exc).strip().splitlines()
             where = path or "the lowered graph"

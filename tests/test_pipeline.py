@@ -95,6 +95,7 @@ def test_unknown_option_lists_the_options():
     ("test-tunable{ratio=high}", "option 'ratio' must be float, got 'high'"),
     ("test-tunable{mode=slow}", "option 'mode' must be one of fast, exact, got 'slow'"),
     ("test-tunable{heads=[1]}", "option 'heads'"),
+    ("smooth-quant{exclude=[MatMul_*,*dense*]}", "option 'exclude' must be list, got .* .quote the items of a list"),
     ("test-tunable{ratio}", "is not of the form key=value"),
     ("test-tunable{ratio=0.1", "unbalanced"),
 ])

@@ -8,6 +8,7 @@ from conftest import numpy_inputs
 import graphopt
 from graphopt import DType, Graph, TensorType
 from graphopt.check import max_abs_error
+from graphopt.target_registry import get_target
 from graphopt.targets.onnxruntime_lowering import lower_to_contrib_ops
 
 
@@ -22,15 +23,16 @@ def _contrib_counts(graph: Graph) -> dict:
 
 
 LOWERED = {
-    "bert": {"com.microsoft::Attention": 2, "com.microsoft::Gelu": 2, "com.microsoft::SkipLayerNormalization": 4},
-    "gpt2": {"com.microsoft::FastGelu": 2, "com.microsoft::MultiHeadAttention": 2, "com.microsoft::SkipLayerNormalization": 4},
+    "bert": {"com.microsoft::Attention": 2, "com.microsoft::Gelu": 2},
+    "gpt2": {"com.microsoft::FastGelu": 2, "com.microsoft::MultiHeadAttention": 2},
     "t5-encoder": {
         "SimplifiedLayerNormalization": 1, "com.microsoft::Attention": 2, "com.microsoft::FastGelu": 2,
         "com.microsoft::SkipSimplifiedLayerNormalization": 4,
     },
     "llama": {"SimplifiedLayerNormalization": 1, "com.microsoft::SkipSimplifiedLayerNormalization": 4, "graphopt::Attention": 2},
 }
-"""What each zoo model's fused ops become (TorchScript export). BERT's and T5's Q/K/V come
+"""What each zoo model's fused ops become on CPU (TorchScript export); BERT's and GPT-2's
+SkipLayerNorms become Add + LayerNormalization there (see the CPU test below). BERT's and T5's Q/K/V come
 from one fused-qkv MatMul (packed Attention); GPT-2's causal attention without a mask
 bias becomes MultiHeadAttention(unidirectional); LLaMA's grouped-query attention stays a
 graphopt op (decomposed on export)."""
@@ -123,8 +125,54 @@ def test_skip_layer_norm_exports_only_the_outputs_that_are_read(sum_read):
     node = graph.add_node("SkipLayerNorm", [x, skip, scale, beta], {"epsilon": 1e-5}, domain="graphopt",
                           num_outputs=2 if sum_read else 1, output_names=["y", "sum"] if sum_read else ["y"])
     graph.set_outputs(list(node.outputs))
-    lowered = lower_to_contrib_ops(graph)
+    lowered = lower_to_contrib_ops(graph, device="cuda")
     (proto,) = [n for n in lowered.to_onnx().graph.node if n.op_type == "SkipLayerNormalization"]
     assert list(proto.output) == ["y", "", "", "sum" if sum_read else ""]
     feeds = {"x": rng.standard_normal((2, 3, 8)).astype(np.float32), "skip": rng.standard_normal((2, 3, 8)).astype(np.float32)}
     assert max_abs_error(_run(graph, feeds), _run(lowered, feeds)) <= 1e-5
+
+
+def _skip_layer_norm_graph(with_bias: bool, simplified: bool = False) -> Graph:
+    graph = Graph("skipln", {"": 17})
+    x = graph.add_input("x", TensorType(DType.FLOAT, ("b", 128, 8)))
+    skip = graph.add_input("skip", TensorType(DType.FLOAT, ("b", 128, 8)))
+    rng = np.random.default_rng(0)
+    scale, beta, bias = (graph.add_constant(n, rng.standard_normal(8).astype(np.float32)) for n in ("scale", "beta", "bias"))
+    inputs = [x, skip, scale, None if simplified else beta] + ([bias] if with_bias else [])
+    node = graph.add_node("SkipLayerNorm", inputs, {"epsilon": 1e-5, "simplified": int(simplified)}, domain="graphopt", output_names=["y"])
+    graph.set_outputs([node.output])
+    return graph
+
+
+def _session_ops(model_bytes: bytes, tmp_path, **session_kwargs) -> list[str]:
+    import onnx
+
+    options = ort.SessionOptions()
+    options.optimized_model_filepath = str(tmp_path / "optimized.onnx")
+    ort.InferenceSession(model_bytes, options, providers=["CPUExecutionProvider"], **session_kwargs)
+    return [n.op_type for n in onnx.load(options.optimized_model_filepath).graph.node]
+
+
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_cpu_skip_layer_norm_stays_out_of_orts_slow_kernel(with_bias, tmp_path):
+    """On CPU, SkipLayerNorm becomes Add(x, skip) [+ bias] + LayerNormalization, in an order
+    ORT's SkipLayerNormFusion leaves alone (with a bias), and the target's own session turns
+    that fusion off (without one); CUDA keeps the contrib kernel."""
+    graph = _skip_layer_norm_graph(with_bias)
+    lowered = lower_to_contrib_ops(graph, device="cpu")
+    assert [n.op_type for n in lowered.nodes] == ["Add"] + (["Add"] if with_bias else []) + ["LayerNormalization"]
+    if with_bias:
+        assert lowered.nodes[1].inputs[1].name == "bias"  # added last: not ORT's fusion pattern
+        assert "SkipLayerNormalization" not in _session_ops(lowered.to_onnx().SerializeToString(), tmp_path)
+    target = get_target("onnxruntime:cpu")
+    assert "SkipLayerNormalization" not in _session_ops(lowered.to_onnx().SerializeToString(), tmp_path, disabled_optimizers=target.disabled_optimizers())
+    rng = np.random.default_rng(1)
+    feeds = {"x": rng.standard_normal((2, 128, 8)).astype(np.float32), "skip": rng.standard_normal((2, 128, 8)).astype(np.float32)}
+    assert max_abs_error(_run(graph, feeds), _run(lowered, feeds)) <= 1e-5
+    assert [n.op_type for n in lower_to_contrib_ops(graph, device="cuda").nodes] == ["SkipLayerNormalization"]
+
+
+def test_cpu_keeps_skip_simplified_layer_norm():
+    """SkipSimplifiedLayerNormalization is not slower than its decomposition on CPU: it stays."""
+    lowered = lower_to_contrib_ops(_skip_layer_norm_graph(True, simplified=True), device="cpu")
+    assert [n.op_type for n in lowered.nodes] == ["SkipSimplifiedLayerNormalization"]
