@@ -17,9 +17,9 @@ original and the compressed sentence embedding (mean pooling over tokens), and t
 token-embedding cosine. The reference is the plain export run by ONNX Runtime.
 
 Latency: one ORT session per variant (`--threads` intra-op threads, all graph
-optimizations but those graphopt's onnxruntime:cpu target turns off for its models), batch 1 at `--seq` tokens (one evaluation sentence padded), every variant
-timed side by side in blocks (`graphopt.timing`), median reported with the ratio to the
-original export. Params: elements of the ONNX file's initializers (embeddings included:
+optimizations but those graphopt's onnxruntime:cpu target turns off for its models),
+batch 1 at `--seq` tokens (one evaluation sentence padded), every variant timed side by
+side in blocks (`graphopt.timing`), median reported with the ratio to the original export. Params: elements of the ONNX file's initializers (embeddings included:
 11.7M of MiniLM's 22.7M parameters are the token embedding table); MB: their bytes (int8
 weights take a quarter of float32's).
 

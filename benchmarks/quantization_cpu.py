@@ -42,6 +42,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
+from graphopt.target_registry import get_target
 from graphopt.timing import median_ms
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -132,13 +133,6 @@ def ort_dynamic(path: Path, folder: str, heads: int, hidden: int):
     return onnx.load(quantized)
 
 
-def graphopt_disabled_optimizers(threads: int) -> list[str]:
-    """The ORT transformers graphopt's target turns off in its own sessions."""
-    from graphopt.target_registry import get_target
-
-    return get_target(f"onnxruntime:cpu{{threads={threads}}}").disabled_optimizers()
-
-
 def graphopt_model(path: Path, pipeline: str, calibration: list, threads: int):
     import graphopt
 
@@ -185,8 +179,9 @@ def run_model(name: str, args: argparse.Namespace, folder: str) -> None:
         models[label], stats = graphopt_model(path, pipeline, calibration, args.threads)
         build[label] = time.perf_counter() - start
         notes[label] = ", ".join(f"{k}={v}" for k, v in stats.items() if k in ("alpha", "quantized", "kept_float", "fidelity"))
-    disabled = {label: graphopt_disabled_optimizers(args.threads) if label.startswith("graphopt") else [] for label in models}
-    sessions = {label: session(m, args.threads, None, disabled[label]) for label, m in models.items()}
+    graphopt_disabled = get_target(f"onnxruntime:cpu{{threads={args.threads}}}").disabled_optimizers()
+    disabled = {label: graphopt_disabled if label.startswith("graphopt") else [] for label in models}
+    sessions = {label: session(m, args.threads, disabled_optimizers=disabled[label]) for label, m in models.items()}
     kernels = {label: kernel_counts(m, folder, disabled[label]) for label, m in models.items()}
     reference = [sessions["fp32"].run(None, feed)[0] for feed in evaluation]
     scores = {label: fidelity(reference, s, evaluation) for label, s in sessions.items()}

@@ -4,8 +4,8 @@ Spec: ``onnxruntime[:cpu|:cuda]{threads=N, optimization_level=all|extended|basic
 contrib_ops=True|False}``. graphopt's fused ops are lowered to the com.microsoft contrib
 kernels ORT accelerates where `contrib_ops` is on (see `onnxruntime_lowering`), and to
 standard ONNX otherwise. On CPU its sessions turn off ORT's SkipLayerNormFusion (see
-`OnnxRuntimeTarget.disabled_optimizers`). On CUDA, inputs given as CUDA torch tensors are bound in place
-(IO binding) and outputs come back as CUDA tensors. The saved artifact is `model.onnx`
+`OnnxRuntimeTarget.disabled_optimizers`). On CUDA, inputs given as CUDA torch tensors are
+bound in place (IO binding) and outputs come back as CUDA tensors. The saved artifact is `model.onnx`
 (plus `model.onnx.data` for models over ~1.8 GB).
 """
 
@@ -89,7 +89,6 @@ class OnnxRuntimeTarget(Target):
             "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
         }[self.optimization_level]
         return options
-
 
     def disabled_optimizers(self) -> list[str]:
         """ORT graph transformers turned off: on CPU, the fusion that would swap Add +
