@@ -203,7 +203,7 @@ def _schedule(nodes: Sequence[Node], on_target: dict[int, bool], first: bool) ->
     waiting: list[int] = []
     readers: list[list[int]] = [[] for _ in nodes]
     for i, node in enumerate(nodes):
-        producers = {index[id(v.producer)] for v in node.inputs if v is not None and id(v.producer) in index}
+        producers = {index[id(v.producer)] for v in node.reads if id(v.producer) in index}
         waiting.append(len(producers))
         for p in producers:
             readers[p].append(i)
@@ -274,6 +274,7 @@ def subgraph(graph: Graph, nodes: Sequence[Node], outputs: Sequence[Value], *, n
         copy = part.add_node(
             node.op_type, [local(v) for v in node.inputs], node.attrs, domain=node.domain,
             output_names=[o.name for o in node.outputs], name=node.name, infer=False, origin=node.origin,
+            captures=[(n, local(v)) for n, v in zip(node.capture_names, node.captures)],
         )
         for old, new in zip(node.outputs, copy.outputs):
             new.type, new.symbolic = old.type, old.symbolic

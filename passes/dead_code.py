@@ -15,8 +15,8 @@ class EliminateDeadCode(Pass):
     """Remove nodes whose outputs reach no graph output, and constants nothing reads.
 
     Rules:
-    1. A node is live when one of its outputs is a graph output or is read by a live node,
-       or when it may have side effects: an op whose schema is impure (random ops) or an
+    1. A node is live when one of its outputs is a graph output or is read by a live node
+       (as an input, or from inside the node's If/Loop/Scan bodies), or when it may have side effects: an op whose schema is impure (random ops) or an
        opaque op (no schema), unless `remove_opaque` is set.
     2. Every other node is removed, readers before producers.
     3. A constant that no node reads and that is not a graph output is removed, unless it
@@ -50,7 +50,7 @@ class EliminateDeadCode(Pass):
         for node in reversed(graph.nodes):
             if self._has_effects(node) or any(id(out) in needed for out in node.outputs):
                 live.add(id(node))
-                needed.update(id(value) for value in node.inputs if value is not None)
+                needed.update(id(value) for value in node.reads)
         return live
 
     def _has_effects(self, node: Node) -> bool:

@@ -28,10 +28,16 @@ MAX_INFERENCE_CONSTANT = 4096
 
 
 class Use(NamedTuple):
-    """One use of a value: input slot `index` of `node`."""
+    """One use of a value: input slot `index` of `node`, or, for a negative `index`, capture
+    slot `-index - 1` (a value the node's subgraphs read from the outer scope)."""
 
     node: "Node"
     index: int
+
+    @property
+    def is_capture(self) -> bool:
+        """True when a subgraph of `node` (an If/Loop/Scan body) reads the value."""
+        return self.index < 0
 
 
 class Value:
@@ -95,11 +101,17 @@ class Node:
 
     `inputs` may contain None for an omitted optional input. `attrs` maps attribute names
     to Python values (int, float, str, tuples of those, `ConstTensor`, or an opaque
-    attribute kept from the source format). `origin` records where an op came from (e.g.
-    ONNX doc strings or metadata) so it can be written back unchanged.
+    attribute kept from the source format, such as an If/Loop/Scan body). `captures` are the
+    outer values those bodies read, and `capture_names` the names the bodies call them by
+    (the exporter renames the references when a capture's value is renamed or replaced);
+    captures are uses like inputs, so no pass deletes or reorders what a body reads.
+    `origin` records where an op came from (e.g. ONNX doc strings or metadata) so it can be
+    written back unchanged.
     """
 
-    __slots__ = ("op_type", "domain", "name", "attrs", "origin", "graph", "_inputs", "_outputs")
+    __slots__ = (
+        "op_type", "domain", "name", "attrs", "origin", "graph", "_inputs", "_outputs", "_captures", "capture_names",
+    )
 
     def __init__(
         self,
@@ -112,6 +124,7 @@ class Node:
         output_names: Optional[Sequence[str]] = None,
         name: str = "",
         origin: Optional[dict[str, Any]] = None,
+        captures: Sequence[tuple[str, Value]] = (),
     ) -> None:
         self.op_type = op_type
         self.domain = "" if domain == "ai.onnx" else domain
@@ -124,6 +137,8 @@ class Node:
             if value is not None and not isinstance(value, Value):
                 raise TypeError(f"node {op_type}: inputs must be Values or None, got {type(value).__name__}")
             self._inputs.append(value)
+        self.capture_names: tuple[str, ...] = tuple(name for name, _ in captures)
+        self._captures: list[Value] = [value for _, value in captures]
         names = list(output_names) if output_names is not None else [""] * num_outputs
         self._outputs: list[Value] = []
         for index, out_name in enumerate(names):
@@ -139,6 +154,24 @@ class Node:
     @property
     def outputs(self) -> tuple[Value, ...]:
         return tuple(self._outputs)
+
+    @property
+    def captures(self) -> tuple[Value, ...]:
+        """The outer values this node's subgraphs read (empty for nodes without bodies)."""
+        return tuple(self._captures)
+
+    @property
+    def reads(self) -> tuple[Value, ...]:
+        """Every value the node needs before it runs: its inputs, then its captures."""
+        return tuple(v for v in self._inputs if v is not None) + tuple(self._captures)
+
+    def read_slots(self) -> Iterator[tuple[int, Value]]:
+        """(use index, value) of every input and capture slot holding a value."""
+        for index, value in enumerate(self._inputs):
+            if value is not None:
+                yield index, value
+        for index, value in enumerate(self._captures):
+            yield -index - 1, value
 
     @property
     def output(self) -> Value:
@@ -166,13 +199,17 @@ class Node:
         return f"'{self.name}' ({self.qualified_op})" if self.name else f"({self.qualified_op})"
 
     def replace_input(self, index: int, value: Optional[Value]) -> None:
-        """Point input slot `index` at `value`, keeping use lists right."""
-        old = self._inputs[index]
+        """Point input slot `index` (or, for a negative index, capture slot `-index - 1`: see
+        `Use`) at `value`, keeping use lists right."""
+        slots, slot = (self._inputs, index) if index >= 0 else (self._captures, -index - 1)
+        old = slots[slot]
         if old is value:
             return
+        if value is None and index < 0:
+            raise GraphError(f"node {self.label}: a captured value cannot be replaced by None")
         if old is not None and self.graph is not None:
             old._uses.remove(Use(self, index))
-        self._inputs[index] = value
+        slots[slot] = value
         if value is not None and self.graph is not None:
             value._uses.append(Use(self, index))
 
@@ -194,6 +231,8 @@ class Graph:
         self._nodes: list[Node] = []
         self._constants: dict[str, Value] = {}
         self._names: set[str] = set()
+        self._reserved: set[str] = set()
+        """Names defined inside subgraph bodies: no value of this graph may take them."""
         self._node_names: set[str] = set()
         self._name_cursor: dict[str, int] = {}
         """Per base name, a suffix below which every `base_N` node name is taken."""
@@ -256,6 +295,13 @@ class Graph:
         while f"{base}_{suffix}" in self._names:
             suffix += 1
         return f"{base}_{suffix}"
+
+    def reserve_names(self, names: Iterable[str]) -> None:
+        """Keep `names` (values defined inside If/Loop/Scan bodies) from ever naming a value of
+        this graph, since ONNX forbids an outer value and a body value sharing a name."""
+        fresh = set(names) - self._names
+        self._reserved |= fresh
+        self._names |= fresh
 
     def _claim(self, value: Value, base: str) -> None:
         value.name = self.unique_name(base)
@@ -326,11 +372,12 @@ class Graph:
         after: Optional[Node] = None,
         infer: bool = True,
         origin: Optional[dict[str, Any]] = None,
+        captures: Sequence[tuple[str, Value]] = (),
     ) -> Node:
         """Create a node, insert it (at the end, or before/after an anchor), infer its types."""
         node = Node(
             op_type, inputs, attrs, domain=domain, num_outputs=num_outputs,
-            output_names=output_names, name=name, origin=origin,
+            output_names=output_names, name=name, origin=origin, captures=captures,
         )
         self.insert(node, before=before, after=after)
         if infer:
@@ -343,8 +390,8 @@ class Graph:
             raise GraphError(f"node {node.label} is already in a graph")
         if before is not None and after is not None:
             raise GraphError("give either before= or after=, not both")
-        for value in node._inputs:
-            if value is not None and value.graph is not self:
+        for _, value in node.read_slots():
+            if value.graph is not self:
                 raise GraphError(
                     f"node {node.label} reads %{value.name}, which does not belong to graph '{self.name}'"
                 )
@@ -359,9 +406,8 @@ class Graph:
         if not node.name or node.name in self._node_names:
             node.name = self.unique_node_name(node.name or node.op_type)
         self._node_names.add(node.name)
-        for index, value in enumerate(node._inputs):
-            if value is not None:
-                value._uses.append(Use(node, index))
+        for index, value in node.read_slots():
+            value._uses.append(Use(node, index))
         for out in node._outputs:
             self._claim(out, out.name or f"{node.name}_out{out.output_index}")
         return node
@@ -392,9 +438,8 @@ class Graph:
             if out.is_graph_output:
                 raise GraphError(f"cannot erase node {node.label}: its output %{out.name} is a graph output")
         del self._nodes[self._position(node)]
-        for index, value in enumerate(node._inputs):
-            if value is not None:
-                value._uses.remove(Use(node, index))
+        for index, value in node.read_slots():
+            value._uses.remove(Use(node, index))
         for out in node._outputs:
             self._names.discard(out.name)
             out.graph = None
@@ -465,8 +510,8 @@ class Graph:
         for node in self._nodes:
             view.add_node(node.name, node=node, op=node.qualified_op)
         for node in self._nodes:
-            for value in node._inputs:
-                if value is not None and value.producer is not None and value.producer.graph is self:
+            for value in node.reads:
+                if value.producer is not None and value.producer.graph is self:
                     src = value.producer.name
                     if view.has_edge(src, node.name):
                         view.edges[src, node.name]["values"].append(value.name)
@@ -478,6 +523,7 @@ class Graph:
         """A structural copy sharing the constant tensors (weights are not copied)."""
         copy = Graph(self.name, self.opset_imports)
         copy.metadata = dict(self.metadata)
+        copy.reserve_names(self._reserved)
         mapping: dict[int, Value] = {}
         for value in self._inputs:
             new = copy.add_input(value.name, value.type)
@@ -489,7 +535,7 @@ class Graph:
             new_node = Node(
                 node.op_type, [None if v is None else mapping[id(v)] for v in node._inputs], node.attrs,
                 domain=node.domain, output_names=[o.name for o in node._outputs], name=node.name,
-                origin=node.origin,
+                origin=node.origin, captures=[(n, mapping[id(v)]) for n, v in zip(node.capture_names, node._captures)],
             )
             copy.insert(new_node)
             for old_out, new_out in zip(node._outputs, new_node._outputs):

@@ -2,9 +2,10 @@
 
 Checks, in order:
 1. every value name is unique and every value has one producer (SSA);
-2. use lists match the node inputs exactly (no stale or missing uses);
-3. every input a node reads is a graph input, a constant, or an output of a node in this
-   graph (a dangling value otherwise);
+2. use lists match the node inputs and captures (outer values read by If/Loop/Scan bodies)
+   exactly (no stale or missing uses);
+3. every input or capture a node reads is a graph input, a constant, or an output of a node
+   in this graph (a dangling value otherwise);
 4. nodes are in topological order: a value is produced before it is read (a cycle is
    reported as such, with the nodes on it);
 5. graph outputs are defined in the graph;
@@ -61,10 +62,9 @@ def _check_uses(graph: "Graph", problems: list[str]) -> None:
     expected: dict[int, list] = {}
     values: dict[int, "Value"] = {}
     for node in graph.nodes:
-        for index, value in enumerate(node.inputs):
-            if value is not None:
-                expected.setdefault(id(value), []).append((id(node), index))
-                values[id(value)] = value
+        for index, value in node.read_slots():
+            expected.setdefault(id(value), []).append((id(node), index))
+            values[id(value)] = value
     for value in graph.values():
         values[id(value)] = value
     for key, value in values.items():
@@ -77,8 +77,8 @@ def _check_order(graph: "Graph", owned: set[int], problems: list[str]) -> None:
     defined = {id(v) for v in graph.inputs} | {id(v) for v in graph.constants.values()}
     late = []
     for node in graph.nodes:
-        for value in node.inputs:
-            if value is None or id(value) in defined:
+        for value in node.reads:
+            if id(value) in defined:
                 continue
             if id(value) not in owned:
                 problems.append(
