@@ -62,7 +62,7 @@ def fold_known_outputs(graph: Graph, node: Node) -> int:
 
 def _is_pure_onnx(node: Node) -> bool:
     schema = node.schema
-    return node.domain == "" and schema is not None and schema.pure and node.op_type != "Constant"
+    return node.domain == "" and schema is not None and schema.pure and node.op_type != "Constant" and not node.captures
 
 
 def _constant_node_data(node: Node) -> Optional[Union[ConstTensor, np.ndarray]]:
