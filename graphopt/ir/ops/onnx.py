@@ -1,6 +1,7 @@
 """Schemas of the ONNX default-domain ops that Transformer graphs use.
 
-Every schema follows ONNX semantics for default-domain opsets 13-21. Where an operand moved
+Every schema follows ONNX semantics for default-domain opsets 13-21 (and 23-24 for the
+Transformer ops Attention, RMSNormalization and RotaryEmbedding). Where an operand moved
 from an attribute to an input within or just before that range (Squeeze/Unsqueeze axes,
 Reduce* axes, Split sizes, Slice starts/ends/axes/steps, Pad pads, Clip bounds) both forms
 are read: the input when the node has it, else the attribute.
@@ -1591,6 +1592,102 @@ _register(
     "MeanVarianceNormalization",
     _same_as_input,
     doc="Zero-mean, unit-variance normalization over `axes`.",
+)
+
+
+# --------------------------------------------------------------------------------------
+# Opset 23/24 Transformer ops: Attention, RMSNormalization, RotaryEmbedding
+# --------------------------------------------------------------------------------------
+
+
+def _heads_split(ctx: InferenceContext, index: int, heads: Any, what: str) -> tuple[Dim, Dim, Dim, Dim]:
+    """Input `index` as (batch, heads, seq, head_size): a 4-D input as it is, a 3-D
+    [batch, seq, heads * head_size] input split by attribute `heads`."""
+    shape = _shape(ctx, index)
+    if shape is None:
+        return (None, None, None, None)
+    if len(shape) == 4:
+        if isinstance(heads, int) and isinstance(shape[1], int) and shape[1] != heads:
+            raise _error(ctx, f"{what} has {shape[1]} heads, attribute says {heads}")
+        return shape  # type: ignore[return-value]
+    if len(shape) != 3:
+        raise _error(ctx, f"{what} must have rank 3 or 4, got {_fmt(shape)}")
+    if not isinstance(heads, int) or heads <= 0:
+        raise _error(ctx, f"3-D {what} {_fmt(shape)} needs a positive head-count attribute")
+    hidden = shape[2]
+    if isinstance(hidden, int) and hidden % heads:
+        raise _error(ctx, f"{what} hidden size {hidden} is not a multiple of {heads} heads")
+    return (shape[0], heads, shape[1], hidden // heads if isinstance(hidden, int) else None)
+
+
+def _infer_attention(ctx: InferenceContext) -> list[TensorType]:
+    ranks = {len(shape) for shape in (_shape(ctx, i) for i in range(3)) if shape is not None}
+    if len(ranks) > 1:
+        raise _error(ctx, "Q, K and V must all be 3-D or all be 4-D")
+    if ctx.has_input(4) != ctx.has_input(5):
+        raise _error(ctx, "past_key and past_value must be given together")
+    q_heads, kv_heads = ctx.attr("q_num_heads"), ctx.attr("kv_num_heads")
+    batch, heads, q_len, _ = _heads_split(ctx, 0, q_heads, "Q")
+    _, k_heads, kv_len, k_size = _heads_split(ctx, 1, kv_heads, "K")
+    _, _, _, v_size = _heads_split(ctx, 2, kv_heads, "V")
+    if isinstance(heads, int) and isinstance(k_heads, int) and heads % k_heads:
+        raise _error(ctx, f"{heads} query heads are not a multiple of {k_heads} key/value heads")
+    past = _shape(ctx, 4) if ctx.has_input(4) else (None, None, 0, None)
+    total = _add(past[2], kv_len) if past is not None and len(past) == 4 else None
+    q_dtype, v_dtype = _first_dtype(ctx, (0, 1, 4)), _first_dtype(ctx, (2, 5))
+    if ranks == {3}:
+        hidden = _product([heads, v_size])
+        y = TensorType(q_dtype, (batch, q_len, hidden))
+    elif ranks == {4}:
+        y = TensorType(q_dtype, (batch, heads, q_len, v_size))
+    else:
+        y = TensorType(q_dtype, None)
+    present_key = TensorType(q_dtype, (batch, k_heads, total, k_size))
+    present_value = TensorType(v_dtype, (batch, k_heads, total, v_size))
+    scores = TensorType(q_dtype, (batch, heads, q_len, total))
+    return [y, present_key, present_value, scores][: ctx.num_outputs]
+
+
+def _infer_rms_norm(ctx: InferenceContext) -> list[TensorType]:
+    x = ctx.input_type(0)
+    if x.shape is not None:
+        _axis(ctx, int(ctx.attr("axis", -1)), len(x.shape))
+    return [TensorType(_first_dtype(ctx, (1, 0)), x.shape)]
+
+
+def _infer_rotary(ctx: InferenceContext) -> list[TensorType]:
+    shape = _shape(ctx, 0)
+    if shape is not None:
+        if len(shape) not in (3, 4):
+            raise _error(ctx, f"X must have rank 3 or 4, got {_fmt(shape)}")
+        if len(shape) == 3:
+            _heads_split(ctx, 0, ctx.attr("num_heads"), "X")
+    rotary = int(ctx.attr("rotary_embedding_dim", 0))
+    if rotary % 2:
+        raise _error(ctx, f"rotary_embedding_dim {rotary} is odd")
+    return [ctx.input_type(0)]
+
+
+_register(
+    "Attention",
+    _infer_attention,
+    inputs=(3, 7),
+    outputs=(1, 4),
+    same=((0, 1, 4), (2, 5)),
+    doc="Scaled dot-product attention (opset 23/24): 3-D or 4-D Q/K/V, GQA, causal, mask, KV cache, softcap.",
+)
+_register(
+    "RMSNormalization",
+    _infer_rms_norm,
+    inputs=(2, 2),
+    doc="Root-mean-square normalization over dims from `axis`, statistics in `stash_type` (opset 23).",
+)
+_register(
+    "RotaryEmbedding",
+    _infer_rotary,
+    inputs=(3, 4),
+    same=((0, 1, 2),),
+    doc="Rotary position embedding of 3-D or 4-D X from cos/sin caches (opset 23).",
 )
 
 

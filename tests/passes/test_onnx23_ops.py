@@ -1,0 +1,210 @@
+"""The opset-23/24 Transformer ops Attention, RMSNormalization and RotaryEmbedding.
+
+Each case is a one-node model built with `onnx.helper`. It is imported (shapes inferred),
+put through `cleanup` and `fuse` (which must keep the op, unfused, and the outputs), and
+run on every target; the outputs must equal ONNX Runtime's run of the original model (the
+ONNX reference evaluator's where ORT has no kernel for the form). Forms a target cannot
+compute exactly are refused at compile time, naming the op and the attribute.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Optional
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+from onnx import TensorProto, helper
+from onnx.reference import ReferenceEvaluator
+
+import graphopt
+from graphopt.api import compile
+from graphopt.errors import GraphoptError
+from graphopt.frontends.onnx_import import from_onnx
+
+RNG = np.random.default_rng(23)
+B, HQ, HKV, S, D = 2, 4, 2, 3, 8
+
+Feeds = dict[str, Optional[np.ndarray]]
+
+
+def f32(*shape: int) -> np.ndarray:
+    return RNG.standard_normal(shape).astype(np.float32)
+
+
+@dataclasses.dataclass
+class Case:
+    """One node: its op, inputs (None = omitted), output names, attributes and expected output shapes."""
+
+    id: str
+    op: str
+    inputs: Feeds
+    outputs: tuple[str, ...]
+    attrs: dict[str, Any]
+    shapes: tuple[tuple[Any, ...], ...]
+    opset: int = 23
+    reference: str = "onnxruntime"
+    tvm_refusal: str = ""
+
+    def model(self, symbolic_batch: bool = False) -> onnx.ModelProto:
+        names = [name if value is not None else "" for name, value in self.inputs.items()]
+        while names and not names[-1]:
+            names.pop()
+        node = helper.make_node(self.op, names, list(self.outputs), **self.attrs)
+        inputs = [
+            helper.make_tensor_value_info(name, helper.np_dtype_to_tensor_dtype(value.dtype),
+                                          ["batch", *value.shape[1:]] if symbolic_batch and value.ndim >= 3 else value.shape)
+            for name, value in self.inputs.items() if value is not None
+        ]
+        outputs = [helper.make_tensor_value_info(name, TensorProto.FLOAT, None) for name in self.outputs]
+        model = helper.make_model(helper.make_graph([node], self.id, inputs, outputs),
+                                  opset_imports=[helper.make_opsetid("", self.opset)])
+        model.ir_version = 10
+        return model
+
+    def feeds(self) -> dict[str, np.ndarray]:
+        return {name: value for name, value in self.inputs.items() if value is not None}
+
+    def expected(self) -> list[np.ndarray]:
+        model = self.model()
+        if self.reference == "onnxruntime":
+            session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+            return session.run(None, self.feeds())
+        return ReferenceEvaluator(model).run(None, self.feeds())
+
+
+def heads3d(x: np.ndarray) -> np.ndarray:
+    """[B, H, S, D] -> [B, S, H * D]."""
+    return x.transpose(0, 2, 1, 3).reshape(x.shape[0], x.shape[2], -1)
+
+
+def attention(id: str, q: np.ndarray, k: np.ndarray, v: np.ndarray, mask: Optional[np.ndarray] = None,  # noqa: A002
+              past: Optional[tuple[np.ndarray, np.ndarray]] = None, *, outputs: int = 1,
+              shapes: tuple[tuple[Any, ...], ...] = (), **kwargs: Any) -> Any:
+    inputs: Feeds = {"Q": q, "K": k, "V": v, "attn_mask": mask,
+                     "past_key": past[0] if past else None, "past_value": past[1] if past else None}
+    extra = {key: kwargs.pop(key) for key in ("opset", "reference", "tvm_refusal") if key in kwargs}
+    if "nonpad_kv_seqlen" in kwargs:
+        inputs["nonpad_kv_seqlen"] = kwargs.pop("nonpad_kv_seqlen")
+    names = ("Y", "present_key", "present_value", "qk_matmul_output")[:outputs]
+    return pytest.param(Case(id, "Attention", inputs, names, kwargs, shapes, **extra), id=id)
+
+
+def causal_bool(q_len: int, k_len: int) -> np.ndarray:
+    return np.tril(np.ones((q_len, k_len), dtype=bool))
+
+
+Q4, K4, V4 = f32(B, HQ, S, D), f32(B, HQ, S, D), f32(B, HQ, S, D)
+KG, VG = f32(B, HKV, S, D), f32(B, HKV, S, D)
+KX, VX = f32(B, HQ, 5, D), f32(B, HQ, 5, 6)
+PK, PV = f32(B, HKV, 4, D), f32(B, HKV, 4, D)
+MASK_BOOL = RNG.random((B, 1, S, S)) < 0.7
+MASK_BOOL[1, 0, 2, :] = False  # a fully masked query row: zeros
+MASK_FLOAT = f32(B, HQ, S, 7)
+MASK_FLOAT[0, 1, 0, :] = -np.inf
+
+ATTENTION = [
+    attention("mha-4d", Q4, K4, V4, shapes=((B, HQ, S, D),)),
+    attention("cross-4d-dv", Q4, KX, VX, shapes=((B, HQ, S, 6),), scale=0.2),
+    attention("gqa-4d-causal", Q4, KG, VG, is_causal=1, shapes=((B, HQ, S, D),)),
+    attention("gqa-3d", heads3d(Q4), heads3d(KG), heads3d(VG), q_num_heads=HQ, kv_num_heads=HKV, shapes=((B, S, HQ * D),)),
+    attention("gqa-3d-causal-bool-mask", heads3d(Q4), heads3d(KG), heads3d(VG), MASK_BOOL, is_causal=1,
+              q_num_heads=HQ, kv_num_heads=HKV, shapes=((B, S, HQ * D),)),
+    attention("bool-mask-fully-masked-row", Q4, K4, V4, MASK_BOOL, shapes=((B, HQ, S, D),)),
+    attention("mqa-4d-causal-cross", Q4, f32(B, 1, 5, D), f32(B, 1, 5, D), is_causal=1, shapes=((B, HQ, S, D),)),
+    attention("gqa-past-causal", Q4, KG, VG, None, (PK, PV), outputs=3, is_causal=1,
+              shapes=((B, HQ, S, D), (B, HKV, 7, D), (B, HKV, 7, D))),
+    attention("gqa-3d-past-float-mask", heads3d(Q4), heads3d(KG), heads3d(VG), MASK_FLOAT, (PK, PV), outputs=3,
+              q_num_heads=HQ, kv_num_heads=HKV, shapes=((B, S, HQ * D), (B, HKV, 7, D), (B, HKV, 7, D))),
+    attention("past-causal-float-mask", Q4, KG, VG, MASK_FLOAT, (PK, PV), outputs=3, is_causal=1,
+              shapes=((B, HQ, S, D), (B, HKV, 7, D), (B, HKV, 7, D))),
+    attention("softcap", Q4, K4, V4, softcap=2.0, shapes=((B, HQ, S, D),),
+              tvm_refusal="Attention: softcap"),
+    attention("qk-output-mode-2", Q4, KX, VX, MASK_FLOAT[:, :, :, :5], outputs=4, qk_matmul_output_mode=2, softcap=1.5,
+              shapes=((B, HQ, S, 6), (B, HQ, 5, D), (B, HQ, 5, 6), (B, HQ, S, 5)), tvm_refusal="Attention: qk_matmul_output"),
+    attention("qk-output-mode-0", Q4, K4, V4, outputs=4, shapes=((B, HQ, S, D), (B, HQ, S, D), (B, HQ, S, D), (B, HQ, S, S)),
+              tvm_refusal="Attention: qk_matmul_output"),
+    attention("softmax-precision-double", Q4, K4, V4, softmax_precision=11, shapes=((B, HQ, S, D),),
+              tvm_refusal="Attention: softmax_precision"),
+    attention("nonpad-kv-seqlen-causal", Q4, KX, VX, nonpad_kv_seqlen=np.array([4, 5], np.int64), is_causal=1,
+              opset=24, reference="reference", shapes=((B, HQ, S, 6),), tvm_refusal="Attention: nonpad_kv_seqlen"),
+]
+
+
+def rms(id: str, x: np.ndarray, scale: np.ndarray, **attrs: Any) -> Any:  # noqa: A002
+    return pytest.param(Case(id, "RMSNormalization", {"X": x, "scale": scale}, ("Y",), attrs, (x.shape,)), id=id)
+
+
+RMS_NORMALIZATION = [
+    rms("last-axis", f32(B, S, 16), f32(16)),
+    rms("two-axes-epsilon", f32(B, S, 4, 8), f32(4, 8), axis=-2, epsilon=1e-3),
+    rms("axis-1-scalar-scale", f32(B, S, 16), f32(1), axis=1),
+]
+
+
+def rotary(id: str, x: np.ndarray, cache_rows: tuple[int, ...], positions: Optional[np.ndarray], **attrs: Any) -> Any:  # noqa: A002
+    inputs: Feeds = {"X": x, "cos_cache": np.cos(f32(*cache_rows)), "sin_cache": np.sin(f32(*cache_rows)), "position_ids": positions}
+    return pytest.param(Case(id, "RotaryEmbedding", inputs, ("Y",), attrs, (x.shape,)), id=id)
+
+
+POSITIONS = np.array([[0, 1, 2], [5, 3, 7]], dtype=np.int64)
+ROTARY_EMBEDDING = [
+    rotary("4d-halves", f32(B, HQ, S, D), (8, D // 2), POSITIONS),
+    rotary("4d-interleaved", f32(B, HQ, S, D), (8, D // 2), POSITIONS, interleaved=1),
+    rotary("3d-partial", f32(B, S, HQ * D), (8, 2), POSITIONS, num_heads=HQ, rotary_embedding_dim=4),
+    rotary("3d-interleaved-partial", f32(B, S, HQ * D), (8, 2), POSITIONS, num_heads=HQ, rotary_embedding_dim=4, interleaved=1),
+    rotary("4d-caches-per-token", f32(B, HQ, S, D), (B, S, D // 2), None),
+]
+
+ALL = ATTENTION + RMS_NORMALIZATION + ROTARY_EMBEDDING
+
+
+def assert_close(got: list[Any], want: list[np.ndarray], what: str) -> None:
+    assert len(got) == len(want), what
+    for index, (g, w) in enumerate(zip(got, want)):
+        g = np.asarray(g)
+        assert g.shape == w.shape, f"{what}: output {index} shape {g.shape} != {w.shape}"
+        assert not np.isnan(g).any(), f"{what}: output {index} has NaN"
+        np.testing.assert_allclose(g, w, rtol=1e-4, atol=1e-5, err_msg=f"{what}: output {index}")
+
+
+@pytest.mark.parametrize("case", ALL)
+def test_import_infers_output_shapes(case: Case) -> None:
+    graph = from_onnx(case.model())
+    assert [n.op_type for n in graph.nodes] == [case.op]
+    assert [tuple(out.type.shape) for out in graph.outputs] == [tuple(s) for s in case.shapes]
+    symbolic = from_onnx(case.model(symbolic_batch=True))
+    assert [out.type.shape[0] for out in symbolic.outputs] == ["batch"] * len(case.shapes)
+
+
+@pytest.mark.parametrize("case", ALL)
+def test_cleanup_and_fuse_keep_the_op_and_the_outputs(case: Case) -> None:
+    expected = case.expected()
+    for pipeline in ("cleanup", "fuse"):
+        graph = graphopt.optimize(case.model(), pipeline)
+        assert [n.op_type for n in graph.nodes] == [case.op], pipeline
+        assert_close(compile(graph, "onnxruntime", "cleanup")(**case.feeds()), expected, pipeline)
+
+
+@pytest.mark.parametrize("case", ALL)
+def test_torch_target_and_to_fx_match(case: Case) -> None:
+    import torch
+
+    expected = case.expected()
+    assert_close(compile(case.model(), "torch")(**case.feeds()), expected, "torch target")
+    module = from_onnx(case.model()).to_fx()
+    with torch.no_grad():
+        outputs = module(*[torch.from_numpy(v) for v in case.feeds().values()])
+    assert_close([o.numpy() for o in outputs], expected, "to_fx")
+
+
+@pytest.mark.parametrize("case", ALL)
+def test_tvm_target_matches_or_refuses(case: Case) -> None:
+    pytest.importorskip("tvm")
+    if case.tvm_refusal:
+        with pytest.raises(GraphoptError, match=case.tvm_refusal):
+            compile(case.model(), "tvm:llvm")
+        return
+    assert_close(compile(case.model(), "tvm:llvm")(**case.feeds()), case.expected(), "tvm:llvm")
