@@ -1,0 +1,180 @@
+"""Relax translations of the opset-23/24 Transformer ops, registered into `tvm_relax`'s rule table.
+
+- `Attention`: 3-D Q/K/V split into heads (`q_num_heads` / `kv_num_heads`) and the output
+  merged back, `past_key` / `past_value` concatenated in front of K / V (the present
+  outputs), then graphopt's Attention translation (`tvm_relax_compute`) over an additive
+  bias: the float mask, or 0 / -inf for a boolean one, plus -inf outside the causal frontier
+  `j <= i + past length`; rows left with no key output zeros (`nan_to_zero`), as ONNX says.
+  Refused at compile time, naming the attribute: `softcap`, a read `qk_matmul_output`,
+  a `softmax_precision` other than the input type, `nonpad_kv_seqlen`, the opset-25
+  windows, and a mask whose last dim is not the total key count (ONNX pads a shorter one).
+- `RMSNormalization`: float32 X and scale, as `nn.rms_norm` over `axis`..-1 (other types are refused).
+- `RotaryEmbedding`: cos/sin rows gathered by `position_ids`, the rotated halves (or
+  interleaved pairs) of the first `rotary_embedding_dim` features, the rest passed through.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Optional
+
+from graphopt.ir.dtypes import DType
+from graphopt.ir.graph import Node
+from graphopt.targets.tvm_relax import RelaxConversionError, _Converter, _prim, _rule_for, _same_dims
+from graphopt.targets.tvm_relax_compute import _attention, _normalize
+
+_FLOAT_TYPES = {1: "float32", 10: "float16", 11: "float64", 16: "bfloat16"}
+
+
+@dataclasses.dataclass
+class _HeadsAttention:
+    """The attributes graphopt's Attention translation reads, for split heads."""
+
+    attrs: dict[str, Any]
+    label: str
+
+
+def _refuse(node: Node, what: str) -> RelaxConversionError:
+    return RelaxConversionError(f"{node.op_type}: {what} has no exact TVM translation")
+
+
+def _check_attention(node: Node, dtype: str) -> None:
+    """Refuse the settings the translation does not compute exactly."""
+    attrs = node.attrs
+    if float(attrs.get("softcap", 0.0)):
+        raise _refuse(node, f"softcap={attrs['softcap']}")
+    if len(node.outputs) > 3 and (node.outputs[3].uses() or node.outputs[3].is_graph_output):
+        raise _refuse(node, "qk_matmul_output")
+    precision = attrs.get("softmax_precision")
+    if precision is not None and _FLOAT_TYPES.get(int(precision)) != dtype:
+        raise _refuse(node, f"softmax_precision={precision} with {dtype} inputs")
+    if len(node.inputs) > 6 and node.inputs[6] is not None:
+        raise _refuse(node, "nonpad_kv_seqlen")
+    for window in ("left_window_size", "right_window_size"):
+        if int(attrs.get(window, -1)) >= 0:
+            raise _refuse(node, window)
+
+
+def _split_heads(c: _Converter, x: Any, heads: Optional[int]) -> Any:
+    """[B, S, H * D] -> [B, H, S, D]."""
+    from tvm import relax, tirx
+
+    batch, seq, hidden = c.shape(x)
+    size = hidden // heads if isinstance(hidden, int) else c.simplify(tirx.floordiv(hidden, heads))
+    return c.emit(relax.op.permute_dims(c.emit(relax.op.reshape(x, [batch, seq, heads, size])), [0, 2, 1, 3]))
+
+
+def _bias(c: _Converter, node: Node, mask: Any, q_len: Any, total: Any, past: Any, dtype: str) -> Any:
+    """The additive bias: the mask (boolean as 0 / -inf) plus -inf past the causal frontier."""
+    from tvm import relax
+
+    zero, blocked = relax.const(0.0, dtype), relax.const(float("-inf"), dtype)
+    bias = None
+    if mask is not None:
+        mask = c.tensor(mask)
+        if not _same_dims(c, [c.shape(mask)[-1]], [total]):
+            raise _refuse(node, "an attn_mask whose last dim is not the total key count")
+        if str(mask.ty.dtype) == "bool":
+            bias = c.emit(relax.op.where(mask, zero, blocked))
+        else:
+            bias = mask if str(mask.ty.dtype) == dtype else c.emit(relax.op.astype(mask, dtype))
+    if int(node.attrs.get("is_causal", 0)):
+        rows = relax.op.expand_dims(relax.op.arange(past, c.simplify(past + q_len), 1, "int64"), 1)
+        cols = relax.op.arange(0, total, 1, "int64")
+        frontier = c.emit(relax.op.where(relax.op.less_equal(cols, rows), zero, blocked))
+        bias = frontier if bias is None else c.emit(relax.op.add(bias, frontier))
+    return bias
+
+
+@_rule_for("Attention")
+def _onnx_attention(c: _Converter, node: Node, q: Any, k: Any, v: Any, mask: Any = None,
+                    past_key: Any = None, past_value: Any = None, nonpad: Any = None) -> Any:
+    from tvm import relax
+
+    q, k, v = c.tensor(q), c.tensor(k), c.tensor(v)
+    dtype = str(q.ty.dtype)
+    _check_attention(node, dtype)
+    three_d = c.rank(q) == 3
+    if three_d:
+        q = _split_heads(c, q, node.attrs.get("q_num_heads"))
+        k = _split_heads(c, k, node.attrs.get("kv_num_heads"))
+        v = _split_heads(c, v, node.attrs.get("kv_num_heads"))
+    past = 0
+    if past_key is not None:
+        past = c.shape(c.tensor(past_key))[2]
+        k = c.emit(relax.op.concat([c.tensor(past_key), k], axis=2))
+        v = c.emit(relax.op.concat([c.tensor(past_value), v], axis=2))
+    batch, heads, q_len, _ = c.shape(q)
+    total = c.shape(k)[2]
+    attrs = {"num_heads": heads, "num_kv_heads": c.shape(k)[1], "scale": node.attrs.get("scale"), "nan_to_zero": 1}
+    y = _attention(c, _HeadsAttention(attrs, node.label), q, k, v, _bias(c, node, mask, q_len, total, past, dtype))  # type: ignore[arg-type]
+    if three_d:
+        y = c.emit(relax.op.reshape(c.emit(relax.op.permute_dims(y, [0, 2, 1, 3])), [batch, q_len, -1]))
+    return [y, k, v][: len(node.outputs)]
+
+
+@_rule_for("RMSNormalization")
+def _onnx_rms_norm(c: _Converter, node: Node, x: Any, scale: Any) -> Any:
+    x, scale = c.tensor(x), c.tensor(scale)
+    dtypes = {str(x.ty.dtype), str(scale.ty.dtype)}
+    if dtypes != {"float32"}:
+        raise _refuse(node, f"X/scale of type {'/'.join(sorted(dtypes))} (only float32)")
+    if int(node.attrs.get("stash_type", DType.FLOAT)) != DType.FLOAT:
+        raise _refuse(node, f"stash_type={node.attrs['stash_type']}")
+    return _normalize(c, node, x, scale, None, simplified=True)
+
+
+def _per_token(c: _Converter, cache: Any, tokens: list[Any]) -> Any:
+    """Cache rows [B, S, R] as [B, S, 1, R] against tokens [B, S, H, D]; a batch or sequence
+    dim that differs from the tokens' only in being static or symbolic is stated to be
+    theirs (graphopt's broadcasting takes such dims to be equal; the VM checks it)."""
+    from tvm import relax
+
+    cache = c.emit(relax.op.expand_dims(cache, 2))
+    dims = c.shape(cache)
+    stated = [t if d != 1 and not _same_dims(c, [d], [t]) else d for d, t in zip(dims[:2], tokens[:2])]
+    if stated == dims[:2]:
+        return cache
+    return c.bb.match_cast(cache, relax.TensorType([_prim(d) for d in [*stated, *dims[2:]]], str(cache.ty.dtype)))
+
+
+@_rule_for("RotaryEmbedding")
+def _onnx_rotary(c: _Converter, node: Node, x: Any, cos: Any, sin: Any, positions: Any = None) -> Any:
+    from tvm import relax
+
+    x, cos, sin = c.tensor(x), c.tensor(cos), c.tensor(sin)
+    shape = c.shape(x)
+    if len(shape) == 3:
+        heads = int(node.attrs.get("num_heads", 0))
+        if not heads or not isinstance(shape[2], int):
+            raise _refuse(node, "a 3-D input without num_heads or a static hidden size")
+        tokens = c.emit(relax.op.reshape(x, [shape[0], shape[1], heads, shape[2] // heads]))
+    else:
+        tokens = c.emit(relax.op.permute_dims(x, [0, 2, 1, 3]))
+    head_size = c.shape(tokens)[3]
+    rotary = int(node.attrs.get("rotary_embedding_dim", 0)) or head_size
+    if not isinstance(rotary, int):
+        raise _refuse(node, "a symbolic head size")
+    if positions is not None:
+        positions = c.tensor(positions)
+        cos, sin = c.emit(relax.op.take(cos, positions, axis=0)), c.emit(relax.op.take(sin, positions, axis=0))
+    cos, sin = _per_token(c, cos, c.shape(tokens)), _per_token(c, sin, c.shape(tokens))
+    half = rotary // 2
+    if int(node.attrs.get("interleaved", 0)):
+        x1 = c.emit(relax.op.strided_slice(tokens, [3], [0], [rotary], [2]))
+        x2 = c.emit(relax.op.strided_slice(tokens, [3], [1], [rotary], [2]))
+    else:
+        x1 = c.emit(relax.op.strided_slice(tokens, [3], [0], [half]))
+        x2 = c.emit(relax.op.strided_slice(tokens, [3], [half], [rotary]))
+    real = c.emit(relax.op.subtract(relax.op.multiply(cos, x1), relax.op.multiply(sin, x2)))
+    imag = c.emit(relax.op.add(relax.op.multiply(sin, x1), relax.op.multiply(cos, x2)))
+    if int(node.attrs.get("interleaved", 0)):
+        pairs = c.emit(relax.op.concat([relax.op.expand_dims(real, 4), relax.op.expand_dims(imag, 4)], axis=4))
+        rotated = c.emit(relax.op.reshape(pairs, [*c.shape(tokens)[:3], rotary]))
+    else:
+        rotated = c.emit(relax.op.concat([real, imag], axis=3))
+    if rotary != head_size:
+        rotated = c.emit(relax.op.concat([rotated, relax.op.strided_slice(tokens, [3], [rotary], [head_size])], axis=3))
+    if len(shape) == 3:
+        return c.emit(relax.op.reshape(rotated, shape))
+    return c.emit(relax.op.permute_dims(rotated, [0, 2, 1, 3]))
