@@ -43,7 +43,9 @@ def known_contents(value: Value) -> Optional[np.ndarray]:
         return None
     if not all(isinstance(v, int) for v in symbolic):
         return None
-    return np.array(symbolic, dtype=np.int64).astype(dtype.to_numpy()).reshape(shape)
+    # as 64-bit two's complement (uint64 contents above 2**63 included), then cast: wraps like int64 would
+    wrapped = np.array([v % (1 << 64) for v in symbolic], dtype=np.uint64)
+    return wrapped.astype(dtype.to_numpy()).reshape(shape)
 
 
 def fold_known_outputs(graph: Graph, node: Node) -> int:

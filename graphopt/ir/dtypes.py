@@ -38,6 +38,12 @@ class DType(enum.IntEnum):
     FLOAT8E5M2FNUZ = 20
     UINT4 = 21
     INT4 = 22
+    FLOAT4E2M1 = 23
+    FLOAT8E8M0 = 24
+    UINT2 = 25
+    INT2 = 26
+    FLOAT6E2M3 = 27
+    FLOAT6E3M2 = 28
 
     @property
     def short(self) -> str:
@@ -54,11 +60,22 @@ class DType(enum.IntEnum):
 
     @property
     def itemsize(self) -> int:
-        """Bytes per element (rounded up for 4-bit types)."""
+        """Bytes per element (rounded up for the 2-, 4- and 6-bit types)."""
         return _ITEMSIZE[self]
 
+    @property
+    def bits(self) -> int:
+        """Bits per element in ONNX storage: 2, 4 or 6 for the packed sub-byte types, whose
+        elements are stored as one little-endian bit stream (least significant bits first)."""
+        return _SUB_BYTE_BITS.get(self, 8 * _ITEMSIZE[self])
+
+    def packed_nbytes(self, count: int) -> int:
+        """Bytes that `count` elements take in ONNX raw data (sub-byte types packed)."""
+        return (count * self.bits + 7) // 8
+
     def to_numpy(self) -> np.dtype:
-        """The numpy dtype holding this element type (ml_dtypes for bfloat16/float8/int4)."""
+        """The numpy dtype holding this element type (ml_dtypes for bfloat16, float8, float6,
+        float4, int4 and int2: one byte per element for the sub-byte types)."""
         return np.dtype(_numpy_type(self))
 
     def to_torch(self) -> Any:
@@ -110,15 +127,17 @@ _SHORT_NAMES = {
     DType.UINT64: "u64", DType.COMPLEX64: "c64", DType.COMPLEX128: "c128",
     DType.BFLOAT16: "bf16", DType.FLOAT8E4M3FN: "f8e4m3fn", DType.FLOAT8E4M3FNUZ: "f8e4m3fnuz",
     DType.FLOAT8E5M2: "f8e5m2", DType.FLOAT8E5M2FNUZ: "f8e5m2fnuz", DType.UINT4: "u4",
-    DType.INT4: "i4",
+    DType.INT4: "i4", DType.FLOAT4E2M1: "f4e2m1", DType.FLOAT8E8M0: "f8e8m0", DType.UINT2: "u2",
+    DType.INT2: "i2", DType.FLOAT6E2M3: "f6e2m3", DType.FLOAT6E3M2: "f6e3m2",
 }
 _FLOATS = frozenset({
     DType.FLOAT, DType.FLOAT16, DType.DOUBLE, DType.BFLOAT16, DType.FLOAT8E4M3FN,
-    DType.FLOAT8E4M3FNUZ, DType.FLOAT8E5M2, DType.FLOAT8E5M2FNUZ,
+    DType.FLOAT8E4M3FNUZ, DType.FLOAT8E5M2, DType.FLOAT8E5M2FNUZ, DType.FLOAT4E2M1,
+    DType.FLOAT8E8M0, DType.FLOAT6E2M3, DType.FLOAT6E3M2,
 })
 _INTEGERS = frozenset({
     DType.UINT8, DType.INT8, DType.UINT16, DType.INT16, DType.INT32, DType.INT64,
-    DType.UINT32, DType.UINT64, DType.UINT4, DType.INT4,
+    DType.UINT32, DType.UINT64, DType.UINT4, DType.INT4, DType.UINT2, DType.INT2,
 })
 _ITEMSIZE = {
     DType.FLOAT: 4, DType.UINT8: 1, DType.INT8: 1, DType.UINT16: 2, DType.INT16: 2,
@@ -126,6 +145,12 @@ _ITEMSIZE = {
     DType.DOUBLE: 8, DType.UINT32: 4, DType.UINT64: 8, DType.COMPLEX64: 8,
     DType.COMPLEX128: 16, DType.BFLOAT16: 2, DType.FLOAT8E4M3FN: 1, DType.FLOAT8E4M3FNUZ: 1,
     DType.FLOAT8E5M2: 1, DType.FLOAT8E5M2FNUZ: 1, DType.UINT4: 1, DType.INT4: 1,
+    DType.FLOAT4E2M1: 1, DType.FLOAT8E8M0: 1, DType.UINT2: 1, DType.INT2: 1, DType.FLOAT6E2M3: 1,
+    DType.FLOAT6E3M2: 1,
+}
+_SUB_BYTE_BITS = {
+    DType.UINT4: 4, DType.INT4: 4, DType.FLOAT4E2M1: 4, DType.UINT2: 2, DType.INT2: 2,
+    DType.FLOAT6E2M3: 6, DType.FLOAT6E3M2: 6,
 }
 
 
@@ -145,6 +170,9 @@ def _numpy_type(dtype: DType) -> Any:
         DType.BFLOAT16: ml_dtypes.bfloat16, DType.FLOAT8E4M3FN: ml_dtypes.float8_e4m3fn,
         DType.FLOAT8E4M3FNUZ: ml_dtypes.float8_e4m3fnuz, DType.FLOAT8E5M2: ml_dtypes.float8_e5m2,
         DType.FLOAT8E5M2FNUZ: ml_dtypes.float8_e5m2fnuz, DType.UINT4: ml_dtypes.uint4,
-        DType.INT4: ml_dtypes.int4,
+        DType.INT4: ml_dtypes.int4, DType.FLOAT4E2M1: ml_dtypes.float4_e2m1fn,
+        DType.FLOAT8E8M0: ml_dtypes.float8_e8m0fnu, DType.UINT2: ml_dtypes.uint2,
+        DType.INT2: ml_dtypes.int2, DType.FLOAT6E2M3: ml_dtypes.float6_e2m3fn,
+        DType.FLOAT6E3M2: ml_dtypes.float6_e3m2fn,
     }
     return extended[dtype]

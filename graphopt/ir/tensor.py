@@ -40,7 +40,8 @@ class ConstTensor(abc.ABC):
 
     @property
     def nbytes(self) -> int:
-        return self.size * self.dtype.itemsize
+        """Bytes of the data as ONNX stores it (sub-byte types packed)."""
+        return self.dtype.packed_nbytes(self.size)
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.dtype.short}{list(self.shape)})"
@@ -100,31 +101,37 @@ class ProtoTensor(ConstTensor):
 
 
 def _packed_nbytes(dtype: DType, count: int) -> int:
-    if dtype in (DType.INT4, DType.UINT4):
-        return (count + 1) // 2
-    return count * dtype.itemsize
+    return dtype.packed_nbytes(count)
 
 
 def _storage_dtype(dtype: DType) -> np.dtype:
-    if dtype in (DType.INT4, DType.UINT4):
+    if dtype.bits < 8:
         return np.dtype(np.uint8)
     return dtype.to_numpy().newbyteorder("<")
 
 
 def _storage_count(dtype: DType, count: int) -> int:
-    return (count + 1) // 2 if dtype in (DType.INT4, DType.UINT4) else count
+    return dtype.packed_nbytes(count) if dtype.bits < 8 else count
 
 
 def _unpack(flat: np.ndarray, dtype: DType, shape: tuple[int, ...]) -> np.ndarray:
-    if dtype in (DType.INT4, DType.UINT4):
-        low = flat & 0x0F
-        high = flat >> 4
-        nibbles = np.stack([low, high], axis=-1).reshape(-1)
-        count = 1
-        for d in shape:
-            count *= d
-        values = nibbles[:count].astype(np.int8)
-        if dtype == DType.INT4:
-            values = np.where(values > 7, values - 16, values).astype(np.int8)
-        return values.astype(dtype.to_numpy()).reshape(shape)
-    return flat.reshape(shape)
+    """The elements of ONNX raw data: sub-byte types are one bit stream, least significant
+    bits first (4-bit: low nibble first; 6-bit: 4 elements in 3 bytes), viewed as ml_dtypes
+    (which hold each element's code in the low bits of one byte)."""
+    if dtype.bits >= 8:
+        return flat.reshape(shape)
+    count = int(np.prod(shape, dtype=np.int64))
+    return _bit_codes(flat, dtype.bits, count).view(dtype.to_numpy()).reshape(shape)
+
+
+def _bit_codes(packed: np.ndarray, bits: int, count: int) -> np.ndarray:
+    """`count` codes of `bits` bits each (2, 4 or 6), one per uint8, from a packed stream."""
+    mask = (1 << bits) - 1
+    if 8 % bits == 0:
+        codes = np.stack([(packed >> shift) & mask for shift in range(0, 8, bits)], axis=-1)
+        return codes.reshape(-1)[:count].astype(np.uint8)
+    groups = np.zeros(-(-packed.size // 3) * 3, dtype=np.uint32)
+    groups[: packed.size] = packed
+    word = groups[0::3] | (groups[1::3] << 8) | (groups[2::3] << 16)
+    codes = np.stack([(word >> shift) & mask for shift in range(0, 24, bits)], axis=-1)
+    return codes.reshape(-1)[:count].astype(np.uint8)

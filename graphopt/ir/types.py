@@ -1,8 +1,14 @@
-"""Tensor types of IR values: an element type and a shape of static or symbolic dims.
+"""Types of IR values: tensors (an element type and a shape of static or symbolic dims) and
+the other ONNX value kinds (sequences, optionals, sparse tensors, maps).
 
 A dim is an `int` (static), a `str` (a named symbolic dim such as "batch" that stands for
 the same size wherever it appears) or `None` (unknown). A shape is a tuple of dims, or
 `None` when even the rank is unknown.
+
+`SequenceType`, `OptionalType`, `SparseTensorType` and `MapType` subclass `TensorType`
+with `dtype` and `shape` both None, so code written for tensors sees them as values of
+unknown type and leaves them alone; `is_tensor` tells them apart, and `merge_types` never
+lets a tensor type inferred by an op that does not know them replace them.
 """
 
 from __future__ import annotations
@@ -30,6 +36,12 @@ class TensorType:
             object.__setattr__(self, "shape", tuple(_check_dim(d) for d in self.shape))
 
     @property
+    def is_tensor(self) -> bool:
+        """True for a (dense) tensor type, known or not; False for sequence, optional,
+        sparse tensor and map types."""
+        return True
+
+    @property
     def rank(self) -> Optional[int]:
         return None if self.shape is None else len(self.shape)
 
@@ -55,6 +67,85 @@ class TensorType:
 
 
 UNKNOWN = TensorType()
+
+
+@dataclass(frozen=True, init=False)
+class SequenceType(TensorType):
+    """`seq(elem)`: an ONNX sequence whose elements all have type `elem`."""
+
+    elem: TensorType = UNKNOWN
+
+    def __init__(self, elem: TensorType = UNKNOWN) -> None:
+        object.__setattr__(self, "dtype", None)
+        object.__setattr__(self, "shape", None)
+        object.__setattr__(self, "elem", elem)
+
+    @property
+    def is_tensor(self) -> bool:
+        return False
+
+    def __str__(self) -> str:
+        return f"seq({self.elem})"
+
+
+@dataclass(frozen=True, init=False)
+class OptionalType(TensorType):
+    """`optional(elem)`: an ONNX optional holding a value of type `elem`, or nothing."""
+
+    elem: TensorType = UNKNOWN
+
+    def __init__(self, elem: TensorType = UNKNOWN) -> None:
+        object.__setattr__(self, "dtype", None)
+        object.__setattr__(self, "shape", None)
+        object.__setattr__(self, "elem", elem)
+
+    @property
+    def is_tensor(self) -> bool:
+        return False
+
+    def __str__(self) -> str:
+        return f"optional({self.elem})"
+
+
+@dataclass(frozen=True, init=False)
+class SparseTensorType(TensorType):
+    """`sparse(dense)`: an ONNX sparse tensor standing for a dense tensor of type `dense`."""
+
+    dense: TensorType = UNKNOWN
+
+    def __init__(self, dense: TensorType = UNKNOWN) -> None:
+        object.__setattr__(self, "dtype", None)
+        object.__setattr__(self, "shape", None)
+        object.__setattr__(self, "dense", dense)
+
+    @property
+    def is_tensor(self) -> bool:
+        return False
+
+    def __str__(self) -> str:
+        return f"sparse({self.dense})"
+
+
+@dataclass(frozen=True, init=False)
+class MapType(TensorType):
+    """`map(key, value)`: an ONNX map from `key` elements to values of type `value`."""
+
+    key: Optional[DType] = None
+    value: TensorType = UNKNOWN
+
+    def __init__(self, key: Optional[DType], value: TensorType = UNKNOWN) -> None:
+        object.__setattr__(self, "dtype", None)
+        object.__setattr__(self, "shape", None)
+        object.__setattr__(self, "key", key)
+        object.__setattr__(self, "value", value)
+
+    @property
+    def is_tensor(self) -> bool:
+        return False
+
+    def __str__(self) -> str:
+        key = self.key.short if self.key is not None else "?"
+        return f"map({key}, {self.value})"
 
 
 def format_dim(dim: Dim) -> str:
@@ -115,7 +206,15 @@ def merge_dims(a: Dim, b: Dim) -> Dim:
 
 
 def merge_types(a: TensorType, b: TensorType) -> TensorType:
-    """Combine two descriptions of one value, keeping what each knows."""
+    """Combine two descriptions of one value, keeping what each knows.
+
+    A sequence, optional, sparse tensor or map type wins over a tensor type (a tensor
+    type beside one comes from an op or a declaration that does not know the value's kind).
+    """
+    if not a.is_tensor or not b.is_tensor:
+        if type(a) is type(b):
+            return _merge_kinds(a, b)
+        return a if not a.is_tensor else b
     dtype = a.dtype if a.dtype is not None else b.dtype
     if a.shape is None:
         shape = b.shape
@@ -124,3 +223,15 @@ def merge_types(a: TensorType, b: TensorType) -> TensorType:
     else:
         shape = tuple(merge_dims(x, y) for x, y in zip(a.shape, b.shape))
     return TensorType(dtype, shape)
+
+
+def _merge_kinds(a: TensorType, b: TensorType) -> TensorType:
+    """`merge_types` of two sequence, optional, sparse tensor or map types of one class."""
+    if isinstance(a, SequenceType):
+        return SequenceType(merge_types(a.elem, b.elem))  # type: ignore[attr-defined]
+    if isinstance(a, OptionalType):
+        return OptionalType(merge_types(a.elem, b.elem))  # type: ignore[attr-defined]
+    if isinstance(a, SparseTensorType):
+        return SparseTensorType(merge_types(a.dense, b.dense))  # type: ignore[attr-defined]
+    assert isinstance(a, MapType) and isinstance(b, MapType)
+    return MapType(a.key if a.key is not None else b.key, merge_types(a.value, b.value))
