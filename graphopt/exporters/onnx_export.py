@@ -21,7 +21,7 @@ from graphopt.frontends.onnx_import import OpaqueAttribute
 from graphopt.ir.dtypes import DType
 from graphopt.ir.graph import Graph, Node, Value
 from graphopt.ir.tensor import ConstTensor, FileTensor, ProtoTensor
-from graphopt.ir.types import TensorType
+from graphopt.ir.types import Dim, MapType, OptionalType, SequenceType, Shape, SparseTensorType, TensorType
 
 EXTERNAL_DATA_THRESHOLD = 1_800_000_000
 """Total weight bytes above which `save_onnx` writes external data by default."""
@@ -143,17 +143,39 @@ def _model(graph: Graph, initializer: Any) -> Any:
 
 
 def _is_known(type_: TensorType) -> bool:
-    return type_.dtype is not None
+    return not type_.is_tensor or type_.dtype is not None
 
 
 def _value_info(value: Value) -> Any:
     from onnx import helper
 
     type_ = value.type
-    if type_.dtype is None:
+    if type_.is_tensor and type_.dtype is None:
         return helper.make_empty_tensor_value_info(value.name)
-    shape = None if type_.shape is None else [d for d in type_.shape]
-    return helper.make_tensor_value_info(value.name, int(type_.dtype), shape)
+    return helper.make_value_info(value.name, type_proto(type_))
+
+
+def type_proto(type_: TensorType) -> Any:
+    """The ONNX TypeProto of an IR type: tensor, sequence, optional, sparse tensor or map
+    (an empty TypeProto for an unknown tensor type), as the importer read it."""
+    from onnx import TypeProto, helper
+
+    if isinstance(type_, SequenceType):
+        return helper.make_sequence_type_proto(type_proto(type_.elem))
+    if isinstance(type_, OptionalType):
+        return helper.make_optional_type_proto(type_proto(type_.elem))
+    if isinstance(type_, MapType):
+        return helper.make_map_type_proto(int(type_.key or 0), type_proto(type_.value))
+    if isinstance(type_, SparseTensorType):
+        dense = type_.dense
+        return helper.make_sparse_tensor_type_proto(int(dense.dtype or 0), _dims(dense.shape))
+    if type_.dtype is None and type_.shape is None:
+        return TypeProto()
+    return helper.make_tensor_type_proto(int(type_.dtype or 0), _dims(type_.shape))
+
+
+def _dims(shape: Shape) -> Optional[list[Dim]]:
+    return None if shape is None else list(shape)
 
 
 def _node_proto(node: Node) -> Any:
@@ -219,7 +241,7 @@ def _external_or_inline(value: Value, data_file: Any, data_name: str) -> Any:
     from onnx import TensorProto
 
     tensor: ConstTensor = value.const  # type: ignore[assignment]
-    if tensor.nbytes < EXTERNAL_TENSOR_MIN_BYTES:
+    if tensor.nbytes < EXTERNAL_TENSOR_MIN_BYTES or tensor.dtype is DType.STRING:  # ONNX has no raw strings
         return _tensor_proto(value.name, tensor)
     position = data_file.tell()
     padding = (-position) % _ALIGNMENT
@@ -250,7 +272,7 @@ def _write_tensor_bytes(tensor: ConstTensor, handle: Any, chunk: int = 16 * 1024
                 handle.write(view[:got])
                 remaining -= got
         return tensor.length
-    if tensor.dtype in (DType.INT4, DType.UINT4):
+    if tensor.dtype.bits < 8:
         packed = _tensor_proto("", tensor).raw_data
         handle.write(packed)
         return len(packed)

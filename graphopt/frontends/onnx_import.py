@@ -24,7 +24,9 @@ from graphopt.frontends.onnx_file import WireFormatError, read_model_skeleton
 from graphopt.ir.dtypes import DType
 from graphopt.ir.graph import Graph, Node, Value
 from graphopt.ir.tensor import ArrayTensor, ConstTensor, FileTensor, ProtoTensor
-from graphopt.ir.types import TensorType, UNKNOWN, merge_types
+from graphopt.ir.types import (
+    MapType, OptionalType, SequenceType, SparseTensorType, TensorType, UNKNOWN, merge_types,
+)
 from graphopt.ir.verify import type_mismatch
 
 
@@ -337,9 +339,9 @@ def _inline_count(proto: Any) -> Optional[int]:
     """How many elements an inline TensorProto holds (None for kinds not counted here)."""
     from onnx import TensorProto, helper
 
-    packed = {getattr(TensorProto, name, None) for name in ("INT4", "UINT4", "FLOAT4E2M1")}
-    if proto.data_type in packed:
-        return None
+    dtype = DType(proto.data_type)
+    if dtype.bits < 8:
+        return _packed_count(proto, dtype)
     if proto.HasField("raw_data"):
         try:
             itemsize = helper.tensor_dtype_to_np_dtype(proto.data_type).itemsize
@@ -351,6 +353,19 @@ def _inline_count(proto: Any) -> Optional[int]:
     if proto.data_type in (TensorProto.COMPLEX64, TensorProto.COMPLEX128):
         return count // 2
     return count
+
+
+def _packed_count(proto: Any, dtype: DType) -> int:
+    """How many elements an inline tensor of a 2-, 4- or 6-bit type holds: raw_data, and
+    int32_data of the 2- and 4-bit types, are packed bytes (the declared size when their
+    length is exactly what it packs into); 6-bit int32_data has one element per entry."""
+    if not proto.HasField("raw_data") and dtype.bits == 6:
+        return len(proto.int32_data)
+    stored = len(proto.raw_data) if proto.HasField("raw_data") else len(proto.int32_data)
+    size = 1
+    for dim in proto.dims:
+        size *= int(dim)
+    return size if dtype.packed_nbytes(size) == stored else stored * 8 // dtype.bits
 
 
 def _external_tensor(proto: Any, base_dir: str, dtype: DType, shape: tuple[int, ...], source: str) -> ConstTensor:
@@ -404,14 +419,37 @@ def _sparse_to_dense(sparse: Any) -> Any:
 
 
 def _value_type(vi: Any) -> TensorType:
-    kind = vi.type.WhichOneof("value")
-    if kind != "tensor_type":
-        return UNKNOWN
-    tensor_type = vi.type.tensor_type
+    """The IR type of a ValueInfoProto (UNKNOWN when it has none)."""
+    return type_from_proto(vi.type)
+
+
+def type_from_proto(proto: Any) -> TensorType:
+    """The IR type of an ONNX TypeProto: tensor, sequence, optional, sparse tensor or map
+    (UNKNOWN for an empty TypeProto; the exporter writes each back as it was read)."""
+    kind = proto.WhichOneof("value")
+    if kind == "tensor_type":
+        return _tensor_type(proto.tensor_type)
+    if kind == "sequence_type":
+        return SequenceType(type_from_proto(proto.sequence_type.elem_type))
+    if kind == "optional_type":
+        return OptionalType(type_from_proto(proto.optional_type.elem_type))
+    if kind == "sparse_tensor_type":
+        return SparseTensorType(_tensor_type(proto.sparse_tensor_type))
+    if kind == "map_type":
+        return MapType(_elem_type(proto.map_type.key_type), type_from_proto(proto.map_type.value_type))
+    return UNKNOWN
+
+
+def _elem_type(number: int) -> Optional[DType]:
     try:
-        dtype: Optional[DType] = DType(tensor_type.elem_type) if tensor_type.elem_type else None
+        return DType(number) if number else None
     except ValueError:
-        dtype = None
+        return None
+
+
+def _tensor_type(tensor_type: Any) -> TensorType:
+    """A TypeProto.Tensor or TypeProto.SparseTensor as a TensorType."""
+    dtype = _elem_type(tensor_type.elem_type)
     if not tensor_type.HasField("shape"):
         return TensorType(dtype, None)
     dims = []
