@@ -201,12 +201,17 @@ def test_element_type_prints(name: str) -> None:
     assert f"%w: {short}[64, 80] = const" in str(graph)
 
 
-def _cast_model(number: int) -> onnx.ModelProto:
+def _cast_model(number: int, foldable: bool = False) -> onnx.ModelProto:
     """The big and small initializers of type T cast to float (ONNX Runtime has no numpy
-    type to return bfloat16, float8 or sub-byte tensors in; the cast is exact)."""
+    type to return bfloat16, float8 or sub-byte tensors in; the cast is exact). `foldable`:
+    each Cast feeds an Identity, so the Casts are not graph outputs and fold-constants may
+    evaluate them."""
     big = numpy_helper.from_array(_values(number, math.prod(BIG)).reshape(BIG), "w")
     small = helper.make_tensor("ws", number, [5], _typed_list(_values(number, 5), number))
-    nodes = [helper.make_node("Cast", [src], [dst], to=TensorProto.FLOAT) for src, dst in (("w", "fw"), ("ws", "fws"))]
+    nodes = [helper.make_node("Cast", [src], [dst + "_cast" if foldable else dst], to=TensorProto.FLOAT)
+             for src, dst in (("w", "fw"), ("ws", "fws"))]
+    if foldable:
+        nodes += [helper.make_node("Identity", [dst + "_cast"], [dst]) for dst in ("fw", "fws")]
     outputs = [helper.make_tensor_value_info("fw", TensorProto.FLOAT, list(BIG)), helper.make_tensor_value_info("fws", TensorProto.FLOAT, [5])]
     for opset in (19, 21, 23, 24, 25):
         model = helper.make_model(helper.make_graph(nodes, "cast", [], outputs, initializer=[big, small]),
@@ -247,6 +252,38 @@ def test_packed_and_8bit_initializers_run_in_ort_after_round_trip(name: str, tmp
     want = _ort_outputs(model, {})
     for exported in _round_trips(model, tmp_path).values():
         _assert_same_outputs(_ort_outputs(exported, {}), want)
+
+
+def _reference_outputs(model: onnx.ModelProto, feeds: dict) -> list:
+    from onnx.reference import ReferenceEvaluator
+
+    return ReferenceEvaluator(model).run(None, feeds)
+
+
+@pytest.mark.parametrize("name", ELEMENT_TYPES)
+def test_cleanup_keeps_element_types(name: str) -> None:
+    """`cleanup` on a graph of each element type: full checker, same types, bit-equal
+    outputs (ONNX reference evaluator, which runs every type)."""
+    number = getattr(TensorProto, name)
+    model = _element_model(number)
+    cleaned = graphopt.optimize(model, "cleanup").to_onnx()
+    onnx.checker.check_model(cleaned, full_check=True)
+    _assert_same_types(model, cleaned)
+    feeds = {"x": _values(number, 6).reshape(2, 3)}
+    for got, want in zip(_reference_outputs(cleaned, feeds), _reference_outputs(model, feeds), strict=True):
+        assert _same_array(got, want)
+
+
+@pytest.mark.parametrize("name", CAST_RUN + ["FLOAT4E2M1"])
+def test_cleanup_folds_casts_of_packed_and_8bit_constants_exactly(name: str) -> None:
+    """fold-constants evaluates Cast of such constants with ONNX Runtime where it can (and
+    keeps the node where ONNX Runtime has no kernel, FLOAT4E2M1): same float values."""
+    model = _cast_model(getattr(TensorProto, name), foldable=True)
+    cleaned = graphopt.optimize(model, "cleanup").to_onnx()
+    onnx.checker.check_model(cleaned, full_check=True)
+    assert ("Cast" in {n.op_type for n in cleaned.graph.node}) == (name == "FLOAT4E2M1")
+    for got, want in zip(_reference_outputs(cleaned, {}), _reference_outputs(model, {}), strict=True):
+        assert _same_array(got, want)
 
 
 @pytest.mark.parametrize("name", ["INT2", "UINT2", "INT4", "UINT4", "FLOAT4E2M1", "FLOAT6E2M3", "FLOAT6E3M2"])
