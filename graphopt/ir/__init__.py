@@ -4,11 +4,12 @@ from graphopt.ir.dtypes import DType
 from graphopt.ir.graph import Graph, Node, Use, Value, constant_data
 from graphopt.ir.schema import InferenceContext, OpSchema, get_schema, register_schema, registered_ops
 from graphopt.ir.tensor import ArrayTensor, ConstTensor, FileTensor, ProtoTensor
-from graphopt.ir.types import Dim, TensorType, broadcast_shapes
+from graphopt.ir.types import Dim, MapType, OptionalType, SequenceType, SparseTensorType, TensorType, broadcast_shapes
 from graphopt.ir.verify import verify
 
 __all__ = [
-    "ArrayTensor", "ConstTensor", "DType", "Dim", "FileTensor", "Graph", "InferenceContext", "Node",
-    "OpSchema", "ProtoTensor", "TensorType", "Use", "Value", "broadcast_shapes", "constant_data",
+    "ArrayTensor", "ConstTensor", "DType", "Dim", "FileTensor", "Graph", "InferenceContext", "MapType", "Node",
+    "OpSchema", "OptionalType", "ProtoTensor", "SequenceType", "SparseTensorType", "TensorType", "Use", "Value",
+    "broadcast_shapes", "constant_data",
     "get_schema", "register_schema", "registered_ops", "verify",
 ]
