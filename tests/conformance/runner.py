@@ -5,7 +5,8 @@ Steps (`STEPS`):
   `onnx.checker.check_model(full_check=True)`, load in ONNX Runtime and give the outputs.
 - `cleanup`, `fuse`: `graphopt.optimize(graph, pipeline)`, then as `roundtrip`.
 - `to_fx`: the torch.fx module of the imported graph, called on the inputs.
-- `tvm:llvm`, `onnxruntime`: `graphopt.compile(model, target=...)` (its default pipeline), called.
+- `torch`, `tvm:llvm`, `onnxruntime`: `graphopt.compile(model, target=...)` (its default
+  pipeline, `fuse`), called; `torch` is `to_fx` of the fused graph.
 
 Outcomes (`Outcome.kind`), exactly one per case and step:
 - `equal`: outputs match the expected ones (onnx's tolerances, see `cases.compare_outputs`).
@@ -29,7 +30,7 @@ import numpy as np
 
 from conformance.cases import Case, compare_outputs, run_ort
 
-STEPS = ("roundtrip", "cleanup", "fuse", "to_fx", "tvm:llvm", "onnxruntime")
+STEPS = ("roundtrip", "cleanup", "fuse", "to_fx", "torch", "tvm:llvm", "onnxruntime")
 FAILURES = ("wrong", "crash", "invalid")
 KINDS = ("equal", "refused") + FAILURES
 NO_OP_NAMED = "(no op named)"
@@ -62,6 +63,7 @@ def run_case(case: Case, step: str) -> Outcome:
         "cleanup": lambda c: _written(c, "cleanup"),
         "fuse": lambda c: _written(c, "fuse"),
         "to_fx": _fx,
+        "torch": lambda c: _compiled(c, "torch"),
         "tvm:llvm": lambda c: _compiled(c, "tvm:llvm"),
         "onnxruntime": lambda c: _compiled(c, "onnxruntime"),
     }
