@@ -19,6 +19,7 @@ import numpy as np
 
 from graphopt.errors import ExportError, UnsupportedOpError
 from graphopt.exporters import torch_kernels
+from graphopt.ir.dtypes import DType
 from graphopt.ir.graph import Graph, Node
 from graphopt.ir.tensor import ArrayTensor, ConstTensor
 
@@ -32,13 +33,18 @@ def to_fx(graph: Graph, *, prepack_linears: bool = False, trainable: Collection[
     training leaves the graph's arrays alone) instead of buffers; `module.graphopt_parameters`
     maps each name to its attribute (used by `graphopt.recover`).
     """
+    _check_supported(graph)
+    _check_trainable(graph, trainable, prepack_linears)
+    return _build(graph, prepack_linears, trainable)
+
+
+def _build(graph: Graph, prepack_linears: bool, trainable: Collection[str]) -> Any:
+    """The GraphModule of `graph`, which `to_fx` has checked."""
     import torch
     import torch.fx
 
     from graphopt.exporters import fx_linear
 
-    _check_supported(graph)
-    _check_trainable(graph, trainable, prepack_linears)
     plans = fx_linear.plan_linears(graph) if prepack_linears and fx_linear.prepacked_linear_available() else {}
     absorbed = {id(n) for plan in plans.values() for n in plan.absorbed[1:]}
     root = torch.nn.Module()
@@ -65,6 +71,9 @@ def to_fx(graph: Graph, *, prepack_linears: bool = False, trainable: Collection[
 
 
 def _check_supported(graph: Graph) -> None:
+    """Refuse, before building anything, a graph with a node torch cannot run: an op without
+    a kernel, an element type the kernel cannot run (`torch_kernels.PARTIAL_DTYPE_KERNELS`)
+    or an attribute value it does not implement."""
     missing = [n for n in graph.nodes if torch_kernels.get_kernel(n.domain, n.op_type) is None]
     if missing:
         ops = sorted({n.qualified_op for n in missing})
@@ -73,6 +82,19 @@ def _check_supported(graph: Graph) -> None:
             f"to_fx: no torch implementation for op(s) {', '.join(ops)} "
             f"(first at node {first.label}); these ops can only run in a target that provides them"
         )
+    for node in graph.nodes:
+        problem = _node_problem(node)
+        if problem:
+            raise UnsupportedOpError(f"to_fx: node {node.label}: {problem}; run it in a target that supports it (e.g. onnxruntime)")
+
+
+def _node_problem(node: Node) -> str | None:
+    dtypes = [v.dtype for v in (*node.inputs, *node.outputs) if v is not None and v.dtype is not None]
+    unsupported = torch_kernels.unsupported_dtype(node.domain, node.op_type, dtypes)
+    if unsupported is not None:
+        return f"torch has no CPU kernel computing {node.qualified_op} on element type {DType(unsupported).name.lower()}"
+    attribute = torch_kernels.unsupported_attribute(node.domain, node.op_type, node.attrs)
+    return None if attribute is None else f"the torch kernel of {node.qualified_op} does not implement {attribute}"
 
 
 def _constants_read(graph: Graph, plans: dict[int, Any], absorbed: set[int]) -> set[int]:
@@ -115,7 +137,7 @@ def _emit(node: Node, graph: Graph, fx_graph: Any, env: dict[int, Any], buffers:
     if node.op_type == "Split" and node.domain == "" and "split" not in kwargs and "num_outputs" not in kwargs and (len(args) < 2 or args[1] is None):
         kwargs["num_outputs"] = len(node.outputs)
     call = fx_graph.call_function(kernel, args, kwargs)
-    if node.op_type in torch_kernels.MULTI_OUTPUT_OPS:
+    if node.op_type in torch_kernels.MULTI_OUTPUT_OPS or (node.domain, node.op_type) in torch_kernels.MULTI_OUTPUT_KERNELS:
         for index, out in enumerate(node.outputs):
             env[id(out)] = fx_graph.call_function(operator.getitem, (call, index))
     else:

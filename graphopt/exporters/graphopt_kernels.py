@@ -20,6 +20,9 @@ def graphopt_Attention(
     nan_to_zero: int = 0,
 ) -> Tensor:
     mask = bias
+    if mask is not None and mask.dim() < 2:
+        # SDPA indexes the mask's last two dims; a 0-d or 1-d bias broadcasts as [1, 1] / [1, S].
+        mask = mask.reshape((1,) * (2 - mask.dim()) + tuple(mask.shape))
     if causal:
         q_len, k_len = query.shape[-2], key.shape[-2]
         allowed = torch.ones(q_len, k_len, dtype=torch.bool, device=query.device).tril(k_len - q_len)

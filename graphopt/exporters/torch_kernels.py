@@ -12,7 +12,8 @@ is the kernel found here.  Kernel conventions:
 * Where ONNX moved an attribute to an input (Squeeze/Unsqueeze/Reduce* ``axes``,
   Split ``split``, Clip ``min``/``max``, Pad ``pads``, Slice, TopK ``k``) the
   names are the same, so one parameter accepts either form.
-* Single-output ops return a tensor; ops in ``MULTI_OUTPUT_OPS`` return a tuple
+* Single-output ops return a tensor; ops in ``MULTI_OUTPUT_OPS`` (any domain) and
+  ``MULTI_OUTPUT_KERNELS`` ((domain, op) pairs: ONNX Attention) return a tuple
   holding every output (unused optional outputs may be None).
 * Ops in ``OPSET_SENSITIVE_OPS`` also take a keyword-only ``opset``.
 * Split without ``split`` before opset 18 needs the node's output count, which
@@ -26,7 +27,7 @@ from __future__ import annotations
 
 import functools
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 
 import numpy as np
 import torch
@@ -34,6 +35,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from graphopt.exporters.graphopt_kernels import GRAPHOPT_KERNELS
+from graphopt.exporters.onnx23_kernels import MULTI_OUTPUT_KERNELS, ONNX23_KERNELS
 
 _IntsLike = Tensor | Sequence[int] | int | None
 
@@ -50,11 +52,14 @@ _ONNX_DTYPES: dict[int, torch.dtype] = {
     11: torch.float64,
     12: torch.uint32,
     13: torch.uint64,
+    14: torch.complex64,
+    15: torch.complex128,
     16: torch.bfloat16,
     17: torch.float8_e4m3fn,
     18: torch.float8_e4m3fnuz,
     19: torch.float8_e5m2,
     20: torch.float8_e5m2fnuz,
+    24: torch.float8_e8m0fnu,
 }
 
 _FLOAT8_DTYPES = frozenset(
@@ -62,7 +67,7 @@ _FLOAT8_DTYPES = frozenset(
 )
 
 # Types numpy only knows through ml_dtypes; float32 holds all their values.
-_ML_DTYPE_NAMES = frozenset({"bfloat16", "float8_e4m3fn", "float8_e4m3fnuz", "float8_e5m2", "float8_e5m2fnuz"})
+_ML_DTYPE_NAMES = frozenset({"bfloat16", "float8_e4m3fn", "float8_e4m3fnuz", "float8_e5m2", "float8_e5m2fnuz", "float8_e8m0fnu"})
 
 # float8_e4m3fn has no infinity: without saturation, values rounding past its
 # maximum (448, plus half an ulp of 32) become NaN.  torch always saturates it.
@@ -120,7 +125,59 @@ def _torch_pads(begins: Sequence[int], ends: Sequence[int]) -> list[int]:
     return [p for b, e in zip(reversed(begins), reversed(ends)) for p in (b, e)]
 
 
-def _cast(x: Tensor, dtype: torch.dtype, saturate: int) -> Tensor:
+_INT64_MIN = torch.iinfo(torch.int64).min
+_WIDENED_UNSIGNED = frozenset({torch.uint16, torch.uint32})
+
+
+def _on_unsigned(kind: str, typed_outputs: tuple[int, ...] = (0,)) -> Callable[[Callable], Callable]:
+    """Run a kernel on uint16/uint32/uint64 tensors, for which torch has few CPU kernels,
+    through int64, exactly.
+
+    uint16/uint32 tensor arguments become int64 holding the same values; outputs at
+    `typed_outputs` (those of the input type) are cast back, which wraps modulo 2**bits.
+    uint64 arguments become int64 too where that is exact: for ``kind="modular"`` ops
+    (add, sub, mul and their sums and products) the same bits; for ``kind="ordered"`` ops
+    (comparisons, min/max, sorts) the bits with the sign bit flipped, which keeps the order.
+    ``kind="value"`` ops (division) only widen uint16/uint32.
+    """
+
+    def wrap(kernel: Callable) -> Callable:
+        @functools.wraps(kernel)
+        def widened(*args: object, **kwargs: object) -> object:
+            dtype = next((a.dtype for a in args if isinstance(a, Tensor) and a.dtype in _UNSIGNED_DTYPES), None)
+            if dtype is None or (dtype == torch.uint64 and kind == "value"):
+                return kernel(*args, **kwargs)
+            result = kernel(*(_unsigned_to_int64(a, dtype, kind) for a in args), **kwargs)
+            if isinstance(result, tuple):
+                return tuple(_int64_to_unsigned(r, dtype, kind) if i in typed_outputs else r for i, r in enumerate(result))
+            return _int64_to_unsigned(result, dtype, kind) if 0 in typed_outputs else result
+
+        return widened
+
+    return wrap
+
+
+_UNSIGNED_DTYPES = frozenset({torch.uint16, torch.uint32, torch.uint64})
+
+
+def _unsigned_to_int64(arg: object, dtype: torch.dtype, kind: str) -> object:
+    if not isinstance(arg, Tensor) or arg.dtype != dtype:
+        return arg
+    if dtype in _WIDENED_UNSIGNED:
+        return arg.to(torch.int64)
+    signed = arg.view(torch.int64)
+    return signed ^ _INT64_MIN if kind == "ordered" else signed
+
+
+def _int64_to_unsigned(result: Tensor, dtype: torch.dtype, kind: str) -> Tensor:
+    if dtype in _WIDENED_UNSIGNED:
+        return result.to(dtype)
+    return (result ^ _INT64_MIN if kind == "ordered" else result).view(dtype)
+
+
+def _cast(x: Tensor, dtype: torch.dtype, saturate: int, round_mode: str = "up") -> Tensor:
+    if dtype == torch.float8_e8m0fnu and x.dtype != dtype:
+        return _to_e8m0(x, saturate, round_mode)
     if dtype in _FLOAT8_DTYPES and x.dtype not in _FLOAT8_DTYPES:
         x = x if x.is_floating_point() else x.float()
         limit = torch.finfo(dtype).max
@@ -131,23 +188,53 @@ def _cast(x: Tensor, dtype: torch.dtype, saturate: int) -> Tensor:
     return x.to(dtype)
 
 
+CAST_ROUND_MODES = ("up", "down", "nearest")
+
+
+def _to_e8m0(x: Tensor, saturate: int, round_mode: str) -> Tensor:
+    """float8e8m0 (a power of two, its biased exponent stored in a byte) from x's float32
+    bits, as the ONNX reference does: the exponent is rounded up when ``round_mode`` says so
+    (``up``: any fraction; ``nearest``: half or more), stopping at 2**127 if ``saturate``;
+    NaN and infinities become NaN (0xFF); the sign is ignored."""
+    if round_mode not in CAST_ROUND_MODES:
+        raise ValueError(f"Cast: unsupported round_mode={round_mode!r}")
+    bits = x.to(torch.float32).view(torch.int32)
+    exponent = (bits >> 23) & 0xFF
+    if round_mode == "up":
+        up = (bits & 0x7FFFFF) != 0
+    elif round_mode == "nearest":
+        up = ((bits & 0x400000) != 0) & (((bits & 0x3FFFFF) != 0) | (exponent > 0))
+    else:
+        up = torch.zeros_like(exponent, dtype=torch.bool)
+    special = exponent == 0xFF
+    up = up & ~special
+    if saturate:
+        up = up & (exponent != 0xFE)
+    exponent = torch.where(special, 0xFF, exponent + up.to(torch.int32))
+    return exponent.to(torch.uint8).view(torch.float8_e8m0fnu)
+
+
 # ---------------------------------------------------------------------------
 # Elementwise arithmetic
 # ---------------------------------------------------------------------------
 
 
+@_on_unsigned("modular")
 def onnx_Add(a: Tensor, b: Tensor) -> Tensor:
     return torch.add(a, b)
 
 
+@_on_unsigned("modular")
 def onnx_Sub(a: Tensor, b: Tensor) -> Tensor:
     return torch.sub(a, b)
 
 
+@_on_unsigned("modular")
 def onnx_Mul(a: Tensor, b: Tensor) -> Tensor:
     return torch.mul(a, b)
 
 
+@_on_unsigned("value")
 def onnx_Div(a: Tensor, b: Tensor) -> Tensor:
     """Integer division truncates toward zero, like C (and the ONNX reference)."""
     if a.is_floating_point():
@@ -155,6 +242,7 @@ def onnx_Div(a: Tensor, b: Tensor) -> Tensor:
     return torch.div(a, b, rounding_mode="trunc")
 
 
+@_on_unsigned("value")
 def onnx_Mod(a: Tensor, b: Tensor, *, fmod: int = 0) -> Tensor:
     """fmod=0: result takes the divisor's sign; fmod=1: the dividend's (C fmod)."""
     return torch.fmod(a, b) if fmod else torch.remainder(a, b)
@@ -172,7 +260,8 @@ def onnx_Neg(x: Tensor) -> Tensor:
 
 
 def onnx_Abs(x: Tensor) -> Tensor:
-    return torch.abs(x)
+    """The identity on unsigned types (torch has no abs kernel for uint16/32/64)."""
+    return x if x.dtype in _UNSIGNED_DTYPES else torch.abs(x)
 
 
 def onnx_Sign(x: Tensor) -> Tensor:
@@ -220,10 +309,12 @@ def onnx_Erf(x: Tensor) -> Tensor:
     return torch.erf(x)
 
 
+@_on_unsigned("ordered")
 def onnx_Min(*inputs: Tensor) -> Tensor:
     return functools.reduce(torch.minimum, inputs)
 
 
+@_on_unsigned("ordered")
 def onnx_Max(*inputs: Tensor) -> Tensor:
     return functools.reduce(torch.maximum, inputs)
 
@@ -236,6 +327,7 @@ def onnx_Mean(*inputs: Tensor) -> Tensor:
     return onnx_Sum(*inputs) / len(inputs)
 
 
+@_on_unsigned("ordered")
 def onnx_Clip(x: Tensor, min: Tensor | float | None = None, max: Tensor | float | None = None) -> Tensor:  # noqa: A002
     """``min``/``max`` are attributes before opset 11 and optional inputs after."""
     if min is None and max is None:
@@ -333,18 +425,22 @@ def onnx_Equal(a: Tensor, b: Tensor) -> Tensor:
     return torch.eq(a, b)
 
 
+@_on_unsigned("ordered", ())
 def onnx_Less(a: Tensor, b: Tensor) -> Tensor:
     return torch.lt(a, b)
 
 
+@_on_unsigned("ordered", ())
 def onnx_LessOrEqual(a: Tensor, b: Tensor) -> Tensor:
     return torch.le(a, b)
 
 
+@_on_unsigned("ordered", ())
 def onnx_Greater(a: Tensor, b: Tensor) -> Tensor:
     return torch.gt(a, b)
 
 
+@_on_unsigned("ordered", ())
 def onnx_GreaterOrEqual(a: Tensor, b: Tensor) -> Tensor:
     return torch.ge(a, b)
 
@@ -576,17 +672,42 @@ def _prod(x: Tensor, dims: list[int], keep: bool) -> Tensor:
 
 
 def _amax(x: Tensor, dims: list[int], keep: bool) -> Tensor:
+    """Over an empty set: -inf, or the type's lowest value where it has no infinity (ONNX 18+)."""
+    if any(x.shape[d] == 0 for d in dims):
+        return _filled_reduction(x, dims, keep, _extreme(x.dtype, lowest=True))
     return torch.amax(x, dims, keepdim=keep)
 
 
 def _amin(x: Tensor, dims: list[int], keep: bool) -> Tensor:
+    """Over an empty set: +inf, or the type's highest value where it has no infinity (ONNX 18+)."""
+    if any(x.shape[d] == 0 for d in dims):
+        return _filled_reduction(x, dims, keep, _extreme(x.dtype, lowest=False))
     return torch.amin(x, dims, keepdim=keep)
+
+
+def _extreme(dtype: torch.dtype, *, lowest: bool) -> float | int | bool:
+    if dtype == torch.bool:
+        return not lowest
+    if dtype.is_floating_point:
+        return -math.inf if lowest else math.inf
+    info = torch.iinfo(dtype)
+    return info.min if lowest else info.max
+
+
+def _filled_reduction(x: Tensor, dims: list[int], keep: bool, fill: float | int | bool) -> Tensor:
+    """The result of reducing `dims` of `x` when every reduced set is empty: `fill` everywhere."""
+    if keep:
+        shape = [1 if d in dims else size for d, size in enumerate(x.shape)]
+    else:
+        shape = [size for d, size in enumerate(x.shape) if d not in dims]
+    return torch.full(shape, fill, dtype=x.dtype, device=x.device)
 
 
 def _sum_square(x: Tensor, dims: list[int], keep: bool) -> Tensor:
     return _sum(x * x, dims, keep)
 
 
+@_on_unsigned("modular")
 def onnx_ReduceSum(data: Tensor, axes: _IntsLike = None, *, keepdims: int = 1, noop_with_empty_axes: int = 0) -> Tensor:
     return _reduce(_sum, data, axes, keepdims, noop_with_empty_axes)
 
@@ -595,14 +716,17 @@ def onnx_ReduceMean(data: Tensor, axes: _IntsLike = None, *, keepdims: int = 1, 
     return _reduce(_mean, data, axes, keepdims, noop_with_empty_axes)
 
 
+@_on_unsigned("modular")
 def onnx_ReduceProd(data: Tensor, axes: _IntsLike = None, *, keepdims: int = 1, noop_with_empty_axes: int = 0) -> Tensor:
     return _reduce(_prod, data, axes, keepdims, noop_with_empty_axes)
 
 
+@_on_unsigned("ordered")
 def onnx_ReduceMax(data: Tensor, axes: _IntsLike = None, *, keepdims: int = 1, noop_with_empty_axes: int = 0) -> Tensor:
     return _reduce(_amax, data, axes, keepdims, noop_with_empty_axes)
 
 
+@_on_unsigned("ordered")
 def onnx_ReduceMin(data: Tensor, axes: _IntsLike = None, *, keepdims: int = 1, noop_with_empty_axes: int = 0) -> Tensor:
     return _reduce(_amin, data, axes, keepdims, noop_with_empty_axes)
 
@@ -638,14 +762,17 @@ def _arg_reduce(fn: Callable[..., Tensor], data: Tensor, axis: int, keepdims: in
     return fn(data, dim=axis, keepdim=keep)
 
 
+@_on_unsigned("ordered", ())
 def onnx_ArgMax(data: Tensor, *, axis: int = 0, keepdims: int = 1, select_last_index: int = 0) -> Tensor:
     return _arg_reduce(torch.argmax, data, axis, keepdims, select_last_index)
 
 
+@_on_unsigned("ordered", ())
 def onnx_ArgMin(data: Tensor, *, axis: int = 0, keepdims: int = 1, select_last_index: int = 0) -> Tensor:
     return _arg_reduce(torch.argmin, data, axis, keepdims, select_last_index)
 
 
+@_on_unsigned("modular")
 def onnx_CumSum(x: Tensor, axis: Tensor, *, exclusive: int = 0, reverse: int = 0) -> Tensor:
     dim = _axis(int(axis), x.dim())
     if reverse:
@@ -656,6 +783,7 @@ def onnx_CumSum(x: Tensor, axis: Tensor, *, exclusive: int = 0, reverse: int = 0
     return y.flip(dim) if reverse else y
 
 
+@_on_unsigned("ordered")
 def onnx_TopK(x: Tensor, k: Tensor | int, *, axis: int = -1, largest: int = 1, sorted: int = 1) -> tuple[Tensor, Tensor]:  # noqa: A002
     """Ties go to the lower index, as ONNX requires, thanks to a stable sort."""
     values, indices = torch.sort(x, dim=axis, descending=bool(largest), stable=True)
@@ -820,6 +948,7 @@ def _wrap_negative(indices: Tensor, size: int | Tensor) -> Tensor:
     return torch.where(indices < 0, indices + size, indices)
 
 
+@_on_unsigned("modular")
 def onnx_Gather(data: Tensor, indices: Tensor, *, axis: int = 0) -> Tensor:
     axis = _axis(axis, data.dim())
     picked = data.index_select(axis, _wrap_negative(indices, data.shape[axis]).reshape(-1))
@@ -942,13 +1071,14 @@ def onnx_Range(start: Tensor, limit: Tensor, delta: Tensor) -> Tensor:
     return start + torch.arange(count, dtype=start.dtype, device=start.device) * delta
 
 
-def onnx_Cast(x: Tensor, *, to: int, saturate: int = 1) -> Tensor:
-    """``saturate`` only matters for float8 targets: clamp to the finite range."""
-    return _cast(x, _torch_dtype("Cast", "to", to), saturate)
+def onnx_Cast(x: Tensor, *, to: int, saturate: int = 1, round_mode: str = "up") -> Tensor:
+    """``saturate`` only matters for float8 targets: clamp to the finite range;
+    ``round_mode`` (opset 25) only for float8e8m0 targets."""
+    return _cast(x, _torch_dtype("Cast", "to", to), saturate, round_mode)
 
 
-def onnx_CastLike(x: Tensor, target_type: Tensor, *, saturate: int = 1) -> Tensor:
-    return _cast(x, target_type.dtype, saturate)
+def onnx_CastLike(x: Tensor, target_type: Tensor, *, saturate: int = 1, round_mode: str = "up") -> Tensor:
+    return _cast(x, target_type.dtype, saturate, round_mode)
 
 
 def onnx_Dropout(
@@ -1066,6 +1196,7 @@ def com_microsoft_MatMulNBits(
 TORCH_KERNELS: dict[tuple[str, str], Callable] = {
     ("", name.removeprefix("onnx_")): fn for name, fn in sorted(globals().items()) if name.startswith("onnx_")
 }
+TORCH_KERNELS.update(ONNX23_KERNELS)
 TORCH_KERNELS.update(GRAPHOPT_KERNELS)
 TORCH_KERNELS[("com.microsoft", "MatMulNBits")] = com_microsoft_MatMulNBits
 
@@ -1076,6 +1207,127 @@ MULTI_OUTPUT_OPS: frozenset[str] = frozenset(
 OPSET_SENSITIVE_OPS: frozenset[str] = frozenset({"Softmax", "LogSoftmax", "Hardmax"})
 
 _DOMAIN_ALIASES = {"ai.onnx": ""}
+
+# ---------------------------------------------------------------------------
+# Element types torch can run
+# ---------------------------------------------------------------------------
+
+_UNSIGNED = frozenset({torch.uint16, torch.uint32, torch.uint64})
+_FLOAT8 = _FLOAT8_DTYPES | {torch.float8_e8m0fnu}
+_COMPLEX = frozenset({torch.complex64, torch.complex128})
+
+PARTIAL_DTYPES: frozenset[torch.dtype] = _UNSIGNED | _FLOAT8 | _COMPLEX
+"""Element types torch has tensors of but CPU kernels for few ops: a kernel runs only those
+`PARTIAL_DTYPE_KERNELS` lists for it. The other types with a torch dtype (float16/32/64,
+bfloat16, bool, int8-64, uint8) run everywhere ONNX allows them; string, 2-, 4- and 6-bit
+types run nowhere."""
+
+PARTIAL_DTYPE_KERNELS: dict[str, frozenset[torch.dtype]] = {
+    **dict.fromkeys(
+        (
+            "Abs",
+        ),
+        _UNSIGNED | _FLOAT8_DTYPES,
+    ),
+    **dict.fromkeys(
+        (
+            "Concat", "DequantizeLinear", "Equal", "Expand", "Flatten", "Gather", "GatherND", "Identity",
+            "IsNaN", "MatMulInteger", "Mul", "OneHot", "RMSNormalization", "Reshape", "Shape", "Size", "Slice",
+            "Split", "Squeeze", "Tile", "Transpose", "Unsqueeze", "Where"
+        ),
+        PARTIAL_DTYPES,
+    ),
+    **dict.fromkeys(
+        (
+            "Div", "Mod"
+        ),
+        _WIDENED_UNSIGNED,
+    ),
+    **dict.fromkeys(
+        (
+            "Add", "CumSum", "Dropout", "ReduceMean", "ReduceProd", "ReduceSum", "Sub"
+        ),
+        _UNSIGNED | _COMPLEX,
+    ),
+    **dict.fromkeys(
+        (
+            "ConstantOfShape", "Pad"
+        ),
+        _UNSIGNED | _FLOAT8,
+    ),
+    **dict.fromkeys(
+        (
+            "ArgMax", "ArgMin", "Ceil", "Clip", "Floor", "Greater", "GreaterOrEqual", "IsInf", "Less",
+            "LessOrEqual", "Max", "Min", "QuantizeLinear", "ReduceMax", "ReduceMin", "Round", "TopK"
+        ),
+        _UNSIGNED,
+    ),
+    **dict.fromkeys(
+        (
+            "BatchNormalization", "Conv", "Cos", "Einsum", "Exp", "GatherElements", "Gemm",
+            "GroupNormalization", "InstanceNormalization", "Log", "MatMul", "Mean", "Neg", "Reciprocal",
+            "ReduceL2", "ReduceLogSum", "ReduceLogSumExp", "ReduceSumSquare", "RotaryEmbedding", "Sigmoid",
+            "Sin", "Sqrt", "Sum", "Tanh", "Trilu"
+        ),
+        _COMPLEX,
+    ),
+    **dict.fromkeys(("Cast", "CastLike", "Constant"), PARTIAL_DTYPES),
+}
+"""ONNX op -> the `PARTIAL_DTYPES` its kernel runs with ONNX's results (output types
+included), measured on torch 2.13's CPU kernels with the ONNX node test cases' inputs
+(`tests/exporters/test_fx_conformance.py` re-measures it and fails when torch changes)."""
+
+
+def unsupported_dtype(domain: str, op_type: str, onnx_dtypes: Iterable[int]) -> int | None:
+    """The first of `onnx_dtypes` (ONNX element type numbers of a node's inputs and outputs)
+    that the kernel of ``op_type`` cannot run in torch, or None."""
+    domain = _DOMAIN_ALIASES.get(domain, domain)
+    allowed = PARTIAL_DTYPE_KERNELS.get(op_type, frozenset()) if domain == "" else frozenset()
+    for onnx_dtype in onnx_dtypes:
+        dtype = _ONNX_DTYPES.get(onnx_dtype)
+        if dtype is None or (dtype in PARTIAL_DTYPES and dtype not in allowed):
+            return onnx_dtype
+    return None
+
+
+def _one_of(name: str, choices: Sequence[object]) -> Callable[[dict], str | None]:
+    def check(attrs: dict) -> str | None:
+        value = attrs.get(name)
+        return None if value is None or value in choices else f"{name}={value!r} (supported: {', '.join(map(str, choices))})"
+
+    return check
+
+
+def _no_string_constant(attrs: dict) -> str | None:
+    present = [name for name in ("value_string", "value_strings", "sparse_value") if attrs.get(name) is not None]
+    return f"attribute {present[0]} (torch has no string or sparse constants)" if present else None
+
+
+_SCATTER_CHOICES = ("none", *_SCATTER_REDUCTIONS)
+
+_ATTRIBUTE_CHECKS: dict[tuple[str, str], list[Callable[[dict], str | None]]] = {
+    ("", "Cast"): [_one_of("to", tuple(_ONNX_DTYPES)), _one_of("round_mode", CAST_ROUND_MODES)],
+    ("", "CastLike"): [_one_of("round_mode", CAST_ROUND_MODES)],
+    ("", "Conv"): [_one_of("auto_pad", ("NOTSET", "VALID", "SAME_UPPER", "SAME_LOWER"))],
+    ("", "Pad"): [_one_of("mode", ("constant", *_PAD_INDEX))],
+    ("", "Gelu"): [_one_of("approximate", ("none", "tanh"))],
+    ("graphopt", "Gelu"): [_one_of("approximate", ("none", "tanh"))],
+    ("", "Constant"): [_no_string_constant],
+    ("", "ScatterElements"): [_one_of("reduction", _SCATTER_CHOICES)],
+    ("", "ScatterND"): [_one_of("reduction", _SCATTER_CHOICES)],
+    ("", "LayerNormalization"): [_one_of("stash_type", tuple(_ONNX_DTYPES))],
+    ("", "GroupNormalization"): [_one_of("stash_type", tuple(_ONNX_DTYPES))],
+    ("", "QuantizeLinear"): [_one_of("output_dtype", (0, *(k for k, v in _ONNX_DTYPES.items() if v in _QUANT_RANGES or v in _FLOAT8_DTYPES)))],
+    ("", "DequantizeLinear"): [_one_of("output_dtype", (0, *_ONNX_DTYPES))],
+    ("com.microsoft", "MatMulNBits"): [_one_of("bits", (4, 8))],
+}
+
+
+def unsupported_attribute(domain: str, op_type: str, attrs: dict) -> str | None:
+    """Why the kernel of ``op_type`` cannot compute a node with these attributes (as the
+    exporter passes them), or None."""
+    checks = _ATTRIBUTE_CHECKS.get((_DOMAIN_ALIASES.get(domain, domain), op_type), [])
+    return next((problem for check in checks if (problem := check(attrs)) is not None), None)
 
 
 def get_kernel(domain: str, op_type: str) -> Callable | None:
