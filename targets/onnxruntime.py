@@ -54,8 +54,12 @@ class OnnxRuntimeTarget(Target):
 
     def lower(self, graph: Graph) -> Graph:
         """A copy of `graph` in the ops this target runs: contrib ops where enabled, the rest
-        of graphopt's own ops decomposed into standard ONNX."""
+        of graphopt's own ops decomposed into standard ONNX, the opset-23/24 ops in forms ORT
+        computes as ONNX specifies (`onnxruntime_onnx23`)."""
         from graphopt.exporters.onnx_lowering import decompose_graphopt_ops
+        from graphopt.targets.onnxruntime_onnx23 import prepare_onnx23_ops
+
+        graph = prepare_onnx23_ops(graph)
 
         if self.contrib_ops:
             from graphopt.targets.onnxruntime_lowering import lower_to_contrib_ops

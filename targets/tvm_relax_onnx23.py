@@ -4,10 +4,12 @@
   merged back, `past_key` / `past_value` concatenated in front of K / V (the present
   outputs), then graphopt's Attention translation (`tvm_relax_compute`) over an additive
   bias: the float mask, or 0 / -inf for a boolean one, plus -inf outside the causal frontier
-  `j <= i + past length`; rows left with no key output zeros (`nan_to_zero`), as ONNX says.
-  Refused at compile time, naming the attribute: `softcap`, a read `qk_matmul_output`,
-  a `softmax_precision` other than the input type, `nonpad_kv_seqlen`, the opset-25
-  windows, and a mask whose last dim is not the total key count (ONNX pads a shorter one).
+  `j <= i + offset` (offset = past length, or `nonpad_kv_seqlen - q_len` per batch), outside
+  the opset-25 windows and past `nonpad_kv_seqlen`; rows left with no key output zeros
+  (`nan_to_zero`), as ONNX says. Refused at compile time, naming the attribute: `softcap`, a
+  read `qk_matmul_output`, a `softmax_precision` other than the input type, and a mask whose
+  last dim may differ from the key count at run time (ONNX pads a shorter one with -inf: a
+  static shorter one is padded here).
 - `RMSNormalization`: float32 X and scale, as `nn.rms_norm` over `axis`..-1 (other types are refused).
 - `RotaryEmbedding`: cos/sin rows gathered by `position_ids`, the rotated halves (or
   interleaved pairs) of the first `rotary_embedding_dim` features, the rest passed through.
@@ -27,8 +29,9 @@ _FLOAT_TYPES = {1: "float32", 10: "float16", 11: "float64", 16: "bfloat16"}
 
 
 @dataclasses.dataclass
-class _HeadsAttention:
-    """The attributes graphopt's Attention translation reads, for split heads."""
+class _Attrs:
+    """The attributes a `tvm_relax_compute` translation reads (graphopt's Attention over the
+    split heads, a normalization over a given axis) and the node label for its errors."""
 
     attrs: dict[str, Any]
     label: str
@@ -48,11 +51,6 @@ def _check_attention(node: Node, dtype: str) -> None:
     precision = attrs.get("softmax_precision")
     if precision is not None and _FLOAT_TYPES.get(int(precision)) != dtype:
         raise _refuse(node, f"softmax_precision={precision} with {dtype} inputs")
-    if len(node.inputs) > 6 and node.inputs[6] is not None:
-        raise _refuse(node, "nonpad_kv_seqlen")
-    for window in ("left_window_size", "right_window_size"):
-        if int(attrs.get(window, -1)) >= 0:
-            raise _refuse(node, window)
 
 
 def _split_heads(c: _Converter, x: Any, heads: Optional[int]) -> Any:
@@ -64,26 +62,81 @@ def _split_heads(c: _Converter, x: Any, heads: Optional[int]) -> Any:
     return c.emit(relax.op.permute_dims(c.emit(relax.op.reshape(x, [batch, seq, heads, size])), [0, 2, 1, 3]))
 
 
-def _bias(c: _Converter, node: Node, mask: Any, q_len: Any, total: Any, past: Any, dtype: str) -> Any:
-    """The additive bias: the mask (boolean as 0 / -inf) plus -inf past the causal frontier."""
+def _bias(c: _Converter, node: Node, mask: Any, nonpad: Any, batch: Any, q_len: Any, total: Any, past: Any, dtype: str) -> Any:
+    """The additive bias: the mask (boolean as 0 / -inf) plus -inf at the keys the causal
+    frontier, the windows or `nonpad_kv_seqlen` take away."""
     from tvm import relax
 
     zero, blocked = relax.const(0.0, dtype), relax.const(float("-inf"), dtype)
     bias = None
     if mask is not None:
         mask = c.tensor(mask)
-        if not _same_dims(c, [c.shape(mask)[-1]], [total]):
-            raise _refuse(node, "an attn_mask whose last dim is not the total key count")
         if str(mask.ty.dtype) == "bool":
             bias = c.emit(relax.op.where(mask, zero, blocked))
         else:
             bias = mask if str(mask.ty.dtype) == dtype else c.emit(relax.op.astype(mask, dtype))
-    if int(node.attrs.get("is_causal", 0)):
-        rows = relax.op.expand_dims(relax.op.arange(past, c.simplify(past + q_len), 1, "int64"), 1)
-        cols = relax.op.arange(0, total, 1, "int64")
-        frontier = c.emit(relax.op.where(relax.op.less_equal(cols, rows), zero, blocked))
+        bias = _pad_keys(c, node, bias, total)
+    allowed = _allowed_keys(c, node, nonpad, batch, q_len, total, past)
+    if allowed is not None:
+        frontier = c.emit(relax.op.where(allowed, zero, blocked))
         bias = frontier if bias is None else c.emit(relax.op.add(bias, frontier))
     return bias
+
+
+def _pad_keys(c: _Converter, node: Node, bias: Any, total: Any) -> Any:
+    """A mask bias shorter than the key count padded with -inf, as ONNX pads the mask."""
+    from tvm import relax
+
+    width = c.shape(bias)[-1]
+    if _same_dims(c, [width], [total]):
+        return bias
+    if not (isinstance(width, int) and isinstance(total, int) and width < total):
+        raise _refuse(node, "an attn_mask whose last dim may differ from the key count at run time")
+    pad_width = [0] * (2 * c.rank(bias) - 1) + [total - width]
+    return c.emit(relax.op.nn.pad(bias, pad_width, pad_value=float("-inf")))
+
+
+def _batch_sized(c: _Converter, lengths: Any, batch: Any) -> Any:
+    """`nonpad_kv_seqlen` [B] stated to have Q's batch dim where one is static and the other
+    symbolic (graphopt's broadcasting takes such dims to be equal; the VM checks it)."""
+    from tvm import relax
+
+    if _same_dims(c, c.shape(lengths), [batch]):
+        return lengths
+    return c.bb.match_cast(lengths, relax.TensorType([_prim(batch)], str(lengths.ty.dtype)))
+
+
+def _allowed_keys(c: _Converter, node: Node, nonpad: Any, batch: Any, q_len: Any, total: Any, past: Any) -> Any:
+    """Boolean [.., q_len, total]: key j is allowed for query i at position p = i + offset
+    (offset = past length, or nonpad_kv_seqlen - q_len per batch) iff j <= p (causal),
+    p - left <= j <= p + right (windows) and j < nonpad_kv_seqlen; None when nothing restricts."""
+    from tvm import relax
+
+    causal = int(node.attrs.get("is_causal", 0))
+    left, right = int(node.attrs.get("left_window_size", -1)), int(node.attrs.get("right_window_size", -1))
+    cols = relax.op.arange(0, total, 1, "int64")
+    per_batch = None if nonpad is None else c.emit(relax.op.reshape(_batch_sized(c, c.tensor(nonpad), batch), [-1, 1, 1, 1]))
+    conditions = []
+    if causal or left >= 0 or right >= 0:
+        if per_batch is None:
+            rows = c.emit(relax.op.expand_dims(relax.op.arange(past, c.simplify(past + q_len), 1, "int64"), 1))
+        else:
+            rows = c.emit(relax.op.add(relax.op.expand_dims(relax.op.arange(c.simplify(-q_len), 0, 1, "int64"), 1), per_batch))
+        diff = c.emit(relax.op.subtract(rows, cols))
+        if causal:
+            conditions.append(relax.op.greater_equal(diff, relax.const(0, "int64")))
+        if left >= 0:
+            conditions.append(relax.op.less_equal(diff, relax.const(left, "int64")))
+        if right >= 0:
+            conditions.append(relax.op.greater_equal(diff, relax.const(-right, "int64")))
+    if per_batch is not None:
+        conditions.append(relax.op.less(cols, per_batch))
+    if not conditions:
+        return None
+    allowed = c.emit(conditions[0])
+    for condition in conditions[1:]:
+        allowed = c.emit(relax.op.logical_and(allowed, condition))
+    return allowed
 
 
 @_rule_for("Attention")
@@ -107,7 +160,7 @@ def _onnx_attention(c: _Converter, node: Node, q: Any, k: Any, v: Any, mask: Any
     batch, heads, q_len, _ = c.shape(q)
     total = c.shape(k)[2]
     attrs = {"num_heads": heads, "num_kv_heads": c.shape(k)[1], "scale": node.attrs.get("scale"), "nan_to_zero": 1}
-    y = _attention(c, _HeadsAttention(attrs, node.label), q, k, v, _bias(c, node, mask, q_len, total, past, dtype))  # type: ignore[arg-type]
+    y = _attention(c, _Attrs(attrs, node.label), q, k, v, _bias(c, node, mask, nonpad, batch, q_len, total, past, dtype))  # type: ignore[arg-type]
     if three_d:
         y = c.emit(relax.op.reshape(c.emit(relax.op.permute_dims(y, [0, 2, 1, 3])), [batch, q_len, -1]))
     return [y, k, v][: len(node.outputs)]
@@ -115,13 +168,22 @@ def _onnx_attention(c: _Converter, node: Node, q: Any, k: Any, v: Any, mask: Any
 
 @_rule_for("RMSNormalization")
 def _onnx_rms_norm(c: _Converter, node: Node, x: Any, scale: Any) -> Any:
+    from tvm import relax
+
     x, scale = c.tensor(x), c.tensor(scale)
     dtypes = {str(x.ty.dtype), str(scale.ty.dtype)}
     if dtypes != {"float32"}:
         raise _refuse(node, f"X/scale of type {'/'.join(sorted(dtypes))} (only float32)")
     if int(node.attrs.get("stash_type", DType.FLOAT)) != DType.FLOAT:
         raise _refuse(node, f"stash_type={node.attrs['stash_type']}")
-    return _normalize(c, node, x, scale, None, simplified=True)
+    dims = c.shape(x)
+    axis = int(node.attrs.get("axis", -1)) % len(dims)
+    if axis:
+        return _normalize(c, node, x, scale, None, simplified=True)
+    # over every axis: a leading axis of 1 keeps one (TVM's rms_norm cannot reduce to rank 0)
+    attrs = _Attrs({"axis": 1, "epsilon": node.attrs.get("epsilon", 1e-5)}, node.label)
+    y = _normalize(c, attrs, c.emit(relax.op.expand_dims(x, 0)), scale, None, simplified=True)  # type: ignore[arg-type]
+    return c.emit(relax.op.squeeze(y, [0]))
 
 
 def _per_token(c: _Converter, cache: Any, tokens: list[Any]) -> Any:

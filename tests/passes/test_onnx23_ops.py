@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.util
+import re
 from typing import Any, Optional
 
 import numpy as np
@@ -130,7 +131,9 @@ ATTENTION = [
     attention("softmax-precision-double", Q4, K4, V4, softmax_precision=11, shapes=((B, HQ, S, D),),
               tvm_refusal="Attention: softmax_precision"),
     attention("nonpad-kv-seqlen-causal", Q4, KX, VX, nonpad_kv_seqlen=np.array([4, 5], np.int64), is_causal=1,
-              opset=24, reference="reference", shapes=((B, HQ, S, 6),), tvm_refusal="Attention: nonpad_kv_seqlen"),
+              opset=24, shapes=((B, HQ, S, 6),)),
+    attention("short-bool-mask-padded", Q4, KX, VX, RNG.random((S, 3)) < 0.7, opset=24, reference="reference",
+              shapes=((B, HQ, S, 6),)),
 ]
 
 
@@ -276,3 +279,53 @@ def test_fuse_leaves_the_ops_once_and_keeps_the_outputs(with_decomposed_attentio
         specs.append("tvm:llvm")
     for spec in specs:
         assert_close(compile(graph, spec, "cleanup")(**BLOCK_FEEDS), expected, spec)
+
+
+def onnx_node_cases() -> list[Any]:
+    """ONNX's own backend node tests of the three ops (generated from the installed onnx
+    package: importing a generator module records its cases), without the `_expanded` forms
+    and the bfloat16 ones, which ONNX Runtime 1.32 cannot load."""
+    import importlib
+
+    import onnx.backend.test.case.node as node_cases
+
+    for module in ("attention", "rmsnormalization", "rotaryembedding"):
+        importlib.import_module(f"onnx.backend.test.case.node.{module}")
+    pattern = re.compile(r"test_(attention|rms_normalization|rotary_embedding)")
+    cases = [c for c in node_cases._NodeTestCases if pattern.match(c.name) and "expanded" not in c.name and "bf16" not in c.name]
+    return [pytest.param(c, id=c.name) for c in sorted(cases, key=lambda c: c.name)]
+
+
+def expected_refusal(model: onnx.ModelProto, target: str) -> str:
+    """The refusal each target gives a node test case ("" when it must compute it)."""
+    node = model.graph.node[0]
+    attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+    reads_scores = len(node.output) > 3 and bool(node.output[3])
+    if target == "onnxruntime" and reads_scores and attrs.get("qk_matmul_output_mode") == 2 and attrs.get("is_causal"):
+        return "qk_matmul_output_mode=2 and is_causal=1"
+    if target == "tvm:llvm" and attrs.get("softcap"):
+        return "Attention: softcap"
+    if target == "tvm:llvm" and reads_scores:
+        return "Attention: qk_matmul_output"
+    return ""
+
+
+@pytest.mark.parametrize("target", ["onnxruntime", "torch", "tvm:llvm"])
+@pytest.mark.parametrize("case", onnx_node_cases())
+def test_onnx_node_test_cases(case: Any, target: str) -> None:
+    if target.startswith("tvm"):
+        pytest.importorskip("tvm")
+    inputs, expected = case.data_sets[0]
+    feeds = dict(zip([i.name for i in case.model.graph.input], inputs))
+    refusal = expected_refusal(case.model, target)
+    if refusal:
+        with pytest.raises(GraphoptError, match=refusal):
+            compile(case.model, target, "fuse")
+        return
+    outputs = compile(case.model, target, "fuse")(**feeds)
+    assert len(outputs) == len(expected)
+    for index, (got, want) in enumerate(zip(outputs, expected)):
+        got = np.asarray(got)
+        assert got.dtype == want.dtype and got.shape == want.shape, f"output {index}"
+        tolerance = 2e-3 if want.dtype == np.float16 else 1e-4
+        np.testing.assert_allclose(got.astype(np.float64), want.astype(np.float64), rtol=tolerance, atol=tolerance, err_msg=f"output {index}")
