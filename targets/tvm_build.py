@@ -2,7 +2,8 @@
 
 Fast math (polynomial erf/exp/tanh, the softmax with the fast exp), library dispatch,
 legalization and operator fusion (TVM's pipeline for the target), then graphopt's CPU
-schedules (`tvm_schedule`) for every kernel, then TVM's lowering and finalization passes.
+schedules (`tvm_schedule`) for every kernel (and the inits of possibly empty reductions hoisted
+out of their loops), then TVM's lowering and finalization passes.
 cuda: the same with dlight's GPU rules in place of the CPU schedules.
 """
 
@@ -47,6 +48,6 @@ def schedule(module: Any, target: Any, tvm_target: Any) -> Any:
     if target.variant == "cuda":
         rules = [dlight.gpu.Matmul(), dlight.gpu.GEMV(), dlight.gpu.Reduction(), dlight.gpu.GeneralReduction(), dlight.gpu.Fallback()]
         return dlight.ApplyDefaultSchedule(*rules)(module)
-    from graphopt.targets.tvm_schedule import cpu_rules
+    from graphopt.targets.tvm_schedule import cpu_rules, hoist_reduction_inits
 
-    return dlight.ApplyDefaultSchedule(*cpu_rules())(module)
+    return hoist_reduction_inits(dlight.ApplyDefaultSchedule(*cpu_rules())(module))

@@ -16,7 +16,10 @@
   DynamicQuantizeLinear, MatMulInteger, com.microsoft MatMulNBits; constant MatMulNBits
   weights dequantized at build time) in `tvm_relax_quant`; both register into the same rule table.
 
-Ops without a rule here are reported by `unsupported_nodes` (the target names them).
+Ops without a rule here are reported by `unsupported_nodes` (the target names them). A rule
+refuses what it cannot compute as ONNX specifies by raising `RelaxConversionError`; any other
+exception from a rule is a bug and propagates as it is (with a note naming the node), never
+disguised as a refusal.
 """
 
 from __future__ import annotations
@@ -26,7 +29,7 @@ from typing import Any, Callable, Optional
 
 import numpy as np
 
-from graphopt.errors import GraphoptError
+from graphopt.errors import UnsupportedOpError
 from graphopt.ir.graph import Graph, Node, Value
 from graphopt.ir.schema import GRAPHOPT_DOMAIN
 
@@ -41,8 +44,9 @@ _INT_MAX = 2**62
 _LOWEST = float(np.finfo(np.float32).min)
 
 
-class RelaxConversionError(GraphoptError):
-    """A node could not be translated to Relax."""
+class RelaxConversionError(UnsupportedOpError):
+    """A node could not be translated to Relax: a deliberate refusal of an op, attribute
+    value or dtype the translation cannot compute exactly (never a bug in a rule)."""
 
 
 @dataclasses.dataclass
@@ -132,6 +136,8 @@ class _Converter:
             self.env[value] = var
         for value in self.graph.constants.values():
             data = value.const.numpy()  # type: ignore[union-attr]
+            if data.dtype.name not in _TVM_DTYPES:
+                raise RelaxConversionError(f"constant '{value.name}': element type {data.dtype.name} is not supported by the TVM target")
             if data.size <= INLINE_LIMIT:
                 self.env[value] = data
                 continue
@@ -156,6 +162,10 @@ class _Converter:
 
         if value.shape is None or value.dtype is None:
             raise RelaxConversionError(f"graph input '{value.name}': TVM needs its rank and dtype to be known")
+        try:
+            dtype = _dtype(value.dtype.to_numpy())
+        except (RelaxConversionError, TypeError) as exc:
+            raise RelaxConversionError(f"graph input '{value.name}': {exc}") from None
         shape = []
         for axis, dim in enumerate(value.shape):
             if isinstance(dim, int):
@@ -166,7 +176,7 @@ class _Converter:
                 self.dims[name] = self.tir.Var(_ident(name), "int64")
                 self.analyzer.bind(self.dims[name], Range.from_min_extent(1, 2**31))
             shape.append(self.dims[name])
-        return self.relax.TensorType(shape, _dtype(value.dtype.to_numpy()))
+        return self.relax.TensorType(shape, dtype)
 
     def _convert(self, node: Node) -> None:
         rule = _rule(node)
@@ -175,11 +185,16 @@ class _Converter:
         args = [None if v is None else self.env[v] for v in node.inputs]
         try:
             results = rule(self, node, *args)
+        except RelaxConversionError as exc:
+            raise RelaxConversionError(f"node {node.label}: {exc}") from None
         except Exception as exc:
-            text = str(exc).strip().splitlines()
-            raise RelaxConversionError(f"node {node.label}: {text[-1] if text else type(exc).__name__}") from None
+            exc.add_note(f"graphopt: raised while translating node {node.label} to Relax (a bug in targets/tvm_relax*.py)")
+            raise
         if not isinstance(results, list):
             results = [results]
+        for out in node.outputs[len(results):]:
+            if out.uses() or out.is_graph_output:
+                raise RelaxConversionError(f"node {node.label}: output '{out.name}' is not computed by the TVM translation")
         for out, result in zip(node.outputs, results):
             self.env[out] = result
 
@@ -249,9 +264,16 @@ def _ident(name: str) -> str:
     return text if text and not text[0].isdigit() else f"v_{text}"
 
 
+_TVM_DTYPES = frozenset({"bool", "float16", "float32", "float64", "int8", "int16", "int32", "int64", "uint8", "uint16", "uint32", "uint64"})
+"""Element types the translation passes to TVM (others, e.g. bfloat16, float8, strings, are refused)."""
+
+
 def _dtype(dtype: Any) -> str:
+    """TVM's name of a numpy dtype; RelaxConversionError for a type TVM does not take here."""
     name = np.dtype(dtype).name
-    return "bool" if name == "bool" else name
+    if name not in _TVM_DTYPES:
+        raise RelaxConversionError(f"element type {name} is not supported by the TVM target")
+    return name
 
 
 def _unwrap(expr: Any) -> Any:
@@ -289,22 +311,23 @@ def _rule_for(*names: str, domain: str = "") -> Callable[[Callable[..., Any]], C
     return register
 
 
-_BINARY = {
-    "Add": ("add", lambda a, b: a + b),
-    "Sub": ("subtract", lambda a, b: a - b),
-    "Mul": ("multiply", lambda a, b: a * b),
-    "Div": ("divide", None),
-    "Pow": ("power", None),
-    "Equal": ("equal", None),
-    "Less": ("less", None),
-    "Greater": ("greater", None),
-    "LessOrEqual": ("less_equal", None),
-    "GreaterOrEqual": ("greater_equal", None),
-    "And": ("logical_and", None),
-    "Or": ("logical_or", None),
-    "Min": ("minimum", None),
-    "Max": ("maximum", None),
+_BINARY = {  # ONNX op: Relax op
+    "Add": "add",
+    "Sub": "subtract",
+    "Mul": "multiply",
+    "Div": "divide",
+    "Pow": "power",
+    "Equal": "equal",
+    "Less": "less",
+    "Greater": "greater",
+    "LessOrEqual": "less_equal",
+    "GreaterOrEqual": "greater_equal",
+    "And": "logical_and",
+    "Or": "logical_or",
 }
+
+_VARIADIC = {"Max": ("Max", "maximum"), "Min": ("Min", "minimum"), "Sum": ("Add", "add"), "Mean": ("Add", "add")}
+"""Ops over any number of inputs: the pairwise op folded over them (`_sym_binary`'s name, Relax op)."""
 
 
 def _sym_binary(c: _Converter, op: str, a: _Sym, b: _Sym) -> _Sym:
@@ -312,11 +335,11 @@ def _sym_binary(c: _Converter, op: str, a: _Sym, b: _Sym) -> _Sym:
 
     def apply(x: Any, y: Any) -> Any:
         if isinstance(x, int) and isinstance(y, int):
-            return {"Add": x + y, "Sub": x - y, "Mul": x * y, "Div": int(x / y) if y else 0, "Equal": x == y, "Less": x < y,
+            return {"Add": x + y, "Sub": x - y, "Mul": x * y, "Div": _truncated_quotient(x, y), "Equal": x == y, "Less": x < y,
                     "Greater": x > y, "LessOrEqual": x <= y, "GreaterOrEqual": x >= y, "And": bool(x and y), "Or": bool(x or y),
                     "Min": min(x, y), "Max": max(x, y)}[op]
         x, y = _prim(x) if isinstance(x, int) else x, _prim(y) if isinstance(y, int) else y
-        table = {"Add": lambda: x + y, "Sub": lambda: x - y, "Mul": lambda: x * y, "Div": lambda: tir.floordiv(x, y),
+        table = {"Add": lambda: x + y, "Sub": lambda: x - y, "Mul": lambda: x * y, "Div": lambda: tir.truncdiv(x, y),
                  "Equal": lambda: x == y, "Less": lambda: x < y, "Greater": lambda: x > y, "LessOrEqual": lambda: x <= y,
                  "GreaterOrEqual": lambda: x >= y, "Min": lambda: tir.min(x, y), "Max": lambda: tir.max(x, y)}
         if op not in table:
@@ -331,20 +354,69 @@ def _sym_binary(c: _Converter, op: str, a: _Sym, b: _Sym) -> _Sym:
     return _Sym(out, "bool" if boolean else a.dtype)
 
 
+def _truncated_quotient(x: int, y: int) -> int:
+    """x / y rounded toward zero, as ONNX's integer Div (0 for a zero divisor, which ONNX leaves undefined)."""
+    if not y:
+        return 0
+    quotient = abs(x) // abs(y)
+    return quotient if (x >= 0) == (y > 0) else -quotient
+
+
 @_rule_for(*_BINARY)
 def _binary(c: _Converter, node: Node, a: Any, b: Any) -> Any:
+    if node.op_type == "Pow":
+        return _pow(c, node, a, b)
+    return _apply_binary(c, node.op_type, _BINARY[node.op_type], a, b, _input_dtype(node))
+
+
+def _input_dtype(node: Node) -> Optional[np.dtype]:
+    """The numpy dtype of the node's first input, when known."""
+    return node.inputs[0].dtype.to_numpy() if node.inputs[0].dtype is not None else None  # type: ignore[union-attr]
+
+
+def _apply_binary(c: _Converter, op: str, relax_name: str, a: Any, b: Any, dtype: Optional[np.dtype]) -> Any:
+    """ONNX binary `op` (broadcasting) on two operands of `dtype`; integer Div truncates
+    toward zero (Relax's floor_divide of a - truncmod(a, b), which b divides exactly)."""
     from tvm import relax
 
-    if _is_sym(c, [a, b]) and node.op_type not in ("Pow",):
-        return _sym_binary(c, node.op_type, c.sym(a), c.sym(b))  # type: ignore[arg-type]
-    dtype = node.inputs[0].dtype.to_numpy() if node.inputs[0].dtype is not None else None  # type: ignore[union-attr]
+    if _is_sym(c, [a, b]):
+        return _sym_binary(c, op, c.sym(a), c.sym(b))  # type: ignore[arg-type]
     x, y = c.tensor(a, dtype), c.tensor(b, dtype)
-    name = _BINARY[node.op_type][0]
-    if node.op_type == "Div" and dtype is not None and np.dtype(dtype).kind in "iu":
-        name = "floor_divide"
-    if node.op_type == "Pow" and isinstance(b, np.ndarray) and b.size == 1 and float(b.reshape(-1)[0]) == 2.0:
+    if op == "Div" and dtype is not None and np.dtype(dtype).kind in "iu":
+        return c.emit(relax.op.floor_divide(relax.op.subtract(x, relax.op.mod(x, y)), y))
+    return c.emit(getattr(relax.op, relax_name)(x, y))
+
+
+def _pow(c: _Converter, node: Node, a: Any, b: Any) -> Any:
+    """Pow; a float exponent of an integer base is refused (ONNX computes that in floating point)."""
+    from tvm import relax
+
+    base, exponent = node.inputs[0].dtype, node.inputs[1].dtype
+    if base is not None and exponent is not None and base != exponent and np.dtype(base.to_numpy()).kind in "iu":
+        raise RelaxConversionError(f"Pow of an integer ({base.to_numpy().name}) base by a {exponent.to_numpy().name} exponent is not supported")
+    dtype = _input_dtype(node)
+    x, y = c.tensor(a, dtype), c.tensor(b, dtype)
+    if isinstance(b, np.ndarray) and b.size == 1 and float(b.reshape(-1)[0]) == 2.0:
         return c.emit(relax.op.multiply(x, x))
-    return c.emit(getattr(relax.op, name)(x, y))
+    if dtype is not None and str(y.ty.dtype) != _dtype(dtype):
+        y = c.emit(relax.op.astype(y, _dtype(dtype)))
+    return c.emit(relax.op.power(x, y))
+
+
+@_rule_for(*_VARIADIC)
+def _variadic(c: _Converter, node: Node, *operands: Any) -> Any:
+    """Max / Min / Sum / Mean of one or more inputs (broadcast): the pairwise op folded left to right."""
+    from tvm import relax
+
+    op, relax_name = _VARIADIC[node.op_type]
+    dtype = _input_dtype(node)
+    result = operands[0]
+    for operand in operands[1:]:
+        result = _apply_binary(c, op, relax_name, result, operand, dtype)
+    if node.op_type != "Mean":
+        return result
+    x = c.tensor(result, dtype)
+    return c.emit(relax.op.divide(x, relax.const(len(operands), str(x.ty.dtype))))
 
 
 _UNARY = {
@@ -416,15 +488,12 @@ def _gather(c: _Converter, node: Node, data: Any, indices: Any) -> Any:
     if isinstance(data, _Sym) and isinstance(indices, np.ndarray):
         return _Sym(np.take(data.data, indices.astype(np.int64), axis=axis), data.dtype)
     x = c.tensor(data)
-    if isinstance(indices, np.ndarray):
-        dim = c.shape(x)[axis]
-        if (indices < 0).any():
-            if not isinstance(dim, int):
-                raise RelaxConversionError("negative Gather indices on a runtime-sized axis")
-            indices = np.where(indices < 0, indices + dim, indices)
-        index = relax.const(indices.astype(np.int64), "int64")
+    axis = _axis(c.rank(x), axis)
+    dim = c.shape(x)[axis]
+    if isinstance(indices, np.ndarray) and isinstance(dim, int):
+        index = relax.const(np.where(indices < 0, indices + dim, indices).astype(np.int64), "int64")
     else:
-        index = c.tensor(indices)
+        index = _wrap_negative(c, c.tensor(indices), dim)
     return c.emit(relax.op.take(x, index, axis=axis))
 
 
@@ -432,7 +501,27 @@ def _gather(c: _Converter, node: Node, data: Any, indices: Any) -> Any:
 def _gather_elements(c: _Converter, node: Node, data: Any, indices: Any) -> Any:
     from tvm import relax
 
-    return c.emit(relax.op.gather_elements(c.tensor(data), c.tensor(indices), int(node.attrs.get("axis", 0))))
+    x = c.tensor(data)
+    axis = _axis(c.rank(x), int(node.attrs.get("axis", 0)))
+    index = _wrap_negative(c, c.tensor(indices), c.shape(x)[axis])
+    return c.emit(relax.op.gather_elements(x, index, axis))
+
+
+def _axis(rank: int, axis: int) -> int:
+    """An ONNX axis attribute in [-rank, rank) as a nonnegative axis."""
+    if not -rank <= axis < rank:
+        raise RelaxConversionError(f"axis {axis} is out of range for a rank-{rank} input")
+    return axis + rank if axis < 0 else axis
+
+
+def _wrap_negative(c: _Converter, index: Any, dim: Any) -> Any:
+    """Run-time indices into an axis of `dim` elements, negative ones counted from the end
+    (ONNX: ``where(i < 0, i + dim, i)``)."""
+    from tvm import relax
+
+    dtype = str(index.ty.dtype)
+    extent = relax.const(dim, dtype) if isinstance(dim, int) else c.tensor(_Sym(np.array(dim, dtype=object), dtype))
+    return c.emit(relax.op.where(relax.op.less(index, relax.const(0, dtype)), relax.op.add(index, extent), index))
 
 
 @_rule_for("GatherND")
@@ -577,7 +666,10 @@ def _flatten(c: _Converter, node: Node, x: Any) -> Any:
 
     x = c.tensor(x)
     dims = c.shape(x)
-    axis = int(node.attrs.get("axis", 1)) % (len(dims) + 1)
+    axis = int(node.attrs.get("axis", 1))
+    if not -len(dims) <= axis <= len(dims):
+        raise RelaxConversionError(f"axis {axis} is out of range for a rank-{len(dims)} input")
+    axis = axis + len(dims) if axis < 0 else axis
     return c.emit(relax.op.reshape(x, [c.simplify(_product(dims[:axis])), c.simplify(_product(dims[axis:]))]))
 
 
@@ -677,3 +769,4 @@ def _transpose(c: _Converter, node: Node, x: Any) -> Any:
 
 from graphopt.targets import tvm_relax_compute  # noqa: E402,F401  (registers the compute rules)
 from graphopt.targets import tvm_relax_quant  # noqa: E402,F401  (registers the quantization rules)
+from graphopt.targets import tvm_relax_onnx23  # noqa: E402,F401  (registers Attention, RMSNormalization, RotaryEmbedding)

@@ -13,9 +13,12 @@ from __future__ import annotations
 import math
 from typing import Any
 
+import numpy as np
+
 from graphopt.ir.graph import Node
 from graphopt.ir.schema import GRAPHOPT_DOMAIN
-from graphopt.targets.tvm_relax import _LOWEST, PACK, RelaxConversionError, _axes, _Converter, _Packed, _rule_for, _same_dims
+from graphopt.targets.tvm_relax import (_LOWEST, PACK, RelaxConversionError, _axes, _axis, _Converter, _Packed, _product, _rule_for,
+                                        _same_dims, _Sym)
 
 
 @_rule_for("MatMul")
@@ -63,24 +66,106 @@ def _gemm(c: _Converter, node: Node, a: Any, b: Any, bias: Any = None) -> Any:
 
 @_rule_for("Softmax")
 def _softmax(c: _Converter, node: Node, x: Any) -> Any:
+    """Softmax over `axis` (opset 13+); before opset 13 over the input flattened to 2-D at
+    `axis` (default 1), i.e. over all the axes from `axis` on."""
     from tvm import relax
 
-    return c.emit(relax.op.nn.softmax(c.tensor(x), int(node.attrs.get("axis", -1))))
+    x = c.tensor(x)
+    if c.graph.opset() >= 13:
+        return c.emit(relax.op.nn.softmax(x, int(node.attrs.get("axis", -1))))
+    dims = c.shape(x)
+    axis = _axis(len(dims), int(node.attrs.get("axis", 1)))
+    flat = c.emit(relax.op.reshape(x, [c.simplify(_product(dims[:axis])), c.simplify(_product(dims[axis:]))]))
+    return c.emit(relax.op.reshape(relax.op.nn.softmax(flat, -1), dims))
 
 
-@_rule_for("ReduceMean", "ReduceSum", "ReduceMax")
+@_rule_for("ReduceMean", "ReduceSum", "ReduceMax", "ReduceMin")
 def _reduce(c: _Converter, node: Node, x: Any, axes_in: Any = None) -> Any:
+    """ONNX reductions: no (or empty) axes reduce every axis, or none with
+    `noop_with_empty_axes`; float ReduceMax / ReduceMin start from -inf / +inf (Relax starts from the
+    lowest / highest finite value, so a row of -inf would not give -inf); a float ReduceMean
+    over a possibly empty set divides by at least 1 (`_mean_of_maybe_empty`)."""
     from tvm import relax
 
-    fn = {"ReduceMean": relax.op.mean, "ReduceSum": relax.op.sum, "ReduceMax": relax.op.max}[node.op_type]
+    x = c.tensor(x)
     axes = _axes(node, axes_in, c)
-    return c.emit(fn(c.tensor(x), axes, keepdims=bool(node.attrs.get("keepdims", 1))))
+    if not axes and node.attrs.get("noop_with_empty_axes", 0):
+        return x
+    keepdims = bool(node.attrs.get("keepdims", 1))
+    rank = c.rank(x)
+    axes = sorted({_axis(rank, a) for a in axes}) if axes else list(range(rank))
+    floating = str(x.ty.dtype).startswith("float")
+    if node.op_type in ("ReduceMax", "ReduceMin") and floating:
+        return c.emit(c.bb.call_te(_extremum, x, axes, keepdims, node.op_type == "ReduceMax", primfunc_name_hint=node.op_type.lower()))
+    count = c.simplify(_product([c.shape(x)[a] for a in axes]))
+    if node.op_type == "ReduceMean" and floating and not (isinstance(count, int) and count > 0):
+        return _mean_of_maybe_empty(c, x, axes, keepdims, count)
+    fn = {"ReduceMean": relax.op.mean, "ReduceSum": relax.op.sum, "ReduceMax": relax.op.max, "ReduceMin": relax.op.min}[node.op_type]
+    return c.emit(fn(x, axes, keepdims=keepdims))
+
+
+def _mean_of_maybe_empty(c: _Converter, x: Any, axes: list[int], keepdims: bool, count: Any) -> Any:
+    """Float mean over axes of `count` elements in all that may be 0: the sum divided by
+    max(count, 1), so an empty reduction gives 0 as ONNX Runtime does (ONNX leaves it
+    undefined; TVM's mean would divide by zero)."""
+    from tvm import relax, tirx
+
+    dtype = str(x.ty.dtype)
+    total = c.emit(relax.op.sum(x, axes, keepdims=keepdims))
+    if isinstance(count, int):
+        return total
+    divisor = c.tensor(_Sym(np.array(tirx.max(count, 1), dtype=object), "int64"))  # not simplified: dims are bound to >= 1
+    return c.emit(relax.op.divide(total, relax.op.astype(divisor, dtype)))
+
+
+def _extremum(x: Any, axes: list[int], keepdims: bool, largest: bool) -> Any:
+    """Max (or min) of float `x` over `axes`, starting from -inf (+inf): ONNX's result for a
+    row of -inf values and for an empty reduction."""
+    from tvm import te, tirx
+
+    pick = tirx.max if largest else tirx.min
+    reducer = te.comm_reducer(lambda a, b: pick(a, b), lambda dtype: tirx.const(float("-inf") if largest else float("inf"), dtype),
+                              name="max" if largest else "min")
+    reduced = {a: te.reduce_axis((0, x.shape[a]), name=f"r{a}") for a in axes}
+    kept = [a for a in range(len(x.shape)) if keepdims or a not in reduced]
+    shape = [1 if a in reduced else x.shape[a] for a in kept]
+
+    def element(*index: Any) -> Any:
+        position = dict(zip(kept, index))
+        return reducer(x[tuple(reduced[a] if a in reduced else position[a] for a in range(len(x.shape)))], axis=list(reduced.values()))
+
+    return te.compute(shape, element, name="extremum")
 
 
 @_rule_for("LayerNormalization")
 def _layer_norm(c: _Converter, node: Node, x: Any, scale: Any, bias: Any = None) -> Any:
     shift = c.tensor(bias) if bias is not None else None
+    if len(node.outputs) > 1 and any(out.uses() or out.is_graph_output for out in node.outputs[1:]):
+        return _layer_norm_with_statistics(c, node, c.tensor(x), c.tensor(scale), shift)
     return _normalize(c, node, c.tensor(x), c.tensor(scale), shift, simplified=False)
+
+
+def _layer_norm_with_statistics(c: _Converter, node: Node, x: Any, scale: Any, shift: Any) -> list[Any]:
+    """LayerNormalization with its Mean and InvStdDev outputs (kept dims, float32), written
+    out as ONNX defines it: statistics in float32 (`stash_type` 1), the normalized value
+    cast back to x's type, then scaled and shifted."""
+    from tvm import relax
+
+    if int(node.attrs.get("stash_type", 1)) != 1:
+        raise RelaxConversionError(f"LayerNormalization with stash_type {node.attrs['stash_type']} is not supported (only 1, float32)")
+    dtype = str(x.ty.dtype)
+    dims = c.shape(x)
+    axes = list(range(_axis(len(dims), int(node.attrs.get("axis", -1))), len(dims)))
+    wide = x if dtype == "float32" else c.emit(relax.op.astype(x, "float32"))
+    mean = c.emit(relax.op.mean(wide, axes, keepdims=True))
+    centered = c.emit(relax.op.subtract(wide, mean))
+    variance = c.emit(relax.op.mean(relax.op.multiply(centered, centered), axes, keepdims=True))
+    inv_std = c.emit(relax.op.rsqrt(relax.op.add(variance, relax.const(float(node.attrs.get("epsilon", 1e-5)), "float32"))))
+    y = c.emit(relax.op.multiply(centered, inv_std))
+    y = c.emit(relax.op.multiply(y if dtype == "float32" else relax.op.astype(y, dtype), scale))
+    if shift is not None:
+        y = c.emit(relax.op.add(y, shift))
+    return [y, mean, inv_std]
 
 
 @_rule_for("Conv")

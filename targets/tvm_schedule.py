@@ -19,6 +19,13 @@ than ONNX Runtime). `cpu_rules()` gives, in order of preference:
 - dlight's CPU `Reduction` (softmax, layer norm, RMS norm) and `GEMV`;
 - `Elementwise`: injective kernels with every loop fused, parallel and vectorized (pure
   reshapes excepted: Relax turns those into views).
+
+A kernel over a zero-size tensor (a buffer with a static dim of 0) is left as plain loops:
+it does next to no work, and fusing or splitting a loop of extent 0 divides by zero in TVM.
+After the rules, `hoist_reduction_inits` moves the init of every reduction whose loops may
+run zero times (a static extent of 0, or a runtime-sized one) out of those loops: TVM runs an
+init left inside them on the first iteration only, so an empty reduction (ReduceSum over a
+zero-size axis) would leave its output unwritten instead of 0 / -inf.
 """
 
 from __future__ import annotations
@@ -36,7 +43,7 @@ def cpu_rules() -> list[Any]:
     """The schedule rules applied to each CPU kernel, first match wins."""
     from tvm.s_tir import dlight
 
-    return [_rule(_schedule_matmul), dlight.cpu.GEMV(), dlight.cpu.Reduction(), _rule(_schedule_elementwise)]
+    return [_rule(_leave_empty), _rule(_schedule_matmul), dlight.cpu.GEMV(), dlight.cpu.Reduction(), _rule(_schedule_elementwise)]
 
 
 def _rule(fn: Any) -> Any:
@@ -57,6 +64,79 @@ def _rule(fn: Any) -> Any:
 
     _Rule.__name__ = fn.__name__
     return _Rule()
+
+
+def hoist_reduction_inits(module: Any) -> Any:
+    """`module` with the init of each reduction that may be empty moved before its reduction
+    loops, in every PrimFunc (see the module docstring)."""
+    from tvm import s_tir, tirx
+
+    updates = {}
+    for gvar, func in module.functions.items():
+        if not isinstance(func, tirx.PrimFunc):
+            continue
+        sch = s_tir.Schedule(func)
+        if _hoist_inits(sch):
+            updates[gvar] = sch.mod["main"]
+    for gvar, func in updates.items():
+        module[gvar] = func
+    return module
+
+
+def _hoist_inits(sch: Any) -> bool:
+    """Decompose the reductions of `sch` whose reduction loops may be empty; whether any was."""
+    from tvm.s_tir.schedule import ScheduleError
+
+    try:
+        pending = list(sch.get_child_blocks(sch.get_sblock("root")))
+    except ScheduleError:
+        return False  # hand-written TIR (e.g. TVM's cumsum), no block tree to walk
+    changed = False
+    while pending:
+        block = pending.pop()
+        pending.extend(sch.get_child_blocks(block))
+        loop = _first_reduction_loop(sch, block)
+        if loop is None:
+            continue
+        try:
+            sch.decompose_reduction(block, loop)
+            changed = True
+        except ScheduleError:
+            pass  # scheduled into a form TVM cannot decompose; left as it is
+    return changed
+
+
+def _first_reduction_loop(sch: Any, block: Any) -> Optional[Any]:
+    """The outermost loop bound to a reduction iterator of `block`, when the block still has
+    its init and one of its reduction loops may have an extent of 0; else None."""
+    from tvm import tirx
+    from tvm.s_tir.dlight.analysis.common_analysis import get_sblockrealize
+
+    stmt = sch.get(block)
+    if stmt.init is None:
+        return None
+    values = get_sblockrealize(sch, block).iter_values
+    reducing = [value for var, value in zip(stmt.iter_vars, values) if var.iter_type == tirx.IterVar.CommReduce]
+    loops = [loop for loop in sch.get_loops(block) if any(_uses(v, sch.get(loop).loop_var) for v in reducing)]
+    if not loops or all(isinstance(sch.get(loop).extent, tirx.IntImm) and sch.get(loop).extent.value > 0 for loop in loops):
+        return None
+    return loops[0]
+
+
+def _uses(expr: Any, var: Any) -> bool:
+    """Whether the TIR expression `expr` reads the variable `var`."""
+    from tvm import tirx
+
+    return any(v.same_as(var) for v in tirx.analysis.undefined_vars(expr))
+
+
+def _leave_empty(sch: Any, target: Any) -> Optional[Any]:
+    """`sch` unchanged when a buffer of the kernel has a static dim of 0, else None."""
+    from tvm import tirx
+
+    shapes = [getattr(param.ty, "shape", None) or [] for param in sch.mod["main"].params]
+    empty = any(isinstance(d, tirx.IntImm) and d.value == 0 for shape in shapes for d in shape)
+    return sch if empty else None
 
 
 def _lanes(target: Any) -> int:
