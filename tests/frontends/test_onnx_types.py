@@ -212,7 +212,8 @@ def _cast_model(number: int, foldable: bool = False) -> onnx.ModelProto:
              for src, dst in (("w", "fw"), ("ws", "fws"))]
     if foldable:
         nodes += [helper.make_node("Identity", [dst + "_cast"], [dst]) for dst in ("fw", "fws")]
-    outputs = [helper.make_tensor_value_info("fw", TensorProto.FLOAT, list(BIG)), helper.make_tensor_value_info("fws", TensorProto.FLOAT, [5])]
+    outputs = [helper.make_tensor_value_info("fw", TensorProto.FLOAT, list(BIG)),
+               helper.make_tensor_value_info("fws", TensorProto.FLOAT, [5])]
     for opset in (19, 21, 23, 24, 25):
         model = helper.make_model(helper.make_graph(nodes, "cast", [], outputs, initializer=[big, small]),
                                   opset_imports=[helper.make_opsetid("", opset)])
@@ -228,7 +229,8 @@ def _cast_model(number: int, foldable: bool = False) -> onnx.ModelProto:
 NUMPY_FED = ["FLOAT", "UINT8", "INT8", "UINT16", "INT16", "INT32", "INT64", "STRING", "BOOL", "FLOAT16", "DOUBLE",
              "UINT32", "UINT64"]
 # ... and casts these to float (not FLOAT4E2M1 nor the float6 types)
-CAST_RUN = ["BFLOAT16", "FLOAT8E4M3FN", "FLOAT8E4M3FNUZ", "FLOAT8E5M2", "FLOAT8E5M2FNUZ", "FLOAT8E8M0", "INT4", "UINT4", "INT2", "UINT2"]
+CAST_RUN = ["BFLOAT16", "FLOAT8E4M3FN", "FLOAT8E4M3FNUZ", "FLOAT8E5M2", "FLOAT8E5M2FNUZ", "FLOAT8E8M0", "INT4", "UINT4",
+            "INT2", "UINT2"]
 
 
 @pytest.mark.parametrize("name", NUMPY_FED)
@@ -466,7 +468,8 @@ def test_node_cases_cover_sequence_and_optional_ops() -> None:
 
 def test_zipmap_sequence_of_maps_round_trips_and_runs(tmp_path) -> None:
     """ai.onnx.ml ZipMap gives seq(map(int64, float)): typed output kept, same dicts from ORT."""
-    seq_map = helper.make_sequence_type_proto(helper.make_map_type_proto(TensorProto.INT64, _tensor_type(TensorProto.FLOAT, None)))
+    float_map = helper.make_map_type_proto(TensorProto.INT64, _tensor_type(TensorProto.FLOAT, None))
+    seq_map = helper.make_sequence_type_proto(float_map)
     node = helper.make_node("ZipMap", ["x"], ["y"], domain="ai.onnx.ml", classlabels_int64s=[10, 20, 30])
     graph = helper.make_graph([node], "zipmap", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 3])],
                               [helper.make_value_info("y", seq_map)])
