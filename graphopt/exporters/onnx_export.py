@@ -18,6 +18,7 @@ from graphopt.errors import ExportError
 from graphopt.files import file_mode
 from graphopt.exporters.onnx_lowering import decompose_graphopt_ops
 from graphopt.frontends.onnx_import import OpaqueAttribute
+from graphopt.frontends.onnx_subgraphs import rename_outer_reads, subgraphs
 from graphopt.ir.dtypes import DType
 from graphopt.ir.graph import Graph, Node, Value
 from graphopt.ir.tensor import ConstTensor, FileTensor, ProtoTensor
@@ -191,6 +192,9 @@ def _node_proto(node: Node) -> Any:
     empty_types = node.origin.get("empty_list_types", {})
     for name, value in node.attrs.items():
         proto.attribute.append(_attribute(node, name, value, empty_types.get(name)))
+    renames = {old: value.name for old, value in zip(node.capture_names, node.captures) if value.name != old}
+    for body in subgraphs(proto) if renames else ():
+        rename_outer_reads(body, renames)
     for key, value in node.origin.get("metadata_props", {}).items():
         entry = proto.metadata_props.add()
         entry.key, entry.value = key, value

@@ -17,10 +17,11 @@ from __future__ import annotations
 
 import heapq
 import os
-from typing import Any, Optional
+from typing import Any, Optional, Sequence
 
 from graphopt.errors import GraphError, ModelLoadError, VerificationError
 from graphopt.frontends.onnx_file import WireFormatError, read_model_skeleton
+from graphopt.frontends.onnx_subgraphs import body_names, outer_reads
 from graphopt.ir.dtypes import DType
 from graphopt.ir.graph import Graph, Node, Value
 from graphopt.ir.tensor import ArrayTensor, ConstTensor, FileTensor, ProtoTensor
@@ -98,9 +99,11 @@ def _convert(model: Any, base_dir: str, ranges: dict[str, tuple[int, int]], sour
     if overridable:
         graph.metadata["initializer_inputs"] = overridable
 
-    for proto in _topological(onnx_graph, set(scope), source):
+    protos = list(onnx_graph.node)  # one wrapper object per node, so ids stay valid below
+    captured = {id(proto): outer_reads(proto) for proto in protos if proto.attribute}
+    for proto in _topological(protos, set(scope), captured, source):
         _check_op(proto, opsets, source)
-        node = _node(proto, scope, source)
+        node = _node(proto, scope, captured.get(id(proto), ()), source)
         graph.insert(node)
         for out in node.outputs:
             out.type = types.get(out.name, UNKNOWN)
@@ -125,6 +128,9 @@ def _convert(model: Any, base_dir: str, ranges: dict[str, tuple[int, int]], sour
         value.type = merge_types(value.type, _value_type(vi))
         outputs.append(value)
     graph.set_outputs(outputs)
+    for proto in protos:
+        if proto.attribute:
+            graph.reserve_names(body_names(proto))
     try:
         graph.verify()
     except VerificationError as exc:
@@ -196,21 +202,22 @@ def _model_metadata(model: Any) -> dict[str, Any]:
     return meta
 
 
-def _topological(onnx_graph: Any, known: set[str], source: str) -> list[Any]:
-    """The graph's nodes in an order where every input is defined first (ONNX requires it,
-    but some producers write unsorted graphs): file order where it allows, in linear time."""
-    nodes = list(onnx_graph.node)
+def _topological(nodes: list[Any], known: set[str], captured: dict[int, list[str]], source: str) -> list[Any]:
+    """The graph's nodes in an order where every input, and every outer value a node's bodies
+    read (`captured`, by node id), is defined first (ONNX requires it, but some producers
+    write unsorted graphs): file order where it allows, in linear time."""
     producer = {name: index for index, proto in enumerate(nodes) for name in proto.output if name}
     waiting_on = [0] * len(nodes)
     readers: list[list[int]] = [[] for _ in nodes]
     for index, proto in enumerate(nodes):
-        for name in dict.fromkeys(proto.input):
+        for name in dict.fromkeys(list(proto.input) + captured.get(id(proto), [])):
             if not name or name in known:
                 continue
             if name not in producer:
                 label = proto.name or proto.op_type
+                where = "" if name in proto.input else "a subgraph of "
                 raise ModelLoadError(
-                    f"{source}: node '{label}' ({proto.op_type}) reads '{name}', which no node, input or initializer defines"
+                    f"{source}: {where}node '{label}' ({proto.op_type}) reads '{name}', which no node, input or initializer defines"
                 )
             waiting_on[index] += 1
             readers[producer[name]].append(index)
@@ -226,22 +233,23 @@ def _topological(onnx_graph: Any, known: set[str], source: str) -> list[Any]:
     if len(ordered) < len(nodes):
         placed = {id(proto) for proto in ordered}
         defined = set(known) | {name for proto in ordered for name in proto.output if name}
-        raise ModelLoadError(f"{source}: {_cycle([proto for proto in nodes if id(proto) not in placed], defined)}")
+        raise ModelLoadError(f"{source}: {_cycle([proto for proto in nodes if id(proto) not in placed], defined, captured)}")
     return ordered
 
 
-def _cycle(waiting: list[Any], defined: set[str]) -> str:
+def _cycle(waiting: list[Any], defined: set[str], captured: dict[int, list[str]]) -> str:
     """The cycle that keeps `waiting` (nodes whose inputs are all produced by nodes) from running."""
     producers = {name: proto for proto in waiting for name in proto.output if name}
     proto, path = waiting[0], []
     while all(seen is not proto for seen in path):
         path.append(proto)
-        proto = producers[next(name for name in proto.input if name and name not in defined)]
+        reads = list(proto.input) + captured.get(id(proto), [])
+        proto = producers[next(name for name in reads if name and name not in defined)]
     cycle = path[next(i for i, seen in enumerate(path) if seen is proto):] + [proto]
     return "the nodes form a cycle: " + " -> ".join(f"'{p.name or p.op_type}' ({p.op_type})" for p in cycle)
 
 
-def _node(proto: Any, scope: dict[str, Value], source: str) -> Node:
+def _node(proto: Any, scope: dict[str, Value], captured: Sequence[str], source: str) -> Node:
     inputs: list[Optional[Value]] = [scope[name] if name else None for name in proto.input]
     while inputs and inputs[-1] is None:
         inputs.pop()
@@ -272,7 +280,7 @@ def _node(proto: Any, scope: dict[str, Value], source: str) -> Node:
     return Node(
         proto.op_type, inputs, attrs, domain=proto.domain,
         output_names=[name or f"{proto.name or proto.op_type}_unused{i}" for i, name in enumerate(out_names)],
-        name=proto.name, origin=origin,
+        name=proto.name, origin=origin, captures=[(name, scope[name]) for name in captured],
     )
 
 

@@ -44,6 +44,8 @@ def format_node(node: "Node") -> str:
     outs = ", ".join(_typed(v) for v in node.outputs)
     ins = ", ".join("_" if v is None else f"%{v.name}" for v in node.inputs)
     text = f"{outs} = {node.qualified_op}({ins})"
+    if node.captures:
+        text += " captures(" + ", ".join(f"%{v.name}" for v in node.captures) + ")"
     if node.attrs:
         text += " {" + ", ".join(f"{k}={format_attr(node.attrs[k])}" for k in sorted(node.attrs)) + "}"
     return text
