@@ -173,7 +173,21 @@ def run_ort(model: Any, inputs: list[Any], optimize: bool = True) -> list[Any]:
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
     names = [i.name for i in session.get_inputs()]
-    return session.run(None, dict(zip(names, inputs)))
+    if not any(_is_ml_float(x) for x in inputs):
+        return session.run(None, dict(zip(names, inputs)))
+    # ORT's Python API takes bfloat16 / float8 arrays only as OrtValues of their raw bytes.
+    types = {i.name: i.type.tensor_type.elem_type for i in model.graph.input}
+    feeds = {
+        name: ort.OrtValue.ortvalue_from_numpy_with_onnx_type(x.view(f"uint{8 * x.dtype.itemsize}"), types[name])
+        if _is_ml_float(x) else ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(x))
+        for name, x in zip(names, inputs)
+    }
+    return [value.numpy() for value in session.run_with_ort_values(None, feeds)]
+
+
+def _is_ml_float(value: Any) -> bool:
+    """A bfloat16 or float8 numpy array (ml_dtypes)."""
+    return isinstance(value, np.ndarray) and value.dtype.name.startswith(("bfloat16", "float8"))
 
 
 def ort_verdicts() -> dict[str, str]:

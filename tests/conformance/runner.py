@@ -194,7 +194,7 @@ def _compiled(case: Case, target: str) -> list[Any]:
         raise _CallFailed() from exc
 
 
-_ML_NAMES = ("bfloat16", "float8_e4m3fn", "float8_e4m3fnuz", "float8_e5m2", "float8_e5m2fnuz")
+_ML_NAMES = ("bfloat16", "float8_e4m3fn", "float8_e4m3fnuz", "float8_e5m2", "float8_e5m2fnuz", "float8_e8m0fnu")
 
 
 def _to_torch(value: Any) -> Any:
