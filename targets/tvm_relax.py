@@ -376,7 +376,8 @@ def _input_dtype(node: Node) -> Optional[np.dtype]:
 
 def _apply_binary(c: _Converter, op: str, relax_name: str, a: Any, b: Any, dtype: Optional[np.dtype]) -> Any:
     """ONNX binary `op` (broadcasting) on two operands of `dtype`; integer Div truncates
-    toward zero (Relax's floor_divide of a - truncmod(a, b), which b divides exactly)."""
+    toward zero (Relax's floor_divide of a - truncmod(a, b), which b divides exactly); float
+    Max / Min give NaN where either operand is NaN (as ONNX Runtime; TVM's would drop it)."""
     from tvm import relax
 
     if _is_sym(c, [a, b]):
@@ -384,7 +385,10 @@ def _apply_binary(c: _Converter, op: str, relax_name: str, a: Any, b: Any, dtype
     x, y = c.tensor(a, dtype), c.tensor(b, dtype)
     if op == "Div" and dtype is not None and np.dtype(dtype).kind in "iu":
         return c.emit(relax.op.floor_divide(relax.op.subtract(x, relax.op.mod(x, y)), y))
-    return c.emit(getattr(relax.op, relax_name)(x, y))
+    result = c.emit(getattr(relax.op, relax_name)(x, y))
+    if op in ("Max", "Min") and dtype is not None and np.dtype(dtype).kind == "f":
+        return c.emit(relax.op.where(relax.op.logical_or(relax.op.isnan(x), relax.op.isnan(y)), relax.op.add(x, y), result))
+    return result
 
 
 def _pow(c: _Converter, node: Node, a: Any, b: Any) -> Any:

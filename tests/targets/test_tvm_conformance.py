@@ -206,6 +206,15 @@ def test_integer_max_of_three_inputs_is_exact():
     np.testing.assert_array_equal(y, [4, 9, 2**62])
 
 
+def test_float_max_and_min_propagate_nan_from_either_input():
+    model = _model([helper.make_node("Max", ["a", "b", "a"], ["y"]), helper.make_node("Min", ["b", "a"], ["z"])],
+                   [(n, FLOAT, [4]) for n in "ab"], ["y", "z"])
+    feeds = {"a": np.array([np.nan, 1, np.nan, 2], np.float32), "b": np.array([1, np.nan, np.nan, -np.inf], np.float32)}
+    y, z = _assert_like_onnxruntime(model, feeds)
+    np.testing.assert_array_equal(y, [np.nan, np.nan, np.nan, 2])
+    np.testing.assert_array_equal(z, [np.nan, np.nan, np.nan, -np.inf])
+
+
 def test_a_value_the_translation_cannot_compute_is_refused_naming_the_node():
     model = _model([helper.make_node("Pow", ["a", "b"], ["y"], name="power")], [("a", INT32, [3]), ("b", FLOAT, [3])], ["y"])
     with pytest.raises(UnsupportedOpError) as info:
