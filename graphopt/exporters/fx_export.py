@@ -197,10 +197,13 @@ def _to_torch(tensor: ConstTensor) -> Any:
     import torch
 
     array = tensor.numpy()
-    if array.dtype.kind == "V" or array.dtype.name in ("bfloat16",) or str(array.dtype).startswith("float8"):
-        return torch.from_numpy(_c_contiguous(array).view(_same_width_int(array.dtype))).view(tensor.dtype.to_torch())
     if not array.flags.writeable or not array.flags.c_contiguous:
         array = np.array(array, copy=True, order="C")
+    if array.dtype.kind == "V" or array.dtype.name in ("bfloat16",) or str(array.dtype).startswith("float8"):
+        dtype = torch_kernels.torch_dtype(tensor.dtype)
+        if dtype is None:
+            raise UnsupportedOpError(f"to_fx: torch has no element type {tensor.dtype.name.lower()} for a constant")
+        return torch.from_numpy(array.view(_same_width_int(array.dtype))).view(dtype)
     return torch.from_numpy(array)
 
 
@@ -216,7 +219,3 @@ def _identifier(name: str) -> str:
         ident += "_"
     return ident
 
-
-def _c_contiguous(array: np.ndarray) -> np.ndarray:
-    """`array` in C order, keeping 0-d arrays 0-d (np.ascontiguousarray makes them 1-d)."""
-    return array if array.flags.c_contiguous else np.array(array, order="C")

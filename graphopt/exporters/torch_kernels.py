@@ -309,6 +309,75 @@ def onnx_Erf(x: Tensor) -> Tensor:
     return torch.erf(x)
 
 
+def onnx_Tan(x: Tensor) -> Tensor:
+    return torch.tan(x)
+
+
+def onnx_Asin(x: Tensor) -> Tensor:
+    return torch.asin(x)
+
+
+def onnx_Acos(x: Tensor) -> Tensor:
+    return torch.acos(x)
+
+
+def onnx_Atan(x: Tensor) -> Tensor:
+    return torch.atan(x)
+
+
+def onnx_Sinh(x: Tensor) -> Tensor:
+    return torch.sinh(x)
+
+
+def onnx_Cosh(x: Tensor) -> Tensor:
+    return torch.cosh(x)
+
+
+def onnx_Asinh(x: Tensor) -> Tensor:
+    return torch.asinh(x)
+
+
+def onnx_Acosh(x: Tensor) -> Tensor:
+    return torch.acosh(x)
+
+
+def onnx_Atanh(x: Tensor) -> Tensor:
+    return torch.atanh(x)
+
+
+def onnx_BitwiseAnd(a: Tensor, b: Tensor) -> Tensor:
+    return torch.bitwise_and(a, b)
+
+
+def onnx_BitwiseOr(a: Tensor, b: Tensor) -> Tensor:
+    return torch.bitwise_or(a, b)
+
+
+def onnx_BitwiseXor(a: Tensor, b: Tensor) -> Tensor:
+    return torch.bitwise_xor(a, b)
+
+
+@_on_unsigned("modular")
+def onnx_BitwiseNot(x: Tensor) -> Tensor:
+    return torch.bitwise_not(x)
+
+
+def onnx_BitShift(x: Tensor, y: Tensor, *, direction: str) -> Tensor:
+    """Logical shifts of unsigned integers (uint16/uint32 through int64; uint64 on its bits,
+    its right shift made logical by clearing the sign bit after a first one-bit shift)."""
+    if direction not in ("LEFT", "RIGHT"):
+        raise ValueError(f"BitShift: unsupported direction={direction!r}")
+    if x.dtype in _WIDENED_UNSIGNED:
+        return onnx_BitShift(x.to(torch.int64), y.to(torch.int64), direction=direction).to(x.dtype)
+    if x.dtype == torch.uint64:
+        bits, shift = x.view(torch.int64), y.view(torch.int64)
+        if direction == "LEFT":
+            return (bits << shift).view(torch.uint64)
+        logical = ((bits >> 1) & torch.iinfo(torch.int64).max) >> (shift - 1).clamp(min=0)
+        return torch.where(shift == 0, bits, logical).view(torch.uint64)
+    return x << y if direction == "LEFT" else x >> y
+
+
 @_on_unsigned("ordered")
 def onnx_Min(*inputs: Tensor) -> Tensor:
     return functools.reduce(torch.minimum, inputs)
@@ -382,6 +451,30 @@ def onnx_Softplus(x: Tensor) -> Tensor:
 
 def onnx_Mish(x: Tensor) -> Tensor:
     return x * torch.tanh(F.softplus(x))
+
+
+def onnx_Softsign(x: Tensor) -> Tensor:
+    return x / (1 + x.abs())
+
+
+def onnx_ThresholdedRelu(x: Tensor, *, alpha: float = 1.0) -> Tensor:
+    return torch.where(x > alpha, x, torch.zeros((), dtype=x.dtype, device=x.device))
+
+
+def onnx_Celu(x: Tensor, *, alpha: float = 1.0) -> Tensor:
+    """max(0, x) + min(0, alpha * (exp(x / alpha) - 1))."""
+    return torch.clamp(x, min=0) + torch.clamp(alpha * torch.expm1(x / alpha), max=0)
+
+
+def onnx_Swish(x: Tensor, *, alpha: float = 1.0) -> Tensor:
+    return x * torch.sigmoid(alpha * x)
+
+
+def onnx_Shrink(x: Tensor, *, bias: float = 0.0, lambd: float = 0.5) -> Tensor:
+    """Computed in float64 for integer inputs and cast back (truncating), as the reference does."""
+    wide = x if x.is_floating_point() else x.to(torch.float64)
+    zero = torch.zeros((), dtype=wide.dtype, device=x.device)
+    return torch.where(wide < -lambd, wide + bias, torch.where(wide > lambd, wide - bias, zero)).to(x.dtype)
 
 
 def onnx_Gelu(x: Tensor, *, approximate: str = "none") -> Tensor:
@@ -637,6 +730,14 @@ def onnx_GroupNormalization(
     return normalized * _per_channel(scale, x.dim()) + _per_channel(bias, x.dim())
 
 
+def onnx_GlobalAveragePool(x: Tensor) -> Tensor:
+    return x.mean(list(range(2, x.dim())), keepdim=True)
+
+
+def onnx_GlobalMaxPool(x: Tensor) -> Tensor:
+    return x.amax(list(range(2, x.dim())), keepdim=True)
+
+
 # ---------------------------------------------------------------------------
 # Reductions
 # ---------------------------------------------------------------------------
@@ -780,6 +881,17 @@ def onnx_CumSum(x: Tensor, axis: Tensor, *, exclusive: int = 0, reverse: int = 0
     y = torch.cumsum(x, dim, dtype=x.dtype)
     if exclusive:
         y = torch.cat([torch.zeros_like(y.narrow(dim, 0, 1)), y.narrow(dim, 0, y.shape[dim] - 1)], dim)
+    return y.flip(dim) if reverse else y
+
+
+@_on_unsigned("modular")
+def onnx_CumProd(x: Tensor, axis: Tensor, *, exclusive: int = 0, reverse: int = 0) -> Tensor:
+    dim = _axis(int(axis), x.dim())
+    if reverse:
+        x = x.flip(dim)
+    y = torch.cumprod(x, dim, dtype=x.dtype)
+    if exclusive:
+        y = torch.cat([torch.ones_like(y.narrow(dim, 0, 1)), y.narrow(dim, 0, y.shape[dim] - 1)], dim)
     return y.flip(dim) if reverse else y
 
 
@@ -933,6 +1045,30 @@ def onnx_Pad(
     return data
 
 
+def onnx_DepthToSpace(x: Tensor, *, blocksize: int, mode: str = "DCR") -> Tensor:
+    """[N, C, H, W] -> [N, C / b^2, H * b, W * b]; DCR takes depth as (b, b, C'), CRD as (C', b, b)."""
+    if mode not in ("DCR", "CRD"):
+        raise ValueError(f"DepthToSpace: unsupported mode={mode!r}")
+    n, c, h, w = x.shape
+    b = blocksize
+    if mode == "DCR":
+        y = x.reshape(n, b, b, c // (b * b), h, w).permute(0, 3, 4, 1, 5, 2)
+    else:
+        y = x.reshape(n, c // (b * b), b, b, h, w).permute(0, 1, 4, 2, 5, 3)
+    return y.reshape(n, c // (b * b), h * b, w * b)
+
+
+def onnx_SpaceToDepth(x: Tensor, *, blocksize: int, mode: str = "DCR") -> Tensor:
+    """The inverse of DepthToSpace: depth ordered (b, b, C) in DCR mode, (C, b, b) in CRD."""
+    if mode not in ("DCR", "CRD"):
+        raise ValueError(f"SpaceToDepth: unsupported mode={mode!r}")
+    n, c, h, w = x.shape
+    b = blocksize
+    order = (0, 3, 5, 1, 2, 4) if mode == "DCR" else (0, 1, 3, 5, 2, 4)
+    y = x.reshape(n, c, h // b, b, w // b, b).permute(order)
+    return y.reshape(n, c * b * b, h // b, w // b)
+
+
 def onnx_Trilu(x: Tensor, k: Tensor | None = None, *, upper: int = 1) -> Tensor:
     diagonal = 0 if k is None else int(k)
     return torch.triu(x, diagonal) if upper else torch.tril(x, diagonal)
@@ -1002,6 +1138,16 @@ def onnx_ScatterND(data: Tensor, indices: Tensor, updates: Tensor, *, reduction:
     return flat.reshape(data.shape)
 
 
+@_on_unsigned("modular")
+def onnx_Compress(x: Tensor, condition: Tensor, *, axis: int | None = None) -> Tensor:
+    """The slices along ``axis`` (of the flattened input without one) whose condition is
+    true; a condition shorter than the axis leaves the rest out."""
+    data = x.reshape(-1) if axis is None else x
+    dim = 0 if axis is None else _axis(axis, x.dim())
+    keep = torch.nonzero(condition.reshape(-1)[: data.shape[dim]]).reshape(-1)
+    return data.index_select(dim, keep)
+
+
 def onnx_NonZero(x: Tensor) -> Tensor:
     return torch.nonzero(x).t()
 
@@ -1063,6 +1209,14 @@ def onnx_Constant(
 def onnx_ConstantOfShape(shape: Tensor, *, value: np.ndarray | None = None) -> Tensor:
     fill = torch.zeros((), dtype=torch.float32) if value is None else _from_numpy(value).reshape(())
     return torch.full(_int_list(shape), fill.item(), dtype=fill.dtype, device=shape.device)
+
+
+def onnx_EyeLike(x: Tensor, *, dtype: int | None = None, k: int = 0) -> Tensor:
+    """Ones on the k-th diagonal of a 2-D tensor shaped like x, of ``dtype`` (default x's)."""
+    rows, cols = x.shape
+    out_dtype = x.dtype if dtype is None else _torch_dtype("EyeLike", "dtype", dtype)
+    diagonal = torch.arange(cols, device=x.device) - torch.arange(rows, device=x.device).unsqueeze(1) == k
+    return diagonal.to(out_dtype)
 
 
 def onnx_Range(start: Tensor, limit: Tensor, delta: Tensor) -> Tensor:
@@ -1225,49 +1379,52 @@ types run nowhere."""
 PARTIAL_DTYPE_KERNELS: dict[str, frozenset[torch.dtype]] = {
     **dict.fromkeys(
         (
+            "Compress", "Concat", "DepthToSpace", "DequantizeLinear", "Equal", "Expand", "EyeLike", "Flatten",
+            "Gather", "GatherND", "Identity", "IsNaN", "MatMulInteger", "Mul", "OneHot", "RMSNormalization",
+            "Reshape", "Shape", "Size", "Slice", "SpaceToDepth", "Split", "Squeeze", "Tile", "Transpose",
+            "Unsqueeze", "Where",
+        ),
+        PARTIAL_DTYPES,
+    ),
+    **dict.fromkeys(
+        (
+            "ConstantOfShape", "Pad",
+        ),
+        _UNSIGNED | _FLOAT8,
+    ),
+    **dict.fromkeys(
+        (
             "Abs",
         ),
         _UNSIGNED | _FLOAT8_DTYPES,
     ),
     **dict.fromkeys(
         (
-            "Concat", "DequantizeLinear", "Equal", "Expand", "Flatten", "Gather", "GatherND", "Identity",
-            "IsNaN", "MatMulInteger", "Mul", "OneHot", "RMSNormalization", "Reshape", "Shape", "Size", "Slice",
-            "Split", "Squeeze", "Tile", "Transpose", "Unsqueeze", "Where"
-        ),
-        PARTIAL_DTYPES,
-    ),
-    **dict.fromkeys(
-        (
-            "Div", "Mod"
-        ),
-        _WIDENED_UNSIGNED,
-    ),
-    **dict.fromkeys(
-        (
-            "Add", "CumSum", "Dropout", "ReduceMean", "ReduceProd", "ReduceSum", "Sub"
+            "Add", "CumProd", "CumSum", "Dropout", "ReduceMean", "ReduceProd", "ReduceSum", "Shrink", "Sub",
         ),
         _UNSIGNED | _COMPLEX,
     ),
     **dict.fromkeys(
         (
-            "ConstantOfShape", "Pad"
-        ),
-        _UNSIGNED | _FLOAT8,
-    ),
-    **dict.fromkeys(
-        (
-            "ArgMax", "ArgMin", "Ceil", "Clip", "Floor", "Greater", "GreaterOrEqual", "IsInf", "Less",
-            "LessOrEqual", "Max", "Min", "QuantizeLinear", "ReduceMax", "ReduceMin", "Round", "TopK"
+            "ArgMax", "ArgMin", "BitShift", "BitwiseAnd", "BitwiseNot", "BitwiseOr", "BitwiseXor", "Ceil",
+            "Clip", "Floor", "Greater", "GreaterOrEqual", "IsInf", "Less", "LessOrEqual", "Max", "Min",
+            "QuantizeLinear", "ReduceMax", "ReduceMin", "Round", "ThresholdedRelu", "TopK",
         ),
         _UNSIGNED,
     ),
     **dict.fromkeys(
         (
-            "BatchNormalization", "Conv", "Cos", "Einsum", "Exp", "GatherElements", "Gemm",
-            "GroupNormalization", "InstanceNormalization", "Log", "MatMul", "Mean", "Neg", "Reciprocal",
-            "ReduceL2", "ReduceLogSum", "ReduceLogSumExp", "ReduceSumSquare", "RotaryEmbedding", "Sigmoid",
-            "Sin", "Sqrt", "Sum", "Tanh", "Trilu"
+            "Div", "Mod",
+        ),
+        _WIDENED_UNSIGNED,
+    ),
+    **dict.fromkeys(
+        (
+            "Acos", "Acosh", "Asin", "Asinh", "Atan", "Atanh", "BatchNormalization", "Conv", "Cos", "Cosh",
+            "Einsum", "Exp", "GatherElements", "Gemm", "GlobalAveragePool", "GroupNormalization",
+            "InstanceNormalization", "Log", "MatMul", "Mean", "Neg", "Reciprocal", "ReduceL2", "ReduceLogSum",
+            "ReduceLogSumExp", "ReduceSumSquare", "RotaryEmbedding", "Sigmoid", "Sin", "Sinh", "Softsign",
+            "Sqrt", "Sum", "Swish", "Tan", "Tanh", "Trilu",
         ),
         _COMPLEX,
     ),
@@ -1276,6 +1433,11 @@ PARTIAL_DTYPE_KERNELS: dict[str, frozenset[torch.dtype]] = {
 """ONNX op -> the `PARTIAL_DTYPES` its kernel runs with ONNX's results (output types
 included), measured on torch 2.13's CPU kernels with the ONNX node test cases' inputs
 (`tests/exporters/test_fx_conformance.py` re-measures it and fails when torch changes)."""
+
+
+def torch_dtype(onnx_dtype: int) -> torch.dtype | None:
+    """The torch dtype of an ONNX element type number, or None where torch has none."""
+    return _ONNX_DTYPES.get(onnx_dtype)
 
 
 def unsupported_dtype(domain: str, op_type: str, onnx_dtypes: Iterable[int]) -> int | None:
@@ -1319,6 +1481,10 @@ _ATTRIBUTE_CHECKS: dict[tuple[str, str], list[Callable[[dict], str | None]]] = {
     ("", "GroupNormalization"): [_one_of("stash_type", tuple(_ONNX_DTYPES))],
     ("", "QuantizeLinear"): [_one_of("output_dtype", (0, *(k for k, v in _ONNX_DTYPES.items() if v in _QUANT_RANGES or v in _FLOAT8_DTYPES)))],
     ("", "DequantizeLinear"): [_one_of("output_dtype", (0, *_ONNX_DTYPES))],
+    ("", "BitShift"): [_one_of("direction", ("LEFT", "RIGHT"))],
+    ("", "DepthToSpace"): [_one_of("mode", ("DCR", "CRD"))],
+    ("", "SpaceToDepth"): [_one_of("mode", ("DCR", "CRD"))],
+    ("", "EyeLike"): [_one_of("dtype", tuple(_ONNX_DTYPES))],
     ("com.microsoft", "MatMulNBits"): [_one_of("bits", (4, 8))],
 }
 

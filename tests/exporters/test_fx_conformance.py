@@ -193,6 +193,20 @@ def test_cast_to_float8_saturate_matches_reference(to: int, saturate: int) -> No
     assert_bits_equal(run_fx(model, [x]), ReferenceEvaluator(model).run(None, {"x0": x})[0])
 
 
+def test_float8e8m0_constant_becomes_a_buffer() -> None:
+    weights = np.arange(0, 256, 5, dtype=np.uint8).view(ml_dtypes.float8_e8m0fnu)
+    graph = helper.make_graph(
+        [helper.make_node("Cast", ["w"], ["wf"], to=TensorProto.FLOAT), helper.make_node("Mul", ["x", "wf"], ["y"])],
+        "scaled",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [len(weights)])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+        [numpy_helper.from_array(weights, "w")],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 25)])
+    x = RNG.standard_normal(len(weights)).astype(np.float32)
+    assert_bits_equal(run_fx(model, [x]), ReferenceEvaluator(model).run(None, {"x": x})[0])
+
+
 def test_unknown_round_mode_is_refused_at_conversion() -> None:
     graph = from_onnx(one_node("Cast", [CAST_VALUES], TensorProto.FLOAT8E8M0, opset=25, to=TensorProto.FLOAT8E8M0))
     graph.nodes[0].attrs["round_mode"] = "stochastic"
