@@ -6,10 +6,11 @@
   bias: the float mask, or 0 / -inf for a boolean one, plus -inf outside the causal frontier
   `j <= i + offset` (offset = past length, or `nonpad_kv_seqlen - q_len` per batch), outside
   the opset-25 windows and past `nonpad_kv_seqlen`; rows left with no key output zeros
-  (`nan_to_zero`), as ONNX says. Refused at compile time, naming the attribute: `softcap`, a
-  read `qk_matmul_output`, a `softmax_precision` other than the input type, and a mask whose
-  last dim may differ from the key count at run time (ONNX pads a shorter one with -inf: a
-  static shorter one is padded here).
+  (`nan_to_zero`), as ONNX says. With a `softcap`, a read `qk_matmul_output` or a
+  `softmax_precision` other than the input type, the scores are written out step by step
+  instead (`_explicit_attention`). A mask whose last dim may differ from the key count at
+  run time is refused at compile time (ONNX pads a shorter one with -inf: a static shorter
+  one is padded here).
 - `RMSNormalization`: float32 X and scale, as `nn.rms_norm` over `axis`..-1 (other types are refused).
 - `RotaryEmbedding`: cos/sin rows gathered by `position_ids`, the rotated halves (or
   interleaved pairs) of the first `rotary_embedding_dim` features, the rest passed through.
@@ -18,6 +19,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Any, Optional
 
 from graphopt.ir.dtypes import DType
@@ -41,16 +43,54 @@ def _refuse(node: Node, what: str) -> RelaxConversionError:
     return RelaxConversionError(f"{node.op_type}: {what} has no exact TVM translation")
 
 
-def _check_attention(node: Node, dtype: str) -> None:
-    """Refuse the settings the translation does not compute exactly."""
+def _needs_explicit_scores(node: Node, dtype: str) -> bool:
+    """True when the scores must be written out here: a soft cap, a read `qk_matmul_output`,
+    or a softmax in another precision than the inputs'."""
     attrs = node.attrs
-    if float(attrs.get("softcap", 0.0)):
-        raise _refuse(node, f"softcap={attrs['softcap']}")
-    if len(node.outputs) > 3 and (node.outputs[3].uses() or node.outputs[3].is_graph_output):
-        raise _refuse(node, "qk_matmul_output")
     precision = attrs.get("softmax_precision")
-    if precision is not None and _FLOAT_TYPES.get(int(precision)) != dtype:
-        raise _refuse(node, f"softmax_precision={precision} with {dtype} inputs")
+    read_scores = len(node.outputs) > 3 and (bool(node.outputs[3].uses()) or node.outputs[3].is_graph_output)
+    return bool(float(attrs.get("softcap", 0.0))) or read_scores or (precision is not None and _float_type(node, precision) != dtype)
+
+
+def _float_type(node: Node, precision: Any) -> str:
+    if int(precision) not in _FLOAT_TYPES:
+        raise _refuse(node, f"softmax_precision={precision}")
+    return _FLOAT_TYPES[int(precision)]
+
+
+def _explicit_attention(c: _Converter, node: Node, q: Any, k: Any, v: Any, bias: Any) -> tuple[Any, Any]:
+    """(Y, qk_matmul_output) over split heads, each step as ONNX writes it:
+    (Q * sqrt(scale)) @ (K * sqrt(scale))^T, soft cap, bias, softmax in `softmax_precision`
+    (fully masked rows zero), @ V; the scores output in `qk_matmul_output_mode`."""
+    from tvm import relax
+
+    dtype = str(q.ty.dtype)
+    heads, kv_heads = c.shape(q)[1], c.shape(k)[1]
+    if kv_heads != heads:
+        k = c.emit(relax.op.repeat(k, heads // kv_heads, axis=1))
+        v = c.emit(relax.op.repeat(v, heads // kv_heads, axis=1))
+    scale = node.attrs.get("scale")
+    if scale is None:
+        head_size = c.shape(q)[3]
+        if not isinstance(head_size, int):
+            raise _refuse(node, "a symbolic head size without a scale")
+        scale = 1.0 / math.sqrt(head_size)
+    root = relax.const(math.sqrt(float(scale)), dtype)
+    raw = c.emit(relax.op.matmul(relax.op.multiply(q, root), relax.op.permute_dims(relax.op.multiply(k, root), [0, 1, 3, 2])))
+    capped = raw
+    softcap = float(node.attrs.get("softcap", 0.0))
+    if softcap > 0:
+        cap = relax.const(softcap, dtype)
+        capped = c.emit(relax.op.multiply(relax.op.tanh(relax.op.divide(raw, cap)), cap))
+    biased = capped if bias is None else c.emit(relax.op.add(capped, bias))
+    precision = node.attrs.get("softmax_precision")
+    stashed = biased if precision is None else c.emit(relax.op.astype(biased, _float_type(node, precision)))
+    probs = c.emit(relax.op.nn.softmax(stashed, -1))
+    probs = c.emit(relax.op.where(relax.op.isnan(probs), relax.const(0.0, str(probs.ty.dtype)), probs))
+    if str(probs.ty.dtype) != dtype:
+        probs = c.emit(relax.op.astype(probs, dtype))
+    y = c.emit(relax.op.matmul(probs, v if str(v.ty.dtype) == dtype else relax.op.astype(v, dtype)))
+    return y, (raw, capped, biased, probs)[int(node.attrs.get("qk_matmul_output_mode", 0))]
 
 
 def _split_heads(c: _Converter, x: Any, heads: Optional[int]) -> Any:
@@ -146,7 +186,6 @@ def _onnx_attention(c: _Converter, node: Node, q: Any, k: Any, v: Any, mask: Any
 
     q, k, v = c.tensor(q), c.tensor(k), c.tensor(v)
     dtype = str(q.ty.dtype)
-    _check_attention(node, dtype)
     three_d = c.rank(q) == 3
     if three_d:
         q = _split_heads(c, q, node.attrs.get("q_num_heads"))
@@ -159,11 +198,16 @@ def _onnx_attention(c: _Converter, node: Node, q: Any, k: Any, v: Any, mask: Any
         v = c.emit(relax.op.concat([c.tensor(past_value), v], axis=2))
     batch, heads, q_len, _ = c.shape(q)
     total = c.shape(k)[2]
-    attrs = {"num_heads": heads, "num_kv_heads": c.shape(k)[1], "scale": node.attrs.get("scale"), "nan_to_zero": 1}
-    y = _attention(c, _Attrs(attrs, node.label), q, k, v, _bias(c, node, mask, nonpad, batch, q_len, total, past, dtype))  # type: ignore[arg-type]
+    bias = _bias(c, node, mask, nonpad, batch, q_len, total, past, dtype)
+    if _needs_explicit_scores(node, dtype):
+        y, scores = _explicit_attention(c, node, q, k, v, bias)
+    else:
+        attrs = {"num_heads": heads, "num_kv_heads": c.shape(k)[1], "scale": node.attrs.get("scale"), "nan_to_zero": 1}
+        y, scores = _attention(c, _Attrs(attrs, node.label), q, k, v, bias), None  # type: ignore[arg-type]
     if three_d:
         y = c.emit(relax.op.reshape(c.emit(relax.op.permute_dims(y, [0, 2, 1, 3])), [batch, q_len, -1]))
-    return [y, k, v][: len(node.outputs)]
+    results = [y, k, v] if scores is None else [y, k, v, scores]
+    return results[: len(node.outputs)]
 
 
 @_rule_for("RMSNormalization")
