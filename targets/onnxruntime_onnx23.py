@@ -5,8 +5,9 @@ does not compute as ONNX specifies:
 - an `Attention` mask whose last dim may be shorter than the key count (past + new keys):
   ONNX pads it with -inf (False), ORT fails at run time, so the mask is padded in the graph
   first (`Pad` to the runtime key count; a no-op where it is already that long);
-- a read `qk_matmul_output` in mode 2 (scores + mask) with `is_causal`: ORT writes the float
-  minimum where ONNX has -inf at the causally masked scores; refused with UnsupportedOpError.
+- a read `qk_matmul_output` in mode 2 (scores + mask) with `is_causal`, a boolean mask or
+  `nonpad_kv_seqlen`: ORT writes the float minimum where ONNX has -inf at the scores these
+  mask out; refused with UnsupportedOpError.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from graphopt.ir.graph import Graph, Node, Value
 
 _MASK = 3
 _PAST_KEY = 4
+_NONPAD = 6
 _QK_OUTPUT = 3
 _QK_WITH_BIAS = 2
 
@@ -40,10 +42,18 @@ def prepare_onnx23_ops(graph: Graph) -> Graph:
 def _check_attention(node: Node) -> None:
     qk = node.outputs[_QK_OUTPUT] if len(node.outputs) > _QK_OUTPUT else None
     read = qk is not None and (bool(qk.uses()) or qk.is_graph_output)
-    if read and int(node.attrs.get("qk_matmul_output_mode", 0)) == _QK_WITH_BIAS and int(node.attrs.get("is_causal", 0)):
+    if not read or int(node.attrs.get("qk_matmul_output_mode", 0)) != _QK_WITH_BIAS:
+        return
+    mask = _input(node, _MASK)
+    sources = [name for name, present in (
+        ("is_causal=1", int(node.attrs.get("is_causal", 0))),
+        ("a boolean attn_mask", mask is not None and mask.dtype is not None and mask.dtype.name == "BOOL"),
+        ("nonpad_kv_seqlen", _input(node, _NONPAD) is not None),
+    ) if present]
+    if sources:
         raise UnsupportedOpError(
-            f"node {node.label}: Attention with qk_matmul_output_mode=2 and is_causal=1: ONNX Runtime writes the float "
-            "minimum, not -inf, at the causally masked scores of qk_matmul_output; run it with target 'torch'"
+            f"node {node.label}: Attention with qk_matmul_output_mode=2 and {' and '.join(sources)}: ONNX Runtime writes "
+            "the float minimum, not -inf, at the masked scores of qk_matmul_output; run it with target 'torch'"
         )
 
 

@@ -23,7 +23,7 @@ from onnx.reference import ReferenceEvaluator
 
 import graphopt
 from graphopt.api import compile
-from graphopt.errors import GraphoptError
+from graphopt.errors import GraphoptError, UnsupportedOpError
 from graphopt.frontends.onnx_import import from_onnx
 
 RNG = np.random.default_rng(23)
@@ -178,6 +178,27 @@ def assert_close(got: list[Any], want: list[np.ndarray], what: str) -> None:
                                    err_msg=f"{what}: output {index}")
 
 
+@pytest.mark.parametrize(("mask", "opset", "attrs", "refused"), [
+    (MASK_BOOL, 23, {}, "a boolean attn_mask"),
+    (None, 23, {"is_causal": 1}, "is_causal=1"),
+    (MASK_FLOAT[:, :, :, :S], 23, {}, ""),
+])
+def test_onnxruntime_refuses_the_scores_output_it_masks_with_the_float_minimum(mask: Optional[np.ndarray], opset: int,
+                                                                             attrs: dict[str, Any], refused: str) -> None:
+    """ORT 1.32's mode-2 scores hold the float minimum where ONNX adds -inf for a boolean mask
+    or the causal frontier; a float mask's own -inf passes through."""
+    case = Case("qk", "Attention", {"Q": Q4, "K": K4, "V": V4, "attn_mask": mask}, ("Y", "present_key", "present_value", "qk"),
+                {"qk_matmul_output_mode": 2, **attrs}, (), opset=opset, reference="reference")
+    if refused:
+        with pytest.raises(UnsupportedOpError, match=f"node .*Attention with qk_matmul_output_mode=2 and {refused}"):
+            compile(case.model(), "onnxruntime")
+        return
+    got = compile(case.model(), "onnxruntime")(**case.feeds())
+    expected = case.expected()
+    np.testing.assert_array_equal(np.isneginf(got[3]), np.isneginf(expected[3]))
+    np.testing.assert_allclose(np.where(np.isinf(got[3]), 0, got[3]), np.where(np.isinf(expected[3]), 0, expected[3]), atol=1e-5)
+
+
 @pytest.mark.parametrize("case", ALL)
 def test_import_infers_output_shapes(case: Case) -> None:
     graph = from_onnx(case.model())
@@ -306,7 +327,7 @@ def expected_refusal(model: onnx.ModelProto, target: str) -> str:
     attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
     reads_scores = len(node.output) > 3 and bool(node.output[3])
     if target == "onnxruntime" and reads_scores and attrs.get("qk_matmul_output_mode") == 2 and attrs.get("is_causal"):
-        return "qk_matmul_output_mode=2 and is_causal=1"
+        return "qk_matmul_output_mode=2 and is_causal=1.*float minimum"
     return ""
 
 
