@@ -1486,6 +1486,8 @@ _ATTRIBUTE_CHECKS: dict[tuple[str, str], list[Callable[[dict], str | None]]] = {
     ("", "SpaceToDepth"): [_one_of("mode", ("DCR", "CRD"))],
     ("", "EyeLike"): [_one_of("dtype", tuple(_ONNX_DTYPES))],
     ("com.microsoft", "MatMulNBits"): [_one_of("bits", (4, 8))],
+    ("", "Attention"): [_one_of("softmax_precision", (1, 10, 11, 16)), _one_of("qk_matmul_output_mode", (0, 1, 2, 3))],
+    ("", "RMSNormalization"): [_one_of("stash_type", (1, 10, 11, 16))],
 }
 
 

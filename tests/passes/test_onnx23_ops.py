@@ -350,3 +350,13 @@ def test_onnx_node_test_cases(case: Any, target: str) -> None:
         assert got.dtype == want.dtype and got.shape == want.shape, f"output {index}"
         tolerance = 2e-3 if want.dtype == np.float16 else 1e-4
         np.testing.assert_allclose(got.astype(np.float64), want.astype(np.float64), rtol=tolerance, atol=tolerance, err_msg=f"output {index}")
+
+
+@pytest.mark.parametrize(("op", "inputs", "attrs", "refused"), [
+    ("Attention", {"Q": Q4, "K": K4, "V": V4}, {"softmax_precision": 7}, "softmax_precision=7"),
+    ("RMSNormalization", {"X": f32(B, S, 16), "scale": f32(16)}, {"stash_type": 6}, "stash_type=6"),
+])
+def test_to_fx_refuses_attribute_values_at_conversion(op: str, inputs: Feeds, attrs: dict[str, Any], refused: str) -> None:
+    graph = from_onnx(Case("bad", op, inputs, ("Y",), attrs, ()).model())
+    with pytest.raises(UnsupportedOpError, match=f"node .*{op} does not implement {refused}"):
+        graph.to_fx()
