@@ -19,6 +19,10 @@ fuse-rmsnorm
 4. The same without `w *` (a unit scale, e.g. after eliminate-noops removed a multiply by
    ones) -> graphopt::RMSNorm(x, 1.0, epsilon=eps); tried after rule 3 everywhere.
 
+ONNX's own opset-23 `RMSNormalization` is left as it is (unlike the opset-20 Gelu): ONNX
+Runtime runs it natively, and the standard-ONNX decomposition of graphopt::RMSNorm would be
+slower there.
+
 Needs: nothing. Changes: each matched subgraph becomes one node; the matched nodes are erased.
 """
 

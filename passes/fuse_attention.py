@@ -24,7 +24,8 @@ is not a graph output. Softmax nodes that do not match are counted under a reaso
 stats, so a coverage report can say why. Needs: static head count and head size (run on an
 imported graph; shapes come from inference). Changes: replaces the matched nodes by
 `graphopt::Attention` (plus a Transpose for K, Where/Add/Mul for bias terms where needed);
-the replaced nodes are erased once unused.
+the replaced nodes are erased once unused. ONNX's own opset-23 `Attention` nodes are not
+Softmax anchors and are left as they are (every target runs them; see `exporters/onnx23_kernels`).
 """
 
 from __future__ import annotations

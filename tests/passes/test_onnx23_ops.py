@@ -244,7 +244,7 @@ def test_tvm_target_matches_or_refuses(case: Case) -> None:
 def decoder_block(with_decomposed_attention: bool) -> onnx.ModelProto:
     """x -> RMSNormalization -> Q/K/V projections -> RotaryEmbedding on Q and K -> GQA causal
     Attention (3-D) with a KV cache -> output projection + residual; optionally a second,
-    decomposed attention (MatMul, Mul, Softmax, MatMul) over the same heads beside it."""
+    decomposed attention (MatMul, Mul, Softmax, MatMul) over the rotated query heads beside it."""
     hidden, kv_hidden = HQ * D, HKV * D
     weights = {"ln": 1 + 0.1 * f32(hidden), "wq": 0.2 * f32(hidden, hidden), "wk": 0.2 * f32(hidden, kv_hidden),
                "wv": 0.2 * f32(hidden, kv_hidden), "wo": 0.2 * f32(hidden, hidden),
@@ -265,7 +265,7 @@ def decoder_block(with_decomposed_attention: bool) -> onnx.ModelProto:
     outputs = ["y", "present_key", "present_value"]
     if with_decomposed_attention:
         nodes += [
-            helper.make_node("Reshape", ["q", "heads"], ["q4"]),
+            helper.make_node("Reshape", ["q_rot", "heads"], ["q4"]),
             helper.make_node("Transpose", ["q4"], ["qh"], perm=[0, 2, 1, 3]),
             helper.make_node("Transpose", ["q4"], ["kt"], perm=[0, 2, 3, 1]),
             helper.make_node("MatMul", ["qh", "kt"], ["scores"]),
