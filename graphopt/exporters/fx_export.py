@@ -85,7 +85,9 @@ def _check_supported(graph: Graph) -> None:
     for node in graph.nodes:
         problem = _node_problem(node)
         if problem:
-            raise UnsupportedOpError(f"to_fx: node {node.label}: {problem}; run it in a target that supports it (e.g. onnxruntime)")
+            raise UnsupportedOpError(
+                f"to_fx: node {node.label}: {problem}; run it in a target that supports it (e.g. onnxruntime)"
+            )
 
 
 def _node_problem(node: Node) -> str | None:

@@ -1479,7 +1479,9 @@ _ATTRIBUTE_CHECKS: dict[tuple[str, str], list[Callable[[dict], str | None]]] = {
     ("", "ScatterND"): [_one_of("reduction", _SCATTER_CHOICES)],
     ("", "LayerNormalization"): [_one_of("stash_type", tuple(_ONNX_DTYPES))],
     ("", "GroupNormalization"): [_one_of("stash_type", tuple(_ONNX_DTYPES))],
-    ("", "QuantizeLinear"): [_one_of("output_dtype", (0, *(k for k, v in _ONNX_DTYPES.items() if v in _QUANT_RANGES or v in _FLOAT8_DTYPES)))],
+    ("", "QuantizeLinear"): [
+        _one_of("output_dtype", (0, *(k for k, v in _ONNX_DTYPES.items() if v in _QUANT_RANGES or v in _FLOAT8_DTYPES)))
+    ],
     ("", "DequantizeLinear"): [_one_of("output_dtype", (0, *_ONNX_DTYPES))],
     ("", "BitShift"): [_one_of("direction", ("LEFT", "RIGHT"))],
     ("", "DepthToSpace"): [_one_of("mode", ("DCR", "CRD"))],

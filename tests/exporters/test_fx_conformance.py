@@ -45,7 +45,8 @@ def to_torch(array: np.ndarray) -> torch.Tensor:
     if array.dtype == ml_dtypes.float8_e8m0fnu:
         return torch.from_numpy(array.view(np.uint8).copy()).view(torch.float8_e8m0fnu)
     if array.dtype.name in ("bfloat16", "float8_e4m3fn", "float8_e4m3fnuz", "float8_e5m2", "float8_e5m2fnuz"):
-        return torch.from_numpy(array.view(np.uint8 if array.itemsize == 1 else np.int16).copy()).view(getattr(torch, array.dtype.name))
+        same_width = array.view(np.uint8 if array.itemsize == 1 else np.int16)
+        return torch.from_numpy(same_width.copy()).view(getattr(torch, array.dtype.name))
     return torch.from_numpy(np.array(array))
 
 
@@ -173,7 +174,9 @@ def test_cast_to_float8e8m0_matches_reference(round_mode: str, saturate: int, so
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)
         x = np.abs(CAST_VALUES).astype(source)
-    model = one_node("Cast", [x], TensorProto.FLOAT8E8M0, opset=25, to=TensorProto.FLOAT8E8M0, round_mode=round_mode, saturate=saturate)
+    model = one_node(
+        "Cast", [x], TensorProto.FLOAT8E8M0, opset=25, to=TensorProto.FLOAT8E8M0, round_mode=round_mode, saturate=saturate
+    )
     assert_bits_equal(run_fx(model, [x]), ReferenceEvaluator(model).run(None, {"x0": x})[0])
 
 
@@ -330,7 +333,8 @@ def test_partial_dtype_table_matches_torch() -> None:
                 supported.add(dtype)
         if supported:
             measured[op] = frozenset(supported)
-    table = {op: dtypes for op, dtypes in torch_kernels.PARTIAL_DTYPE_KERNELS.items() if op not in ("Cast", "CastLike", "Constant")}
+    hand_listed = ("Cast", "CastLike", "Constant")
+    table = {op: dtypes for op, dtypes in torch_kernels.PARTIAL_DTYPE_KERNELS.items() if op not in hand_listed}
     assert {op: sorted(map(str, d)) for op, d in measured.items()} == {op: sorted(map(str, d)) for op, d in table.items()}
 
 
