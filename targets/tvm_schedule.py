@@ -16,12 +16,14 @@ than ONNX Runtime). `cpu_rules()` gives, in order of preference:
   1.6-1.8 ms, torch 1.6 ms). Padding the rows to whole tiles in TE removed the row
   predicate but not the cost (its LLVM IR had one more workspace allocation than the
   static build's, so the tile is likely not kept in registers). Not fixed;
-- dlight's CPU `Reduction` (softmax, layer norm, RMS norm) and `GEMV`;
+- dlight's CPU `Reduction` (softmax, layer norm, RMS norm) and `GEMV` (skipped for a kernel
+  their analysis fails on);
 - `Elementwise`: injective kernels with every loop fused, parallel and vectorized (pure
   reshapes excepted: Relax turns those into views).
 
-A kernel over a zero-size tensor (a buffer with a static dim of 0) is left as plain loops:
-it does next to no work, and fusing or splitting a loop of extent 0 divides by zero in TVM.
+A kernel with a loop of static extent 0 (a zero-size tensor, or a zero-size part of one
+inside a fused kernel) is left as plain loops: fusing or splitting such a loop divides by
+zero in TVM.
 After the rules, `hoist_reduction_inits` moves the init of every reduction whose loops may
 run zero times (a static extent of 0, or a runtime-sized one) out of those loops: TVM runs an
 init left inside them on the first iteration only, so an empty reduction (ReduceSum over a
@@ -43,7 +45,26 @@ def cpu_rules() -> list[Any]:
     """The schedule rules applied to each CPU kernel, first match wins."""
     from tvm.s_tir import dlight
 
-    return [_rule(_leave_empty), _rule(_schedule_matmul), dlight.cpu.GEMV(), dlight.cpu.Reduction(), _rule(_schedule_elementwise)]
+    return [_rule(_leave_empty), _rule(_schedule_matmul), _guarded(dlight.cpu.GEMV()), _guarded(dlight.cpu.Reduction()),
+            _rule(_schedule_elementwise)]
+
+
+def _guarded(rule: Any) -> Any:
+    """dlight's `rule`, not applied (None) to a kernel its analysis fails on: its GEMV rule
+    asserts that a GEMV-like kernel keeps a reduction loop, which one over an axis of 1 does
+    not. The kernel itself is untouched (a rule schedules a copy), so the next rule takes it."""
+    from tvm.s_tir import dlight
+    from tvm.s_tir.schedule import ScheduleError
+
+    class _Guarded(dlight.ScheduleRule):
+        def apply(self, func: Any, target: Any, tunable: bool) -> Optional[Any]:
+            try:
+                return rule.apply(func, target, tunable)
+            except (AssertionError, ScheduleError):
+                return None
+
+    _Guarded.__name__ = type(rule).__name__
+    return _Guarded()
 
 
 def _rule(fn: Any) -> Any:
@@ -131,11 +152,16 @@ def _uses(expr: Any, var: Any) -> bool:
 
 
 def _leave_empty(sch: Any, target: Any) -> Optional[Any]:
-    """`sch` unchanged when a buffer of the kernel has a static dim of 0, else None."""
+    """`sch` unchanged when one of its loops has a static extent of 0, else None."""
     from tvm import tirx
+    from tvm.s_tir.schedule import ScheduleError
 
-    shapes = [getattr(param.ty, "shape", None) or [] for param in sch.mod["main"].params]
-    empty = any(isinstance(d, tirx.IntImm) and d.value == 0 for shape in shapes for d in shape)
+    try:
+        blocks = list(sch.get_child_blocks(sch.get_sblock("root")))
+    except ScheduleError:
+        return None  # hand-written TIR: no block tree
+    loops = [sch.get(loop) for block in blocks for loop in sch.get_loops(block)]
+    empty = any(isinstance(loop.extent, tirx.IntImm) and loop.extent.value == 0 for loop in loops)
     return sch if empty else None
 
 
