@@ -586,6 +586,10 @@ def onnx_Gemm(
     return y.to(a.dtype)
 
 
+def onnx_Det(x: Tensor) -> Tensor:
+    return torch.linalg.det(x)
+
+
 def onnx_Einsum(*inputs: Tensor, equation: str) -> Tensor:
     return torch.einsum(equation.replace(" ", ""), *inputs)
 
@@ -728,6 +732,15 @@ def onnx_GroupNormalization(
         scale = scale.repeat_interleave(channels // num_groups)
         bias = bias.repeat_interleave(channels // num_groups)
     return normalized * _per_channel(scale, x.dim()) + _per_channel(bias, x.dim())
+
+
+def onnx_MeanVarianceNormalization(x: Tensor, *, axes: list[int] | None = None) -> Tensor:
+    """(x - E[x]) / (sqrt(E[x^2] - E[x]^2) + 1e-9) over ``axes`` (default [0, 2, 3]), as the
+    op's ONNX function body computes it."""
+    dims = [_axis(a, x.dim()) for a in (axes if axes is not None else [0, 2, 3])]
+    mean = x.mean(dims, keepdim=True)
+    variance = (x * x).mean(dims, keepdim=True) - mean * mean
+    return (x - mean) / (torch.sqrt(variance) + 1e-9)
 
 
 def onnx_GlobalAveragePool(x: Tensor) -> Tensor:
@@ -1139,6 +1152,18 @@ def onnx_ScatterND(data: Tensor, indices: Tensor, updates: Tensor, *, reduction:
 
 
 @_on_unsigned("modular")
+def onnx_ReverseSequence(x: Tensor, sequence_lens: Tensor, *, batch_axis: int = 1, time_axis: int = 0) -> Tensor:
+    """Reverses the first sequence_lens[b] steps along ``time_axis`` of each batch entry
+    (the two axes are 0 and 1); later steps stay in place."""
+    steps = torch.arange(x.shape[time_axis], device=x.device)
+    lengths = sequence_lens.to(torch.int64)
+    step, length = (steps[:, None], lengths[None, :]) if time_axis == 0 else (steps[None, :], lengths[:, None])
+    source = torch.where(step < length, length - 1 - step, step)
+    index = source.reshape(*source.shape, *([1] * (x.dim() - 2))).expand(x.shape)
+    return torch.gather(x, time_axis, index)
+
+
+@_on_unsigned("modular")
 def onnx_Compress(x: Tensor, condition: Tensor, *, axis: int | None = None) -> Tensor:
     """The slices along ``axis`` (of the flattened input without one) whose condition is
     true; a condition shorter than the axis leaves the rest out."""
@@ -1400,7 +1425,8 @@ PARTIAL_DTYPE_KERNELS: dict[str, frozenset[torch.dtype]] = {
     ),
     **dict.fromkeys(
         (
-            "Add", "CumProd", "CumSum", "Dropout", "ReduceMean", "ReduceProd", "ReduceSum", "Shrink", "Sub",
+            "Add", "CumProd", "CumSum", "Dropout", "ReduceMean", "ReduceProd", "ReduceSum", "ReverseSequence",
+            "Shrink", "Sub",
         ),
         _UNSIGNED | _COMPLEX,
     ),
@@ -1421,10 +1447,10 @@ PARTIAL_DTYPE_KERNELS: dict[str, frozenset[torch.dtype]] = {
     **dict.fromkeys(
         (
             "Acos", "Acosh", "Asin", "Asinh", "Atan", "Atanh", "BatchNormalization", "Conv", "Cos", "Cosh",
-            "Einsum", "Exp", "GatherElements", "Gemm", "GlobalAveragePool", "GroupNormalization",
-            "InstanceNormalization", "Log", "MatMul", "Mean", "Neg", "Reciprocal", "ReduceL2", "ReduceLogSum",
-            "ReduceLogSumExp", "ReduceSumSquare", "RotaryEmbedding", "Sigmoid", "Sin", "Sinh", "Softsign",
-            "Sqrt", "Sum", "Swish", "Tan", "Tanh", "Trilu",
+            "Det", "Einsum", "Exp", "GatherElements", "Gemm", "GlobalAveragePool", "GroupNormalization",
+            "InstanceNormalization", "Log", "MatMul", "Mean", "MeanVarianceNormalization", "Neg", "Reciprocal",
+            "ReduceL2", "ReduceLogSum", "ReduceLogSumExp", "ReduceSumSquare", "RotaryEmbedding", "Sigmoid",
+            "Sin", "Sinh", "Softsign", "Sqrt", "Sum", "Swish", "Tan", "Tanh", "Trilu",
         ),
         _COMPLEX,
     ),

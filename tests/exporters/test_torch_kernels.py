@@ -569,6 +569,11 @@ BACKEND_OPS = [
     case("EyeLike", f32(4, 3), opset=22, id="dtype", k=-1, dtype=TensorProto.INT32),
     case("Compress", f32(3, 4), np.array([True, False, True]), opset=11, axis=0),
     case("Compress", f32(3, 4), np.array([False, True, True, False, True]), opset=11, id="flat"),
+    case("MeanVarianceNormalization", f32(2, 3, 4, 5), opset=13),
+    case("MeanVarianceNormalization", f32(2, 3, 4), opset=13, id="axes", axes=[1, -1]),
+    case("Det", f32(2, 3, 3)),
+    case("ReverseSequence", f32(5, 3, 2), i64(5, 0, 3), opset=10),
+    case("ReverseSequence", ints(3, 4, low=0, high=99), i64(1, 4, 2), opset=10, id="batch-first", batch_axis=0, time_axis=1),
     case("CumProd", f32(3, 4), scalar(1, np.int64), opset=26),
     case("CumProd", ints(2, 5, low=1, high=4), scalar(-1, np.int64), opset=26, id="exclusive-reverse", exclusive=1, reverse=1),
 ]
