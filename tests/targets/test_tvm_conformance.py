@@ -111,7 +111,8 @@ def test_softmax_before_opset_13_normalizes_over_every_axis_from_axis_on():
 @pytest.mark.parametrize("axes, noop", [([], 0), ([], 1), (None, 1), ([-1, 0], 0)])
 def test_reductions_follow_empty_axes_and_noop_with_empty_axes(axes, noop):
     inputs = ["x"] if axes is None else ["x", "axes"]
-    nodes = [helper.make_node(op, inputs, [op], keepdims=0, noop_with_empty_axes=noop) for op in ("ReduceSum", "ReduceMax", "ReduceMean", "ReduceMin")]
+    nodes = [helper.make_node(op, inputs, [op], keepdims=0, noop_with_empty_axes=noop)
+             for op in ("ReduceSum", "ReduceMax", "ReduceMean", "ReduceMin")]
     model = _model(nodes, [("x", FLOAT, [2, 3, 4])], [n.output[0] for n in nodes], opset=18,
                    initializers=[] if axes is None else [_ints("axes", axes)])
     _assert_like_onnxruntime(model, {"x": np.random.default_rng(1).standard_normal((2, 3, 4)).astype(np.float32)})
@@ -244,8 +245,8 @@ def test_layer_normalization_gives_its_mean_and_inv_std_dev_outputs(axis):
                    [("x", FLOAT, ["n", 3, 4]), ("scale", FLOAT, [4] if axis == -1 else [3, 4]), ("bias", FLOAT, [4])],
                    ["y", "mean", "inv_std"])
     rng = np.random.default_rng(2)
-    feeds = {"x": rng.standard_normal((2, 3, 4)).astype(np.float32), "scale": rng.standard_normal((4,) if axis == -1 else (3, 4)).astype(np.float32),
-             "bias": rng.standard_normal(4).astype(np.float32)}
+    feeds = {"x": rng.standard_normal((2, 3, 4)).astype(np.float32), "bias": rng.standard_normal(4).astype(np.float32),
+             "scale": rng.standard_normal((4,) if axis == -1 else (3, 4)).astype(np.float32)}
     _, mean, _ = _assert_like_onnxruntime(model, feeds)
     assert mean.shape == ((2, 3, 1) if axis == -1 else (2, 1, 1))
 
