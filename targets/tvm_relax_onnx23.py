@@ -238,8 +238,8 @@ def _per_token(c: _Converter, cache: Any, tokens: list[Any]) -> Any:
 
     cache = c.emit(relax.op.expand_dims(cache, 2))
     dims = c.shape(cache)
-    stated = [t if d != 1 and not _same_dims(c, [d], [t]) else d for d, t in zip(dims[:2], tokens[:2])]
-    if stated == dims[:2]:
+    stated = [d if (isinstance(d, int) and d == 1) or _same_dims(c, [d], [t]) else t for d, t in zip(dims[:2], tokens[:2])]
+    if all(s is d for s, d in zip(stated, dims[:2])):
         return cache
     return c.bb.match_cast(cache, relax.TensorType([_prim(d) for d in [*stated, *dims[2:]]], str(cache.ty.dtype)))
 
