@@ -12,6 +12,7 @@ from typing import Any, Optional, Sequence
 import numpy as np
 
 from graphopt.errors import GraphoptError
+from graphopt.ir.dtypes import DType
 from graphopt.ir.graph import Graph
 
 DEFAULT_SYMBOL_SIZE = 2
@@ -78,12 +79,58 @@ def run_graph(graph: Graph, feeds: dict[str, np.ndarray], engine: str = "onnxrun
     options.log_severity_level = 3
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     try:
-        session = ort.InferenceSession(graph.to_onnx().SerializeToString(), options, providers=["CPUExecutionProvider"])
+        model = graph.to_onnx()
+        widened = _widen_low_precision_outputs(model)
+        session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
         wanted = {i.name for i in session.get_inputs()}
-        return session.run(None, {k: v for k, v in feeds.items() if k in wanted})
+        chosen = {k: v for k, v in feeds.items() if k in wanted}
+        if any(_is_low_precision(v) for v in chosen.values()):
+            outputs = [o.numpy() for o in session.run_with_ort_values(None, _as_ort_values(ort, graph, chosen))]
+        else:
+            outputs = session.run(None, chosen)
     except Exception as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise GraphoptError(f"ONNX Runtime could not run graph '{graph.name}': {first}") from None
+    return [out.astype(widened[i]) if i in widened else out for i, out in enumerate(outputs)]
+
+
+_LOW_PRECISION = (DType.BFLOAT16, DType.FLOAT8E4M3FN, DType.FLOAT8E4M3FNUZ, DType.FLOAT8E5M2, DType.FLOAT8E5M2FNUZ, DType.FLOAT8E8M0)
+"""Element types ORT's Python API neither takes as numpy arrays nor returns as numpy arrays."""
+
+
+def _is_low_precision(value: Any) -> bool:
+    return isinstance(value, np.ndarray) and value.dtype.name.startswith(("bfloat16", "float8"))
+
+
+def _as_ort_values(ort: Any, graph: Graph, feeds: dict[str, Any]) -> dict[str, Any]:
+    """Feeds as OrtValues; bfloat16/float8 arrays are passed as their raw bytes."""
+    types = {v.name: v.dtype for v in graph.inputs}
+    values = {}
+    for name, array in feeds.items():
+        if _is_low_precision(array):
+            raw = np.ascontiguousarray(array).view(f"uint{8 * array.dtype.itemsize}")
+            values[name] = ort.OrtValue.ortvalue_from_numpy_with_onnx_type(raw, int(types[name]))
+        else:
+            values[name] = ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(array))
+    return values
+
+
+def _widen_low_precision_outputs(model: Any) -> dict[int, np.dtype]:
+    """Replace each bfloat16/float8 graph output of `model` by a float32 Cast of it (exact); return
+    {output index: the numpy dtype to cast the result back to}."""
+    from onnx import TensorProto, helper
+
+    widened = {}
+    for index, output in enumerate(model.graph.output):
+        code = output.type.tensor_type.elem_type if output.type.HasField("tensor_type") else 0
+        if code not in {int(t) for t in _LOW_PRECISION}:
+            continue
+        wide = f"{output.name}__float32"
+        model.graph.node.append(helper.make_node("Cast", [output.name], [wide], to=TensorProto.FLOAT))
+        output.name = wide
+        output.type.tensor_type.elem_type = TensorProto.FLOAT
+        widened[index] = DType(code).to_numpy()
+    return widened
 
 
 def _run_fx(graph: Graph, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
@@ -127,10 +174,10 @@ def _output_error(a: Any, b: Any) -> float:
         if (np.isnan(a64) != np.isnan(b64)).any():
             return float("inf")
         with np.errstate(invalid="ignore"):
-            diff = np.abs(a64 - b64)
+            diff = np.array(np.abs(a64 - b64), ndmin=1)
             diff[np.isnan(diff)] = 0.0  # NaN against NaN, or an infinity against the same one
             if low_precision:
-                diff[diff <= 2 * low_precision * np.abs(a64)] = 0.0
+                diff[diff <= 2 * low_precision * np.abs(a64).reshape(diff.shape)] = 0.0
         return float(diff.max())
     return 0.0 if np.array_equal(a, b) else float("inf")
 

@@ -104,7 +104,7 @@ def _op_types(graph: Any) -> set[str]:
     return ops
 
 
-def _feeds(case: Case) -> dict[str, Any]:
+def case_feeds(case: Case) -> dict[str, Any]:
     """{input name: value} of the case (graph inputs that are not initializers, in order)."""
     initialized = {i.name for i in case.model.graph.initializer}
     names = [i.name for i in case.model.graph.input if i.name not in initialized]
@@ -125,7 +125,7 @@ def _written(case: Case, pipeline: Optional[str]) -> list[Any]:
     model = graph.to_onnx()
     try:
         _check(model, case.model)
-        return _run_written(model, _feeds(case))
+        return _run_written(model, case_feeds(case))
     except Exception as exc:  # noqa: BLE001 - every rejection counts
         raise _Rejected() from exc
 
@@ -172,7 +172,7 @@ def _fx(case: Case) -> list[Any]:
 
     graph = from_onnx(case.model)
     module = graph.to_fx()
-    feeds = _feeds(case)
+    feeds = case_feeds(case)
     try:
         args = [_to_torch(feeds[v.name]) for v in graph.inputs]
         with torch.no_grad():
@@ -187,7 +187,7 @@ def _compiled(case: Case, target: str) -> list[Any]:
     import graphopt
 
     compiled = graphopt.compile(case.model, target=target)
-    feeds = _feeds(case)
+    feeds = case_feeds(case)
     try:
         return list(compiled(*[feeds[name] for name in compiled.input_names]))
     except Exception as exc:  # noqa: BLE001 - anything at call time is a crash

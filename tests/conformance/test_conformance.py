@@ -15,7 +15,7 @@ import pytest
 from onnx import TensorProto, helper
 
 from conformance import cases, expectations
-from conformance.runner import FAILURES, NO_OP_NAMED, STEPS, named_op, run_case
+from conformance.runner import FAILURES, NO_OP_NAMED, STEPS, case_feeds, named_op, run_case
 
 
 LEAN_PER_OP = 2
@@ -58,6 +58,16 @@ def test_lean(name: str, step: str) -> None:
 @pytest.mark.parametrize("name", REST)
 def test_full(name: str, step: str) -> None:
     _check(name, step)
+
+
+@pytest.mark.parametrize("name", LEAN)
+def test_check_mode_runs_the_case(name: str) -> None:
+    """`optimize(..., check=True)` runs the graph after every pass on the case's own inputs
+    (sequences, optionals, bfloat16/float8 included) and finds no lossless pass that moved an output."""
+    import graphopt
+
+    case = cases.load_case(name)
+    graphopt.optimize(case.model, "cleanup", check=True, check_inputs=case_feeds(case))
 
 
 def test_expectation_file_names_existing_cases_and_steps() -> None:
