@@ -94,5 +94,7 @@ def _padded_mask(graph: Graph, node: Node) -> Value:
     missing = add("Sub", keys, add("Shape", mask, start=-1))  # type: ignore[arg-type]
     pads = add("Concat", const([0], np.int64), missing, axis=0)
     dtype = mask.dtype.to_numpy()  # type: ignore[union-attr]
+    if dtype != np.bool_ and dtype.kind != "f":
+        raise UnsupportedOpError(f"node {node.label}: Attention with an {dtype.name} attn_mask shorter than the keys (ONNX pads it with -inf)")
     fill = const(False if dtype == np.bool_ else -np.inf, dtype)
     return add("Pad", mask, pads, fill, const([-1], np.int64))  # type: ignore[arg-type]
