@@ -17,6 +17,7 @@ from typing import Any, Optional
 import numpy as np
 
 from graphopt.exporters import torch_kernels
+from graphopt.exporters.fx_export import array_to_torch, torch_to_array
 from graphopt.ir.graph import Graph
 from graphopt.target_base import CompiledModel, IOSpec, Target
 
@@ -70,7 +71,7 @@ class TorchModel(CompiledModel):
         with torch.no_grad():
             outputs = self.module(*args)
         if as_numpy:
-            return [o.detach().cpu().numpy() for o in outputs]
+            return [torch_to_array(o) for o in outputs]
         return list(outputs)
 
     def _save_files(self, directory: str) -> list[str]:
@@ -83,4 +84,4 @@ def _as_tensor(value: Any, device: str) -> Any:
 
     if isinstance(value, torch.Tensor):
         return value.to(device)
-    return torch.from_numpy(np.require(value, requirements="C")).to(device)
+    return array_to_torch(np.require(value, requirements="C")).to(device)

@@ -207,3 +207,23 @@ def test_scalar_inputs_and_outputs_keep_their_0d_shape(target, kind):
     value = np.array(2.0, np.float32)
     (out,) = compiled(torch.from_numpy(value) if kind == "torch" else value)
     assert tuple(out.shape) == () and float(out) == -2.0
+
+
+def test_torch_target_takes_and_gives_bfloat16_and_float8_numpy_arrays():
+    import ml_dtypes
+
+    graph = Graph("low_precision")
+    for name, dtype in (("b", DType.BFLOAT16), ("f8", DType.FLOAT8E4M3FN)):
+        value = graph.add_input(name, TensorType(dtype, (3,)))
+        widened = graph.add_node("Cast", [value], {"to": int(DType.FLOAT)}, output_names=[f"{name}_f32"])
+        copy = graph.add_node("Identity", [value], output_names=[f"{name}_copy"])
+        graph.set_outputs(list(graph.outputs) + [widened.output, copy.output])
+    model = compile(graph, target="torch")
+    b = np.array([1.5, 2.25, -3.0], dtype=ml_dtypes.bfloat16)
+    f8 = np.array([0.5, -448.0, 3.0], dtype=ml_dtypes.float8_e4m3fn)
+    b32, b_copy, f32, f8_copy = model(b, f8)
+    np.testing.assert_array_equal(b32, b.astype(np.float32))
+    np.testing.assert_array_equal(f32, f8.astype(np.float32))
+    assert b_copy.dtype == b.dtype and f8_copy.dtype == f8.dtype
+    np.testing.assert_array_equal(b_copy.view(np.uint16), b.view(np.uint16))
+    np.testing.assert_array_equal(f8_copy.view(np.uint8), f8.view(np.uint8))
