@@ -604,21 +604,52 @@ def _slice(c: _Converter, node: Node, x: Any, starts: Any, ends: Any, axes_in: A
     dims = c.shape(x)
     axes = [a % len(dims) for a in axes]
     out_dims = list(dims)
-    lows, highs = [], []
+    lows, highs, strides, flipped = [], [], [], []
     for a, b, e, step in zip(axes, begin, end, stride):
         if not isinstance(step, int) or step == 0:
             raise RelaxConversionError("Slice steps must be nonzero integers")
-        low, high = _slice_bounds(c, dims[a], b, e, step)
+        low, high, count = _slice_window(c, dims[a], b, e, step)
         lows.append(low)
         highs.append(high)
-        out_dims[a] = c.simplify((high - low + step - (1 if step > 0 else -1)) // step) if not (isinstance(high, int) and isinstance(low, int)) else max(0, len(range(low, high, step)))
-    sliced = c.emit(relax.op.strided_slice(x, axes, lows, highs, stride, assume_inbound=True))
-    return c.cast_shape(sliced, out_dims)
+        strides.append(abs(step))
+        out_dims[a] = count
+        if step < 0:
+            flipped.append(a)
+    sliced = c.cast_shape(c.emit(relax.op.strided_slice(x, axes, lows, highs, strides, assume_inbound=True)), out_dims)
+    for a in flipped:
+        sliced = c.emit(relax.op.flip(sliced, a))
+    return sliced
+
+
+def _slice_window(c: _Converter, dim: Any, begin: Any, end: Any, step: int) -> tuple[Any, Any, Any]:
+    """(low, high, count): the elements of ``[begin:end:step]`` (ONNX / python semantics)
+    as the ascending slice ``[low:high:|step|]`` of `count` elements, 0 <= low <= high <= dim
+    (reversed afterwards for a negative step), so Relax never sees a negative bound."""
+    low, high = _slice_bounds(c, dim, begin, end, step)
+    if step > 0:
+        high = _max(c, high, low)
+        return low, high, _max(c, c.simplify((high - low + step - 1) // step), 0)
+    size = -step
+    count = _max(c, c.simplify((low - high + size - 1) // size), 0)
+    first = c.simplify(low + 1 - _max(c, c.simplify(count * size - size + 1), 0))
+    return first, c.simplify(low + 1), count
+
+
+def _max(c: _Converter, a: Any, b: Any) -> Any:
+    """max(a, b) of ints or TIR expressions."""
+    from tvm import tirx as tir
+
+    if isinstance(a, int) and isinstance(b, int):
+        return max(a, b)
+    return c.simplify(tir.max(_prim(a), _prim(b)))
 
 
 def _slice_bounds(c: _Converter, dim: Any, begin: Any, end: Any, step: int) -> tuple[Any, Any]:
-    """Begin and end of a slice clamped into [0, dim] (python semantics), assuming a
-    runtime bound lies within the axis."""
+    """Begin and end of a slice clamped into [0, dim] (python semantics; [-1, dim - 1] for
+    a negative step); a constant bound on a runtime-sized axis is clamped at run time (it
+    may lie outside the axis), a runtime bound is assumed to lie within it."""
+    from tvm import tirx as tir
+
     def clamp(v: Any, lowest: int) -> Any:
         if not isinstance(v, int):
             return v
@@ -630,7 +661,8 @@ def _slice_bounds(c: _Converter, dim: Any, begin: Any, end: Any, step: int) -> t
             return dim + lowest
         if v <= -_INT_MAX // 2:
             return lowest + 0
-        return c.simplify(dim + v) if v < 0 else v
+        bound = dim + v if v < 0 else _prim(v)
+        return c.simplify(tir.max(tir.min(bound, dim + lowest), _prim(lowest)))
 
     lowest = 0 if step > 0 else -1
     return clamp(begin, lowest), clamp(end, lowest)

@@ -101,6 +101,19 @@ def test_flatten_takes_a_negative_axis_as_axis_plus_rank(axis):
     assert y.shape == (int(np.prod(x.shape[:split])), int(np.prod(x.shape[split:])))
 
 
+@pytest.mark.parametrize("rows", [5, "n"])
+@pytest.mark.parametrize("start, end, step", [(-9, 10, 1), (0, 2, 1), (3, 1, 1), (1, 9, 2), (9, -9, -1), (-1, -10, -2), (3, 0, -1),
+                                              (-1, -(2**63), -1), (2**62, 0, -3)])
+def test_slice_clamps_constant_bounds_and_takes_negative_steps(rows, start, end, step):
+    model = _model([helper.make_node("Slice", ["x", "starts", "ends", "axes", "steps"], ["y"])], [("x", FLOAT, [rows, 2])], ["y"],
+                   initializers=[_ints("starts", [start]), _ints("ends", [end]), _ints("axes", [0]), _ints("steps", [step])])
+    compiled = graphopt.compile(model, target="tvm:llvm")
+    for count in ([5] if rows == 5 else [1, 5]):
+        x = np.arange(2 * count, dtype=np.float32).reshape(count, 2)
+        (y,) = _assert_like_onnxruntime(model, {"x": x}, compiled=compiled)
+        np.testing.assert_array_equal(y, x[max(start, -(2**62)):max(end, -(2**62)):step])
+
+
 def test_softmax_before_opset_13_normalizes_over_every_axis_from_axis_on():
     model = _model([helper.make_node("Softmax", ["x"], ["y"]), helper.make_node("Softmax", ["x"], ["z"], axis=-1)],
                    [("x", FLOAT, [2, 3, 4])], ["y", "z"], opset=11)
