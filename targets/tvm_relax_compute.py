@@ -105,7 +105,7 @@ def _reduce(c: _Converter, node: Node, x: Any, axes_in: Any = None) -> Any:
 
 
 def _mean_of_maybe_empty(c: _Converter, x: Any, axes: list[int], keepdims: bool, count: Any) -> Any:
-    """Float mean over axes of `count` elements in all that may be 0: the sum divided by
+    """Float mean over `axes`, whose element count `count` may be 0: the sum divided by
     max(count, 1), so an empty reduction gives 0 as ONNX Runtime does (ONNX leaves it
     undefined; TVM's mean would divide by zero)."""
     from tvm import relax, tirx
