@@ -1,8 +1,8 @@
 """The full conformance suite (`@pytest.mark.conformance`) is deselected unless asked for.
 
-Run it with `pytest -m conformance tests/conformance` or `GRAPHOPT_CONFORMANCE=1 pytest
-tests/conformance` (or `python benchmarks/conformance.py`, which isolates crashes per case).
-The lean subset (unmarked) always runs.
+Run every case with `GRAPHOPT_CONFORMANCE=1 pytest tests/conformance` (or `python
+benchmarks/conformance.py`, which isolates crashes per case); `-m conformance` runs the marked
+cases only. The lean subset (unmarked) runs unless deselected.
 """
 
 from __future__ import annotations
