@@ -19,8 +19,10 @@ import json
 import os
 import pathlib
 import pickle
+import shutil
 import warnings
 from dataclasses import dataclass
+from functools import lru_cache
 from typing import Any, Optional
 
 import numpy as np
@@ -66,10 +68,12 @@ def _main_op(model: Any) -> str:
     return ops[0] if len(ops) == 1 else "+".join(sorted(set(ops)))
 
 
-def _generate(folder: pathlib.Path) -> dict[str, dict[str, Any]]:
-    """Write every node test case into `folder`; return the index {name: {op, rtol, atol}}."""
+def _generate(final: pathlib.Path) -> None:
+    """Write every node test case and the index {name: {op, rtol, atol}} into `final` (built in
+    a private folder renamed into place, so concurrent runs never read a half-written case)."""
     from onnx.backend.test.case import node
 
+    folder = final.with_name(f"{final.name}.tmp-{os.getpid()}")
     folder.mkdir(parents=True, exist_ok=True)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -87,19 +91,20 @@ def _generate(folder: pathlib.Path) -> dict[str, dict[str, Any]]:
             if base in index:
                 entry["op"] = index[base]["op"]
                 break
-    tmp = folder / "index.json.tmp"
-    tmp.write_text(json.dumps(index, indent=1, sort_keys=True))
-    tmp.replace(folder / "index.json")
-    return index
+    (folder / "index.json").write_text(json.dumps(index, indent=1, sort_keys=True))
+    try:
+        folder.rename(final)
+    except OSError:  # another process put its copy in place first
+        shutil.rmtree(folder)
 
 
+@lru_cache(maxsize=1)
 def case_index() -> dict[str, dict[str, Any]]:
     """{case name: {"op", "rtol", "atol"}} for every node test case (generated on first use)."""
-    folder = cache_dir()
-    path = folder / "index.json"
-    if path.exists():
-        return json.loads(path.read_text())
-    return _generate(folder)
+    path = cache_dir() / "index.json"
+    if not path.exists():
+        _generate(cache_dir())
+    return json.loads(path.read_text())
 
 
 def load_case(name: str) -> Case:
