@@ -167,7 +167,13 @@ def compare_outputs(expected: list[Any], actual: list[Any], rtol: float, atol: f
 
 def run_ort(model: Any, inputs: list[Any], optimize: bool = True) -> list[Any]:
     """Outputs of `model` on `inputs` (positional, over the graph inputs that are not
-    initializers) computed by ONNX Runtime on CPU."""
+    initializers) computed by ONNX Runtime on CPU.
+
+    ORT's Python API neither takes nor returns bfloat16, float8, float4 or 2/4-bit integer
+    arrays, so graph inputs and outputs of those types are widened: the session runs a copy of
+    `model` whose such inputs are float32/int8/uint8 followed by a Cast to the original type,
+    and whose such outputs are Cast to the wide type (all exact), and the results are cast back.
+    """
     import onnxruntime as ort
 
     ort.set_default_logger_severity(3)
@@ -176,23 +182,72 @@ def run_ort(model: Any, inputs: list[Any], optimize: bool = True) -> list[Any]:
     options.intra_op_num_threads = 1
     if not optimize:
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    model, wide_inputs, narrow_outputs = _widened(model)
     session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
     names = [i.name for i in session.get_inputs()]
-    if not any(_is_ml_float(x) for x in inputs):
-        return session.run(None, dict(zip(names, inputs)))
-    # ORT's Python API takes bfloat16 / float8 arrays only as OrtValues of their raw bytes.
-    types = {i.name: i.type.tensor_type.elem_type for i in model.graph.input}
-    feeds = {
-        name: ort.OrtValue.ortvalue_from_numpy_with_onnx_type(x.view(f"uint{8 * x.dtype.itemsize}"), types[name])
-        if _is_ml_float(x) else ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(x))
-        for name, x in zip(names, inputs)
-    }
-    return [value.numpy() for value in session.run_with_ort_values(None, feeds)]
+    feeds = {name: x.astype(wide_inputs[name]) if name in wide_inputs else x for name, x in zip(names, inputs)}
+    outputs = session.run(None, feeds)
+    return [out.astype(narrow_outputs[i]) if i in narrow_outputs else out for i, out in enumerate(outputs)]
 
 
-def _is_ml_float(value: Any) -> bool:
-    """A bfloat16 or float8 numpy array (ml_dtypes)."""
-    return isinstance(value, np.ndarray) and value.dtype.name.startswith(("bfloat16", "float8"))
+def _numpy_of(onnx_type: int) -> Any:
+    from onnx import helper
+
+    return helper.tensor_dtype_to_np_dtype(onnx_type)
+
+
+def _low_precision_types() -> dict[int, int]:
+    from onnx import TensorProto as T
+
+    floats = ("BFLOAT16", "FLOAT8E4M3FN", "FLOAT8E4M3FNUZ", "FLOAT8E5M2", "FLOAT8E5M2FNUZ", "FLOAT8E8M0", "FLOAT4E2M1")
+    wide = {getattr(T, name): T.FLOAT for name in floats if hasattr(T, name)}
+    wide.update({getattr(T, name): T.INT8 for name in ("INT4", "INT2") if hasattr(T, name)})
+    wide.update({getattr(T, name): T.UINT8 for name in ("UINT4", "UINT2") if hasattr(T, name)})
+    return wide
+
+
+_WIDE: dict[int, int] = {}
+"""{narrow element type: the ONNX type whose values include all of its values} (filled on first use)."""
+
+
+def _widened(model: Any) -> tuple[Any, dict[str, Any], dict[int, Any]]:
+    """(a copy of `model` with its low-precision graph inputs and outputs widened, {widened
+    input name: its numpy dtype}, {output index: numpy dtype to cast that output back to});
+    `model` itself if it has none."""
+    import onnx
+    from onnx import helper
+
+    if not _WIDE:
+        _WIDE.update(_low_precision_types())
+    graph = model.graph
+    narrow_in = [i for i in graph.input if i.type.tensor_type.elem_type in _WIDE]
+    narrow_out = [o for o in graph.output if o.type.tensor_type.elem_type in _WIDE]
+    if not narrow_in and not narrow_out:
+        return model, {}, {}
+    copy = onnx.ModelProto()
+    copy.CopyFrom(model)
+    casts, wide_inputs = [], {}
+    for value in copy.graph.input:
+        code = value.type.tensor_type.elem_type
+        if code in _WIDE:
+            wide_name = f"{value.name}__wide"
+            casts.append(helper.make_node("Cast", [wide_name], [value.name], to=code))
+            value.name = wide_name
+            value.type.tensor_type.elem_type = _WIDE[code]
+            wide_inputs[wide_name] = _numpy_of(_WIDE[code])
+    back = {}
+    for index, value in enumerate(copy.graph.output):
+        code = value.type.tensor_type.elem_type
+        if code in _WIDE:
+            wide_name = f"{value.name}__wide"
+            copy.graph.node.append(helper.make_node("Cast", [value.name], [wide_name], to=_WIDE[code]))
+            value.name = wide_name
+            value.type.tensor_type.elem_type = _WIDE[code]
+            back[index] = _numpy_of(code)
+    nodes = casts + list(copy.graph.node)
+    del copy.graph.node[:]
+    copy.graph.node.extend(nodes)
+    return copy, wide_inputs, back
 
 
 def ort_verdicts() -> dict[str, str]:
