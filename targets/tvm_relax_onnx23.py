@@ -196,18 +196,28 @@ def _onnx_attention(c: _Converter, node: Node, q: Any, k: Any, v: Any, mask: Any
         past = c.shape(c.tensor(past_key))[2]
         k = c.emit(relax.op.concat([c.tensor(past_key), k], axis=2))
         v = c.emit(relax.op.concat([c.tensor(past_value), v], axis=2))
-    batch, heads, q_len, _ = c.shape(q)
+    batch, _, q_len, _ = c.shape(q)
     total = c.shape(k)[2]
     bias = _bias(c, node, mask, nonpad, batch, q_len, total, past, dtype)
     if _needs_explicit_scores(node, dtype):
         y, scores = _explicit_attention(c, node, q, k, v, bias)
+    elif dtype == "float16":
+        # scores, softmax and the weighted sum accumulate in float32 (as ONNX Runtime does),
+        # rounded to float16 once at the end
+        wide = [None if t is None else c.emit(relax.op.astype(t, "float32")) for t in (q, k, v, bias)]
+        y, scores = c.emit(relax.op.astype(_plain_attention(c, node, *wide), dtype)), None
     else:
-        attrs = {"num_heads": heads, "num_kv_heads": c.shape(k)[1], "scale": node.attrs.get("scale"), "nan_to_zero": 1}
-        y, scores = _attention(c, _Attrs(attrs, node.label), q, k, v, bias), None  # type: ignore[arg-type]
+        y, scores = _plain_attention(c, node, q, k, v, bias), None
     if three_d:
         y = c.emit(relax.op.reshape(c.emit(relax.op.permute_dims(y, [0, 2, 1, 3])), [batch, q_len, -1]))
     results = [y, k, v] if scores is None else [y, k, v, scores]
     return results[: len(node.outputs)]
+
+
+def _plain_attention(c: _Converter, node: Node, q: Any, k: Any, v: Any, bias: Any) -> Any:
+    """graphopt's Attention translation over [B, H, S, D] heads and an additive bias."""
+    attrs = {"num_heads": c.shape(q)[1], "num_kv_heads": c.shape(k)[1], "scale": node.attrs.get("scale"), "nan_to_zero": 1}
+    return _attention(c, _Attrs(attrs, node.label), q, k, v, bias)  # type: ignore[arg-type]
 
 
 @_rule_for("RMSNormalization")
