@@ -215,13 +215,10 @@ class CompiledModel:
     def _call(self, feeds: dict[str, Any]) -> list[Any]:
         """Run on numpy (torch tensors are converted and the outputs converted back)."""
         torch_like = next((v for v in feeds.values() if _is_torch(v)), None)
-        arrays = {k: v.detach().cpu().numpy() if _is_torch(v) else np.asarray(v) for k, v in feeds.items()}
-        outputs = self._run(arrays)
+        outputs = self._run({k: _as_numpy(v) for k, v in feeds.items()})
         if torch_like is None:
             return outputs
-        import torch
-
-        return [torch.from_numpy(np.require(o, requirements="C")).to(torch_like.device) for o in outputs]
+        return [_as_torch(o, torch_like.device) for o in outputs]
 
     def _run(self, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
         raise NotImplementedError
@@ -285,7 +282,32 @@ def _is_torch(value: Any) -> bool:
     return type(value).__module__.startswith("torch") and hasattr(value, "detach")
 
 
+def _as_numpy(value: Any) -> Any:
+    """A call argument as numpy: sequences (lists) element by element, an empty optional
+    (None) kept."""
+    if value is None:
+        return None
+    if isinstance(value, (list, tuple)):
+        return [_as_numpy(v) for v in value]
+    return value.detach().cpu().numpy() if _is_torch(value) else np.asarray(value)
+
+
+def _as_torch(value: Any, device: Any) -> Any:
+    """An output as a torch tensor on `device` (sequences as lists, None kept)."""
+    import torch
+
+    if value is None:
+        return None
+    if isinstance(value, list):
+        return [_as_torch(v, device) for v in value]
+    return torch.from_numpy(np.require(value, requirements="C")).to(device)
+
+
 def _check_input(spec: IOSpec, value: Any) -> None:
+    if spec.shape is None and spec.dtype is None:
+        return  # a sequence, an optional, or a tensor of unknown type: the runtime checks it
+    if isinstance(value, (list, tuple)) or value is None:
+        raise TargetError(f"input {spec.name!r} is a tensor: pass an array, not {type(value).__name__}")
     shape = tuple(value.shape) if hasattr(value, "shape") else np.shape(value)
     if spec.shape is not None:
         if len(shape) != len(spec.shape):

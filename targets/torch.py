@@ -71,7 +71,7 @@ class TorchModel(CompiledModel):
         with torch.no_grad():
             outputs = self.module(*args)
         if as_numpy:
-            return [torch_to_array(o) for o in outputs]
+            return [_as_numpy(o) for o in outputs]
         return list(outputs)
 
     def _save_files(self, directory: str) -> list[str]:
@@ -80,8 +80,23 @@ class TorchModel(CompiledModel):
 
 
 def _as_tensor(value: Any, device: str) -> Any:
+    """A torch input: tensors moved to `device`, sequences (lists) element by element, an
+    empty optional (None) as None."""
     import torch
 
+    if value is None:
+        return None
+    if isinstance(value, (list, tuple)):
+        return [_as_tensor(v, device) for v in value]
     if isinstance(value, torch.Tensor):
         return value.to(device)
     return array_to_torch(np.require(value, requirements="C")).to(device)
+
+
+def _as_numpy(value: Any) -> Any:
+    """An output as numpy: tensors as arrays, sequences as lists of arrays, None as None."""
+    if value is None:
+        return None
+    if isinstance(value, (list, tuple)):
+        return [_as_numpy(v) for v in value]
+    return torch_to_array(value)

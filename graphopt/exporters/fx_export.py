@@ -226,9 +226,12 @@ def torch_to_array(tensor: Any) -> np.ndarray:
     import torch
 
     tensor = tensor.detach().cpu()
-    if tensor.dtype in (torch.bfloat16, torch.float8_e4m3fn, torch.float8_e5m2, torch.float8_e4m3fnuz, torch.float8_e5m2fnuz):
-        numpy_dtype = DType.from_torch(tensor.dtype).to_numpy()
-        return tensor.view(torch.uint8 if tensor.element_size() == 1 else torch.int16).numpy().view(numpy_dtype)
+    name = str(tensor.dtype).removeprefix("torch.")
+    if name in torch_kernels.ML_DTYPE_NAMES:
+        import ml_dtypes
+
+        raw = tensor.view(torch.uint8 if tensor.element_size() == 1 else torch.int16).numpy()
+        return raw.view(getattr(ml_dtypes, name))
     return tensor.numpy()
 
 

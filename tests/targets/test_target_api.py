@@ -227,3 +227,33 @@ def test_torch_target_takes_and_gives_bfloat16_and_float8_numpy_arrays():
     assert b_copy.dtype == b.dtype and f8_copy.dtype == f8.dtype
     np.testing.assert_array_equal(b_copy.view(np.uint16), b.view(np.uint16))
     np.testing.assert_array_equal(f8_copy.view(np.uint8), f8.view(np.uint8))
+
+
+@pytest.mark.parametrize("spec", ["onnxruntime", "torch"])
+def test_sequence_and_optional_inputs_pass_through_as_lists_and_none(spec):
+    import onnx
+    from onnx import TensorProto, helper
+
+    seq = helper.make_sequence_type_proto(helper.make_tensor_type_proto(TensorProto.FLOAT, None))
+    opt = helper.make_optional_type_proto(helper.make_tensor_type_proto(TensorProto.FLOAT, [2]))
+    graph = helper.make_graph(
+        [helper.make_node("Identity", ["xs"], ["ys"]), helper.make_node("Identity", ["maybe"], ["still"])], "seq",
+        [helper.make_value_info("xs", seq), helper.make_value_info("maybe", opt)],
+        [helper.make_value_info("ys", seq), helper.make_value_info("still", opt)],
+    )
+    model = compile(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)]), target=spec)
+    ragged = [np.arange(3, dtype=np.float32), np.ones((2, 2), dtype=np.float32)]
+    ys, still = model(ragged, np.array([1.0, 2.0], dtype=np.float32))
+    assert isinstance(ys, list) and [y.shape for y in ys] == [(3,), (2, 2)]
+    for y, x in zip(ys, ragged):
+        np.testing.assert_array_equal(y, x)
+    np.testing.assert_array_equal(still, [1.0, 2.0])
+
+
+def test_a_list_for_a_tensor_input_is_refused_naming_the_input():
+    graph = Graph("tensor_in")
+    x = graph.add_input("x", TensorType(DType.FLOAT, (2,)))
+    graph.set_outputs([graph.add_node("Relu", [x]).output])
+    model = compile(graph, target="onnxruntime")
+    with pytest.raises(TargetError, match="input 'x' is a tensor: pass an array, not list"):
+        model([np.zeros(2, np.float32), np.zeros(3, np.float32)])
