@@ -12,7 +12,6 @@ from typing import Any, Optional, Sequence
 import numpy as np
 
 from graphopt.errors import GraphoptError
-from graphopt.ir.dtypes import DType
 from graphopt.ir.graph import Graph
 
 DEFAULT_SYMBOL_SIZE = 2
@@ -75,62 +74,19 @@ def run_graph(graph: Graph, feeds: dict[str, np.ndarray], engine: str = "onnxrun
         raise GraphoptError(f"unknown engine {engine!r}: use 'onnxruntime' or 'torch'")
     import onnxruntime as ort
 
+    from graphopt.ort_io import widen_session_model
+
     options = ort.SessionOptions()
     options.log_severity_level = 3
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     try:
         model = graph.to_onnx()
-        widened = _widen_low_precision_outputs(model)
+        io = widen_session_model(model)
         session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
-        wanted = {i.name for i in session.get_inputs()}
-        chosen = {k: v for k, v in feeds.items() if k in wanted}
-        if any(_is_low_precision(v) for v in chosen.values()):
-            outputs = [o.numpy() for o in session.run_with_ort_values(None, _as_ort_values(ort, graph, chosen))]
-        else:
-            outputs = session.run(None, chosen)
+        return io.run(session, feeds)
     except Exception as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise GraphoptError(f"ONNX Runtime could not run graph '{graph.name}': {first}") from None
-    return [out.astype(widened[i]) if i in widened else out for i, out in enumerate(outputs)]
-
-
-_LOW_PRECISION = (DType.BFLOAT16, DType.FLOAT8E4M3FN, DType.FLOAT8E4M3FNUZ, DType.FLOAT8E5M2, DType.FLOAT8E5M2FNUZ, DType.FLOAT8E8M0)
-"""Element types ORT's Python API neither takes as numpy arrays nor returns as numpy arrays."""
-
-
-def _is_low_precision(value: Any) -> bool:
-    return isinstance(value, np.ndarray) and value.dtype.name.startswith(("bfloat16", "float8"))
-
-
-def _as_ort_values(ort: Any, graph: Graph, feeds: dict[str, Any]) -> dict[str, Any]:
-    """Feeds as OrtValues; bfloat16/float8 arrays are passed as their raw bytes."""
-    types = {v.name: v.dtype for v in graph.inputs}
-    values = {}
-    for name, array in feeds.items():
-        if _is_low_precision(array):
-            raw = np.ascontiguousarray(array).view(f"uint{8 * array.dtype.itemsize}")
-            values[name] = ort.OrtValue.ortvalue_from_numpy_with_onnx_type(raw, int(types[name]))
-        else:
-            values[name] = ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(array))
-    return values
-
-
-def _widen_low_precision_outputs(model: Any) -> dict[int, np.dtype]:
-    """Replace each bfloat16/float8 graph output of `model` by a float32 Cast of it (exact); return
-    {output index: the numpy dtype to cast the result back to}."""
-    from onnx import TensorProto, helper
-
-    widened = {}
-    for index, output in enumerate(model.graph.output):
-        code = output.type.tensor_type.elem_type if output.type.HasField("tensor_type") else 0
-        if code not in {int(t) for t in _LOW_PRECISION}:
-            continue
-        wide = f"{output.name}__float32"
-        model.graph.node.append(helper.make_node("Cast", [output.name], [wide], to=TensorProto.FLOAT))
-        output.name = wide
-        output.type.tensor_type.elem_type = TensorProto.FLOAT
-        widened[index] = DType(code).to_numpy()
-    return widened
 
 
 def _run_fx(graph: Graph, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:

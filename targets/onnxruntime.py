@@ -22,7 +22,8 @@ import numpy as np
 from graphopt.errors import GraphoptError
 from graphopt.exporters.onnx_export import EXTERNAL_DATA_THRESHOLD
 from graphopt.ir.graph import Graph
-from graphopt.target_base import CompiledModel, IOSpec, Target, TargetError
+from graphopt.ort_io import numpy_to_torch, session_model_file, torch_to_numpy, widen_session_model
+from graphopt.target_base import CompiledModel, IOSpec, Target, TargetError, _is_torch
 
 MODEL_FILE = "model.onnx"
 _LEVELS = ("disable", "basic", "extended", "all")
@@ -110,15 +111,22 @@ class OnnxRuntimeModel(CompiledModel):
         import onnxruntime as ort
 
         self.graph, self.path = graph, path
+        self._staging: Optional[Any] = None
         if graph is not None and _weight_bytes(graph) > EXTERNAL_DATA_THRESHOLD:
             self._staging = tempfile.TemporaryDirectory(prefix="graphopt-ort-")
             path = os.path.join(self._staging.name, MODEL_FILE)
             graph.save_onnx(path, keep_graphopt_ops=True)
             graph = None
-        source = graph.to_onnx(keep_graphopt_ops=True).SerializeToString() if graph is not None else path
+        options = target.session_options()
+        if graph is not None:
+            model = graph.to_onnx(keep_graphopt_ops=True)
+            self._io = widen_session_model(model)
+            source: Any = model.SerializeToString()
+        else:
+            source, self._io = session_model_file(path, options)  # type: ignore[arg-type]
         try:
             self.session = ort.InferenceSession(
-                source, target.session_options(), providers=[_PROVIDERS[target.variant]], disabled_optimizers=target.disabled_optimizers()
+                source, options, providers=[_PROVIDERS[target.variant]], disabled_optimizers=target.disabled_optimizers()
             )
         except Exception as exc:
             text = str(exc).strip().splitlines()
@@ -128,16 +136,21 @@ class OnnxRuntimeModel(CompiledModel):
 
     def _run(self, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
         try:
-            return self.session.run(None, {k: v for k, v in feeds.items() if k in self._session_inputs})
+            return self._io.run(self.session, feeds)
         except Exception as exc:
             text = str(exc).strip().splitlines()
             raise GraphoptError(f"ONNX Runtime failed to run the model: {text[0] if text else type(exc).__name__}") from None
 
     def _call(self, feeds: dict[str, Any]) -> list[Any]:
         on_cuda = [v for v in feeds.values() if getattr(getattr(v, "device", None), "type", None) == "cuda"]
-        if self.target.variant != "cuda" or not on_cuda:
+        if self.target.variant == "cuda" and on_cuda and not self._io:
+            return self._run_bound(feeds, on_cuda[0].device)
+        torch_like = next((v for v in feeds.values() if _is_torch(v)), None)
+        if torch_like is None or not self._io:
             return super()._call(feeds)
-        return self._run_bound(feeds, on_cuda[0].device)
+        # bfloat16/float8 tensors: numpy (ml_dtypes) and back keeping the bits
+        outputs = super()._call({k: torch_to_numpy(v) if _is_torch(v) else v for k, v in feeds.items()})
+        return [numpy_to_torch(o, torch_like.device) for o in outputs]
 
     def _run_bound(self, feeds: dict[str, Any], device: Any) -> list[Any]:
         """IO binding: CUDA torch tensors in and out, no host copies."""
