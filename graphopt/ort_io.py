@@ -42,6 +42,16 @@ class SessionIO:
     """Output index: low-precision type read back from raw bytes."""
     wide_outputs: dict[int, DType] = dataclasses.field(default_factory=dict)
     """Output index: the low-precision type a wide result is cast back to."""
+    casts: dict[str, str] = dataclasses.field(default_factory=dict)
+    """Name of each Cast node added: what it widens (e.g. "input 'x' (FLOAT4E2M1)")."""
+
+    def explain(self, message: str) -> str:
+        """`message` (ORT's error on loading the widened model) with, where it names a Cast
+        this module added, which graph input/output that Cast widens and why."""
+        for node, what in self.casts.items():
+            if f"'{node}'" in message or f"({node})" in message:
+                return f"{message} (the Cast graphopt adds around {what} so ONNX Runtime's Python API can feed/return it; this ONNX Runtime has no kernel for it)"
+        return message
 
     def __bool__(self) -> bool:
         return bool(self.raw_inputs or self.wide_inputs or self.raw_outputs or self.wide_outputs)
@@ -104,7 +114,7 @@ def widen_session_model(model: Any) -> SessionIO:
         elif dtype in WIDE_TYPES:
             wide = WIDE_TYPES[dtype]
             wide_name = _fresh(f"{value.name}__{wide.name.lower()}", taken)
-            cast_nodes.append(_cast(wide_name, value.name, dtype))
+            cast_nodes.append(_cast(wide_name, value.name, dtype, io.casts, f"input {value.name!r} ({dtype.name})"))
             io.wide_inputs[value.name] = (wide_name, wide)
             value.name = wide_name
             value.type.tensor_type.elem_type = int(wide)
@@ -115,7 +125,7 @@ def widen_session_model(model: Any) -> SessionIO:
         elif dtype in WIDE_TYPES:
             wide = WIDE_TYPES[dtype]
             wide_name = _fresh(f"{value.name}__{wide.name.lower()}", taken)
-            model.graph.node.append(_cast(value.name, wide_name, wide))
+            model.graph.node.append(_cast(value.name, wide_name, wide, io.casts, f"output {value.name!r} ({dtype.name})"))
             io.wide_outputs[index] = dtype
             value.name = wide_name
             value.type.tensor_type.elem_type = int(wide)
@@ -214,10 +224,13 @@ def _elem_type(value: Any) -> Optional[DType]:
         return None
 
 
-def _cast(source: str, target: str, to: DType) -> Any:
+def _cast(source: str, target: str, to: DType, casts: dict[str, str], what: str) -> Any:
+    """Cast `source` to `target`, named after `target` and recorded in `casts` as widening `what`."""
     from onnx import helper
 
-    return helper.make_node("Cast", [source], [target], to=int(to))
+    name = f"graphopt_io_cast_{target}"
+    casts[name] = what
+    return helper.make_node("Cast", [source], [target], name=name, to=int(to))
 
 
 def _all_names(graph: Any) -> set[str]:

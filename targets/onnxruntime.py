@@ -5,7 +5,9 @@ contrib_ops=True|False}``. graphopt's fused ops are lowered to the com.microsoft
 kernels ORT accelerates where `contrib_ops` is on (see `onnxruntime_lowering`), and to
 standard ONNX otherwise. On CPU its sessions turn off ORT's SkipLayerNormFusion (see
 `OnnxRuntimeTarget.disabled_optimizers`). On CUDA, inputs given as CUDA torch tensors are
-bound in place (IO binding) and outputs come back as CUDA tensors. The saved artifact is `model.onnx`
+bound in place (IO binding) and outputs come back as CUDA tensors. Low-precision graph inputs and
+outputs (bfloat16, float8, int4/uint4) are fed and returned bit-exactly through `graphopt.ort_io`
+(the session's copy of the model is widened; the artifact is not). The saved artifact is `model.onnx`
 (plus `model.onnx.data` for models over ~1.8 GB).
 """
 
@@ -131,7 +133,7 @@ class OnnxRuntimeModel(CompiledModel):
         except Exception as exc:
             text = str(exc).strip().splitlines()
             where = path or "the lowered graph"
-            raise TargetError(f"ONNX Runtime could not load {where}: {text[0] if text else type(exc).__name__}") from None
+            raise TargetError(f"ONNX Runtime could not load {where}: {self._io.explain(text[0]) if text else type(exc).__name__}") from None
         self._session_inputs = {i.name for i in self.session.get_inputs()}
 
     def _run(self, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
