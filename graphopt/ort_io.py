@@ -79,7 +79,7 @@ class SessionIO:
 
         values = {}
         for name, array in feeds.items():
-            array = np.ascontiguousarray(_as_array(array))
+            array = np.require(_as_array(array), requirements="C")  # keeps 0-d (ascontiguousarray makes it 1-d)
             if name in self.raw_inputs:
                 dtype = self.raw_inputs[name]
                 if array.dtype != dtype.to_numpy():
