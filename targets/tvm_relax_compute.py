@@ -235,6 +235,25 @@ def _normalize(c: _Converter, node: Node, x: Any, scale: Any, shift: Any, *, sim
     return c.emit(relax.op.nn.layer_norm(x, scale, shift, axes, epsilon))
 
 
+def repeat_kv_heads(c: _Converter, k: Any, v: Any, heads: Any, kv_heads: Any) -> tuple[Any, Any]:
+    """K and V [B, kv_heads, S, D] repeated to `heads` heads (grouped-query attention)."""
+    from tvm import relax
+
+    if kv_heads == heads:
+        return k, v
+    return c.emit(relax.op.repeat(k, heads // kv_heads, axis=1)), c.emit(relax.op.repeat(v, heads // kv_heads, axis=1))
+
+
+def attention_scale(c: _Converter, q: Any, scale: Any) -> float:
+    """`scale`, or 1/sqrt(head size) of Q [B, H, S, D] when it is None (a static size needed)."""
+    if scale is not None:
+        return float(scale)
+    head_size = c.shape(q)[3]
+    if not isinstance(head_size, int):
+        raise RelaxConversionError("Attention without a scale needs a static head size")
+    return 1.0 / math.sqrt(head_size)
+
+
 @_rule_for("Attention", domain=GRAPHOPT_DOMAIN)
 def _attention(c: _Converter, node: Node, q: Any, k: Any, v: Any, bias: Any = None) -> Any:
     from tvm import relax
@@ -242,16 +261,8 @@ def _attention(c: _Converter, node: Node, q: Any, k: Any, v: Any, bias: Any = No
     q, k, v = c.tensor(q), c.tensor(k), c.tensor(v)
     dtype = str(q.ty.dtype)
     heads = int(node.attrs["num_heads"])
-    kv_heads = int(node.attrs.get("num_kv_heads", heads))
-    if kv_heads != heads:
-        k = c.emit(relax.op.repeat(k, heads // kv_heads, axis=1))
-        v = c.emit(relax.op.repeat(v, heads // kv_heads, axis=1))
-    scale = node.attrs.get("scale")
-    if scale is None:
-        head_size = c.shape(q)[3]
-        if not isinstance(head_size, int):
-            raise RelaxConversionError("Attention without a scale needs a static head size")
-        scale = 1.0 / math.sqrt(head_size)
+    k, v = repeat_kv_heads(c, k, v, heads, int(node.attrs.get("num_kv_heads", heads)))
+    scale = attention_scale(c, q, node.attrs.get("scale"))
     keys = c.shape(k)[2]
     b = None if bias is None else c.tensor(bias)
     width = _padded_width(c, keys, b)

@@ -25,7 +25,7 @@ from typing import Any, Optional
 from graphopt.ir.dtypes import DType
 from graphopt.ir.graph import Node
 from graphopt.targets.tvm_relax import RelaxConversionError, _Converter, _prim, _rule_for, _same_dims
-from graphopt.targets.tvm_relax_compute import _attention, _normalize
+from graphopt.targets.tvm_relax_compute import _attention, _normalize, attention_scale, repeat_kv_heads
 
 _FLOAT_TYPES = {1: "float32", 10: "float16", 11: "float64", 16: "bfloat16"}
 
@@ -65,17 +65,9 @@ def _explicit_attention(c: _Converter, node: Node, q: Any, k: Any, v: Any, bias:
     from tvm import relax
 
     dtype = str(q.ty.dtype)
-    heads, kv_heads = c.shape(q)[1], c.shape(k)[1]
-    if kv_heads != heads:
-        k = c.emit(relax.op.repeat(k, heads // kv_heads, axis=1))
-        v = c.emit(relax.op.repeat(v, heads // kv_heads, axis=1))
-    scale = node.attrs.get("scale")
-    if scale is None:
-        head_size = c.shape(q)[3]
-        if not isinstance(head_size, int):
-            raise _refuse(node, "a symbolic head size without a scale")
-        scale = 1.0 / math.sqrt(head_size)
-    root = relax.const(math.sqrt(float(scale)), dtype)
+    k, v = repeat_kv_heads(c, k, v, c.shape(q)[1], c.shape(k)[1])
+    scale = attention_scale(c, q, node.attrs.get("scale"))
+    root = relax.const(math.sqrt(scale), dtype)
     raw = c.emit(relax.op.matmul(relax.op.multiply(q, root), relax.op.permute_dims(relax.op.multiply(k, root), [0, 1, 3, 2])))
     capped = raw
     softcap = float(node.attrs.get("softcap", 0.0))

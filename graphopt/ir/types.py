@@ -70,78 +70,69 @@ UNKNOWN = TensorType()
 
 
 @dataclass(frozen=True, init=False)
-class SequenceType(TensorType):
+class _NonTensorType(TensorType):
+    """Base of the value types that are not dense tensors: no element type or shape of their
+    own (both None), and `is_tensor` False."""
+
+    def _set(self, **fields: object) -> None:
+        object.__setattr__(self, "dtype", None)
+        object.__setattr__(self, "shape", None)
+        for name, value in fields.items():
+            object.__setattr__(self, name, value)
+
+    @property
+    def is_tensor(self) -> bool:
+        return False
+
+
+@dataclass(frozen=True, init=False)
+class SequenceType(_NonTensorType):
     """`seq(elem)`: an ONNX sequence whose elements all have type `elem`."""
 
     elem: TensorType = UNKNOWN
 
     def __init__(self, elem: TensorType = UNKNOWN) -> None:
-        object.__setattr__(self, "dtype", None)
-        object.__setattr__(self, "shape", None)
-        object.__setattr__(self, "elem", elem)
-
-    @property
-    def is_tensor(self) -> bool:
-        return False
+        self._set(elem=elem)
 
     def __str__(self) -> str:
         return f"seq({self.elem})"
 
 
 @dataclass(frozen=True, init=False)
-class OptionalType(TensorType):
+class OptionalType(_NonTensorType):
     """`optional(elem)`: an ONNX optional holding a value of type `elem`, or nothing."""
 
     elem: TensorType = UNKNOWN
 
     def __init__(self, elem: TensorType = UNKNOWN) -> None:
-        object.__setattr__(self, "dtype", None)
-        object.__setattr__(self, "shape", None)
-        object.__setattr__(self, "elem", elem)
-
-    @property
-    def is_tensor(self) -> bool:
-        return False
+        self._set(elem=elem)
 
     def __str__(self) -> str:
         return f"optional({self.elem})"
 
 
 @dataclass(frozen=True, init=False)
-class SparseTensorType(TensorType):
+class SparseTensorType(_NonTensorType):
     """`sparse(dense)`: an ONNX sparse tensor standing for a dense tensor of type `dense`."""
 
     dense: TensorType = UNKNOWN
 
     def __init__(self, dense: TensorType = UNKNOWN) -> None:
-        object.__setattr__(self, "dtype", None)
-        object.__setattr__(self, "shape", None)
-        object.__setattr__(self, "dense", dense)
-
-    @property
-    def is_tensor(self) -> bool:
-        return False
+        self._set(dense=dense)
 
     def __str__(self) -> str:
         return f"sparse({self.dense})"
 
 
 @dataclass(frozen=True, init=False)
-class MapType(TensorType):
+class MapType(_NonTensorType):
     """`map(key, value)`: an ONNX map from `key` elements to values of type `value`."""
 
     key: Optional[DType] = None
     value: TensorType = UNKNOWN
 
     def __init__(self, key: Optional[DType], value: TensorType = UNKNOWN) -> None:
-        object.__setattr__(self, "dtype", None)
-        object.__setattr__(self, "shape", None)
-        object.__setattr__(self, "key", key)
-        object.__setattr__(self, "value", value)
-
-    @property
-    def is_tensor(self) -> bool:
-        return False
+        self._set(key=key, value=value)
 
     def __str__(self) -> str:
         key = self.key.short if self.key is not None else "?"
