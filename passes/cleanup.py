@@ -18,7 +18,8 @@ class Cleanup(Pass):
 
     Runs, in this order and then again until none of them changes the graph (at most
     `max_iterations` rounds): fold-constants, simplify-shapes, eliminate-noops,
-    eliminate-common-subexpressions, eliminate-dead-code, each with its default options.
+    eliminate-common-subexpressions, eliminate-dead-code and cleanup-subgraphs (the same
+    inside every If/Loop/Scan body), each with its default options.
     The passes are looked up by name in the pass registry.
 
     Needs what its passes need (ONNX Runtime for constant folding). Changes what they
@@ -34,6 +35,7 @@ class Cleanup(Pass):
         "eliminate-noops",
         "eliminate-common-subexpressions",
         "eliminate-dead-code",
+        "cleanup-subgraphs",
     )
 
     def run(self, graph: Graph, ctx: PassContext) -> PassResult:

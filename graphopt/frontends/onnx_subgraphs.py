@@ -30,7 +30,7 @@ def _defined_here(graph: Any) -> set[str]:
     return names
 
 
-def _graph_outer_reads(graph: Any) -> list[str]:
+def graph_outer_reads(graph: Any) -> list[str]:
     """Names `graph` (a body) and its nested bodies read without defining them, in order."""
     defined = _defined_here(graph)
     reads: dict[str, None] = {}
@@ -48,7 +48,7 @@ def outer_reads(node: Any) -> list[str]:
     """Names that the bodies of NodeProto `node` read from the scopes around the node."""
     reads: dict[str, None] = {}
     for body in subgraphs(node):
-        reads.update(dict.fromkeys(_graph_outer_reads(body)))
+        reads.update(dict.fromkeys(graph_outer_reads(body)))
     return list(reads)
 
 

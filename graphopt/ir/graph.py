@@ -296,6 +296,10 @@ class Graph:
             suffix += 1
         return f"{base}_{suffix}"
 
+    def taken_names(self) -> frozenset[str]:
+        """Every name a new value of this graph may not take (values and reserved names)."""
+        return frozenset(self._names)
+
     def reserve_names(self, names: Iterable[str]) -> None:
         """Keep `names` (values defined inside If/Loop/Scan bodies) from ever naming a value of
         this graph, since ONNX forbids an outer value and a body value sharing a name."""
@@ -448,6 +452,19 @@ class Graph:
         if index.isdigit() and self._name_cursor.get(base, 0) > int(index):
             self._name_cursor[base] = int(index)
         node.graph = None
+
+    def set_captures(self, node: Node, captures: Sequence[tuple[str, Value]]) -> None:
+        """Replace what `node`'s bodies read from this graph by `captures` ((name in the
+        bodies, value) pairs), after a pass rewrote the bodies; use lists follow."""
+        for _, value in captures:
+            if value.graph is not self:
+                raise GraphError(f"node {node.label} captures %{value.name}, which does not belong to graph '{self.name}'")
+        for index, value in enumerate(node._captures):
+            value._uses.remove(Use(node, -index - 1))
+        node.capture_names = tuple(name for name, _ in captures)
+        node._captures = [value for _, value in captures]
+        for index, value in enumerate(node._captures):
+            value._uses.append(Use(node, -index - 1))
 
     def move_before(self, node: Node, anchor: Node) -> None:
         """Move `node` to run right before `anchor` (the caller keeps the order valid)."""

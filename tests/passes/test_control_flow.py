@@ -119,6 +119,22 @@ CASES = {
 }
 
 
+def test_cleanup_simplifies_inside_bodies_and_recomputes_captures():
+    model = _if_model()
+    then_branch = model.graph.node[2].attribute[0].g
+    then_branch.node.insert(0, helper.make_node("Identity", ["scale"], ["scale_copy"]))
+    then_branch.node[1].input[1] = "scale_copy"
+    graph = graphopt.optimize(model, "cleanup")
+    node = next(n for n in graph.nodes if n.op_type == "If")
+    written = graph.to_onnx()
+    bodies = {a.name: a.g for n in written.graph.node if n.op_type == "If" for a in n.attribute}
+    assert [n.op_type for n in bodies["then_branch"].node] == ["Mul"]
+    assert "scale" in node.capture_names
+    assert graph.metadata["pipeline_report"] is not None
+    feeds = CASES["if"][1](True)
+    np.testing.assert_allclose(_run(written, feeds)[0], _run(model, feeds)[0])
+
+
 def test_outer_values_read_by_bodies_are_captures():
     graph = from_onnx(_if_model())
     node = next(n for n in graph.nodes if n.op_type == "If")
@@ -289,6 +305,8 @@ def test_merged_with_and_without_cache_decoder_survives(pipeline, tmp_path):
     optimized = graphopt.optimize(model, pipeline)
     written = optimized.to_onnx()
     onnx.checker.check_model(written, full_check=True)
+    branch_sizes = [[len(a.g.node) for a in m.graph.node[0].attribute] for m in (model, written)]
+    assert all(after < before / 2 for before, after in zip(*branch_sizes)), branch_sizes  # cleaned inside
     rng = np.random.default_rng(0)
     ids = np.array([[3, 7, 11, 2]], dtype=np.int64)
     for use_cache, past in ((True, 3), (False, 0)):
