@@ -151,46 +151,6 @@ def session_model_file(path: str, options: Any) -> tuple[Any, SessionIO]:
     return model.SerializeToString(), io
 
 
-def torch_to_numpy(tensor: Any) -> Any:
-    """A CPU numpy array of torch `tensor`; bfloat16 and float8 tensors (which `Tensor.numpy`
-    refuses) become ml_dtypes arrays of the same bits."""
-    tensor = tensor.detach().cpu()
-    if tensor.dtype not in {t.to_torch() for t in RAW_TYPES if t != DType.FLOAT8E8M0}:
-        return tensor.numpy()
-    dtype = DType.from_torch(tensor.dtype)
-    bits = _bits_of(tensor.element_size())
-    return tensor.contiguous().view(bits[1]).numpy().view(dtype.to_numpy())
-
-
-def numpy_to_torch(array: Any, device: Any = None) -> Any:
-    """A torch tensor of numpy `array` (on `device` if given); ml_dtypes bfloat16/float8 arrays
-    become the torch dtype of the same bits (ValueError for types torch lacks, e.g. int4).
-    Sequences (lists) convert element by element, an empty optional (None) stays None."""
-    import numpy as np
-    import torch
-
-    if array is None:
-        return None
-    if isinstance(array, list):
-        return [numpy_to_torch(a, device) for a in array]
-    array = np.require(array, requirements="C")
-    dtype = DType.from_numpy(array.dtype)
-    if dtype in RAW_TYPES or dtype in WIDE_TYPES:
-        bits = _bits_of(array.itemsize)
-        tensor = torch.from_numpy(array.view(bits[0])).view(dtype.to_torch())
-    else:
-        tensor = torch.from_numpy(array)
-    return tensor if device is None else tensor.to(device)
-
-
-def _bits_of(itemsize: int) -> tuple[Any, Any]:
-    """(numpy, torch) integer dtypes of `itemsize` bytes, to move raw bits between the two."""
-    import numpy as np
-    import torch
-
-    return {1: (np.uint8, torch.uint8), 2: (np.int16, torch.int16)}[itemsize]
-
-
 def _raw_array(value: Any, dtype: DType) -> Any:
     """A numpy copy of the bytes of CPU tensor OrtValue `value`, viewed as `dtype`."""
     import numpy as np

@@ -31,6 +31,7 @@ import numpy as np
 
 from graphopt.errors import GraphoptError
 from graphopt.pass_base import PipelineError, coerce_option
+from graphopt.torch_arrays import is_torch, to_numpy, to_torch
 
 MANIFEST = "manifest.json"
 MANIFEST_FORMAT = 1
@@ -214,11 +215,11 @@ class CompiledModel:
 
     def _call(self, feeds: dict[str, Any]) -> list[Any]:
         """Run on numpy (torch tensors are converted and the outputs converted back)."""
-        torch_like = next((v for v in feeds.values() if _is_torch(v)), None)
-        outputs = self._run({k: _as_numpy(v) for k, v in feeds.items()})
+        torch_like = next((v for v in feeds.values() if is_torch(v)), None)
+        outputs = self._run({k: to_numpy(v) for k, v in feeds.items()})
         if torch_like is None:
             return outputs
-        return [_as_torch(o, torch_like.device) for o in outputs]
+        return [to_torch(o, torch_like.device) for o in outputs]
 
     def _run(self, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
         raise NotImplementedError
@@ -277,30 +278,6 @@ class CompiledModel:
             raise
         return directory
 
-
-def _is_torch(value: Any) -> bool:
-    return type(value).__module__.startswith("torch") and hasattr(value, "detach")
-
-
-def _as_numpy(value: Any) -> Any:
-    """A call argument as numpy: sequences (lists) element by element, an empty optional
-    (None) kept."""
-    if value is None:
-        return None
-    if isinstance(value, (list, tuple)):
-        return [_as_numpy(v) for v in value]
-    return value.detach().cpu().numpy() if _is_torch(value) else np.asarray(value)
-
-
-def _as_torch(value: Any, device: Any) -> Any:
-    """An output as a torch tensor on `device` (sequences as lists, None kept)."""
-    import torch
-
-    if value is None:
-        return None
-    if isinstance(value, list):
-        return [_as_torch(v, device) for v in value]
-    return torch.from_numpy(np.require(value, requirements="C")).to(device)
 
 
 def _check_input(spec: IOSpec, value: Any) -> None:

@@ -24,8 +24,8 @@ import numpy as np
 from graphopt.errors import GraphoptError
 from graphopt.exporters.onnx_export import EXTERNAL_DATA_THRESHOLD
 from graphopt.ir.graph import Graph
-from graphopt.ort_io import numpy_to_torch, session_model_file, torch_to_numpy, widen_session_model
-from graphopt.target_base import CompiledModel, IOSpec, Target, TargetError, _is_torch
+from graphopt.ort_io import session_model_file, widen_session_model
+from graphopt.target_base import CompiledModel, IOSpec, Target, TargetError
 
 MODEL_FILE = "model.onnx"
 _LEVELS = ("disable", "basic", "extended", "all")
@@ -147,12 +147,7 @@ class OnnxRuntimeModel(CompiledModel):
         on_cuda = [v for v in feeds.values() if getattr(getattr(v, "device", None), "type", None) == "cuda"]
         if self.target.variant == "cuda" and on_cuda and not self._io:
             return self._run_bound(feeds, on_cuda[0].device)
-        torch_like = next((v for v in feeds.values() if _is_torch(v)), None)
-        if torch_like is None or not self._io:
-            return super()._call(feeds)
-        # bfloat16/float8 tensors: numpy (ml_dtypes) and back keeping the bits
-        outputs = super()._call({k: torch_to_numpy(v) if _is_torch(v) else v for k, v in feeds.items()})
-        return [numpy_to_torch(o, torch_like.device) for o in outputs]
+        return super()._call(feeds)
 
     def _run_bound(self, feeds: dict[str, Any], device: Any) -> list[Any]:
         """IO binding: CUDA torch tensors in and out, no host copies."""

@@ -14,12 +14,10 @@ import dataclasses
 import os
 from typing import Any, Optional
 
-import numpy as np
-
 from graphopt.exporters import torch_kernels
-from graphopt.exporters.fx_export import array_to_torch, torch_to_array
 from graphopt.ir.graph import Graph
 from graphopt.target_base import CompiledModel, IOSpec, Target
+from graphopt.torch_arrays import to_numpy, to_torch
 
 GRAPH_FILE = "graph.onnx"
 
@@ -67,36 +65,14 @@ class TorchModel(CompiledModel):
         import torch
 
         as_numpy = not any(isinstance(v, torch.Tensor) for v in feeds.values())
-        args = [_as_tensor(feeds[name], self.device) for name in self.input_names]
+        args = [to_torch(feeds[name], self.device) for name in self.input_names]
         with torch.no_grad():
             outputs = self.module(*args)
         if as_numpy:
-            return [_as_numpy(o) for o in outputs]
+            return [to_numpy(o) for o in outputs]
         return list(outputs)
 
     def _save_files(self, directory: str) -> list[str]:
         self.graph.save_onnx(os.path.join(directory, GRAPH_FILE), keep_graphopt_ops=True)
         return sorted(name for name in os.listdir(directory) if name.startswith(GRAPH_FILE))
 
-
-def _as_tensor(value: Any, device: str) -> Any:
-    """A torch input: tensors moved to `device`, sequences (lists) element by element, an
-    empty optional (None) as None."""
-    import torch
-
-    if value is None:
-        return None
-    if isinstance(value, (list, tuple)):
-        return [_as_tensor(v, device) for v in value]
-    if isinstance(value, torch.Tensor):
-        return value.to(device)
-    return array_to_torch(np.require(value, requirements="C")).to(device)
-
-
-def _as_numpy(value: Any) -> Any:
-    """An output as numpy: tensors as arrays, sequences as lists of arrays, None as None."""
-    if value is None:
-        return None
-    if isinstance(value, (list, tuple)):
-        return [_as_numpy(v) for v in value]
-    return torch_to_array(value)

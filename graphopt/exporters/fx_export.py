@@ -13,7 +13,7 @@ from __future__ import annotations
 import keyword
 import operator
 import re
-from typing import Any, Collection, Optional
+from typing import Any, Collection
 
 import numpy as np
 
@@ -21,6 +21,7 @@ from graphopt.errors import ExportError, UnsupportedOpError
 from graphopt.exporters import torch_kernels
 from graphopt.ir.dtypes import DType
 from graphopt.ir.graph import Graph, Node
+from graphopt.torch_arrays import to_torch
 from graphopt.ir.tensor import ArrayTensor, ConstTensor
 
 
@@ -197,46 +198,11 @@ class _BufferNamer:
 
 def _to_torch(tensor: ConstTensor) -> Any:
     array = tensor.numpy()
-    if not array.flags.writeable or not array.flags.c_contiguous:
+    if array.dtype.kind == "V" and torch_kernels.torch_dtype(tensor.dtype) is None:
+        raise UnsupportedOpError(f"to_fx: torch has no element type {tensor.dtype.name.lower()} for a constant")
+    if not array.flags.writeable:
         array = np.array(array, copy=True, order="C")
-    return array_to_torch(array, tensor.dtype)
-
-
-def _is_ml_dtype(dtype: np.dtype) -> bool:
-    """True for the ml_dtypes types (bfloat16, float8, ...) that torch.from_numpy cannot take."""
-    return dtype.kind == "V" or dtype.name == "bfloat16" or dtype.name.startswith("float8")
-
-
-def array_to_torch(array: np.ndarray, dtype: Optional[DType] = None) -> Any:
-    """A torch tensor sharing the memory of C-contiguous `array`; ml_dtypes arrays (bfloat16,
-    float8) are reinterpreted bit for bit. UnsupportedOpError if torch has no such type."""
-    import torch
-
-    if not _is_ml_dtype(array.dtype):
-        return torch.from_numpy(array)
-    dtype = dtype or DType.from_numpy(array.dtype)
-    target = torch_kernels.torch_dtype(dtype)
-    if target is None:
-        raise UnsupportedOpError(f"to_fx: torch has no element type {dtype.name.lower()}")
-    return torch.from_numpy(array.view(_same_width_int(array.dtype))).view(target)
-
-
-def torch_to_array(tensor: Any) -> np.ndarray:
-    """`tensor` as a numpy array; bfloat16 and float8 tensors become ml_dtypes arrays."""
-    import torch
-
-    tensor = tensor.detach().cpu()
-    name = str(tensor.dtype).removeprefix("torch.")
-    if name in torch_kernels.ML_DTYPE_NAMES:
-        import ml_dtypes
-
-        raw = tensor.view(torch.uint8 if tensor.element_size() == 1 else torch.int16).numpy()
-        return raw.view(getattr(ml_dtypes, name))
-    return tensor.numpy()
-
-
-def _same_width_int(dtype: np.dtype) -> Any:
-    return {1: np.uint8, 2: np.int16, 4: np.int32, 8: np.int64}[dtype.itemsize]
+    return to_torch(array)
 
 
 

@@ -67,7 +67,7 @@ _FLOAT8_DTYPES = frozenset(
 )
 
 # Types numpy only knows through ml_dtypes; float32 holds all their values.
-ML_DTYPE_NAMES = frozenset({"bfloat16", "float8_e4m3fn", "float8_e4m3fnuz", "float8_e5m2", "float8_e5m2fnuz", "float8_e8m0fnu"})
+_ML_DTYPE_NAMES = frozenset({"bfloat16", "float8_e4m3fn", "float8_e4m3fnuz", "float8_e5m2", "float8_e5m2fnuz", "float8_e8m0fnu"})
 
 # float8_e4m3fn has no infinity: without saturation, values rounding past its
 # maximum (448, plus half an ulp of 32) become NaN.  torch always saturates it.
@@ -95,7 +95,7 @@ def _torch_dtype(op: str, attr: str, onnx_dtype: int) -> torch.dtype:
 def _from_numpy(array: np.ndarray) -> Tensor:
     """Copy a numpy array (ml_dtypes bfloat16/float8 included) into a tensor."""
     array = np.asarray(array)
-    if array.dtype.name in ML_DTYPE_NAMES:
+    if array.dtype.name in _ML_DTYPE_NAMES:
         return torch.from_numpy(array.astype(np.float32)).to(getattr(torch, array.dtype.name))
     return torch.from_numpy(array.copy())
 

@@ -16,7 +16,8 @@ from onnx.reference import ReferenceEvaluator
 
 from graphopt.api import compile, load_compiled
 from graphopt.ir.dtypes import DType
-from graphopt.ort_io import RAW_TYPES, WIDE_TYPES, numpy_to_torch, torch_to_numpy
+from graphopt.ort_io import RAW_TYPES, WIDE_TYPES
+from graphopt.torch_arrays import to_numpy, to_torch
 from graphopt.target_base import TargetError
 
 OPSET = 24
@@ -131,7 +132,7 @@ def test_bfloat16_and_float8_torch_tensors_run_and_come_back_as_torch():
     values = _every_value(DType.BFLOAT16)
     model = _model(helper.make_node("Identity", ["x"], ["y"]), TensorProto.BFLOAT16, TensorProto.BFLOAT16, values.size)
     compiled = compile(model, "onnxruntime", pipeline="cleanup")
-    tensor = numpy_to_torch(values)
+    tensor = to_torch(values)
     assert tensor.dtype == torch.bfloat16
     (out,) = compiled(tensor)
     assert out.dtype == torch.bfloat16
@@ -140,7 +141,7 @@ def test_bfloat16_and_float8_torch_tensors_run_and_come_back_as_torch():
     e4m3 = torch.arange(256, dtype=torch.uint8).view(torch.float8_e4m3fn)
     model = _model(helper.make_node("Cast", ["x"], ["y"], to=TensorProto.FLOAT), TensorProto.FLOAT8E4M3FN, TensorProto.FLOAT, 256)
     (out,) = compile(model, "onnxruntime", pipeline="cleanup")(e4m3)
-    expected = _reference(model, torch_to_numpy(e4m3))
+    expected = _reference(model, to_numpy(e4m3))
     np.testing.assert_array_equal(_bits(out.numpy()), _bits(expected))
 
 
