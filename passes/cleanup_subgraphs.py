@@ -9,7 +9,7 @@ from graphopt.errors import GraphoptError
 from graphopt.exporters.onnx_export import type_proto
 from graphopt.frontends.onnx_import import OpaqueAttribute, from_onnx
 from graphopt.frontends.onnx_subgraphs import body_names, graph_outer_reads, outer_reads, rename_outer_reads
-from graphopt.ir.graph import Graph, Node
+from graphopt.ir.graph import Graph, Node, Value
 from graphopt.pass_base import Pass, PassContext, PassResult
 from graphopt.registry import get_pass, register_pass
 
@@ -38,14 +38,15 @@ class CleanupSubgraphs(Pass):
 
     def run(self, graph: Graph, ctx: PassContext) -> PassResult:
         cleaned = skipped = 0
+        values = {v.name: v for v in graph.values()}  # this pass adds and removes no value
         for node in graph:
             bodies = [name for name, value in node.attrs.items() if _holds_graphs(value)]
             for attr_name in bodies:
-                done, failed = self._clean_attribute(graph, node, attr_name, ctx)
+                done, failed = self._clean_attribute(graph, node, attr_name, values, ctx)
                 cleaned, skipped = cleaned + done, skipped + failed
         return PassResult(cleaned > 0, {"bodies": cleaned, "skipped": skipped})
 
-    def _clean_attribute(self, graph: Graph, node: Node, attr_name: str, ctx: PassContext) -> tuple[int, int]:
+    def _clean_attribute(self, graph: Graph, node: Node, attr_name: str, values: dict[str, Value], ctx: PassContext) -> tuple[int, int]:
         from onnx import AttributeProto
 
         proto = AttributeProto()
@@ -55,7 +56,7 @@ class CleanupSubgraphs(Pass):
         cleaned = skipped = 0
         for body in bodies:
             rename_outer_reads(body, renames)
-            new_body = self._clean_body(graph, node, body, ctx)
+            new_body = self._clean_body(graph, node, body, values, ctx)
             if new_body is None:
                 skipped += 1
                 continue
@@ -65,17 +66,16 @@ class CleanupSubgraphs(Pass):
             return 0, skipped
         proto.name = attr_name
         node.attrs[attr_name] = OpaqueAttribute(proto)
-        self._refresh_captures(graph, node)
+        self._refresh_captures(graph, node, values)
         return cleaned, skipped
 
-    def _clean_body(self, graph: Graph, node: Node, body: Any, ctx: PassContext) -> Optional[Any]:
+    def _clean_body(self, graph: Graph, node: Node, body: Any, values: dict[str, Value], ctx: PassContext) -> Optional[Any]:
         """The cleaned GraphProto of `body`, or None when cleanup changed nothing or failed."""
         from onnx import helper
 
         formal = [vi.name for vi in body.input]
         wrapper = type(body)()
         wrapper.CopyFrom(body)
-        values = {v.name: v for v in graph.values()}
         for name in graph_outer_reads(body):
             if name in values:
                 wrapper.input.append(helper.make_value_info(name, type_proto(values[name].type)))
@@ -95,7 +95,7 @@ class CleanupSubgraphs(Pass):
         written.input.extend(inputs[name] for name in formal)
         return written
 
-    def _refresh_captures(self, graph: Graph, node: Node) -> None:
+    def _refresh_captures(self, graph: Graph, node: Node, values: dict[str, Value]) -> None:
         """Point the node's captures at what its (rewritten) bodies read now."""
         from onnx import AttributeProto, helper
 
@@ -105,7 +105,6 @@ class CleanupSubgraphs(Pass):
                 proto = AttributeProto()
                 proto.ParseFromString(value.serialized)
                 stub.attribute.append(proto)
-        values = {v.name: v for v in graph.values()}
         graph.set_captures(node, [(name, values[name]) for name in outer_reads(stub)])
         graph.reserve_names(body_names(stub))
 
