@@ -1,7 +1,9 @@
 """The IR: `Graph`, `Node` and `Value`, with use-def chains and a checked rewrite API.
 
 A `Value` is produced by exactly one `Node` (or is a graph input or a constant) and knows
-its uses. A `Graph` holds its nodes in a valid execution order. Every change goes through
+its uses. A `Graph` holds its nodes in a valid execution order, as a linked list whose
+order keys make "does this node run before that one?" and insertions O(1) (amortized).
+Every change goes through
 `Graph` and `Value` methods (`add_node`, `replace_all_uses_with`, `erase`, ...) so use
 lists can never go stale; passes never edit the lists themselves.
 """
@@ -22,6 +24,9 @@ if TYPE_CHECKING:
     import networkx
     import onnx
     import torch
+
+ORDER_GAP = 1 << 20
+"""Distance between the order keys of neighbouring nodes after a renumbering."""
 
 MAX_INFERENCE_CONSTANT = 4096
 """Constants with more elements than this are not materialized for shape inference."""
@@ -111,6 +116,7 @@ class Node:
 
     __slots__ = (
         "op_type", "domain", "name", "attrs", "origin", "graph", "_inputs", "_outputs", "_captures", "capture_names",
+        "_prev", "_next", "_order",
     )
 
     def __init__(
@@ -132,6 +138,9 @@ class Node:
         self.attrs: dict[str, AttrValue] = dict(attrs or {})
         self.origin: dict[str, Any] = dict(origin or {})
         self.graph: Optional[Graph] = None
+        self._prev: Optional[Node] = None
+        self._next: Optional[Node] = None
+        self._order = 0
         self._inputs: list[Optional[Value]] = []
         for value in inputs:
             if value is not None and not isinstance(value, Value):
@@ -228,7 +237,9 @@ class Graph:
         self.metadata: dict[str, Any] = {}
         self._inputs: list[Value] = []
         self._outputs: list[Value] = []
-        self._nodes: list[Node] = []
+        self._first: Optional[Node] = None
+        self._last: Optional[Node] = None
+        self._count = 0
         self._constants: dict[str, Value] = {}
         self._names: set[str] = set()
         self._reserved: set[str] = set()
@@ -248,7 +259,7 @@ class Graph:
 
     @property
     def nodes(self) -> tuple[Node, ...]:
-        return tuple(self._nodes)
+        return tuple(self._walk())
 
     @property
     def constants(self) -> dict[str, Value]:
@@ -256,10 +267,29 @@ class Graph:
         return dict(self._constants)
 
     def __iter__(self) -> Iterator[Node]:
-        return iter(list(self._nodes))
+        """The nodes in order, as a snapshot: nodes may be erased or added while iterating."""
+        return iter(list(self._walk()))
 
     def __len__(self) -> int:
-        return len(self._nodes)
+        return self._count
+
+    def _walk(self) -> Iterator[Node]:
+        node = self._first
+        while node is not None:
+            yield node
+            node = node._next
+
+    def order_key(self, node: Node) -> int:
+        """A number that grows along the node order, in O(1): `order_key(a) < order_key(b)`
+        exactly when `a` runs before `b`. Keys may change when nodes are inserted, so
+        compare only keys read since the last insertion."""
+        if node.graph is not self:
+            raise GraphError(f"node {node.label} is not in graph '{self.name}'")
+        return node._order
+
+    def runs_before(self, a: Node, b: Node) -> bool:
+        """True when node `a` comes before node `b` in this graph's order (O(1))."""
+        return self.order_key(a) < self.order_key(b)
 
     def opset(self, domain: str = "") -> int:
         """The opset version imported for `domain` (default domain: ONNX)."""
@@ -269,7 +299,7 @@ class Graph:
         """Every value: inputs, constants, then node outputs in order."""
         yield from self._inputs
         yield from self._constants.values()
-        for node in self._nodes:
+        for node in self._walk():
             yield from node._outputs
 
     def find_value(self, name: str) -> Optional[Value]:
@@ -281,7 +311,7 @@ class Graph:
     def op_counts(self) -> dict[str, int]:
         """How many nodes of each (qualified) op type the graph holds, sorted by name."""
         counts: dict[str, int] = {}
-        for node in self._nodes:
+        for node in self._walk():
             counts[node.qualified_op] = counts.get(node.qualified_op, 0) + 1
         return dict(sorted(counts.items()))
 
@@ -399,13 +429,10 @@ class Graph:
                 raise GraphError(
                     f"node {node.label} reads %{value.name}, which does not belong to graph '{self.name}'"
                 )
-        if before is not None:
-            position = self._position(before)
-        elif after is not None:
-            position = self._position(after) + 1
-        else:
-            position = len(self._nodes)
-        self._nodes.insert(position, node)
+        for anchor in (before, after):
+            if anchor is not None and anchor.graph is not self:
+                raise GraphError(f"node {anchor.label} is not in graph '{self.name}'")
+        self._link(node, before if after is None else after._next)
         node.graph = self
         if not node.name or node.name in self._node_names:
             node.name = self.unique_node_name(node.name or node.op_type)
@@ -425,13 +452,46 @@ class Graph:
         self._name_cursor[base] = suffix
         return f"{base}_{suffix}"
 
-    def _position(self, node: Node) -> int:
-        if node.graph is not self:
-            raise GraphError(f"node {node.label} is not in graph '{self.name}'")
-        for index, candidate in enumerate(self._nodes):
-            if candidate is node:
-                return index
-        raise GraphError(f"node {node.label} is not in graph '{self.name}'")  # pragma: no cover
+    def _link(self, node: Node, successor: Optional[Node]) -> None:
+        """Put `node` into the order right before `successor` (None: at the end)."""
+        previous = self._last if successor is None else successor._prev
+        node._prev, node._next = previous, successor
+        if previous is None:
+            self._first = node
+        else:
+            previous._next = node
+        if successor is None:
+            self._last = node
+        else:
+            successor._prev = node
+        self._count += 1
+        low = previous._order if previous is not None else None
+        if successor is None:
+            node._order = (low if low is not None else 0) + ORDER_GAP
+        else:
+            high = successor._order
+            low = low if low is not None else high - 2 * ORDER_GAP
+            if high - low >= 2:
+                node._order = (low + high) // 2
+            else:
+                self._renumber()
+
+    def _unlink(self, node: Node) -> None:
+        previous, successor = node._prev, node._next
+        if previous is None:
+            self._first = successor
+        else:
+            previous._next = successor
+        if successor is None:
+            self._last = previous
+        else:
+            successor._prev = previous
+        node._prev = node._next = None
+        self._count -= 1
+
+    def _renumber(self) -> None:
+        for index, node in enumerate(self._walk(), start=1):
+            node._order = index * ORDER_GAP
 
     def erase(self, node: Node) -> None:
         """Remove a node whose outputs nothing reads; refuses otherwise."""
@@ -441,7 +501,9 @@ class Graph:
                 raise GraphError(f"cannot erase node {node.label}: its output %{out.name} is used by {readers}")
             if out.is_graph_output:
                 raise GraphError(f"cannot erase node {node.label}: its output %{out.name} is a graph output")
-        del self._nodes[self._position(node)]
+        if node.graph is not self:
+            raise GraphError(f"node {node.label} is not in graph '{self.name}'")
+        self._unlink(node)
         for index, value in node.read_slots():
             value._uses.remove(Use(node, index))
         for out in node._outputs:
@@ -468,8 +530,13 @@ class Graph:
 
     def move_before(self, node: Node, anchor: Node) -> None:
         """Move `node` to run right before `anchor` (the caller keeps the order valid)."""
-        del self._nodes[self._position(node)]
-        self._nodes.insert(self._position(anchor), node)
+        for item in (node, anchor):
+            if item.graph is not self:
+                raise GraphError(f"node {item.label} is not in graph '{self.name}'")
+        if node is anchor:
+            return
+        self._unlink(node)
+        self._link(node, anchor)
 
     def rename_value(self, value: Value, name: str) -> None:
         """Give a value a new name that is free in this graph."""
@@ -524,9 +591,10 @@ class Graph:
         import networkx as nx
 
         view = nx.DiGraph()
-        for node in self._nodes:
+        nodes = self.nodes
+        for node in nodes:
             view.add_node(node.name, node=node, op=node.qualified_op)
-        for node in self._nodes:
+        for node in nodes:
             for value in node.reads:
                 if value.producer is not None and value.producer.graph is self:
                     src = value.producer.name
@@ -548,7 +616,7 @@ class Graph:
         for value in self._constants.values():
             new = copy.add_constant(value.name, value.const)  # type: ignore[arg-type]
             mapping[id(value)] = new
-        for node in self._nodes:
+        for node in self._walk():
             new_node = Node(
                 node.op_type, [None if v is None else mapping[id(v)] for v in node._inputs], node.attrs,
                 domain=node.domain, output_names=[o.name for o in node._outputs], name=node.name,
@@ -568,7 +636,7 @@ class Graph:
         return format_graph(self)
 
     def __repr__(self) -> str:
-        return f"<Graph '{self.name}': {len(self._inputs)} inputs, {len(self._nodes)} nodes, {len(self._outputs)} outputs>"
+        return f"<Graph '{self.name}': {len(self._inputs)} inputs, {self._count} nodes, {len(self._outputs)} outputs>"
 
     # ----------------------------------------------------------------- conversions
     def verify(self) -> None:

@@ -105,3 +105,20 @@ def test_unknown_op_is_opaque_and_kept():
 def test_op_counts():
     graph, _ = _chain()
     assert graph.op_counts() == {"MatMul": 1, "Relu": 1}
+
+
+def test_order_keys_follow_the_node_order_through_many_insertions_at_one_place():
+    graph, (x, _, mm, relu) = _chain()
+    added = [graph.add_node("Neg", [x], before=relu) for _ in range(60)]
+    added += [graph.add_node("Abs", [x], after=mm) for _ in range(60)]
+    graph.move_before(relu, mm)
+    graph.move_before(relu, graph.nodes[-1])
+    nodes = graph.nodes
+    keys = [graph.order_key(n) for n in nodes]
+    assert keys == sorted(keys) and len(set(keys)) == len(keys) == len(graph) == 122
+    assert nodes[0] is mm and nodes[-1] is added[59] and nodes[-2] is relu
+    assert graph.runs_before(mm, added[0]) and not graph.runs_before(relu, added[61])
+    graph.erase(added[0])
+    assert len(graph) == 121 and added[0] not in graph.nodes
+    with pytest.raises(GraphError, match="not in graph"):
+        graph.order_key(added[0])
