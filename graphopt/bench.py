@@ -39,7 +39,7 @@ from typing import Any, Callable, Optional, Sequence
 import numpy as np
 
 from graphopt.errors import GraphoptError
-from graphopt.files import atomic_write
+from graphopt.exporters.files import atomic_write
 from graphopt.timing import time_interleaved
 
 CONTENDERS = ("ort-opt", "ort-int8", "eager", "inductor", "tvm-default")

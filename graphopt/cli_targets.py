@@ -107,7 +107,7 @@ def _save_outputs(path: str, arrays: dict[str, Any]) -> None:
 
     import numpy as np
 
-    from graphopt.files import atomic_write
+    from graphopt.exporters.files import atomic_write
 
     buffer = io.BytesIO()
     np.savez(buffer, **{name: np.asarray(value) for name, value in arrays.items()})

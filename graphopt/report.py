@@ -16,7 +16,7 @@ import os
 from typing import Any, Optional
 
 from graphopt.errors import GraphoptError
-from graphopt.files import atomic_write
+from graphopt.exporters.files import atomic_write
 
 
 @dataclasses.dataclass

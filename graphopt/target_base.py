@@ -31,7 +31,7 @@ import numpy as np
 
 from graphopt.errors import GraphoptError
 from graphopt.pass_base import PipelineError, coerce_option
-from graphopt.torch_arrays import is_torch, to_numpy, to_torch
+from graphopt.ir.torch_arrays import is_torch, to_numpy, to_torch
 
 MANIFEST = "manifest.json"
 MANIFEST_FORMAT = 1
@@ -239,7 +239,7 @@ class CompiledModel:
         any other non-empty folder is refused.
         """
         from graphopt import __version__
-        from graphopt.files import folder_mode
+        from graphopt.exporters.files import folder_mode
 
         directory = os.path.abspath(os.fspath(directory))
         if os.path.exists(directory):

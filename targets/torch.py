@@ -17,7 +17,7 @@ from typing import Any, Optional
 from graphopt.exporters import torch_kernels
 from graphopt.ir.graph import Graph
 from graphopt.target_base import CompiledModel, IOSpec, Target
-from graphopt.torch_arrays import to_numpy, to_torch
+from graphopt.ir.torch_arrays import to_numpy, to_torch
 
 GRAPH_FILE = "graph.onnx"
 

@@ -21,7 +21,7 @@ from graphopt.errors import ExportError, UnsupportedOpError
 from graphopt.exporters import torch_kernels
 from graphopt.ir.dtypes import DType
 from graphopt.ir.graph import Graph, Node
-from graphopt.torch_arrays import to_torch
+from graphopt.ir.torch_arrays import to_torch
 from graphopt.ir.tensor import ArrayTensor, ConstTensor
 
 

@@ -15,7 +15,7 @@ from typing import Any, Optional
 import numpy as np
 
 from graphopt.errors import ExportError
-from graphopt.files import file_mode
+from graphopt.exporters.files import file_mode
 from graphopt.exporters.onnx_lowering import decompose_graphopt_ops
 from graphopt.frontends.onnx_import import OpaqueAttribute
 from graphopt.frontends.onnx_subgraphs import rename_outer_reads, subgraphs

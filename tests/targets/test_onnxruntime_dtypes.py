@@ -17,7 +17,7 @@ from onnx.reference import ReferenceEvaluator
 from graphopt.api import compile, load_compiled
 from graphopt.ir.dtypes import DType
 from graphopt.ort_io import RAW_TYPES, WIDE_TYPES
-from graphopt.torch_arrays import to_numpy, to_torch
+from graphopt.ir.torch_arrays import to_numpy, to_torch
 from graphopt.target_base import TargetError
 
 OPSET = 24

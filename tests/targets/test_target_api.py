@@ -185,7 +185,7 @@ def test_cli_compile_run_and_targets(tmp_path, capsys):
 def test_saved_files_get_the_usual_permissions_not_temporary_ones(tmp_path):
     import stat
 
-    from graphopt.files import file_mode, folder_mode
+    from graphopt.exporters.files import file_mode, folder_mode
 
     graph = _small_graph()
     graph.save_onnx(tmp_path / "m.onnx")
