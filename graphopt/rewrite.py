@@ -142,15 +142,22 @@ class Match:
     """A legal-so-far occurrence of a pattern: what `check` functions receive."""
 
     rule: str
-    output: Value
+    outputs: tuple[Value, ...]
+    """The matched values the replacement replaces, in the pattern's output order."""
     nodes: tuple[Node, ...]
+    """The matched nodes, in graph order."""
     bindings: dict[str, Any]
     constants: tuple[Value, ...] = ()
 
     @property
+    def output(self) -> Value:
+        """The first matched output (the only one of a single-output pattern)."""
+        return self.outputs[0]
+
+    @property
     def root(self) -> Node:
-        """The node producing the matched output."""
-        return self.output.producer  # type: ignore[return-value]
+        """The node producing the first matched output."""
+        return self.outputs[0].producer  # type: ignore[return-value]
 
     def __getitem__(self, name: str) -> Any:
         return self.bindings[name]
@@ -397,6 +404,12 @@ class _GraphBuilder:
 
         return build
 
+    def constant(self, data: np.ndarray, name: str = "c") -> Value:
+        """A new constant holding `data` exactly (its own element type), removed again if the rewrite is refused."""
+        constant = self._graph.add_constant(self._graph.unique_name(name), np.asarray(data))
+        self.constants.append(constant)
+        return constant
+
     def _as_value(self, item: Any, dtype: Any) -> Optional[Value]:
         if item is None or isinstance(item, Value):
             return item
@@ -407,9 +420,7 @@ class _GraphBuilder:
             array = array.astype(dtype.to_numpy())
         elif array.dtype == np.float64:
             array = array.astype(np.float32)
-        constant = self._graph.add_constant("c", array)
-        self.constants.append(constant)
-        return constant
+        return self.constant(array)
 
     def rollback(self) -> None:
         """Remove everything built so far."""
@@ -417,137 +428,147 @@ class _GraphBuilder:
             self._graph.erase(node)
         for constant in reversed(self.constants):
             self._graph.remove_constant(constant)
+        self.nodes.clear()
+        self.constants.clear()
 
 
-# ---------------------------------------------------------------------------- rules
-class RewriteRule:
-    """A named (pattern, replacement) pair with an optional rule-specific legality check."""
+# ---------------------------------------------------------------------------- committing
+@dataclass
+class Change:
+    """What one committed rewrite touched: the driver revisits the nodes around it."""
 
-    def __init__(
-        self,
-        name: str,
-        pattern: Callable[..., Any],
-        replacement: Callable[..., Any],
-        check: Optional[Callable[[Graph, Match], Union[bool, str]]] = None,
-    ) -> None:
-        self.name = name
-        self.check = check
-        self._replacement = replacement
-        params, _ = _parameters(pattern)
-        output = pattern(_PatternBuilder(), *(Var(p) for p in params))
-        if not isinstance(output, NodeOutput):
-            raise RewriteError(f"rule '{name}': the pattern must return one op output, got {output!r}")
-        self.output = output
-        wanted, self._takes_all = _parameters(replacement)
-        unknown = set(wanted) - _pattern_names(output)
-        if unknown:
-            raise RewriteError(f"rule '{name}': the replacement asks for {sorted(unknown)}, which the pattern does not bind")
-        self._wanted = wanted
+    new_nodes: list[Node]
+    values: list[Value]
+    """Values whose readers changed: the replacements and what the new and erased nodes read."""
 
-    @property
-    def root_op(self) -> tuple[str, str]:
-        """(domain, op type) of the pattern's output node."""
-        return self.output.node.domain, self.output.node.op_type
 
-    def matches(self, graph: Graph, node: Node) -> Iterator[Match]:
-        """Every candidate match whose output is produced by `node`, in a fixed order."""
-        if len(node.outputs) <= self.output.index:
-            return
-        value = node.outputs[self.output.index]
-        for state in _match_node_output(graph, self.output, value, _State()):
-            nodes = tuple(sorted(set(state.nodes.values()), key=_position_key(graph)))
-            yield Match(self.name, value, nodes, state.bindings, state.constants)
+class Edit:
+    """One replacement in the making: build new nodes with `op`, then `commit` them.
 
-    def try_apply(self, graph: Graph, node: Node) -> tuple[bool, Optional[str]]:
-        """Rewrite the first legal match rooted at `node`: (applied, first refusal reason)."""
-        first_reason = None
-        for match in self.matches(graph, node):
-            reason = _interior_problem(match) or self._check_problem(graph, match) or self._rewrite(graph, match)
-            if reason is None:
-                return True, None
-            first_reason = first_reason or reason
-        return False, first_reason
+    `nodes` are the matched nodes, `outputs` the matched values that get replaced (their
+    readers outside the match move to the replacements), `constants` the matched constants
+    that are removed once nothing reads them. New nodes go right before the earliest
+    producer of an output.
+    """
 
-    def _check_problem(self, graph: Graph, match: Match) -> Optional[str]:
-        if self.check is None:
-            return None
-        verdict = self.check(graph, match)
-        if verdict is True:
-            return None
-        if verdict is False:
-            return "refused by the rule's check"
-        if isinstance(verdict, str):
-            return verdict
-        raise TypeError(f"rule '{self.name}': check must return True, False or a reason string, got {verdict!r}")
+    def __init__(self, graph: Graph, nodes: Sequence[Node], outputs: Sequence[Value], constants: Sequence[Value] = ()) -> None:
+        if not outputs:
+            raise RewriteError("a rewrite must replace at least one matched output")
+        members = {id(n) for n in nodes}
+        for out in outputs:
+            if out.producer is None or id(out.producer) not in members:
+                raise RewriteError(f"replaced value %{out.name} is not computed by a matched node")
+        self.graph = graph
+        self.nodes = tuple(sorted(dict.fromkeys(nodes), key=graph.order_key))
+        self.outputs = tuple(outputs)
+        self.constants = tuple(constants)
+        self.anchor = min((out.producer for out in outputs), key=graph.order_key)  # type: ignore[arg-type]
+        self.op = _GraphBuilder(graph, self.anchor)
+        self.change: Optional[Change] = None
 
-    def _rewrite(self, graph: Graph, match: Match) -> Optional[str]:
-        """Build the replacement and commit it; None when done, else why it was undone."""
-        builder = _GraphBuilder(graph, match.root)
-        kwargs = match.bindings if self._takes_all else {k: match.bindings.get(k) for k in self._wanted}
-        try:
-            result = self._replacement(builder, **kwargs)
-            if not isinstance(result, Value):
-                raise TypeError(f"rule '{self.name}': the replacement must return a Value, got {result!r}")
-        except BaseException:
-            builder.rollback()
-            raise
-        fresh = any(result.producer is n for n in builder.nodes)
-        problem = (
-            _placement_problem(graph, match, builder.nodes, result)
-            or _type_problem(match.output, result)
-            or _output_name_problem(match.output, result, fresh)
-        )
-        if problem:
-            builder.rollback()
-            return problem
-        _commit(graph, match, result, fresh)
+    def interior_problem(self) -> Optional[str]:
+        """Why a matched value other than the outputs escapes the match, if one does."""
+        inside = {id(n) for n in self.nodes}
+        replaced = {id(v) for v in self.outputs}
+        for node in self.nodes:
+            for out in node.outputs:
+                if id(out) in replaced:
+                    continue
+                if out.is_graph_output:
+                    return f"interior value %{out.name} is a graph output"
+                for use in out._uses:
+                    if id(use.node) not in inside:
+                        return f"interior value %{out.name} is also read by {use.node.label}"
         return None
 
+    def commit(self, replacements: Sequence[Value]) -> Optional[str]:
+        """Replace each output by the value at the same position; None when done, else
+        why not (everything built is then removed and the graph is as it was)."""
+        replacements = tuple(replacements)
+        if len(replacements) != len(self.outputs) or not all(isinstance(v, Value) for v in replacements):
+            self.op.rollback()
+            raise RewriteError(
+                f"a rewrite of {len(self.outputs)} output(s) must give as many Values, got {replacements!r}"
+            )
+        if len({id(v) for v in replacements}) != len(replacements):
+            self.op.rollback()
+            raise RewriteError("a rewrite must give a different Value for each replaced output")
+        built = {id(n) for n in self.op.nodes}
+        fresh = [v.producer is not None and id(v.producer) in built for v in replacements]
+        problem = self.interior_problem() or self._placement_problem(replacements)
+        for old, new, is_fresh in zip(self.outputs, replacements, fresh):
+            problem = problem or _type_problem(old, new) or _output_name_problem(old, new, is_fresh)
+        if problem:
+            self.op.rollback()
+            return problem
+        self._apply(replacements, fresh)
+        return None
 
-def _position_key(graph: Graph) -> Callable[[Node], int]:
-    positions = {id(n): i for i, n in enumerate(graph.nodes)}
-    return lambda node: positions[id(node)]
-
-
-def _interior_problem(match: Match) -> Optional[str]:
-    inside = {id(n) for n in match.nodes}
-    for node in match.nodes:
-        for out in node.outputs:
-            if out is match.output:
+    def _placement_problem(self, replacements: Sequence[Value]) -> Optional[str]:
+        """Why the replacement cannot run before the anchor, if it cannot (O(1) per value
+        read; a walk over the nodes between the match and a late value only when refusing)."""
+        graph, limit = self.graph, self.graph.order_key(self.anchor)
+        built = {id(n) for n in self.op.nodes}
+        reads = [v for n in self.op.nodes for v in n.inputs if v is not None] + list(replacements)
+        for value in reads:
+            producer = value.producer
+            if producer is None or id(producer) in built or producer.graph is not graph or graph.order_key(producer) < limit:
                 continue
-            if out.is_graph_output:
-                return f"interior value %{out.name} is a graph output"
-            for use in out.uses():
-                if id(use.node) not in inside:
-                    return f"interior value %{out.name} is also read by {use.node.label}"
-    return None
+            if self._depends_on_match(producer):
+                return f"the replacement would create a cycle: it reads %{value.name}, which depends on the match"
+            return f"the replacement reads %{value.name}, which is computed after the match"
+        return None
 
+    def _depends_on_match(self, node: Node) -> bool:
+        """Whether `node` is a matched node or reads one, directly or not: a walk up its
+        inputs that stops at nodes running before the earliest matched node."""
+        graph = self.graph
+        inside = {id(n) for n in self.nodes}
+        floor = graph.order_key(self.nodes[0])
+        seen: set[int] = set()
+        stack = [node]
+        while stack:
+            current = stack.pop()
+            if id(current) in inside:
+                return True
+            if id(current) in seen:
+                continue
+            seen.add(id(current))
+            for value in current.reads:
+                producer = value.producer
+                if producer is not None and producer.graph is graph and graph.order_key(producer) >= floor:
+                    stack.append(producer)
+        return False
 
-def _placement_problem(graph: Graph, match: Match, built: list[Node], result: Value) -> Optional[str]:
-    """Why the replacement cannot sit before the match's output producer, if it cannot."""
-    position = {id(n): i for i, n in enumerate(graph.nodes)}
-    limit = position[id(match.root)]
-    new = {id(n) for n in built}
-    reads = [v for n in built for v in n.inputs if v is not None] + [result]
-    for value in reads:
-        producer = value.producer
-        if producer is None or id(producer) in new or position.get(id(producer), limit) < limit:
-            continue
-        if producer.name in _downstream(graph, match.nodes):
-            return f"the replacement would create a cycle: it reads %{value.name}, which depends on the match"
-        return f"the replacement reads %{value.name}, which is computed after the match"
-    return None
-
-
-def _downstream(graph: Graph, nodes: Sequence[Node]) -> set[str]:
-    """Names of `nodes` and of every node that depends on them (networkx reachability)."""
-    import networkx as nx
-
-    view = graph.to_networkx()
-    reached = {n.name for n in nodes}
-    for node in nodes:
-        reached |= nx.descendants(view, node.name)
-    return reached
+    def _apply(self, replacements: Sequence[Value], fresh: Sequence[bool]) -> None:
+        """Rewire the outputs' readers, erase what died, keep names."""
+        graph = self.graph
+        names = []
+        for old, new, is_fresh in zip(self.outputs, replacements, fresh):
+            names.append(old.name if is_fresh or old.is_graph_output else None)
+            if is_fresh:
+                new.type = merge_types(new.type, old.type)
+                new.symbolic = new.symbolic or old.symbolic
+            old.replace_all_uses_with(new)
+        touched: dict[int, Value] = {id(v): v for v in replacements}
+        for node in reversed(self.nodes):
+            if node.graph is graph and not any(out._uses or out.is_graph_output for out in node.outputs):
+                touched.update((id(v), v) for v in node.reads)
+                graph.erase(node)
+        overridable = set(graph.metadata.get("initializer_inputs", ()))
+        for constant in dict.fromkeys(self.constants):
+            if constant._uses or constant.is_graph_output or constant.graph is not graph:
+                continue
+            if constant.is_constant and constant.name not in overridable:
+                graph.remove_constant(constant)
+            elif constant.producer is not None and len(constant.producer.outputs) == 1:
+                graph.erase(constant.producer)
+        for new, name in zip(replacements, names):
+            if name is not None:
+                graph.rename_value(new, name)
+        for node in self.op.nodes:
+            touched.update((id(v), v) for v in node.reads)
+        self.change = Change(list(self.op.nodes), list(touched.values()))
 
 
 def _type_problem(old: Value, new: Value) -> Optional[str]:
@@ -566,38 +587,174 @@ def _output_name_problem(old: Value, new: Value, fresh: bool) -> Optional[str]:
     return f"graph output %{old.name} would be renamed: the replacement %{new.name} is a graph input, constant or output"
 
 
-def _commit(graph: Graph, match: Match, result: Value, fresh: bool) -> None:
-    """Rewire the matched output's readers to `result`, erase what died, keep the name."""
-    old = match.output
-    name, keep_name = old.name, fresh or old.is_graph_output
-    if fresh:
-        result.type = merge_types(result.type, old.type)
-        result.symbolic = result.symbolic or old.symbolic
-    old.replace_all_uses_with(result)
-    for node in reversed(match.nodes):
-        if not any(out.uses() or out.is_graph_output for out in node.outputs):
-            graph.erase(node)
-    overridable = set(graph.metadata.get("initializer_inputs", ()))
-    for constant in dict.fromkeys(match.constants):
-        if constant.uses() or constant.is_graph_output or constant.graph is not graph:
-            continue
-        if constant.is_constant and constant.name not in overridable:
-            graph.remove_constant(constant)
-        elif constant.producer is not None and len(constant.producer.outputs) == 1:
-            graph.erase(constant.producer)
-    if keep_name:
-        graph.rename_value(result, name)
+class Rewriter:
+    """What `RewritePattern.match_and_rewrite` receives: starts edits that commit through
+    the engine's legality check, and remembers what the last commit changed."""
+
+    def __init__(self, graph: Graph) -> None:
+        self.graph = graph
+        self.change: Optional[Change] = None
+
+    def edit(self, nodes: Sequence[Node], outputs: Sequence[Value], constants: Sequence[Value] = ()) -> Edit:
+        """Start replacing `outputs` of the matched `nodes` (see `Edit`)."""
+        return _TrackedEdit(self, nodes, outputs, constants)
+
+
+class _TrackedEdit(Edit):
+    def __init__(self, rewriter: Rewriter, nodes: Sequence[Node], outputs: Sequence[Value], constants: Sequence[Value]) -> None:
+        super().__init__(rewriter.graph, nodes, outputs, constants)
+        self._rewriter = rewriter
+
+    def commit(self, replacements: Sequence[Value]) -> Optional[str]:
+        problem = super().commit(replacements)
+        if problem is None:
+            self._rewriter.change = self.change
+        return problem
+
+
+# ---------------------------------------------------------------------------- rules
+class RewritePattern:
+    """A rewrite written by hand, for walks a declarative pattern cannot express.
+
+    Subclasses set `name`, `root_ops` (the (domain, op type) pairs of the nodes the driver
+    offers as anchors) and `depth` (how far upstream of its anchor the pattern looks: the
+    driver revisits anchors up to that many nodes downstream of a change), and implement
+    `match_and_rewrite`. A match is committed through `rewriter.edit(...)`:
+
+        edit = rewriter.edit(matched_nodes, [matched_output])
+        new = edit.op.Attention(q, k, v, _domain="graphopt", num_heads=8)
+        return edit.commit([new]) or True     # a refusal reason (str) or True
+
+    The commit checks what declarative rules get checked, rolls back on refusal, and erases
+    the dead matched nodes.
+    """
+
+    name: str = ""
+    root_ops: tuple[tuple[str, str], ...] = ()
+    depth: int = 1
+
+    def match_and_rewrite(self, graph: Graph, node: Node, rewriter: Rewriter) -> Union[bool, str]:
+        """Rewrite at `node`: True when done, else False or why not (kept in the refusals)."""
+        raise NotImplementedError
+
+
+class RewriteRule(RewritePattern):
+    """A named (pattern, replacement) pair with an optional rule-specific legality check.
+
+    The pattern returns one pattern value or a tuple of them (a multi-output pattern: every
+    output after the first must lie inside the first one's pattern); the replacement
+    returns as many Values, each replacing the matched output at the same position.
+    """
+
+    def __init__(
+        self,
+        name: str,
+        pattern: Callable[..., Any],
+        replacement: Callable[..., Any],
+        check: Optional[Callable[[Graph, Match], Union[bool, str]]] = None,
+    ) -> None:
+        self.name = name
+        self.check = check
+        self._replacement = replacement
+        params, _ = _parameters(pattern)
+        result = pattern(_PatternBuilder(), *(Var(p) for p in params))
+        outputs = result if isinstance(result, tuple) else (result,)
+        if not outputs or not all(isinstance(o, NodeOutput) for o in outputs):
+            raise RewriteError(f"rule '{name}': the pattern must return op outputs, got {result!r}")
+        self.outputs: tuple[NodeOutput, ...] = outputs
+        self._multi = isinstance(result, tuple)
+        reached = _pattern_nodes(outputs[0])
+        for extra in outputs[1:]:
+            if id(extra.node) not in reached:
+                raise RewriteError(f"rule '{name}': every pattern output after the first must be computed inside the first one's pattern")
+        wanted, self._takes_all = _parameters(replacement)
+        unknown = set(wanted) - _pattern_names(outputs[0])
+        if unknown:
+            raise RewriteError(f"rule '{name}': the replacement asks for {sorted(unknown)}, which the pattern does not bind")
+        self._wanted = wanted
+        self.root_ops = ((outputs[0].node.domain, outputs[0].node.op_type),)
+        self.depth = _pattern_depth(outputs[0].node)
+
+    def matches(self, graph: Graph, node: Node) -> Iterator[Match]:
+        """Every candidate match whose first output is produced by `node`, in a fixed order."""
+        first = self.outputs[0]
+        if len(node.outputs) <= first.index:
+            return
+        for state in _match_node_output(graph, first, node.outputs[first.index], _State()):
+            outputs = tuple(state.nodes[id(o.node)].outputs[o.index] for o in self.outputs)
+            nodes = tuple(sorted(set(state.nodes.values()), key=graph.order_key))
+            yield Match(self.name, outputs, nodes, state.bindings, state.constants)
+
+    def match_and_rewrite(self, graph: Graph, node: Node, rewriter: Rewriter) -> Union[bool, str]:
+        """Rewrite the first legal match rooted at `node`; else the first refusal reason."""
+        first_reason: Optional[str] = None
+        for match in self.matches(graph, node):
+            edit = rewriter.edit(match.nodes, match.outputs, match.constants)
+            reason = edit.interior_problem() or self._check_problem(graph, match) or self._rewrite(edit, match)
+            if reason is None:
+                return True
+            first_reason = first_reason or reason
+        return first_reason or False
+
+    def _check_problem(self, graph: Graph, match: Match) -> Optional[str]:
+        if self.check is None:
+            return None
+        verdict = self.check(graph, match)
+        if verdict is True:
+            return None
+        if verdict is False:
+            return "refused by the rule's check"
+        if isinstance(verdict, str):
+            return verdict
+        raise TypeError(f"rule '{self.name}': check must return True, False or a reason string, got {verdict!r}")
+
+    def _rewrite(self, edit: Edit, match: Match) -> Optional[str]:
+        """Build the replacement and commit it; None when done, else why it was undone."""
+        kwargs = match.bindings if self._takes_all else {k: match.bindings.get(k) for k in self._wanted}
+        try:
+            result = self._replacement(edit.op, **kwargs)
+            if self._multi and not (isinstance(result, tuple) and len(result) == len(self.outputs)):
+                raise TypeError(f"rule '{self.name}': the replacement must return a tuple of {len(self.outputs)} Values, got {result!r}")
+            results = result if self._multi else (result,)
+            if not all(isinstance(v, Value) for v in results):
+                raise TypeError(f"rule '{self.name}': the replacement must return Values, got {result!r}")
+        except BaseException:
+            edit.op.rollback()
+            raise
+        return edit.commit(results)
+
+
+def _pattern_nodes(output: NodeOutput) -> set[int]:
+    """ids of the pattern nodes `output` is computed from (itself included)."""
+    seen: set[int] = set()
+    stack = [output.node]
+    while stack:
+        node = stack.pop()
+        if id(node) not in seen:
+            seen.add(id(node))
+            stack.extend(i.node for i in node.inputs if isinstance(i, NodeOutput))
+    return seen
+
+
+def _pattern_depth(node: PatternNode) -> int:
+    """Nodes on the longest input path of a pattern, `node` included."""
+    below = [_pattern_depth(i.node) for i in node.inputs if isinstance(i, NodeOutput)]
+    return 1 + max(below, default=0)
 
 
 class RewriteRuleSet:
-    """Rules applied greedily, in graph order, until none matches (at most `max_rounds` sweeps).
+    """Rules and hand-written patterns applied greedily by a worklist until none matches.
 
-    Each sweep visits the nodes in graph order and, at each node, tries the rules in the
-    order given; the first legal match is rewritten and the sweep moves on. After `apply`,
-    `refusals` lists the matches that were found but refused, with their reasons.
+    The first round visits every node in graph order; at each node the rules rooted at its
+    op are tried in the order given, and the first legal match is rewritten. A rewrite puts
+    the nodes around it (the new nodes, the readers and producers of the values it touched,
+    and their readers up to the deepest pattern's depth) on the next round's worklist,
+    visited in graph order again, so results do not depend on anything but the graph. At
+    most `max_rounds` rounds run. After `apply`, `refusals` lists the matches that were found
+    but refused, with their reasons.
     """
 
-    def __init__(self, rules: Sequence[RewriteRule], max_rounds: int = 100) -> None:
+    def __init__(self, rules: Sequence[RewritePattern], max_rounds: int = 100) -> None:
         names = [rule.name for rule in rules]
         duplicates = sorted({n for n in names if names.count(n) > 1})
         if duplicates:
@@ -605,29 +762,58 @@ class RewriteRuleSet:
         self.rules = list(rules)
         self.max_rounds = max_rounds
         self.refusals: list[Refusal] = []
-        self._by_root: dict[tuple[str, str], list[RewriteRule]] = {}
+        self._by_root: dict[tuple[str, str], list[RewritePattern]] = {}
         for rule in self.rules:
-            self._by_root.setdefault(rule.root_op, []).append(rule)
+            for root in rule.root_ops:
+                self._by_root.setdefault(root, []).append(rule)
+        self._depth = max((rule.depth for rule in self.rules), default=1)
 
     def apply(self, graph: Graph) -> dict[str, int]:
         """Rewrite `graph` in place to a fixed point; how often each rule fired."""
         counts = {rule.name: 0 for rule in self.rules}
         refusals: dict[Refusal, None] = {}
+        rewriter = Rewriter(graph)
+        worklist = [node for node in graph if (node.domain, node.op_type) in self._by_root]
         for _ in range(self.max_rounds):
-            changed = False
-            for node in graph:
+            revisit: dict[int, Node] = {}
+            for node in worklist:
                 for rule in self._by_root.get((node.domain, node.op_type), ()):
                     if node.graph is not graph:
                         break
-                    applied, reason = rule.try_apply(graph, node)
-                    if applied:
+                    rewriter.change = None
+                    outcome = rule.match_and_rewrite(graph, node, rewriter)
+                    if outcome is True:
+                        if rewriter.change is None:
+                            raise RewriteError(f"rule '{rule.name}' reported a rewrite it did not commit through its rewriter")
                         counts[rule.name] += 1
-                        changed = True
+                        self._around(graph, rewriter.change, revisit)
                         break
-                    if reason is not None:
-                        refusals[Refusal(rule.name, node.name, reason)] = None
-            if not changed:
+                    if isinstance(outcome, str):
+                        refusals[Refusal(rule.name, node.name, outcome)] = None
+            worklist = sorted(
+                (n for n in revisit.values() if n.graph is graph and (n.domain, n.op_type) in self._by_root),
+                key=graph.order_key,
+            )
+            if not worklist:
                 self.refusals = list(refusals)
                 return counts
         firing = ", ".join(name for name, count in counts.items() if count)
         raise RewriteError(f"rules did not reach a fixed point in {self.max_rounds} sweeps (still firing: {firing})")
+
+    def _around(self, graph: Graph, change: Change, revisit: dict[int, Node]) -> None:
+        """Put the nodes a rewrite may have made (un)matchable on `revisit`."""
+        frontier: list[Node] = list(change.new_nodes)
+        for value in change.values:
+            if value.producer is not None and value.producer.graph is graph:
+                frontier.append(value.producer)
+            frontier.extend(use.node for use in value._uses)
+        seen: set[int] = set()
+        for _ in range(self._depth):
+            following: list[Node] = []
+            for node in frontier:
+                if id(node) in seen or node.graph is not graph:
+                    continue
+                seen.add(id(node))
+                revisit[id(node)] = node
+                following.extend(use.node for out in node.outputs for use in out._uses)
+            frontier = following
