@@ -14,27 +14,24 @@ is provided by an earlier pass.
 
 from __future__ import annotations
 
-import ast
-import dataclasses
 import json
 import os
-import re
 from typing import Any, Sequence, Union
 
+from graphopt.options import Spec, split_top_level
 from graphopt.pass_base import Pass, PipelineError
 from graphopt.registry import get_pass
 
 
-@dataclasses.dataclass(frozen=True)
-class PassSpec:
-    """One pipeline entry before it is bound to a pass class."""
+class PassSpec(Spec):
+    """One pipeline entry before it is bound to a pass class (`name{option=value,...}`)."""
 
-    name: str
-    options: dict[str, Any] = dataclasses.field(default_factory=dict)
+    what = "pipeline entry"
+    example = "'prune-heads{ratio=0.25}'"
+    error = PipelineError
 
 
 PipelineLike = Union[str, os.PathLike, Sequence[Any], dict]
-_ITEM = re.compile(r"^\s*([A-Za-z][\w.\-]*)\s*(?:\{(.*)\})?\s*$", re.DOTALL)
 
 
 def parse_pipeline(pipeline: PipelineLike) -> list[PassSpec]:
@@ -42,7 +39,8 @@ def parse_pipeline(pipeline: PipelineLike) -> list[PassSpec]:
     if isinstance(pipeline, os.PathLike) or (isinstance(pipeline, str) and _looks_like_file(pipeline)):
         return _parse_structured(_load_file(os.fspath(pipeline)), source=os.fspath(pipeline))
     if isinstance(pipeline, str):
-        return [_parse_item(item) for item in _split_top_level(pipeline, ",") if item.strip()]
+        items = split_top_level(pipeline, ",", lambda problem: PipelineError(f"cannot read pipeline {pipeline!r}: {problem}"))
+        return [_parse_item(item) for item in items if item.strip()]
     if isinstance(pipeline, dict):
         return _parse_structured(pipeline, source="pipeline")
     if isinstance(pipeline, Sequence):
@@ -123,65 +121,21 @@ def _parse_structured(data: Any, source: str) -> list[PassSpec]:
         elif isinstance(item, str):
             specs.append(_parse_item(item))
         elif isinstance(item, (tuple, list)) and len(item) == 2 and isinstance(item[0], str) and isinstance(item[1], dict):
-            specs.append(PassSpec(item[0], dict(item[1])))
+            specs.append(PassSpec(item[0], options=dict(item[1])))
         elif isinstance(item, dict) and len(item) == 1:
             name, options = next(iter(item.items()))
             if options is None:
                 options = {}
             if not isinstance(options, dict):
                 raise PipelineError(f"{source}: entry {position} ('{name}'): options must be a mapping, got {options!r}")
-            specs.append(PassSpec(str(name), dict(options)))
+            specs.append(PassSpec(str(name), options=dict(options)))
         else:
             raise PipelineError(f"{source}: entry {position} is not a pass name or {{name: options}}: {item!r}")
     return specs
 
 
 def _parse_item(text: str) -> PassSpec:
-    match = _ITEM.match(text)
-    if not match:
-        raise PipelineError(f"cannot read pipeline entry {text.strip()!r}; expected name or name{{option=value,...}}")
-    name, body = match.group(1), match.group(2)
-    options: dict[str, Any] = {}
-    for pair in _split_top_level(body or "", ","):
-        if not pair.strip():
-            continue
-        key, sep, raw = pair.partition("=")
-        if not sep or not key.strip():
-            raise PipelineError(f"pass '{name}': option {pair.strip()!r} is not of the form key=value")
-        options[key.strip()] = _literal(raw.strip())
-    return PassSpec(name, options)
-
-
-def _literal(text: str) -> Any:
-    try:
-        return ast.literal_eval(text)
-    except (ValueError, SyntaxError):
-        lowered = text.lower()
-        if lowered in ("true", "false"):
-            return lowered == "true"
-        return text
-
-
-def _split_top_level(text: str, separator: str) -> list[str]:
-    parts, depth, quote, current = [], 0, "", []
-    for char in text:
-        if quote:
-            if char == quote:
-                quote = ""
-        elif char in "'\"":
-            quote = char
-        elif char in "[{(":
-            depth += 1
-        elif char in "]})":
-            depth -= 1
-            if depth < 0:
-                raise PipelineError(f"unbalanced '{char}' in pipeline {text!r}")
-        elif char == separator and depth == 0:
-            parts.append("".join(current))
-            current = []
-            continue
-        current.append(char)
-    if depth or quote:
-        raise PipelineError(f"unbalanced brackets or quotes in pipeline {text!r}")
-    parts.append("".join(current))
-    return parts
+    spec = PassSpec.parse(text)
+    if spec.variant is not None:
+        raise PipelineError(f"cannot read pipeline entry {text.strip()!r}: a pass takes no ':{spec.variant}' variant")
+    return spec

@@ -21,7 +21,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import re
 import shutil
 import tempfile
 import typing
@@ -30,6 +29,7 @@ from typing import Any, ClassVar, Optional, Sequence
 import numpy as np
 
 from graphopt.errors import GraphoptError
+from graphopt.options import Spec
 from graphopt.pass_base import PipelineError, coerce_option
 from graphopt.ir.torch_arrays import is_torch, to_numpy, to_torch
 
@@ -41,44 +41,12 @@ class TargetError(GraphoptError):
     """A target spec, option or artifact is invalid, or the target cannot run a graph here."""
 
 
-_SPEC = re.compile(r"^\s*([a-z][a-z0-9_\-]*)\s*(?::\s*([A-Za-z0-9_\-]+))?\s*(?:\{(.*)\})?\s*$", re.DOTALL)
+class TargetSpec(Spec):
+    """A parsed target spec ``name[:variant][{option=value,...}]``: name, variant, options."""
 
-
-@dataclasses.dataclass(frozen=True)
-class TargetSpec:
-    """A parsed target spec: name, optional variant, options."""
-
-    name: str
-    variant: Optional[str] = None
-    options: dict[str, Any] = dataclasses.field(default_factory=dict)
-
-    @classmethod
-    def parse(cls, text: "str | TargetSpec") -> "TargetSpec":
-        """``name[:variant][{key=value,...}]``; option values as in pipeline texts."""
-        if isinstance(text, TargetSpec):
-            return text
-        if not isinstance(text, str):
-            raise TargetError(f"a target spec is a string such as 'onnxruntime:cpu', got {type(text).__name__}")
-        match = _SPEC.match(text)
-        if not match:
-            raise TargetError(f"malformed target spec {text!r}: expected name[:variant][{{option=value,...}}], e.g. 'tvm:llvm{{mcpu=znver4}}'")
-        name, variant, body = match.groups()
-        options: dict[str, Any] = {}
-        if body is not None and body.strip():
-            from graphopt.pipeline import parse_pipeline
-
-            try:
-                (item,) = parse_pipeline(f"target{{{body}}}")
-            except (PipelineError, ValueError) as exc:
-                raise TargetError(f"malformed options in target spec {text!r}: {exc}") from None
-            options = dict(item.options)
-        return cls(name, variant, options)
-
-    def __str__(self) -> str:
-        text = self.name + (f":{self.variant}" if self.variant else "")
-        if self.options:
-            text += "{" + ",".join(f"{k}={v!r}" if isinstance(v, str) else f"{k}={v}" for k, v in self.options.items()) + "}"
-        return text
+    what = "target spec"
+    example = "'tvm:llvm{mcpu=znver4}'"
+    error = TargetError
 
 
 @dataclasses.dataclass

@@ -54,7 +54,7 @@ class _Consumer(Pass):
 def test_text_form_with_options():
     specs = parse_pipeline("test-tunable{ratio=0.25,steps=3,mode='exact',heads={0: [1, 2]},enabled=false}, test-provide-fact")
     assert specs == [
-        PassSpec("test-tunable", {"ratio": 0.25, "steps": 3, "mode": "exact", "heads": {0: [1, 2]}, "enabled": False}),
+        PassSpec("test-tunable", options={"ratio": 0.25, "steps": 3, "mode": "exact", "heads": {0: [1, 2]}, "enabled": False}),
         PassSpec("test-provide-fact"),
     ]
 

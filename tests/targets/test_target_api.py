@@ -45,9 +45,11 @@ def test_target_spec_parses_name_variant_and_options(text, expected):
 
 
 @pytest.mark.parametrize("spec, message", [
-    ("onnx runtime", "malformed target spec 'onnx runtime'"),
+    ("onnx runtime", "cannot read target spec 'onnx runtime': 'onnx runtime' is not a name"),
     ("onnxruntime{threads=}", "target 'onnxruntime': option 'threads' must be int, got ''"),
-    ("onnxruntime{threads=2", "malformed target spec 'onnxruntime{threads=2'"),
+    ("onnxruntime{threads=2", "cannot read target spec 'onnxruntime{threads=2': unbalanced '{'"),
+    ("onnxruntime:{threads=2}", "cannot read target spec 'onnxruntime:{threads=2}': '' after ':' is not a variant name"),
+    ("onnxruntime{threads=2,threads=3}", "cannot read target spec 'onnxruntime{threads=2,threads=3}': option 'threads' is given twice"),
     ("onnxruntme", "unknown target 'onnxruntme'; did you mean 'onnxruntime'?"),
     ("onnxruntime:gpu", "target 'onnxruntime' has no variant 'gpu'; use one of cpu, cuda"),
     ("onnxruntime{threds=2}", "target 'onnxruntime' has no option 'threds' (options: contrib_ops, optimization_level, threads)"),
