@@ -1,29 +1,33 @@
 """fuse-gelu and fuse-rmsnorm: raise decomposed GELU and RMSNorm into graphopt's own ops.
 
-Rules (patterns are ONNX-level; multiplication and addition match in either input order):
+The patterns are written for the canonical form `canonicalize` produces (constants second,
+constant factors outermost, divisions by constants as products, `x * 1/y` as `x / y`,
+squares as `x * x`), so one rule covers every way an exporter groups the same arithmetic.
+Multiplication and addition still match in either input order.
 
 fuse-gelu
-1. x * 0.5 * (1 + erf(x / sqrt(2)))  -> graphopt::Gelu(x), in the three groupings
-   ((x * 0.5) * (...), (x * (...)) * 0.5, x * (0.5 * (...))), with x / sqrt(2) also
-   written x * (1/sqrt(2)).
-2. x * 0.5 * (1 + tanh(sqrt(2/pi) * (x + 0.044715 * x^3)))  -> graphopt::Gelu(x, approximate="tanh"),
-   in the three groupings.
-2b. The opset-20 ONNX Gelu op (newer exporters emit it) -> graphopt::Gelu with its
+1. erf-gelu: (x * (erf(x * 1/sqrt(2)) + 1)) * 0.5  -> graphopt::Gelu(x). Covers
+   0.5 * x * (1 + erf(x / sqrt(2))) in every grouping, with / sqrt(2) or * 1/sqrt(2).
+2. tanh-gelu: (x * (tanh((x + x^3 * 0.044715) * sqrt(2/pi)) + 1)) * 0.5
+   -> graphopt::Gelu(x, approximate="tanh"), in every grouping likewise.
+3. onnx-gelu: the opset-20 ONNX Gelu op (newer exporters emit it) -> graphopt::Gelu with its
    `approximate`, so later passes and targets see one form.
 
 fuse-rmsnorm
-3. w * (x * 1/sqrt(mean(x^2, last axis, keepdims) + eps))  -> graphopt::RMSNorm(x, w, epsilon=eps),
-   with 1/sqrt written Div(1, Sqrt) or Reciprocal(Sqrt), and ReduceMean's axes as an
-   attribute (opset <= 17) or an input (opset 18). The check requires the mean to be over the
-   last axis only, with keepdims, and w a constant broadcasting over that axis only.
-4. The same without `w *` (a unit scale, e.g. after eliminate-noops removed a multiply by
-   ones) -> graphopt::RMSNorm(x, 1.0, epsilon=eps); tried after rule 3 everywhere.
+4. rmsnorm: (x / sqrt(mean(x * x, last axis, keepdims) + eps)) [* w]
+   -> graphopt::RMSNorm(x, w or 1.0, epsilon=eps). Covers x * 1/sqrt(..) written
+   Div(1, Sqrt) or Reciprocal(Sqrt), x^2 written Pow(x, 2), and the weight on either side;
+   ReduceMean's axes take the form of the graph's opset (an input from 18, an attribute
+   before). The check requires the mean to be over the last axis only and w a constant
+   broadcasting over that axis only. With a weight the whole product is taken; without
+   (a unit scale, e.g. after eliminate-noops removed a multiply by ones) the weight is 1.0.
 
 ONNX's own opset-23 `RMSNormalization` is left as it is (unlike the opset-20 Gelu): ONNX
 Runtime runs it natively, and the standard-ONNX decomposition of graphopt::RMSNorm would be
 slower there.
 
-Needs: nothing. Changes: each matched subgraph becomes one node; the matched nodes are erased.
+Needs: the canonical form (run canonicalize first). Changes: each matched subgraph becomes
+one node; the matched nodes are erased.
 """
 
 from __future__ import annotations
@@ -34,6 +38,7 @@ import math
 import numpy as np
 from graphopt.ir.graph import Graph, constant_data
 from graphopt.pass_base import Pass, PassContext, PassResult
+from graphopt.passes.canonicalize import reduce_axes, reduce_mean_pattern
 from graphopt.registry import register_pass
 from graphopt.rewrite import Const, Match, RewriteRule, RewriteRuleSet
 
@@ -41,65 +46,45 @@ SQRT2 = math.sqrt(2.0)
 TANH_SCALE = math.sqrt(2.0 / math.pi)
 
 
-def _erf_argument(op, x, divide: bool):
-    return op.Div(x, SQRT2) if divide else op.Mul(x, 1.0 / SQRT2)
-
-
-GROUPINGS = ("half-first", "half-last", "half-inner")
-"""How x * 0.5 * inner is associated: (x*0.5)*inner, (x*inner)*0.5, x*(0.5*inner)."""
-
-
-def _half_product(op, x, inner, grouping: str):
-    if grouping == "half-first":
-        return op.Mul(op.Mul(x, 0.5), inner)
-    if grouping == "half-last":
-        return op.Mul(op.Mul(x, inner), 0.5)
-    return op.Mul(x, op.Mul(inner, 0.5))
-
-
-def _erf_gelu_rule(divide: bool, grouping: str) -> RewriteRule:
+def _erf_gelu_rule() -> RewriteRule:
     def pattern(op, x):
-        return _half_product(op, x, op.Add(op.Erf(_erf_argument(op, x, divide)), 1.0), grouping)
+        return op.Mul(op.Mul(x, op.Add(op.Erf(op.Mul(x, 1.0 / SQRT2)), 1.0)), 0.5)
 
     def replacement(op, x):
         return op.Gelu(x, _domain="graphopt", approximate="none")
 
-    return RewriteRule(f"erf-gelu-{'div' if divide else 'mul'}-{grouping}", pattern, replacement)
+    return RewriteRule("erf-gelu", pattern, replacement)
 
 
-def _tanh_gelu_rule(grouping: str) -> RewriteRule:
+def _tanh_gelu_rule() -> RewriteRule:
     def pattern(op, x):
         cubic = op.Add(x, op.Mul(op.Pow(x, 3.0), 0.044715))
         inner = op.Add(op.Tanh(op.Mul(cubic, Const(value=TANH_SCALE, rel_tol=1e-5))), 1.0)
-        return _half_product(op, x, inner, grouping)
+        return op.Mul(op.Mul(x, inner), 0.5)
 
     def replacement(op, x):
         return op.Gelu(x, _domain="graphopt", approximate="tanh")
 
-    return RewriteRule(f"tanh-gelu-{grouping}", pattern, replacement)
+    return RewriteRule("tanh-gelu", pattern, replacement)
 
 
-def _normalized(op, x, axes, axes_as_input: bool, reciprocal: bool):
-    square = op.Pow(x, 2.0)
-    mean = op.ReduceMean(square, axes, keepdims=1) if axes_as_input else op.ReduceMean(square, keepdims=1)
-    root = op.Sqrt(op.Add(mean, Const("eps")))
-    return op.Mul(x, op.Reciprocal(root) if reciprocal else op.Div(1.0, root))
+def _keeps_dims(value: object) -> bool:
+    return value in (None, 1)  # keepdims defaults to 1
 
 
-def _rmsnorm_rule(axes_as_input: bool, reciprocal: bool, weighted: bool) -> RewriteRule:
+def _rmsnorm_rule(graph: Graph, weighted: bool) -> RewriteRule:
+    """The RMSNorm rule for `graph`'s opset; `weighted` takes the product with the weight."""
+
     def pattern(op, x, w, axes):
-        normalized = _normalized(op, x, axes, axes_as_input, reciprocal)
-        return op.Mul(w, normalized) if weighted else normalized
+        mean = reduce_mean_pattern(op, graph, op.Mul(x, x), axes, keepdims=_keeps_dims)
+        normalized = op.Div(x, op.Sqrt(op.Add(mean, Const("eps"))))
+        return op.Mul(normalized, w) if weighted else normalized
 
-    def scaled(op, x, w, eps):
-        return op.RMSNorm(x, w, _domain="graphopt", axis=-1, epsilon=float(eps))
+    def replacement(op, **bindings):
+        weight = bindings.get("w")
+        return op.RMSNorm(bindings["x"], 1.0 if weight is None else weight, _domain="graphopt", axis=-1, epsilon=float(bindings["eps"]))
 
-    def unit(op, x, eps):
-        return op.RMSNorm(x, 1.0, _domain="graphopt", axis=-1, epsilon=float(eps))
-
-    replacement = scaled if weighted else unit
-    name = f"rmsnorm-{'axes-input' if axes_as_input else 'axes-attr'}-{'reciprocal' if reciprocal else 'div'}"
-    return RewriteRule(name + ("" if weighted else "-unit-scale"), pattern, replacement, check=_rmsnorm_check)
+    return RewriteRule("rmsnorm" if weighted else "rmsnorm-unit-scale", pattern, replacement, check=_rmsnorm_check)
 
 
 def _standard_gelu_rule() -> RewriteRule:
@@ -114,11 +99,7 @@ def _standard_gelu_rule() -> RewriteRule:
 
 def _rmsnorm_check(graph: Graph, match: Match) -> bool | str:
     x = match["x"]
-    mean = next(n for n in match.nodes if n.op_type == "ReduceMean")
-    axes = mean.attrs.get("axes")
-    if axes is None and len(mean.inputs) > 1 and mean.inputs[1] is not None:
-        data = constant_data(mean.inputs[1])
-        axes = None if data is None else tuple(int(a) for a in data.reshape(-1))
+    axes = reduce_axes(next(n for n in match.nodes if n.op_type == "ReduceMean"))
     rank = x.type.rank
     if rank is None or axes is None or tuple(a % rank for a in axes) != (rank - 1,):
         return "the mean is not over the last axis only"
@@ -141,16 +122,16 @@ def _apply(graph: Graph, rules: list[RewriteRule]) -> PassResult:
 class FuseGelu(Pass):
     """Raise erf- and tanh-form GELU subgraphs (and ONNX Gelu nodes) into graphopt::Gelu.
 
-    Rules 1, 2 and 2b of `graphopt.passes.fuse_activations_norms`. Needs nothing; replaces each
-    matched subgraph by one node.
+    Rules 1-3 of `graphopt.passes.fuse_activations_norms`. Needs the canonical form
+    (canonicalize); replaces each matched subgraph by one node; provides "gelu-fused".
     """
 
     name = "fuse-gelu"
+    requires = ("canonical-form",)
+    provides = ("gelu-fused",)
 
     def run(self, graph: Graph, ctx: PassContext) -> PassResult:
-        rules = [_erf_gelu_rule(d, g) for d in (True, False) for g in GROUPINGS]
-        rules += [_tanh_gelu_rule(g) for g in GROUPINGS] + [_standard_gelu_rule()]
-        return _apply(graph, rules)
+        return _apply(graph, [_erf_gelu_rule(), _tanh_gelu_rule(), _standard_gelu_rule()])
 
 
 @register_pass
@@ -158,15 +139,16 @@ class FuseGelu(Pass):
 class FuseRMSNorm(Pass):
     """Raise decomposed RMS normalization (LLaMA, Mistral, Qwen2, T5) into graphopt::RMSNorm.
 
-    Rule 3 of `graphopt.passes.fuse_activations_norms`. Needs nothing; replaces each
-    matched subgraph by one node.
+    Rule 4 of `graphopt.passes.fuse_activations_norms`: first every norm with its weight,
+    then the remaining ones with a unit scale (the bare norm is part of the weighted one, so
+    it must not be taken first). Needs the canonical form (canonicalize); replaces each
+    matched subgraph by one node; provides "rmsnorm-fused".
     """
 
     name = "fuse-rmsnorm"
+    requires = ("canonical-form",)
+    provides = ("rmsnorm-fused",)
 
     def run(self, graph: Graph, ctx: PassContext) -> PassResult:
-        variants = [(a, r) for a in (False, True) for r in (False, True)]
-        weighted = _apply(graph, [_rmsnorm_rule(a, r, weighted=True) for a, r in variants])
-        unit = _apply(graph, [_rmsnorm_rule(a, r, weighted=False) for a, r in variants])
-        fused = weighted.stats["fused"] + unit.stats["fused"]
+        fused = sum(_apply(graph, [_rmsnorm_rule(graph, weighted)]).stats["fused"] for weighted in (True, False))
         return PassResult(fused > 0, {"fused": fused})
