@@ -282,19 +282,11 @@ def _graph_figures(row: BenchRow, graph: Any, sizes: dict[str, int]) -> None:
     row.flops = int(estimate_flops(graph, sizes)["total"])
 
 
-def _session(path: str, threads: int) -> Any:
-    import onnxruntime as ort
-
-    options = ort.SessionOptions()
-    options.log_severity_level = 3
-    if threads:
-        options.intra_op_num_threads, options.inter_op_num_threads = threads, 1
-    return ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
-
-
 def _ort_contender(label: str, path: str, threads: int, graph: Any, sizes: dict[str, int]) -> _Contender:
+    from graphopt.ort_io import reference_session
+
     start = time.perf_counter()
-    session = _session(path, threads)
+    session, _ = reference_session(path, threads=threads, optimize=True, widen_io=False)
     row = BenchRow(label, build_s=time.perf_counter() - start)
     _graph_figures(row, graph, sizes)
     names = {i.name for i in session.get_inputs()}

@@ -248,7 +248,8 @@ class GraphRunner:
 
     def __init__(self, graph: Graph, values: Sequence[str], *, optimize: bool = False) -> None:
         import onnx
-        import onnxruntime as ort
+
+        from graphopt.ort_io import reference_session
 
         self.values = list(values)
         model = graph.to_onnx()
@@ -265,15 +266,8 @@ class GraphRunner:
             if info is None:
                 info = onnx.helper.make_tensor_value_info(name, value.dtype.value if value.dtype else 0, None)
             model.graph.output.append(info)
-        options = ort.SessionOptions()
-        options.log_severity_level = 3
-        options.intra_op_num_threads = 1
-        options.inter_op_num_threads = 1
-        options.graph_optimization_level = (
-            ort.GraphOptimizationLevel.ORT_ENABLE_ALL if optimize else ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-        )
         try:
-            self.session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+            self.session, _ = reference_session(model, threads=1, optimize=optimize, widen_io=False)
         except Exception as exc:
             first = str(exc).strip().splitlines()
             raise CalibrationError(f"ONNX Runtime could not load graph '{graph.name}' for calibration: {first[0] if first else exc}") from None

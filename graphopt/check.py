@@ -72,17 +72,10 @@ def run_graph(graph: Graph, feeds: dict[str, np.ndarray], engine: str = "onnxrun
         return _run_fx(graph, feeds)
     if engine != "onnxruntime":
         raise GraphoptError(f"unknown engine {engine!r}: use 'onnxruntime' or 'torch'")
-    import onnxruntime as ort
+    from graphopt.ort_io import reference_session
 
-    from graphopt.ort_io import widen_session_model
-
-    options = ort.SessionOptions()
-    options.log_severity_level = 3
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     try:
-        model = graph.to_onnx()
-        io = widen_session_model(model)
-        session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+        session, io = reference_session(graph.to_onnx())
         return io.run(session, feeds)
     except Exception as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__

@@ -3,7 +3,8 @@
 ORT's Python API takes and returns numpy arrays of the standard types only: bfloat16, float8,
 float4, int4/uint4 and int2/uint2 arrays (ml_dtypes) fail at `session.run`, and float8e4m3fn
 outputs come back as uint8. `widen_session_model` rewrites a copy of the model given to the
-session (never the saved artifact) and returns the `SessionIO` that runs it exactly:
+session (never the saved artifact) and returns the `SessionIO` that runs it exactly
+(`reference_session` builds the CPU session graphopt's own reference runs use):
 
 - byte-sized types (bfloat16, the float8 types) go in and come out as their raw bytes
   (OrtValues of the ONNX type; a Cast through float32 would drop NaN payloads and, with ORT's
@@ -149,6 +150,36 @@ def session_model_file(path: str, options: Any) -> tuple[Any, SessionIO]:
     folder = os.path.dirname(os.path.abspath(path))
     options.add_session_config_entry("session.model_external_initializers_file_folder_path", folder)
     return model.SerializeToString(), io
+
+
+def reference_session(model: Any, *, threads: int = 0, optimize: bool = False, widen_io: bool = True) -> tuple[Any, SessionIO]:
+    """A CPU InferenceSession for reference runs of `model` (an onnx.ModelProto, changed in
+    place when `widen_io`, or a path) and the `SessionIO` that runs it.
+
+    `threads`: 0 leaves ONNX Runtime's default thread pools, n > 0 runs n intra-op threads and
+    one inter-op thread; `optimize`: ORT's full graph optimizations (else none, so the session
+    runs the graph as written); `widen_io`: rewrite low-precision graph inputs/outputs so
+    `SessionIO.run` can feed and read them (without it the session runs the model as given
+    and the `SessionIO` is empty). Errors are ONNX Runtime's own: callers say what failed."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    if threads:
+        options.intra_op_num_threads, options.inter_op_num_threads = threads, 1
+    options.graph_optimization_level = (
+        ort.GraphOptimizationLevel.ORT_ENABLE_ALL if optimize else ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    )
+    io = SessionIO()
+    if isinstance(model, (str, os.PathLike)):
+        source: Any = os.fspath(model)
+        if widen_io:
+            source, io = session_model_file(source, options)
+    else:
+        if widen_io:
+            io = widen_session_model(model)
+        source = model.SerializeToString()
+    return ort.InferenceSession(source, options, providers=["CPUExecutionProvider"]), io
 
 
 def _raw_array(value: Any, dtype: DType) -> Any:
