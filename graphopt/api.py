@@ -9,7 +9,7 @@ from typing import Any, Iterable, Optional, Sequence, Union
 from graphopt.errors import GraphoptError, UnsupportedOpError
 from graphopt.ir.graph import Graph
 from graphopt.pass_base import Pass, PassContext
-from graphopt.pass_manager import PassManager, PipelineReport
+from graphopt.pass_manager import PassManager, Pipeline
 from graphopt.pipeline import PipelineLike, build_pipeline
 from graphopt.target_base import CompiledModel, TargetError
 
@@ -43,8 +43,9 @@ def optimize(
 
     A Graph argument is optimized in place; files and ModelProtos are never modified. The
     pipeline is validated before anything runs. `check=True` compares outputs after every
-    pass (see `PassManager`); `verify=True` verifies the IR after every pass. The per-pass
-    report is in `graph.metadata["pipeline_report"]`. `calibration_data`: samples for
+    pass, nested ones included (see `PassManager`); `verify=True` verifies the IR after every
+    pass; `dump_ir` (pass names, paths such as "fuse/cleanup", or "all") writes the IR before
+    and after those passes into `dump_dir`. The per-pass report is in `graph.report`. `calibration_data`: samples for
     data-aware passes, an iterable of dicts (input name -> numpy array or torch tensor) or
     tuples in input order, checked against the graph's inputs (see `graphopt.calibration`).
     """
@@ -55,8 +56,7 @@ def optimize(
 
         calibration = normalize_calibration(graph, calibration_data)
     manager = PassManager(passes, verify_each=verify, dump_ir=dump_ir, dump_dir=dump_dir, check=check, check_inputs=check_inputs)
-    report: PipelineReport = manager.run(graph, PassContext(calibration=calibration, target=target, seed=seed))
-    graph.metadata["pipeline_report"] = report
+    manager.run(graph, PassContext(calibration=calibration, target=target, seed=seed))
     return graph
 
 
@@ -69,15 +69,21 @@ def compile(
     calibration: Optional[list[dict[str, Any]]] = None,
     calibration_data: Optional[Iterable[Any]] = None,
     check: bool = False,
+    verify: bool = False,
+    dump_ir: Sequence[str] = (),
+    dump_dir: Optional[str] = None,
     seed: int = 0,
     partition: bool = False,
 ) -> CompiledModel:
-    """Optimize `model` with `pipeline` and compile it for `target`; return a `CompiledModel`.
+    """Optimize `model` with `pipeline`, lower it and compile it for `target`; return a `CompiledModel`.
 
     `model`: a Graph (copied, never modified), an .onnx path, an onnx.ModelProto, a
     torch.export.ExportedProgram, or a torch.nn.Module with `example_inputs` (exported with
     torch.export; the module itself is not changed). `target`: a spec such as
     "onnxruntime:cpu{threads=2}", "torch", "tvm:llvm" (see `graphopt targets`).
+    The target's lowering runs after `pipeline` as a nested pipeline named "lowering" (see
+    `with_lowering`), under the same `check`, `verify` and `dump_ir`/`dump_dir` as the
+    pipeline (see `optimize`); `compiled.pipeline_report` lists both.
     Raises TargetError when the target is unknown or cannot run here, UnsupportedOpError
     naming the nodes the target cannot run unless `partition=True`, which runs those nodes
     in torch and the rest in the target (`graphopt.partition`; such a model cannot be saved).
@@ -88,14 +94,24 @@ def compile(
     missing = chosen.available()
     if missing:
         raise TargetError(f"target '{chosen.spec}' cannot run here: {missing}")
-    passes = build_pipeline(pipeline)
+    passes = with_lowering(build_pipeline(pipeline), chosen)
     graph = _graph_for_compile(model, example_inputs)
-    graph = optimize(graph, passes, calibration=calibration, calibration_data=calibration_data, check=check, target=chosen, seed=seed)
+    graph = optimize(
+        graph, passes, calibration=calibration, calibration_data=calibration_data, check=check, verify=verify,
+        dump_ir=dump_ir, dump_dir=dump_dir, target=chosen, seed=seed,
+    )
     from graphopt.partition import compile_for_target
 
     compiled = compile_for_target(graph, chosen, partition=partition)
-    compiled.pipeline_report = graph.metadata.get("pipeline_report")
+    compiled.pipeline_report = graph.report
     return compiled
+
+
+def with_lowering(passes: Sequence[Pass], target: Any) -> list[Pass]:
+    """`passes` followed by `target`'s lowering as a pipeline named "lowering" (nothing is
+    added for a target without lowering passes)."""
+    lowering = target.lowering()
+    return [*passes, Pipeline.of("lowering", lowering)] if lowering else list(passes)
 
 
 def check_supported(target: Any, graph: Graph) -> None:

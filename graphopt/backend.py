@@ -1,8 +1,10 @@
 """`torch.compile(model, backend="graphopt", options={...})`: graphopt as a dynamo backend.
 
 Registered through the `torch_dynamo_backends` entry point, so no import is needed.
-Each graph dynamo captures is imported (`from_fx`), optimized with the pipeline, and run as
-the torch.fx module the torch target builds (fused attention -> scaled_dot_product_attention).
+Each graph dynamo captures is imported (`from_fx`), optimized with the pipeline followed by
+the target's lowering passes (as `graphopt.compile` does), and run as the torch.fx module the
+torch target builds (fused attention -> scaled_dot_product_attention) or the target's
+compiled model.
 
 The conversion happens on the first call of the compiled graph, outside dynamo's own
 compile step (torch.export cannot run inside it under dynamic shapes), and is cached per
@@ -127,16 +129,16 @@ class _LazyCompiled:
 
         if torch.is_grad_enabled() and any(getattr(a, "requires_grad", False) for a in args):
             raise GraphoptError("the graph needs gradients; graphopt's torch target is inference-only")
-        from graphopt.api import optimize
+        from graphopt.api import optimize, with_lowering
         from graphopt.frontends.fx_import import from_fx
-
+        from graphopt.pipeline import build_pipeline
         from graphopt.target_registry import get_target
 
         target = get_target(self.settings["target"])
         graph = from_fx(self.gm, self.example_inputs)
-        graph = optimize(graph, self.settings["pipeline"], target=target)
+        graph = optimize(graph, with_lowering(build_pipeline(self.settings["pipeline"]), target), target=target)
         if self.settings["verbose"]:
-            _LOG.warning("graphopt: graph with %d inputs:\n%s", len(graph.inputs), graph.metadata["pipeline_report"].table())
+            _LOG.warning("graphopt: graph with %d inputs:\n%s", len(graph.inputs), graph.report.table())
         if target.name == "torch":
             on_cpu = all(a.device.type == "cpu" for a in args if isinstance(a, torch.Tensor))
             module = graph.to_fx(prepack_linears=on_cpu and getattr(target, "prepack", True))

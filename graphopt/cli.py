@@ -34,11 +34,12 @@ import typing
 from typing import Any, Iterator, Optional, Sequence, TextIO
 
 from graphopt.errors import GraphoptError
+from graphopt.instruments import Instrument, PassRecord
 
 if typing.TYPE_CHECKING:
+    from graphopt.instruments import PipelineReport
     from graphopt.ir.graph import Graph, Value
-    from graphopt.pass_base import Pass
-    from graphopt.pass_manager import PipelineReport
+    from graphopt.pass_base import Pass, PassResult
 
 _LOGGER = "graphopt"
 
@@ -173,7 +174,7 @@ def _optimize(args: argparse.Namespace) -> int:
     from graphopt.pipeline import build_pipeline
 
     passes = build_pipeline(pathlib.Path(args.pipeline_file) if args.pipeline_file else args.pipeline)
-    dump_ir = _dump_ir_names(args, passes)
+    dump_ir = dump_ir_names(args, passes)
     _check_output_path(args.model, args.output)
     if args.report and os.path.splitext(args.report)[1].lower() not in (".md", ".html", ".htm"):
         raise GraphoptError(f"--report {args.report}: use a .md or .html file name")
@@ -208,8 +209,8 @@ def _snapshot(graph: "Graph", args: argparse.Namespace) -> Any:
     return GraphSnapshot.of(graph, dict(args.dims))
 
 
-def _dump_ir_names(args: argparse.Namespace, passes: Sequence["Pass"]) -> list[str]:
-    """The --dump-ir pass names, checked against the pipeline."""
+def dump_ir_names(args: argparse.Namespace, passes: Sequence["Pass"]) -> list[str]:
+    """The --dump-ir pass names or paths, checked against the pipeline (nested passes included)."""
     if not args.dump_ir:
         if args.dump_dir:
             raise GraphoptError("--dump-dir needs --dump-ir PASS[,PASS]|all")
@@ -217,10 +218,20 @@ def _dump_ir_names(args: argparse.Namespace, passes: Sequence["Pass"]) -> list[s
     if not args.dump_dir:
         raise GraphoptError("--dump-ir needs --dump-dir DIR: the folder the IR dumps go to")
     names = [name.strip() for name in args.dump_ir.split(",") if name.strip()]
-    in_pipeline = [p.name for p in passes]
+    known = _pass_names(passes, "")
     for name in names:
-        if name != "all" and name not in in_pipeline:
-            raise GraphoptError(f"--dump-ir: pass '{name}' is not in the pipeline ({', '.join(in_pipeline)})")
+        if name != "all" and name not in known:
+            listed = ", ".join(p.name for p in passes)
+            raise GraphoptError(f"--dump-ir: pass '{name}' is not in the pipeline ({listed}), nor nested in it")
+    return names
+
+
+def _pass_names(passes: Sequence["Pass"], prefix: str) -> set[str]:
+    """Names and paths (``fuse/cleanup``) of `passes` and of the passes nested in them."""
+    names: set[str] = set()
+    for item in passes:
+        path = prefix + item.name
+        names |= {item.name, path} | _pass_names(getattr(item, "passes", ()), path + "/")
     return names
 
 
@@ -272,7 +283,7 @@ def _run_passes(
     manager = PassManager(
         passes, verify_each=args.verify, dump_ir=dump_ir, dump_dir=args.dump_dir, check=check is not None,
         check_inputs=None if check is None else check.feeds,
-        check_expected=None if check is None else check.expected, on_pass_start=progress,
+        check_expected=None if check is None else check.expected, instruments=[progress],
     )
     try:
         return manager.run(graph, PassContext(seed=args.seed, calibration=_calibration(graph, args)))
@@ -302,24 +313,35 @@ def _check_output(output: str, check: _Check) -> str:
     return f"check: max abs error of {output} vs the input on sample inputs{where}: {error:.3g}"
 
 
-class Progress:
-    """`on_pass_start` callback: one line per pass on stderr, only on a terminal.
+class Progress(Instrument):
+    """Instrument: one line per top-level pass on stderr, only on a terminal.
 
     Silent when disabled (-q), when stderr is not a TTY, or for a single-pass pipeline.
-    Remembers the pass running now so a crash can name it.
+    Remembers the innermost pass running now (by its path) so a crash can name it.
     """
 
     def __init__(self, total: int, enabled: bool = True) -> None:
         self.total = total
         self.enabled = enabled and total > 1
-        self.current = "?"
+        self.started = 0
+        self.running: list[str] = []
 
-    def __call__(self, index: int, item: "Pass") -> None:
-        self.current = item.name
+    @property
+    def current(self) -> str:
+        return self.running[-1] if self.running else "?"
+
+    def before_pass(self, item: "Pass", graph: "Graph", record: PassRecord) -> None:
+        self.running.append(record.path)
+        if record.depth:
+            return
+        self.started += 1
         stream: TextIO = sys.stderr
         if self.enabled and stream.isatty():
-            stream.write(f"[{index + 1}/{self.total}] {item.describe()}\n")
+            stream.write(f"[{self.started}/{self.total}] {item.describe()}\n")
             stream.flush()
+
+    def after_pass(self, item: "Pass", graph: "Graph", result: "PassResult", record: PassRecord) -> None:
+        self.running.pop()
 
 
 # ----------------------------------------------------------------------------- passes
@@ -345,15 +367,20 @@ def _passes(args: argparse.Namespace) -> int:
 
 
 def pass_info(cls: type["Pass"]) -> dict[str, Any]:
-    """What `graphopt passes` shows about one pass class."""
+    """What `graphopt passes` shows about one pass class (a pipeline's facts and lossless
+    flag are its nested passes', read from an instance with default options)."""
+    from graphopt.pass_manager import Pipeline
+
+    facts: Any = cls() if issubclass(cls, Pipeline) else cls
     return {
         "name": cls.name,
         "summary": cls.summary(),
         "options": [_option_info(cls, field) for field in cls.option_fields()],
-        "requires": list(cls.requires),
-        "provides": list(cls.provides),
-        "lossless": cls.lossless,
+        "requires": list(facts.requires),
+        "provides": list(facts.provides),
+        "lossless": facts.lossless,
         "module": cls.__module__,
+        **({"steps": list(cls.steps)} if issubclass(cls, Pipeline) else {}),
     }
 
 

@@ -22,7 +22,8 @@ def add_commands(commands: Any, add_verbosity: typing.Callable[..., None]) -> No
     """Add the three commands to the `graphopt` subparsers."""
     cmd = commands.add_parser(
         "compile", help="optimize an ONNX model and compile it for a target into an artifact folder",
-        description="Run PIPELINE over IN, compile the result for TARGET and save the artifact "
+        description="Run PIPELINE over IN, then the target's lowering passes (listed in the per-pass "
+        "table as 'lowering'), compile the result for TARGET and save the artifact "
         "(target files + manifest.json) into DIR atomically. Load it with `graphopt run` or "
         "graphopt.load_compiled(DIR).",
     )
@@ -31,6 +32,17 @@ def add_commands(commands: Any, add_verbosity: typing.Callable[..., None]) -> No
     cmd.add_argument("-t", "--target", required=True, metavar="SPEC", help="e.g. onnxruntime:cpu{threads=2}, torch, tvm:llvm; see `graphopt targets`")
     cmd.add_argument("-o", "--output", required=True, metavar="DIR", help="the artifact folder to write (replaced if it holds an artifact)")
     cmd.add_argument("-p", "--pipeline", default="fuse", metavar="PIPELINE", help="passes to run first (default: fuse)")
+    cmd.add_argument(
+        "--check", action="store_true",
+        help="compare outputs after every pass, the target's lowering included, with IN's on sample inputs "
+        "(fails naming the first lossless pass that changed them)",
+    )
+    cmd.add_argument("--verify", action="store_true", help="verify the IR after every pass, lowering included")
+    cmd.add_argument(
+        "--dump-ir", metavar="PASS[,PASS]|all",
+        help="write the IR before and after these passes, the lowering's included (needs --dump-dir)",
+    )
+    cmd.add_argument("--dump-dir", metavar="DIR", help="folder for --dump-ir files")
     cmd.set_defaults(run=_compile)
 
     cmd = commands.add_parser(
@@ -54,12 +66,19 @@ def add_commands(commands: Any, add_verbosity: typing.Callable[..., None]) -> No
 
 
 def _compile(args: argparse.Namespace) -> int:
-    from graphopt.api import compile
+    from graphopt.api import compile, with_lowering
+    from graphopt.cli import dump_ir_names
+    from graphopt.pipeline import build_pipeline
+    from graphopt.target_registry import get_target
 
     if os.path.exists(args.output) and os.path.exists(args.model) and os.path.samefile(args.output, args.model):
         raise GraphoptError(f"-o {args.output} is the input model; give a folder for the artifact")
+    passes = build_pipeline(args.pipeline)
+    dump_ir = dump_ir_names(args, with_lowering(passes, get_target(args.target)))
     start = time.perf_counter()
-    compiled = compile(args.model, args.target, args.pipeline)
+    compiled = compile(
+        args.model, args.target, passes, check=args.check, verify=args.verify, dump_ir=dump_ir, dump_dir=args.dump_dir,
+    )
     built = time.perf_counter() - start
     path = compiled.save(args.output)
     if not args.quiet:

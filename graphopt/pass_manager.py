@@ -1,68 +1,171 @@
-"""The pass manager: runs a validated pipeline with timing, verification, IR dumps and checks.
+"""The pass manager: runs passes, nested pipelines included, under instruments.
 
     manager = PassManager(build_pipeline("cleanup,my-pass{x=1}"), verify_each=True, check=True)
     report = manager.run(graph, PassContext())
     print(report.table())
 
-Cross-cutting concerns live here, not in the passes: every pass is timed and its node
-counts recorded; with `verify_each` the IR is verified after each pass (a failure names the
-pass); `dump_ir` writes the printed IR before and after the chosen passes; `check` runs the
-graph on sample inputs after each pass and raises `CheckError` naming the first lossless
-pass whose outputs moved beyond its tolerance (lossy passes get their error recorded).
+A `Pipeline` is itself a pass: a name and nested passes, run in order and, with
+`max_iterations > 1`, repeated until none of them changes the graph. `cleanup` and `fuse`
+are pipelines registered by name; a target's lowering is one too. Every pass a pipeline
+runs goes through `run_pass`, so the instruments of the run (`graphopt.instruments`:
+timing, verification, IR dumps, check mode, the report) see nested passes as they see
+top-level ones, named by their path (``fuse/cleanup/fold-constants``).
+
+`PassManager.run`'s keyword options (`verify_each`, `dump_ir`/`dump_dir`, `check`, ...)
+build those instruments; `instruments=` adds others.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import os
-import re
-import time
-from typing import Any, Callable, Iterable, Optional, Sequence
+from typing import Any, ClassVar, Iterable, Optional, Sequence
 
-from graphopt.check import CheckError, max_abs_error, run_graph, sample_inputs
-from graphopt.errors import GraphoptError, VerificationError
+from graphopt.errors import GraphoptError
+from graphopt.instruments import Check, DumpIR, Instrument, PassRecord, PipelineReport, Report, Timing, VerifyEach
 from graphopt.ir.graph import Graph
-from graphopt.pass_base import Pass, PassContext, PassResult
+from graphopt.pass_base import Pass, PassContext, PassResult, PipelineError
 
 
 @dataclasses.dataclass
-class PassRecord:
-    """What one pass did, for the report."""
+class Instrumentation:
+    """What `PassContext.instrumentation` holds while a pass manager runs: the instruments,
+    the graph they watch and the path of the pipelines now running."""
 
-    name: str
-    seconds: float
-    nodes_before: int
-    nodes_after: int
-    changed: bool
-    stats: dict[str, Any]
-    max_error: Optional[float] = None
+    graph: Graph
+    instruments: list[Instrument]
+    path: list[str] = dataclasses.field(default_factory=list)
+    runs: int = 0
+
+
+def run_pass(item: Pass, graph: Graph, ctx: PassContext) -> PassResult:
+    """Run `item` on `graph` under the context's instruments (pipelines call this for each
+    nested pass). A pass run on another graph (e.g. cleanup inside an If body) runs plain:
+    the instruments watch the graph the pass manager was given."""
+    scope = ctx.instrumentation
+    if not isinstance(scope, Instrumentation) or graph is not scope.graph:
+        return _checked(item, item.run(graph, ctx))
+    scope.runs += 1
+    record = PassRecord(item.name, "/".join([*scope.path, item.name]), len(scope.path), len(graph), index=scope.runs)
+    for instrument in scope.instruments:
+        instrument.before_pass(item, graph, record)
+    scope.path.append(item.name)
+    try:
+        result = _checked(item, item.run(graph, ctx))
+    finally:
+        scope.path.pop()
+    record.nodes_after, record.changed, record.stats = len(graph), result.changed, dict(result.stats)
+    for instrument in reversed(scope.instruments):
+        instrument.after_pass(item, graph, result, record)
+    return result
+
+
+def _checked(item: Pass, result: Any) -> PassResult:
+    if not isinstance(result, PassResult):
+        raise GraphoptError(f"pass '{item.name}' returned {type(result).__name__}, not a PassResult")
+    return result
 
 
 @dataclasses.dataclass
-class PipelineReport:
-    """Per-pass records of one pipeline run."""
+class Pipeline(Pass):
+    """Run nested passes in order, repeated until none changes the graph (at most `max_iterations` rounds).
 
-    records: list[PassRecord] = dataclasses.field(default_factory=list)
+    A named pipeline subclasses this with `name`, a docstring and `steps` (registered pass
+    names, each built with its default options); `Pipeline.of` makes one from pass objects.
+    The nested passes' requires/provides are checked in order when it is built; it requires
+    what they need and none of them provides (an outer pipeline checks that), and provides
+    everything they provide. Lossless when all
+    of them are. Stats: the nested passes' numeric stats summed as "<pass>.<stat>", plus
+    "iterations" when it may repeat. A warning is logged when the bound stops it before a
+    fixed point.
+    """
 
-    @property
-    def seconds(self) -> float:
-        return sum(r.seconds for r in self.records)
+    name: ClassVar[str] = "pipeline"
+    steps: ClassVar[tuple[str, ...]] = ()
+    max_iterations: int = 1
 
-    def table(self) -> str:
-        """A fixed-width table: pass, time, nodes before -> after, error, stats."""
-        rows = [("pass", "time", "nodes", "max err", "stats")]
-        for r in self.records:
-            error = "" if r.max_error is None else f"{r.max_error:.2e}"
-            stats = ", ".join(f"{k}={v}" for k, v in r.stats.items())
-            rows.append((r.name, f"{r.seconds * 1000:.1f} ms", f"{r.nodes_before} -> {r.nodes_after}", error, stats))
-        widths = [max(len(row[i]) for row in rows) for i in range(4)]
-        lines = ["  ".join(cell.ljust(w) for cell, w in zip(row[:4], widths)) + "  " + row[4] for row in rows]
-        lines.insert(1, "-" * len(lines[0]))
-        return "\n".join(line.rstrip() for line in lines)
+    def __post_init__(self) -> None:
+        if self.max_iterations < 1:
+            raise ValueError(f"max_iterations must be >= 1, got {self.max_iterations}")
+        self.set_passes(self.build_steps())
+
+    def build_steps(self) -> list[Pass]:
+        """The nested passes of a named pipeline, from `steps`."""
+        from graphopt.registry import get_pass
+
+        return [get_pass(step)() for step in self.steps]
+
+    def set_passes(self, passes: Sequence[Pass]) -> None:
+        """Make `passes` the nested passes. PipelineError when one needs a fact that only a
+        later one provides; facts none of them provides are the pipeline's own `requires`."""
+        self.passes = list(passes)
+        provided: set[str] = set()
+        requires: list[str] = []
+        for index, item in enumerate(self.passes):
+            for fact in item.requires:
+                if fact in provided or fact in requires:
+                    continue
+                later = [p.name for p in self.passes[index + 1:] if fact in p.provides]
+                if later:
+                    raise PipelineError(
+                        f"inside pipeline '{self.name}': pass '{item.name}' (step {index + 1}) needs '{fact}', "
+                        f"which '{later[0]}' provides only after it; move '{later[0]}' before it"
+                    )
+                requires.append(fact)
+            provided.update(item.provides)
+        self.requires = tuple(requires)  # type: ignore[misc]
+        self.provides = tuple(sorted(provided))  # type: ignore[misc]
+        self.lossless = all(item.lossless for item in self.passes)  # type: ignore[misc]
+        self.tolerance = max((item.tolerance for item in self.passes), default=Pass.tolerance)  # type: ignore[misc]
+
+    @classmethod
+    def of(cls, name: str, passes: Sequence[Pass], max_iterations: int = 1) -> "Pipeline":
+        """An unregistered pipeline named `name` over `passes` (e.g. a target's lowering)."""
+        pipeline = cls(max_iterations=max_iterations)
+        pipeline.name = name  # type: ignore[misc]
+        pipeline.set_passes(passes)
+        return pipeline
+
+    def run(self, graph: Graph, ctx: PassContext) -> PassResult:
+        changed_any = False
+        results: list[tuple[Pass, PassResult]] = []
+        for iteration in range(1, self.max_iterations + 1):
+            changed = False
+            for item in self.passes:
+                result = run_pass(item, graph, ctx)
+                results.append((item, result))
+                changed |= result.changed
+            changed_any |= changed
+            if not changed:
+                break
+        else:
+            if self.max_iterations > 1:
+                ctx.logger.warning(
+                    "graphopt: %s did not reach a fixed point in %d iterations; stopping", self.name, self.max_iterations
+                )
+        stats = self.summarize(results)
+        if self.max_iterations > 1:
+            stats["iterations"] = iteration
+        return PassResult(changed_any, stats)
+
+    def summarize(self, results: list[tuple[Pass, PassResult]]) -> dict[str, Any]:
+        """The pipeline's stats from its nested results (numeric stats summed per pass)."""
+        totals: dict[str, Any] = {}
+        for item, result in results:
+            for key, value in result.stats.items():
+                if isinstance(value, (int, float)) and not isinstance(value, bool):
+                    totals[f"{item.name}.{key}"] = totals.get(f"{item.name}.{key}", 0) + value
+        return totals
 
 
 class PassManager:
-    """Runs configured passes in order over one graph (in place)."""
+    """Runs configured passes in order over one graph (in place), under instruments.
+
+    The keyword options build the standard instruments: `verify_each` (`VerifyEach`),
+    `dump_ir` + `dump_dir` (`DumpIR`), `check` with optional `check_inputs` /
+    `check_expected` (`Check`); timing and the report are always on. `instruments` are
+    added after those. After a pass, the IR is verified before it is dumped and dumped
+    before it is checked.
+    """
 
     def __init__(
         self,
@@ -74,83 +177,34 @@ class PassManager:
         check: bool = False,
         check_inputs: Optional[dict[str, Any]] = None,
         check_expected: Optional[list[Any]] = None,
-        on_pass_start: Optional[Callable[[int, Pass], None]] = None,
+        instruments: Sequence[Instrument] = (),
     ) -> None:
         self.passes = list(passes)
-        self.verify_each = verify_each
-        self.dump_ir = set(dump_ir)
-        self.dump_dir = dump_dir
-        self.check = check
-        self.check_inputs = check_inputs
-        self.check_expected = check_expected
-        self.on_pass_start = on_pass_start
-        if self.dump_ir and not self.dump_dir:
+        dump_ir = list(dump_ir)
+        if dump_ir and not dump_dir:
             raise GraphoptError("dump_ir needs dump_dir: the folder the IR dumps go to")
+        self.instruments: list[Instrument] = []
+        if check:
+            self.instruments.append(Check(check_inputs, check_expected))
+        if dump_ir:
+            self.instruments.append(DumpIR(dump_ir, dump_dir))  # type: ignore[arg-type]
+        if verify_each:
+            self.instruments.append(VerifyEach())
+        self.instruments += list(instruments)
 
     def run(self, graph: Graph, ctx: Optional[PassContext] = None) -> PipelineReport:
+        """Run the passes; return the report (also left in `graph.report`)."""
         ctx = ctx or PassContext()
-        report = PipelineReport()
-        feeds = expected = None
-        if self.check:
-            feeds = self.check_inputs or sample_inputs(graph, seed=ctx.seed)
-            expected = self.check_expected if self.check_expected is not None else run_graph(graph, feeds)
-        for index, item in enumerate(self.passes):
-            if self.on_pass_start is not None:
-                self.on_pass_start(index, item)
-            self._dump(graph, index, item, "before")
-            before = len(graph)
-            start = time.perf_counter()
-            result = item.run(graph, ctx)
-            seconds = time.perf_counter() - start
-            if not isinstance(result, PassResult):
-                raise GraphoptError(f"pass '{item.name}' returned {type(result).__name__}, not a PassResult")
-            record = PassRecord(item.name, seconds, before, len(graph), result.changed, dict(result.stats))
-            report.records.append(record)
-            if self.verify_each:
-                try:
-                    graph.verify()
-                except VerificationError as exc:
-                    raise VerificationError([f"after pass '{item.name}': {p}" for p in exc.problems]) from None
-            self._dump(graph, index, item, "after")
-            if self.check:
-                record.max_error = max_abs_error(expected, run_graph(graph, feeds))  # type: ignore[arg-type]
-                if item.lossless and record.max_error > item.tolerance:
-                    raise CheckError(
-                        f"pass '{item.name}' changed the outputs by {record.max_error:.3g} "
-                        f"(tolerance {item.tolerance:g}); it is the first pass to do so"
-                    )
-        return report
-
-    def _dump(self, graph: Graph, index: int, item: Pass, when: str) -> None:
-        if item.name not in self.dump_ir and "all" not in self.dump_ir:
-            return
-        os.makedirs(self.dump_dir, exist_ok=True)  # type: ignore[arg-type]
-        safe = re.sub(r"[^\w.-]", "_", item.name)
-        path = os.path.join(self.dump_dir, f"{index + 1:02d}-{safe}.{when}.txt")  # type: ignore[arg-type]
-        with open(path, "w", encoding="utf-8") as handle:
-            handle.write(str(graph))
-
-
-def run_to_fixed_point(graph: Graph, passes: Sequence[Pass], ctx: PassContext, max_iterations: int) -> tuple[bool, dict[str, Any]]:
-    """Run `passes` repeatedly until none changes the graph (at most `max_iterations` rounds).
-
-    Returns (changed at all, stats summed per pass plus "iterations"); logs a warning when
-    the bound is hit before a fixed point.
-    """
-    changed_any = False
-    totals: dict[str, Any] = {}
-    for iteration in range(1, max_iterations + 1):
-        changed = False
-        for item in passes:
-            result = item.run(graph, ctx)
-            changed |= result.changed
-            for key, value in result.stats.items():
-                if isinstance(value, (int, float)) and not isinstance(value, bool):
-                    totals[f"{item.name}.{key}"] = totals.get(f"{item.name}.{key}", 0) + value
-        changed_any |= changed
-        if not changed:
-            totals["iterations"] = iteration
-            return changed_any, totals
-    totals["iterations"] = max_iterations
-    ctx.logger.warning("graphopt: %s did not reach a fixed point in %d iterations; stopping", "+".join(p.name for p in passes), max_iterations)
-    return changed_any, totals
+        report = Report()
+        instruments: list[Instrument] = [report, *self.instruments, Timing()]
+        for instrument in instruments:
+            instrument.run_start(graph, ctx)
+        outer = ctx.instrumentation
+        ctx.instrumentation = Instrumentation(graph, instruments)
+        try:
+            for item in self.passes:
+                run_pass(item, graph, ctx)
+        finally:
+            ctx.instrumentation = outer
+        graph.report = report.report
+        return report.report

@@ -2,7 +2,8 @@
 
 The report has: the model, pipeline, totals (nodes, parameters, estimated FLOPs before and
 after); the per-pass table (time, nodes before -> after, what changed, max error when
-`--check` ran); the op histogram before and after with the difference; the fidelity line of
+`--check` ran; nested passes by their path, e.g. ``fuse/cleanup/fold-constants``, the rounds
+of a fixed-point pipeline merged into one row); the op histogram before and after with the difference; the fidelity line of
 `--check`; and the graph drawn before and after as Graphviz DOT files written beside the
 report (`<report>.before.dot`, `<report>.after.dot`; render with `dot -Tsvg`). The optimized
 .onnx itself opens in Netron. All files are written atomically.
@@ -17,6 +18,7 @@ from typing import Any, Optional
 
 from graphopt.errors import GraphoptError
 from graphopt.exporters.files import atomic_write
+from graphopt.instruments import row_cells
 
 
 @dataclasses.dataclass
@@ -93,10 +95,9 @@ def _sections(
     if fidelity:
         totals.append(["fidelity", fidelity, ""])
     passes = []
-    for record in report.records:
-        stats = ", ".join(f"{k}={v}" for k, v in record.stats.items())
-        error = "" if record.max_error is None else f"{record.max_error:.2e}"
-        passes.append([record.name, f"{record.seconds * 1000:.1f}", f"{record.nodes_before} -> {record.nodes_after}", "yes" if record.changed else "no", error, stats])
+    for record in report.rows():
+        name, _, nodes, changed, error, stats = row_cells(record, full_path=True)
+        passes.append([name, f"{record.seconds * 1000:.1f}", nodes, changed, error, stats])
     ops = []
     for op in sorted(set(before.ops) | set(after.ops), key=lambda o: (-max(before.ops.get(o, 0), after.ops.get(o, 0)), o)):
         a, b = before.ops.get(op, 0), after.ops.get(op, 0)

@@ -7,7 +7,9 @@ fields (a dataclass, like passes) and implement:
 - `available()`: None when the target can run here, else a sentence saying what is missing
   (e.g. "the tensorrt package is not installed");
 - `unsupported_nodes(graph)`: the nodes it cannot run (a caller names them in its error);
-- `compile(graph) -> CompiledModel`;
+- `lowering() -> [Pass]`: the passes that rewrite a graph into the ops it runs (a pipeline
+  `graphopt.compile` runs after the user's, under the same instruments);
+- `compile(graph) -> CompiledModel` (lowering the graph first with `lower`);
 - `load(directory, manifest) -> CompiledModel` for artifacts `CompiledModel.save` wrote.
 
 `CompiledModel` subclasses implement `_run(feeds)` on numpy arrays (or override `_call`
@@ -99,6 +101,24 @@ class Target:
     def unsupported_nodes(self, graph: Any) -> list[Any]:
         """Nodes of `graph` this target cannot run."""
         return []
+
+    def lowering(self) -> list[Any]:
+        """The passes that put a graph into the ops this target runs, in order (none by
+        default). `graphopt.compile` runs them after the pipeline, through the same pass
+        manager (so `--dump-ir`, `--check` and the report show them); `compile` runs them
+        on a copy of a graph that has not been through them."""
+        return []
+
+    def lower(self, graph: Any) -> Any:
+        """A copy of `graph` after the `lowering` passes (`graph` itself when there are none)."""
+        passes = self.lowering()
+        if not passes:
+            return graph
+        from graphopt.pass_manager import PassManager
+
+        lowered = graph.clone()
+        PassManager(passes).run(lowered)
+        return lowered
 
     def compile(self, graph: Any) -> "CompiledModel":
         raise NotImplementedError(f"target '{self.name}' does not implement compile()")

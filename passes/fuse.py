@@ -3,39 +3,32 @@
 from __future__ import annotations
 
 import dataclasses
+from typing import Any
 
-from graphopt.ir.graph import Graph
-from graphopt.pass_base import Pass, PassContext, PassResult
-from graphopt.registry import get_pass, register_pass
-
-FUSION_ORDER = (
-    "cleanup", "fuse-layernorm", "fuse-gelu", "fuse-rmsnorm", "fuse-attention",
-    "fuse-bias-gelu", "fuse-skip-layernorm", "fuse-qkv", "fuse-matmul-add", "cleanup",
-)
+from graphopt.pass_base import Pass, PassResult
+from graphopt.pass_manager import Pipeline
+from graphopt.registry import register_pass
 
 
 @register_pass
 @dataclasses.dataclass
-class Fuse(Pass):
+class Fuse(Pipeline):
     """Run cleanup, every fusion (norms, GELU, attention, bias-GELU, skip-norm, QKV, Gemm), then cleanup again.
 
-    Cleanup first puts the graph in canonical form (no same-type Casts, folded shape
-    arithmetic), which the fusion patterns assume. The norm and GELU fusions come before
+    A pipeline. Cleanup (no same-type Casts, folded shape arithmetic) and canonicalize
+    (constants second, constant Mul/Div chains folded) first put the graph in the canonical
+    form the fusion patterns assume. The norm and GELU fusions come before
     fuse-attention, fuse-bias-gelu and fuse-skip-layernorm after the ops they extend exist,
     and fuse-qkv after fuse-attention, whose patterns follow each projection on its own.
-    Cleanup last removes what the fusions left dead. Needs nothing; provides
-    "attention-fused". Stats: what each fusion raised.
+    Cleanup last removes what the fusions left dead. Needs nothing; provides what its
+    fusions provide ("attention-fused", ...). Stats: what each fusion raised.
     """
 
     name = "fuse"
-    provides = ("attention-fused",)
+    steps = (
+        "cleanup", "canonicalize", "fuse-layernorm", "fuse-gelu", "fuse-rmsnorm", "fuse-attention",
+        "fuse-bias-gelu", "fuse-skip-layernorm", "fuse-qkv", "fuse-matmul-add", "cleanup",
+    )
 
-    def run(self, graph: Graph, ctx: PassContext) -> PassResult:
-        changed = False
-        stats: dict[str, object] = {}
-        for step in FUSION_ORDER:
-            result = get_pass(step)().run(graph, ctx)
-            changed |= result.changed
-            if step != "cleanup":
-                stats[step] = result.stats.get("fused", 0)
-        return PassResult(changed, stats)
+    def summarize(self, results: list[tuple[Pass, PassResult]]) -> dict[str, Any]:
+        return {item.name: result.stats.get("fused", 0) for item, result in results if item.name not in ("cleanup", "canonicalize")}

@@ -2,8 +2,9 @@
 
 Spec: ``onnxruntime[:cpu|:cuda]{threads=N, optimization_level=all|extended|basic|disable,
 contrib_ops=True|False}``. graphopt's fused ops are lowered to the com.microsoft contrib
-kernels ORT accelerates where `contrib_ops` is on (see `onnxruntime_lowering`), and to
-standard ONNX otherwise. On CPU its sessions turn off ORT's SkipLayerNormFusion (see
+kernels ORT accelerates where `contrib_ops` is on (the target's `lowering()`:
+`lower-onnxruntime{device=...}` then eliminate-dead-code, see `onnxruntime_lowering`), and to
+standard ONNX otherwise (when the session is built). On CPU its sessions turn off ORT's SkipLayerNormFusion (see
 `OnnxRuntimeTarget.disabled_optimizers`). On CUDA, inputs given as CUDA torch tensors are
 bound in place (IO binding) and outputs come back as CUDA tensors. Low-precision graph inputs and
 outputs (bfloat16, float8, int4/uint4) are fed and returned bit-exactly through `graphopt.ort_io`
@@ -25,6 +26,8 @@ from graphopt.errors import GraphoptError
 from graphopt.exporters.onnx_export import EXTERNAL_DATA_THRESHOLD
 from graphopt.ir.graph import Graph
 from graphopt.ort_io import session_model_file, widen_session_model
+from graphopt.pass_base import Pass
+from graphopt.registry import get_pass
 from graphopt.target_base import CompiledModel, IOSpec, Target, TargetError
 
 MODEL_FILE = "model.onnx"
@@ -55,23 +58,24 @@ class OnnxRuntimeTarget(Target):
             return f"this onnxruntime build has no {_PROVIDERS[self.variant]} (pip install onnxruntime-gpu for CUDA)"
         return None
 
-    def lower(self, graph: Graph) -> Graph:
-        """A copy of `graph` in the ops this target runs: contrib ops where enabled, the rest
-        of graphopt's own ops decomposed into standard ONNX, the opset-23/24 ops in forms ORT
-        computes as ONNX specifies (`onnxruntime_onnx23`)."""
+    def lowering(self) -> list[Pass]:
+        """`lower-onnxruntime{device=<variant>}` and eliminate-dead-code where `contrib_ops`
+        is on; nothing otherwise."""
+        if not self.contrib_ops:
+            return []
+        return [get_pass("lower-onnxruntime")(device=self.variant), get_pass("eliminate-dead-code")()]
+
+    def session_graph(self, graph: Graph) -> Graph:
+        """`graph` lowered (`lower`), with the opset-23/24 ops in forms ORT computes as ONNX
+        specifies (`onnxruntime_onnx23`) and the rest of graphopt's own ops decomposed into
+        standard ONNX."""
         from graphopt.exporters.onnx_lowering import decompose_graphopt_ops
         from graphopt.targets.onnxruntime_onnx23 import prepare_onnx23_ops
 
-        graph = prepare_onnx23_ops(graph)
-
-        if self.contrib_ops:
-            from graphopt.targets.onnxruntime_lowering import lower_to_contrib_ops
-
-            graph = lower_to_contrib_ops(graph, device=self.variant)
-        return decompose_graphopt_ops(graph)
+        return decompose_graphopt_ops(prepare_onnx23_ops(self.lower(graph)))
 
     def compile(self, graph: Graph) -> "OnnxRuntimeModel":
-        lowered = self.lower(graph)
+        lowered = self.session_graph(graph)
         inputs = [IOSpec.of(v) for v in graph.inputs]
         outputs = [IOSpec.of(v) for v in graph.outputs]
         return OnnxRuntimeModel(self, inputs, outputs, graph=lowered)

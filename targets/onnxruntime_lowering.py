@@ -1,6 +1,6 @@
 """Lower graphopt's fused ops to the com.microsoft contrib ops ONNX Runtime accelerates.
 
-`lower_to_contrib_ops(graph)` returns a copy in which each fused op is replaced by ORT's
+The `lower-onnxruntime{device=cpu|cuda}` pass replaces, in place, each fused op by ORT's
 kernel for it where that kernel computes the same thing on these inputs; anything left is
 decomposed into standard ONNX by the exporter. Each mapping, and when it is taken:
 
@@ -55,36 +55,46 @@ import numpy as np
 from graphopt.ir.dtypes import DType
 from graphopt.ir.graph import Graph, Node, Value, constant_data
 from graphopt.ir.schema import GRAPHOPT_DOMAIN
-from graphopt.ir.types import TensorType
+from graphopt.ir.types import TensorType, same_shape
 from graphopt.exporters.onnx_lowering import LAYER_NORM_OPSET
-from graphopt.passes.fuse_skip_layernorm import same_shape
-from graphopt.pass_base import PassContext
-from graphopt.registry import get_pass
+from graphopt.pass_base import Pass, PassContext, PassResult
+from graphopt.registry import register_pass
 
 MS_DOMAIN = "com.microsoft"
 HEAD_PERM = (0, 2, 1, 3)
 _LOWEST = float(np.finfo(np.float32).min)
 
 
-def lower_to_contrib_ops(graph: Graph, device: Literal["cpu", "cuda"] = "cpu") -> Graph:
-    """A copy of `graph` with graphopt ops replaced by ORT contrib ops where they are equal
-    (and, on `device`, faster than the standard decomposition)."""
-    lowered = graph.clone()
-    lowered.opset_imports.setdefault(MS_DOMAIN, 1)
-    changed = False
-    for node in [n for n in lowered.nodes if n.domain == GRAPHOPT_DOMAIN]:
-        lower = _LOWERINGS.get(node.op_type)
-        if device == "cpu":
-            lower = _CPU_LOWERINGS.get(node.op_type, lower)
-        if node.inputs[0] is None or node.inputs[0].dtype != DType.FLOAT:
-            continue
-        if lower is not None and lower(lowered, node):
-            changed = True
-    if changed:
-        get_pass("eliminate-dead-code")().run(lowered, PassContext())
-    if not any(n.domain == MS_DOMAIN for n in lowered.nodes):
-        del lowered.opset_imports[MS_DOMAIN]
-    return lowered
+@register_pass
+@dataclasses.dataclass
+class LowerOnnxRuntime(Pass):
+    """Replace graphopt's fused ops by the ONNX Runtime contrib ops that compute the same (the onnxruntime target's lowering).
+
+    Each float32 `Attention`, `SkipLayerNorm`, `RMSNorm` and `Gelu` becomes ORT's kernel for
+    it where that kernel is equal on these inputs (and, on `device`, faster than the
+    standard decomposition; see the module docstring); anything left is decomposed into
+    standard ONNX when the target builds its session. Needs nothing; leaves the layout ops
+    it bypassed dead (the onnxruntime target's lowering runs eliminate-dead-code after it).
+    Stats: "lowered", the nodes replaced.
+    """
+
+    name = "lower-onnxruntime"
+    device: Literal["cpu", "cuda"] = "cpu"
+
+    def run(self, graph: Graph, ctx: PassContext) -> PassResult:
+        lowered = 0
+        for node in [n for n in graph.nodes if n.domain == GRAPHOPT_DOMAIN]:
+            lower = _LOWERINGS.get(node.op_type)
+            if self.device == "cpu":
+                lower = _CPU_LOWERINGS.get(node.op_type, lower)
+            if node.inputs[0] is None or node.inputs[0].dtype != DType.FLOAT:
+                continue
+            if lower is not None:
+                graph.opset_imports.setdefault(MS_DOMAIN, 1)
+                lowered += bool(lower(graph, node))
+        if MS_DOMAIN in graph.opset_imports and not any(n.domain == MS_DOMAIN for n in graph.nodes):
+            del graph.opset_imports[MS_DOMAIN]
+        return PassResult(lowered > 0, {"lowered": lowered})
 
 
 def _replace(graph: Graph, node: Node, new: Node, pairs: list[tuple[int, int]]) -> None:
@@ -234,12 +244,12 @@ def _merged_readers(value: Value, heads: int, head_size: int) -> Optional[list[V
     if value.is_graph_output or not value.uses():
         return None
     merged = []
-    for transpose in value.users:
+    for transpose in value.users():
         if transpose.op_type != "Transpose" or transpose.domain or tuple(transpose.attrs.get("perm", ())) != HEAD_PERM:
             return None
         if transpose.output.is_graph_output or not transpose.output.uses():
             return None
-        for reshape in transpose.output.users:
+        for reshape in transpose.output.users():
             shape = reshape.output.shape
             if reshape.op_type != "Reshape" or reshape.domain or shape is None or len(shape) != 3 or shape[2] != heads * head_size:
                 return None

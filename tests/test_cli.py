@@ -16,6 +16,7 @@ import graphopt
 from graphopt import Pass, PassResult, register_pass
 from graphopt.check import sample_inputs
 from graphopt.cli import main
+from graphopt.pass_manager import Pipeline
 
 
 def test_help_lists_commands(capsys):
@@ -126,6 +127,15 @@ class DoubleOutputs(Pass):
         return PassResult(changed=True)
 
 
+@register_pass
+@dataclasses.dataclass
+class Nested(Pipeline):
+    """Drop identities, then double the outputs (CLI test pipeline): a wrong lossless pass nested in a pipeline."""
+
+    name = "cli-test-nested"
+    steps = ("cli-test-drop-identities", "cli-test-double-outputs")
+
+
 def tiny_model(path: pathlib.Path) -> pathlib.Path:
     """y = Relu(Identity(x)) @ w: a model that loads and runs in milliseconds."""
     graph = graphopt.Graph("tiny")
@@ -190,6 +200,56 @@ def test_check_names_the_pass_that_changed_the_outputs(tmp_path, capsys):
     err = assert_one_line_error(capsys, code)
     assert "pass 'cli-test-double-outputs' changed the outputs" in err
     assert not target.exists()
+
+
+def test_check_names_a_pass_nested_in_a_pipeline_by_its_path(tmp_path, capsys):
+    source, target = tiny_model(tmp_path / "in.onnx"), tmp_path / "out.onnx"
+    code = main(["optimize", str(source), "-o", str(target), "-p", "cli-test-nested", "--check"])
+    err = assert_one_line_error(capsys, code)
+    assert re.search(r"pass 'cli-test-nested/cli-test-double-outputs' changed the outputs by [\d.]+ \(tolerance", err)
+    assert not target.exists()
+
+
+def test_dump_ir_takes_a_nested_pass_by_name_or_path(tmp_path, capsys):
+    source = tiny_model(tmp_path / "in.onnx")
+    for selector in ("cli-test-drop-identities", "cli-test-nested/cli-test-drop-identities"):
+        dumps = tmp_path / selector.replace("/", "_")
+        args = ["optimize", str(source), "-o", str(tmp_path / "out.onnx"), "-p", "cli-test-nested", "--dump-ir", selector]
+        assert main([*args, "--dump-dir", str(dumps)]) == 0, capsys.readouterr().err
+        assert sorted(p.name for p in dumps.iterdir()) == [
+            "02-cli-test-nested.cli-test-drop-identities.after.txt", "02-cli-test-nested.cli-test-drop-identities.before.txt",
+        ]
+    table = capsys.readouterr().out
+    assert re.search(r"^cli-test-nested .*3 -> 3 .*cli-test-drop-identities.removed=1$", table, re.M)
+    assert re.search(r"^  cli-test-drop-identities .*3 -> 2 .*removed=1$", table, re.M)
+    assert re.search(r"^  cli-test-double-outputs .*2 -> 3", table, re.M)
+
+
+def test_compile_dumps_checks_and_reports_the_lowering(zoo_onnx, tmp_path, capsys):
+    dumps = tmp_path / "dumps"
+    args = ["compile", str(zoo_onnx("bert")), "-t", "onnxruntime:cpu", "-o", str(tmp_path / "art"), "--check", "--verify"]
+    assert main([*args, "--dump-ir", "all", "--dump-dir", str(dumps)]) == 0, capsys.readouterr().err
+    table = capsys.readouterr().out
+    names = sorted(p.name for p in dumps.iterdir())
+    (lowered,) = [n for n in names if n.endswith("-lowering.lower-onnxruntime.after.txt")]
+    (cleaned,) = [n for n in names if n.endswith("-lowering.eliminate-dead-code.after.txt")]
+    assert any(n.endswith("-fuse.cleanup.fold-constants.before.txt") for n in names)
+    assert "com.microsoft::Attention(" in (dumps / lowered).read_text()
+    assert "graphopt::Attention(" in (dumps / lowered).read_text()  # replaced, dead until eliminate-dead-code
+    assert "graphopt::Attention(" not in (dumps / cleaned).read_text()
+    lowering_row = re.search(r"^lowering .*$", table, re.M).group(0)
+    assert re.search(r"\d\.\d\de[-+]\d\d", lowering_row)  # --check measured the lowered graph
+    assert re.search(r"^  lower-onnxruntime .*lowered=\d+$", table, re.M)
+
+
+def test_compile_dump_ir_names_must_be_in_the_pipeline_or_the_lowering(tmp_path, capsys):
+    source = tiny_model(tmp_path / "in.onnx")
+    args = ["compile", str(source), "-t", "onnxruntime", "-o", str(tmp_path / "art"), "-p", "cli-test-drop-identities", "--dump-dir", str(tmp_path / "d")]
+    assert main([*args, "--dump-ir", "lower-onnxruntime"]) == 0
+    assert sorted(p.name for p in (tmp_path / "d").iterdir()) == ["03-lowering.lower-onnxruntime.after.txt", "03-lowering.lower-onnxruntime.before.txt"]
+    capsys.readouterr()
+    err = assert_one_line_error(capsys, main([*args, "--dump-ir", "fold-constants"]))
+    assert "--dump-ir: pass 'fold-constants' is not in the pipeline (cli-test-drop-identities, lowering), nor nested in it" in err
 
 
 def test_optimize_quiet_prints_nothing(tmp_path, capsys):

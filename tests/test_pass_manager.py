@@ -1,4 +1,4 @@
-"""The pass manager times, verifies, dumps and checks every pass."""
+"""The pass manager times, verifies, dumps and checks every pass, nested pipelines' passes included."""
 
 import dataclasses
 
@@ -8,7 +8,7 @@ import pytest
 import graphopt
 from graphopt import DType, Graph, Pass, PassResult, TensorType, register_pass
 from graphopt.check import CheckError
-from graphopt.pass_manager import PassManager, run_to_fixed_point
+from graphopt.pass_manager import PassManager, Pipeline
 from graphopt.pipeline import build_pipeline
 
 
@@ -109,13 +109,108 @@ def test_dump_ir_writes_before_and_after(tmp_path):
     assert before.count("Neg(") == 0 and after.count("Neg(") == 2
 
 
-def test_fixed_point_stops_when_nothing_changes(caplog):
-    ctx = graphopt.PassContext()
-    changed, stats = run_to_fixed_point(_graph(), [_Countdown(left=2)], ctx, max_iterations=10)
-    assert changed and stats["iterations"] == 3 and stats["test-countdown.ticks"] == 3
-    changed, stats = run_to_fixed_point(_graph(), [_Countdown(left=50)], ctx, max_iterations=4)
-    assert stats["iterations"] == 4
-    assert "did not reach a fixed point in 4 iterations" in caplog.text
+def test_fixed_point_pipeline_stops_when_nothing_changes(caplog):
+    pipeline = Pipeline.of("countdown", [_Countdown(left=2)], max_iterations=10)
+    report = PassManager([pipeline]).run(_graph())
+    (record,) = report.records
+    assert record.changed and record.stats == {"test-countdown.ticks": 3, "iterations": 3}
+    assert [child.changed for child in record.children] == [True, True, False]
+    assert "fixed point" not in caplog.text
+    bounded = Pipeline.of("countdown", [_Countdown(left=50)], max_iterations=4)
+    assert PassManager([bounded]).run(_graph()).records[0].stats["iterations"] == 4
+    assert "countdown did not reach a fixed point in 4 iterations" in caplog.text
+
+
+def _nested() -> Pipeline:
+    """outer = [test-add-double-neg, inner = [test-add-double-neg, test-double-weights]]."""
+    inner = Pipeline.of("inner", build_pipeline("test-add-double-neg,test-double-weights"))
+    return Pipeline.of("outer", [*build_pipeline("test-add-double-neg"), inner])
+
+
+def test_report_shows_nested_passes_by_path_and_indented():
+    report = PassManager([_nested()]).run(_graph())
+    assert [r.path for r in report.walk()] == [
+        "outer", "outer/test-add-double-neg", "outer/inner", "outer/inner/test-add-double-neg", "outer/inner/test-double-weights",
+    ]
+    (outer,) = report.records
+    assert (outer.nodes_before, outer.nodes_after) == (2, 6)
+    assert outer.stats == {"test-add-double-neg.added": 2, "inner.test-add-double-neg.added": 2, "inner.test-double-weights.doubled": 1}
+    lines = report.table().splitlines()
+    assert lines[2].startswith("outer ") and lines[3].startswith("  test-add-double-neg ")
+    assert lines[4].startswith("  inner ") and lines[6].startswith("    test-double-weights ")
+
+
+def test_report_table_merges_the_rounds_of_a_fixed_point_pipeline():
+    report = PassManager([Pipeline.of("countdown", [_Countdown(left=2)], max_iterations=10)]).run(_graph())
+    assert len(list(report.walk())) == 4
+    rows = report.table().splitlines()[2:]
+    assert len(rows) == 2 and rows[1].startswith("  test-countdown (x3) ") and rows[1].endswith("ticks=3")
+
+
+def test_check_mode_names_a_nested_pass_by_its_path():
+    with pytest.raises(CheckError, match=r"pass 'outer/inner/test-double-weights' changed the outputs by .* first pass"):
+        PassManager([_nested()], check=True).run(_graph())
+
+
+def test_check_mode_runs_the_graph_only_after_passes_that_changed_it(monkeypatch):
+    import graphopt.instruments as instruments
+
+    runs = []
+    real = instruments.run_graph
+    monkeypatch.setattr(instruments, "run_graph", lambda graph, feeds: runs.append(len(graph)) or real(graph, feeds))
+    pipeline = Pipeline.of("p", [*build_pipeline("test-add-double-neg"), _Countdown(left=0)], max_iterations=3)
+    report = PassManager([pipeline], check=True).run(_graph())
+    # the expected outputs, then once per run of test-add-double-neg (3 rounds); none after
+    # test-countdown (unchanged) nor for the pipeline itself (its last nested pass measured it)
+    assert runs == [2, 4, 6, 8]
+    assert [r.max_error for r in report.walk()] == [0.0] * 7
+
+
+def test_verify_each_names_a_nested_pass_by_its_path():
+    pipeline = Pipeline.of("outer", build_pipeline("test-add-double-neg,test-break-uses"))
+    with pytest.raises(graphopt.VerificationError, match="after pass 'outer/test-break-uses'"):
+        PassManager([pipeline], verify_each=True).run(_graph())
+
+
+def test_dump_ir_all_writes_nested_passes(tmp_path):
+    PassManager([_nested()], dump_ir=["all"], dump_dir=str(tmp_path)).run(_graph())
+    names = sorted(p.name for p in tmp_path.iterdir())
+    assert names == sorted(
+        f"{index:02d}-{path}.{when}.txt"
+        for index, path in enumerate(["outer", "outer.test-add-double-neg", "outer.inner", "outer.inner.test-add-double-neg", "outer.inner.test-double-weights"], 1)
+        for when in ("before", "after")
+    )
+    assert (tmp_path / "04-outer.inner.test-add-double-neg.after.txt").read_text().count("Neg(") == 4
+
+
+def test_dump_ir_by_name_dumps_every_run_of_a_nested_pass(tmp_path):
+    PassManager([_nested()], dump_ir=["test-add-double-neg"], dump_dir=str(tmp_path)).run(_graph())
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "02-outer.test-add-double-neg.after.txt", "02-outer.test-add-double-neg.before.txt",
+        "04-outer.inner.test-add-double-neg.after.txt", "04-outer.inner.test-add-double-neg.before.txt",
+    ]
+
+
+def test_pipeline_checks_the_order_of_its_passes_and_provides_their_facts():
+    @dataclasses.dataclass
+    class Needs(Pass):
+        """Test pass that needs "x"."""
+
+        name = "test-needs-x"
+        requires = ("x",)
+
+    @dataclasses.dataclass
+    class Gives(Pass):
+        """Test pass that provides "x" and "y"."""
+
+        name = "test-gives-x"
+        provides = ("x", "y")
+
+    with pytest.raises(graphopt.pass_base.PipelineError, match="inside pipeline 'p': pass 'test-needs-x' .* needs 'x', which 'test-gives-x' provides only after it"):
+        Pipeline.of("p", [Needs(), Gives()])
+    ordered = Pipeline.of("p", [Gives(), Needs()])
+    assert (ordered.requires, ordered.provides) == ((), ("x", "y"))
+    assert Pipeline.of("q", [Needs()]).requires == ("x",)
 
 
 def test_optimize_never_modifies_the_input_file(tmp_path):
@@ -125,4 +220,4 @@ def test_optimize_never_modifies_the_input_file(tmp_path):
     graph = graphopt.optimize(str(path), "test-add-double-neg", check=True, verify=True)
     assert path.read_bytes() == original
     assert len(graph) == 4
-    assert graph.metadata["pipeline_report"].records[0].max_error == 0.0
+    assert graph.report.records[0].max_error == 0.0

@@ -9,7 +9,11 @@ import graphopt
 from graphopt import DType, Graph, TensorType
 from graphopt.check import max_abs_error
 from graphopt.target_registry import get_target
-from graphopt.targets.onnxruntime_lowering import lower_to_contrib_ops
+
+
+def _lower(graph: Graph, device: str = "cpu") -> Graph:
+    """The onnxruntime target's lowering (lower-onnxruntime, eliminate-dead-code) on a copy."""
+    return get_target(f"onnxruntime:{device}").lower(graph)
 
 
 def _run(graph: Graph, feeds: dict) -> list:
@@ -42,7 +46,7 @@ graphopt op (decomposed on export)."""
 @pytest.mark.parametrize("name", sorted(LOWERED))
 def test_lowered_zoo_model_matches_the_fused_graph(name, zoo, zoo_onnx):
     fused = graphopt.optimize(str(zoo_onnx(name)), "fuse")
-    lowered = lower_to_contrib_ops(fused)
+    lowered = _lower(fused)
     lowered.verify()
     assert _contrib_counts(lowered) == LOWERED[name]
     if name == "bert":
@@ -74,7 +78,7 @@ def _attention_graph(bias_kind: str) -> Graph:
 @pytest.mark.parametrize("bias_kind", ["additive", "bool"])
 def test_multi_head_attention_equals_softmax_even_on_fully_masked_rows(bias_kind):
     graph = _attention_graph(bias_kind)
-    lowered = lower_to_contrib_ops(graph)
+    lowered = _lower(graph)
     lowered.verify()
     assert lowered.op_counts().get("com.microsoft::MultiHeadAttention") == 1
     assert "Transpose" not in lowered.op_counts() and "graphopt::Attention" not in lowered.op_counts()
@@ -94,7 +98,7 @@ def test_grouped_query_attention_is_left_to_the_decomposition():
     attention = next(n for n in graph.nodes if n.op_type == "Attention")
     attention.attrs["num_kv_heads"] = 1
     attention.attrs["num_heads"] = 2
-    lowered = lower_to_contrib_ops(graph)
+    lowered = _lower(graph)
     assert "MultiHeadAttention" not in str(lowered.op_counts()) and lowered.op_counts()["graphopt::Attention"] == 1
 
 
@@ -104,7 +108,7 @@ def test_quantized_packed_attention_becomes_qattention(mode, zoo, zoo_onnx):
     padded = {**feeds, "attention_mask": feeds["attention_mask"].copy()}
     padded["attention_mask"][-1, 3:] = 0  # the last sample has padding: the mask reaches QAttention
     quantized = graphopt.optimize(str(zoo_onnx("bert")), f"fuse,quantize{{mode={mode}}}", calibration_data=[feeds])
-    lowered = lower_to_contrib_ops(quantized)
+    lowered = _lower(quantized)
     lowered.verify()
     counts = lowered.op_counts()
     assert counts.get("com.microsoft::QAttention") == 2
@@ -125,7 +129,7 @@ def test_skip_layer_norm_exports_only_the_outputs_that_are_read(sum_read):
     node = graph.add_node("SkipLayerNorm", [x, skip, scale, beta], {"epsilon": 1e-5}, domain="graphopt",
                           num_outputs=2 if sum_read else 1, output_names=["y", "sum"] if sum_read else ["y"])
     graph.set_outputs(list(node.outputs))
-    lowered = lower_to_contrib_ops(graph, device="cuda")
+    lowered = _lower(graph, device="cuda")
     (proto,) = [n for n in lowered.to_onnx().graph.node if n.op_type == "SkipLayerNormalization"]
     assert list(proto.output) == ["y", "", "", "sum" if sum_read else ""]
     feeds = {"x": rng.standard_normal((2, 3, 8)).astype(np.float32), "skip": rng.standard_normal((2, 3, 8)).astype(np.float32)}
@@ -159,7 +163,7 @@ def test_cpu_skip_layer_norm_stays_out_of_orts_slow_kernel(with_bias, tmp_path):
     ORT's SkipLayerNormFusion leaves alone (with a bias), and the target's own session turns
     that fusion off (without one); CUDA keeps the contrib kernel."""
     graph = _skip_layer_norm_graph(with_bias)
-    lowered = lower_to_contrib_ops(graph, device="cpu")
+    lowered = _lower(graph, device="cpu")
     assert [n.op_type for n in lowered.nodes] == ["Add"] + (["Add"] if with_bias else []) + ["LayerNormalization"]
     if with_bias:
         assert lowered.nodes[1].inputs[1].name == "bias"  # added last: not ORT's fusion pattern
@@ -169,12 +173,12 @@ def test_cpu_skip_layer_norm_stays_out_of_orts_slow_kernel(with_bias, tmp_path):
     rng = np.random.default_rng(1)
     feeds = {"x": rng.standard_normal((2, 128, 8)).astype(np.float32), "skip": rng.standard_normal((2, 128, 8)).astype(np.float32)}
     assert max_abs_error(_run(graph, feeds), _run(lowered, feeds)) <= 1e-5
-    assert [n.op_type for n in lower_to_contrib_ops(graph, device="cuda").nodes] == ["SkipLayerNormalization"]
+    assert [n.op_type for n in _lower(graph, device="cuda").nodes] == ["SkipLayerNormalization"]
 
 
 def test_cpu_keeps_skip_simplified_layer_norm():
     """SkipSimplifiedLayerNormalization is not slower than its decomposition on CPU: it stays."""
-    lowered = lower_to_contrib_ops(_skip_layer_norm_graph(True, simplified=True), device="cpu")
+    lowered = _lower(_skip_layer_norm_graph(True, simplified=True), device="cpu")
     assert [n.op_type for n in lowered.nodes] == ["SkipSimplifiedLayerNormalization"]
 
 
