@@ -49,11 +49,17 @@ from graphopt.rewrite import Match, RewriteRule, RewriteRuleSet, Var
 COMMUTATIVE_BINARY_OPS = ("Add", "Mul", "Max", "Min", "And", "Or", "Equal")
 
 
-def _is_constant(value: Value) -> bool:
-    """A readable constant whose data cannot be overridden (an initializer that is also a
-    graph input is only a default)."""
+def _constant(value: Value) -> Optional[np.ndarray]:
+    """The data of a readable constant that cannot be overridden (an initializer that is
+    also a graph input is only a default), else None."""
     graph = value.graph
-    return constant_data(value) is not None and not (graph is not None and graph.is_overridable(value))
+    if graph is not None and graph.is_overridable(value):
+        return None
+    return constant_data(value)
+
+
+def _is_constant(value: Value) -> bool:
+    return _constant(value) is not None
 
 
 def _not_constant(value: Value) -> bool:
@@ -62,11 +68,6 @@ def _not_constant(value: Value) -> bool:
 
 def _is_float(value: Value) -> bool:
     return value.dtype is not None and value.dtype.is_float
-
-
-def _single_element(value: Value) -> bool:
-    data = constant_data(value)
-    return data is not None and data.size == 1
 
 
 def reduce_mean_pattern(op: Any, graph: Graph, value: Any, axes: Any, **attrs: Any) -> Any:
@@ -101,7 +102,7 @@ def _constant_right(op_type: str) -> RewriteRule:
 
 
 def _reciprocal_of(value: Value) -> Optional[np.ndarray]:
-    data = constant_data(value)
+    data = _constant(value)
     if data is None or data.dtype.kind != "f" or not np.all(data != 0):
         return None
     with np.errstate(all="ignore"):
@@ -133,7 +134,7 @@ def _one_over() -> RewriteRule:
 
     def check(graph: Graph, match: Match) -> bool | str:
         one, y = match["one"], match["y"]
-        data = constant_data(one)
+        data = _constant(one)
         if data is None or data.size != 1 or data.dtype.kind != "f" or float(data.reshape(-1)[0]) != 1.0:
             return "the dividend is not a single 1.0"
         if y.type.rank is None or data.ndim > y.type.rank:
@@ -161,7 +162,7 @@ def _square() -> RewriteRule:
         return op.Mul(x, x)
 
     def check(graph: Graph, match: Match) -> bool | str:
-        x, data = match["x"], constant_data(match["two"])
+        x, data = match["x"], _constant(match["two"])
         if data is None or data.size != 1 or float(data.reshape(-1)[0]) != 2.0:
             return "the exponent is not a single 2"
         if not _is_float(x) or x.type.rank is None or data.ndim > x.type.rank:
@@ -172,7 +173,7 @@ def _square() -> RewriteRule:
 
 
 def _folded_product(a: Value, b: Value) -> Optional[np.ndarray]:
-    first, second = constant_data(a), constant_data(b)
+    first, second = _constant(a), _constant(b)
     if first is None or second is None or first.dtype != second.dtype or first.dtype.kind not in "fiu":
         return None
     with np.errstate(all="ignore"):
@@ -201,9 +202,19 @@ def _scale_outward() -> RewriteRule:
         return op.Mul(op.Mul(x, Var("c", check=_is_constant)), y)
 
     def replacement(op, x, y, c):
-        return op.Mul(op.Mul(x, y), c)
+        return op.Mul(op.Mul(*sorted((x, y), key=_operand_order)), c)
 
     return RewriteRule("scale-outward", pattern, replacement)
+
+
+def _operand_order(value: Value) -> tuple[int, int]:
+    """Graph inputs first, in input order, then node outputs in graph order: the order of
+    the two non-constant factors of a re-associated product, so every grouping gives one form."""
+    graph, producer = value.graph, value.producer
+    if producer is None or graph is None:
+        inputs = graph.inputs if graph is not None else ()
+        return (0, next((i for i, v in enumerate(inputs) if v is value), len(inputs)))
+    return (1, graph.order_key(producer))
 
 
 def canonical_rules() -> list[RewriteRule]:
