@@ -36,31 +36,12 @@ from torch import Tensor
 
 from graphopt.exporters.graphopt_kernels import GRAPHOPT_KERNELS
 from graphopt.exporters.onnx23_kernels import MULTI_OUTPUT_KERNELS, ONNX23_KERNELS
+from graphopt.ir.dtypes import torch_dtypes
 
 _IntsLike = Tensor | Sequence[int] | int | None
 
-_ONNX_DTYPES: dict[int, torch.dtype] = {
-    1: torch.float32,
-    2: torch.uint8,
-    3: torch.int8,
-    4: torch.uint16,
-    5: torch.int16,
-    6: torch.int32,
-    7: torch.int64,
-    9: torch.bool,
-    10: torch.float16,
-    11: torch.float64,
-    12: torch.uint32,
-    13: torch.uint64,
-    14: torch.complex64,
-    15: torch.complex128,
-    16: torch.bfloat16,
-    17: torch.float8_e4m3fn,
-    18: torch.float8_e4m3fnuz,
-    19: torch.float8_e5m2,
-    20: torch.float8_e5m2fnuz,
-    24: torch.float8_e8m0fnu,
-}
+_ONNX_DTYPES: dict[int, torch.dtype] = {int(dtype): torch_dtype for dtype, torch_dtype in torch_dtypes().items()}
+"""ONNX data-type number: torch dtype (graphopt.ir.dtypes.torch_dtypes keyed by number)."""
 
 _FLOAT8_DTYPES = frozenset(
     {torch.float8_e4m3fn, torch.float8_e4m3fnuz, torch.float8_e5m2, torch.float8_e5m2fnuz}

@@ -2,12 +2,13 @@
 
 `DType` values are the ONNX `TensorProto.DataType` numbers, so converting to and from
 ONNX is the identity; numpy and torch equivalents are looked up lazily so the IR does
-not import torch.
+not import torch. `torch_dtypes()` is the one DType <-> torch.dtype table.
 """
 
 from __future__ import annotations
 
 import enum
+import functools
 from typing import Any
 
 import numpy as np
@@ -80,19 +81,7 @@ class DType(enum.IntEnum):
 
     def to_torch(self) -> Any:
         """The torch.dtype for this element type; raises ValueError if torch has none."""
-        import torch
-
-        table = {
-            DType.FLOAT: torch.float32, DType.DOUBLE: torch.float64,
-            DType.FLOAT16: torch.float16, DType.BFLOAT16: torch.bfloat16,
-            DType.INT8: torch.int8, DType.INT16: torch.int16, DType.INT32: torch.int32,
-            DType.INT64: torch.int64, DType.UINT8: torch.uint8, DType.UINT16: torch.uint16,
-            DType.UINT32: torch.uint32, DType.UINT64: torch.uint64, DType.BOOL: torch.bool,
-            DType.COMPLEX64: torch.complex64, DType.COMPLEX128: torch.complex128,
-            DType.FLOAT8E4M3FN: torch.float8_e4m3fn, DType.FLOAT8E5M2: torch.float8_e5m2,
-            DType.FLOAT8E4M3FNUZ: torch.float8_e4m3fnuz, DType.FLOAT8E5M2FNUZ: torch.float8_e5m2fnuz,
-            DType.FLOAT8E8M0: torch.float8_e8m0fnu,
-        }
+        table = torch_dtypes()
         if self not in table:
             raise ValueError(f"torch has no dtype for {self.name}")
         return table[self]
@@ -112,13 +101,28 @@ class DType(enum.IntEnum):
     @classmethod
     def from_torch(cls, dtype: Any) -> DType:
         """The DType of a torch.dtype."""
-        for member in cls:
-            try:
-                if member.to_torch() == dtype:
-                    return member
-            except ValueError:
-                continue
+        for member, torch_dtype in torch_dtypes().items():
+            if torch_dtype == dtype:
+                return member
         raise ValueError(f"no IR dtype for torch dtype {dtype}")
+
+
+@functools.cache
+def torch_dtypes() -> dict[DType, Any]:
+    """Every element type torch has, with its torch.dtype, in ONNX number order: the one
+    DType <-> torch table (torch is imported on the first call, never by importing the IR)."""
+    import torch
+
+    return {
+        DType.FLOAT: torch.float32, DType.UINT8: torch.uint8, DType.INT8: torch.int8,
+        DType.UINT16: torch.uint16, DType.INT16: torch.int16, DType.INT32: torch.int32,
+        DType.INT64: torch.int64, DType.BOOL: torch.bool, DType.FLOAT16: torch.float16,
+        DType.DOUBLE: torch.float64, DType.UINT32: torch.uint32, DType.UINT64: torch.uint64,
+        DType.COMPLEX64: torch.complex64, DType.COMPLEX128: torch.complex128,
+        DType.BFLOAT16: torch.bfloat16, DType.FLOAT8E4M3FN: torch.float8_e4m3fn,
+        DType.FLOAT8E4M3FNUZ: torch.float8_e4m3fnuz, DType.FLOAT8E5M2: torch.float8_e5m2,
+        DType.FLOAT8E5M2FNUZ: torch.float8_e5m2fnuz, DType.FLOAT8E8M0: torch.float8_e8m0fnu,
+    }
 
 
 _SHORT_NAMES = {
