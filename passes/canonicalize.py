@@ -115,7 +115,7 @@ def _divide_by_constant() -> RewriteRule:
         return op.Div(x, c)
 
     def replacement(op, x, c):
-        return op.Mul(x, _reciprocal_of(c))
+        return op.Mul(x, op.constant(_reciprocal_of(c), f"{c.name}_reciprocal"))
 
     def check(graph: Graph, match: Match) -> bool | str:
         if not _is_float(match["x"]) or _is_constant(match["x"]):
@@ -186,7 +186,7 @@ def _fold_scales() -> RewriteRule:
         return op.Mul(op.Mul(x, a), b)
 
     def replacement(op, x, a, b):
-        return op.Mul(x, _folded_product(a, b))
+        return op.Mul(x, op.constant(_folded_product(a, b), f"{b.name}_folded"))
 
     def check(graph: Graph, match: Match) -> bool | str:
         if _is_constant(match["x"]) or not (_is_constant(match["a"]) and _is_constant(match["b"])):

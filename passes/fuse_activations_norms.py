@@ -8,8 +8,10 @@ Multiplication and addition still match in either input order.
 fuse-gelu
 1. erf-gelu: (x * (erf(x * 1/sqrt(2)) + 1)) * 0.5  -> graphopt::Gelu(x). Covers
    0.5 * x * (1 + erf(x / sqrt(2))) in every grouping, with / sqrt(2) or * 1/sqrt(2).
+   Any constant scalar k may stand for the 0.5 (canonicalize folds a constant factor that
+   follows the GELU into it): the result is then graphopt::Gelu(x) * 2k.
 2. tanh-gelu: (x * (tanh((x + x^3 * 0.044715) * sqrt(2/pi)) + 1)) * 0.5
-   -> graphopt::Gelu(x, approximate="tanh"), in every grouping likewise.
+   -> graphopt::Gelu(x, approximate="tanh"), in every grouping and with any k likewise.
 3. onnx-gelu: the opset-20 ONNX Gelu op (newer exporters emit it) -> graphopt::Gelu with its
    `approximate`, so later passes and targets see one form.
 
@@ -46,12 +48,18 @@ SQRT2 = math.sqrt(2.0)
 TANH_SCALE = math.sqrt(2.0 / math.pi)
 
 
+def _gelu(op, x, approximate: str, half: float):
+    """graphopt::Gelu(x), times 2 * `half` when the product's constant factor is not 0.5."""
+    gelu = op.Gelu(x, _domain="graphopt", approximate=approximate)
+    return gelu if math.isclose(half, 0.5, rel_tol=1e-6) else op.Mul(gelu, 2.0 * half)
+
+
 def _erf_gelu_rule() -> RewriteRule:
     def pattern(op, x):
-        return op.Mul(op.Mul(x, op.Add(op.Erf(op.Mul(x, 1.0 / SQRT2)), 1.0)), 0.5)
+        return op.Mul(op.Mul(x, op.Add(op.Erf(op.Mul(x, 1.0 / SQRT2)), 1.0)), Const("half"))
 
-    def replacement(op, x):
-        return op.Gelu(x, _domain="graphopt", approximate="none")
+    def replacement(op, x, half):
+        return _gelu(op, x, "none", half)
 
     return RewriteRule("erf-gelu", pattern, replacement)
 
@@ -60,10 +68,10 @@ def _tanh_gelu_rule() -> RewriteRule:
     def pattern(op, x):
         cubic = op.Add(x, op.Mul(op.Pow(x, 3.0), 0.044715))
         inner = op.Add(op.Tanh(op.Mul(cubic, Const(value=TANH_SCALE, rel_tol=1e-5))), 1.0)
-        return op.Mul(op.Mul(x, inner), 0.5)
+        return op.Mul(op.Mul(x, inner), Const("half"))
 
-    def replacement(op, x):
-        return op.Gelu(x, _domain="graphopt", approximate="tanh")
+    def replacement(op, x, half):
+        return _gelu(op, x, "tanh", half)
 
     return RewriteRule("tanh-gelu", pattern, replacement)
 

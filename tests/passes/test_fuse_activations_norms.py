@@ -96,6 +96,18 @@ def test_every_tanh_gelu_variant_becomes_one_node(grouping):
     _assert_one_node(graph, "canonicalize,fuse-gelu", "graphopt::Gelu", approximate="tanh")
 
 
+def test_a_constant_factor_folded_into_the_half_stays_a_product():
+    """canonicalize folds (gelu * 0.5-form) / 2 into one factor 0.25; the GELU is still found."""
+    b = _Builder()
+    gelu = _half_product(b, b.x, b.Add(1.0, b.Erf(b.Div(b.x, math.sqrt(2.0)))), "half-last")
+    graph = b.finish(b.Div(gelu, 2.0))
+    fused, stats = _fuse(graph, "canonicalize,fuse-gelu,eliminate-dead-code")
+    assert stats["canonicalize"]["fold-scales"] == 1 and stats["fuse-gelu"] == {"fused": 1}
+    assert [n.qualified_op for n in fused.nodes] == ["graphopt::Gelu", "Mul", "Identity"]
+    assert fused.nodes[1].inputs[1].const.numpy() == pytest.approx(0.5)
+    assert max_abs_error(run_graph(graph, FEEDS), run_graph(fused, FEEDS)) <= 1e-6
+
+
 def test_erf_gelu_golden_ir():
     b = _Builder()
     graph = b.finish(_half_product(b, b.x, b.Add(1.0, b.Erf(b.Div(b.x, math.sqrt(2.0)))), "half-first"))
