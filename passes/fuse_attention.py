@@ -19,19 +19,22 @@ the data, not exporter-specific node names or sequences:
    Expand, Reshape back to rank 4) are replaced by the un-repeated tensors and the op gets
    `num_kv_heads`. Missing this only costs speed: repeated K/V are still correct.
 
-Legality (checked once per match): every value inside the match is read only inside it and
-is not a graph output. Softmax nodes that do not match are counted under a reason in the
-stats, so a coverage report can say why. Needs: static head count and head size (run on an
-imported graph; shapes come from inference). Changes: replaces the matched nodes by
-`graphopt::Attention` (plus a Transpose for K, Where/Add/Mul for bias terms where needed);
-the replaced nodes are erased once unused. ONNX's own opset-23 `Attention` nodes are not
-Softmax anchors and are left as they are (every target runs them; see `exporters/onnx23_kernels`).
+Legality: the pattern checks head counts; the rewrite commits through `graphopt.rewrite`,
+whose one legality check refuses a match with a value read outside it or returned as a
+graph output (reported as "an intermediate attention value is used outside the
+attention"), a replacement placed before what it reads, or a renamed graph output.
+Softmax nodes that do not match are counted under a reason in the stats, so a coverage
+report can say why. Needs: static head count and head size (run on an imported graph;
+shapes come from inference). Changes: replaces the matched nodes by `graphopt::Attention`
+(plus a Transpose for K, Where/Add/Mul for bias terms where needed); the replaced nodes,
+and the constants only they read, are erased; the output keeps its name. ONNX's own
+opset-23 `Attention` nodes are not Softmax anchors and are left as they are (every target runs them; see `exporters/onnx23_kernels`).
 """
 
 from __future__ import annotations
 
 import dataclasses
-from typing import Optional
+from typing import Any, Optional, Union
 
 import numpy as np
 from graphopt.passes.noops import noop_source
@@ -39,6 +42,7 @@ from graphopt.passes.noops import noop_source
 from graphopt.ir.graph import Graph, Node, Value, constant_data, uniform_constant
 from graphopt.pass_base import Pass, PassContext, PassResult
 from graphopt.registry import register_pass
+from graphopt.rewrite import RewritePattern, Rewriter, RewriteRuleSet
 
 _NOOPS_AFTER_SOFTMAX = ("Identity", "Cast", "Dropout")
 _NOOPS_IN_SCORES = ("Identity", "Cast")
@@ -73,20 +77,31 @@ class FuseAttention(Pass):
     provides = ("attention-fused",)
 
     def run(self, graph: Graph, ctx: PassContext) -> PassResult:
-        fused = 0
+        rules = RewriteRuleSet([AttentionPattern()])
+        fused = rules.apply(graph)[AttentionPattern.name]
+        remaining = {n.name for n in graph if n.op_type == "Softmax" and n.domain == ""}
         missed: dict[str, int] = {}
-        for softmax in [n for n in graph.nodes if n.op_type == "Softmax" and n.domain == ""]:
-            if softmax.graph is not graph:
-                continue
-            match, reason = _match(graph, softmax)
-            if match is None:
-                missed[reason] = missed.get(reason, 0) + 1
-                continue
-            _rewrite(graph, match)
-            fused += 1
+        for refusal in rules.refusals:
+            if refusal.node in remaining:
+                missed[refusal.reason] = missed.get(refusal.reason, 0) + 1
         stats: dict[str, object] = {"fused": fused}
         stats.update({f"missed: {reason}": count for reason, count in sorted(missed.items())})
         return PassResult(fused > 0, stats)
+
+
+class AttentionPattern(RewritePattern):
+    """The walk of this module, anchored on each Softmax; commits through `graphopt.rewrite`."""
+
+    name = "attention"
+    root_ops = (("", "Softmax"),)
+    depth = 2
+    """A fusion changes nothing another Softmax's walk reads, beyond its direct neighbours."""
+
+    def match_and_rewrite(self, graph: Graph, node: Node, rewriter: Rewriter) -> Union[bool, str]:
+        match, reason = _match(graph, node)
+        if match is None:
+            return reason
+        return _rewrite(graph, match, rewriter)
 
 
 def _match(graph: Graph, softmax: Node) -> tuple[Optional[_Match], str]:
@@ -325,13 +340,6 @@ def _scalar(value: Optional[Value]) -> Optional[float]:
 
 
 def _check_legal(graph: Graph, match: _Match) -> str:
-    inside = {id(n) for n in match.interior}
-    for node in match.interior:
-        for out in node.outputs:
-            if node is match.output_matmul:
-                continue
-            if out.is_graph_output or any(id(u.node) not in inside for u in out.uses()):
-                return "an intermediate attention value is used outside the attention (e.g. returned attention weights)"
     key = match.key if match.key is not None else match.key_transposed
     heads, kv_heads, v_heads = match.query.type.shape[1], key.type.shape[1], match.value.type.shape[1]  # type: ignore[index, union-attr]
     if not isinstance(heads, int):
@@ -341,31 +349,36 @@ def _check_legal(graph: Graph, match: _Match) -> str:
     return ""
 
 
-def _rewrite(graph: Graph, match: _Match) -> None:
+_ESCAPES = "an intermediate attention value is used outside the attention (e.g. returned attention weights)"
+
+
+def _rewrite(graph: Graph, match: _Match, rewriter: Rewriter) -> Union[bool, str]:
+    """Build graphopt::Attention before the P.V MatMul and commit it in its place."""
     anchor = match.output_matmul
+    constants = [
+        v for n in match.interior for v in n.inputs
+        if v is not None and (v.is_constant or (v.producer is not None and v.producer.op_type == "Constant"))
+    ]
+    edit = rewriter.edit(match.interior, [anchor.output], constants)
+    if edit.interior_problem():
+        return _ESCAPES
+    op = edit.op
     heads = match.query.type.shape[1]  # type: ignore[index]
-    key = match.key if match.key is not None else _untranspose_key(graph, match.key_transposed, anchor)  # type: ignore[arg-type]
+    key = match.key if match.key is not None else _untranspose_key(op, match.key_transposed)  # type: ignore[arg-type]
     key, value, kv_heads = _strip_repeat_kv(key, match.value, heads)
-    bias = _build_bias(graph, match.bias_terms, anchor, heads)
+    bias = _build_bias(op, match.bias_terms, heads)
     attrs = {"num_heads": heads, "num_kv_heads": kv_heads, "scale": float(match.scale)}
     if match.nan_to_zero:
         attrs["nan_to_zero"] = 1
     inputs = [match.query, key, value] + ([bias] if bias is not None else [])
-    attention = graph.add_node("Attention", inputs, attrs, domain="graphopt", before=anchor, name=graph.unique_node_name("Attention"))
-    output_name = anchor.output.name if anchor.output.is_graph_output else None
-    result = attention.output
+    result = op.Attention(*inputs, _domain="graphopt", **attrs)
     if match.folded:
-        result = _reshape_keeping_tail(graph, result, [-1], start=2, anchor=anchor)
-    anchor.output.replace_all_uses_with(result)
-    order = {id(node): index for index, node in enumerate(graph.nodes)}
-    for node in sorted(match.interior, key=lambda n: order.get(id(n), -1), reverse=True):
-        if node.graph is graph and not any(out.uses() or out.is_graph_output for out in node.outputs):
-            graph.erase(node)
-    if output_name is not None:
-        graph.rename_value(result, output_name)
+        result = _reshape_keeping_tail(op, result, [-1], start=2)
+    problem = edit.commit([result])
+    return True if problem is None else problem
 
 
-def _untranspose_key(graph: Graph, key_t: Value, anchor: Node) -> Value:
+def _untranspose_key(op: Any, key_t: Value) -> Value:
     node = key_t.producer
     if node is not None and node.op_type == "Transpose" and "perm" in node.attrs:
         perm = list(node.attrs["perm"])
@@ -373,10 +386,8 @@ def _untranspose_key(graph: Graph, key_t: Value, anchor: Node) -> Value:
         source = node.inputs[0]
         if perm == [0, 1, 2, 3]:
             return source  # type: ignore[return-value]
-        return graph.add_node("Transpose", [source], {"perm": tuple(perm)}, before=anchor).output
-    return graph.add_node("Transpose", [key_t], {"perm": (0, 1, 3, 2)}, before=anchor).output
-
-
+        return op.Transpose(source, perm=tuple(perm))
+    return op.Transpose(key_t, perm=(0, 1, 3, 2))
 def _strip_repeat_kv(key: Value, value: Value, heads: int) -> tuple[Value, Value, int]:
     base_k, base_v = _repeat_source(key), _repeat_source(value)
     if base_k is not None and base_v is not None:
@@ -416,36 +427,36 @@ def _repeat_source(value: Value) -> Optional[Value]:
     return source
 
 
-def _build_bias(graph: Graph, terms: list[tuple[Value, float, str, bool]], anchor: Node, heads: int) -> Optional[Value]:
+def _build_bias(op: Any, terms: list[tuple[Value, float, str, bool]], heads: int) -> Optional[Value]:
     total: Optional[Value] = None
     for term, factor, kind, folded in terms:
         if folded:
-            term = _reshape_keeping_tail(graph, term, [-1, heads], start=1, anchor=anchor)
+            term = _reshape_keeping_tail(op, term, [-1, heads], start=1)
         if kind == "add":
             part = term
             if factor != 1.0:
-                part = graph.add_node("Mul", [term, _float_constant(graph, factor, term)], before=anchor).output
+                part = op.Mul(term, _float_constant(op, factor, term))
         else:
-            fill = _float_constant(graph, factor, None)
-            zero = _float_constant(graph, 0.0, None)
+            fill = _float_constant(op, factor, None)
+            zero = _float_constant(op, 0.0, None)
             branches = [zero, fill] if kind == "keep-if-true" else [fill, zero]
-            part = graph.add_node("Where", [term, *branches], before=anchor).output
-        total = part if total is None else graph.add_node("Add", [total, part], before=anchor).output
+            part = op.Where(term, *branches)
+        total = part if total is None else op.Add(total, part)
     return total
 
 
-def _reshape_keeping_tail(graph: Graph, value: Value, head: list[int], start: int, anchor: Node) -> Value:
+def _reshape_keeping_tail(op: Any, value: Value, head: list[int], start: int) -> Value:
     """Reshape `value` to `head` followed by its own dims from `start` on."""
-    shape = graph.add_node("Shape", [value], before=anchor).output
-    tail = graph.add_node("Slice", [shape, _int_constant(graph, [start]), _int_constant(graph, [2**62])], before=anchor).output
-    target = graph.add_node("Concat", [_int_constant(graph, head), tail], {"axis": 0}, before=anchor).output
-    return graph.add_node("Reshape", [value, target], before=anchor).output
+    shape = op.Shape(value)
+    tail = op.Slice(shape, _int_constant(op, [start]), _int_constant(op, [2**62]))
+    target = op.Concat(_int_constant(op, head), tail, axis=0)
+    return op.Reshape(value, target)
 
 
-def _int_constant(graph: Graph, values: list[int]) -> Value:
-    return graph.add_constant(graph.unique_name("attention_shape_constant"), np.array(values, dtype=np.int64))
+def _int_constant(op: Any, values: list[int]) -> Value:
+    return op.constant(np.array(values, dtype=np.int64), "attention_shape_constant")
 
 
-def _float_constant(graph: Graph, number: float, like: Optional[Value]) -> Value:
+def _float_constant(op: Any, number: float, like: Optional[Value]) -> Value:
     dtype = like.dtype.to_numpy() if like is not None and like.dtype is not None else np.float32
-    return graph.add_constant(graph.unique_name("attention_bias_constant"), np.array(number, dtype=dtype))
+    return op.constant(np.array(number, dtype=dtype), "attention_bias_constant")

@@ -13,18 +13,20 @@ block; ORT's packed `Attention` kernel and one large GEMM both want them this wa
 Needs: nothing; run after fuse-attention, whose patterns follow each projection
 separately. Changes: the MatMuls (and bias Adds) of a group become MatMul [+ Add] + Split;
 the old outputs' names are kept on the Split outputs; the old weights are removed when
-nothing else reads them.
+nothing else reads them. The group commits through `graphopt.rewrite` as one replacement
+of several outputs (one legality check).
 """
 
 from __future__ import annotations
 
 import dataclasses
-from typing import Optional
+from typing import Optional, Union
 
 import numpy as np
 from graphopt.ir.graph import Graph, Node, Value, constant_data
 from graphopt.pass_base import Pass, PassContext, PassResult
 from graphopt.registry import register_pass
+from graphopt.rewrite import RewritePattern, Rewriter, RewriteRuleSet
 
 SPLIT_SIZES_AS_INPUT_OPSET = 13
 
@@ -64,17 +66,55 @@ def _projection(matmul: Node, x: Value) -> Optional[_Projection]:
     return found
 
 
-def _groups(graph: Graph) -> list[list[_Projection]]:
-    found = []
-    for value in list(graph.values()):
-        if value.is_constant or value.dtype is None or not value.dtype.is_float or value.shape is None or len(value.shape) < 2:
-            continue
-        projections = [p for p in (_projection(use.node, value) for use in value.uses()) if p is not None]
-        by_depth: dict[int, list[_Projection]] = {}
-        for p in projections:
-            by_depth.setdefault(p.weight.shape[0], []).append(p)
-        found += [group for group in by_depth.values() if len(group) > 1]
-    return found
+def _group(matmul: Node) -> Optional[list[_Projection]]:
+    """The projections of `matmul`'s input that share its K, when `matmul` is the first of two or more."""
+    x = matmul.inputs[0]
+    if x is None or x.is_constant or x.dtype is None or not x.dtype.is_float or x.shape is None or len(x.shape) < 2:
+        return None
+    mine = _projection(matmul, x)
+    if mine is None:
+        return None
+    depth = mine.weight.shape[0]
+    readers = dict.fromkeys(use.node for use in x.uses())
+    group = [p for p in (_projection(node, x) for node in readers) if p is not None and p.weight.shape[0] == depth]
+    return group if len(group) > 1 else None
+
+
+class QKVPattern(RewritePattern):
+    """The rule of this module, anchored on the first MatMul of each group; commits through
+    `graphopt.rewrite` as one multi-output replacement (the Split outputs)."""
+
+    name = "qkv"
+    root_ops = (("", "MatMul"),)
+    depth = 2
+
+    def __init__(self) -> None:
+        self.projections = 0
+
+    def match_and_rewrite(self, graph: Graph, node: Node, rewriter: Rewriter) -> Union[bool, str]:
+        group = _group(node)
+        if group is None:
+            return False
+        group.sort(key=lambda p: graph.order_key(p.matmul))
+        if group[0].matmul is not node:
+            return False
+        matched = [n for p in group for n in (p.matmul, p.bias_add) if n is not None]
+        weights = [v for n in matched for v in n.inputs[1:] if v is not None and v.is_constant]
+        edit = rewriter.edit(matched, [p.output for p in group], weights)
+        op, sizes = edit.op, [p.weight.shape[1] for p in group]
+        fused = op.MatMul(node.inputs[0], op.constant(_concatenate_columns([p.weight for p in group]), "qkv_weight"))
+        if any(p.bias is not None for p in group):
+            biases = [p.bias if p.bias is not None else np.zeros(n, p.weight.dtype) for p, n in zip(group, sizes)]
+            fused = op.Add(fused, op.constant(np.concatenate(biases), "qkv_bias"))
+        if graph.opset() >= SPLIT_SIZES_AS_INPUT_OPSET:
+            outputs = op.Split(fused, op.constant(np.array(sizes, np.int64), "qkv_split"), axis=-1, _outputs=len(group))
+        else:
+            outputs = op.Split(fused, axis=-1, split=tuple(sizes), _outputs=len(group))
+        problem = edit.commit(outputs)
+        if problem is not None:
+            return problem
+        self.projections += len(group)
+        return True
 
 
 def _concatenate_columns(weights: list[np.ndarray]) -> np.ndarray:
@@ -85,38 +125,6 @@ def _concatenate_columns(weights: list[np.ndarray]) -> np.ndarray:
     if all(w.T.flags.c_contiguous for w in weights):
         return np.concatenate([w.T for w in weights], axis=0).T
     return np.concatenate(weights, axis=1)
-
-
-def _fuse_group(graph: Graph, group: list[_Projection]) -> None:
-    positions = {id(n): i for i, n in enumerate(graph.nodes)}
-    group.sort(key=lambda p: positions[id(p.matmul)])
-    first = group[0].matmul
-    x = first.inputs[0]
-    sizes = [p.weight.shape[1] for p in group]
-    weight = graph.add_constant(graph.unique_name("qkv_weight"), _concatenate_columns([p.weight for p in group]))
-    fused = graph.add_node("MatMul", [x, weight], before=first).output
-    if any(p.bias is not None for p in group):
-        biases = [p.bias if p.bias is not None else np.zeros(n, p.weight.dtype) for p, n in zip(group, sizes)]
-        bias = graph.add_constant(graph.unique_name("qkv_bias"), np.concatenate(biases))
-        fused = graph.add_node("Add", [fused, bias], before=first).output
-    if graph.opset() >= SPLIT_SIZES_AS_INPUT_OPSET:
-        split_sizes = graph.add_constant(graph.unique_name("qkv_split"), np.array(sizes, np.int64))
-        split = graph.add_node("Split", [fused, split_sizes], {"axis": -1}, num_outputs=len(group), before=first)
-    else:
-        split = graph.add_node("Split", [fused], {"axis": -1, "split": tuple(sizes)}, num_outputs=len(group), before=first)
-    old_weights = []
-    for projection, out in zip(group, split.outputs):
-        name = projection.output.name
-        projection.output.replace_all_uses_with(out)
-        if projection.bias_add is not None:
-            old_weights.append(projection.bias_add.inputs[1] if projection.bias_add.inputs[0] is projection.matmul.output else projection.bias_add.inputs[0])
-            graph.erase(projection.bias_add)
-        old_weights.append(projection.matmul.inputs[1])
-        graph.erase(projection.matmul)
-        graph.rename_value(out, name)
-    for value in dict.fromkeys(old_weights):
-        if value is not None and value.is_constant and not value.uses() and not value.is_graph_output and value.graph is graph:
-            graph.remove_constant(value)
 
 
 @register_pass
@@ -131,7 +139,6 @@ class FuseQKV(Pass):
     name = "fuse-qkv"
 
     def run(self, graph: Graph, ctx: PassContext) -> PassResult:
-        groups = _groups(graph)
-        for group in groups:
-            _fuse_group(graph, group)
-        return PassResult(bool(groups), {"fused": len(groups), "projections": sum(len(g) for g in groups)})
+        pattern = QKVPattern()
+        fused = RewriteRuleSet([pattern]).apply(graph)[pattern.name]
+        return PassResult(fused > 0, {"fused": fused, "projections": pattern.projections})

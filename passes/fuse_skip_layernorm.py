@@ -10,22 +10,25 @@ last dim. When a (or b) is itself `p + c` with c a constant vector over the last
 that Add read only here, it is folded too: x = p, bias = c (the sum is (p + c) + skip,
 as before). When other nodes also read the residual sum a + b (pre-norm blocks feed it
 to the next residual Add), the fused node gets the sum as its second output and those
-readers read it. A norm scale or beta computed after the Add is left alone.
+readers read it; a norm scale or beta computed after the Add is then left alone (the
+fused node takes the Add's place). Commits through `graphopt.rewrite` (one legality check).
 
-Needs: LayerNormalization / graphopt::RMSNorm nodes (fuse-layernorm, fuse-rmsnorm).
-Changes: each matched Add (+ bias Add) + norm becomes one node; value names are kept.
+Needs: LayerNormalization / graphopt::RMSNorm nodes (fuse-layernorm, fuse-rmsnorm: facts
+"layernorm-fused", "rmsnorm-fused"). Changes: each matched Add (+ bias Add) + norm becomes
+one node; value names are kept.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from typing import Optional
+from typing import Optional, Union
 
 from graphopt.ir.graph import Graph, Node, Value, constant_data
 from graphopt.ir.schema import GRAPHOPT_DOMAIN
-from graphopt.ir.types import merge_types
+from graphopt.ir.types import same_shape
 from graphopt.pass_base import Pass, PassContext, PassResult
 from graphopt.registry import register_pass
+from graphopt.rewrite import RewritePattern, Rewriter, RewriteRuleSet
 
 
 def _is_computed(value: Optional[Value]) -> bool:
@@ -49,13 +52,6 @@ def _norm_kind(node: Node) -> Optional[int]:
     return 1 if int(node.attrs.get("stash_type", 1)) == 1 else None
 
 
-def same_shape(a: Optional[tuple], b: Optional[tuple]) -> bool:
-    """True when two known shapes of one rank agree dim by dim, an unknown dim agreeing with any."""
-    if a is None or b is None or len(a) != len(b) or not a:
-        return False
-    return all(x is None or y is None or x == y for x, y in zip(a, b))
-
-
 def _bias_split(value: Value, residual: Node) -> Optional[tuple[Value, Value]]:
     """(p, c) when `value` = p + c, c a constant vector over the last axis, read only by `residual`."""
     add = value.producer
@@ -72,51 +68,46 @@ def _bias_split(value: Value, residual: Node) -> Optional[tuple[Value, Value]]:
     return None
 
 
-def _defined_before(value: Optional[Value], anchor: Node, positions: dict[int, int]) -> bool:
-    producer = None if value is None else value.producer
-    return producer is None or positions[id(producer)] < positions[id(anchor)]
+class SkipLayerNormPattern(RewritePattern):
+    """The rule of this module, anchored on each norm; commits through `graphopt.rewrite`."""
+
+    name = "skip-layernorm"
+    root_ops = (("", "LayerNormalization"), (GRAPHOPT_DOMAIN, "RMSNorm"))
+    depth = 3
+
+    def match_and_rewrite(self, graph: Graph, node: Node, rewriter: Rewriter) -> Union[bool, str]:
+        simplified = _norm_kind(node)
+        residual = None if simplified is None else node.inputs[0].producer  # type: ignore[union-attr]
+        if residual is None or residual.op_type != "Add" or residual.domain or len(residual.inputs) != 2:
+            return False
+        a, b = residual.inputs
+        total = residual.output
+        if not (_is_computed(a) and _is_computed(b)) or not same_shape(a.shape, b.shape):  # type: ignore[union-attr]
+            return False
+        if not isinstance(a.shape[-1], int) or a.dtype is None or not a.dtype.is_float:  # type: ignore[union-attr,index]
+            return False
+        matched = [residual, node]
+        for x, skip in ((a, b), (b, a)):
+            split = _bias_split(x, residual)  # type: ignore[arg-type]
+            if split is not None:
+                matched.append(x.producer)  # type: ignore[union-attr]
+                x, bias = split
+                break
+        else:
+            x, skip, bias = a, b, None
+        sum_read = any(use.node is not node for use in total.uses()) or total.is_graph_output
+        outputs = [node.output, total] if sum_read else [node.output]
+        edit = rewriter.edit(matched, outputs)
+        scale, beta = node.inputs[1], (node.inputs[2] if len(node.inputs) > 2 else None)
+        fused = edit.op.SkipLayerNorm(
+            x, skip, scale, beta, bias, _domain=GRAPHOPT_DOMAIN, _outputs=len(outputs),
+            epsilon=float(node.attrs.get("epsilon", 1e-5)), simplified=simplified,
+        )
+        problem = edit.commit(fused if sum_read else [fused])
+        return True if problem is None else problem
 
 
-def _fuse_one(graph: Graph, norm: Node, simplified: int, positions: dict[int, int]) -> bool:
-    residual = norm.inputs[0].producer  # type: ignore[union-attr]
-    if residual is None or residual.op_type != "Add" or residual.domain or len(residual.inputs) != 2:
-        return False
-    a, b = residual.inputs
-    total = residual.output
-    if not (_is_computed(a) and _is_computed(b)) or not same_shape(a.shape, b.shape):  # type: ignore[union-attr]
-        return False
-    if not isinstance(a.shape[-1], int) or a.dtype is None or not a.dtype.is_float:  # type: ignore[union-attr,index]
-        return False
-    scale, beta = norm.inputs[1], (norm.inputs[2] if len(norm.inputs) > 2 else None)
-    if not all(_defined_before(v, residual, positions) for v in (scale, beta)):
-        return False
-    bias_add, bias = None, None
-    for x, skip in ((a, b), (b, a)):
-        split = _bias_split(x, residual)  # type: ignore[arg-type]
-        if split is not None:
-            bias_add, (x, bias) = x.producer, split  # type: ignore[union-attr]
-            break
-    else:
-        x, skip = a, b
-    attrs = {"epsilon": float(norm.attrs.get("epsilon", 1e-5)), "simplified": simplified}
-    sum_read = any(use.node is not norm for use in total.uses()) or total.is_graph_output
-    fused = graph.add_node(
-        "SkipLayerNorm", [x, skip, scale, beta, bias], attrs, domain=GRAPHOPT_DOMAIN,
-        num_outputs=2 if sum_read else 1, before=residual,
-    )
-    for out, old in zip(fused.outputs, (norm.output, total)):
-        out.type = merge_types(out.type, old.type)
-    names = [norm.output.name, total.name]
-    norm.output.replace_all_uses_with(fused.outputs[0])
-    graph.erase(norm)
-    if sum_read:
-        total.replace_all_uses_with(fused.outputs[1])
-    graph.erase(residual)
-    if bias_add is not None:
-        graph.erase(bias_add)
-    for out, name in zip(fused.outputs, names):
-        graph.rename_value(out, name)
-    return True
+RULES = [SkipLayerNormPattern()]
 
 
 @register_pass
@@ -125,18 +116,13 @@ class FuseSkipLayerNorm(Pass):
     """Fold residual Adds (and a constant bias Add) into the LayerNorm/RMSNorm that reads them: graphopt::SkipLayerNorm.
 
     Rules in `graphopt.passes.fuse_skip_layernorm`. Needs LayerNormalization or
-    graphopt::RMSNorm nodes (fuse-layernorm, fuse-rmsnorm); replaces each matched Add + norm
-    by one node whose second output is the residual sum when other nodes read it.
+    graphopt::RMSNorm nodes raised (facts "layernorm-fused" and "rmsnorm-fused"); replaces
+    each matched Add + norm by one node whose second output is the residual sum when other
+    nodes read it.
     """
 
     name = "fuse-skip-layernorm"
 
     def run(self, graph: Graph, ctx: PassContext) -> PassResult:
-        fused = 0
-        for norm in graph:
-            simplified = _norm_kind(norm)
-            if simplified is None or norm.graph is not graph:
-                continue
-            positions = {id(n): i for i, n in enumerate(graph.nodes)}
-            fused += _fuse_one(graph, norm, simplified, positions)
+        fused = RewriteRuleSet(RULES).apply(graph)[SkipLayerNormPattern.name]
         return PassResult(fused > 0, {"fused": fused})

@@ -97,3 +97,32 @@ def test_optimize_with_the_plugin(installed_example, tmp_path):
     feeds = sample_inputs(before)
     for want, got in zip(run_graph(before, feeds), run_graph(after, feeds)):
         np.testing.assert_array_equal(want, got)
+
+
+def _pre_norm_model(path: pathlib.Path) -> pathlib.Path:
+    """y = LayerNorm(x + skip); out = (x + skip) + y: the residual sum is read twice."""
+    graph = Graph("pre_norm", {"": 17})
+    x = graph.add_input("x", TensorType(DType.FLOAT, ("batch", 4)))
+    skip = graph.add_input("skip", TensorType(DType.FLOAT, ("batch", 4)))
+    scale = graph.add_constant("scale", np.linspace(0.5, 2.0, 4, dtype=np.float32))
+    bias = graph.add_constant("bias", np.linspace(-1.0, 1.0, 4, dtype=np.float32))
+    total = graph.add_node("Add", [x, skip], output_names=["sum"]).output
+    y = graph.add_node("LayerNormalization", [total, scale, bias], {"axis": -1}, output_names=["y"]).output
+    graph.set_outputs([graph.add_node("Add", [total, y], output_names=["out"]).output])
+    graph.save_onnx(path)
+    return path
+
+
+def test_multi_output_rewrite_plugin(installed_example, tmp_path):
+    listed = _graphopt("passes")
+    assert re.search(r"^fuse-residual-norm +Fold a residual Add whose sum is also read elsewhere", listed.stdout, re.M)
+    source = _pre_norm_model(tmp_path / "in.onnx")
+    target = tmp_path / "out.onnx"
+    result = _graphopt("optimize", str(source), "-o", str(target), "-p", "fuse-residual-norm", "--check")
+    assert result.returncode == 0, result.stderr
+    assert "fuse-residual-norm" in result.stdout and "fused=1" in result.stdout
+    before, after = from_onnx(source), from_onnx(target)  # saved as standard ONNX ops again
+    assert [v.name for v in after.outputs] == ["out"]
+    feeds = sample_inputs(before)
+    for want, got in zip(run_graph(before, feeds), run_graph(after, feeds)):
+        np.testing.assert_allclose(want, got, atol=1e-5)

@@ -11,7 +11,8 @@ import pytest
 from graphopt import DType, Graph, TensorType, Value
 from graphopt.check import max_abs_error, run_graph, sample_inputs
 from graphopt.ir.tensor import ArrayTensor
-from graphopt.rewrite import Const, RewriteError, RewriteRule, RewriteRuleSet, Var
+from graphopt.ir.graph import Node
+from graphopt.rewrite import Const, RewriteError, RewritePattern, Rewriter, RewriteRule, RewriteRuleSet, Var
 
 F32 = DType.FLOAT
 
@@ -461,3 +462,181 @@ def test_failing_replacement_leaves_the_graph_unchanged():
         RewriteRuleSet([RewriteRule("broken", lambda op, x: op.Relu(x), broken)]).apply(graph)
     assert str(graph) == printed
     graph.verify()
+
+
+# ---------------------------------------------------------------------------- multi-output rules
+def skip_norm_pattern(op, x, skip, scale, bias):
+    total = op.Add(x, skip)
+    return op.LayerNormalization(total, scale, bias, axis=-1), total
+
+
+def skip_norm(op, x, skip, scale, bias):
+    return op.SkipLayerNorm(x, skip, scale, bias, _domain="graphopt", _outputs=2, epsilon=1e-5, simplified=0)
+
+
+SKIP_NORM = RewriteRule("skip-norm", skip_norm_pattern, skip_norm)
+
+
+def residual_graph(sum_is_output: bool = False) -> Graph:
+    """y = LayerNorm(x + skip); the sum also feeds a Relu (or is itself a graph output)."""
+    graph = Graph("residual", {"": 17})
+    x = graph.add_input("x", TensorType(F32, (2, 4)))
+    skip = graph.add_input("skip", TensorType(F32, (2, 4)))
+    scale = graph.add_constant("scale", np.linspace(0.5, 2.0, 4, dtype=np.float32))
+    bias = graph.add_constant("bias", np.linspace(-1.0, 1.0, 4, dtype=np.float32))
+    total = graph.add_node("Add", [x, skip], output_names=["sum"]).output
+    y = graph.add_node("LayerNormalization", [total, scale, bias], {"axis": -1}, output_names=["y"]).output
+    other = total if sum_is_output else graph.add_node("Relu", [total], output_names=["r"]).output
+    graph.set_outputs([y, other])
+    return graph
+
+
+def test_multi_output_rule_replaces_every_matched_output():
+    graph = residual_graph()
+    before = graph.clone()
+    assert RewriteRuleSet([SKIP_NORM]).apply(graph) == {"skip-norm": 1}
+    graph.verify()
+    assert str(graph) == golden("""
+        graph residual (
+          %x: f32[2, 4]
+          %skip: f32[2, 4]
+        ) {
+          %scale: f32[4] = const [0.5, 1.0, 1.5, 2.0]
+          %bias: f32[4] = const [-1.0, -0.3333333432674408, 0.3333333432674408, 1.0]
+          %y: f32[2, 4], %sum: f32[2, 4] = graphopt::SkipLayerNorm(%x, %skip, %scale, %bias) {epsilon=1e-05, simplified=0}
+          %r: f32[2, 4] = Relu(%sum)
+          return %y, %r
+        }
+        """)
+    assert_same_outputs(before, graph)
+
+
+def test_multi_output_rule_keeps_the_name_of_a_graph_output_it_replaces():
+    graph = residual_graph(sum_is_output=True)
+    before = graph.clone()
+    assert RewriteRuleSet([SKIP_NORM]).apply(graph) == {"skip-norm": 1}
+    graph.verify()
+    assert [v.name for v in graph.outputs] == ["y", "sum"]
+    assert graph.op_counts() == {"graphopt::SkipLayerNorm": 1}
+    assert_same_outputs(before, graph)
+
+
+def test_multi_output_rule_checks_the_type_of_every_output():
+    def wrong_sum_type(op, x, skip, scale, bias):
+        norm, total = skip_norm(op, x, skip, scale, bias)
+        return norm, op.Cast(total, to=11)  # 11: double
+
+    graph = residual_graph()
+    printed = str(graph)
+    rules = RewriteRuleSet([RewriteRule("skip-norm", skip_norm_pattern, wrong_sum_type)])
+    assert rules.apply(graph) == {"skip-norm": 0}
+    assert [r.reason for r in rules.refusals] == ["the replacement has type f64[2, 4], the matched output %sum has f32[2, 4]"]
+    assert str(graph) == printed
+
+
+def test_multi_output_replacement_must_give_one_value_per_output():
+    rules = RewriteRuleSet([RewriteRule("skip-norm", skip_norm_pattern, lambda op, x, skip, scale, bias: op.Relu(x))])
+    graph = residual_graph()
+    printed = str(graph)
+    with pytest.raises(TypeError, match="must return a tuple of 2 Values"):
+        rules.apply(graph)
+    assert str(graph) == printed
+
+
+def test_multi_output_pattern_outputs_must_lie_in_the_first_outputs_pattern():
+    with pytest.raises(RewriteError, match="every pattern output after the first must be computed inside"):
+        RewriteRule("apart", lambda op, x, y: (op.Relu(x), op.Neg(y)), lambda op, x, y: (x, y))
+
+
+# ---------------------------------------------------------------------------- hand-written patterns
+class ReluChain(RewritePattern):
+    """Relu(Relu(...Relu(x))) of any length -> one Relu: a walk no fixed pattern expresses."""
+
+    name = "relu-chain"
+    root_ops = (("", "Relu"),)
+    depth = 1
+
+    def match_and_rewrite(self, graph: Graph, node: Node, rewriter: Rewriter):
+        if any(use.node.op_type == "Relu" for use in node.output.uses()):
+            return False  # not the end of a chain
+        chain = [node]
+        while chain[-1].inputs[0].producer is not None and chain[-1].inputs[0].producer.op_type == "Relu":
+            chain.append(chain[-1].inputs[0].producer)
+        if len(chain) < 2:
+            return False
+        edit = rewriter.edit(chain, [node.output])
+        problem = edit.commit([edit.op.Relu(chain[-1].inputs[0])])
+        return True if problem is None else problem
+
+
+def relu_chain_graph(length: int, middle_is_output: bool = False) -> Graph:
+    graph = Graph("relus")
+    x = graph.add_input("x", TensorType(F32, (3,)))
+    values = [x]
+    for i in range(length):
+        values.append(graph.add_node("Relu", [values[-1]], output_names=[f"r{i}"]).output)
+    y = graph.add_node("Neg", [values[-1]], output_names=["y"]).output
+    graph.set_outputs([y, values[2]] if middle_is_output else [y])
+    return graph
+
+
+def test_hand_written_pattern_commits_through_the_engine():
+    graph = relu_chain_graph(4)
+    rules = RewriteRuleSet([ReluChain()])
+    assert rules.apply(graph) == {"relu-chain": 1}
+    graph.verify()
+    assert str(graph) == golden("""
+        graph relus (
+          %x: f32[3]
+        ) {
+          %r3: f32[3] = Relu(%x)
+          %y: f32[3] = Neg(%r3)
+          return %y
+        }
+        """)
+
+
+def test_hand_written_pattern_gets_the_same_legality_check():
+    graph = relu_chain_graph(4, middle_is_output=True)
+    printed = str(graph)
+    rules = RewriteRuleSet([ReluChain()])
+    assert rules.apply(graph) == {"relu-chain": 0}
+    assert [r.reason for r in rules.refusals] == ["interior value %r1 is a graph output"]
+    assert str(graph) == printed
+    graph.verify()
+
+
+def test_hand_written_pattern_that_claims_an_uncommitted_rewrite_is_an_error():
+    class Liar(RewritePattern):
+        name = "liar"
+        root_ops = (("", "Relu"),)
+
+        def match_and_rewrite(self, graph, node, rewriter):
+            return True
+
+    with pytest.raises(RewriteError, match="rule 'liar' reported a rewrite it did not commit"):
+        RewriteRuleSet([Liar()]).apply(relu_chain_graph(2))
+
+
+def test_rules_and_hand_written_patterns_run_in_one_rule_set():
+    graph = relu_chain_graph(3)
+    double_neg = RewriteRule("neg-to-mul", lambda op, x: op.Neg(x), lambda op, x: op.Mul(x, -1.0))
+    assert RewriteRuleSet([ReluChain(), double_neg]).apply(graph) == {"relu-chain": 1, "neg-to-mul": 1}
+    assert graph.op_counts() == {"Relu": 1, "Mul": 1}
+
+
+def test_worklist_revisits_what_a_rewrite_made_matchable():
+    """Rewriting the later Relu chain turns an earlier Neg's reader into a Neg: found in the next round."""
+    rules = [
+        RewriteRule("mul-minus-one", lambda op, x: op.Mul(x, -1.0), lambda op, x: op.Neg(x)),
+        RewriteRule("double-negation", lambda op, x: op.Neg(op.Neg(x)), lambda op, x: x),
+    ]
+    graph = Graph("late")
+    x = graph.add_input("x", TensorType(F32, (2,)))
+    minus = scalar(graph, "minus", -1.0)
+    first = graph.add_node("Neg", [x], output_names=["first"]).output
+    second = graph.add_node("Mul", [first, minus], output_names=["second"]).output
+    graph.set_outputs([graph.add_node("Relu", [second], output_names=["y"]).output])
+    assert RewriteRuleSet(rules).apply(graph) == {"mul-minus-one": 1, "double-negation": 1}
+    assert graph.op_counts() == {"Relu": 1}
+    assert graph.outputs[0].producer.inputs[0] is x

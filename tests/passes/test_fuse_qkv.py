@@ -29,7 +29,7 @@ FEEDS = {"x": np.random.default_rng(1).standard_normal((2, 3, 8)).astype(np.floa
 def test_three_projections_become_one_matmul_and_a_split():
     graph = _graph()
     fused = graphopt.optimize(graph.clone(), "fuse-qkv", verify=True)
-    assert fused.metadata["pipeline_report"].records[0].stats == {"fused": 1, "projections": 3}
+    assert fused.report.records[0].stats == {"fused": 1, "projections": 3}
     assert fused.op_counts() == {"Add": 1, "MatMul": 1, "Relu": 3, "Split": 1}
     matmul = next(n for n in fused.nodes if n.op_type == "MatMul")
     assert matmul.inputs[1].shape == (8, 15)

@@ -44,7 +44,7 @@ def _feeds(graph):
 def test_residual_add_is_folded_into_the_norm(norm, bias, sum_read):
     graph = _graph(norm, bias=bias, sum_read=sum_read)
     fused = graphopt.optimize(graph.clone(), "fuse-skip-layernorm", verify=True)
-    assert fused.metadata["pipeline_report"].records[0].stats == {"fused": 1}
+    assert fused.report.records[0].stats == {"fused": 1}
     (node,) = [n for n in fused.nodes if n.op_type == "SkipLayerNorm"]
     assert node.attrs["simplified"] == (norm == "rmsnorm")
     assert len(node.outputs) == (2 if sum_read else 1)
