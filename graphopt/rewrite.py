@@ -30,19 +30,37 @@ Pattern language (`op.<OpType>(*inputs, **attrs)` builds a pattern node):
 The replacement function receives `op`, a builder over the real graph, and the bindings
 its parameters name (`Var`s as Values, `Const`s as Python numbers, attribute `Var`s as
 attribute values). It returns the Value that replaces the pattern's output; Python numbers
-given as inputs become scalar constants of the element type of the node's other inputs.
+given as inputs become scalar constants of the element type of the node's other inputs, and
+`op.constant(array)` adds a constant of the array's own type.
+
+Multi-output rules: a pattern may return a tuple of pattern values (every one after the
+first computed inside the first one's pattern, e.g. `return op.LayerNormalization(total,
+...), total`); the replacement then returns a tuple of as many Values, each replacing the
+matched output at the same position (the readers of a replaced output may lie anywhere).
+
+Hand-written patterns: a `RewritePattern` subclass implements `match_and_rewrite(graph,
+node, rewriter)` for walks a pattern cannot express (attention); it builds the replacement
+through `rewriter.edit(matched_nodes, outputs, constants)` and commits it with
+`edit.commit(values)`, through the same legality check and commit as the rules. Rules and
+hand-written patterns run together in one `RewriteRuleSet`.
 
 Legality, checked centrally for every candidate match (first legal candidate wins):
-1. every matched value other than the pattern's output (its interior) is read only by
+1. every matched value other than the replaced outputs (its interior) is read only by
    matched nodes and is not a graph output;
 2. the rule's own `check(graph, match)`, if any, returns True (False, or a string giving
    the reason, refuses);
-3. the replacement reads only values defined before the matched output's producer, so it
-   cannot create a cycle (a value that depends on the match is reported as a cycle);
-4. the replacement's type agrees with the matched output's where both are known, and a
+3. the replacement reads only values defined before the earliest replaced output's
+   producer (where its nodes go), so it cannot create a cycle (a value that depends on the
+   match is reported as a cycle); order keys make this O(1) per value read;
+4. each replacement's type agrees with its matched output's where both are known, and a
    graph output keeps its name.
 A refused candidate leaves the graph as it was; reasons are kept in
-`RewriteRuleSet.refusals`.
+`RewriteRuleSet.refusals`. A committed one erases the matched nodes nothing reads any more
+and the matched constants nothing reads (overridable initializers stay), and a new value
+takes the name of the value it replaces.
+
+Driver: `RewriteRuleSet.apply` visits every node once in graph order, then only the nodes
+around each rewrite (a worklist), until nothing changes or `max_rounds` rounds ran.
 """
 
 from __future__ import annotations

@@ -5,7 +5,7 @@ is a constant that broadcasts over x's last axis only (shape [N], [1, N], ...; i
 vector of N) and x is not a constant. The Add is usually the bias of the linear layer
 before the activation; ORT's BiasGelu/FastGelu kernels take it as an input.
 
-Needs: graphopt::Gelu (run fuse-gelu first). Changes: each matched Add + Gelu becomes one
+Needs: graphopt::Gelu (fuse-gelu first: requires its fact "gelu-fused"). Changes: each matched Add + Gelu becomes one
 Gelu node with two inputs.
 """
 
@@ -55,11 +55,12 @@ RULES = [RewriteRule("bias-gelu", _pattern, _replacement, check=_check)]
 class FuseBiasGelu(Pass):
     """Fold a constant bias Add before graphopt::Gelu into the Gelu's optional bias input.
 
-    The rule is in `graphopt.passes.fuse_bias_gelu`. Needs graphopt::Gelu nodes (fuse-gelu);
-    replaces each matched Add + Gelu by one node.
+    The rule is in `graphopt.passes.fuse_bias_gelu`. Needs graphopt::Gelu nodes (requires
+    "gelu-fused", which fuse-gelu provides); replaces each matched Add + Gelu by one node.
     """
 
     name = "fuse-bias-gelu"
+    requires = ("gelu-fused",)
 
     def run(self, graph: Graph, ctx: PassContext) -> PassResult:
         fused = sum(RewriteRuleSet(RULES).apply(graph).values())

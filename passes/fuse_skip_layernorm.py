@@ -122,6 +122,7 @@ class FuseSkipLayerNorm(Pass):
     """
 
     name = "fuse-skip-layernorm"
+    requires = ("layernorm-fused", "rmsnorm-fused")
 
     def run(self, graph: Graph, ctx: PassContext) -> PassResult:
         fused = RewriteRuleSet(RULES).apply(graph)[SkipLayerNormPattern.name]

@@ -34,6 +34,15 @@ def _graph(norm: str, *, bias: bool, sum_read: bool, skip_shape=("batch", "seq",
     return graph
 
 
+NORMS = "canonicalize,fuse-layernorm,fuse-rmsnorm,"
+"""fuse-skip-layernorm requires "layernorm-fused" and "rmsnorm-fused"; the graphs hold the
+norm ops already, so these find nothing to raise."""
+
+
+def _stats(graph: Graph, name: str) -> dict:
+    return next(record.stats for record in graph.report.records if record.name == name)
+
+
 def _feeds(graph):
     rng = np.random.default_rng(1)
     return {v.name: rng.standard_normal([2 if d == "batch" else 5 if d == "seq" else d for d in v.shape]).astype(np.float32) for v in graph.inputs}
@@ -43,8 +52,8 @@ def _feeds(graph):
 @pytest.mark.parametrize("bias,sum_read", [(True, True), (False, False)])
 def test_residual_add_is_folded_into_the_norm(norm, bias, sum_read):
     graph = _graph(norm, bias=bias, sum_read=sum_read)
-    fused = graphopt.optimize(graph.clone(), "fuse-skip-layernorm", verify=True)
-    assert fused.report.records[0].stats == {"fused": 1}
+    fused = graphopt.optimize(graph.clone(), NORMS + "fuse-skip-layernorm", verify=True)
+    assert _stats(fused, "fuse-skip-layernorm") == {"fused": 1}
     (node,) = [n for n in fused.nodes if n.op_type == "SkipLayerNorm"]
     assert node.attrs["simplified"] == (norm == "rmsnorm")
     assert len(node.outputs) == (2 if sum_read else 1)
@@ -60,5 +69,10 @@ def test_residual_add_is_folded_into_the_norm(norm, bias, sum_read):
 
 def test_a_broadcast_residual_is_left_alone():
     graph = _graph("layernorm", bias=False, sum_read=False, skip_shape=(1, "seq", HIDDEN))
-    fused = graphopt.optimize(graph.clone(), "fuse-skip-layernorm", verify=True)
+    fused = graphopt.optimize(graph.clone(), NORMS + "fuse-skip-layernorm", verify=True)
     assert "graphopt::SkipLayerNorm" not in fused.op_counts()
+
+
+def test_running_it_without_the_norm_fusions_is_refused_before_anything_runs():
+    with pytest.raises(graphopt.PipelineError, match="needs 'layernorm-fused'"):
+        graphopt.optimize(_graph("layernorm", bias=False, sum_read=False), "fuse-skip-layernorm")
