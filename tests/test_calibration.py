@@ -80,7 +80,7 @@ def test_ranges_clip_outliers_except_minmax():
 def test_optimize_passes_calibration_data_to_the_passes():
     graph = block_graph()
     out = graphopt.optimize(graph, "quantize", calibration_data=[(d["x"],) for d in calibration(graph)])
-    assert out.metadata["pipeline_report"].records[0].stats["quantized"] == 3
+    assert out.report.records[0].stats["quantized"] == 3
 
 
 def test_cli_reads_calibration_npz(tmp_path, capsys):

@@ -51,7 +51,7 @@ def test_check_mode_runs_a_model_with_sequence_outputs() -> None:
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)], ir_version=9)
     onnx.checker.check_model(model)
     optimized = graphopt.optimize(model, "cleanup", check=True, check_inputs={"x": np.array([1.0, 2.0], np.float32)})
-    assert optimized.metadata["pipeline_report"].records[0].max_error == 0.0
+    assert optimized.report.records[0].max_error == 0.0
 
 
 def test_run_graph_takes_and_returns_bfloat16_and_float8() -> None:

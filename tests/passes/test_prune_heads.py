@@ -153,7 +153,7 @@ def test_pipeline_text_with_calibration_data(zoo_onnx):
     path = str(zoo_onnx("bert"))
     samples = [sample_inputs(graphopt.optimize(path, "cleanup"), seed=s) for s in range(2)]
     graph = graphopt.optimize(path, "fuse,prune-heads{ratio=0.25,score=activation,compensate=true}", calibration_data=samples, verify=True)
-    record = next(r for r in graph.metadata["pipeline_report"].records if r.name == "prune-heads")
+    record = next(r for r in graph.report.records if r.name == "prune-heads")
     assert record.stats["heads"] == "8 -> 6"
     with pytest.raises(graphopt.PipelineError, match="pass 'prune-heads' .* needs 'attention-fused'"):
         graphopt.optimize(path, "prune-heads{ratio=0.25}")
@@ -272,6 +272,6 @@ def test_taylor_labels_pass_the_calibration_checks_without_a_batch_axis(graphs, 
     direct = PruneHeads(ratio=0.5, score="taylor").run(graph, first_rows).stats["removed"]
     unbatched = [{name: array[0] for name, array in s.items()} for s in samples]
     optimized = graphopt.optimize(str(zoo_onnx("llama")), "fuse,prune-heads{ratio=0.5,score=taylor}", calibration_data=unbatched, verify=True)
-    record = next(r for r in optimized.metadata["pipeline_report"].records if r.name == "prune-heads")
+    record = next(r for r in optimized.report.records if r.name == "prune-heads")
     assert record.stats["heads"] == "8 -> 4"
     assert record.stats["removed"] == direct

@@ -15,7 +15,7 @@ from graphopt.passes.quantize_weights import dequantize_blocks, quantize_blocks,
 
 def _quantized(graph: Graph, pipeline: str, **options):
     out = graphopt.optimize(graph.clone(), pipeline, verify=True, **options)
-    return out, out.metadata["pipeline_report"].records[-1].stats
+    return out, out.report.records[-1].stats
 
 
 def _check_runs_everywhere(original: Graph, quantized: Graph, min_cosine: float) -> None:
@@ -191,7 +191,7 @@ def test_static_quantization_of_a_zoo_bert_after_fuse_runs_int8_in_ort(zoo, zoo_
     feeds = numpy_inputs(zm)
     samples = [{k: v[i:i + 1] for k, v in feeds.items()} for i in range(2)]
     out = graphopt.optimize(graph.clone(), "fuse,quantize", calibration_data=samples, verify=True)
-    matmuls = out.metadata["pipeline_report"].records[-1].stats["quantized"]
+    matmuls = out.report.records[-1].stats["quantized"]
     assert matmuls >= 4 * 2  # per layer at least attention output and the two FFN matmuls
     kernels = ort_kernel_counts(out)
     assert sum(kernels.get(k, 0) for k in INT8_KERNELS) == matmuls, kernels
@@ -207,7 +207,7 @@ def test_weight_only_decoder_runs_in_ort_and_the_torch_target(zoo, zoo_onnx, dty
     graph = graphopt.from_onnx(zoo_onnx("llama"))
     feeds = numpy_inputs(zm)
     out = graphopt.optimize(graph.clone(), f"fuse,quantize{{mode=weight-only,dtype={dtype},block_size=16}}", verify=True)
-    quantized = out.metadata["pipeline_report"].records[-1].stats["quantized"]
+    quantized = out.report.records[-1].stats["quantized"]
     assert quantized == out.op_counts()["com.microsoft::MatMulNBits"] >= 2 * 4  # q/k/v/o (maybe fused) + MLP per layer
     onnx.checker.check_model(out.to_onnx())
     expected = run_graph(graph, feeds)[0]

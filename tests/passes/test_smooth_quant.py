@@ -13,7 +13,7 @@ from graphopt.passes.smooth_quant import SmoothQuant
 
 def _smoothed(graph, pipeline="smooth-quant", data=None):
     out = graphopt.optimize(graph.clone(), pipeline, verify=True, calibration_data=data or calibration(graph))
-    return out, out.metadata["pipeline_report"].records[0].stats
+    return out, out.report.records[0].stats
 
 
 def test_factors_are_absorbed_by_the_norm_and_outputs_do_not_change():
@@ -87,7 +87,7 @@ def test_searched_alpha_is_lossless_and_recorded_so_a_second_run_keeps_it(tmp_pa
     path = tmp_path / "smoothed.onnx"
     once.save_onnx(path)
     again = graphopt.optimize(str(path), f"smooth-quant{{alpha={alpha}}},quantize", calibration_data=data)
-    records = again.metadata["pipeline_report"].records
+    records = again.report.records
     assert records[0].stats == {"smoothed": 0, "alpha": str(stats["alpha"])}
     plain, _ = _smoothed(graph, "quantize", data)
     searched_error = np.abs(run_graph(again, feeds)[0] - expected).max()

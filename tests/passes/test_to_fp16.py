@@ -50,7 +50,7 @@ def test_softmax_and_norms_stay_float32_and_the_rest_runs_in_fp16():
 def test_to_fp16_twice_changes_nothing():
     once = graphopt.optimize(_attention_like(), "to-fp16")
     twice = graphopt.optimize(once.clone(), "to-fp16")
-    assert not twice.metadata["pipeline_report"].records[0].changed
+    assert not twice.report.records[0].changed
     assert str(twice) == str(once)
 
 
