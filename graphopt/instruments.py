@@ -191,7 +191,8 @@ class DumpIR(Instrument):
 class Check(Instrument):
     """Compares the graph's outputs with the original's after every pass, nested ones included.
 
-    The expected outputs are computed once (at `run_start`, unless given). The graph is run
+    `inputs` default to `sample_inputs(graph, seed=ctx.seed)`, `expected` to the graph's
+    outputs on them, computed once per run (at `run_start`). The graph is run
     again only after a pass that changed it and whose nested passes did not already measure
     the result, so a pipeline costs one run per changing nested pass. A lossless pass whose
     error exceeds its `tolerance` raises `CheckError` naming it by its path; nested passes are
@@ -199,17 +200,18 @@ class Check(Instrument):
     """
 
     def __init__(self, inputs: Optional[dict[str, Any]] = None, expected: Optional[list[Any]] = None) -> None:
-        self.feeds = inputs
-        self.expected = expected
+        self.inputs = inputs
+        self.given_expected = expected
+        self.feeds: Optional[dict[str, Any]] = None
+        self.expected: Optional[list[Any]] = None
         self._error = 0.0
         self._measurements = 0
         self._marks: list[int] = []
 
     def run_start(self, graph: "Graph", ctx: "PassContext") -> None:
-        if self.feeds is None:
-            self.feeds = sample_inputs(graph, seed=ctx.seed)
-        if self.expected is None:
-            self.expected = run_graph(graph, self.feeds)
+        self.feeds = self.inputs if self.inputs is not None else sample_inputs(graph, seed=ctx.seed)
+        self.expected = self.given_expected if self.given_expected is not None else run_graph(graph, self.feeds)
+        self._error, self._measurements, self._marks = 0.0, 0, []
 
     def before_pass(self, item: "Pass", graph: "Graph", record: PassRecord) -> None:
         self._marks.append(self._measurements)

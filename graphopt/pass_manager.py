@@ -4,8 +4,8 @@
     report = manager.run(graph, PassContext())
     print(report.table())
 
-A `Pipeline` is itself a pass: a name and nested passes, run in order and, with
-`max_iterations > 1`, repeated until none of them changes the graph. `cleanup` and `fuse`
+A `Pipeline` is itself a pass: a name and nested passes, run in order and, for a
+fixed-point pipeline, repeated until none of them changes the graph (at most `max_iterations` rounds). `cleanup` and `fuse`
 are pipelines registered by name; a target's lowering is one too. Every pass a pipeline
 runs goes through `run_pass`, so the instruments of the run (`graphopt.instruments`:
 timing, verification, IR dumps, check mode, the report) see nested passes as they see
@@ -75,12 +75,15 @@ class Pipeline(Pass):
     what they need and none of them provides (an outer pipeline checks that), and provides
     everything they provide. Lossless when all
     of them are. Stats: the nested passes' numeric stats summed as "<pass>.<stat>", plus
-    "iterations" when it may repeat. A warning is logged when the bound stops it before a
-    fixed point.
+    "iterations" for a `fixed_point` pipeline, which logs a warning when the bound stops it
+    before a fixed point.
     """
 
     name: ClassVar[str] = "pipeline"
     steps: ClassVar[tuple[str, ...]] = ()
+    fixed_point: ClassVar[bool] = False
+    """True for a pipeline meant to reach a fixed point: it reports "iterations" and warns
+    when `max_iterations` stops it first."""
     max_iterations: int = 1
 
     def __post_init__(self) -> None:
@@ -122,6 +125,7 @@ class Pipeline(Pass):
         """An unregistered pipeline named `name` over `passes` (e.g. a target's lowering)."""
         pipeline = cls(max_iterations=max_iterations)
         pipeline.name = name  # type: ignore[misc]
+        pipeline.fixed_point = max_iterations > 1  # type: ignore[misc]
         pipeline.set_passes(passes)
         return pipeline
 
@@ -138,12 +142,12 @@ class Pipeline(Pass):
             if not changed:
                 break
         else:
-            if self.max_iterations > 1:
+            if self.fixed_point:
                 ctx.logger.warning(
                     "graphopt: %s did not reach a fixed point in %d iterations; stopping", self.name, self.max_iterations
                 )
         stats = self.summarize(results)
-        if self.max_iterations > 1:
+        if self.fixed_point:
             stats["iterations"] = iteration
         return PassResult(changed_any, stats)
 

@@ -23,6 +23,7 @@ class Cleanup(Pipeline):
     """
 
     name = "cleanup"
+    fixed_point = True
     steps = (
         "fold-constants",
         "simplify-shapes",

@@ -31,4 +31,9 @@ class Fuse(Pipeline):
     )
 
     def summarize(self, results: list[tuple[Pass, PassResult]]) -> dict[str, Any]:
-        return {item.name: result.stats.get("fused", 0) for item, result in results if item.name not in ("cleanup", "canonicalize")}
+        """{fusion name: nodes it fused} (cleanup's and canonicalize's stats are left out)."""
+        stats: dict[str, Any] = {}
+        for item, result in results:
+            if item.name not in ("cleanup", "canonicalize"):
+                stats[item.name] = stats.get(item.name, 0) + result.stats.get("fused", 0)
+        return stats

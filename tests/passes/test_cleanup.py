@@ -20,7 +20,8 @@ def _cleanup() -> graphopt.Pass:
     return graphopt.get_pass("cleanup")()
 
 
-def test_cleanup_runs_the_passes_to_a_fixed_point():
+def _small_graph() -> Graph:
+    """Duplicate Constant weights, an Identity shape round trip and a no-op Reshape."""
     graph = Graph("small")
     x = graph.add_input("x", TensorType(F32, ("batch", 8)))
     weight = graph.add_node("Constant", [], {"value_floats": (0.5,) * 8}, output_names=["w"])
@@ -32,6 +33,11 @@ def test_cleanup_runs_the_passes_to_a_fixed_point():
     total = graph.add_node("Add", [scaled.output, again.output], output_names=["total"])
     same = graph.add_node("Reshape", [total.output, target.output], output_names=["same"])
     graph.set_outputs([graph.add_node("Identity", [same.output], output_names=["y"]).output])
+    return graph
+
+
+def test_cleanup_runs_the_passes_to_a_fixed_point():
+    graph = _small_graph()
     feeds = {"x": np.random.default_rng(0).standard_normal((3, 8)).astype(np.float32)}
     expected = run_graph(graph, feeds)
 
@@ -51,6 +57,21 @@ def test_cleanup_runs_the_passes_to_a_fixed_point():
         "}\n"
     )
     assert not _cleanup().run(graph, PassContext()).changed
+
+
+def test_cleanup_is_a_pipeline_whose_passes_are_checked_and_reported():
+    graph = graphopt.optimize(_small_graph(), "cleanup", check=True, verify=True)
+    (record,) = graph.report.records
+    steps = [
+        "cleanup/fold-constants", "cleanup/simplify-shapes", "cleanup/eliminate-noops",
+        "cleanup/eliminate-common-subexpressions", "cleanup/eliminate-dead-code", "cleanup/cleanup-subgraphs",
+    ]
+    assert [child.path for child in record.children] == steps * 2  # the second round changes nothing
+    assert not any(child.changed for child in record.children[6:])
+    assert [child.max_error for child in record.children] == [0.0] * 12 and record.max_error == 0.0
+    assert record.stats["iterations"] == 2 and (record.nodes_before, record.nodes_after) == (9, len(graph)) == (9, 2)
+    once = graphopt.optimize(_small_graph(), "cleanup{max_iterations=1}")
+    assert once.report.records[0].stats["iterations"] == 1 and len(once.report.records[0].children) == 6
 
 
 def _check_zoo_model(name: str, path) -> tuple[int, int]:
