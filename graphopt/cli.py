@@ -113,7 +113,11 @@ def _add_optimize(commands: Any) -> None:
         "--report", metavar="FILE.md|FILE.html",
         help="write a report: per-pass table, op histograms before/after, sizes, fidelity, DOT drawings beside it",
     )
-    cmd.add_argument("--dump-ir", metavar="PASS[,PASS]|all", help="write the IR before and after these passes (needs --dump-dir)")
+    cmd.add_argument(
+        "--dump-ir", metavar="PASS[,PASS]|all",
+        help="write the IR before and after these passes: names (every run, nested ones too), paths such as "
+        "fuse/cleanup, or all (needs --dump-dir)",
+    )
     cmd.add_argument("--dump-dir", metavar="DIR", help="folder for --dump-ir files")
     cmd.add_argument(
         "--external-data", action=argparse.BooleanOptionalAction, default=None,
@@ -360,6 +364,8 @@ def _passes(args: argparse.Namespace) -> int:
         for option in info["options"]:
             default = f" = {option['default']!r}" if "default" in option else " (required)"
             print(f"    {option['name']}: {option['type']}{default}")
+        if "steps" in info:
+            print(f"    (pipeline: {', '.join(info['steps'])})")
         facts = [f"{key}: {', '.join(info[key])}" for key in ("requires", "provides") if info[key]]
         if facts:
             print(f"    ({'; '.join(facts)})")

@@ -18,6 +18,11 @@ options, ctx): the same input gives the same output.
 Facts (`requires` / `provides`) let the pass manager check ordering before running
 anything: a pass that `requires = ("attention-fused",)` must come after one that
 `provides = ("attention-fused",)`.
+
+A pass made of passes subclasses `graphopt.pass_manager.Pipeline` and lists them in
+`steps` (see `passes/cleanup.py`); never call another pass's `run` from a pass on the same
+graph: the pass manager's instruments (verify, IR dumps, check mode, the report) only see
+passes run through it.
 """
 
 from __future__ import annotations

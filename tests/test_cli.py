@@ -399,7 +399,10 @@ def test_inspect_json(zoo_onnx, capsys):
     assert main(["inspect", "--json", str(zoo_onnx("bert"))]) == 0
     summary = json.loads(capsys.readouterr().out)
     assert summary["ops"]["MatMul"] == 16 and summary["nodes"] == sum(summary["ops"].values())
-    assert summary["parameters"]["count"] > 20_000 and summary["parameters"]["bytes"] == 4 * summary["parameters"]["count"]
+    params = summary["parameters"]
+    constants = graphopt.from_onnx(zoo_onnx("bert")).constants.values()
+    floats = sum(v.const.size for v in constants if v.dtype == graphopt.DType.FLOAT)
+    assert floats > 20_000 and params["bytes"] == 4 * floats + 8 * (params["count"] - floats)  # weights f32, shapes i64
     assert summary["inputs"][0] == {"name": "input_ids", "dtype": "int64", "shape": ["batch", "seq"]}
     assert summary["outputs"][0]["shape"] == ["batch", "seq", 32]
     assert summary["opsets"]["ai.onnx"] >= 13
