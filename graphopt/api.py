@@ -45,9 +45,10 @@ def optimize(
     pipeline is validated before anything runs. `check=True` compares outputs after every
     pass, nested ones included (see `PassManager`); `verify=True` verifies the IR after every
     pass; `dump_ir` (pass names, paths such as "fuse/cleanup", or "all") writes the IR before
-    and after those passes into `dump_dir`. The per-pass report is in `graph.report`. `calibration_data`: samples for
-    data-aware passes, an iterable of dicts (input name -> numpy array or torch tensor) or
-    tuples in input order, checked against the graph's inputs (see `graphopt.calibration`).
+    and after those passes into `dump_dir`. The per-pass report is in `graph.report`.
+    `calibration_data`: samples for data-aware passes, an iterable of dicts (input name ->
+    numpy array or torch tensor) or tuples in input order, checked against the graph's
+    inputs (see `graphopt.calibration`).
     """
     passes = build_pipeline(pipeline)
     graph = load_graph(model)

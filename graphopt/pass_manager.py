@@ -73,10 +73,10 @@ class Pipeline(Pass):
     names, each built with its default options); `Pipeline.of` makes one from pass objects.
     The nested passes' requires/provides are checked in order when it is built; it requires
     what they need and none of them provides (an outer pipeline checks that), and provides
-    everything they provide. Lossless when all
-    of them are. Stats: the nested passes' numeric stats summed as "<pass>.<stat>", plus
-    "iterations" for a `fixed_point` pipeline, which logs a warning when the bound stops it
-    before a fixed point.
+    everything they provide. Lossless when all of them are. The nested pass objects are
+    built once and reused for every round and every run. Stats: the nested passes' numeric
+    stats summed as "<pass>.<stat>", plus "iterations" for a `fixed_point` pipeline, which
+    logs a warning when the bound stops it before a fixed point.
     """
 
     name: ClassVar[str] = "pipeline"
