@@ -387,8 +387,8 @@ _PIPELINE_FILES: list[tuple[str, str, Any, str]] = [
 
 _TARGET_SPECS = [
     ("target-unknown", "tpu", "unknown target 'tpu'"),
-    ("target-empty", "", "malformed target spec ''"),
-    ("target-unclosed", "onnxruntime{threads=2", "malformed target spec"),
+    ("target-empty", "", "cannot read target spec ''"),
+    ("target-unclosed", "onnxruntime{threads=2", "cannot read target spec"),
     ("target-bad-variant", "onnxruntime:gpu99", "has no variant 'gpu99'"),
     ("target-unknown-option", "onnxruntime{bogus=1}", "has no option 'bogus'"),
     ("target-option-type", "onnxruntime{threads='two'}", "threads"),
