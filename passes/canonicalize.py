@@ -15,9 +15,13 @@ Rules (default-domain ops; "constant" means a graph constant small enough to rea
 6. fold-scales: `Mul(Mul(x, a), b)` with a, b constants, the inner Mul read only there ->
    `Mul(x, a*b)` (when a*b is no larger than the larger of a and b).
 7. scale-outward: `Mul(Mul(x, c), y)` with c constant and x, y not, the inner Mul read
-   only there -> `Mul(Mul(x, y), c)`: a constant factor of a product moves outermost, so
-   `0.5 * x * y`, `(0.5 * x) * y`, `x * (0.5 * y)` and `(x * y) * 0.5` all become
-   `Mul(Mul(x, y), 0.5)`; with rule 6, chains of constant factors become one.
+   only there, and one of x, y computed from the other (within a walk of 64 nodes) ->
+   `Mul(Mul(x, y), c)` (x, y in a fixed order: graph inputs first, then graph order): a
+   constant factor moves outermost within one expression, so `0.5 * x * y`,
+   `(0.5 * x) * y`, `x * (0.5 * y)` and `(x * y) * 0.5` all become `Mul(Mul(x, y), 0.5)`
+   when y is computed from x (GELU's `x * (1 + erf(..))`). It does not move past a factor
+   from a separate expression (T5's gate in `gelu(h) * g`), which would take the 0.5 out
+   of the GELU. With rule 6, chains of constant factors become one.
 
 Not here, because cleanup already does it (and `fuse` runs cleanup first): layout chains
 (Transpose∘Transpose, Reshape∘Reshape, Squeeze/Unsqueeze pairs, Unsqueeze chains) are
@@ -41,7 +45,7 @@ from typing import Any, Optional
 
 import numpy as np
 
-from graphopt.ir.graph import Graph, Value, constant_data
+from graphopt.ir.graph import Graph, Node, Value, constant_data
 from graphopt.pass_base import Pass, PassContext, PassResult
 from graphopt.registry import register_pass
 from graphopt.rewrite import Match, RewriteRule, RewriteRuleSet, Var
@@ -78,7 +82,7 @@ def reduce_mean_pattern(op: Any, graph: Graph, value: Any, axes: Any, **attrs: A
     return op.ReduceMean(value, **attrs)
 
 
-def reduce_axes(node: Any) -> Optional[tuple[int, ...]]:
+def reduce_axes(node: Node) -> Optional[tuple[int, ...]]:
     """A Reduce* node's constant axes, from its attribute or its second input (None if unknown)."""
     axes = node.attrs.get("axes")
     if axes is None and len(node.inputs) > 1 and node.inputs[1] is not None:
@@ -204,7 +208,39 @@ def _scale_outward() -> RewriteRule:
     def replacement(op, x, y, c):
         return op.Mul(op.Mul(*sorted((x, y), key=_operand_order)), c)
 
-    return RewriteRule("scale-outward", pattern, replacement)
+    def check(graph: Graph, match: Match) -> bool | str:
+        x, y = match["x"], match["y"]
+        if _reads_nearby(graph, y, x) or _reads_nearby(graph, x, y):
+            return True
+        return "the factors are separate expressions (neither reads the other nearby)"
+
+    return RewriteRule("scale-outward", pattern, replacement, check=check)
+
+
+RELATED_WINDOW = 64
+"""How many nodes `_reads_nearby` visits at most."""
+
+
+def _reads_nearby(graph: Graph, later: Value, earlier: Value) -> bool:
+    """Whether `later` is computed from `earlier`, found within `RELATED_WINDOW` nodes of a
+    walk up from `later` that skips everything computed before `earlier`."""
+    if later.producer is None:
+        return False
+    floor = graph.order_key(earlier.producer) if earlier.producer is not None else None
+    seen: set[int] = set()
+    stack = [later.producer]
+    while stack and len(seen) < RELATED_WINDOW:
+        node = stack.pop()
+        if id(node) in seen:
+            continue
+        seen.add(id(node))
+        for value in node.inputs:
+            if value is earlier:
+                return True
+            producer = value.producer if value is not None else None
+            if producer is not None and producer.graph is graph and (floor is None or graph.order_key(producer) > floor):
+                stack.append(producer)
+    return False
 
 
 def _operand_order(value: Value) -> tuple[int, int]:

@@ -130,17 +130,26 @@ def test_squares_become_products_and_other_powers_stay():
 def test_constant_factors_fold_and_move_outermost():
     b = _Builder()
     chain = b.Mul(b.Mul(b.Mul(b.x, 2.0), 3.0), b.const(np.linspace(1, 2, 8)))
-    graph = b.finish(chain, b.Mul(b.Mul(0.5, b.x), b.Mul(b.y, 4.0)))
+    graph = b.finish(chain, b.Mul(b.Mul(0.5, b.x), b.Mul(b.Exp(b.x), 4.0)))
     out, stats = _canonicalize(graph)
-    assert [_expr(v) for v in out.outputs] == ["Mul(x, const[8])", "Mul(Mul(x, y), 2)"]
+    assert [_expr(v) for v in out.outputs] == ["Mul(x, const[8])", "Mul(Mul(x, Exp(x)), 2)"]
     np.testing.assert_allclose(out.outputs[0].producer.inputs[0].producer.inputs[1].const.numpy(), 6.0 * np.linspace(1, 2, 8), rtol=1e-6)
+
+
+def test_a_factor_does_not_move_past_a_separate_expression():
+    """T5's gated GELU, gelu(x) * y: the 0.5 stays with the GELU's own product."""
+    b = _Builder()
+    gelu = b.Mul(b.Mul(0.5, b.x), b.Add(b.Tanh(b.x), 1.0))
+    out, stats = _canonicalize(b.finish(b.Mul(gelu, b.y), b.Mul(b.Mul(b.x, 3.0), b.y)))
+    assert [_expr(v) for v in out.outputs] == ["Mul(Mul(Mul(x, Add(Tanh(x), 1)), 0.5), y)", "Mul(Mul(x, 3), y)"]
+    assert stats["scale-outward"] == 1
 
 
 def test_a_factor_read_twice_is_not_moved():
     b = _Builder()
     half = b.Mul(b.x, 0.5)
-    out, stats = _canonicalize(b.finish(b.Mul(half, b.y), half))
-    assert [_expr(v) for v in out.outputs] == ["Mul(Mul(x, 0.5), y)", "Mul(x, 0.5)"]
+    out, stats = _canonicalize(b.finish(b.Mul(half, b.Exp(b.x)), half))
+    assert [_expr(v) for v in out.outputs] == ["Mul(Mul(x, 0.5), Exp(x))", "Mul(x, 0.5)"]
     assert stats == {}
 
 
