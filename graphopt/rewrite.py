@@ -456,8 +456,10 @@ class Change:
     """What one committed rewrite touched: the driver revisits the nodes around it."""
 
     new_nodes: list[Node]
-    values: list[Value]
-    """Values whose readers changed: the replacements and what the new and erased nodes read."""
+    replacements: list[Value]
+    """The values the matched outputs' readers read now."""
+    neighbours: list[Value]
+    """Computed values the new and erased nodes read (their readers changed)."""
 
 
 class Edit:
@@ -568,10 +570,10 @@ class Edit:
                 new.type = merge_types(new.type, old.type)
                 new.symbolic = new.symbolic or old.symbolic
             old.replace_all_uses_with(new)
-        touched: dict[int, Value] = {id(v): v for v in replacements}
+        touched: dict[int, Value] = {}
         for node in reversed(self.nodes):
             if node.graph is graph and not any(out._uses or out.is_graph_output for out in node.outputs):
-                touched.update((id(v), v) for v in node.reads)
+                touched.update((id(v), v) for v in node.reads if v.producer is not None)
                 graph.erase(node)
         overridable = set(graph.metadata.get("initializer_inputs", ()))
         for constant in dict.fromkeys(self.constants):
@@ -585,8 +587,8 @@ class Edit:
             if name is not None:
                 graph.rename_value(new, name)
         for node in self.op.nodes:
-            touched.update((id(v), v) for v in node.reads)
-        self.change = Change(list(self.op.nodes), list(touched.values()))
+            touched.update((id(v), v) for v in node.reads if v.producer is not None)
+        self.change = Change(list(self.op.nodes), list(replacements), list(touched.values()))
 
 
 def _type_problem(old: Value, new: Value) -> Optional[str]:
@@ -819,11 +821,16 @@ class RewriteRuleSet:
         raise RewriteError(f"rules did not reach a fixed point in {self.max_rounds} sweeps (still firing: {firing})")
 
     def _around(self, graph: Graph, change: Change, revisit: dict[int, Node]) -> None:
-        """Put the nodes a rewrite may have made (un)matchable on `revisit`."""
-        frontier: list[Node] = list(change.new_nodes)
-        for value in change.values:
+        """Put the nodes a rewrite may have made (un)matchable on `revisit`: the new nodes and
+        the readers of the replacements, with what reads them up to the deepest pattern's
+        depth (a pattern rooted there may now match), and the producers and readers of the
+        values the new and erased nodes read (their use counts changed)."""
+        for value in change.neighbours:
             if value.producer is not None and value.producer.graph is graph:
-                frontier.append(value.producer)
+                revisit[id(value.producer)] = value.producer
+            revisit.update((id(use.node), use.node) for use in value._uses)
+        frontier: list[Node] = list(change.new_nodes)
+        for value in change.replacements:
             frontier.extend(use.node for use in value._uses)
         seen: set[int] = set()
         for _ in range(self._depth):

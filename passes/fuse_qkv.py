@@ -71,11 +71,11 @@ def _group(matmul: Node) -> Optional[list[_Projection]]:
     x = matmul.inputs[0]
     if x is None or x.is_constant or x.dtype is None or not x.dtype.is_float or x.shape is None or len(x.shape) < 2:
         return None
-    mine = _projection(matmul, x)
+    readers = dict.fromkeys(use.node for use in x.uses() if use.node.op_type == "MatMul" and use.index == 0)
+    mine = _projection(matmul, x) if len(readers) > 1 else None
     if mine is None:
         return None
     depth = mine.weight.shape[0]
-    readers = dict.fromkeys(use.node for use in x.uses())
     group = [p for p in (_projection(node, x) for node in readers) if p is not None and p.weight.shape[0] == depth]
     return group if len(group) > 1 else None
 
