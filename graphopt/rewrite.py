@@ -471,20 +471,21 @@ class Edit:
     producer of an output.
     """
 
-    def __init__(self, graph: Graph, nodes: Sequence[Node], outputs: Sequence[Value], constants: Sequence[Value] = ()) -> None:
+    def __init__(self, rewriter: "Rewriter", nodes: Sequence[Node], outputs: Sequence[Value], constants: Sequence[Value] = ()) -> None:
         if not outputs:
             raise RewriteError("a rewrite must replace at least one matched output")
         members = {id(n) for n in nodes}
         for out in outputs:
             if out.producer is None or id(out.producer) not in members:
                 raise RewriteError(f"replaced value %{out.name} is not computed by a matched node")
+        graph = rewriter.graph
         self.graph = graph
+        self._rewriter = rewriter
         self.nodes = tuple(sorted(dict.fromkeys(nodes), key=graph.order_key))
         self.outputs = tuple(outputs)
         self.constants = tuple(constants)
         self.anchor = min((out.producer for out in outputs), key=graph.order_key)  # type: ignore[arg-type]
         self.op = _GraphBuilder(graph, self.anchor)
-        self.change: Optional[Change] = None
 
     def interior_problem(self) -> Optional[str]:
         """Why a matched value other than the outputs escapes the match, if one does."""
@@ -588,7 +589,7 @@ class Edit:
                 graph.rename_value(new, name)
         for node in self.op.nodes:
             touched.update((id(v), v) for v in node.reads if v.producer is not None)
-        self.change = Change(list(self.op.nodes), list(replacements), list(touched.values()))
+        self._rewriter.change = Change(list(self.op.nodes), list(replacements), list(touched.values()))
 
 
 def _type_problem(old: Value, new: Value) -> Optional[str]:
@@ -617,19 +618,7 @@ class Rewriter:
 
     def edit(self, nodes: Sequence[Node], outputs: Sequence[Value], constants: Sequence[Value] = ()) -> Edit:
         """Start replacing `outputs` of the matched `nodes` (see `Edit`)."""
-        return _TrackedEdit(self, nodes, outputs, constants)
-
-
-class _TrackedEdit(Edit):
-    def __init__(self, rewriter: Rewriter, nodes: Sequence[Node], outputs: Sequence[Value], constants: Sequence[Value]) -> None:
-        super().__init__(rewriter.graph, nodes, outputs, constants)
-        self._rewriter = rewriter
-
-    def commit(self, replacements: Sequence[Value]) -> Optional[str]:
-        problem = super().commit(replacements)
-        if problem is None:
-            self._rewriter.change = self.change
-        return problem
+        return Edit(self, nodes, outputs, constants)
 
 
 # ---------------------------------------------------------------------------- rules
