@@ -1,8 +1,9 @@
 """graphopt: a compiler-style graph optimizer for Transformer models.
 
 Models come in from ONNX (`from_onnx`) or torch.fx (`from_fx`) as one IR `Graph`, and go
-out as ONNX (`Graph.to_onnx`, `Graph.save_onnx`) or a runnable torch.fx GraphModule
-(`Graph.to_fx`). Heavy dependencies (onnx, torch) load only when a function needs them.
+out as ONNX (`to_onnx`, `save_onnx`, or the `Graph` methods of those names) or a runnable
+torch.fx GraphModule (`to_fx`, `Graph.to_fx`). Heavy dependencies (onnx, torch) load only
+when a function needs them.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from graphopt.errors import (
     UnsupportedOpError,
     VerificationError,
 )
+import graphopt.exporters  # noqa: F401  (registers the "onnx", "onnx-file" and "fx" conversions)
 from graphopt.ir import DType, Graph, Node, TensorType, Value, verify
 from graphopt.pass_base import Pass, PassContext, PassResult, PipelineError
 from graphopt.registry import get_pass, register_pass, registered_passes
@@ -31,7 +33,7 @@ __all__ = [
     "DType", "ExportError", "Graph", "GraphError", "GraphoptError", "ModelLoadError", "Node", "Pass",
     "PassContext", "PassResult", "PipelineError", "TensorType", "UnsupportedOpError", "Value",
     "VerificationError", "__version__", "compile", "explain", "from_fx", "load_compiled", "from_onnx", "get_pass", "optimize",
-    "recover", "register_pass", "registered_passes", "verify",
+    "recover", "register_pass", "registered_passes", "save_onnx", "to_fx", "to_onnx", "verify",
 ]
 
 
@@ -51,6 +53,29 @@ def from_fx(graph_module: "torch.fx.GraphModule | torch.export.ExportedProgram",
     from graphopt.frontends.fx_import import from_fx as _from_fx
 
     return _from_fx(graph_module, example_inputs)
+
+
+def to_onnx(graph: Graph, *, keep_graphopt_ops: bool = False) -> "onnx.ModelProto":
+    """`graph` as an ONNX model (weights inline; graphopt's own ops lowered to standard ONNX
+    unless `keep_graphopt_ops`)."""
+    from graphopt.exporters.onnx_export import to_onnx as _to_onnx
+
+    return _to_onnx(graph, keep_graphopt_ops=keep_graphopt_ops)
+
+
+def save_onnx(graph: Graph, path: Any, *, external_data: "bool | None" = None, keep_graphopt_ops: bool = False) -> None:
+    """Write `graph` as an .onnx file, atomically; large weights go to external data."""
+    from graphopt.exporters.onnx_export import save_onnx as _save_onnx
+
+    _save_onnx(graph, path, external_data=external_data, keep_graphopt_ops=keep_graphopt_ops)
+
+
+def to_fx(graph: Graph, *, prepack_linears: bool = False) -> "torch.fx.GraphModule":
+    """`graph` as a runnable torch.fx GraphModule (`prepack_linears`: CPU-only oneDNN linears
+    over weights packed once, see `graphopt.exporters.fx_linear`)."""
+    from graphopt.exporters.fx_export import to_fx as _to_fx
+
+    return _to_fx(graph, prepack_linears=prepack_linears)
 
 
 def explain(model: Any, *args: Any, **kwargs: Any) -> Any:

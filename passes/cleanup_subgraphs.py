@@ -7,8 +7,9 @@ from typing import Any, Optional
 
 from graphopt.errors import GraphoptError
 from graphopt.exporters.onnx_export import type_proto
-from graphopt.frontends.onnx_import import OpaqueAttribute, from_onnx
+from graphopt.frontends.onnx_import import from_onnx
 from graphopt.frontends.onnx_subgraphs import body_names, graph_outer_reads, outer_reads, rename_outer_reads
+from graphopt.ir.attributes import OpaqueAttribute
 from graphopt.ir.graph import Graph, Node, Value
 from graphopt.pass_base import Pass, PassContext, PassResult
 from graphopt.registry import get_pass, register_pass

@@ -7,7 +7,6 @@ from typing import Any, Hashable, Optional
 
 from graphopt.ir.graph import Graph, Node, Value
 from graphopt.ir.tensor import ConstTensor
-from graphopt.passes.noops import forward_value, is_overridable
 from graphopt.pass_base import Pass, PassContext, PassResult
 from graphopt.registry import register_pass
 
@@ -74,7 +73,7 @@ class EliminateCommonSubexpressions(Pass):
         first: dict[Hashable, Value] = {}
         merged = 0
         for value in graph.constants.values():
-            if value.is_graph_output or is_overridable(graph, value):
+            if value.is_graph_output or graph.is_overridable(value):
                 continue
             key = tensor_key(value.const, self.max_elements)  # type: ignore[arg-type]
             if key not in first:
@@ -93,10 +92,11 @@ class EliminateCommonSubexpressions(Pass):
             if key is None:
                 continue
             kept = first.setdefault(key, node)
-            if kept is node or not _can_forward(node, kept):
+            pairs = list(zip(node.outputs, kept.outputs))
+            if kept is node or not all(graph.can_replace_value(old, new) for old, new in pairs):
                 continue
-            for old, new in zip(node.outputs, kept.outputs):
-                forward_value(graph, old, new)
+            for old, new in pairs:
+                graph.replace_value(old, new, keep_name=False)
             graph.erase(node)
             merged += 1
         return merged
@@ -123,11 +123,3 @@ def _contents_key(node: Node) -> Optional[Hashable]:
     if out.symbolic is None or None in out.symbolic or out.dtype is None or not out.type.is_static:
         return None
     return ("contents", int(out.dtype), out.shape, out.symbolic)
-
-
-def _can_forward(node: Node, kept: Node) -> bool:
-    """True when every graph output among `node`'s outputs can be renamed onto `kept`'s."""
-    return all(
-        not old.is_graph_output or (not new.is_graph_output and new.producer is not None)
-        for old, new in zip(node.outputs, kept.outputs)
-    )

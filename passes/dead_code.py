@@ -33,10 +33,9 @@ class EliminateDeadCode(Pass):
         dead = [node for node in reversed(graph.nodes) if id(node) not in live]
         for node in dead:
             graph.erase(node)
-        overridable = set(graph.metadata.get("initializer_inputs", ()))
         unused = [
             value for value in graph.constants.values()
-            if not value.uses() and not value.is_graph_output and value.name not in overridable
+            if not value.uses() and not value.is_graph_output and not graph.is_overridable(value)
         ]
         for value in unused:
             graph.remove_constant(value)

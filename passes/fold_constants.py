@@ -12,7 +12,6 @@ from graphopt.errors import GraphoptError
 from graphopt.ir.dtypes import DType
 from graphopt.ir.graph import Graph, Node, Value
 from graphopt.ir.tensor import ConstTensor
-from graphopt.passes.noops import fresh_name, is_overridable
 from graphopt.pass_base import Pass, PassContext, PassResult
 from graphopt.registry import register_pass
 
@@ -27,10 +26,8 @@ def replace_with_constant(graph: Graph, value: Value, data: Union[ConstTensor, n
     The constant takes `value`'s name (the node output is renamed), so printed graphs and
     exported models keep their names. `value` must not be a graph output.
     """
-    name = value.name
-    graph.rename_value(value, fresh_name(graph, f"{name}_replaced"))
-    constant = graph.add_constant(name, data)
-    value.replace_all_uses_with(constant)
+    constant = graph.add_constant(f"{value.name}_folded", data)
+    graph.replace_value(value, constant)
     return constant
 
 
@@ -141,7 +138,7 @@ class FoldConstants(Pass):
             if node.op_type != "Identity" or node.domain != "" or node.output.is_graph_output:
                 continue
             source = node.inputs[0]
-            if source is not None and source.is_constant and not is_overridable(graph, source):
+            if source is not None and source.is_constant and not graph.is_overridable(source):
                 node.output.replace_all_uses_with(source)
                 graph.erase(node)
                 bypassed += 1
@@ -183,7 +180,7 @@ class FoldConstants(Pass):
 
     def _foldable(self, graph: Graph) -> list[Node]:
         """Nodes computable from constants alone, in graph order."""
-        known = {id(v) for v in graph.constants.values() if not is_overridable(graph, v)}
+        known = {id(v) for v in graph.constants.values() if not graph.is_overridable(v)}
         nodes = []
         for node in graph:
             inputs = [v for v in node.inputs if v is not None]

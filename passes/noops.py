@@ -9,53 +9,13 @@ import numpy as np
 
 from graphopt.ir.dtypes import DType
 from graphopt.ir.graph import Graph, Node, Value, constant_data
-from graphopt.ir.types import merge_types
 from graphopt.pass_base import Pass, PassContext, PassResult
 from graphopt.registry import register_pass
 
 
-def fresh_name(graph: Graph, base: str) -> str:
-    """`base`, or `base_1`, `base_2`, ...: the first name no value of `graph` has.
-
-    Unlike `Graph.unique_name` it does not depend on how many names the graph handed out
-    before, so equal graphs get equal names.
-    """
-    candidate, suffix = base, 0
-    while graph.unique_name(candidate) != candidate:  # unique_name returns a free name as is
-        suffix += 1
-        candidate = f"{base}_{suffix}"
-    return candidate
-
-
-def forward_value(graph: Graph, old: Value, new: Value) -> bool:
-    """Make every reader of `old` read `new` instead, keeping graph output names.
-
-    When `old` is a graph output, `new` takes over its name; that is only possible when
-    `new` is a node output that is not itself a graph output (a graph input or constant
-    must not become a graph output, and a graph output must not be renamed). Returns False,
-    changing nothing, when it is not possible. `new` keeps what either type knows.
-    """
-    if old.is_graph_output and (new.producer is None or new.is_graph_output):
-        return False
-    new.type = merge_types(new.type, old.type)
-    if not old.is_graph_output:
-        old.replace_all_uses_with(new)
-        return True
-    name = old.name
-    graph.rename_value(old, fresh_name(graph, name))
-    old.replace_all_uses_with(new)
-    graph.rename_value(new, name)
-    return True
-
-
-def is_overridable(graph: Graph, value: Value) -> bool:
-    """True for a constant that is also a graph input (an initializer a caller may feed)."""
-    return value.name in graph.metadata.get("initializer_inputs", ())
-
-
 def known_constant(graph: Graph, value: Optional[Value]) -> Optional[np.ndarray]:
     """The data of a small constant (weight or Constant-node output) no caller can override."""
-    if value is None or (value.is_constant and is_overridable(graph, value)):
+    if value is None or graph.is_overridable(value):
         return None
     return constant_data(value)
 
@@ -209,7 +169,8 @@ class EliminateNoops(Pass):
             source = noop_source(graph, node)
             if source is None:
                 continue
-            if forward_value(graph, node.outputs[0], source):
+            if graph.can_replace_value(node.outputs[0], source):
+                graph.replace_value(node.outputs[0], source, keep_name=False)
                 graph.erase(node)
                 removed += 1
         return PassResult(removed > 0, {"removed": removed})

@@ -11,7 +11,7 @@ from graphopt.ir.graph import Graph, Node, Value, constant_data
 from graphopt.ir.schema import SymbolicValue
 from graphopt.ir.types import Shape
 from graphopt.passes.fold_constants import fold_known_outputs
-from graphopt.passes.noops import forward_value, fresh_name, known_constant
+from graphopt.passes.noops import known_constant
 from graphopt.pass_base import Pass, PassContext, PassResult
 from graphopt.registry import register_pass
 
@@ -24,7 +24,7 @@ RESHAPES = frozenset({"Reshape", "Flatten", "Squeeze", "Unsqueeze"})
 
 def _sole_reader(value: Value, node: Node) -> bool:
     """True when `node` is the only reader of `value` and it is not a graph output."""
-    return value.users == [node] and not value.is_graph_output
+    return value.users() == [node] and not value.is_graph_output
 
 
 def _erase_if_unused(graph: Graph, node: Node) -> None:
@@ -65,7 +65,7 @@ def _set_axes(graph: Graph, node: Node, axes: list[int]) -> None:
     if "axes" in node.attrs:
         node.attrs["axes"] = tuple(axes)
     else:
-        name = fresh_name(graph, f"{node.outputs[0].name}_axes")
+        name = graph.unique_name(f"{node.outputs[0].name}_axes")
         node.replace_input(1, graph.add_constant(name, np.array(axes, dtype=np.int64)))
 
 
@@ -103,7 +103,7 @@ def _reshape_target(graph: Graph, node: Node) -> bool:
     resolved = resolve_reshape_target(node.inputs[0].shape, target.symbolic, allowzero)
     if resolved is None:
         return False
-    constant = graph.add_constant(fresh_name(graph, target.name), np.array(resolved, dtype=np.int64))
+    constant = graph.add_constant(graph.unique_name(target.name), np.array(resolved, dtype=np.int64))
     node.replace_input(1, constant)
     if allowzero:
         node.attrs["allowzero"] = 0
@@ -141,8 +141,9 @@ def _transpose_chain(graph: Graph, node: Node) -> bool:
         return False
     composed = [first[axis] for axis in second]
     if composed == list(range(len(composed))):
-        if not forward_value(graph, node.outputs[0], source):
+        if not graph.can_replace_value(node.outputs[0], source):
             return False
+        graph.replace_value(node.outputs[0], source, keep_name=False)
         graph.erase(node)
     elif _sole_reader(inner.outputs[0], node):
         node.replace_input(0, source)
@@ -174,8 +175,9 @@ def _squeeze_pair(graph: Graph, node: Node) -> bool:
     axes = _normalized(inner_axes, larger_rank)
     if axes is None or axes != _normalized(outer_axes, larger_rank):
         return False
-    if not forward_value(graph, node.outputs[0], inner.inputs[0]):
+    if not graph.can_replace_value(node.outputs[0], inner.inputs[0]):
         return False
+    graph.replace_value(node.outputs[0], inner.inputs[0], keep_name=False)
     graph.erase(node)
     _erase_if_unused(graph, inner)
     return True

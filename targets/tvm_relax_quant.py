@@ -33,7 +33,6 @@ import numpy as np
 
 from graphopt.ir.dtypes import DType
 from graphopt.ir.graph import Graph, Node, Value
-from graphopt.passes.noops import fresh_name
 from graphopt.targets.tvm_relax import RelaxConversionError, _Converter, _rule_for
 
 MICROSOFT_DOMAIN = "com.microsoft"
@@ -219,7 +218,7 @@ def dequantize_nbits_weights(graph: Graph) -> Graph:
         key = (b.name, scales.name, zero.name if zero is not None else "", a.dtype.name)  # type: ignore[union-attr]
         if key not in matrices:
             matrix = _nbits_matrix(node, b, scales, zero).astype(a.dtype.to_numpy())  # type: ignore[union-attr]
-            matrices[key] = graph.add_constant(fresh_name(graph, f"{b.name}_dequantized"), np.ascontiguousarray(matrix))  # type: ignore[union-attr]
+            matrices[key] = graph.add_constant(graph.unique_name(f"{b.name}_dequantized"), np.ascontiguousarray(matrix))  # type: ignore[union-attr]
         result = graph.add_node("MatMul", [a, matrices[key]], before=node).output
         if bias is not None:
             result = graph.add_node("Add", [result, bias], before=node).output

@@ -1,9 +1,10 @@
 """IR -> ONNX: `to_onnx(graph)` builds a ModelProto, `save_onnx(graph, path)` writes a file.
 
 Writes back what the importer kept (names, symbolic dims, opsets, metadata, doc strings,
-opaque attributes, model-local functions). `save_onnx` writes atomically (a temporary file
-renamed into place) and moves weights to an external-data file when they would exceed
-protobuf's 2 GB limit, streaming them from their source without building them in memory.
+opaque attributes, model-local functions), less the constants nothing reads any more.
+`save_onnx` writes atomically (a temporary file renamed into place) and moves weights to an
+external-data file when they would exceed protobuf's 2 GB limit, streaming them from their
+source without building them in memory.
 """
 
 from __future__ import annotations
@@ -17,8 +18,8 @@ import numpy as np
 from graphopt.errors import ExportError
 from graphopt.exporters.files import file_mode
 from graphopt.exporters.onnx_lowering import decompose_graphopt_ops
-from graphopt.frontends.onnx_import import OpaqueAttribute
 from graphopt.frontends.onnx_subgraphs import rename_outer_reads, subgraphs
+from graphopt.ir.attributes import OpaqueAttribute
 from graphopt.ir.dtypes import DType
 from graphopt.ir.graph import Graph, Node, Value
 from graphopt.ir.tensor import ConstTensor, FileTensor, ProtoTensor
@@ -65,7 +66,7 @@ def save_onnx(graph: Graph, path: Any, *, external_data: Optional[bool] = None, 
             raise ExportError(
                 f"{target}: the graph's weights are read from this file; save to another path"
             )
-    total = sum(v.const.nbytes for v in graph.constants.values())  # type: ignore[union-attr]
+    total = sum(v.const.nbytes for v in saved_constants(graph))  # type: ignore[union-attr]
     use_external = total > EXTERNAL_DATA_THRESHOLD if external_data is None else external_data
     model_tmp = _temp_path(directory, ".onnx")
     data_tmp = _temp_path(directory, ".data") if use_external else None
@@ -96,6 +97,16 @@ def _temp_path(directory: str, suffix: str) -> str:
     return name
 
 
+def saved_constants(graph: Graph) -> list[Value]:
+    """The constants written as initializers: those something reads (a node or a body),
+    graph outputs, and overridable ones (graph inputs); a weight a pass stopped reading is
+    not saved."""
+    return [
+        value for value in graph.constants.values()
+        if value.uses() or value.is_graph_output or graph.is_overridable(value)
+    ]
+
+
 def _weight_sources(graph: Graph) -> set[str]:
     sources = set()
     for value in graph.constants.values():
@@ -109,10 +120,10 @@ def _model(graph: Graph, initializer: Any) -> Any:
     from onnx import helper
 
     meta = graph.metadata
-    initializers = [initializer(value) for value in graph.constants.values()]
+    constants = saved_constants(graph)
+    initializers = [initializer(value) for value in constants]
     inputs = [_value_info(v) for v in graph.inputs]
-    overridable = set(meta.get("initializer_inputs", ()))
-    inputs += [_value_info(v) for v in graph.constants.values() if v.name in overridable]
+    inputs += [_value_info(v) for v in constants if graph.is_overridable(v)]
     outputs = [_value_info(v) for v in graph.outputs]
     boundary = {v.name for v in graph.inputs} | {v.name for v in graph.outputs} | set(graph.constants)
     value_info = [

@@ -2,9 +2,10 @@
 
 Keeps everything a round trip needs: value names, symbolic dims, opset imports, model
 metadata, node doc strings, custom-domain ops (as opaque nodes with their attributes) and
-model-local functions. Weights are not copied: initializers in a file (inline or external
-data) become `FileTensor`s mapped on use, initializers of an in-memory ModelProto become
-`ProtoTensor`s converted on use.
+model-local functions. Constant nodes become graph constants (unless their output is a graph
+output), so passes see them as constants from the start. Weights are not copied:
+initializers in a file (inline or external data) become `FileTensor`s mapped on use,
+initializers of an in-memory ModelProto become `ProtoTensor`s converted on use.
 
 Refuses, with a one-line `ModelLoadError` naming the file and the problem: unknown default-
 domain opsets and ops, domains the model does not import, values defined twice, cycles and
@@ -19,9 +20,12 @@ import heapq
 import os
 from typing import Any, Optional, Sequence
 
+import numpy as np
+
 from graphopt.errors import GraphError, ModelLoadError, VerificationError
 from graphopt.frontends.onnx_file import WireFormatError, read_model_skeleton
 from graphopt.frontends.onnx_subgraphs import body_names, outer_reads
+from graphopt.ir.attributes import OpaqueAttribute
 from graphopt.ir.dtypes import DType
 from graphopt.ir.graph import Graph, Node, Value
 from graphopt.ir.tensor import ArrayTensor, ConstTensor, FileTensor, ProtoTensor
@@ -30,22 +34,8 @@ from graphopt.ir.types import (
 )
 from graphopt.ir.verify import type_mismatch
 
-
-class OpaqueAttribute:
-    """An ONNX attribute the IR does not model (subgraph, sparse tensor, type proto).
-
-    Holds the serialized AttributeProto so the exporter can write it back unchanged.
-    """
-
-    def __init__(self, proto: Any) -> None:
-        self.serialized = proto.SerializeToString()
-        self.kind = proto.type
-
-    def __eq__(self, other: object) -> bool:
-        return isinstance(other, OpaqueAttribute) and other.serialized == self.serialized
-
-    def __hash__(self) -> int:
-        return hash(self.serialized)
+_CONSTANT_LISTS = {"value_int": np.int64, "value_ints": np.int64, "value_float": np.float32, "value_floats": np.float32}
+"""The Constant attributes holding numbers, with the element type ONNX gives them."""
 
 
 def from_onnx(model: Any) -> Graph:
@@ -90,20 +80,22 @@ def _convert(model: Any, base_dir: str, ranges: dict[str, tuple[int, int]], sour
         initializer_names.add(init.name)
     for sparse in onnx_graph.sparse_initializer:
         scope[sparse.values.name] = graph.add_constant(sparse.values.name, ArrayTensor(_sparse_to_dense(sparse)))
-    overridable = []
     for vi in onnx_graph.input:
         if vi.name in initializer_names:
-            overridable.append(vi.name)
+            graph.initializer_inputs.add(vi.name)
             continue
         scope[vi.name] = graph.add_input(vi.name, _value_type(vi))
-    if overridable:
-        graph.metadata["initializer_inputs"] = overridable
+    output_names = {vi.name for vi in onnx_graph.output}
 
     protos = list(onnx_graph.node)  # one wrapper object per node, so ids stay valid below
     captured = {id(proto): outer_reads(proto) for proto in protos if proto.attribute}
     for proto in _topological(protos, set(scope), captured, source):
         _check_op(proto, opsets, source)
         node = _node(proto, scope, captured.get(id(proto), ()), source)
+        data = _constant_node_data(node)
+        if data is not None and node.outputs[0].name not in output_names:
+            scope[node.outputs[0].name] = graph.add_constant(node.outputs[0].name, data)
+            continue
         graph.insert(node)
         for out in node.outputs:
             out.type = types.get(out.name, UNKNOWN)
@@ -247,6 +239,20 @@ def _cycle(waiting: list[Any], defined: set[str], captured: dict[int, list[str]]
         proto = producers[next(name for name in reads if name and name not in defined)]
     cycle = path[next(i for i, seen in enumerate(path) if seen is proto):] + [proto]
     return "the nodes form a cycle: " + " -> ".join(f"'{p.name or p.op_type}' ({p.op_type})" for p in cycle)
+
+
+def _constant_node_data(node: Node) -> Optional[ConstTensor]:
+    """What a default-domain Constant node holds, as a tensor, when it gives one directly
+    (`value`, `value_int(s)`, `value_float(s)`); None for other nodes and other forms."""
+    if node.op_type != "Constant" or node.domain != "":
+        return None
+    value = node.attrs.get("value")
+    if isinstance(value, ConstTensor):
+        return value
+    for key, dtype in _CONSTANT_LISTS.items():
+        if key in node.attrs:
+            return ArrayTensor(np.asarray(node.attrs[key], dtype=dtype))
+    return None
 
 
 def _node(proto: Any, scope: dict[str, Value], captured: Sequence[str], source: str) -> Node:

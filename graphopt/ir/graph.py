@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any, Iterable, Iterator, NamedTuple, Optional,
 import numpy as np
 
 from graphopt.errors import GraphError
+from graphopt.ir.conversions import convert
 from graphopt.ir.dtypes import DType
 from graphopt.ir.schema import InferenceContext, OpSchema, SymbolicValue, get_schema
 from graphopt.ir.tensor import ArrayTensor, ConstTensor
@@ -76,7 +77,6 @@ class Value:
         """Every (node, input index) reading this value, in insertion order."""
         return list(self._uses)
 
-    @property
     def users(self) -> list["Node"]:
         """The distinct nodes reading this value."""
         return list(dict.fromkeys(use.node for use in self._uses))
@@ -86,7 +86,11 @@ class Value:
         return self.graph is not None and any(out is self for out in self.graph.outputs)
 
     def replace_all_uses_with(self, other: "Value") -> None:
-        """Make every reader of this value (and the graph outputs) read `other` instead."""
+        """Make every reader of this value (and the graph outputs) read `other` instead.
+
+        A graph output that this value was now is `other`, under `other`'s name; unless
+        `other` gets the output's name back, `verify` reports the output as renamed. Use
+        `Graph.replace_value`, which keeps graph output names."""
         if other is self:
             return
         for use in list(self._uses):
@@ -235,8 +239,17 @@ class Graph:
         self.name = name
         self.opset_imports: dict[str, int] = dict(opset_imports or {"": 18})
         self.metadata: dict[str, Any] = {}
+        """What the source format said about the model (producer, doc strings, ...), written
+        back by the exporter; graphopt gives no key a meaning."""
+        self.initializer_inputs: set[str] = set()
+        """Names of constants that are also graph inputs (ONNX initializers listed as inputs):
+        a caller may feed another value, so no pass may treat their data as known."""
+        self.report: Any = None
+        """The report of the last pipeline run on this graph (set by the pass manager; the IR
+        does not interpret it)."""
         self._inputs: list[Value] = []
         self._outputs: list[Value] = []
+        self._output_names: list[str] = []
         self._first: Optional[Node] = None
         self._last: Optional[Node] = None
         self._count = 0
@@ -256,6 +269,12 @@ class Graph:
     @property
     def outputs(self) -> tuple[Value, ...]:
         return tuple(self._outputs)
+
+    @property
+    def output_names(self) -> tuple[str, ...]:
+        """The names the graph outputs were given by `set_outputs`: rewrites must keep them
+        (`verify` reports an output whose value now has another name)."""
+        return tuple(self._output_names)
 
     @property
     def nodes(self) -> tuple[Node, ...]:
@@ -381,12 +400,66 @@ class Graph:
         value.graph = None
 
     def set_outputs(self, values: Iterable[Value]) -> None:
-        """Make `values` the graph outputs, in order."""
+        """Make `values` the graph outputs, in order, under their current names (which
+        every later rewrite must keep; to rename an output on purpose, rename its value and
+        call `set_outputs` again)."""
         values = list(values)
         for value in values:
             if value.graph is not self:
                 raise GraphError(f"output %{value.name} does not belong to graph '{self.name}'")
         self._outputs = values
+        self._output_names = [value.name for value in values]
+
+    def is_overridable(self, value: Value) -> bool:
+        """True for a constant that is also a graph input (`initializer_inputs`): its data
+        is only a default."""
+        return value.const is not None and value.name in self.initializer_inputs
+
+    def can_replace_value(self, old: Value, new: Value) -> bool:
+        """Whether `replace_value(old, new)` is possible: always, unless `old` is a graph
+        output whose name `new` cannot take (`new` a graph input, a constant or a graph
+        output itself, or `old` a graph input)."""
+        if not old.is_graph_output:
+            return True
+        old_internal = (old.producer is not None or old.const is not None) and not self.is_overridable(old)
+        return old_internal and new.producer is not None and not new.is_graph_output
+
+    def replace_value(self, old: Value, new: Value, *, keep_name: bool = True) -> None:
+        """Make every reader of `old`, and the graph outputs, read `new` instead; `new`
+        keeps what either type knows.
+
+        A graph output never changes its name: when `old` is one, `new` takes `old`'s name
+        (and `old` gets a fresh one), and it raises `GraphError` when `new` cannot
+        (see `can_replace_value`). Otherwise, with `keep_name`, `new` takes `old`'s name when
+        both are renamable (node outputs or constants that are neither graph inputs nor
+        outputs), so a rewrite's result reads like what it replaced.
+        """
+        if old is new:
+            return
+        for value in (old, new):
+            if value.graph is not self:
+                raise GraphError(f"%{value.name} does not belong to graph '{self.name}'")
+        if not self.can_replace_value(old, new):
+            raise GraphError(
+                f"cannot replace graph output %{old.name} by %{new.name}: a graph output keeps its name, "
+                f"and %{new.name} cannot take it (it is a graph input, a constant or a graph output); "
+                "insert an Identity node to produce the output instead"
+            )
+        new.type = merge_types(new.type, old.type)
+        rename = old.is_graph_output or (keep_name and self._renamable(old) and self._renamable(new))
+        name = old.name
+        if rename:
+            self.rename_value(old, self.unique_name(name))
+        old.replace_all_uses_with(new)
+        if rename:
+            self.rename_value(new, name)
+
+    def _renamable(self, value: Value) -> bool:
+        """True for a value whose name is internal: not a graph input, graph output or
+        overridable constant (those names are the model's interface)."""
+        if value.producer is None and value.const is None:
+            return False
+        return not value.is_graph_output and not self.is_overridable(value)
 
     def _replace_output(self, old: Value, new: Value) -> None:
         self._outputs = [new if out is old else out for out in self._outputs]
@@ -608,6 +681,8 @@ class Graph:
         """A structural copy sharing the constant tensors (weights are not copied)."""
         copy = Graph(self.name, self.opset_imports)
         copy.metadata = dict(self.metadata)
+        copy.initializer_inputs = set(self.initializer_inputs)
+        copy.report = self.report
         copy.reserve_names(self._reserved)
         mapping: dict[int, Value] = {}
         for value in self._inputs:
@@ -627,7 +702,8 @@ class Graph:
                 new_out.type = old_out.type
                 new_out.symbolic = old_out.symbolic
                 mapping[id(old_out)] = new_out
-        copy.set_outputs(mapping[id(v)] for v in self._outputs)
+        copy._outputs = [mapping[id(v)] for v in self._outputs]
+        copy._output_names = list(self._output_names)
         return copy
 
     def __str__(self) -> str:
@@ -648,22 +724,16 @@ class Graph:
     def to_onnx(self, *, keep_graphopt_ops: bool = False) -> "onnx.ModelProto":
         """This graph as an ONNX model (weights inline; graphopt's own ops lowered to
         standard ONNX unless `keep_graphopt_ops`)."""
-        from graphopt.exporters.onnx_export import to_onnx
-
-        return to_onnx(self, keep_graphopt_ops=keep_graphopt_ops)
+        return convert("onnx", self, keep_graphopt_ops=keep_graphopt_ops)
 
     def save_onnx(self, path: Any, *, external_data: Optional[bool] = None, keep_graphopt_ops: bool = False) -> None:
         """Write this graph as an .onnx file, atomically; large weights go to external data."""
-        from graphopt.exporters.onnx_export import save_onnx
-
-        save_onnx(self, path, external_data=external_data, keep_graphopt_ops=keep_graphopt_ops)
+        convert("onnx-file", self, path, external_data=external_data, keep_graphopt_ops=keep_graphopt_ops)
 
     def to_fx(self, *, prepack_linears: bool = False) -> "torch.fx.GraphModule":
         """This graph as a runnable torch.fx GraphModule (`prepack_linears`: CPU-only oneDNN
         linears over weights packed once, see `graphopt.exporters.fx_linear`)."""
-        from graphopt.exporters.fx_export import to_fx
-
-        return to_fx(self, prepack_linears=prepack_linears)
+        return convert("fx", self, prepack_linears=prepack_linears)
 
 
 def constant_data(value: Value, limit: Optional[int] = MAX_INFERENCE_CONSTANT) -> Optional[np.ndarray]:

@@ -155,6 +155,14 @@ def _check_dim(dim: object) -> Dim:
     return dim
 
 
+def same_shape(a: Optional[Sequence[Dim]], b: Optional[Sequence[Dim]]) -> bool:
+    """True when two known shapes of one rank agree dim by dim, an unknown dim agreeing
+    with any (a scalar shape `()` is never "known the same": it carries no dims to compare)."""
+    if a is None or b is None or len(a) != len(b) or not a:
+        return False
+    return all(x is None or y is None or x == y for x, y in zip(a, b))
+
+
 def broadcast_shapes(*shapes: Shape) -> Shape:
     """Numpy-style broadcast of shapes with symbolic dims.
 

@@ -8,7 +8,7 @@ Checks, in order:
    in this graph (a dangling value otherwise);
 4. nodes are in topological order: a value is produced before it is read (a cycle is
    reported as such, with the nodes on it);
-5. graph outputs are defined in the graph;
+5. graph outputs are defined in the graph and keep the names `set_outputs` gave them;
 6. for ops with a schema: input/output counts are in range, inputs that must share an
    element type do, and recorded output types agree with what inference derives.
 """
@@ -33,6 +33,12 @@ def verify(graph: "Graph") -> None:
     for out in graph.outputs:
         if id(out) not in owned:
             problems.append(f"graph output %{out.name} is not defined in graph '{graph.name}'")
+    for out, name in zip(graph.outputs, graph.output_names):
+        if out.name != name:
+            problems.append(
+                f"graph output '{name}' was renamed to '{out.name}' (replace values with Graph.replace_value, "
+                "which keeps output names; to rename an output on purpose, call set_outputs again)"
+            )
     if not problems:
         for node in graph.nodes:
             _check_types(graph, node, problems)

@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from graphopt import DType, Graph, GraphError, TensorType
+from graphopt import DType, Graph, GraphError, TensorType, VerificationError
 
 F32 = DType.FLOAT
 
@@ -21,7 +21,7 @@ def _chain() -> tuple[Graph, list]:
 def test_uses_follow_inputs():
     graph, (x, w, mm, relu) = _chain()
     assert [u.node for u in x.uses()] == [mm]
-    assert mm.output.users == [relu]
+    assert mm.output.users() == [relu]
     assert relu.output.is_graph_output
 
 
@@ -42,7 +42,71 @@ def test_replace_all_uses_with_moves_readers_and_graph_outputs():
     graph.erase(relu)
     graph.erase(mm)
     assert [n.op_type for n in graph.nodes] == ["Sigmoid"]
+    graph.rename_value(sigmoid.output, "z")
     graph.verify()
+
+
+def test_verify_reports_a_graph_output_renamed_by_replace_all_uses_with():
+    graph, (_, _, mm, relu) = _chain()
+    sigmoid = graph.add_node("Sigmoid", [mm.output], after=relu)
+    relu.output.replace_all_uses_with(sigmoid.output)
+    with pytest.raises(VerificationError, match=r"graph output 'z' was renamed to 'Sigmoid_0_out0'"):
+        graph.verify()
+
+
+def test_replace_value_keeps_the_graph_output_name():
+    graph, (x, _, mm, relu) = _chain()
+    sigmoid = graph.add_node("Sigmoid", [mm.output], after=relu)
+    graph.replace_value(relu.output, sigmoid.output, keep_name=False)
+    assert graph.outputs == (sigmoid.output,) and sigmoid.output.name == "z"
+    assert relu.output.name == "z_1"
+    graph.erase(relu)
+    graph.verify()
+    assert graph.output_names == ("z",)
+
+
+def test_replace_value_moves_an_internal_name_only_with_keep_name():
+    graph, (x, _, mm, relu) = _chain()
+    tanh = graph.add_node("Tanh", [x], before=mm, output_names=["t"])
+    graph.replace_value(mm.output, tanh.output, keep_name=False)
+    assert tanh.output.name == "t" and [u.node for u in tanh.output.uses()] == [relu]
+    graph.erase(mm)
+    exp = graph.add_node("Exp", [x], before=relu, output_names=["e"])
+    graph.replace_value(tanh.output, exp.output)
+    assert exp.output.name == "t" and tanh.output.name == "t_1"
+    graph.erase(tanh)
+    graph.verify()
+
+
+def test_replace_value_refuses_to_rename_a_graph_output_onto_an_input():
+    graph, (x, w, mm, relu) = _chain()
+    assert not graph.can_replace_value(relu.output, x)
+    assert not graph.can_replace_value(relu.output, w)
+    assert graph.can_replace_value(mm.output, x)
+    with pytest.raises(GraphError, match=r"cannot replace graph output %z by %x: a graph output keeps its name"):
+        graph.replace_value(relu.output, x)
+    graph.replace_value(mm.output, x)
+    assert x.name == "x" and mm.output.name == "y"
+    graph.verify()
+
+
+def test_overridable_constants_are_typed_and_kept_by_clone():
+    graph, (_, w, _, _) = _chain()
+    assert not graph.is_overridable(w)
+    graph.initializer_inputs.add("w")
+    graph.report = "last run"
+    copy = graph.clone()
+    assert copy.is_overridable(copy.constants["w"]) and copy.report == "last run"
+    copy.initializer_inputs.clear()
+    assert graph.is_overridable(w)
+
+
+def test_clone_keeps_recorded_output_names():
+    graph, (_, _, mm, relu) = _chain()
+    sigmoid = graph.add_node("Sigmoid", [mm.output], after=relu)
+    relu.output.replace_all_uses_with(sigmoid.output)
+    with pytest.raises(VerificationError, match="graph output 'z' was renamed"):
+        graph.clone().verify()
 
 
 def test_erase_refuses_node_still_in_use():

@@ -62,7 +62,7 @@ def test_keeps_random_ops_graph_inputs_and_overridable_initializers():
     x = graph.add_input("x", TensorType(F32, (2,)))
     graph.add_input("spare", TensorType(F32, (2,)))
     graph.add_constant("default", np.zeros(2, np.float32))
-    graph.metadata["initializer_inputs"] = ["default"]
+    graph.initializer_inputs = {"default"}
     graph.add_node("RandomUniformLike", [x], output_names=["noise"])
     graph.set_outputs([graph.add_node("Relu", [x], output_names=["y"]).output])
 

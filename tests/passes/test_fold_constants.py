@@ -123,7 +123,7 @@ def test_random_ops_graph_outputs_and_overridable_constants_stay():
     graph = Graph("kept")
     data = graph.add_constant("data", np.ones(4, np.float32))
     default = graph.add_constant("default", np.ones(4, np.float32))
-    graph.metadata["initializer_inputs"] = ["default"]
+    graph.initializer_inputs = {"default"}
     noise = graph.add_node("RandomUniformLike", [data], output_names=["noise"])
     doubled = graph.add_node("Add", [data, data], output_names=["doubled"])
     scaled = graph.add_node("Mul", [default, noise.output], output_names=["scaled"])
