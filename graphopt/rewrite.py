@@ -576,11 +576,10 @@ class Edit:
             if node.graph is graph and not any(out._uses or out.is_graph_output for out in node.outputs):
                 touched.update((id(v), v) for v in node.reads if v.producer is not None)
                 graph.erase(node)
-        overridable = set(graph.metadata.get("initializer_inputs", ()))
         for constant in dict.fromkeys(self.constants):
             if constant._uses or constant.is_graph_output or constant.graph is not graph:
                 continue
-            if constant.is_constant and constant.name not in overridable:
+            if constant.is_constant and not graph.is_overridable(constant):
                 graph.remove_constant(constant)
             elif constant.producer is not None and len(constant.producer.outputs) == 1:
                 graph.erase(constant.producer)
