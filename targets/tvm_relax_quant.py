@@ -222,10 +222,8 @@ def dequantize_nbits_weights(graph: Graph) -> Graph:
         result = graph.add_node("MatMul", [a, matrices[key]], before=node).output
         if bias is not None:
             result = graph.add_node("Add", [result, bias], before=node).output
-        name = node.output.name
-        node.output.replace_all_uses_with(result)
+        graph.replace_value(node.output, result)
         graph.erase(node)
-        graph.rename_value(result, name)
         for value in (b, scales, zero):
             if value is not None and not value.uses() and not value.is_graph_output:
                 graph.remove_constant(value)
