@@ -640,3 +640,24 @@ def test_worklist_revisits_what_a_rewrite_made_matchable():
     assert RewriteRuleSet(rules).apply(graph) == {"mul-minus-one": 1, "double-negation": 1}
     assert graph.op_counts() == {"Relu": 1}
     assert graph.outputs[0].producer.inputs[0] is x
+
+
+def test_worklist_does_not_sweep_the_whole_graph_again_after_a_rewrite():
+    class CountVisits(RewritePattern):
+        name = "count"
+        root_ops = (("", "Relu"),)
+        visits = 0
+
+        def match_and_rewrite(self, graph, node, rewriter):
+            CountVisits.visits += 1
+            return False
+
+    graph = Graph("long")
+    value = graph.add_input("x", TensorType(F32, (2,)))
+    value = graph.add_node("Mul", [value, scalar(graph, "minus", -1.0)]).output
+    for i in range(40):
+        value = graph.add_node("Relu", [value], output_names=[f"r{i}"]).output
+    graph.set_outputs([value])
+    minus_one = RewriteRule("mul-minus-one", lambda op, x: op.Mul(x, -1.0), lambda op, x: op.Neg(x))
+    assert RewriteRuleSet([minus_one, CountVisits()]).apply(graph) == {"mul-minus-one": 1, "count": 0}
+    assert CountVisits.visits == 41  # every Relu once, then only the one reading the new Neg
