@@ -225,7 +225,7 @@ def main() -> None:
             graph, result, build[label], recovery[label] = trained[pipeline]
             models[label] = graphopt.compile(result, target, after).graph.to_onnx(keep_graphopt_ops=True)
             loss = result.metadata["recovery_report"]
-            notes[label] = f"{removed(graph.metadata['pipeline_report'])}; recover: loss {loss.loss_before:.4f} -> {loss.loss_after:.4f}"
+            notes[label] = f"{removed(graph.report)}; recover: loss {loss.loss_before:.4f} -> {loss.loss_after:.4f}"
         disabled = get_target(target).disabled_optimizers()
         sessions = {label: session(m, args.threads, disabled if label != "original" else ()) for label, m in models.items()}
         reference = [sessions["original"].run(None, feed)[0] for feed in evaluation]

@@ -74,7 +74,7 @@ def explain(model: Any, *args: Any, pipeline: Any = "fuse", dynamic: Optional[bo
             graph = from_fx(gm, example_inputs)
             entry.ops_before = graph.op_counts()
             optimize(graph, build_pipeline(pipeline))
-            entry.ops_after, entry.report = graph.op_counts(), graph.metadata["pipeline_report"]
+            entry.ops_after, entry.report = graph.op_counts(), graph.report
         except GraphoptError as exc:
             lines = str(exc).strip().splitlines()
             entry.fallback_reason = f"{type(exc).__name__}: {lines[0] if lines else ''}"

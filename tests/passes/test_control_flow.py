@@ -130,7 +130,7 @@ def test_cleanup_simplifies_inside_bodies_and_recomputes_captures():
     bodies = {a.name: a.g for n in written.graph.node if n.op_type == "If" for a in n.attribute}
     assert [n.op_type for n in bodies["then_branch"].node] == ["Mul"]
     assert "scale" in node.capture_names
-    assert graph.metadata["pipeline_report"] is not None
+    assert [r.name for r in graph.report.records] == ["cleanup"]
     feeds = CASES["if"][1](True)
     np.testing.assert_allclose(_run(written, feeds)[0], _run(model, feeds)[0])
 
