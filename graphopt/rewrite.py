@@ -76,7 +76,6 @@ import numpy as np
 from graphopt.errors import GraphoptError
 from graphopt.ir.graph import Graph, Node, Value, uniform_constant
 from graphopt.ir.tensor import ConstTensor
-from graphopt.ir.types import merge_types
 
 COMMUTATIVE_OPS = frozenset({"Add", "Mul", "And", "Or", "Equal", "Max", "Min", "Sum"})
 """Default-domain ops whose inputs may be matched in any order."""
@@ -518,7 +517,7 @@ class Edit:
         fresh = [v.producer is not None and id(v.producer) in built for v in replacements]
         problem = self.interior_problem() or self._placement_problem(replacements)
         for old, new, is_fresh in zip(self.outputs, replacements, fresh):
-            problem = problem or _type_problem(old, new) or _output_name_problem(old, new, is_fresh)
+            problem = problem or _type_problem(old, new) or _output_name_problem(self.graph, old, new)
         if problem:
             self.op.rollback()
             return problem
@@ -562,15 +561,13 @@ class Edit:
         return False
 
     def _apply(self, replacements: Sequence[Value], fresh: Sequence[bool]) -> None:
-        """Rewire the outputs' readers, erase what died, keep names."""
+        """Rewire the outputs' readers, erase what died, keep names (a new value takes the
+        name of the value it replaces; a graph output always keeps its name)."""
         graph = self.graph
-        names = []
         for old, new, is_fresh in zip(self.outputs, replacements, fresh):
-            names.append(old.name if is_fresh or old.is_graph_output else None)
             if is_fresh:
-                new.type = merge_types(new.type, old.type)
                 new.symbolic = new.symbolic or old.symbolic
-            old.replace_all_uses_with(new)
+            graph.replace_value(old, new, keep_name=is_fresh)
         touched: dict[int, Value] = {}
         for node in reversed(self.nodes):
             if node.graph is graph and not any(out._uses or out.is_graph_output for out in node.outputs):
@@ -583,9 +580,6 @@ class Edit:
                 graph.remove_constant(constant)
             elif constant.producer is not None and len(constant.producer.outputs) == 1:
                 graph.erase(constant.producer)
-        for new, name in zip(replacements, names):
-            if name is not None:
-                graph.rename_value(new, name)
         for node in self.op.nodes:
             touched.update((id(v), v) for v in node.reads if v.producer is not None)
         self._rewriter.change = Change(list(self.op.nodes), list(replacements), list(touched.values()))
@@ -601,8 +595,8 @@ def _type_problem(old: Value, new: Value) -> Optional[str]:
     return f"the replacement has type {b}, the matched output %{old.name} has {a}" if differs else None
 
 
-def _output_name_problem(old: Value, new: Value, fresh: bool) -> Optional[str]:
-    if fresh or not old.is_graph_output or (new.producer is not None and not new.is_graph_output):
+def _output_name_problem(graph: Graph, old: Value, new: Value) -> Optional[str]:
+    if graph.can_replace_value(old, new):
         return None
     return f"graph output %{old.name} would be renamed: the replacement %{new.name} is a graph input, constant or output"
 
