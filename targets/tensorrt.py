@@ -6,8 +6,9 @@ seq: [1, 128, 512]}, engine_cache=FOLDER}``.
 - Import-gated: without the `tensorrt` package or a CUDA GPU, `available()` says what is
   missing and `graphopt.compile` refuses the target with that sentence; nothing here imports
   tensorrt before a build.
-- Lowering (`tensorrt_lowering`): standard ONNX only, int32 engine I/O for int64 inputs and
-  outputs, explicit Q/DQ kept and checked (symmetric int8).
+- Lowering (`tensorrt_lowering`): `lowering()` decomposes graphopt's ops into standard ONNX
+  (`decompose-graphopt-ops`); the build then gives the engine int32 I/O for int64 inputs and
+  outputs, and keeps and checks explicit Q/DQ (symmetric int8).
 - Profiles (`tensorrt_profiles`): one optimization profile covering every dynamic dim, by dim
   name, from the `profiles` option or the defaults documented there.
 - Precision and flags (`tensorrt_engine.builder_plan`): fp16 sets the FP16 flag; int8 needs
@@ -34,9 +35,11 @@ from typing import Any, Literal, Optional
 import numpy as np
 
 from graphopt.ir.graph import Graph
+from graphopt.pass_base import Pass
+from graphopt.registry import get_pass
 from graphopt.target_base import CompiledModel, IOSpec, Target, TargetError
 from graphopt.targets.tensorrt_engine import Profiles, builder_plan
-from graphopt.targets.tensorrt_lowering import check_qdq, lower_for_tensorrt, qdq_nodes, unparsed_nodes
+from graphopt.targets.tensorrt_lowering import check_qdq, int32_engine_io, qdq_nodes, unparsed_nodes
 from graphopt.targets.tensorrt_profiles import compute_profiles, parse_profiles
 
 PLAN_FILE = "model.plan"
@@ -96,9 +99,15 @@ class TensorRTTarget(Target):
     def unsupported_nodes(self, graph: Graph) -> list[Any]:
         return unparsed_nodes(graph)
 
+    def lowering(self) -> list[Pass]:
+        """`decompose-graphopt-ops` (TensorRT parses standard ONNX only)."""
+        return [get_pass("decompose-graphopt-ops")()]
+
     def prepare(self, graph: Graph) -> Prepared:
-        """Lower `graph`, check its Q/DQ against `precision`, compute the profiles."""
-        lowered = lower_for_tensorrt(graph)
+        """A lowered copy of `graph` with int32 engine I/O (`int32_engine_io`), its Q/DQ
+        checked against `precision`, and the profiles."""
+        lowered = self.lower(graph)
+        int32_engine_io(lowered)
         qdq_count = len(qdq_nodes(lowered))
         network_flags, builder_flags = builder_plan(self.precision, qdq_count)
         if qdq_count:

@@ -1,18 +1,22 @@
-"""Lower an IR graph to the ONNX that TensorRT's ONNX parser builds a network from.
+"""Put an IR graph into the ONNX that TensorRT's ONNX parser builds a network from.
 
-`lower_for_tensorrt(graph)` returns a copy in standard ONNX only:
+The target's `lowering()` (a pipeline `graphopt.compile` runs, visible to `--dump-ir`,
+`--check` and the report) is `decompose-graphopt-ops`: graphopt's own ops become standard
+ONNX, `Attention` as MatMul / scale / mask / Softmax / MatMul (the chain TensorRT's
+multi-head-attention fusion matches; grouped-query K/V repeated with Expand), `SkipLayerNorm`
+as Add and `LayerNormalization` (opset >= 17, parsed into TensorRT's normalization layer),
+`RMSNorm` and `Gelu` as their formulas, which TensorRT fuses into pointwise kernels. The
+opset-23 `Attention` and `RMSNormalization` ops are not emitted: they would raise the whole
+model to opset 23, and which TensorRT 10.x releases parse them could not be checked here.
 
-- graphopt's own ops are decomposed (`decompose_graphopt_ops`): `Attention` into
-  MatMul / scale / mask / Softmax / MatMul (the chain TensorRT's multi-head-attention fusion
-  matches; grouped-query K/V repeated with Expand), `SkipLayerNorm` into Add and
-  `LayerNormalization` (opset >= 17, parsed into TensorRT's normalization layer), `RMSNorm`
-  and `Gelu` into their formulas, which TensorRT fuses into pointwise kernels. The opset-23
-  `Attention` and `RMSNormalization` ops are not emitted: they would raise the whole model
-  to opset 23, and which TensorRT 10.x releases parse them could not be checked here.
-- int64 graph inputs become int32 inputs followed by a Cast to int64, and int64 outputs are
-  cast to int32: engine I/O in int32 binds in every TensorRT release (before 10 the parser
-  had no int64 tensors at all) and halves the copies; the model's own arithmetic stays int64.
-  The runner casts int64 feeds to int32 (checking the range) and the outputs back.
+Build steps (`TensorRTTarget.prepare`, on the lowered copy; not lowering passes, because
+they change the model's interface, which a pass must keep):
+
+- `int32_engine_io(graph)`: int64 graph inputs become int32 inputs followed by a Cast to
+  int64, and int64 outputs are cast to int32: engine I/O in int32 binds in every TensorRT
+  release (before 10 the parser had no int64 tensors at all) and halves the copies; the
+  model's own arithmetic stays int64. The runner casts int64 feeds to int32 (checking the
+  range) and the outputs back.
 - explicit QuantizeLinear / DequantizeLinear nodes are kept as they are; `check_qdq` checks
   they are what TensorRT takes (symmetric int8: zero points 0 of type int8, constant scales).
 """
@@ -34,16 +38,10 @@ UNPARSED_OPS = frozenset({"DynamicQuantizeLinear", "MatMulInteger", "ConvInteger
 """Standard ops TensorRT's ONNX parser rejects (integer-arithmetic quantization forms)."""
 
 
-def lower_for_tensorrt(graph: Graph) -> Graph:
-    """A copy of `graph` in standard ONNX with int32 engine I/O where the graph has int64."""
-    from graphopt.exporters.onnx_lowering import decompose_graphopt_ops
-
-    lowered = decompose_graphopt_ops(graph)
-    if lowered is graph:
-        lowered = graph.clone()
-    _int32_inputs(lowered)
-    _int32_outputs(lowered)
-    return lowered
+def int32_engine_io(graph: Graph) -> None:
+    """Give `graph` (in place) int32 inputs and outputs where it has int64 ones (see the module docstring)."""
+    _int32_inputs(graph)
+    _int32_outputs(graph)
 
 
 def unparsed_nodes(graph: Graph) -> list[Node]:

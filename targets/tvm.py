@@ -4,8 +4,9 @@ Spec: ``tvm[:llvm|:cuda]{mcpu=NAME, num_cores=N}``.
 
 - The graph becomes a Relax function (`tvm_relax.to_relax`); symbolic batch/sequence dims
   stay symbolic, so one build serves any batch. Weights are parameters, kept in numpy
-  (matmul weights pre-packed in column panels). graphopt ops without a Relax translation
-  are decomposed into standard ONNX first (`onnx_lowering`).
+  (matmul weights pre-packed in column panels). The target's lowering (`lowering()`, run
+  by `graphopt.compile` as a visible pipeline) decomposes the graphopt ops without a Relax
+  translation into standard ONNX (`decompose-graphopt-ops`).
 - llvm: TVM's CPU pipeline (fast math, legalize, fuse), then graphopt's CPU schedules
   (`tvm_schedule`: register-tiled, vectorized, parallel matmuls with fused epilogues;
   dlight's CPU reductions; parallel vectorized elementwise kernels). `mcpu` defaults to the
@@ -34,6 +35,8 @@ import numpy as np
 from graphopt.errors import GraphoptError
 from graphopt.ir.graph import Graph
 from graphopt.ir.schema import GRAPHOPT_DOMAIN
+from graphopt.pass_base import Pass
+from graphopt.registry import get_pass
 from graphopt.target_base import CompiledModel, IOSpec, Target, TargetError
 
 LIBRARY_FILE = "model.so"
@@ -81,16 +84,12 @@ class TvmTarget(Target):
         except ExportError:
             return missing
 
-    def lower(self, graph: Graph) -> Graph:
-        """`graph`, or a copy with graphopt's ops decomposed into standard ONNX where one has
-        no direct Relax translation (Attention, RMSNorm, SkipLayerNorm and Gelu have)."""
-        from graphopt.exporters.onnx_lowering import decompose_graphopt_ops
+    def lowering(self) -> list[Pass]:
+        """`decompose-graphopt-ops`, keeping the graphopt ops that have a Relax translation
+        (`tvm_relax.native_graphopt_ops`) and LayerNormalization (translated at any opset)."""
         from graphopt.targets.tvm_relax import native_graphopt_ops
 
-        native = native_graphopt_ops()
-        if all(n.domain != GRAPHOPT_DOMAIN or n.op_type in native for n in graph.nodes):
-            return graph
-        return decompose_graphopt_ops(graph)
+        return [get_pass("decompose-graphopt-ops")(keep=sorted(native_graphopt_ops() | {"LayerNormalization"}))]
 
     def tvm_target(self) -> Any:
         """The `tvm.target.Target` this spec builds for."""

@@ -1,8 +1,9 @@
 """Lower graphopt's own ops to standard ONNX ops, exactly, so any ONNX runtime runs the model.
 
-`decompose_graphopt_ops(graph)` returns a copy of `graph` in which every graphopt-domain
-node is replaced by the default-domain ops it stands for, valid in the graph's own opset
-(13 and up), with the same arithmetic as the patterns fusion raised them from:
+`decompose_graphopt_nodes(graph)` replaces, in place, every graphopt-domain node by the
+default-domain ops it stands for, valid in the graph's own opset (13 and up), with the same
+arithmetic as the patterns fusion raised them from (the `decompose-graphopt-ops` pass runs it
+in a target's lowering; `decompose_graphopt_ops(graph)` is the copying form the exporter uses):
 
 - `Attention(q, k, v[, bias])`: K and V repeated for grouped-query heads
   (Unsqueeze/Expand/Reshape), `MatMul(q, Transpose(k))`, `Mul` by the scale, the bias added
@@ -25,7 +26,7 @@ decomposition keeps the original model's results in every case, so it is the def
 from __future__ import annotations
 
 import math
-from typing import Optional
+from typing import Collection, Optional
 
 import numpy as np
 
@@ -48,17 +49,26 @@ def _needs_decomposition(graph: Graph, node: Node) -> bool:
 
 
 def has_graphopt_ops(graph: Graph) -> bool:
-    """True when the graph holds ops `decompose_graphopt_ops` replaces."""
+    """True when the graph holds ops `decompose_graphopt_nodes` replaces."""
     return any(_needs_decomposition(graph, node) for node in graph.nodes)
 
 
 def decompose_graphopt_ops(graph: Graph) -> Graph:
-    """A copy of `graph` with graphopt-domain nodes replaced by standard ONNX ops."""
+    """`graph` itself when it holds no graphopt-domain ops, else a copy with them decomposed."""
     if not has_graphopt_ops(graph):
         return graph
     lowered = graph.clone()
-    for node in [n for n in lowered.nodes if _needs_decomposition(lowered, n)]:
-        builder = _Builder(lowered, node)
+    decompose_graphopt_nodes(lowered)
+    return lowered
+
+
+def decompose_graphopt_nodes(graph: Graph, keep: Collection[str] = ()) -> int:
+    """Replace, in place, each graphopt-domain node (and each LayerNormalization below opset
+    17) by standard ONNX ops, except those whose op type is in `keep`; return how many
+    nodes were replaced. The results keep the replaced outputs' names."""
+    replaced = 0
+    for node in [n for n in graph.nodes if _needs_decomposition(graph, n) and n.op_type not in keep]:
+        builder = _Builder(graph, node)
         if node.op_type == "Attention":
             results = [_attention(builder, node)]
         elif node.op_type == "RMSNorm":
@@ -73,13 +83,11 @@ def decompose_graphopt_ops(graph: Graph) -> Graph:
             raise ExportError(f"node {node.label}: graphopt::{node.op_type} has no standard ONNX lowering")
         if node.domain == "" and any(out.uses() or out.is_graph_output for out in node.outputs[1:]):
             raise ExportError(f"node {node.label}: LayerNormalization's mean/inv_std_dev outputs are not decomposed for opset < 17")
-        names = [out.name for out in node.outputs]
         for out, result in zip(node.outputs, results):
-            out.replace_all_uses_with(result)
-        lowered.erase(node)
-        for result, name in zip(results, names):
-            lowered.rename_value(result, name)
-    return lowered
+            graph.replace_value(out, result)
+        graph.erase(node)
+        replaced += 1
+    return replaced
 
 
 class _Builder:

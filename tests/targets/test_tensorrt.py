@@ -195,6 +195,24 @@ def test_lowered_zoo_models_are_valid_onnx_and_match_the_original(zoo_onnx, name
             assert np.abs(want - got).max() <= 1e-4, f"{name}: max abs error {np.abs(want - got).max():.2e}"
 
 
+def test_the_lowering_runs_checked_dumped_and_reported_as_a_pipeline(zoo_onnx, tmp_path):
+    """What `graphopt compile -t tensorrt --check --dump-ir all` runs before the engine build
+    (compile itself refuses the target here: no GPU)."""
+    from graphopt.api import with_lowering
+    from graphopt.pipeline import build_pipeline
+
+    passes = with_lowering(build_pipeline("fuse"), get_target("tensorrt"))
+    graph = optimize(str(zoo_onnx("bert")), passes, check=True, dump_ir=["all"], dump_dir=str(tmp_path))
+    assert {n.domain for n in graph.nodes} == {""}
+    rows = {r.path: r for r in graph.report.walk()}
+    decomposed = rows["lowering/decompose-graphopt-ops"]
+    assert decomposed.stats["decomposed"] > 0 and decomposed.max_error is not None
+    (before,) = tmp_path.glob("*-lowering.decompose-graphopt-ops.before.txt")
+    (after,) = tmp_path.glob("*-lowering.decompose-graphopt-ops.after.txt")
+    assert "graphopt::Attention(" in before.read_text() and "graphopt::" not in after.read_text()
+    assert [v.dtype for v in graph.inputs] == [DType.INT64] * len(graph.inputs), "int32 engine I/O is a build step, not lowering"
+
+
 # ----------------------------------------------------------------------------- precision, Q/DQ
 def _quantized(activations: str) -> Graph:
     graph = block_graph()

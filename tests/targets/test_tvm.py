@@ -116,20 +116,27 @@ def test_an_mcpu_llvm_does_not_know_is_refused_naming_the_option():
     assert str(info.value) == "target 'tvm:llvm{mcpu='notacpu'}' cannot run here: LLVM does not know the CPU in option mcpu='notacpu'"
 
 
-def test_graphopt_ops_without_a_relax_rule_are_decomposed_first(monkeypatch):
+def test_graphopt_ops_without_a_relax_rule_are_decomposed_by_a_checked_dumped_reported_lowering(monkeypatch, tmp_path):
     from graphopt.ir.schema import GRAPHOPT_DOMAIN
     from graphopt.targets import tvm_relax
 
     graph = _reshape_graph()
     graph.set_outputs([graph.add_node("Gelu", [graph.outputs[0]], domain=GRAPHOPT_DOMAIN).output])
+    graph.add_node("RMSNorm", [graph.inputs[0], graph.add_constant("scale", np.ones(3, np.float32))], domain=GRAPHOPT_DOMAIN)
     monkeypatch.delitem(tvm_relax._RULES, (GRAPHOPT_DOMAIN, "Gelu"))
-    compiled = compile(graph, "tvm:llvm", "eliminate-common-subexpressions")
+    compiled = compile(graph, "tvm:llvm", "eliminate-common-subexpressions", check=True, verify=True, dump_ir=["all"], dump_dir=str(tmp_path))
     x = np.random.default_rng(0).standard_normal((2, 2, 3)).astype(np.float32)
     y = _reshape_expected(x)
     from math import erf
 
     expected = 0.5 * y * (1 + np.vectorize(erf)(y / np.sqrt(2)))
     np.testing.assert_allclose(compiled(x)[0], expected, rtol=1e-5, atol=1e-5)
+    rows = {r.path: r for r in compiled.pipeline_report.walk()}
+    assert rows["lowering/decompose-graphopt-ops"].stats == {"decomposed": 1}  # Gelu; RMSNorm has a Relax rule
+    assert rows["lowering/decompose-graphopt-ops"].max_error is not None  # check mode ran the lowered graph
+    (after,) = tmp_path.glob("*-lowering.decompose-graphopt-ops.after.txt")
+    assert "graphopt::Gelu(" not in after.read_text() and "Erf(" in after.read_text()
+    assert "graphopt::RMSNorm(" in after.read_text()
 
 
 def test_gather_nd_wraps_negative_indices_on_a_symbolic_axis():
