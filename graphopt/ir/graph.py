@@ -3,9 +3,13 @@
 A `Value` is produced by exactly one `Node` (or is a graph input or a constant) and knows
 its uses. A `Graph` holds its nodes in a valid execution order, as a linked list whose
 order keys make "does this node run before that one?" and insertions O(1) (amortized).
-Every change goes through
-`Graph` and `Value` methods (`add_node`, `replace_all_uses_with`, `erase`, ...) so use
-lists can never go stale; passes never edit the lists themselves.
+Every change goes through `Graph` and `Value` methods (`add_node`, `replace_value`,
+`erase`, ...) so use lists can never go stale; passes never edit the lists themselves.
+Graph outputs keep the names `set_outputs` gave them (`replace_value` moves the name onto
+the replacement; `verify` reports an output renamed any other way).
+
+The IR imports nothing above it: conversions to other formats are registered with
+`graphopt.ir.conversions` by the exporters (see docs/architecture.md, "Layout and layers").
 """
 
 from __future__ import annotations
