@@ -15,9 +15,11 @@ options, ctx): the same input gives the same output.
             ...
             return PassResult(changed=True, stats={"removed": n})
 
-Facts (`requires` / `provides`) let the pass manager check ordering before running
-anything: a pass that `requires = ("attention-fused",)` must come after one that
-`provides = ("attention-fused",)`.
+Facts (`requires` / `provides` / `invalidates`, see `graphopt.facts`) let the pipeline
+builder check ordering before running anything: a pass that `requires = ("attention-fused",)`
+must come after one that `provides = ("attention-fused",)`; one that requires a fact an
+imported graph starts with (``float32-weights``) must come before any pass that
+`invalidates` it.
 
 A pass made of passes subclasses `graphopt.pass_manager.Pipeline` and lists them in
 `steps` (see `passes/cleanup.py`); never call another pass's `run` from a pass on the same
@@ -75,6 +77,8 @@ class Pass:
     name: ClassVar[str] = ""
     requires: ClassVar[tuple[str, ...]] = ()
     provides: ClassVar[tuple[str, ...]] = ()
+    invalidates: ClassVar[tuple[str, ...]] = ()
+    """Facts that stop holding after this pass (see `graphopt.facts`)."""
     lossless: ClassVar[bool] = True
     tolerance: ClassVar[float] = 1e-4
     """For lossless passes: the largest output change check mode accepts."""

@@ -21,6 +21,7 @@ import dataclasses
 from typing import Any, ClassVar, Iterable, Optional, Sequence
 
 from graphopt.errors import GraphoptError
+from graphopt.facts import check_facts
 from graphopt.instruments import Check, DumpIR, Instrument, PassRecord, PipelineReport, Report, Timing, VerifyEach
 from graphopt.ir.graph import Graph
 from graphopt.pass_base import Pass, PassContext, PassResult, PipelineError
@@ -71,9 +72,9 @@ class Pipeline(Pass):
 
     A named pipeline subclasses this with `name`, a docstring and `steps` (registered pass
     names, each built with its default options); `Pipeline.of` makes one from pass objects.
-    The nested passes' requires/provides are checked in order when it is built; it requires
-    what they need and none of them provides (an outer pipeline checks that), and provides
-    everything they provide. Lossless when all of them are. The nested pass objects are
+    The nested passes' requires/provides/invalidates are checked in order when it is built;
+    it requires what they need and none of them provides (an outer pipeline checks that),
+    provides what they provide and leave holding, and invalidates what they leave removed. Lossless when all of them are. The nested pass objects are
     built once and reused for every round and every run. Stats: the nested passes' numeric
     stats summed as "<pass>.<stat>", plus "iterations" for a `fixed_point` pipeline, which
     logs a warning when the bound stops it before a fixed point.
@@ -99,24 +100,13 @@ class Pipeline(Pass):
 
     def set_passes(self, passes: Sequence[Pass]) -> None:
         """Make `passes` the nested passes. PipelineError when one needs a fact that only a
-        later one provides; facts none of them provides are the pipeline's own `requires`."""
+        later one provides or an earlier one removed (`graphopt.facts.check_facts`); facts
+        none of them provides are the pipeline's own `requires`."""
         self.passes = list(passes)
-        provided: set[str] = set()
-        requires: list[str] = []
-        for index, item in enumerate(self.passes):
-            for fact in item.requires:
-                if fact in provided or fact in requires:
-                    continue
-                later = [p.name for p in self.passes[index + 1:] if fact in p.provides]
-                if later:
-                    raise PipelineError(
-                        f"inside pipeline '{self.name}': pass '{item.name}' (step {index + 1}) needs '{fact}', "
-                        f"which '{later[0]}' provides only after it; move '{later[0]}' before it"
-                    )
-                requires.append(fact)
-            provided.update(item.provides)
-        self.requires = tuple(requires)  # type: ignore[misc]
-        self.provides = tuple(sorted(provided))  # type: ignore[misc]
+        flow = check_facts(self.passes, given=None, pipeline=self.name)
+        self.requires = flow.requires  # type: ignore[misc]
+        self.provides = flow.provides  # type: ignore[misc]
+        self.invalidates = flow.invalidates  # type: ignore[misc]
         self.lossless = all(item.lossless for item in self.passes)  # type: ignore[misc]
         self.tolerance = max((item.tolerance for item in self.passes), default=Pass.tolerance)  # type: ignore[misc]
 

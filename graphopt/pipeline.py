@@ -9,7 +9,7 @@ Accepted forms (all give a list of `PassSpec`):
 
 `build_pipeline` turns specs into configured `Pass` objects and checks, before anything
 runs, that every name exists, every option has the right type and every pass's `requires`
-is provided by an earlier pass.
+holds where it runs (`graphopt.facts`).
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ import json
 import os
 from typing import Any, Sequence, Union
 
+from graphopt.facts import check_facts
 from graphopt.options import Spec, split_top_level
 from graphopt.pass_base import Pass, PipelineError
 from graphopt.registry import get_pass
@@ -63,16 +64,10 @@ def build_pipeline(pipeline: Union[PipelineLike, Sequence[Pass]]) -> list[Pass]:
 
 
 def check_order(passes: Sequence[Pass]) -> None:
-    """Raise PipelineError if a pass needs a fact no earlier pass provides."""
-    provided: dict[str, str] = {}
-    for index, item in enumerate(passes):
-        for fact in item.requires:
-            if fact not in provided:
-                later = [p.name for p in passes[index + 1:] if fact in p.provides]
-                hint = f"; move '{later[0]}' before it" if later else "; add a pass that provides it earlier"
-                raise PipelineError(f"pass '{item.name}' (position {index + 1}) needs '{fact}', which no earlier pass provides{hint}")
-        for fact in item.provides:
-            provided.setdefault(fact, item.name)
+    """Raise PipelineError if a pass needs a fact that does not hold where it runs: one no
+    earlier pass provides, or one an imported graph starts with (`graphopt.facts.INITIAL_FACTS`)
+    that an earlier pass removed."""
+    check_facts(passes)
 
 
 def format_pipeline(passes: Sequence[Pass]) -> str:

@@ -112,12 +112,15 @@ def _ranks_for_ratio(candidates: list[_Candidate], ratio: float) -> list[int]:
 class LowRank(Pass):
     """Factorize constant matmul weights into two thinner matmuls (SVD, optionally activation-aware).
 
-    See `graphopt.passes.low_rank`. Needs constant-weight MatMuls; calibration data when
-    activation_aware. Changes each factorized MatMul into two; lossy.
+    See `graphopt.passes.low_rank`. Needs constant-weight MatMuls with float weights (fact
+    ``constant-float-weights``: run it before quantize and to-bf16; float16 weights are
+    factorized too); calibration data when activation_aware. Changes each factorized MatMul
+    into two; lossy.
     """
 
     name = "low-rank"
     lossless = False
+    requires = ("constant-float-weights",)
     rank: Optional[int] = None
     energy: Optional[float] = None
     ratio: Optional[float] = None

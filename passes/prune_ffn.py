@@ -136,12 +136,14 @@ def _taylor(graph: Graph, ctx: PassContext, blocks: list[_Block]) -> list[np.nda
 class PruneFFN(Pass):
     """Remove feed-forward intermediate neurons by slicing the up/gate and down weights.
 
-    See `graphopt.passes.prune_ffn`. Needs constant-weight MatMuls; calibration data for
+    See `graphopt.passes.prune_ffn`. Needs constant-weight MatMuls with float weights (fact
+    ``constant-float-weights``: run it before quantize and to-bf16); calibration data for
     score=activation, score=taylor or compensate. Changes weight and bias shapes; lossy.
     """
 
     name = "prune-ffn"
     lossless = False
+    requires = ("constant-float-weights",)
     ratio: float = 0.25
     """Fraction of each block's intermediate neurons to remove."""
     score: Literal["magnitude", "activation", "taylor"] = "magnitude"

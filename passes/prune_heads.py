@@ -261,13 +261,14 @@ class PruneHeads(Pass):
     """Remove attention heads (or KV groups) by slicing Q/K/V and output-projection weights.
 
     See `graphopt.passes.prune_heads`. Needs raised `graphopt::Attention` ops (`fuse` or
-    `fuse-attention`); calibration data for score=activation, score=taylor or compensate. Changes weight
+    `fuse-attention`), float constant weights (fact ``constant-float-weights``: run it before
+    quantize and to-bf16); calibration data for score=activation, score=taylor or compensate. Changes weight
     shapes, num_heads/num_kv_heads, Reshape shape constants; lossy.
     """
 
     name = "prune-heads"
     lossless = False
-    requires = ("attention-fused",)
+    requires = ("attention-fused", "constant-float-weights")
     ratio: float = 0.0
     """Fraction of units (heads, or KV groups) to remove."""
     heads: dict[int, list[int]] = dataclasses.field(default_factory=dict)

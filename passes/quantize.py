@@ -95,11 +95,16 @@ class Quantize(Pass):
     See the module doc of `graphopt.passes.quantize` for the rules. `dtype`: the weights' type
     (int8 or uint8 for static/dynamic; int4 or int8 for weight-only); `activations`: the
     static activations' type (uint8 is ONNX Runtime's fast x86 path). Needs calibration data
-    for mode=static and for `fidelity_budget`. Changes: candidate matmuls only; lossy.
+    for mode=static and for `fidelity_budget`, and float32 constant weights (facts
+    ``constant-float-weights``, ``float32-weights``: run it before to-fp16/to-bf16, and once).
+    Changes: candidate matmuls only, whose weights are no longer float constants
+    (invalidates ``constant-float-weights``); lossy.
     """
 
     name = "quantize"
     lossless = False
+    requires = ("constant-float-weights", "float32-weights")
+    invalidates = ("constant-float-weights",)
     mode: Literal["static", "dynamic", "weight-only"] = "static"
     dtype: Literal["int8", "uint8", "int4"] = "int8"
     activations: Literal["uint8", "int8"] = "uint8"

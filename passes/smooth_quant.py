@@ -69,10 +69,13 @@ class SmoothQuant(Pass):
     """Migrate activation outliers into matmul weights (SmoothQuant), losslessly in float.
 
     See `graphopt.passes.smooth_quant`. Run before `quantize{mode=static}`. Needs
-    calibration data; changes weights, norm scales or adds one Mul per smoothed activation.
+    calibration data and float32 constant weights (facts ``constant-float-weights``,
+    ``float32-weights``: run it before quantize, to-fp16 and to-bf16); changes weights,
+    norm scales or adds one Mul per smoothed activation.
     """
 
     name = "smooth-quant"
+    requires = ("constant-float-weights", "float32-weights")
     tolerance = 1e-3
     alpha: Union[float, Literal["auto", "per-layer"]] = 0.5
     """Migration strength: 0 leaves activations, 1 moves all their range into the weights;

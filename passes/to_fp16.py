@@ -116,10 +116,13 @@ class ToFp16(_MixedPrecision):
 
     See `graphopt.passes.to_fp16`. Needs nothing; changes constant and value types and adds
     Casts at the float32/float16 boundaries; graph inputs and outputs stay float32. Lossy.
+    The weights are no longer float32 (invalidates ``float32-weights``: quantize and
+    smooth-quant go before it).
     """
 
     name = "to-fp16"
     lossless = False
+    invalidates = ("float32-weights",)
     half = DType.FLOAT16
 
 
@@ -129,9 +132,13 @@ class ToBf16(_MixedPrecision):
     """Run matmuls, elementwise ops and attention in bfloat16; softmax, norms and reductions stay float32.
 
     Same rules as `to-fp16` with bfloat16 (wider range, fewer mantissa bits; ONNX Runtime's
-    CPU kernels mostly lack it, the torch target runs it). Needs nothing; lossy.
+    CPU kernels mostly lack it, the torch target runs it). Needs nothing; lossy. The
+    weights become bfloat16, which the weight-editing passes do not read (invalidates
+    ``float32-weights`` and ``constant-float-weights``: quantize, smooth-quant, prune-heads,
+    prune-ffn and low-rank go before it).
     """
 
     name = "to-bf16"
     lossless = False
+    invalidates = ("constant-float-weights", "float32-weights")
     half = DType.BFLOAT16
