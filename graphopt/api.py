@@ -99,7 +99,7 @@ def compile(
     graph = _graph_for_compile(model, example_inputs)
     graph = optimize(
         graph, passes, calibration=calibration, calibration_data=calibration_data, check=check, verify=verify,
-        dump_ir=dump_ir, dump_dir=dump_dir, target=chosen, seed=seed,
+        dump_ir=dump_ir, dump_dir=dump_dir, seed=seed,
     )
     from graphopt.partition import compile_for_target
 

@@ -32,9 +32,10 @@ from __future__ import annotations
 import dataclasses
 import logging
 import typing
-from typing import TYPE_CHECKING, Any, ClassVar, Optional, Union
+from typing import TYPE_CHECKING, Any, ClassVar, Mapping, Optional, TypeVar, Union
 
 from graphopt.errors import GraphoptError
+from graphopt.options import Spec
 
 if TYPE_CHECKING:
     from graphopt.ir.graph import Graph
@@ -99,34 +100,49 @@ class Pass:
     @classmethod
     def from_options(cls, options: dict[str, Any]) -> "Pass":
         """Instantiate from option values (strings from a pipeline text are converted)."""
-        fields = {f.name: f for f in cls.option_fields()}
-        hints = typing.get_type_hints(cls) if fields else {}
-        values = {}
-        for key, raw in options.items():
-            if key not in fields:
-                known = ", ".join(sorted(fields)) or "none"
-                raise PipelineError(f"pass '{cls.name}' has no option '{key}' (options: {known})")
-            values[key] = coerce_option(cls.name, key, raw, hints.get(key, Any))
-        try:
-            return cls(**values)
-        except (TypeError, ValueError) as exc:
-            raise PipelineError(f"pass '{cls.name}': {exc}") from None
+        return configure(cls, options, f"pass '{cls.name}'", PipelineError)
 
     def describe(self) -> str:
-        """`name{option=value,...}` with the options that differ from their defaults."""
-        parts = []
-        for field in self.option_fields():
-            value = getattr(self, field.name)
-            default = field.default if field.default is not dataclasses.MISSING else (
-                field.default_factory() if field.default_factory is not dataclasses.MISSING else dataclasses.MISSING  # type: ignore[misc]
-            )
-            if value != default:
-                parts.append(f"{field.name}={value}")
-        return self.name + ("{" + ",".join(parts) + "}" if parts else "")
+        """`name{option=value,...}` with the options that differ from their defaults, in
+        the pipeline text form (`build_pipeline(p.describe())` gives an equal pass)."""
+        changed = {f.name: getattr(self, f.name) for f in self.option_fields() if getattr(self, f.name) != field_default(f)}
+        return str(Spec(self.name, options=changed))
 
 
-def coerce_option(pass_name: str, key: str, value: Any, hint: Any) -> Any:
-    """Convert `value` to the option's annotated type, or raise PipelineError naming both."""
+T = TypeVar("T")
+
+
+def configure(cls: type[T], options: Mapping[str, Any], owner: str, error: type[GraphoptError], **fixed: Any) -> T:
+    """`cls(**fixed, **options)` for a dataclass of options (a pass or a target), each
+    option converted to its field's annotated type (`coerce_option`). Raises `error`, naming
+    `owner` (e.g. "pass 'prune-heads'", "target 'tvm'"), for an unknown option, a value of
+    the wrong type, or a value the class refuses (a TypeError/ValueError it raises)."""
+    fields = [f.name for f in dataclasses.fields(cls) if f.name not in fixed] if dataclasses.is_dataclass(cls) else []  # type: ignore[arg-type]
+    hints = typing.get_type_hints(cls) if options else {}
+    values = {}
+    for key, raw in options.items():
+        if key not in fields:
+            known = ", ".join(sorted(fields)) or "none"
+            raise error(f"{owner} has no option '{key}' (options: {known})")
+        values[key] = coerce_option(owner, key, raw, hints.get(key, Any), error)
+    try:
+        return cls(**fixed, **values)
+    except (TypeError, ValueError) as exc:
+        raise error(f"{owner}: {exc}") from None
+
+
+def field_default(field: dataclasses.Field) -> Any:
+    """The field's default value (a fresh one from its factory), or `dataclasses.MISSING`."""
+    if field.default is not dataclasses.MISSING:
+        return field.default
+    if field.default_factory is not dataclasses.MISSING:  # type: ignore[misc]
+        return field.default_factory()  # type: ignore[misc]
+    return dataclasses.MISSING
+
+
+def coerce_option(owner: str, key: str, value: Any, hint: Any, error: type[GraphoptError] = PipelineError) -> Any:
+    """Convert `value` to the option's annotated type, or raise `error` naming `owner`
+    (e.g. "pass 'prune-heads'"), the option and the type."""
     origin = typing.get_origin(hint)
     args = typing.get_args(hint)
     if hint is Any:
@@ -137,14 +153,14 @@ def coerce_option(pass_name: str, key: str, value: Any, hint: Any) -> Any:
         errors = []
         for option in (a for a in args if a is not type(None)):
             try:
-                return coerce_option(pass_name, key, value, option)
-            except PipelineError as exc:
+                return coerce_option(owner, key, value, option, error)
+            except error as exc:
                 errors.append(str(exc))
-        raise PipelineError(errors[0] if len(errors) == 1 else f"pass '{pass_name}': option '{key}'={value!r} matches none of {_type_name(hint)}")
+        raise error(errors[0] if len(errors) == 1 else f"{owner}: option '{key}'={value!r} matches none of {_type_name(hint)}")
     if origin is typing.Literal:
         if value in args:
             return value
-        raise PipelineError(f"pass '{pass_name}': option '{key}' must be one of {', '.join(map(str, args))}, got {value!r}")
+        raise error(f"{owner}: option '{key}' must be one of {', '.join(map(str, args))}, got {value!r}")
     if hint is bool:
         if isinstance(value, bool):
             return value
@@ -162,19 +178,19 @@ def coerce_option(pass_name: str, key: str, value: Any, hint: Any) -> Any:
     elif origin in (list, tuple):
         if isinstance(value, (list, tuple)):
             item = args[0] if args else Any
-            items = [coerce_option(pass_name, key, v, item) for v in value]
+            items = [coerce_option(owner, key, v, item, error) for v in value]
             return items if origin is list else tuple(items)
     elif origin is dict:
         if isinstance(value, dict):
             key_type, value_type = args if args else (Any, Any)
             return {
-                coerce_option(pass_name, key, k, key_type): coerce_option(pass_name, key, v, value_type)
+                coerce_option(owner, key, k, key_type, error): coerce_option(owner, key, v, value_type, error)
                 for k, v in value.items()
             }
     hint_text = ""
     if origin in (list, tuple) and isinstance(value, str) and value.lstrip().startswith("["):
         hint_text = " (quote the items of a list: ['a*', 'b'])"
-    raise PipelineError(f"pass '{pass_name}': option '{key}' must be {_type_name(hint)}, got {value!r}{hint_text}")
+    raise error(f"{owner}: option '{key}' must be {_type_name(hint)}, got {value!r}{hint_text}")
 
 
 def _type_name(hint: Any) -> str:

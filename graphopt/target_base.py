@@ -25,14 +25,13 @@ import json
 import os
 import shutil
 import tempfile
-import typing
 from typing import Any, ClassVar, Optional, Sequence
 
 import numpy as np
 
 from graphopt.errors import GraphoptError
 from graphopt.options import Spec
-from graphopt.pass_base import PipelineError, coerce_option
+from graphopt.pass_base import configure, field_default
 from graphopt.ir.torch_arrays import is_torch, to_numpy, to_torch
 
 MANIFEST = "manifest.json"
@@ -65,27 +64,13 @@ class Target:
         variant = spec.variant or (cls.variants[0] if cls.variants else "")
         if cls.variants and variant not in cls.variants:
             raise TargetError(f"target '{cls.name}' has no variant '{variant}'; use one of {', '.join(cls.variants)}")
-        fields = {f.name: f for f in dataclasses.fields(cls) if f.name != "variant"}
-        hints = typing.get_type_hints(cls)
-        values: dict[str, Any] = {}
-        for key, raw in spec.options.items():
-            if key not in fields:
-                known = ", ".join(sorted(fields)) or "none"
-                raise TargetError(f"target '{cls.name}' has no option '{key}' (options: {known})")
-            try:
-                values[key] = coerce_option(cls.name, key, raw, hints.get(key, Any))
-            except PipelineError as exc:
-                raise TargetError(str(exc).replace("pass '", "target '", 1)) from None
-        try:
-            return cls(variant=variant, **values)
-        except (TypeError, ValueError) as exc:
-            raise TargetError(f"target '{cls.name}': {exc}") from None
+        return configure(cls, spec.options, f"target '{cls.name}'", TargetError, variant=variant)
 
     @property
     def spec(self) -> TargetSpec:
         options = {
             f.name: getattr(self, f.name) for f in dataclasses.fields(self)
-            if f.name != "variant" and getattr(self, f.name) != _default(f)
+            if f.name != "variant" and getattr(self, f.name) != field_default(f)
         }
         return TargetSpec(self.name, self.variant or None, options)
 
@@ -125,14 +110,6 @@ class Target:
 
     def load(self, directory: str, manifest: dict[str, Any]) -> "CompiledModel":
         raise NotImplementedError(f"target '{self.name}' cannot load saved artifacts")
-
-
-def _default(field: dataclasses.Field) -> Any:
-    if field.default is not dataclasses.MISSING:
-        return field.default
-    if field.default_factory is not dataclasses.MISSING:  # type: ignore[misc]
-        return field.default_factory()  # type: ignore[misc]
-    return dataclasses.MISSING
 
 
 @dataclasses.dataclass(frozen=True)

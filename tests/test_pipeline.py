@@ -139,3 +139,17 @@ def test_registering_requires_docstring_and_name():
 def test_registered_passes_include_test_passes():
     assert {"test-tunable", "test-provide-fact", "test-need-fact"} <= set(graphopt.registered_passes())
     assert graphopt.get_pass("test-tunable").summary() == "Test pass with typed options. Needs nothing; changes nothing."
+
+
+@pytest.mark.parametrize("text", [
+    "prune-heads{heads={0: [1, 2]},score=activation,scope=per-layer}",
+    "quantize{mode=dynamic,exclude=['a*', 'b, c']}",
+    "smooth-quant{alpha=auto,exclude=['x']}",
+    "low-rank{energy=0.9,min_size=16}",
+    "cleanup{max_iterations=4}",
+])
+def test_describe_round_trips_through_the_pipeline_parser(text):
+    (item,) = build_pipeline(["fuse", text])[1:] if text.startswith("prune-heads") else build_pipeline(text)
+    again = build_pipeline(["fuse", item.describe()])[1] if item.name == "prune-heads" else build_pipeline(item.describe())[0]
+    assert again == item
+    assert again.describe() == item.describe()
