@@ -24,6 +24,7 @@ import numpy as np
 
 from graphopt.errors import GraphoptError
 from graphopt.exporters.onnx_export import EXTERNAL_DATA_THRESHOLD
+from graphopt.ir.dtypes import DType
 from graphopt.ir.graph import Graph
 from graphopt.ort_io import session_model_file, widen_session_model
 from graphopt.pass_base import Pass
@@ -183,7 +184,6 @@ def _weight_bytes(graph: Graph) -> int:
     return sum(v.const.nbytes for v in graph.constants.values())  # type: ignore[union-attr]
 
 
-def _numpy_dtype(tensor: Any) -> Any:
-    import torch
-
-    return {torch.float32: np.float32, torch.float16: np.float16, torch.int64: np.int64, torch.int32: np.int32, torch.bool: np.bool_}[tensor.dtype]
+def _numpy_dtype(tensor: Any) -> np.dtype:
+    """The numpy dtype of a torch tensor's elements (what ORT's IO binding takes)."""
+    return DType.from_torch(tensor.dtype).to_numpy()
