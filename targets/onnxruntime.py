@@ -2,9 +2,9 @@
 
 Spec: ``onnxruntime[:cpu|:cuda]{threads=N, optimization_level=all|extended|basic|disable,
 contrib_ops=True|False}``. graphopt's fused ops are lowered to the com.microsoft contrib
-kernels ORT accelerates where `contrib_ops` is on (the target's `lowering()`:
-`lower-onnxruntime{device=...}` then eliminate-dead-code, see `onnxruntime_lowering`), and to
-standard ONNX otherwise (when the session is built). On CPU its sessions turn off ORT's SkipLayerNormFusion (see
+kernels ORT accelerates where `contrib_ops` is on and to standard ONNX otherwise (the
+target's `lowering()`: `lower-onnxruntime{device=...}`, eliminate-dead-code, then
+`decompose-graphopt-ops` for the rest; see `onnxruntime_lowering`). On CPU its sessions turn off ORT's SkipLayerNormFusion (see
 `OnnxRuntimeTarget.disabled_optimizers`). On CUDA, inputs given as CUDA torch tensors are
 bound in place (IO binding) and outputs come back as CUDA tensors. Low-precision graph inputs and
 outputs (bfloat16, float8, int4/uint4) are fed and returned bit-exactly through `graphopt.ort_io`
@@ -61,19 +61,19 @@ class OnnxRuntimeTarget(Target):
 
     def lowering(self) -> list[Pass]:
         """`lower-onnxruntime{device=<variant>}` and eliminate-dead-code where `contrib_ops`
-        is on; nothing otherwise."""
+        is on, then `decompose-graphopt-ops` for the graphopt ops left (all of them
+        without `contrib_ops`)."""
+        decompose = get_pass("decompose-graphopt-ops")()
         if not self.contrib_ops:
-            return []
-        return [get_pass("lower-onnxruntime")(device=self.variant), get_pass("eliminate-dead-code")()]
+            return [decompose]
+        return [get_pass("lower-onnxruntime")(device=self.variant), get_pass("eliminate-dead-code")(), decompose]
 
     def session_graph(self, graph: Graph) -> Graph:
-        """`graph` lowered (`lower`), with the opset-23/24 ops in forms ORT computes as ONNX
-        specifies (`onnxruntime_onnx23`) and the rest of graphopt's own ops decomposed into
-        standard ONNX."""
-        from graphopt.exporters.onnx_lowering import decompose_graphopt_ops
+        """A lowered copy of `graph` (`lower`), with the opset-23/24 ops in forms ORT computes
+        as ONNX specifies (`onnxruntime_onnx23`)."""
         from graphopt.targets.onnxruntime_onnx23 import prepare_onnx23_ops
 
-        return decompose_graphopt_ops(prepare_onnx23_ops(self.lower(graph)))
+        return prepare_onnx23_ops(self.lower(graph))
 
     def compile(self, graph: Graph) -> "OnnxRuntimeModel":
         lowered = self.session_graph(graph)

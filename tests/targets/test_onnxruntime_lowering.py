@@ -12,7 +12,7 @@ from graphopt.target_registry import get_target
 
 
 def _lower(graph: Graph, device: str = "cpu") -> Graph:
-    """The onnxruntime target's lowering (lower-onnxruntime, eliminate-dead-code) on a copy."""
+    """The onnxruntime target's lowering (lower-onnxruntime, eliminate-dead-code, decompose-graphopt-ops) on a copy."""
     return get_target(f"onnxruntime:{device}").lower(graph)
 
 
@@ -33,13 +33,13 @@ LOWERED = {
         "SimplifiedLayerNormalization": 1, "com.microsoft::Attention": 2, "com.microsoft::FastGelu": 2,
         "com.microsoft::SkipSimplifiedLayerNormalization": 4,
     },
-    "llama": {"SimplifiedLayerNormalization": 1, "com.microsoft::SkipSimplifiedLayerNormalization": 4, "graphopt::Attention": 2},
+    "llama": {"SimplifiedLayerNormalization": 1, "com.microsoft::SkipSimplifiedLayerNormalization": 4},
 }
 """What each zoo model's fused ops become on CPU (TorchScript export); BERT's and GPT-2's
 SkipLayerNorms become Add + LayerNormalization there (see the CPU test below). BERT's and T5's Q/K/V come
 from one fused-qkv MatMul (packed Attention); GPT-2's causal attention without a mask
-bias becomes MultiHeadAttention(unidirectional); LLaMA's grouped-query attention stays a
-graphopt op (decomposed on export)."""
+bias becomes MultiHeadAttention(unidirectional); LLaMA's grouped-query attention is
+decomposed into standard ONNX (decompose-graphopt-ops)."""
 
 
 @pytest.mark.slow
@@ -93,13 +93,42 @@ def test_multi_head_attention_equals_softmax_even_on_fully_masked_rows(bias_kind
     np.testing.assert_allclose(actual[0][1, 2], expected[0][1, 2], atol=1e-5)
 
 
+def _grouped_query_graph() -> Graph:
+    """2 query heads of 4 sharing 1 K/V head, additive [B, 1, S, S] mask, merged back to [B, S, 8]."""
+    graph = Graph("gqa", {"": 17})
+    x = graph.add_input("x", TensorType(DType.FLOAT, ("b", "s", 8)))
+    mask = graph.add_input("mask", TensorType(DType.FLOAT, ("b", 1, "s", "s")))
+    rng = np.random.default_rng(0)
+    heads = []
+    for i, count in enumerate((2, 1, 1)):
+        weight = graph.add_constant(f"w{i}", rng.standard_normal((8, 4 * count)).astype(np.float32))
+        shape = graph.add_constant(f"heads_shape{i}", np.array([0, 0, count, 4], np.int64))
+        split = graph.add_node("Reshape", [graph.add_node("MatMul", [x, weight]).output, shape]).output
+        heads.append(graph.add_node("Transpose", [split], {"perm": (0, 2, 1, 3)}).output)
+    attention = graph.add_node("Attention", heads + [mask], {"num_heads": 2, "num_kv_heads": 1}, domain="graphopt").output
+    merged = graph.add_node("Transpose", [attention], {"perm": (0, 2, 1, 3)}).output
+    out = graph.add_node("Reshape", [merged, graph.add_constant("merged_shape", np.array([0, 0, 8], np.int64))], output_names=["y"])
+    graph.set_outputs([out.output])
+    return graph
+
+
 def test_grouped_query_attention_is_left_to_the_decomposition():
-    graph = _attention_graph("additive")
-    attention = next(n for n in graph.nodes if n.op_type == "Attention")
-    attention.attrs["num_kv_heads"] = 1
-    attention.attrs["num_heads"] = 2
+    graph = _grouped_query_graph()
     lowered = _lower(graph)
-    assert "MultiHeadAttention" not in str(lowered.op_counts()) and lowered.op_counts()["graphopt::Attention"] == 1
+    lowered.verify()
+    counts = lowered.op_counts()
+    assert not any(op.startswith(("com.microsoft::", "graphopt::")) for op in counts)
+    assert counts["Softmax"] == 1 and counts["Expand"] == 2  # K and V repeated for the query heads
+    rng = np.random.default_rng(1)
+    mask = np.where(rng.random((2, 1, 5, 5)) < 0.8, 0.0, -1e4).astype(np.float32)
+    x = rng.standard_normal((2, 5, 8)).astype(np.float32)
+    w = [graph.constants[f"w{i}"].const.numpy() for i in range(3)]
+    q = (x @ w[0]).reshape(2, 5, 2, 4).transpose(0, 2, 1, 3)
+    k, v = ((x @ w[i]).reshape(2, 5, 1, 4).transpose(0, 2, 1, 3).repeat(2, axis=1) for i in (1, 2))
+    scores = q @ k.transpose(0, 1, 3, 2) / 2.0 + mask
+    probs = np.exp(scores - scores.max(-1, keepdims=True))
+    expected = ((probs / probs.sum(-1, keepdims=True)) @ v).transpose(0, 2, 1, 3).reshape(2, 5, 8)
+    np.testing.assert_allclose(_run(lowered, {"x": x, "mask": mask})[0], expected, atol=1e-5)
 
 
 @pytest.mark.parametrize("mode", ["dynamic", "static"])
