@@ -91,7 +91,9 @@ class Target:
         """The passes that put a graph into the ops this target runs, in order (none by
         default). `graphopt.compile` runs them after the pipeline, through the same pass
         manager (so `--dump-ir`, `--check` and the report show them); `compile` runs them
-        on a copy of a graph that has not been through them."""
+        again on a copy (`lower`), for callers that did not, so they must leave a lowered
+        graph unchanged. Steps that change the model's interface (TensorRT's int32 engine
+        I/O) are build steps of `compile`, not lowering passes."""
         return []
 
     def lower(self, graph: Any) -> Any:
