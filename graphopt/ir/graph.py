@@ -14,6 +14,7 @@ The IR imports nothing above it: conversions to other formats are registered wit
 
 from __future__ import annotations
 
+import heapq
 from typing import TYPE_CHECKING, Any, Iterable, Iterator, NamedTuple, Optional, Sequence, Union
 
 import numpy as np
@@ -263,6 +264,8 @@ class Graph:
         """Names defined inside subgraph bodies: no value of this graph may take them."""
         self._node_names: set[str] = set()
         self._name_cursor: dict[str, int] = {}
+        self._freed_suffixes: dict[str, list[int]] = {}
+        """Per base name, a heap of `base_N` suffixes below the cursor that erasing freed."""
         """Per base name, a suffix below which every `base_N` node name is taken."""
 
     # ----------------------------------------------------------------- reading
@@ -523,6 +526,11 @@ class Graph:
     def unique_node_name(self, base: str) -> str:
         """A node name not yet used in this graph, derived from `base` (`base_N`, smallest N
         free, so a graph and its clone name new nodes alike)."""
+        freed = self._freed_suffixes.get(base)
+        while freed and f"{base}_{freed[0]}" in self._node_names:
+            heapq.heappop(freed)
+        if freed:
+            return f"{base}_{freed[0]}"
         suffix = self._name_cursor.get(base, 0)
         while f"{base}_{suffix}" in self._node_names:
             suffix += 1
@@ -589,7 +597,7 @@ class Graph:
         self._node_names.discard(node.name)
         base, _, index = node.name.rpartition("_")
         if index.isdigit() and self._name_cursor.get(base, 0) > int(index):
-            self._name_cursor[base] = int(index)
+            heapq.heappush(self._freed_suffixes.setdefault(base, []), int(index))
         node.graph = None
 
     def set_captures(self, node: Node, captures: Sequence[tuple[str, Value]]) -> None:
