@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import sys
 from typing import Any, Iterable, Optional, Sequence, Union
 
 from graphopt.errors import GraphoptError, UnsupportedOpError
 from graphopt.ir.graph import Graph
-from graphopt.pass_base import Pass, PassContext
+from graphopt.pass_base import Pass, PassContext, PassResult
 from graphopt.pass_manager import PassManager, Pipeline
 from graphopt.pipeline import PipelineLike, build_pipeline
 from graphopt.target_base import CompiledModel, TargetError
@@ -36,7 +37,6 @@ def optimize(
     dump_dir: Optional[str] = None,
     calibration: Optional[list[dict[str, Any]]] = None,
     calibration_data: Optional[Iterable[Any]] = None,
-    target: Any = None,
     seed: int = 0,
 ) -> Graph:
     """Run `pipeline` over `model` (a Graph, an .onnx path or a ModelProto); return the Graph.
@@ -57,7 +57,7 @@ def optimize(
 
         calibration = normalize_calibration(graph, calibration_data)
     manager = PassManager(passes, verify_each=verify, dump_ir=dump_ir, dump_dir=dump_dir, check=check, check_inputs=check_inputs)
-    manager.run(graph, PassContext(calibration=calibration, target=target, seed=seed))
+    manager.run(graph, PassContext(calibration=calibration, seed=seed))
     return graph
 
 
@@ -84,7 +84,9 @@ def compile(
     "onnxruntime:cpu{threads=2}", "torch", "tvm:llvm" (see `graphopt targets`).
     The target's lowering runs after `pipeline` as a nested pipeline named "lowering" (see
     `with_lowering`), under the same `check`, `verify` and `dump_ir`/`dump_dir` as the
-    pipeline (see `optimize`); `compiled.pipeline_report` lists both.
+    pipeline (see `optimize`); `compiled.pipeline_report` lists both. With `partition=True`
+    the graph is split before lowering (a torch region must not hold the target's lowered
+    ops), so each target region lowers when it is compiled and the report lists only `pipeline`.
     Raises TargetError when the target is unknown or cannot run here, UnsupportedOpError
     naming the nodes the target cannot run unless `partition=True`, which runs those nodes
     in torch and the rest in the target (`graphopt.partition`; such a model cannot be saved).
@@ -95,7 +97,7 @@ def compile(
     missing = chosen.available()
     if missing:
         raise TargetError(f"target '{chosen.spec}' cannot run here: {missing}")
-    passes = with_lowering(build_pipeline(pipeline), chosen)
+    passes = build_pipeline(pipeline) if partition else with_lowering(build_pipeline(pipeline), chosen)
     graph = _graph_for_compile(model, example_inputs)
     graph = optimize(
         graph, passes, calibration=calibration, calibration_data=calibration_data, check=check, verify=verify,
@@ -109,10 +111,24 @@ def compile(
 
 
 def with_lowering(passes: Sequence[Pass], target: Any) -> list[Pass]:
-    """`passes` followed by `target`'s lowering as a pipeline named "lowering" (nothing is
-    added for a target without lowering passes)."""
+    """`passes` followed by `target`'s lowering as a pipeline named "lowering", which first
+    refuses (UnsupportedOpError naming the nodes) a graph the target cannot run: support is
+    decided on the IR before the target rewrites it into its own ops. Nothing is added for a
+    target without lowering passes."""
     lowering = target.lowering()
-    return [*passes, Pipeline.of("lowering", lowering)] if lowering else list(passes)
+    return [*passes, Pipeline.of("lowering", [CheckSupported(target), *lowering])] if lowering else list(passes)
+
+
+@dataclasses.dataclass
+class CheckSupported(Pass):
+    """Refuse a graph `target` cannot run, naming its nodes (UnsupportedOpError); changes nothing."""
+
+    name = "check-supported"
+    target: Any = None
+
+    def run(self, graph: Graph, ctx: PassContext) -> PassResult:
+        check_supported(self.target, graph)
+        return PassResult(False)
 
 
 def check_supported(target: Any, graph: Graph) -> None:

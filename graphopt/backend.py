@@ -136,7 +136,10 @@ class _LazyCompiled:
 
         target = get_target(self.settings["target"])
         graph = from_fx(self.gm, self.example_inputs)
-        graph = optimize(graph, with_lowering(build_pipeline(self.settings["pipeline"]), target), target=target)
+        passes = build_pipeline(self.settings["pipeline"])
+        if not self.settings["partition"]:
+            passes = with_lowering(passes, target)  # partitioning splits the graph before lowering
+        graph = optimize(graph, passes)
         if self.settings["verbose"]:
             _LOG.warning("graphopt: graph with %d inputs:\n%s", len(graph.inputs), graph.report.table())
         if target.name == "torch":

@@ -58,14 +58,12 @@ class PassContext:
     """What every pass may consult besides the graph.
 
     `calibration`: sample inputs (list of {input name: array}) for data-aware passes;
-    `target`: the target the graph is bound for (hardware-aware passes ask it, never
-    import it); `seed`: for any randomness; `options`: free-form settings;
+    `seed`: for any randomness; `options`: free-form settings;
     `instrumentation`: set by the pass manager while it runs (its instruments and the
     path of the running pipelines); passes leave it alone.
     """
 
     calibration: Optional[list[dict[str, Any]]] = None
-    target: Any = None
     seed: int = 0
     logger: logging.Logger = dataclasses.field(default_factory=lambda: logging.getLogger("graphopt"))
     options: dict[str, Any] = dataclasses.field(default_factory=dict)

@@ -246,7 +246,7 @@ def test_compile_dump_ir_names_must_be_in_the_pipeline_or_the_lowering(tmp_path,
     source = tiny_model(tmp_path / "in.onnx")
     args = ["compile", str(source), "-t", "onnxruntime", "-o", str(tmp_path / "art"), "-p", "cli-test-drop-identities", "--dump-dir", str(tmp_path / "d")]
     assert main([*args, "--dump-ir", "lower-onnxruntime"]) == 0
-    assert sorted(p.name for p in (tmp_path / "d").iterdir()) == ["03-lowering.lower-onnxruntime.after.txt", "03-lowering.lower-onnxruntime.before.txt"]
+    assert sorted(p.name for p in (tmp_path / "d").iterdir()) == ["04-lowering.lower-onnxruntime.after.txt", "04-lowering.lower-onnxruntime.before.txt"]
     capsys.readouterr()
     err = assert_one_line_error(capsys, main([*args, "--dump-ir", "fold-constants"]))
     assert "--dump-ir: pass 'fold-constants' is not in the pipeline (cli-test-drop-identities, lowering), nor nested in it" in err
