@@ -366,7 +366,7 @@ def _passes(args: argparse.Namespace) -> int:
             print(f"    {option['name']}: {option['type']}{default}")
         if "steps" in info:
             print(f"    (pipeline: {', '.join(info['steps'])})")
-        facts = [f"{key}: {', '.join(info[key])}" for key in ("requires", "provides") if info[key]]
+        facts = [f"{key}: {', '.join(info[key])}" for key in ("requires", "provides", "invalidates") if info[key]]
         if facts:
             print(f"    ({'; '.join(facts)})")
     return 0
@@ -384,6 +384,7 @@ def pass_info(cls: type["Pass"]) -> dict[str, Any]:
         "options": [_option_info(cls, field) for field in cls.option_fields()],
         "requires": list(facts.requires),
         "provides": list(facts.provides),
+        "invalidates": list(facts.invalidates),
         "lossless": facts.lossless,
         "module": cls.__module__,
         **({"steps": list(cls.steps)} if issubclass(cls, Pipeline) else {}),
