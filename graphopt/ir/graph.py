@@ -88,7 +88,7 @@ class Value:
 
     @property
     def is_graph_output(self) -> bool:
-        return self.graph is not None and any(out is self for out in self.graph.outputs)
+        return self.graph is not None and id(self) in self.graph._output_ids
 
     def replace_all_uses_with(self, other: "Value") -> None:
         """Make every reader of this value (and the graph outputs) read `other` instead.
@@ -254,6 +254,7 @@ class Graph:
         does not interpret it)."""
         self._inputs: list[Value] = []
         self._outputs: list[Value] = []
+        self._output_ids: set[int] = set()
         self._output_names: list[str] = []
         self._first: Optional[Node] = None
         self._last: Optional[Node] = None
@@ -414,7 +415,7 @@ class Graph:
         for value in values:
             if value.graph is not self:
                 raise GraphError(f"output %{value.name} does not belong to graph '{self.name}'")
-        self._outputs = values
+        self._assign_outputs(values)
         self._output_names = [value.name for value in values]
 
     def is_overridable(self, value: Value) -> bool:
@@ -469,7 +470,11 @@ class Graph:
         return not value.is_graph_output and not self.is_overridable(value)
 
     def _replace_output(self, old: Value, new: Value) -> None:
-        self._outputs = [new if out is old else out for out in self._outputs]
+        self._assign_outputs([new if out is old else out for out in self._outputs])
+
+    def _assign_outputs(self, values: list[Value]) -> None:
+        self._outputs = values
+        self._output_ids = {id(value) for value in values}
 
     # ----------------------------------------------------------------- nodes
     def add_node(
@@ -714,7 +719,7 @@ class Graph:
                 new_out.type = old_out.type
                 new_out.symbolic = old_out.symbolic
                 mapping[id(old_out)] = new_out
-        copy._outputs = [mapping[id(v)] for v in self._outputs]
+        copy._assign_outputs([mapping[id(v)] for v in self._outputs])
         copy._output_names = list(self._output_names)
         return copy
 

@@ -133,8 +133,9 @@ def register_schema(schema: OpSchema) -> OpSchema:
 
 def get_schema(domain: str, name: str) -> Optional[OpSchema]:
     """The schema of an op, or None for an op the IR treats as opaque."""
-    _load_builtin_schemas()
-    return _REGISTRY.get((_normalize_domain(domain), name))
+    if not _builtins_loaded:
+        _load_builtin_schemas()
+    return _REGISTRY.get((ONNX_DOMAIN if domain in ("", "ai.onnx") else domain, name))
 
 
 def registered_ops() -> list[str]:
