@@ -70,14 +70,17 @@ def _checked(item: Pass, result: Any) -> PassResult:
 class Pipeline(Pass):
     """Run nested passes in order, repeated until none changes the graph (at most `max_iterations` rounds).
 
-    A named pipeline subclasses this with `name`, a docstring and `steps` (registered pass
-    names, each built with its default options); `Pipeline.of` makes one from pass objects.
-    The nested passes' requires/provides/invalidates are checked in order when it is built;
-    it requires what they need and none of them provides (an outer pipeline checks that),
-    provides what they provide and leave holding, and invalidates what they leave removed. Lossless when all of them are. The nested pass objects are
-    built once and reused for every round and every run. Stats: the nested passes' numeric
-    stats summed as "<pass>.<stat>", plus "iterations" for a `fixed_point` pipeline, which
-    logs a warning when the bound stops it before a fixed point.
+    The repetition stops as soon as every nested pass has run once on the graph as it is
+    (the passes after the last change in a round are not run again). A named pipeline
+    subclasses this with `name`, a docstring and `steps` (registered pass names, each built
+    with its default options); `Pipeline.of` makes one from pass objects. The nested
+    passes' requires/provides/invalidates are checked in order when it is built; it
+    requires what they need and none of them provides (an outer pipeline checks that),
+    provides what they provide and leave holding, and invalidates what they leave removed.
+    Lossless when all of them are. The nested pass objects are built once and reused for
+    every round and every run. Stats: the nested passes' numeric stats summed as
+    "<pass>.<stat>", plus "iterations" for a `fixed_point` pipeline, which logs a warning
+    when the bound stops it before a fixed point.
     """
 
     name: ClassVar[str] = "pipeline"
@@ -122,14 +125,16 @@ class Pipeline(Pass):
     def run(self, graph: Graph, ctx: PassContext) -> PassResult:
         changed_any = False
         results: list[tuple[Pass, PassResult]] = []
+        unchanged_runs = 0  # passes run in a row without changing the graph
         for iteration in range(1, self.max_iterations + 1):
-            changed = False
             for item in self.passes:
                 result = run_pass(item, graph, ctx)
                 results.append((item, result))
-                changed |= result.changed
-            changed_any |= changed
-            if not changed:
+                changed_any |= result.changed
+                unchanged_runs = 0 if result.changed else unchanged_runs + 1
+                if unchanged_runs == len(self.passes):
+                    break  # every pass has seen the graph as it is now: a fixed point
+            if unchanged_runs == len(self.passes):
                 break
         else:
             if self.fixed_point:
