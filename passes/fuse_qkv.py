@@ -24,6 +24,7 @@ from typing import Optional, Union
 
 import numpy as np
 from graphopt.ir.graph import Graph, Node, Value, constant_data
+from graphopt.ir.tensor import ConstTensor
 from graphopt.pass_base import Pass, PassContext, PassResult
 from graphopt.registry import register_pass
 from graphopt.rewrite import RewritePattern, Rewriter, RewriteRuleSet
@@ -34,7 +35,8 @@ SPLIT_SIZES_AS_INPUT_OPSET = 13
 @dataclasses.dataclass
 class _Projection:
     matmul: Node
-    weight: np.ndarray
+    weight: ConstTensor
+    """Read (`weight.numpy()`) only when the group is fused: external weights load lazily."""
     bias_add: Optional[Node] = None
     bias: Optional[np.ndarray] = None
 
@@ -43,17 +45,17 @@ class _Projection:
         return (self.bias_add or self.matmul).output
 
 
-def _weight(value: Optional[Value]) -> Optional[np.ndarray]:
+def _weight(value: Optional[Value]) -> Optional[ConstTensor]:
     if value is None or not value.is_constant or value.const is None or len(value.const.shape) != 2:
         return None
-    return value.const.numpy()
+    return value.const
 
 
 def _projection(matmul: Node, x: Value) -> Optional[_Projection]:
     if matmul.op_type != "MatMul" or matmul.domain or matmul.inputs[0] is not x or matmul.inputs[1] is x:
         return None
     weight = _weight(matmul.inputs[1])
-    if weight is None or weight.dtype != x.dtype.to_numpy() or matmul.output.is_graph_output:  # type: ignore[union-attr]
+    if weight is None or weight.dtype != x.dtype or matmul.output.is_graph_output:
         return None
     found = _Projection(matmul, weight)
     uses = matmul.output.uses()
@@ -61,7 +63,7 @@ def _projection(matmul: Node, x: Value) -> Optional[_Projection]:
         add = uses[0].node
         other = add.inputs[1 - uses[0].index]
         bias = None if other is None else constant_data(other)
-        if bias is not None and bias.shape == (weight.shape[1],) and bias.dtype == weight.dtype and add.output.shape == matmul.output.shape:
+        if bias is not None and bias.shape == (weight.shape[1],) and bias.dtype == weight.dtype.to_numpy() and add.output.shape == matmul.output.shape:
             found.bias_add, found.bias = add, bias
     return found
 
@@ -102,9 +104,9 @@ class QKVPattern(RewritePattern):
         weights = [v for n in matched for v in n.inputs[1:] if v is not None and v.is_constant]
         edit = rewriter.edit(matched, [p.output for p in group], weights)
         op, sizes = edit.op, [p.weight.shape[1] for p in group]
-        fused = op.MatMul(node.inputs[0], op.constant(_concatenate_columns([p.weight for p in group]), "qkv_weight"))
+        fused = op.MatMul(node.inputs[0], op.constant(_concatenate_columns([p.weight.numpy() for p in group]), "qkv_weight"))
         if any(p.bias is not None for p in group):
-            biases = [p.bias if p.bias is not None else np.zeros(n, p.weight.dtype) for p, n in zip(group, sizes)]
+            biases = [p.bias if p.bias is not None else np.zeros(n, p.weight.dtype.to_numpy()) for p, n in zip(group, sizes)]
             fused = op.Add(fused, op.constant(np.concatenate(biases), "qkv_bias"))
         if graph.opset() >= SPLIT_SIZES_AS_INPUT_OPSET:
             outputs = op.Split(fused, op.constant(np.array(sizes, np.int64), "qkv_split"), axis=-1, _outputs=len(group))
