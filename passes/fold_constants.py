@@ -10,15 +10,10 @@ import numpy as np
 from graphopt.check import run_graph
 from graphopt.errors import GraphoptError
 from graphopt.ir.dtypes import DType
-from graphopt.ir.graph import Graph, Node, Value
+from graphopt.ir.graph import Graph, Node, Value, constant_node_tensor
 from graphopt.ir.tensor import ConstTensor
 from graphopt.pass_base import Pass, PassContext, PassResult
 from graphopt.registry import register_pass
-
-_CONSTANT_LISTS = {
-    "value_int": np.int64, "value_ints": np.int64, "value_float": np.float32, "value_floats": np.float32,
-}
-
 
 def replace_with_constant(graph: Graph, value: Value, data: Union[ConstTensor, np.ndarray]) -> Value:
     """Make every reader of node output `value` read a new graph constant holding `data`.
@@ -62,17 +57,6 @@ def fold_known_outputs(graph: Graph, node: Node) -> int:
 def _is_pure_onnx(node: Node) -> bool:
     schema = node.schema
     return node.domain == "" and schema is not None and schema.pure and node.op_type != "Constant" and not node.captures
-
-
-def _constant_node_data(node: Node) -> Optional[Union[ConstTensor, np.ndarray]]:
-    """The tensor a default-domain Constant node holds, when given as a tensor or numbers."""
-    value = node.attrs.get("value")
-    if isinstance(value, ConstTensor):
-        return value
-    for key, dtype in _CONSTANT_LISTS.items():
-        if key in node.attrs:
-            return np.asarray(node.attrs[key], dtype=dtype)
-    return None
 
 
 @register_pass
@@ -123,10 +107,8 @@ class FoldConstants(Pass):
     def _lift_constant_nodes(self, graph: Graph) -> int:
         lifted = 0
         for node in graph:
-            if node.op_type != "Constant" or node.domain != "" or node.output.is_graph_output:
-                continue
-            data = _constant_node_data(node)
-            if data is not None:
+            data = constant_node_tensor(node)
+            if data is not None and not node.output.is_graph_output:
                 replace_with_constant(graph, node.output, data)
                 graph.erase(node)
                 lifted += 1

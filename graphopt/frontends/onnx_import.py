@@ -20,22 +20,18 @@ import heapq
 import os
 from typing import Any, Optional, Sequence
 
-import numpy as np
-
 from graphopt.errors import GraphError, ModelLoadError, VerificationError
 from graphopt.frontends.onnx_file import WireFormatError, read_model_skeleton
 from graphopt.frontends.onnx_subgraphs import body_names, outer_reads
 from graphopt.ir.attributes import OpaqueAttribute
 from graphopt.ir.dtypes import DType
-from graphopt.ir.graph import Graph, Node, Value
+from graphopt.ir.graph import Graph, Node, Value, constant_node_tensor
 from graphopt.ir.tensor import ArrayTensor, ConstTensor, FileTensor, ProtoTensor
 from graphopt.ir.types import (
     MapType, OptionalType, SequenceType, SparseTensorType, TensorType, UNKNOWN, merge_types,
 )
 from graphopt.ir.verify import type_mismatch
 
-_CONSTANT_LISTS = {"value_int": np.int64, "value_ints": np.int64, "value_float": np.float32, "value_floats": np.float32}
-"""The Constant attributes holding numbers, with the element type ONNX gives them."""
 
 
 def from_onnx(model: Any) -> Graph:
@@ -92,7 +88,7 @@ def _convert(model: Any, base_dir: str, ranges: dict[str, tuple[int, int]], sour
     for proto in _topological(protos, set(scope), captured, source):
         _check_op(proto, opsets, source)
         node = _node(proto, scope, captured.get(id(proto), ()), source)
-        data = _constant_node_data(node)
+        data = constant_node_tensor(node)
         if data is not None and node.outputs[0].name not in output_names:
             scope[node.outputs[0].name] = graph.add_constant(node.outputs[0].name, data)
             continue
@@ -239,20 +235,6 @@ def _cycle(waiting: list[Any], defined: set[str], captured: dict[int, list[str]]
         proto = producers[next(name for name in reads if name and name not in defined)]
     cycle = path[next(i for i, seen in enumerate(path) if seen is proto):] + [proto]
     return "the nodes form a cycle: " + " -> ".join(f"'{p.name or p.op_type}' ({p.op_type})" for p in cycle)
-
-
-def _constant_node_data(node: Node) -> Optional[ConstTensor]:
-    """What a default-domain Constant node holds, as a tensor, when it gives one directly
-    (`value`, `value_int(s)`, `value_float(s)`); None for other nodes and other forms."""
-    if node.op_type != "Constant" or node.domain != "":
-        return None
-    value = node.attrs.get("value")
-    if isinstance(value, ConstTensor):
-        return value
-    for key, dtype in _CONSTANT_LISTS.items():
-        if key in node.attrs:
-            return ArrayTensor(np.asarray(node.attrs[key], dtype=dtype))
-    return None
 
 
 def _node(proto: Any, scope: dict[str, Value], captured: Sequence[str], source: str) -> Node:

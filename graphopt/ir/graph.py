@@ -753,22 +753,33 @@ class Graph:
         return convert("fx", self, prepack_linears=prepack_linears)
 
 
+CONSTANT_NUMBER_ATTRS = {"value_int": np.int64, "value_ints": np.int64, "value_float": np.float32, "value_floats": np.float32}
+"""The Constant-node attributes holding numbers, with the element type ONNX gives them."""
+
+
+def constant_node_tensor(node: Node) -> Optional[ConstTensor]:
+    """What a default-domain Constant node holds, as a tensor, when it gives one directly
+    (`value`, `value_int(s)`, `value_float(s)`); None for other nodes and other forms."""
+    if node.op_type != "Constant" or node.domain != "":
+        return None
+    value = node.attrs.get("value")
+    if isinstance(value, ConstTensor):
+        return value
+    for key, dtype in CONSTANT_NUMBER_ATTRS.items():
+        if key in node.attrs:
+            return ArrayTensor(np.asarray(node.attrs[key], dtype=dtype))
+    return None
+
+
 def constant_data(value: Value, limit: Optional[int] = MAX_INFERENCE_CONSTANT) -> Optional[np.ndarray]:
     """The data of a constant value (weight or Constant-node output) of at most `limit`
     elements (None: any size), else None."""
-    if value.const is not None:
-        if limit is None or value.const.size <= limit:
-            return value.const.numpy()
+    tensor = value.const
+    if tensor is None and value.producer is not None:
+        tensor = constant_node_tensor(value.producer)
+    if tensor is None or (limit is not None and tensor.size > limit):
         return None
-    producer = value.producer
-    if producer is not None and producer.op_type == "Constant" and producer.domain == "":
-        tensor = producer.attrs.get("value")
-        if isinstance(tensor, ConstTensor):
-            return tensor.numpy() if limit is None or tensor.size <= limit else None
-        for key, dtype in (("value_int", np.int64), ("value_ints", np.int64), ("value_float", np.float32), ("value_floats", np.float32)):
-            if key in producer.attrs:
-                return np.asarray(producer.attrs[key], dtype=dtype)
-    return None
+    return tensor.numpy()
 
 
 def uniform_constant(value: Optional[Value]) -> Optional[np.generic]:
