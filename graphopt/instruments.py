@@ -109,14 +109,22 @@ def row_cells(record: PassRecord, full_path: bool = False) -> tuple[str, str, st
     )
 
 
+def sum_stats(named_stats: Iterable[tuple[str, dict[str, Any]]]) -> dict[str, Any]:
+    """The numeric stats of several pass runs summed per key, each key prefixed by the
+    name paired with its stats (`"<prefix>.<stat>"`, or the bare stat for an empty prefix)."""
+    totals: dict[str, Any] = {}
+    for prefix, stats in named_stats:
+        for key, value in stats.items():
+            if isinstance(value, (int, float)) and not isinstance(value, bool):
+                name = f"{prefix}.{key}" if prefix else key
+                totals[name] = totals.get(name, 0) + value
+    return totals
+
+
 def _merge(runs: list[PassRecord]) -> PassRecord:
     if len(runs) == 1:
         return runs[0]
-    stats: dict[str, Any] = {}
-    for run in runs:
-        for key, value in run.stats.items():
-            if isinstance(value, (int, float)) and not isinstance(value, bool):
-                stats[key] = stats.get(key, 0) + value
+    stats = sum_stats(("", run.stats) for run in runs)
     first, last = runs[0], runs[-1]
     return PassRecord(
         first.name, first.path, first.depth, first.nodes_before, last.nodes_after, any(r.changed for r in runs),

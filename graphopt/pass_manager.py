@@ -22,7 +22,7 @@ from typing import Any, ClassVar, Iterable, Optional, Sequence
 
 from graphopt.errors import GraphoptError
 from graphopt.facts import check_facts
-from graphopt.instruments import Check, DumpIR, Instrument, PassRecord, PipelineReport, Report, Timing, VerifyEach
+from graphopt.instruments import Check, DumpIR, Instrument, PassRecord, PipelineReport, Report, Timing, VerifyEach, sum_stats
 from graphopt.ir.graph import Graph
 from graphopt.pass_base import Pass, PassContext, PassResult, PipelineError
 
@@ -148,12 +148,7 @@ class Pipeline(Pass):
 
     def summarize(self, results: list[tuple[Pass, PassResult]]) -> dict[str, Any]:
         """The pipeline's stats from its nested results (numeric stats summed per pass)."""
-        totals: dict[str, Any] = {}
-        for item, result in results:
-            for key, value in result.stats.items():
-                if isinstance(value, (int, float)) and not isinstance(value, bool):
-                    totals[f"{item.name}.{key}"] = totals.get(f"{item.name}.{key}", 0) + value
-        return totals
+        return sum_stats((item.name, result.stats) for item, result in results)
 
 
 class PassManager:

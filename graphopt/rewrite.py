@@ -516,7 +516,7 @@ class Edit:
         built = {id(n) for n in self.op.nodes}
         fresh = [v.producer is not None and id(v.producer) in built for v in replacements]
         problem = self.interior_problem() or self._placement_problem(replacements)
-        for old, new, is_fresh in zip(self.outputs, replacements, fresh):
+        for old, new in zip(self.outputs, replacements):
             problem = problem or _type_problem(old, new) or _output_name_problem(self.graph, old, new)
         if problem:
             self.op.rollback()
