@@ -73,6 +73,30 @@ def test_generate_with_kv_cache_gives_the_same_tokens():
     assert torch.equal(expected, actual)
 
 
+class _ScaledNorm(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.norm, self.scaling = torch.nn.LayerNorm(8, eps=1e-6), 0.5
+
+    def forward(self, x):
+        return self.norm(x) * self.scaling
+
+
+def test_module_passed_as_an_argument_keeps_its_float_attributes_constant():
+    # transformers >= 5.24 calls forward through a wrapper taking the model as args[0]: dynamo
+    # then names its state L_args_0_modules_..., and with dynamic=True its float attributes
+    # arrive as 0-d tensors read by .item() (torch.export refused those as data-dependent).
+    torch.manual_seed(0)
+    model = _ScaledNorm().eval()
+    compiled = torch.compile(lambda m, x: m(x), backend="graphopt", dynamic=True, options={"fallback": False})
+    backend.clear_cache()
+    with torch.no_grad():
+        for rows in (3, 5):
+            x = torch.randn(rows, 8)
+            assert max_abs_diff([model(x)], [compiled(model, x)]) <= 1e-5
+    assert backend.cache_info()["compiled"] >= 1
+
+
 class _WithGraphBreak(torch.nn.Module):
     def __init__(self):
         super().__init__()

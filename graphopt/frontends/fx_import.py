@@ -255,8 +255,16 @@ def is_module_state(node: Any) -> bool:
     """True for placeholders dynamo lifted from module state or globals (weights, buffers,
     float/int attributes such as eps), as opposed to arguments of the compiled call.
     Dynamo names those placeholders after their source: L_self_... (a method's module),
-    L_fn_... (a module compiled directly: torch.compile(module) traces it as `fn`) and G_..."""
-    return str(node.target).startswith(("L_self_", "L_fn_", "G_"))
+    L_fn_... (a module compiled directly: torch.compile(module) traces it as `fn`), G_...,
+    and, for a module passed as an argument (transformers >= 5.24 calls `forward` through
+    a wrapper taking the model as `args[0]`), the mangled root of the module paths in the
+    node's `nn_module_stack` (L['args'][0] -> L_args_0_...)."""
+    target = str(node.target)
+    if target.startswith(("L_self_", "L_fn_", "G_")):
+        return True
+    stack = node.meta.get("nn_module_stack") or {}
+    roots = {re.sub(r"[^A-Za-z0-9]+", "_", str(path).split(".")[0]) for path, _ in stack.values()}
+    return any(root.endswith("_") and len(root) > 2 and target.startswith(root) for root in roots)
 
 
 def _concrete(example: Any) -> Any:
