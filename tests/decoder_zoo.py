@@ -1,0 +1,378 @@
+"""Tiny Hugging Face decoders exported to ONNX in the Optimum "with past" (KV-cache) form.
+
+Each architecture in :data:`ARCHITECTURES` is a 2-layer causal LM with random
+weights (no downloads) built by :func:`build_decoder`.  :class:`DecoderWithPast`
+gives it the flat signature Optimum's ``-with-past`` exports have::
+
+    input_ids [batch, seq], attention_mask [batch, past + seq], position_ids [batch, seq],
+    past_key_values.{i}.key / .value [batch, kv_heads, past, head_dim]
+    -> logits [batch, seq, vocab], present.{i}.key / .value [batch, kv_heads, past + seq, head_dim]
+
+:func:`export_decoder` exports it with either torch exporter (batch, seq and
+past dynamic; past may be 0) and :func:`decoder_onnx` caches those exports.
+:func:`decoder_inputs` builds feeds, :func:`reference_outputs` runs the torch
+model on them, and :func:`greedy_tokens` decodes greedily over any step
+function (:func:`ort_step`, :func:`torch_step`, or a compiled model's).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.metadata
+import os
+import pathlib
+import tempfile
+from collections.abc import Callable, Sequence
+
+import numpy as np
+import torch
+import transformers
+
+from model_zoo import _quiet
+
+ARCHITECTURES: tuple[str, ...] = ("llama", "mistral", "qwen2", "phi3", "gemma")
+EXPORTERS: tuple[str, ...] = ("torchscript", "dynamo")
+ATTENTIONS: tuple[str, ...] = ("sdpa", "eager")
+
+HIDDEN = 64
+HEADS = 4
+KV_HEADS = 2
+HEAD_DIM = HIDDEN // HEADS
+LAYERS = 2
+FFN = 128
+VOCAB = 128
+MAX_POSITIONS = 256
+SLIDING_WINDOW = 16
+"""Mistral's window: smaller than the decode test's past (20), so the window really masks keys."""
+GEMMA_HEAD_DIM = 32
+"""Gemma's head size, twice HIDDEN // HEADS, as in the real Gemma models."""
+
+EXPORT_PAST = 3
+EXPORT_SEQ = 2
+"""Example past and sequence lengths of the exports: above 1, so neither is specialized to a constant."""
+
+UNSUPPORTED: dict[tuple[str, str, str], str] = {}
+"""(architecture, exporter, attention) -> why that combination cannot be exported here; tests skip them."""
+
+StepFunction = Callable[[dict[str, np.ndarray]], tuple[np.ndarray, Sequence[np.ndarray]]]
+"""Takes the flat feeds of one decoding step and returns (logits, presents in output order)."""
+
+
+def _common(**extra: object) -> dict[str, object]:
+    return dict(
+        vocab_size=VOCAB,
+        hidden_size=HIDDEN,
+        intermediate_size=FFN,
+        num_hidden_layers=LAYERS,
+        num_attention_heads=HEADS,
+        max_position_embeddings=MAX_POSITIONS,
+        pad_token_id=0,
+        bos_token_id=1,
+        eos_token_id=2,
+        attention_dropout=0.0,
+    ) | extra
+
+
+_CONFIGS: dict[str, Callable[[], transformers.PretrainedConfig]] = {
+    "llama": lambda: transformers.LlamaConfig(**_common(num_key_value_heads=KV_HEADS, head_dim=HEAD_DIM)),
+    "mistral": lambda: transformers.MistralConfig(
+        **_common(num_key_value_heads=KV_HEADS, head_dim=HEAD_DIM, sliding_window=SLIDING_WINDOW)
+    ),
+    "qwen2": lambda: transformers.Qwen2Config(**_common(num_key_value_heads=KV_HEADS)),
+    "phi3": lambda: transformers.Phi3Config(
+        **_common(num_key_value_heads=KV_HEADS, partial_rotary_factor=0.5, resid_pdrop=0.0, embd_pdrop=0.0)
+    ),
+    "gemma": lambda: transformers.GemmaConfig(**_common(num_key_value_heads=1, head_dim=GEMMA_HEAD_DIM)),
+}
+"""Qwen2 has q/k/v biases by default, Phi-3 a fused qkv_proj; Gemma is multi-query (one KV head)."""
+
+
+def _check(name: str, exporter: str | None, attention: str) -> None:
+    if name not in ARCHITECTURES:
+        raise ValueError(f"unknown decoder {name!r}; expected one of {', '.join(ARCHITECTURES)}")
+    if exporter is not None and exporter not in EXPORTERS:
+        raise ValueError(f"unknown exporter {exporter!r}; expected one of {', '.join(EXPORTERS)}")
+    if attention not in ATTENTIONS:
+        raise ValueError(f"unknown attention {attention!r}; expected one of {', '.join(ATTENTIONS)}")
+
+
+def build_decoder(
+    name: str, attention: str = "sdpa", seed: int = 0
+) -> tuple[transformers.PreTrainedModel, transformers.PretrainedConfig]:
+    """The tiny ``name`` causal LM in eval mode, weights drawn from ``seed``, and its config.
+
+    ``attention`` is the transformers attention implementation (``"sdpa"`` or
+    ``"eager"``).  The global RNG state is left as it was.
+    """
+    _check(name, None, attention)
+    config = _CONFIGS[name]()
+    config._attn_implementation = attention
+    config.use_cache = True
+    with torch.random.fork_rng(devices=[]), _quiet():
+        torch.manual_seed(seed)
+        model = transformers.AutoModelForCausalLM.from_config(config)
+    model.eval()
+    return model, config
+
+
+def kv_heads(config: transformers.PretrainedConfig) -> int:
+    return config.num_key_value_heads
+
+
+def head_dim(config: transformers.PretrainedConfig) -> int:
+    return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+
+
+def input_names(config: transformers.PretrainedConfig) -> list[str]:
+    """The export's input names, in order."""
+    pasts = [f"past_key_values.{i}.{kind}" for i in range(config.num_hidden_layers) for kind in ("key", "value")]
+    return ["input_ids", "attention_mask", "position_ids", *pasts]
+
+
+def output_names(config: transformers.PretrainedConfig) -> list[str]:
+    """The export's output names, in order."""
+    presents = [f"present.{i}.{kind}" for i in range(config.num_hidden_layers) for kind in ("key", "value")]
+    return ["logits", *presents]
+
+
+def _cache(pasts: Sequence[torch.Tensor]) -> transformers.DynamicCache:
+    """A DynamicCache holding ``pasts`` (key, value, key, value, ... per layer), without sliding-window cropping.
+
+    No config is passed, so every layer is a plain ``DynamicLayer`` that
+    concatenates: the presents are past + new, the Optimum convention, for
+    sliding-window models too (the window is applied by the mask).
+    """
+    return transformers.DynamicCache(list(zip(pasts[0::2], pasts[1::2], strict=True)))
+
+
+def _presents(cache: transformers.DynamicCache) -> list[torch.Tensor]:
+    return [tensor for layer in cache.layers for tensor in (layer.keys, layer.values)]
+
+
+class DecoderWithPast(torch.nn.Module):
+    """A causal LM with the flat Optimum signature: (ids, mask, positions, *pasts) -> (logits, *presents)."""
+
+    def __init__(self, model: transformers.PreTrainedModel) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        position_ids: torch.Tensor,
+        *past_key_values: torch.Tensor,
+    ) -> tuple[torch.Tensor, ...]:
+        out = self.model(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            past_key_values=_cache(past_key_values),
+            use_cache=True,
+            return_dict=True,
+        )
+        return (out.logits, *_presents(out.past_key_values))
+
+
+def _example_inputs(config: transformers.PretrainedConfig) -> tuple[torch.Tensor, ...]:
+    feeds = decoder_inputs(config, batch=2, seq=EXPORT_SEQ, past=EXPORT_PAST)
+    return tuple(torch.from_numpy(feeds[key]) for key in input_names(config))
+
+
+def _dynamic_axes(config: transformers.PretrainedConfig) -> dict[str, dict[int, str]]:
+    axes = {
+        "input_ids": {0: "batch", 1: "seq"},
+        "attention_mask": {0: "batch", 1: "past_seq"},
+        "position_ids": {0: "batch", 1: "seq"},
+        "logits": {0: "batch", 1: "seq"},
+    }
+    for name in input_names(config)[3:]:
+        axes[name] = {0: "batch", 2: "past"}
+    for name in output_names(config)[1:]:
+        axes[name] = {0: "batch", 2: "past_seq"}
+    return axes
+
+
+def _dynamic_shapes(config: transformers.PretrainedConfig) -> tuple[object, ...]:
+    """torch.export shapes of (input_ids, attention_mask, position_ids, pasts); the mask length gets its own dim."""
+    batch = torch.export.Dim("batch", min=1, max=64)
+    seq = torch.export.Dim("seq", min=1, max=MAX_POSITIONS)
+    past = torch.export.Dim("past", min=0, max=MAX_POSITIONS)
+    past_seq = torch.export.Dim("past_seq", min=1, max=2 * MAX_POSITIONS)
+    pasts = tuple({0: batch, 2: past} for _ in input_names(config)[3:])
+    return ({0: batch, 1: seq}, {0: batch, 1: past_seq}, {0: batch, 1: seq}, pasts)
+
+
+def export_decoder(
+    name: str, exporter: str, attention: str, path: str | os.PathLike[str], *, seed: int = 0
+) -> pathlib.Path:
+    """Exports decoder ``name`` with past to a self-contained ONNX file at ``path`` and returns the path.
+
+    ``exporter`` is ``"torchscript"`` (``dynamo=False``, opset 17) or
+    ``"dynamo"`` (opset 18).  Batch, seq and past are dynamic: the example
+    inputs have past 3 and seq 2 so that neither is specialized, and the
+    graph also runs with past 0.  Nothing is printed.
+
+    Raises:
+        NotImplementedError: for a combination listed in :data:`UNSUPPORTED`.
+    """
+    _check(name, exporter, attention)
+    if (name, exporter, attention) in UNSUPPORTED:
+        raise NotImplementedError(UNSUPPORTED[name, exporter, attention])
+    path = pathlib.Path(path)
+    model, config = build_decoder(name, attention, seed)
+    wrapper = DecoderWithPast(model).eval()
+    args = _example_inputs(config)
+    with _quiet(), torch.no_grad():
+        if exporter == "dynamo":
+            torch.onnx.export(
+                wrapper,
+                args,
+                path,
+                dynamo=True,
+                opset_version=18,
+                input_names=input_names(config),
+                output_names=output_names(config),
+                dynamic_shapes=_dynamic_shapes(config),
+                external_data=False,
+                verbose=False,
+            )
+        else:
+            torch.onnx.export(
+                wrapper,
+                args,
+                path,
+                dynamo=False,
+                opset_version=17,
+                input_names=input_names(config),
+                output_names=output_names(config),
+                dynamic_axes=_dynamic_axes(config),
+            )
+    return path
+
+
+def _cache_dir() -> pathlib.Path:
+    """Export folder keyed by this module's source and the exporting libraries' versions."""
+    key = hashlib.sha256(pathlib.Path(__file__).read_bytes())
+    for package in ("torch", "transformers", "onnx", "onnxscript"):
+        key.update(f"{package}=={importlib.metadata.version(package)}".encode())
+    base = os.environ.get("XDG_CACHE_HOME") or pathlib.Path.home() / ".cache"
+    return pathlib.Path(base) / "graphopt-tests" / "decoder-zoo" / key.hexdigest()[:16]
+
+
+def decoder_onnx(name: str, exporter: str, attention: str) -> pathlib.Path:
+    """Path of the export of ``name`` (seed 0), made once and kept under ``~/.cache/graphopt-tests/``.
+
+    The folder is keyed by a hash of this module and of the torch,
+    transformers, onnx and onnxscript versions, so an export is never reused
+    after either changes.  The file is written to a temporary name and renamed
+    into place, so concurrent test workers never read a half-written model.
+    """
+    _check(name, exporter, attention)
+    folder = _cache_dir()
+    path = folder / f"{name}-{exporter}-{attention}.onnx"
+    if not path.is_file():
+        folder.mkdir(parents=True, exist_ok=True)
+        fd, staging = tempfile.mkstemp(dir=folder, prefix=f".{path.stem}-", suffix=".onnx")
+        os.close(fd)
+        try:
+            export_decoder(name, exporter, attention, staging)
+            os.replace(staging, path)
+        finally:
+            pathlib.Path(staging).unlink(missing_ok=True)
+    return path
+
+
+def decoder_inputs(
+    config: transformers.PretrainedConfig,
+    batch: int,
+    seq: int,
+    past: int,
+    left_padding: bool = False,
+    seed: int = 0,
+) -> dict[str, np.ndarray]:
+    """Feeds for one step: random token ids and past keys/values, a mask and the positions HF derives from it.
+
+    With ``left_padding`` (and ``batch > 1``) the first third of row 0's
+    ``past + seq`` mask columns are 0, leaving at least one attended key.
+    ``position_ids`` are ``cumsum(mask) - 1`` clipped at 0, last ``seq`` columns.
+    """
+    rng = np.random.default_rng(seed)
+    total = past + seq
+    input_ids = rng.integers(4, config.vocab_size, size=(batch, seq), dtype=np.int64)
+    attention_mask = np.ones((batch, total), dtype=np.int64)
+    if left_padding and batch > 1:
+        attention_mask[0, : max(1, total // 3) if total > 1 else 0] = 0
+    position_ids = np.clip(np.cumsum(attention_mask, axis=1) - 1, 0, None)[:, past:]
+    feeds = {"input_ids": input_ids, "attention_mask": attention_mask, "position_ids": position_ids}
+    shape = (batch, kv_heads(config), past, head_dim(config))
+    for name in input_names(config)[3:]:
+        feeds[name] = rng.standard_normal(shape, dtype=np.float32)
+    return feeds
+
+
+def reference_outputs(model: transformers.PreTrainedModel, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+    """Runs the torch ``model`` (no grad) on ``feeds``; returns [logits, *presents] as the export orders them."""
+    tensors = {key: torch.from_numpy(np.ascontiguousarray(value)) for key, value in feeds.items()}
+    pasts = [tensors[key] for key in input_names(model.config)[3:]]
+    with torch.no_grad():
+        out = model(
+            input_ids=tensors["input_ids"],
+            attention_mask=tensors["attention_mask"],
+            position_ids=tensors["position_ids"],
+            past_key_values=_cache(pasts),
+            use_cache=True,
+            return_dict=True,
+        )
+    return [tensor.numpy() for tensor in (out.logits, *_presents(out.past_key_values))]
+
+
+def torch_step(model: transformers.PreTrainedModel) -> StepFunction:
+    """A :data:`StepFunction` running the torch model through :func:`reference_outputs`."""
+
+    def step(feeds: dict[str, np.ndarray]) -> tuple[np.ndarray, list[np.ndarray]]:
+        logits, *presents = reference_outputs(model, feeds)
+        return logits, presents
+
+    return step
+
+
+def ort_step(session: object) -> StepFunction:
+    """A :data:`StepFunction` running an ``onnxruntime.InferenceSession`` on the export."""
+
+    def step(feeds: dict[str, np.ndarray]) -> tuple[np.ndarray, list[np.ndarray]]:
+        logits, *presents = session.run(None, feeds)
+        return logits, presents
+
+    return step
+
+
+def greedy_tokens(
+    run_step: StepFunction, prompt_ids: np.ndarray, steps: int, *, config: transformers.PretrainedConfig
+) -> np.ndarray:
+    """Greedily decodes ``steps`` tokens after ``prompt_ids`` [batch, prompt]; returns them as [batch, steps].
+
+    The first step feeds the whole prompt with an empty past (past 0), each
+    later step the previous token with the presents of the step before as its
+    past; masks are all ones and positions count from 0.  ``config`` gives
+    the number of layers and the KV-cache shape.
+    """
+    batch, prompt = prompt_ids.shape
+    empty = np.zeros((batch, kv_heads(config), 0, head_dim(config)), dtype=np.float32)
+    pasts: Sequence[np.ndarray] = [empty] * (2 * config.num_hidden_layers)
+    ids = prompt_ids.astype(np.int64)
+    past = 0
+    tokens = []
+    for _ in range(steps):
+        seq = ids.shape[1]
+        feeds = {
+            "input_ids": ids,
+            "attention_mask": np.ones((batch, past + seq), dtype=np.int64),
+            "position_ids": np.broadcast_to(np.arange(past, past + seq, dtype=np.int64), (batch, seq)).copy(),
+        }
+        feeds |= dict(zip(input_names(config)[3:], pasts, strict=True))
+        logits, pasts = run_step(feeds)
+        ids = logits[:, -1].argmax(axis=-1).astype(np.int64)[:, None]
+        tokens.append(ids)
+        past += seq
+    return np.concatenate(tokens, axis=1)
