@@ -1,7 +1,9 @@
 """IR -> ONNX: `to_onnx(graph)` builds a ModelProto, `save_onnx(graph, path)` writes a file.
 
 Writes back what the importer kept (names, symbolic dims, opsets, metadata, doc strings,
-opaque attributes, model-local functions), less the constants nothing reads any more.
+opaque attributes, model-local functions), less the constants nothing reads any more. A
+symbolic dim is written as a dim_param holding its text, expressions included ("past + seq":
+ONNX allows any string, and `from_onnx` reads it back as the same expression).
 `save_onnx` writes atomically (a temporary file renamed into place) and moves weights to an
 external-data file when they would exceed protobuf's 2 GB limit, streaming them from their
 source without building them in memory.

@@ -4,7 +4,9 @@
 The fast path of `from_fx`: no ONNX export, no second trace, no weight copies.
 
 - User inputs become graph inputs, typed from torch's fake values; a symbolic dim keeps its
-  symbol's name (`s0`, ...), and sizes computed from symbols (SymInt nodes, symbolic output
+  symbol's name (`s0`, ...), a dim computed from symbols its canonical expression (`s0 + s1`,
+  `2*s1`; see `graphopt.ir.symbolic`; unknown when the expression has no canonical form, such
+  as `s0//2` or `Max(1, s0)`), and sizes computed from symbols (SymInt nodes, symbolic output
   shapes) become int64 vectors read off the inputs' shapes (`Shape`, `Add`, `Mul`, `Div`).
 - Parameters, buffers and lifted constants become IR constants holding numpy views of the
   very tensors (passes never write constants, and `to_fx` shares them again rather than
@@ -33,7 +35,8 @@ from graphopt.errors import GraphError, UnsupportedOpError
 from graphopt.ir.dtypes import DType
 from graphopt.ir.graph import Graph, Value
 from graphopt.ir.tensor import ArrayTensor
-from graphopt.ir.types import TensorType, merge_types
+from graphopt.ir.symbolic import parse_dim
+from graphopt.ir.types import Dim, TensorType, merge_types
 
 INT64_MAX = 2**63 - 1
 LARGEST_FOLDED = 1_000_000
@@ -465,11 +468,13 @@ def _static_dim(dim: Any) -> Optional[int]:
     return int(expr) if expr.is_number else None
 
 
-def _dim_label(dim: Any) -> Union[int, str, None]:
+def _dim_label(dim: Any) -> Dim:
+    """A fake tensor's dim as an IR dim: an int, a symbol, a canonical expression of symbols,
+    or None when torch's expression has none."""
     expr = _expr(dim)
     if expr is None or expr.is_number:
         return _static_dim(dim)
-    return str(expr) if expr.is_Symbol else None
+    return parse_dim(str(expr))
 
 
 def _numpy_view(tensor: Any) -> tuple[np.ndarray, DType]:

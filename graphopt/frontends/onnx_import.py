@@ -1,9 +1,11 @@
 """ONNX -> IR: `from_onnx(path_or_model)`.
 
-Keeps everything a round trip needs: value names, symbolic dims, opset imports, model
-metadata, node doc strings, custom-domain ops (as opaque nodes with their attributes) and
-model-local functions. Constant nodes become graph constants (unless their output is a graph
-output), so passes see them as constants from the start. Weights are not copied:
+Keeps everything a round trip needs: value names, symbolic dims (a dim_param that is an
+expression such as "seq+past" is read in its canonical form "past + seq", any other string
+as an opaque symbol; see `graphopt.ir.symbolic`), opset imports, model metadata, node doc
+strings, custom-domain ops (as opaque nodes with their attributes) and model-local functions.
+Constant nodes become graph constants (unless their output is a graph output), so passes
+see them as constants from the start. Weights are not copied:
 initializers in a file (inline or external data) become `FileTensor`s mapped on use,
 initializers of an in-memory ModelProto become `ProtoTensor`s converted on use.
 

@@ -1,9 +1,10 @@
 """Types of IR values: tensors (an element type and a shape of static or symbolic dims) and
 the other ONNX value kinds (sequences, optionals, sparse tensors, maps).
 
-A dim is an `int` (static), a `str` (a named symbolic dim such as "batch" that stands for
-the same size wherever it appears) or `None` (unknown). A shape is a tuple of dims, or
-`None` when even the rank is unknown.
+A dim is an `int` (static), a `str` (a symbolic dim: a symbol such as "batch" that stands
+for the same size wherever it appears, or an expression over symbols such as "past + seq",
+kept in the canonical form of `graphopt.ir.symbolic`, so equal expressions are equal strings)
+or `None` (unknown). A shape is a tuple of dims, or `None` when even the rank is unknown.
 
 `SequenceType`, `OptionalType`, `SparseTensorType` and `MapType` subclass `TensorType`
 with `dtype` and `shape` both None, so code written for tensors sees them as values of
@@ -19,6 +20,7 @@ from typing import Optional, Sequence, Union
 import numpy as np
 
 from graphopt.ir.dtypes import DType
+from graphopt.ir.symbolic import canonical_dim, dims_equal
 
 Dim = Union[int, str, None]
 Shape = Optional[tuple[Dim, ...]]
@@ -144,6 +146,8 @@ def format_dim(dim: Dim) -> str:
 
 
 def _check_dim(dim: object) -> Dim:
+    if isinstance(dim, str):
+        dim = canonical_dim(dim)
     if dim is None or isinstance(dim, str):
         return dim
     if isinstance(dim, bool) or not isinstance(dim, int):
@@ -156,11 +160,12 @@ def _check_dim(dim: object) -> Dim:
 
 
 def same_shape(a: Optional[Sequence[Dim]], b: Optional[Sequence[Dim]]) -> bool:
-    """True when two known shapes of one rank agree dim by dim, an unknown dim agreeing
-    with any (a scalar shape `()` is never "known the same": it carries no dims to compare)."""
+    """True when two known shapes of one rank agree dim by dim (ints equal, expressions
+    proven equal), an unknown dim agreeing with any (a scalar shape `()` is never "known the
+    same": it carries no dims to compare)."""
     if a is None or b is None or len(a) != len(b) or not a:
         return False
-    return all(x is None or y is None or x == y for x, y in zip(a, b))
+    return all(x is None or y is None or dims_equal(x, y) for x, y in zip(a, b))
 
 
 def broadcast_shapes(*shapes: Shape) -> Shape:
@@ -196,7 +201,8 @@ def _broadcast_dims(dims: Sequence[Dim]) -> Dim:
 
 
 def merge_dims(a: Dim, b: Dim) -> Dim:
-    """The more specific of two descriptions of the same dim (int over str over None)."""
+    """The more specific of two descriptions of the same dim (int over str over None; of two
+    symbolic dims, the first: expressions proven equal have one canonical text)."""
     if isinstance(a, int):
         return a
     if isinstance(b, int):

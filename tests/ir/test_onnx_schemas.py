@@ -335,7 +335,7 @@ def test_reshape_zero_and_minus_one() -> None:
     assert reshape(f32("batch", "seq", 4, 8), 0, -1, 32) == f32("batch", "seq", 32)
     assert reshape(f32("b", 4, 8), 0, -1) == f32("b", 32)
     assert reshape(f32(2, "s", 8), 2, 8, -1) == f32(2, 8, "s")  # the symbol is what is left
-    assert reshape(f32("b", "s"), -1) == f32(None)
+    assert reshape(f32("b", "s"), -1) == f32("b*s")
     assert reshape(f32("b", 6), 0, 4, -1) == f32("b", 4, None)
     assert reshape(f32(2, 0), 0, 5, allowzero=1) == f32(0, 5)
     assert reshape(f32(2, 0), 0, 0) == f32(2, 0)
@@ -345,7 +345,8 @@ def test_reshape_from_propagated_shape_vector() -> None:
     hidden = f32("batch", "seq", 32)
     assert infer("Reshape", [hidden, VEC4], symbolic=[None, ("batch", "seq", 4, 8)]) == [f32("batch", "seq", 4, 8)]
     assert infer("Reshape", [hidden, VEC3], symbolic=[None, ("batch", None, 32)]) == [f32("batch", None, 32)]
-    assert infer("Reshape", [hidden, VEC3], symbolic=[None, (0, -1, 8)]) == [f32("batch", None, 8)]
+    assert infer("Reshape", [hidden, VEC3], symbolic=[None, (0, -1, 8)]) == [f32("batch", "4*seq", 8)]
+    assert infer("Reshape", [hidden, VEC3], symbolic=[None, (0, -1, 7)]) == [f32("batch", None, 7)]
     assert infer("Reshape", [f32("b", 32), VEC3]) == [f32(None, None, None)]
     assert infer("Reshape", [f32("b", 32), UNKNOWN]) == [TensorType(DType.FLOAT, None)]
 
@@ -359,7 +360,9 @@ def test_expand_and_tile_symbolic() -> None:
 
 
 def test_concat_symbolic_axis() -> None:
-    assert infer("Concat", [f32("b", "past", 64), f32("b", "seq", 64)], {"axis": 1}) == [f32("b", None, 64)]
+    assert infer("Concat", [f32("b", "past", 64), f32("b", "seq", 64)], {"axis": 1}) == [f32("b", "past + seq", 64)]
+    assert infer("Concat", [f32("b", "past", 64), f32(None, "seq", 64)], {"axis": 1}) == [f32("b", "past + seq", 64)]
+    assert infer("Concat", [f32("b", None, 64), f32("b", "seq", 64)], {"axis": 1}) == [f32("b", None, 64)]
     assert infer("Concat", [f32("b", 0, 64), f32("b", "seq", 64)], {"axis": -2}) == [f32("b", "seq", 64)]
     assert infer("Concat", [f32("b", 2, 64), f32(None, 3, 64)], {"axis": 1}) == [f32("b", 5, 64)]
     assert infer("Concat", [f32("b", 2, 64), UNKNOWN], {"axis": 1}) == [f32("b", None, 64)]
@@ -497,7 +500,8 @@ def test_propagate_shape_slice_cast_and_constants() -> None:
 def test_propagate_arithmetic() -> None:
     assert propagate("Mul", [VEC3, SCALAR_I64], constants=[i64(2, 3, 4), s64(2)]) == (4, 6, 8)
     assert propagate("Mul", [VEC3, SCALAR_I64], constants=[None, s64(1)], symbolic=[("b", 3, None)]) == ("b", 3, None)
-    assert propagate("Add", [VEC3, VEC3], constants=[None, i64(1, 1, 1)], symbolic=[("b", 3, 4)]) == (None, 4, 5)
+    assert propagate("Add", [VEC3, VEC3], constants=[None, i64(1, 1, 1)], symbolic=[("b", 3, 4)]) == ("b + 1", 4, 5)
+    assert propagate("Add", [VEC3, VEC3], constants=[None, i64(1, 1, 1)], symbolic=[("b", 3, None)]) == ("b + 1", 4, None)
     assert propagate("Sub", [SCALAR_I64, SCALAR_I64], symbolic=[("s",), ("s",)]) == (0,)
     assert propagate("Div", [VEC3, SCALAR_I64], constants=[i64(-7, 7, 768), s64(2)]) == (-3, 3, 384)
     assert propagate("Div", [SCALAR_I64, SCALAR_I64], constants=[s64(7), s64(0)]) == (None,)

@@ -18,10 +18,18 @@ ops Concat, Sum, Mean, Min, Max and Einsum (graphopt.ir.verify reads it so).
 Symbolic values (see `graphopt.ir.schema`) are a tensor's flat row-major contents, so ops
 that only move data around (Identity, Reshape, Squeeze, Unsqueeze) pass them through; a 0-d
 scalar is a 1-tuple, and the booleans of Equal are carried as 1 and 0.
+
+Symbolic dims are expressions (`graphopt.ir.symbolic`): Concat along an axis sums its inputs'
+dims (`past + seq`), the integer Add/Sub/Mul/Div of shape entries compute expressions, so a
+`Shape -> Gather -> Add -> Range/Reshape/Expand` chain keeps them, and a Reshape's -1 is the
+input's element count divided by the rest when the division is exact. Two dims that are
+proven different (ints that differ, `seq` and `seq + 1`) are an inconsistency where ints that
+differ would be one (MatMul inner dims, Concat's other axes).
 """
 
 from __future__ import annotations
 
+import functools
 import math
 from collections import Counter
 from typing import Any, Callable, Optional, Sequence
@@ -38,6 +46,7 @@ from graphopt.ir.schema import (
     SymbolicValue,
     register_schema,
 )
+from graphopt.ir.symbolic import add_dims, dim_at_most, dims_equal, floordiv_dims, mul_dims, sub_dims
 from graphopt.ir.types import Dim, Shape, TensorType, broadcast_shapes, format_dim, merge_dims
 
 ALL_INPUTS: tuple[int, ...] = (-1,)
@@ -159,17 +168,13 @@ def _broadcast(ctx: InferenceContext, shapes: Sequence[Shape]) -> Shape:
 
 
 def _product(dims: Sequence[Dim]) -> Dim:
-    """The product of dims: an int when all are static (or one is 0), a symbol times 1s
-    is that symbol, anything else is unknown."""
-    if any(d == 0 for d in dims):
-        return 0
-    if any(d is None for d in dims):
-        return None
-    static = math.prod(d for d in dims if isinstance(d, int))
-    symbols = [d for d in dims if isinstance(d, str)]
-    if not symbols:
-        return static
-    return symbols[0] if len(symbols) == 1 and static == 1 else None
+    """The product of dims: 0 when one is 0, else unknown when one is unknown, else an int
+    or an expression (`batch*heads`)."""
+    return functools.reduce(mul_dims, dims, 1)
+
+
+def _proven_different(a: Dim, b: Dim) -> bool:
+    return dims_equal(a, b) is False
 
 
 def _static(values: Optional[SymbolicValue]) -> Optional[tuple[int, ...]]:
@@ -337,53 +342,22 @@ def _zip_broadcast(fn: Callable[..., Dim], *operands: SymbolicValue) -> Optional
     return tuple(fn(*(v[0] if len(v) == 1 else v[i] for v in operands)) for i in range(length))
 
 
-def _add(a: Dim, b: Dim) -> Dim:
-    if isinstance(a, int) and isinstance(b, int):
-        return a + b
-    if b == 0:
-        return a
-    return b if a == 0 else None
-
-
-def _sub(a: Dim, b: Dim) -> Dim:
-    if isinstance(a, int) and isinstance(b, int):
-        return a - b
-    if b == 0:
-        return a
-    return 0 if isinstance(a, str) and a == b else None
-
-
-def _mul(a: Dim, b: Dim) -> Dim:
-    if isinstance(a, int) and isinstance(b, int):
-        return a * b
-    if a == 0 or b == 0:
-        return 0
-    if b == 1:
-        return a
-    return b if a == 1 else None
-
-
 def _div(a: Dim, b: Dim) -> Dim:
-    """Integer division truncating toward zero, as ONNX integer Div does."""
+    """Integer division truncating toward zero, as ONNX integer Div does (an expression
+    only when the division is exact, where truncating and flooring agree)."""
     if isinstance(a, int) and isinstance(b, int):
         if b == 0:
             return None
         quotient = abs(a) // abs(b)
         return quotient if (a >= 0) == (b > 0) else -quotient
-    return a if b == 1 else None
+    return floordiv_dims(a, b)
 
 
 def _equal(a: Dim, b: Dim) -> Dim:
-    if isinstance(a, int) and isinstance(b, int):
-        return int(a == b)
-    if isinstance(a, str) and a == b:
-        return 1
-    # a symbolic dim is a size, so it never equals a negative number
-    if (isinstance(a, str) and isinstance(b, int) and b < 0) or (
-        isinstance(b, str) and isinstance(a, int) and a < 0
-    ):
-        return 0
-    return None
+    """1 or 0 when the operands are proven equal or different (a symbolic dim is a size, so
+    it never equals a negative number), else unknown."""
+    same = dims_equal(a, b)
+    return None if same is None else int(same)
 
 
 def _select(condition: Dim, x: Dim, y: Dim) -> Dim:
@@ -465,9 +439,9 @@ _register(
 _register("Identity", _same_as_input, propagate=_passthrough, doc="Returns its input unchanged.")
 
 _ARITHMETIC_OPS: dict[str, tuple[str, Optional[Callable[[Dim, Dim], Dim]]]] = {
-    "Add": ("Broadcasting elementwise addition.", _add),
-    "Sub": ("Broadcasting elementwise subtraction.", _sub),
-    "Mul": ("Broadcasting elementwise multiplication.", _mul),
+    "Add": ("Broadcasting elementwise addition.", add_dims),
+    "Sub": ("Broadcasting elementwise subtraction.", sub_dims),
+    "Mul": ("Broadcasting elementwise multiplication.", mul_dims),
     "Div": ("Broadcasting elementwise division (truncating for integers).", _div),
     "Mod": ("Broadcasting elementwise remainder (`fmod` selects C fmod semantics).", None),
     "BitwiseAnd": ("Broadcasting elementwise bitwise and.", None),
@@ -579,7 +553,7 @@ def _matmul_shape(ctx: InferenceContext, a: Shape, b: Shape) -> Shape:
     a_matrix = a if len(a) > 1 else (1,) + a
     b_matrix = b if len(b) > 1 else b + (1,)
     k_a, k_b = a_matrix[-1], b_matrix[-2]
-    if isinstance(k_a, int) and isinstance(k_b, int) and k_a != k_b:
+    if _proven_different(k_a, k_b):
         raise _error(ctx, f"inner dims {k_a} and {k_b} differ (shapes {_fmt(a)} and {_fmt(b)})")
     batch = _broadcast(ctx, [a_matrix[:-2], b_matrix[:-2]])
     assert batch is not None
@@ -606,7 +580,7 @@ def _infer_gemm(ctx: InferenceContext) -> list[TensorType]:
         m, k_a = (a[1], a[0]) if ctx.attr("transA", 0) else a
     if b is not None:
         k_b, n = (b[1], b[0]) if ctx.attr("transB", 0) else b
-    if isinstance(k_a, int) and isinstance(k_b, int) and k_a != k_b:
+    if _proven_different(k_a, k_b):
         raise _error(ctx, f"inner dims {k_a} and {k_b} differ")
     if ctx.has_input(2):
         _broadcast(ctx, [(m, n), _shape(ctx, 2)])
@@ -835,25 +809,16 @@ def _infer_transpose(ctx: InferenceContext) -> list[TensorType]:
 
 
 def _reshape_inferred_dim(ctx: InferenceContext, source: Sequence[Dim], known: Sequence[Dim]) -> Dim:
-    """The dim a -1 stands for: numel(source) / prod(known), when symbols cancel."""
+    """The dim a -1 stands for: numel(source) // prod(known), when the division is exact
+    (symbolically: `[batch, seq, 64]` into `[batch, -1, 4]` gives `16*seq`)."""
     if any(d is None for d in source) or any(d is None for d in known):
         return None
-    source_symbols = Counter(d for d in source if isinstance(d, str))
-    known_symbols = Counter(d for d in known if isinstance(d, str))
-    source_static = math.prod(d for d in source if isinstance(d, int))
-    known_static = math.prod(d for d in known if isinstance(d, int))
-    if known_symbols - source_symbols or known_static == 0:
+    total, rest = _product(source), _product(known)
+    if rest == 0:
         return None
-    left = source_symbols - known_symbols
-    if not left:
-        if source_static % known_static:
-            if not source_symbols:
-                raise _error(ctx, f"cannot reshape {_fmt(source)} into a shape with fixed part {_fmt(known)}")
-            return None
-        return source_static // known_static
-    if sum(left.values()) == 1 and source_static == known_static:
-        return next(iter(left))
-    return None
+    if isinstance(total, int) and isinstance(rest, int) and total % rest:
+        raise _error(ctx, f"cannot reshape {_fmt(source)} into a shape with fixed part {_fmt(known)}")
+    return floordiv_dims(total, rest)
 
 
 def _infer_reshape(ctx: InferenceContext) -> list[TensorType]:
@@ -885,7 +850,7 @@ def _infer_reshape(ctx: InferenceContext) -> list[TensorType]:
             out[inferred] = _reshape_inferred_dim(ctx, source, out[:inferred] + out[inferred + 1 :])
         else:
             before, after = _product(source), _product(out)
-            if isinstance(before, int) and isinstance(after, int) and before != after:
+            if _proven_different(before, after):
                 raise _error(ctx, f"cannot reshape {_fmt(source)} ({before} elements) into {_fmt(out)}")
     return [TensorType(dtype, tuple(out))]
 
@@ -953,7 +918,7 @@ def _infer_concat(ctx: InferenceContext) -> list[TensorType]:
             continue
         dim: Dim = None
         for s in known:
-            if isinstance(dim, int) and isinstance(s[i], int) and dim != s[i]:
+            if _proven_different(dim, s[i]):
                 raise _error(ctx, f"dim {i} differs between inputs: {dim} vs {s[i]}")
             dim = merge_dims(dim, s[i])
         out.append(dim)
@@ -961,11 +926,8 @@ def _infer_concat(ctx: InferenceContext) -> list[TensorType]:
 
 
 def _concat_dim(parts: Sequence[Dim]) -> Dim:
-    """The sum of dims: static, or the single symbolic part when the rest are 0."""
-    if all(isinstance(p, int) for p in parts):
-        return sum(parts)  # type: ignore[arg-type]
-    nonzero = [p for p in parts if p != 0]
-    return nonzero[0] if len(nonzero) == 1 else None
+    """The sum of dims (`past + seq`); unknown when a part is."""
+    return functools.reduce(add_dims, parts, 0)
 
 
 def _infer_split(ctx: InferenceContext) -> list[TensorType]:
@@ -984,11 +946,13 @@ def _infer_split(ctx: InferenceContext) -> list[TensorType]:
             if len(split) != count:
                 raise _error(ctx, f"split {list(split)} has {len(split)} parts for {count} outputs")
             total = _concat_dim(split)
-            if isinstance(dim, int) and isinstance(total, int) and total != dim:
-                raise _error(ctx, f"split {list(split)} sums to {total}, not dim {dim}")
+            if _proven_different(total, dim):
+                raise _error(ctx, f"split {_fmt(split)} sums to {format_dim(total)}, not dim {format_dim(dim)}")
             sizes = list(split)
     elif not isinstance(dim, int):
-        sizes = [dim if count == 1 else None] * count
+        # equal parts (also with num_outputs, whose last part is smaller only when the
+        # division is not exact)
+        sizes = [floordiv_dims(dim, count)] * count
     elif ctx.attr("num_outputs") is not None:
         chunk = -(-dim // count)
         last = dim - chunk * (count - 1)
@@ -1023,10 +987,27 @@ def _slice_dim(ctx: InferenceContext, dim: Dim, start: Dim, end: Dim, step: int)
         raise _error(ctx, "steps must be non-zero")
     if isinstance(dim, int) and isinstance(start, int) and isinstance(end, int):
         return len(_slice_range(dim, start, end, step))
-    whole = (step == 1 and start == 0 and (end == dim or (isinstance(end, int) and end >= SLICE_TO_END))) or (
-        step == -1 and start == -1 and isinstance(end, int) and end <= -SLICE_TO_END
-    )
-    return dim if whole else None
+    if step == -1 and start == -1 and isinstance(end, int) and end <= -SLICE_TO_END:
+        return dim
+    if step != 1:
+        return None
+    begin, stop = _slice_bound(dim, start), _slice_bound(dim, end)
+    # with 0 <= begin <= stop <= dim proven, no clamping happens: the length is stop - begin
+    if dim_at_most(0, begin) and dim_at_most(begin, stop) and dim_at_most(stop, dim):
+        return sub_dims(stop, begin)
+    return 0 if dim_at_most(stop, begin) else None
+
+
+def _slice_bound(dim: Dim, bound: Dim) -> Dim:
+    """A forward Slice's start or end as a position in [0, dim] where it is expressible: a
+    negative int counts from the end, one at or past SLICE_TO_END is the end."""
+    if not isinstance(bound, int):
+        return bound
+    if bound >= SLICE_TO_END:
+        return dim
+    if bound <= -SLICE_TO_END:
+        return 0
+    return add_dims(dim, bound) if bound < 0 else bound
 
 
 def _infer_slice(ctx: InferenceContext) -> list[TensorType]:
@@ -1101,12 +1082,9 @@ def _infer_pad(ctx: InferenceContext) -> list[TensorType]:
     for i, axis in enumerate(axes):
         extra = pads[i] + pads[i + len(axes)]
         dim = shape[axis]
-        if isinstance(dim, int):
-            if dim + extra < 0:
-                raise _error(ctx, f"pads {list(pads)} remove more than dim {dim}")
-            out[axis] = dim + extra
-        else:
-            out[axis] = dim if pads[i] == pads[i + len(axes)] == 0 else None
+        if isinstance(dim, int) and dim + extra < 0:
+            raise _error(ctx, f"pads {list(pads)} remove more than dim {dim}")
+        out[axis] = add_dims(dim, extra) if extra >= 0 or dim_at_most(-extra, dim) else None
     return [TensorType(dtype, tuple(out))]
 
 
@@ -1440,8 +1418,8 @@ def _infer_range(ctx: InferenceContext) -> list[TensorType]:
         if delta == 0:
             raise _error(ctx, "delta is 0")
         length = max(math.ceil((limit - start) / delta), 0)
-    elif isinstance(limit, str) and start == 0 and delta == 1:
-        length = limit
+    elif delta == 1 and not isinstance(start, float) and not isinstance(limit, float):
+        length = sub_dims(limit, start) if dim_at_most(start, limit) else None
     return [TensorType(dtype, (length,))]
 
 
@@ -1617,7 +1595,7 @@ def _heads_split(ctx: InferenceContext, index: int, heads: Any, what: str) -> tu
     hidden = shape[2]
     if isinstance(hidden, int) and hidden % heads:
         raise _error(ctx, f"{what} hidden size {hidden} is not a multiple of {heads} heads")
-    return (shape[0], heads, shape[1], hidden // heads if isinstance(hidden, int) else None)
+    return (shape[0], heads, shape[1], floordiv_dims(hidden, heads))
 
 
 def _infer_attention(ctx: InferenceContext) -> list[TensorType]:
@@ -1633,7 +1611,7 @@ def _infer_attention(ctx: InferenceContext) -> list[TensorType]:
     if isinstance(heads, int) and isinstance(k_heads, int) and heads % k_heads:
         raise _error(ctx, f"{heads} query heads are not a multiple of {k_heads} key/value heads")
     past = _shape(ctx, 4) if ctx.has_input(4) else (None, None, 0, None)
-    total = _add(past[2], kv_len) if past is not None and len(past) == 4 else None
+    total = add_dims(past[2], kv_len) if past is not None and len(past) == 4 else None
     q_dtype, v_dtype = _first_dtype(ctx, (0, 1, 4)), _first_dtype(ctx, (2, 5))
     if ranks == {3}:
         hidden = _product([heads, v_size])
