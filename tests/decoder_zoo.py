@@ -23,12 +23,16 @@ import os
 import pathlib
 import tempfile
 from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 import transformers
 
 from model_zoo import _quiet
+
+if TYPE_CHECKING:
+    import onnxruntime
 
 ARCHITECTURES: tuple[str, ...] = ("llama", "mistral", "qwen2", "phi3", "gemma")
 EXPORTERS: tuple[str, ...] = ("torchscript", "dynamo")
@@ -116,10 +120,12 @@ def build_decoder(
 
 
 def kv_heads(config: transformers.PretrainedConfig) -> int:
+    """Number of key/value heads: axis 1 of the past and present tensors."""
     return config.num_key_value_heads
 
 
 def head_dim(config: transformers.PretrainedConfig) -> int:
+    """Size of one attention head: axis 3 of the past and present tensors."""
     return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
 
 
@@ -145,8 +151,29 @@ def _cache(pasts: Sequence[torch.Tensor]) -> transformers.DynamicCache:
     return transformers.DynamicCache(list(zip(pasts[0::2], pasts[1::2], strict=True)))
 
 
-def _presents(cache: transformers.DynamicCache) -> list[torch.Tensor]:
-    return [tensor for layer in cache.layers for tensor in (layer.keys, layer.values)]
+def _step(
+    model: transformers.PreTrainedModel,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    position_ids: torch.Tensor,
+    pasts: Sequence[torch.Tensor],
+) -> tuple[torch.Tensor, ...]:
+    """One forward step: (logits, *presents), the presents read from the cache the model updated in place.
+
+    The cache goes in as ``past_key_values``, the name transformers 5.23 takes
+    and 5.25 still accepts (it renames it ``cache``, also in the outputs, which
+    is why the presents are not read from the outputs).
+    """
+    cache = _cache(pasts)
+    out = model(
+        input_ids=input_ids,
+        attention_mask=attention_mask,
+        position_ids=position_ids,
+        past_key_values=cache,
+        use_cache=True,
+        return_dict=True,
+    )
+    return (out.logits, *(tensor for layer in cache.layers for tensor in (layer.keys, layer.values)))
 
 
 class DecoderWithPast(torch.nn.Module):
@@ -163,15 +190,7 @@ class DecoderWithPast(torch.nn.Module):
         position_ids: torch.Tensor,
         *past_key_values: torch.Tensor,
     ) -> tuple[torch.Tensor, ...]:
-        out = self.model(
-            input_ids=input_ids,
-            attention_mask=attention_mask,
-            position_ids=position_ids,
-            past_key_values=_cache(past_key_values),
-            use_cache=True,
-            return_dict=True,
-        )
-        return (out.logits, *_presents(out.past_key_values))
+        return _step(self.model, input_ids, attention_mask, position_ids, past_key_values)
 
 
 def _example_inputs(config: transformers.PretrainedConfig) -> tuple[torch.Tensor, ...]:
@@ -293,8 +312,8 @@ def decoder_inputs(
 ) -> dict[str, np.ndarray]:
     """Feeds for one step: random token ids and past keys/values, a mask and the positions HF derives from it.
 
-    With ``left_padding`` (and ``batch > 1``) the first third of row 0's
-    ``past + seq`` mask columns are 0, leaving at least one attended key.
+    With ``left_padding`` (and ``batch > 1``) the first ``(past + seq) // 3``
+    columns of row 0's mask are 0.
     ``position_ids`` are ``cumsum(mask) - 1`` clipped at 0, last ``seq`` columns.
     """
     rng = np.random.default_rng(seed)
@@ -302,7 +321,7 @@ def decoder_inputs(
     input_ids = rng.integers(4, config.vocab_size, size=(batch, seq), dtype=np.int64)
     attention_mask = np.ones((batch, total), dtype=np.int64)
     if left_padding and batch > 1:
-        attention_mask[0, : max(1, total // 3) if total > 1 else 0] = 0
+        attention_mask[0, : total // 3] = 0
     position_ids = np.clip(np.cumsum(attention_mask, axis=1) - 1, 0, None)[:, past:]
     feeds = {"input_ids": input_ids, "attention_mask": attention_mask, "position_ids": position_ids}
     shape = (batch, kv_heads(config), past, head_dim(config))
@@ -316,15 +335,8 @@ def reference_outputs(model: transformers.PreTrainedModel, feeds: dict[str, np.n
     tensors = {key: torch.from_numpy(np.ascontiguousarray(value)) for key, value in feeds.items()}
     pasts = [tensors[key] for key in input_names(model.config)[3:]]
     with torch.no_grad():
-        out = model(
-            input_ids=tensors["input_ids"],
-            attention_mask=tensors["attention_mask"],
-            position_ids=tensors["position_ids"],
-            past_key_values=_cache(pasts),
-            use_cache=True,
-            return_dict=True,
-        )
-    return [tensor.numpy() for tensor in (out.logits, *_presents(out.past_key_values))]
+        logits, *presents = _step(model, tensors["input_ids"], tensors["attention_mask"], tensors["position_ids"], pasts)
+    return [tensor.numpy() for tensor in (logits, *presents)]
 
 
 def torch_step(model: transformers.PreTrainedModel) -> StepFunction:
@@ -337,7 +349,7 @@ def torch_step(model: transformers.PreTrainedModel) -> StepFunction:
     return step
 
 
-def ort_step(session: object) -> StepFunction:
+def ort_step(session: onnxruntime.InferenceSession) -> StepFunction:
     """A :data:`StepFunction` running an ``onnxruntime.InferenceSession`` on the export."""
 
     def step(feeds: dict[str, np.ndarray]) -> tuple[np.ndarray, list[np.ndarray]]:
