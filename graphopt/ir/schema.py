@@ -8,7 +8,7 @@ deduplicate), and carries two functions:
   constant inputs (ONNX semantics for the default domain);
 - `propagate(ctx) -> list[tuple[Dim, ...] | None]` (optional): the *contents* of small
   integer outputs when they are known symbolically. This is how `Shape -> Gather -> Concat
-  -> Reshape` chains keep symbolic dims such as "batch" and "seq".
+  -> Reshape` chains keep symbolic dims such as "batch", "seq" and "past + seq".
 
 Ops without a schema are opaque: the IR keeps them, their attributes and their origin, and
 round-trips them, but no pass looks inside.

@@ -389,6 +389,13 @@ def test_shape_range_constant_of_shape_symbolic() -> None:
     assert infer("Shape", [UNKNOWN]) == [int64(None)]
     positions = infer("Range", [SCALAR_I64] * 3, constants=[s64(0), None, s64(1)], symbolic=[None, ("seq",)])
     assert positions == [int64("seq")]
+    tail = infer("Range", [SCALAR_I64] * 3, constants=[None, None, s64(1)], symbolic=[("past",), ("past + seq",)])
+    assert tail == [int64("seq")]
+    # seq - 1 may be below 1 (an empty range): not expressible
+    assert infer("Range", [SCALAR_I64] * 3, constants=[s64(1), None, s64(1)], symbolic=[None, ("seq",)]) == [int64(None)]
+    padded = infer("Pad", [f32("b", "s"), VEC4], constants=[None, i64(0, 1, 0, 2)])
+    assert padded == [f32("b", "s + 3")]
+    assert infer("Pad", [f32("b", "s"), VEC4], constants=[None, i64(0, -1, 0, 0)]) == [f32("b", None)]
     filled = infer("ConstantOfShape", [VEC2], {"value": np.array([1], np.int64)}, symbolic=[("b", "s")])
     assert filled == [int64("b", "s")]
 
@@ -397,6 +404,11 @@ def test_split_symbolic_and_opsets() -> None:
     thirds = infer("Split", [f32("b", 96), VEC3], {"axis": -1}, constants=[None, i64(32, 32, 32)], num_outputs=3)
     assert thirds == [f32("b", 32)] * 3
     assert infer("Split", [f32("b", "s")], {"axis": 1}, num_outputs=2) == [f32("b", None)] * 2
+    assert infer("Split", [f32("b", "2*s")], {"axis": 1}, num_outputs=2) == [f32("b", "s")] * 2
+    halves = infer("Split", [f32("b", "past + seq"), VEC2], {"axis": 1}, symbolic=[None, ("past", "seq")], num_outputs=2)
+    assert halves == [f32("b", "past"), f32("b", "seq")]
+    with pytest.raises(ValueError, match="sums to seq"):
+        infer("Split", [f32("b", "seq + 1"), VEC2], {"axis": 1}, symbolic=[None, ("seq", 0)], num_outputs=2)
     assert infer("Split", [f32(6, 2)], {"split": [1, 5]}, num_outputs=2, opset=11) == [f32(1, 2), f32(5, 2)]
 
 
@@ -404,6 +416,7 @@ def test_conv_and_pool_symbolic() -> None:
     weight = f32(64, 3, 3, 3)
     assert infer("Conv", [f32("n", 3, "h", "w"), weight], {"pads": [1, 1, 1, 1]}) == [f32("n", 64, "h", "w")]
     assert infer("Conv", [f32("n", 3, "h", "w"), weight], {"strides": [2, 2]}) == [f32("n", 64, None, None)]
+    assert infer("Conv", [f32("n", 3, "h", "w"), weight], {"pads": [0, 2, 0, 2]}) == [f32("n", 64, "h - 2", "w + 2")]
     assert infer("Conv", [UNKNOWN, weight]) == [f32(None, 64, None, None)]
     # onnxruntime (and the spec's wording) drop a window that would start in the right
     # padding; onnx's own shape inference does not, and says 4 here

@@ -619,7 +619,7 @@ def _infer_einsum(ctx: InferenceContext) -> list[TensorType]:
         pairs, ellipsis = _einsum_term(ctx, term, _shape(ctx, index))
         for label, dim in pairs:
             known = label_dims.get(label)
-            if isinstance(known, int) and isinstance(dim, int) and known != dim:
+            if _proven_different(known, dim):
                 raise _error(ctx, f"label {label!r} has dims {known} and {dim}")
             label_dims[label] = merge_dims(known, dim)
         if "..." in term:
@@ -707,7 +707,7 @@ def _window_dims(
         begin, total = (0, 0) if auto_pad == "VALID" else (pads[i], pads[i] + pads[i + n])
         span = dilation * (k - 1) + 1
         if not isinstance(size, int):
-            out.append(size if stride == 1 and total == span - 1 else None)
+            out.append(add_dims(size, total - span + 1) if stride == 1 else None)
             continue
         room = size + total - span
         if room < 0 and pooling:
