@@ -467,10 +467,15 @@ class Edit:
     `nodes` are the matched nodes, `outputs` the matched values that get replaced (their
     readers outside the match move to the replacements), `constants` the matched constants
     that are removed once nothing reads them. New nodes go right before the earliest
-    producer of an output.
+    producer of an output, or right before `before` (a matched node: for a replacement that
+    reads values computed between the matched nodes; every reader of a replaced output must
+    then run after it).
     """
 
-    def __init__(self, rewriter: "Rewriter", nodes: Sequence[Node], outputs: Sequence[Value], constants: Sequence[Value] = ()) -> None:
+    def __init__(
+        self, rewriter: "Rewriter", nodes: Sequence[Node], outputs: Sequence[Value], constants: Sequence[Value] = (),
+        before: Optional[Node] = None,
+    ) -> None:
         if not outputs:
             raise RewriteError("a rewrite must replace at least one matched output")
         members = {id(n) for n in nodes}
@@ -483,7 +488,9 @@ class Edit:
         self.nodes = tuple(sorted(dict.fromkeys(nodes), key=graph.order_key))
         self.outputs = tuple(outputs)
         self.constants = tuple(constants)
-        self.anchor = min((out.producer for out in outputs), key=graph.order_key)  # type: ignore[arg-type]
+        if before is not None and id(before) not in members:
+            raise RewriteError(f"a rewrite is placed before a matched node, not {before.label}")
+        self.anchor = before or min((out.producer for out in outputs), key=graph.order_key)  # type: ignore[arg-type]
         self.op = _GraphBuilder(graph, self.anchor)
 
     def interior_problem(self) -> Optional[str]:
@@ -529,6 +536,11 @@ class Edit:
         read; a walk over the nodes between the match and a late value only when refusing)."""
         graph, limit = self.graph, self.graph.order_key(self.anchor)
         built = {id(n) for n in self.op.nodes}
+        inside = {id(n) for n in self.nodes}
+        for out in self.outputs:
+            for reader in out.users():
+                if id(reader) not in inside and graph.order_key(reader) < limit:
+                    return f"%{out.name} is read by {reader.label} before the replacement"
         reads = [v for n in self.op.nodes for v in n.inputs if v is not None] + list(replacements)
         for value in reads:
             producer = value.producer
@@ -609,9 +621,11 @@ class Rewriter:
         self.graph = graph
         self.change: Optional[Change] = None
 
-    def edit(self, nodes: Sequence[Node], outputs: Sequence[Value], constants: Sequence[Value] = ()) -> Edit:
+    def edit(
+        self, nodes: Sequence[Node], outputs: Sequence[Value], constants: Sequence[Value] = (), before: Optional[Node] = None,
+    ) -> Edit:
         """Start replacing `outputs` of the matched `nodes` (see `Edit`)."""
-        return Edit(self, nodes, outputs, constants)
+        return Edit(self, nodes, outputs, constants, before)
 
 
 # ---------------------------------------------------------------------------- rules

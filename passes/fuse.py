@@ -13,12 +13,12 @@ from graphopt.registry import register_pass
 @register_pass
 @dataclasses.dataclass
 class Fuse(Pipeline):
-    """Run cleanup, every fusion (norms, GELU, attention, bias-GELU, skip-norm, QKV, Gemm), then cleanup again.
+    """Run cleanup, every fusion (norms, GELU, rotary, attention, bias-GELU, skip-norm, QKV, Gemm), then cleanup again.
 
     A pipeline. Cleanup (no same-type Casts, folded shape arithmetic) and canonicalize
     (constants second, constant Mul/Div chains folded) first put the graph in the canonical
-    form the fusion patterns assume. The norm and GELU fusions come before
-    fuse-attention, fuse-bias-gelu and fuse-skip-layernorm after the ops they extend exist,
+    form the fusion patterns assume. The norm, GELU and rotary fusions come before
+    fuse-attention (whose Q and K are then RotaryEmbedding outputs), fuse-bias-gelu and fuse-skip-layernorm after the ops they extend exist,
     and fuse-qkv after fuse-attention, whose patterns follow each projection on its own.
     Cleanup last removes what the fusions left dead. Needs nothing; provides what its
     fusions provide ("attention-fused", ...). Stats: what each fusion raised.
@@ -26,7 +26,7 @@ class Fuse(Pipeline):
 
     name = "fuse"
     steps = (
-        "cleanup", "canonicalize", "fuse-layernorm", "fuse-gelu", "fuse-rmsnorm", "fuse-attention",
+        "cleanup", "canonicalize", "fuse-layernorm", "fuse-gelu", "fuse-rmsnorm", "fuse-rotary", "fuse-attention",
         "fuse-bias-gelu", "fuse-skip-layernorm", "fuse-qkv", "fuse-matmul-add", "cleanup",
     )
 

@@ -14,10 +14,17 @@ the data, not exporter-specific node names or sequences:
    scores)` with a constant fill is a mask, turned into the additive bias
    `Where(cond, 0, fill)`; same-type Casts are skipped. The walk ends at the Q.K^T MatMul.
 3. Q and the transposed K may each carry a constant scalar scale (`q * s`, `k * s`), folded
-   into the op's scale. K is recovered from K^T by composing its Transpose.
+   into the op's scale. K is recovered from K^T by composing its Transpose, or, for
+   torchlib's K^T (heads merged into the batch: Reshape [B*H, S, D], Transpose, Reshape
+   [B, H, D, S]; dims compared as symbolic expressions), by taking the tensor it started from.
 4. Grouped-query attention: K and V that are `repeat_kv` expansions (Unsqueeze on axis 2,
    Expand, Reshape back to rank 4) are replaced by the un-repeated tensors and the op gets
    `num_kv_heads`. Missing this only costs speed: repeated K/V are still correct.
+5. KV cache (a second walk, over the raised ops): when K and V are `Concat(past, new)` along
+   the sequence axis, the op takes `new` as K/V and `past` as its past_key/past_value inputs,
+   and its present outputs replace the Concats (usually the model's `present.*` outputs,
+   whose names they keep). The repeat_kv expansions left reading the caches are removed
+   first (eliminate-dead-code).
 
 Legality: the pattern checks head counts; the rewrite commits through `graphopt.rewrite`,
 whose one legality check refuses a match with a value read outside it or returned as a
@@ -37,9 +44,11 @@ import dataclasses
 from typing import Any, Optional, Union
 
 import numpy as np
+from graphopt.passes.dead_code import EliminateDeadCode
 from graphopt.passes.noops import noop_source
 
 from graphopt.ir.graph import Graph, Node, Value, constant_data, uniform_constant
+from graphopt.ir.symbolic import dims_equal, mul_dims
 from graphopt.pass_base import Pass, PassContext, PassResult
 from graphopt.registry import register_pass
 from graphopt.rewrite import RewritePattern, Rewriter, RewriteRuleSet
@@ -79,14 +88,17 @@ class FuseAttention(Pass):
     def run(self, graph: Graph, ctx: PassContext) -> PassResult:
         rules = RewriteRuleSet([AttentionPattern()])
         fused = rules.apply(graph)[AttentionPattern.name]
+        if fused:
+            EliminateDeadCode().run(graph, ctx)  # the repeat_kv expansions of K/V left reading the caches
+        cached = RewriteRuleSet([KvCachePattern()]).apply(graph)[KvCachePattern.name]
         remaining = {n.name for n in graph if n.op_type == "Softmax" and n.domain == ""}
         missed: dict[str, int] = {}
         for refusal in rules.refusals:
             if refusal.node in remaining:
                 missed[refusal.reason] = missed.get(refusal.reason, 0) + 1
-        stats: dict[str, object] = {"fused": fused}
+        stats: dict[str, object] = {"fused": fused, "kv-cache": cached}
         stats.update({f"missed: {reason}": count for reason, count in sorted(missed.items())})
-        return PassResult(fused > 0, stats)
+        return PassResult(fused + cached > 0, stats)
 
 
 class AttentionPattern(RewritePattern):
@@ -102,6 +114,42 @@ class AttentionPattern(RewritePattern):
         if match is None:
             return reason
         return _rewrite(graph, match, rewriter)
+
+
+class KvCachePattern(RewritePattern):
+    """`Attention(q, Concat(past_k, k), Concat(past_v, v), ...)` with both Concats along the
+    sequence axis -> `Attention(q, k, v, bias, past_k, past_v)` whose present outputs replace
+    the Concats (which are usually the model's `present.*` outputs)."""
+
+    name = "kv-cache"
+    root_ops = (("graphopt", "Attention"),)
+    depth = 1
+
+    def match_and_rewrite(self, graph: Graph, node: Node, rewriter: Rewriter) -> Union[bool, str]:
+        if len(node.inputs) > 4 or len(node.outputs) > 1:
+            return "already has a KV cache"
+        concats = [_sequence_concat(node.inputs[1]), _sequence_concat(node.inputs[2])]  # type: ignore[arg-type]
+        if concats[0] is None or concats[1] is None:
+            return "K and V are not Concat(past, new) along the sequence axis"
+        (past_k, new_k), (past_v, new_v) = (c.inputs for c in concats)  # type: ignore[union-attr]
+        outputs = [node.output, concats[0].output, concats[1].output]  # type: ignore[union-attr]
+        edit = rewriter.edit([node, *concats], outputs, before=node)  # type: ignore[list-item]
+        bias = node.inputs[3] if len(node.inputs) > 3 else None
+        results = edit.op.Attention(
+            node.inputs[0], new_k, new_v, bias, past_k, past_v, _domain="graphopt", _outputs=3, **node.attrs,
+        )
+        problem = edit.commit(results)
+        return True if problem is None else problem
+
+
+def _sequence_concat(value: Value) -> Optional[Node]:
+    """The Concat of two rank-4 [B, H, S, D] tensors along S that computes `value`, if one does."""
+    node = value.producer
+    if node is None or node.op_type != "Concat" or node.domain or len(node.inputs) != 2 or node.attrs.get("axis") not in (2, -2):
+        return None
+    if any(v is None or v.type.rank != 4 for v in node.inputs):
+        return None
+    return node
 
 
 def _match(graph: Graph, softmax: Node) -> tuple[Optional[_Match], str]:
@@ -379,6 +427,9 @@ def _rewrite(graph: Graph, match: _Match, rewriter: Rewriter) -> Union[bool, str
 
 
 def _untranspose_key(op: Any, key_t: Value) -> Value:
+    merged = _head_merged_transpose(key_t)
+    if merged is not None:
+        return merged
     node = key_t.producer
     if node is not None and node.op_type == "Transpose" and "perm" in node.attrs:
         perm = list(node.attrs["perm"])
@@ -388,6 +439,29 @@ def _untranspose_key(op: Any, key_t: Value) -> Value:
             return source  # type: ignore[return-value]
         return op.Transpose(source, perm=tuple(perm))
     return op.Transpose(key_t, perm=(0, 1, 3, 2))
+def _head_merged_transpose(key_t: Value) -> Optional[Value]:
+    """K when `key_t` is Reshape(Transpose(Reshape(K, [B*H, S, D]), (0, 2, 1)), [B, H, D, S]):
+    torchlib's K^T (heads merged into the batch, transposed, split again)."""
+    split = key_t.producer
+    if split is None or split.op_type != "Reshape" or split.domain:
+        return None
+    transpose = split.inputs[0].producer  # type: ignore[union-attr]
+    if transpose is None or transpose.op_type != "Transpose" or tuple(transpose.attrs.get("perm", ())) != (0, 2, 1):
+        return None
+    merge = transpose.inputs[0].producer  # type: ignore[union-attr]
+    if merge is None or merge.op_type != "Reshape" or merge.domain:
+        return None
+    key, merged, out = merge.inputs[0], merge.output.type.shape, key_t.type.shape
+    shape = key.type.shape if key is not None else None  # type: ignore[union-attr]
+    if shape is None or merged is None or out is None or len(shape) != 4 or len(merged) != 3 or len(out) != 4:
+        return None
+    if not dims_equal(merged[0], mul_dims(shape[0], shape[1])) or not (dims_equal(merged[1], shape[2]) and dims_equal(merged[2], shape[3])):
+        return None
+    if not all(dims_equal(a, b) for a, b in zip(out, (shape[0], shape[1], shape[3], shape[2]))):
+        return None
+    return key
+
+
 def _strip_repeat_kv(key: Value, value: Value, heads: int) -> tuple[Value, Value, int]:
     base_k, base_v = _repeat_source(key), _repeat_source(value)
     if base_k is not None and base_v is not None:

@@ -27,6 +27,20 @@ decomposed into standard ONNX by the exporter. Each mapping, and when it is take
   [B, 1, Sq, Sk] (possibly as `Where(mask, 0, very negative)`): it is given as the int32
   [B, Sq, Sk] raw mask with that negative value as `mask_filter_value`. Equal to the
   unlowered quantized graph to <= 1e-4 (same test file), padding included.
+- `Attention(q, k, v[, bias], past_key, past_value)` (a KV cache, any K/V head count) ->
+  `GroupQueryAttention(q', k', v', past_key, past_value, seqlens_k, total_sequence_length,
+  , , , attention_bias)` with `causal=0`, `seqlens_k` = past + seq - 1 for every row and the
+  graph's own mask (causal, padding, sliding window: whatever the model computed) as the
+  additive `attention_bias`, so every key is scored and masked exactly as in the softmax form,
+  fully masked rows included (measured, ORT 1.32: the mean of V for a lowest-float mask, NaN
+  for -inf, then the op's `nan_to_zero`; GQA's own causal mode returns 0 there instead, so it is
+  used only for a `causal` op without a bias). Taken when the head sizes are static and equal,
+  the new keys are as many as the queries, and the bias is rank 4 [B|1, 1|N, Sq, past + Sk]
+  (symbolic dims compared as expressions). ORT's CPU kernel refuses, at run time, a batch
+  above 1 with several new tokens and a non-empty past (batched chunked prefill).
+  Measured on the decoder zoo (`tests/targets/test_kv_cache_attention.py`): <= 1e-4 against the
+  export at prefill, decode and with left padding, and the same 32 greedy tokens.
+- `RotaryEmbedding` -> ORT's contrib `RotaryEmbedding` (`targets/onnxruntime_rotary.py`).
 - `SkipLayerNorm` -> `SkipLayerNormalization` (or `SkipSimplifiedLayerNormalization` when
   `simplified`) with the residual sum as output 3, for rank-3 inputs of one shape (as
   fuse-skip-layernorm checks it) and a static hidden size. On CPU the plain form becomes
@@ -55,9 +69,11 @@ import numpy as np
 from graphopt.ir.dtypes import DType
 from graphopt.ir.graph import Graph, Node, Value, constant_data
 from graphopt.ir.schema import GRAPHOPT_DOMAIN
-from graphopt.ir.types import TensorType, same_shape
+from graphopt.ir.symbolic import add_dims, dims_equal
+from graphopt.ir.types import Dim, TensorType, same_shape
 from graphopt.exporters.onnx_lowering import LAYER_NORM_OPSET
 from graphopt.pass_base import Pass, PassContext, PassResult
+from graphopt.targets.onnxruntime_rotary import lower_rotary_contrib
 from graphopt.registry import register_pass
 
 MS_DOMAIN = "com.microsoft"
@@ -385,14 +401,14 @@ def _quantized_attention(graph: Graph, node: Node, projection: _QuantizedProject
     return graph.add_node("QAttention", inputs, {**attrs, "mask_filter_value": filler}, domain=MS_DOMAIN, before=node, infer=False)
 
 
-def _additive_bias(graph: Graph, bias: Optional[Value], query: Value, key: Value, anchor: Node) -> tuple[bool, Optional[Value]]:
-    """(usable, attention_bias): the bias as a float [B|1, N|1, Sq, Sk] additive input."""
+def _additive_bias(graph: Graph, bias: Optional[Value], query: Value, keys: Dim, anchor: Node) -> tuple[bool, Optional[Value]]:
+    """(usable, attention_bias): the bias as a float [B|1, N|1, Sq, Sk] additive input, Sk = `keys`."""
     if bias is None:
         return True, None
-    shape, q_shape, k_shape = bias.shape, query.shape, key.shape
-    if shape is None or len(shape) != 4 or q_shape is None or k_shape is None:
+    shape, q_shape = bias.shape, query.shape
+    if shape is None or len(shape) != 4 or q_shape is None:
         return False, None
-    if shape[2] != q_shape[2] or shape[3] != k_shape[2] or shape[2] is None or shape[3] is None:
+    if not dims_equal(shape[2], q_shape[2]) or not dims_equal(shape[3], keys):
         return False, None
     if bias.dtype is not None and bias.dtype.name == "BOOL":
         zero = graph.add_constant(graph.unique_name("mask_zero"), np.zeros((), query.dtype.to_numpy()))  # type: ignore[union-attr]
@@ -406,7 +422,7 @@ def _float_attention(graph: Graph, node: Node, sources: list[Optional[Value]], a
     where the mask cannot be given to them."""
     query, key, value = node.inputs[:3]
     bias = node.inputs[3] if len(node.inputs) > 3 else None
-    usable, attention_bias = _additive_bias(graph, bias, query, key, node)  # type: ignore[arg-type]
+    usable, attention_bias = _additive_bias(graph, bias, query, key.shape[2] if key.shape else None, node)  # type: ignore[arg-type,union-attr]
     if not usable:
         return None
     packed = _packed_projection(sources) if all(s is not None for s in sources) else None  # type: ignore[arg-type]
@@ -426,6 +442,8 @@ def _float_attention(graph: Graph, node: Node, sources: list[Optional[Value]], a
 
 
 def _attention(graph: Graph, node: Node) -> bool:
+    if len(node.inputs) > 5 and node.inputs[4] is not None:
+        return _kv_cache_attention(graph, node)
     query, key, value = node.inputs[:3]
     bias = node.inputs[3] if len(node.inputs) > 3 else None
     heads = int(node.attrs["num_heads"])
@@ -450,12 +468,21 @@ def _attention(graph: Graph, node: Node) -> bool:
         new = _float_attention(graph, node, sources, attrs, heads * head_size)
     if new is None:
         return False
-    out = new.output
-    out.type = TensorType(query.dtype, (shapes[0][0], shapes[0][2], heads * head_size))  # type: ignore[union-attr,index]
+    _attach_output(graph, node, new, heads, head_size)
+    return True
+
+
+def _attach_output(graph: Graph, node: Node, new: Node, heads: int, head_size: int) -> None:
+    """Give `node`'s [B, N, S, D] output the contrib op's [B, S, N*D] one: bypassing the
+    readers that only merge heads (`node` is then left dead), else splitting the heads again."""
+    query = node.inputs[0]
+    shape = query.shape  # type: ignore[union-attr]
+    out = new.outputs[0]
+    out.type = TensorType(query.dtype, (shape[0], shape[2], heads * head_size))  # type: ignore[union-attr,index]
     if node.attrs.get("nan_to_zero"):
         zero = graph.add_constant(graph.unique_name("nan_zero"), np.zeros((), query.dtype.to_numpy()))  # type: ignore[union-attr]
         out = graph.add_node("Where", [graph.add_node("IsNaN", [out], before=node).output, zero, out], before=node).output
-    merged = _merged_readers(node.output, heads, head_size)
+    merged = _merged_readers(node.outputs[0], heads, head_size)
     if merged is not None:
         for reader in merged:
             name = reader.name if reader.is_graph_output else None
@@ -466,7 +493,56 @@ def _attention(graph: Graph, node: Node) -> bool:
     else:
         heads_split = graph.add_node("Reshape", [out, _ints(graph, [0, 0, heads, head_size])], before=node).output
         _replace(graph, node, graph.add_node("Transpose", [heads_split], {"perm": HEAD_PERM}, before=node), [(0, 0)])
+
+
+def _kv_cache_attention(graph: Graph, node: Node) -> bool:
+    """`Attention(q, k, v[, bias], past_key, past_value)` -> `GroupQueryAttention` with
+    `causal=0` and the graph's own mask as `attention_bias` (see the module docstring)."""
+    query, key, value, bias, past_key, past_value = node.inputs[:6]
+    heads = int(node.attrs["num_heads"])
+    kv_heads = int(node.attrs.get("num_kv_heads", heads))
+    shapes = [v.shape for v in (query, key, value, past_key, past_value)]  # type: ignore[union-attr]
+    if any(shape is None or len(shape) != 4 for shape in shapes):
+        return False
+    head_size = shapes[0][3]  # type: ignore[index]
+    if not isinstance(head_size, int) or any(shape[3] != head_size for shape in shapes[1:]):  # type: ignore[index]
+        return False
+    if not dims_equal(shapes[0][2], shapes[1][2]):  # type: ignore[index]
+        return False  # the kernel takes as many new keys as queries
+    causal = bool(node.attrs.get("causal", 0))
+    if causal and bias is not None:
+        return False  # its causal mode outputs 0 for fully masked rows, the decomposition the mean of V
+    usable, attention_bias = _additive_bias(graph, bias, query, add_dims(shapes[3][2], shapes[1][2]), node)  # type: ignore[arg-type,index]
+    if not usable:
+        return False
+    total = graph.add_node("Add", [_dim_of(graph, past_key, 2, node), _dim_of(graph, key, 2, node)], before=node).output  # type: ignore[arg-type]
+    last = graph.add_node("Sub", [total, _ints(graph, [1])], before=node).output
+    batch = _dim_of(graph, query, 0, node)  # type: ignore[arg-type]
+    seqlens = graph.add_node("Cast", [graph.add_node("Expand", [last, batch], before=node).output], {"to": DType.INT32.value}, before=node).output
+    scalar = graph.add_node("Reshape", [total, _ints(graph, [])], before=node).output
+    total_length = graph.add_node("Cast", [scalar], {"to": DType.INT32.value}, before=node).output
+    merged = [
+        _merged_source(v, h, head_size) or _merge_heads(graph, v, h * head_size, node)  # type: ignore[arg-type]
+        for v, h in ((query, heads), (key, kv_heads), (value, kv_heads))
+    ]
+    attrs: dict = {
+        "num_heads": heads, "kv_num_heads": kv_heads, "causal": int(causal),
+        "scale": float(node.attrs.get("scale", 1.0 / math.sqrt(head_size))),
+    }
+    inputs = [*merged, past_key, past_value, seqlens, total_length, None, None, None, attention_bias]
+    new = graph.add_node("GroupQueryAttention", inputs, attrs, domain=MS_DOMAIN, num_outputs=3, before=node, infer=False)
+    for index in (1, 2):
+        new.outputs[index].type = node.outputs[index].type if len(node.outputs) > index else past_key.type  # type: ignore[union-attr]
+        if len(node.outputs) > index:
+            graph.replace_value(node.outputs[index], new.outputs[index])
+    _attach_output(graph, node, new, heads, head_size)
     return True
+
+
+def _dim_of(graph: Graph, value: Value, axis: int, anchor: Node) -> Value:
+    """`value`'s dim `axis` as an int64 [1] tensor."""
+    shape = graph.add_node("Shape", [value], before=anchor).output
+    return graph.add_node("Gather", [shape, _ints(graph, [axis])], {"axis": 0}, before=anchor).output
 
 
 def _ints(graph: Graph, values: list[int]) -> Value:
@@ -487,4 +563,5 @@ _LOWERINGS = {
     "SkipLayerNorm": _skip_layer_norm,
     "RMSNorm": _rmsnorm,
     "Gelu": _gelu,
+    "RotaryEmbedding": lower_rotary_contrib,
 }

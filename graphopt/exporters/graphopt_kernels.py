@@ -1,7 +1,8 @@
 """Torch implementations of graphopt's own ops (see `graphopt.ir.ops.graphopt`).
 
 These are what the torch target runs for fused ops: `Attention` becomes one
-`scaled_dot_product_attention` call (grouped-query aware), `RMSNorm` and `Gelu` the
+`scaled_dot_product_attention` call (grouped-query aware; with a KV cache, after appending the
+new keys and values to the past ones, and returning the presents too), `RMSNorm` and `Gelu` the
 matching torch functions, `SkipLayerNorm` the residual add and `layer_norm` (or the RMS form).
 """
 
@@ -13,12 +14,20 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from graphopt.exporters.rotary_kernels import graphopt_RotaryEmbedding
+
 
 def graphopt_Attention(
-    query: Tensor, key: Tensor, value: Tensor, bias: Optional[Tensor] = None, *,
+    query: Tensor, key: Tensor, value: Tensor, bias: Optional[Tensor] = None,
+    past_key: Optional[Tensor] = None, past_value: Optional[Tensor] = None, *,
     num_heads: int, num_kv_heads: Optional[int] = None, scale: Optional[float] = None, causal: int = 0,
     nan_to_zero: int = 0,
-) -> Tensor:
+) -> tuple[Tensor, ...]:
+    """(output,) or, with a KV cache, (output, present_key, present_value)."""
+    presents: tuple[Tensor, ...] = ()
+    if past_key is not None and past_value is not None:
+        key, value = torch.cat([past_key, key], dim=2), torch.cat([past_value, value], dim=2)
+        presents = (key, value)
     mask = bias
     if mask is not None and mask.dim() < 2:
         # SDPA indexes the mask's last two dims; a 0-d or 1-d bias broadcasts as [1, 1] / [1, S].
@@ -39,7 +48,7 @@ def graphopt_Attention(
     if nan_to_zero and mask is not None:
         attended = mask.any(dim=-1, keepdim=True) if mask.dtype == torch.bool else (mask > float("-inf")).any(dim=-1, keepdim=True)
         out = torch.where(attended, out, torch.zeros((), dtype=out.dtype, device=out.device))
-    return out
+    return (out, *presents)
 
 
 def graphopt_RMSNorm(x: Tensor, scale: Tensor, *, axis: int = -1, epsilon: float = 1e-5, stash_type: int = 1) -> Tensor:
@@ -72,4 +81,5 @@ GRAPHOPT_KERNELS: dict[tuple[str, str], Callable] = {
     ("graphopt", "RMSNorm"): graphopt_RMSNorm,
     ("graphopt", "Gelu"): graphopt_Gelu,
     ("graphopt", "SkipLayerNorm"): graphopt_SkipLayerNorm,
+    ("graphopt", "RotaryEmbedding"): graphopt_RotaryEmbedding,
 }

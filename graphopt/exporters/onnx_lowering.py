@@ -5,14 +5,19 @@ default-domain ops it stands for, valid in the graph's own opset (13 and up), wi
 arithmetic as the patterns fusion raised them from (the `decompose-graphopt-ops` pass runs it
 in a target's lowering; `decompose_graphopt_ops(graph)` is the copying form the exporter uses):
 
-- `Attention(q, k, v[, bias])`: K and V repeated for grouped-query heads
+- `Attention(q, k, v[, bias][, past_key, past_value])`: with a KV cache, K and V first become
+  `Concat(past, new, axis=2)` (also the present outputs); K and V repeated for grouped-query heads
   (Unsqueeze/Expand/Reshape), `MatMul(q, Transpose(k))`, `Mul` by the scale, the bias added
   (a boolean bias selects with `Where`), a causal mask aligned to the last key, `Softmax`
   over the keys, `MatMul` with V;
 - `RMSNorm(x, scale)`: `x * 1/sqrt(ReduceMean(x^2) + eps) * scale`;
+- `RotaryEmbedding(x, cos, sin)`: `graphopt.exporters.rotary_lowering`;
 - `Gelu(x[, bias])`: `x + bias`, then the erf or tanh formula;
 - `SkipLayerNorm(x, skip, scale[, beta][, bias])`: `(x + bias) + skip`, then
   `LayerNormalization` (or the RMSNorm formula when `simplified`); the sum is the second output.
+
+A target that keeps `Attention` (`keep`) but has no KV-cache kernel gets the cache split off:
+Concat nodes for the presents and an Attention without past inputs over them.
 
 Standard `LayerNormalization` nodes (fuse-layernorm raises them) in a graph whose opset is
 below 17, where the op does not exist yet, are decomposed too: `ReduceMean`, `Sub`,
@@ -31,6 +36,7 @@ from typing import Collection, Optional
 import numpy as np
 
 from graphopt.errors import ExportError
+from graphopt.exporters.rotary_lowering import decompose_rotary
 from graphopt.ir.graph import Graph, Node, Value
 from graphopt.ir.schema import GRAPHOPT_DOMAIN
 from graphopt.ir.tensor import ArrayTensor
@@ -67,10 +73,17 @@ def decompose_graphopt_nodes(graph: Graph, keep: Collection[str] = ()) -> int:
     17) by standard ONNX ops, except those whose op type is in `keep`; return how many
     nodes were replaced. The results keep the replaced outputs' names."""
     replaced = 0
-    for node in [n for n in graph.nodes if _needs_decomposition(graph, n) and n.op_type not in keep]:
+    for node in [n for n in graph.nodes if _needs_decomposition(graph, n)]:
         builder = _Builder(graph, node)
+        if node.op_type in keep:
+            if node.op_type == "Attention" and _has_kv_cache(node):
+                _split_kv_cache(graph, builder, node)
+                replaced += 1
+            continue
         if node.op_type == "Attention":
-            results = [_attention(builder, node)]
+            results = _attention(builder, node)
+        elif node.op_type == "RotaryEmbedding":
+            results = [decompose_rotary(builder, node)]
         elif node.op_type == "RMSNorm":
             results = [_rmsnorm(builder, node)]
         elif node.op_type == "Gelu":
@@ -113,9 +126,31 @@ class _Builder:
         return self.op("Slice", self.op("Shape", value), self.ints([start]), self.ints([end]))
 
 
-def _attention(b: _Builder, node: Node) -> Value:
+def _has_kv_cache(node: Node) -> bool:
+    return len(node.inputs) > 5 and node.inputs[4] is not None
+
+
+def _split_kv_cache(graph: Graph, b: _Builder, node: Node) -> None:
+    """A kept Attention with a KV cache becomes Concat(past, new) for K and V (its present
+    outputs) and an Attention without one over them, for targets whose kernel has no cache."""
+    key = b.op("Concat", node.inputs[4], node.inputs[1], axis=2)  # type: ignore[arg-type]
+    value = b.op("Concat", node.inputs[5], node.inputs[2], axis=2)  # type: ignore[arg-type]
+    inputs = [node.inputs[0], key, value] + ([node.inputs[3]] if node.inputs[3] is not None else [])
+    attention = graph.add_node("Attention", inputs, dict(node.attrs), domain=GRAPHOPT_DOMAIN, before=node)
+    for out, result in zip(node.outputs, [attention.output, key, value]):
+        graph.replace_value(out, result)
+    graph.erase(node)
+
+
+def _attention(b: _Builder, node: Node) -> list[Value]:
+    """[output] or, with a KV cache, [output, present_key, present_value]."""
     query, key, value = node.inputs[:3]
     bias = node.inputs[3] if len(node.inputs) > 3 else None
+    presents: list[Value] = []
+    if len(node.inputs) > 5 and node.inputs[4] is not None:
+        key = b.op("Concat", node.inputs[4], key, axis=2)  # type: ignore[arg-type]
+        value = b.op("Concat", node.inputs[5], value, axis=2)  # type: ignore[arg-type]
+        presents = [key, value]
     heads = int(node.attrs["num_heads"])
     kv_heads = int(node.attrs.get("num_kv_heads", heads))
     if kv_heads != heads:
@@ -138,7 +173,7 @@ def _attention(b: _Builder, node: Node) -> Value:
     probs = b.op("Softmax", scores, axis=-1)
     if node.attrs.get("nan_to_zero"):
         probs = b.op("Where", b.op("IsNaN", probs), b.const(0.0, like=query), probs)
-    return b.op("MatMul", probs, value)  # type: ignore[arg-type]
+    return [b.op("MatMul", probs, value), *presents][: len(node.outputs)]  # type: ignore[arg-type]
 
 
 def _repeat_kv(b: _Builder, tensor: Value, copies: int) -> Value:

@@ -13,7 +13,7 @@ is the kernel found here.  Kernel conventions:
   Split ``split``, Clip ``min``/``max``, Pad ``pads``, Slice, TopK ``k``) the
   names are the same, so one parameter accepts either form.
 * Single-output ops return a tensor; ops in ``MULTI_OUTPUT_OPS`` (any domain) and
-  ``MULTI_OUTPUT_KERNELS`` ((domain, op) pairs: ONNX Attention) return a tuple
+  ``MULTI_OUTPUT_KERNELS`` ((domain, op) pairs: ONNX's and graphopt's Attention) return a tuple
   holding every output (unused optional outputs may be None).
 * Ops in ``OPSET_SENSITIVE_OPS`` also take a keyword-only ``opset``.
 * Split without ``split`` before opset 18 needs the node's output count, which
@@ -35,7 +35,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from graphopt.exporters.graphopt_kernels import GRAPHOPT_KERNELS
-from graphopt.exporters.onnx23_kernels import MULTI_OUTPUT_KERNELS, ONNX23_KERNELS
+from graphopt.exporters.onnx23_kernels import MULTI_OUTPUT_KERNELS as ONNX23_MULTI_OUTPUT_KERNELS, ONNX23_KERNELS
 from graphopt.ir.dtypes import torch_dtypes
 
 _IntsLike = Tensor | Sequence[int] | int | None
@@ -1359,6 +1359,8 @@ TORCH_KERNELS: dict[tuple[str, str], Callable] = {
 TORCH_KERNELS.update(ONNX23_KERNELS)
 TORCH_KERNELS.update(GRAPHOPT_KERNELS)
 TORCH_KERNELS[("com.microsoft", "MatMulNBits")] = com_microsoft_MatMulNBits
+
+MULTI_OUTPUT_KERNELS: frozenset[tuple[str, str]] = ONNX23_MULTI_OUTPUT_KERNELS | {("graphopt", "Attention")}
 
 MULTI_OUTPUT_OPS: frozenset[str] = frozenset(
     {"Split", "TopK", "Dropout", "LayerNormalization", "BatchNormalization", "Unique", "DynamicQuantizeLinear", "SkipLayerNorm"}

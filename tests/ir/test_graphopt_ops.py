@@ -56,7 +56,7 @@ def test_attention_kernel_matches_reference(kv_heads, q_len):
     v = torch.randn(2, kv_heads, 5, 6, generator=gen)
     bias = torch.randn(2, 1, q_len, 5, generator=gen)
     for causal in (0, 1):
-        got = graphopt_Attention(q, k, v, bias, num_heads=4, num_kv_heads=kv_heads, scale=0.3, causal=causal)
+        (got,) = graphopt_Attention(q, k, v, bias, num_heads=4, num_kv_heads=kv_heads, scale=0.3, causal=causal)
         want = _reference_attention(q, k, v, 0.3, bias, bool(causal))
         torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
 
@@ -65,7 +65,7 @@ def test_attention_boolean_mask():
     gen = torch.Generator().manual_seed(1)
     q, k, v = (torch.randn(1, 2, 3, 4, generator=gen) for _ in range(3))
     keep = torch.tensor([True, True, False]).view(1, 1, 1, 3)
-    got = graphopt_Attention(q, k, v, keep, num_heads=2, num_kv_heads=2)
+    (got,) = graphopt_Attention(q, k, v, keep, num_heads=2, num_kv_heads=2)
     want = _reference_attention(q, k, v, 0.5, torch.zeros(1, 1, 1, 3).masked_fill(~keep, float("-inf")))
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
 

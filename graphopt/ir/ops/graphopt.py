@@ -11,6 +11,11 @@ kernels (torch: scaled_dot_product_attention, ONNX Runtime: contrib ops, ...).
   j <= i + Sk - Sq, i.e. aligned to the last key, as with a KV cache), `nan_to_zero` (1:
   probabilities that come out NaN, i.e. rows whose every score is -inf because every key is
   masked, count as 0, so such rows output 0, as transformers' SDPA export computes). Output [B, Hq, Sq, Dv].
+  With a KV cache, inputs 4 and 5 are `past_key` [B, Hkv, P, D] and `past_value` [B, Hkv, P, Dv]
+  (given together; `bias` may then be omitted, written as an empty input): the op attends over
+  `present_key = Concat(past_key, key, axis=2)` and `present_value = Concat(past_value, value,
+  axis=2)` ([B, Hkv, P + Sk, D]), its optional outputs 1 and 2, exactly as the Concat nodes
+  fuse-attention absorbs compute them (P may be 0).
 - ``RMSNorm(x, scale)``: x / sqrt(mean(x^2 over axes axis..-1) + epsilon) * scale,
   computed in float32 (`stash_type`, as ONNX LayerNormalization), output in x's type.
 - ``Gelu(x[, bias])``: gelu(x + bias); `approximate` = "none" (erf form) or "tanh". `bias`
@@ -25,7 +30,8 @@ kernels (torch: scaled_dot_product_attention, ONNX Runtime: contrib ops, ...).
 from __future__ import annotations
 
 from graphopt.ir.schema import GRAPHOPT_DOMAIN, InferenceContext, OpSchema, register_schema
-from graphopt.ir.types import TensorType
+from graphopt.ir.symbolic import add_dims
+from graphopt.ir.types import TensorType, merge_dims
 
 
 def _attention(ctx: InferenceContext) -> list[TensorType]:
@@ -38,10 +44,23 @@ def _attention(ctx: InferenceContext) -> list[TensorType]:
             raise ValueError(f"Attention: {name} must be rank 4 [batch, heads, seq, head_dim], got rank {len(t.shape)}")
         if t.shape is not None and isinstance(t.shape[1], int) and isinstance(expected, int) and t.shape[1] != expected:
             raise ValueError(f"Attention: {name} has {t.shape[1]} heads, attribute says {expected}")
-    if query.shape is None:
-        return [TensorType(query.dtype, None)]
+    if ctx.has_input(4) != ctx.has_input(5):
+        raise ValueError("Attention: past_key and past_value are given together")
+    if ctx.num_outputs > 1 and not ctx.has_input(4):
+        raise ValueError("Attention: present_key/present_value outputs need past_key/past_value inputs")
     dv = value.shape[3] if value.shape is not None else None
-    return [TensorType(query.dtype, (query.shape[0], query.shape[1], query.shape[2], dv))]
+    output = TensorType(query.dtype, None if query.shape is None else (query.shape[0], query.shape[1], query.shape[2], dv))
+    presents = [_present(ctx.input_type(4), key), _present(ctx.input_type(5), value)] if ctx.has_input(4) else []
+    return [output, *presents][: ctx.num_outputs]
+
+
+def _present(past: TensorType, new: TensorType) -> TensorType:
+    """Concat(past, new, axis=2) of two [B, H, S, D] tensors."""
+    if past.shape is None or new.shape is None or len(past.shape) != 4 or len(new.shape) != 4:
+        return TensorType(new.dtype, None)
+    merged = [merge_dims(a, b) for a, b in zip(past.shape, new.shape)]
+    merged[2] = add_dims(past.shape[2], new.shape[2])
+    return TensorType(new.dtype, tuple(merged))
 
 
 def _same_type(ctx: InferenceContext) -> list[TensorType]:
@@ -59,8 +78,8 @@ def _skip_layer_norm(ctx: InferenceContext) -> list[TensorType]:
 
 
 register_schema(OpSchema(
-    GRAPHOPT_DOMAIN, "Attention", _attention, min_inputs=3, max_inputs=4, same_dtype_inputs=((0, 1, 2),),
-    doc="Scaled dot-product attention over split heads, grouped-query aware, optional bias and causal mask.",
+    GRAPHOPT_DOMAIN, "Attention", _attention, min_inputs=3, max_inputs=6, max_outputs=3, same_dtype_inputs=((0, 1, 2, 4, 5),),
+    doc="Scaled dot-product attention over split heads, grouped-query aware, optional bias, causal mask and KV cache.",
 ))
 register_schema(OpSchema(
     GRAPHOPT_DOMAIN, "RMSNorm", _same_type, min_inputs=2, max_inputs=2,
