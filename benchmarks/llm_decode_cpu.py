@@ -37,7 +37,9 @@ of numbers. Then `--greedy-steps` greedy tokens (batch 1, an 8-token prompt, `de
 from every contender are compared with torch eager's. The issue's targets (#20: graphopt's best
 CPU path <= 0.75x ORT optimizer per decoded token on the ~100M config; torch.compile graphopt <=
 inductor) are checked on every decode row. Inductor starts from an empty on-disk cache (a fresh
-`TORCHINDUCTOR_CACHE_DIR` unless one is set), as graphopt keeps none.
+`TORCHINDUCTOR_CACHE_DIR` unless one is set), as graphopt keeps none. The build table gives
+each column's setup seconds, and a last table the fused ops (attention, rotary, RMS norm) in
+each ONNX column's graph and graphopt's graphs, which explain the ORT columns' differences.
 
 A progress line per build and measurement goes to stderr; the markdown (with the machine and
 library versions) goes to stdout and to `--out`.
@@ -54,10 +56,12 @@ import sys
 import tempfile
 import time
 import warnings
+from collections import Counter
 from pathlib import Path
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Callable, Iterable, Optional, Sequence
 
 import numpy as np
+import onnx
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
@@ -82,6 +86,11 @@ GRAPHOPT_PATHS = ("graphopt ORT", "graphopt torch", "torch.compile graphopt")
 """The columns that are graphopt's CPU paths, for the issue's target."""
 TARGET_VS_ORT_OPT = 0.75
 GREEDY_PROMPT = 8
+KERNELS = (
+    "GroupQueryAttention", "MultiHeadAttention", "Attention", "RotaryEmbedding", "SkipSimplifiedLayerNormalization",
+    "SimplifiedLayerNormalization", "RMSNormalization", "RMSNorm", "SkipLayerNorm",
+)
+"""Fused ops counted in each ONNX and graphopt graph (ORT contrib, ONNX opset 23 and graphopt's own), by op type."""
 
 Feeds = dict[str, np.ndarray]
 Step = Callable[[Feeds], tuple[np.ndarray, list[np.ndarray]]]
@@ -132,11 +141,18 @@ class Contender:
     step: Step | None = None
     build_s: float | None = None
     error: str | None = None
+    kernels: str = "-"
 
 
 def _error(exc: BaseException) -> str:
     lines = str(exc).strip().splitlines()
     return f"{type(exc).__name__}: {lines[0] if lines else ''}".strip().rstrip(":")
+
+
+def _kernels(op_types: Iterable[str]) -> str:
+    """"8 GroupQueryAttention, 8 RotaryEmbedding": how many ops of each of KERNELS, or "none"."""
+    counts = Counter(op for op in op_types if op in KERNELS)
+    return ", ".join(f"{counts[op]} {op}" for op in KERNELS if counts[op]) or "none"
 
 
 def _torch_inputs(config: Any, feeds: Feeds) -> tuple[torch.Tensor, ...]:
@@ -167,7 +183,8 @@ def _session_contender(label: str, path: Path, threads: int) -> Contender:
     options.inter_op_num_threads = 1
     options.log_severity_level = 3
     session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-    return Contender(label, lambda feeds: lambda: session.run(None, feeds), decoder_zoo.ort_step(session))
+    kernels = _kernels(node.op_type for node in onnx.load(str(path)).graph.node)
+    return Contender(label, lambda feeds: lambda: session.run(None, feeds), decoder_zoo.ort_step(session), kernels=kernels)
 
 
 def _compiled_contender(label: str, compiled: Any, config: Any, torch_tensors: bool) -> Contender:
@@ -183,7 +200,7 @@ def _compiled_contender(label: str, compiled: Any, config: Any, torch_tensors: b
         logits, *presents = (np.asarray(out) for out in prepare(feeds)())
         return logits, list(presents)
 
-    return Contender(label, prepare, step)
+    return Contender(label, prepare, step, kernels=_kernels(node.op_type for node in compiled.graph.nodes))
 
 
 def _ort_optimizer(path: Path, config: Any, threads: int) -> Contender:
@@ -249,17 +266,17 @@ class Row:
 
 def measure(model: str, config: Any, contenders: list[Contender], batch: int, seq: int, past: int,
             warmup: int, repeats: int) -> Row:
-    step = "prefill" if past == 0 else f"decode past {past}"
-    row = Row(model, batch, f"{step} (seq {seq})" if past == 0 else step)
+    """One row: every column's first call on random feeds (seconds kept), then all timed side by side."""
+    row = Row(model, batch, f"prefill (seq {seq})" if past == 0 else f"decode past {past}")
     feeds = decoder_zoo.decoder_inputs(config, batch=batch, seq=seq, past=past)
     runners = {}
     for contender in contenders:
         if contender.error is not None:
             row.errors[contender.label] = "build failed"
             continue
-        run = contender.prepare(feeds)
         start = time.perf_counter()
         try:
+            run = contender.prepare(feeds)
             run()
         except Exception as exc:
             row.errors[contender.label] = _error(exc)
@@ -313,6 +330,7 @@ def _versions() -> str:
 
 
 def latency_table(rows: list[Row], labels: list[str]) -> list[str]:
+    """Median ms per column with its ratio to ORT optimizer's in the row, or the column's error."""
     lines = ["| model | batch | step | " + " | ".join(labels) + " |", "| --- " * (3 + len(labels)) + "|"]
     for row in rows:
         base = row.median_ms.get(BASELINE)
@@ -329,6 +347,7 @@ def latency_table(rows: list[Row], labels: list[str]) -> list[str]:
 
 
 def first_call_table(rows: list[Row], labels: list[str]) -> list[str]:
+    """Seconds of each column's first (untimed) call per row; "-" where it failed."""
     lines = ["| model | batch | step | " + " | ".join(labels) + " |", "| --- " * (3 + len(labels)) + "|"]
     for row in rows:
         cells = [f"{row.first_s[label]:.2f}" if label in row.first_s else "-" for label in labels]
@@ -358,8 +377,9 @@ def target_lines(rows: list[Row]) -> list[str]:
     return lines
 
 
-def report(rows: list[Row], labels: list[str], builds: dict[str, list[Contender]], greedy: dict[str, dict[str, str]],
-           backend_stats: dict[str, dict[str, int]], args: argparse.Namespace) -> str:
+def report(rows: list[Row], labels: list[str], builds: dict[str, tuple[float, list[Contender]]],
+           greedy: dict[str, dict[str, str]], backend_stats: dict[str, dict[str, int]], args: argparse.Namespace) -> str:
+    """The markdown: latency table, the issue's targets, first-call and build seconds, greedy verdicts."""
     lines = [
         f"Measured {time.strftime('%Y-%m-%d')} on {machine_description()}; {_versions()}.",
         "",
@@ -384,10 +404,13 @@ def report(rows: list[Row], labels: list[str], builds: dict[str, list[Contender]
         "| model | export | " + " | ".join(labels) + " |",
         "| --- " * (2 + len(labels)) + "|",
     ]
-    for model, contenders in builds.items():
-        export_s = f"{contenders[0].build_s:.1f}"
-        cells = [f"{c.build_s:.1f}" if c.error is None else _cell(f"error: {c.error}") for c in contenders[1:]]
-        lines.append(f"| {model} | {export_s} | " + " | ".join(cells) + " |")
+    for model, (export_s, contenders) in builds.items():
+        cells = [f"{c.build_s:.1f}" if c.error is None else _cell(f"error: {c.error}") for c in contenders]
+        lines.append(f"| {model} | {export_s:.1f} | " + " | ".join(cells) + " |")
+    lines += ["", "Fused ops in each graph (ORT's own graph-level fusions at session creation not counted):", "",
+              "| model | " + " | ".join(labels) + " |", "| --- " * (1 + len(labels)) + "|"]
+    for model, (_, contenders) in builds.items():
+        lines.append(f"| {model} | " + " | ".join(c.kernels for c in contenders) + " |")
     lines += [
         "",
         f"Greedy decoding, batch 1, {GREEDY_PROMPT}-token prompt, {args.greedy_steps} tokens, compared with torch eager's:",
@@ -425,7 +448,7 @@ def main(argv: Optional[Sequence[str]] = None) -> str:
     threads_before = torch.get_num_threads()
     torch.set_num_threads(args.threads)
     rows: list[Row] = []
-    builds: dict[str, list[Contender]] = {}
+    builds: dict[str, tuple[float, list[Contender]]] = {}
     greedy: dict[str, dict[str, str]] = {}
     backend_stats: dict[str, dict[str, int]] = {}
     labels: list[str] = []
@@ -438,10 +461,10 @@ def main(argv: Optional[Sequence[str]] = None) -> str:
                 wrapper, config = build_model(name)
                 start = time.perf_counter()
                 path = export(wrapper, config, Path(tmp) / f"{name}.onnx")
-                exported = Contender("export", build_s=time.perf_counter() - start)
-                _say(f"{name}: exported in {exported.build_s:.1f} s")
+                export_s = time.perf_counter() - start
+                _say(f"{name}: exported in {export_s:.1f} s")
                 contenders = build_contenders(wrapper, config, path, args.threads)
-                builds[name] = [exported, *contenders]
+                builds[name] = (export_s, contenders)
                 labels = [c.label for c in contenders]
                 for batch in _ints(args.batches):
                     for seq, past in [(args.prefill, 0), *((1, p) for p in _ints(args.past))]:

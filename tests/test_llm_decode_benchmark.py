@@ -21,9 +21,10 @@ LABELS = [
 CELL = re.compile(r"^(\d+\.\d\d) \((\d+\.\d\d)x\)$")
 
 
-def _table(lines: list[str], header_start: str) -> list[list[str]]:
-    """The rows (cells split) of the markdown table whose header line starts with `header_start`."""
-    start = next(i for i, line in enumerate(lines) if line.startswith(header_start))
+def _table(lines: list[str], title: str) -> list[list[str]]:
+    """The header and rows (cells split) of the first markdown table after the line starting with `title`."""
+    after = next(i for i, line in enumerate(lines) if line.startswith(title))
+    start = next(i for i in range(after, len(lines)) if lines[i].startswith("|"))
     rows = []
     for line in lines[start:]:
         if not line.startswith("|"):
@@ -42,7 +43,7 @@ def test_main_on_a_tiny_decoder_fills_every_column_and_checks_greedy_tokens(tmp_
     lines = text.splitlines()
     assert lines[0].startswith("Measured ") and "onnxruntime" in lines[0] and "transformers" in lines[0]
 
-    header, *rows = _table(lines, "| model | batch | step |")
+    header, *rows = _table(lines, "LLaMA-style decoders")
     assert header == ["model", "batch", "step", *LABELS]
     assert [row[:3] for row in rows] == [["tiny", "1", "prefill (seq 4)"], ["tiny", "1", "decode past 4"]]
     for row in rows:
@@ -56,11 +57,17 @@ def test_main_on_a_tiny_decoder_fills_every_column_and_checks_greedy_tokens(tmp_
             rounding = 0.005 + ratio * (0.005 / ms + 0.005 / base)  # both medians are printed to 0.01 ms
             assert ratio == pytest.approx(ms / base, abs=rounding)
 
-    header, *greedy = _table(lines, "| model | ORT plain |")
+    header, *greedy = _table(lines, "Greedy decoding")
     assert header == ["model", *LABELS] and len(greedy) == 1
     verdicts = dict(zip(LABELS, greedy[0][1:], strict=True))
     assert verdicts["torch eager"] == "same"
     assert all(re.fullmatch(r"same|differs at step \d+", v) for v in verdicts.values()), verdicts
+
+    header, kernels = _table(lines, "Fused ops in each graph")
+    assert header == ["model", *LABELS]
+    kernels = dict(zip(LABELS, kernels[1:], strict=True))
+    assert kernels["ORT plain"] == "none" and kernels["torch eager"] == "-"
+    assert re.fullmatch(r"\d+ \w+(, \d+ \w+)*", kernels["graphopt ORT"]) and "RMSNorm" in kernels["graphopt torch"]
 
     assert any(line.startswith("- tiny, batch 1, decode past 4: best graphopt path ") for line in lines)
     assert any(line.startswith("- tiny: ") and "optimized" in line for line in lines)
