@@ -134,11 +134,13 @@ def export(wrapper: torch.nn.Module, config: Any, path: Path) -> Path:
 
 @dataclasses.dataclass
 class Contender:
-    """One column: `prepare(feeds)` returns a no-argument call for timing; `step` runs one greedy step."""
+    """One column: `prepare(feeds)` returns a no-argument call for timing; `step` runs one greedy step;
+    `op_types()` lists the op types of the graph it runs (None for the torch columns)."""
 
     label: str
     prepare: Callable[[Feeds], Callable[[], Any]] | None = None
     step: Step | None = None
+    op_types: Callable[[], Iterable[str]] | None = None
     build_s: float | None = None
     error: str | None = None
     kernels: str = "-"
@@ -183,8 +185,8 @@ def _session_contender(label: str, path: Path, threads: int) -> Contender:
     options.inter_op_num_threads = 1
     options.log_severity_level = 3
     session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-    kernels = _kernels(node.op_type for node in onnx.load(str(path)).graph.node)
-    return Contender(label, lambda feeds: lambda: session.run(None, feeds), decoder_zoo.ort_step(session), kernels=kernels)
+    return Contender(label, lambda feeds: lambda: session.run(None, feeds), decoder_zoo.ort_step(session),
+                     lambda: [node.op_type for node in onnx.load(str(path)).graph.node])
 
 
 def _compiled_contender(label: str, compiled: Any, config: Any, torch_tensors: bool) -> Contender:
@@ -200,7 +202,7 @@ def _compiled_contender(label: str, compiled: Any, config: Any, torch_tensors: b
         logits, *presents = (np.asarray(out) for out in prepare(feeds)())
         return logits, list(presents)
 
-    return Contender(label, prepare, step, kernels=_kernels(node.op_type for node in compiled.graph.nodes))
+    return Contender(label, prepare, step, lambda: [node.op_type for node in compiled.graph.nodes])
 
 
 def _ort_optimizer(path: Path, config: Any, threads: int) -> Contender:
@@ -247,6 +249,8 @@ def build_contenders(wrapper: torch.nn.Module, config: Any, path: Path, threads:
         except Exception as exc:  # a failing tool is a result, recorded in its cells
             contender = Contender(label, error=_error(exc))
         contender.build_s = time.perf_counter() - start
+        if contender.op_types is not None:
+            contender.kernels = _kernels(contender.op_types())
         _say(f"built {label} in {contender.build_s:.1f} s" + (f" (failed: {contender.error})" if contender.error else ""))
         contenders.append(contender)
     return contenders
@@ -454,7 +458,8 @@ def main(argv: Optional[Sequence[str]] = None) -> str:
     labels: list[str] = []
     try:
         with tempfile.TemporaryDirectory(prefix="graphopt-llm-decode-") as tmp, \
-                torch._dynamo.config.patch(recompile_limit=64):
+                torch._dynamo.config.patch(recompile_limit=64), warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # transformers' deprecation notices, once per call
             for name in args.models.split(","):
                 torch._dynamo.reset()
                 graphopt.backend.clear_cache()
