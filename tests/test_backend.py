@@ -8,6 +8,7 @@ import torch
 import transformers
 
 import graphopt.backend as backend
+import decoder_zoo
 import model_zoo
 from conftest import max_abs_diff
 
@@ -71,6 +72,24 @@ def test_generate_with_kv_cache_gives_the_same_tokens():
         expected = eager.generate(prompt, max_new_tokens=6, do_sample=False)
         actual = compiled.generate(prompt, max_new_tokens=6, do_sample=False)
     assert torch.equal(expected, actual)
+
+
+@pytest.mark.parametrize("dynamic", [True, None], ids=["dynamic", "default"])
+def test_generate_32_tokens_of_a_gqa_decoder_equal_eager(dynamic):
+    # The recipe of README's "Generation" section: compile `forward`, call generate().
+    eager, _ = decoder_zoo.build_decoder("llama")
+    compiled, _ = decoder_zoo.build_decoder("llama")
+    options = {"fallback": False} if dynamic else {}
+    compiled.forward = torch.compile(compiled.forward, backend="graphopt", dynamic=dynamic, options=options)
+    prompt = torch.randint(4, 128, (2, 6), generator=torch.Generator().manual_seed(1))
+    backend.clear_cache()
+    with torch.no_grad():
+        expected = eager.generate(prompt, max_new_tokens=32, do_sample=False, pad_token_id=0)
+        actual = compiled.generate(prompt, max_new_tokens=32, do_sample=False, pad_token_id=0)
+    assert torch.equal(expected, actual)
+    if dynamic:
+        # a few graphs (prefill, first decode step, decode with a symbolic past) for all 32 steps, none fell back
+        assert backend.cache_info()["compiled"] <= 3 and backend.cache_info()["fallbacks"] == 0
 
 
 class _ScaledNorm(torch.nn.Module):

@@ -33,13 +33,18 @@ LOWERED = {
         "SimplifiedLayerNormalization": 1, "com.microsoft::Attention": 2, "com.microsoft::FastGelu": 2,
         "com.microsoft::SkipSimplifiedLayerNormalization": 4,
     },
-    "llama": {"SimplifiedLayerNormalization": 1, "com.microsoft::SkipSimplifiedLayerNormalization": 4},
+    "llama": {
+        "SimplifiedLayerNormalization": 1, "com.microsoft::RotaryEmbedding": 4,
+        "com.microsoft::SkipSimplifiedLayerNormalization": 4,
+    },
 }
 """What each zoo model's fused ops become on CPU (TorchScript export); BERT's and GPT-2's
 SkipLayerNorms become Add + LayerNormalization there (see the CPU test below). BERT's and T5's Q/K/V come
 from one fused-qkv MatMul (packed Attention); GPT-2's causal attention without a mask
-bias becomes MultiHeadAttention(unidirectional); LLaMA's grouped-query attention is
-decomposed into standard ONNX (decompose-graphopt-ops)."""
+bias becomes MultiHeadAttention(unidirectional); LLaMA's rotary embeddings become ORT's
+RotaryEmbedding and its grouped-query attention without a KV cache is decomposed into standard
+ONNX (decompose-graphopt-ops; with a cache it becomes GroupQueryAttention:
+tests/targets/test_kv_cache_attention.py)."""
 
 
 @pytest.mark.slow
