@@ -57,10 +57,12 @@ class SessionIO:
     def __bool__(self) -> bool:
         return bool(self.raw_inputs or self.wide_inputs or self.raw_outputs or self.wide_outputs)
 
-    def run(self, session: Any, feeds: dict[str, Any]) -> list[Any]:
+    def run(self, session: Any, feeds: dict[str, Any], wanted: Optional[set[str]] = None) -> list[Any]:
         """Run `session` on numpy `feeds` keyed by the original input names (names the session
-        does not take are ignored); outputs in the model's types (ml_dtypes where low-precision)."""
-        wanted = {i.name for i in session.get_inputs()}
+        does not take, i.e. not in `wanted`, by default read from the session, are ignored);
+        outputs in the model's types (ml_dtypes where low-precision)."""
+        if wanted is None:
+            wanted = {i.name for i in session.get_inputs()}
         chosen = {}
         for name, array in feeds.items():
             if name in self.wide_inputs:

@@ -21,6 +21,7 @@ or by input name, and returns a list of outputs of the same kind.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import os
 import shutil
@@ -250,6 +251,8 @@ class CompiledModel:
 def _check_input(spec: IOSpec, value: Any) -> None:
     if spec.shape is None and spec.dtype is None:
         return  # a sequence, an optional, or a tensor of unknown type: the runtime checks it
+    if isinstance(value, np.ndarray) and _fits(spec, value):
+        return  # the common case, without formatting anything (this runs on every call)
     if isinstance(value, (list, tuple)) or value is None:
         raise TargetError(f"input {spec.name!r} is a tensor: pass an array, not {type(value).__name__}")
     shape = tuple(value.shape) if hasattr(value, "shape") else np.shape(value)
@@ -263,6 +266,22 @@ def _check_input(spec: IOSpec, value: Any) -> None:
         got_dtype = str(value.dtype).replace("torch.", "") if hasattr(value, "dtype") else np.asarray(value).dtype.name
         if got_dtype != spec.dtype:
             raise TargetError(f"input {spec.name!r}: expected dtype {spec.dtype}, got {got_dtype}")
+
+
+def _fits(spec: IOSpec, value: np.ndarray) -> bool:
+    if spec.dtype is not None and value.dtype != _numpy_dtype(spec.dtype):
+        return False
+    if spec.shape is None:
+        return True
+    return value.ndim == len(spec.shape) and all(not isinstance(want, int) or want == got for want, got in zip(spec.shape, value.shape))
+
+
+@functools.lru_cache(maxsize=None)
+def _numpy_dtype(name: str) -> Optional[np.dtype]:
+    try:
+        return np.dtype(name)
+    except TypeError:
+        return None  # an ml_dtypes name numpy does not know by itself: the full check compares names
 
 
 def _shape_text(shape: tuple[Any, ...]) -> str:

@@ -60,13 +60,17 @@ class OnnxRuntimeTarget(Target):
         return None
 
     def lowering(self) -> list[Pass]:
-        """`lower-onnxruntime{device=<variant>}` and eliminate-dead-code where `contrib_ops`
-        is on, then `decompose-graphopt-ops` for the graphopt ops left (all of them
-        without `contrib_ops`)."""
+        """`lower-onnxruntime{device=<variant>}`, eliminate-dead-code and
+        eliminate-common-subexpressions (the layers' lowerings build the same shape and
+        position computations) where `contrib_ops` is on, then `decompose-graphopt-ops` for
+        the graphopt ops left (all of them without `contrib_ops`)."""
         decompose = get_pass("decompose-graphopt-ops")()
         if not self.contrib_ops:
             return [decompose]
-        return [get_pass("lower-onnxruntime")(device=self.variant), get_pass("eliminate-dead-code")(), decompose]
+        return [
+            get_pass("lower-onnxruntime")(device=self.variant), get_pass("eliminate-dead-code")(),
+            get_pass("eliminate-common-subexpressions")(), decompose,
+        ]
 
     def session_graph(self, graph: Graph) -> Graph:
         """A lowered copy of `graph` (`lower`), with the opset-23/24 ops in forms ORT computes
@@ -143,7 +147,7 @@ class OnnxRuntimeModel(CompiledModel):
 
     def _run(self, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
         try:
-            return self._io.run(self.session, feeds)
+            return self._io.run(self.session, feeds, self._session_inputs)
         except Exception as exc:
             text = str(exc).strip().splitlines()
             raise GraphoptError(f"ONNX Runtime failed to run the model: {text[0] if text else type(exc).__name__}") from None

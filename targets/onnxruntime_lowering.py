@@ -515,9 +515,16 @@ def _kv_cache_attention(graph: Graph, node: Node) -> bool:
     usable, attention_bias = _additive_bias(graph, bias, query, add_dims(shapes[3][2], shapes[1][2]), node)  # type: ignore[arg-type,index]
     if not usable:
         return False
-    total = graph.add_node("Add", [_dim_of(graph, past_key, 2, node), _dim_of(graph, key, 2, node)], before=node).output  # type: ignore[arg-type]
+    # read from the mask where it has them (one mask for every layer: shared after CSE)
+    bias_shape = attention_bias.type.shape if attention_bias is not None else None
+    total_from_bias = bias_shape is not None and dims_equal(bias_shape[3], add_dims(shapes[3][2], shapes[1][2]))  # type: ignore[index]
+    if total_from_bias:
+        total = _dim_of(graph, attention_bias, 3, node)  # type: ignore[arg-type]
+    else:
+        total = graph.add_node("Add", [_dim_of(graph, past_key, 2, node), _dim_of(graph, key, 2, node)], before=node).output  # type: ignore[arg-type]
     last = graph.add_node("Sub", [total, _ints(graph, [1])], before=node).output
-    batch = _dim_of(graph, query, 0, node)  # type: ignore[arg-type]
+    bias_batch = bias_shape is not None and dims_equal(bias_shape[0], shapes[0][0])  # type: ignore[index]
+    batch = _dim_of(graph, attention_bias if bias_batch else query, 0, node)  # type: ignore[arg-type]
     seqlens = graph.add_node("Cast", [graph.add_node("Expand", [last, batch], before=node).output], {"to": DType.INT32.value}, before=node).output
     scalar = graph.add_node("Reshape", [total, _ints(graph, [])], before=node).output
     total_length = graph.add_node("Cast", [scalar], {"to": DType.INT32.value}, before=node).output

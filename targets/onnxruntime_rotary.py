@@ -4,9 +4,13 @@ or ONNX's own opset-23 `RotaryEmbedding` for standard ONNX out.
 Both kernels take cos/sin *caches* [max_pos, R/2] indexed by position ids [B, S], while the
 graphopt op takes the rows already gathered, [B, S, R/2] or [S, R/2]. So the rows become
 the cache (flattened to [Bc * S, R/2], Bc the batch dim of cos: B or 1) and the ids
-`arange(Bc * S).reshape(Bc, S)` broadcast to [B, S] index them back: every id lies inside
-the cache, whatever the positions the model was given. X stays [B, H, S, D] (both kernels
-take that layout, ORT 1.32). Measured against the torch kernel and the decomposition
+`arange(Bc * S).reshape(Bc, S)` broadcast to [B, S] (no broadcast where cos is already
+[B, S, R/2]: those nodes then read only cos, so every layer shares them after CSE) index them
+back: every id lies inside the cache, whatever the positions the model was given. X stays
+[B, H, S, D] (both kernels take that layout, ORT 1.32), except that the contrib op takes the
+[B, S, H*D] projection the heads were split from when there is one (with `num_heads`; the
+heads are split again after it, and an attention lowering reading the merged form drops that
+split). Measured against the torch kernel and the decomposition
 (`tests/targets/test_onnxruntime_rotary.py`): equal to <= 1e-6 for half-split and
 interleaved rotation, full and partial `rotary_dim`, batch-broadcast and 2-D cos/sin.
 
@@ -25,6 +29,7 @@ import numpy as np
 
 from graphopt.ir.dtypes import DType
 from graphopt.ir.graph import Graph, Node, Value
+from graphopt.ir.symbolic import dims_equal
 
 MS_DOMAIN = "com.microsoft"
 ONNX_ROTARY_OPSET = 23
@@ -45,8 +50,36 @@ def lower_rotary_contrib(graph: Graph, node: Node) -> Optional[Node]:
     if partial:
         attrs.update(rotary_embedding_dim=rotary, num_heads=heads)
     graph.opset_imports.setdefault(MS_DOMAIN, 1)
-    new = graph.add_node("RotaryEmbedding", [node.inputs[0], ids, cos_cache, sin_cache], attrs, domain=MS_DOMAIN, before=node, infer=False)
-    return _replace(graph, node, new)
+    merged = _merged_heads(node.inputs[0]) if heads is not None else None  # type: ignore[arg-type]
+    if merged is None:
+        new = graph.add_node("RotaryEmbedding", [node.inputs[0], ids, cos_cache, sin_cache], attrs, domain=MS_DOMAIN, before=node, infer=False)
+        return _replace(graph, node, new)
+    # the [B, S, H*D] projection the heads were split from: rotated as it is, split again after
+    attrs["num_heads"] = heads
+    new = graph.add_node("RotaryEmbedding", [merged, ids, cos_cache, sin_cache], attrs, domain=MS_DOMAIN, before=node, infer=False)
+    new.outputs[0].type = merged.type
+    shape = graph.add_constant(graph.unique_name(f"{node.name}_heads"), np.array([0, 0, heads, node.output.type.shape[3]], np.int64))  # type: ignore[index]
+    split = graph.add_node("Reshape", [new.output, shape], before=node).output
+    heads_first = graph.add_node("Transpose", [split], {"perm": (0, 2, 1, 3)}, before=node)
+    _replace(graph, node, heads_first)
+    return new
+
+
+def _merged_heads(x: Value) -> Optional[Value]:
+    """The [B, S, H*D] tensor `x` ([B, H, S, D]) was made from by Reshape to [B, S, H, D] and
+    Transpose(0, 2, 1, 3), if it was (the contrib op takes that layout too, with `num_heads`)."""
+    transpose = x.producer
+    if transpose is None or transpose.op_type != "Transpose" or transpose.domain or tuple(transpose.attrs.get("perm", ())) != (0, 2, 1, 3):
+        return None
+    reshape = transpose.inputs[0].producer  # type: ignore[union-attr]
+    if reshape is None or reshape.op_type != "Reshape" or reshape.domain:
+        return None
+    source, split = reshape.inputs[0], reshape.output.type.shape
+    if source is None or source.type.rank != 3 or split is None or len(split) != 4 or not isinstance(split[3], int):
+        return None
+    if not (dims_equal(source.type.shape[0], split[0]) and dims_equal(source.type.shape[1], split[1])):  # type: ignore[index]
+        return None
+    return source
 
 
 def lower_rotary_onnx23(graph: Graph, node: Node) -> Optional[Node]:
@@ -100,6 +133,8 @@ def _caches(graph: Graph, node: Node, rotary: int) -> tuple[Value, Value, Value]
     rank = cos.type.rank  # type: ignore[union-attr]
     per_batch = dims(cos, 0, 2) if rank == 3 else add("Concat", ints([1]), dims(cos, 0, 1), axis=0)  # type: ignore[arg-type]
     ids = add("Reshape", ids, per_batch)
+    if rank == 3 and dims_equal(cos.type.shape[0], x.type.shape[0]) and dims_equal(cos.type.shape[1], x.type.shape[2]):  # type: ignore[index,union-attr]
+        return cos_cache, sin_cache, ids  # already [B, S]: no Expand, and the same nodes for every layer
     batch_seq = add("Concat", dims(x, 0, 1), dims(x, 2, 3), axis=0)  # type: ignore[arg-type]
     return cos_cache, sin_cache, add("Expand", ids, batch_seq)
 
