@@ -37,6 +37,7 @@ from graphopt.check import symbol_size
 from graphopt.ir.graph import Graph, Node, Value, constant_data
 from graphopt.ir.schema import InferenceContext, SymbolicValue
 from graphopt.ir.tensor import ConstTensor
+from graphopt.ir.symbolic import dim_symbols, evaluate_dim
 from graphopt.ir.types import Dim, TensorType, merge_types
 
 ELEMENTWISE = frozenset({
@@ -138,7 +139,7 @@ class _SymbolSizes:
 
     def _dim(self, dim: Dim, unknown_key: Optional[str]) -> Dim:
         if isinstance(dim, str):
-            return self.size(dim)
+            return evaluate_dim(dim, {symbol: self.size(symbol) for symbol in dim_symbols(dim)})
         if dim is None and unknown_key is not None:
             return self.size(unknown_key)
         return dim

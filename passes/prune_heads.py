@@ -2,7 +2,8 @@
 
 Structure found on each `graphopt::Attention` (a layer; layers are numbered in graph order):
 each of query, key and value is traced back through head-local ops (the [B, S, H, D] ->
-[B, H, S, D] Transpose, and rotary-embedding style Mul/Add/Sub/Neg/Slice/Concat/Cast whose
+[B, H, S, D] Transpose, graphopt::RotaryEmbedding (on x; cos/sin have no head axis), and
+rotary-embedding style Mul/Add/Sub/Neg/Slice/Concat/Cast whose
 other operands broadcast over the head axis) to one Reshape [.., .., H, D] whose input is the
 columns of a constant-weight MatMul (+ constant bias Add), directly or through one output of a
 last-axis Split (the fused QKV MatMul of `fuse-qkv`); the output is followed by Transpose ->
@@ -109,6 +110,10 @@ def _trace_input(value: Value, heads: int, attention: Node) -> Optional[_Input]:
                 return None
             nodes[id(node)] = node
             reshapes[id(source)] = source
+            continue
+        if node.domain == "graphopt" and node.op_type == "RotaryEmbedding":
+            nodes[id(node)] = node  # rotates within each head; cos/sin have no head axis
+            frontier.append(node.inputs[0])  # type: ignore[arg-type]
             continue
         if node.op_type not in HEAD_LOCAL or node.domain or not _head_local(node):
             return None

@@ -88,11 +88,11 @@ def test_default_sizes_match_sample_inputs():
 
 
 def test_unknown_intermediate_shapes_are_inferred_for_the_sample_sizes():
-    """[batch, seq, 8] -> Reshape [-1, 8] is recorded as [?, 8]; the estimate resolves it."""
+    """[batch, seq, 8] -> Reshape [-1, 8] is recorded as [batch*seq, 8]; the estimate sizes it from its symbols."""
     graph = Graph("reshape")
     x = graph.add_input("x", f32("batch", "seq", 8))
     flat = graph.add_node("Reshape", [x, graph.add_constant("shape", np.array([-1, 8]))])
-    assert flat.output.shape == (None, 8)
+    assert flat.output.shape == ("batch*seq", 8)
     product = graph.add_node("MatMul", [flat.output, weight(graph, "w", 8, 4)], infer=False)
     graph.set_outputs([product.output])
     assert estimate_flops(graph)["by_op"] == {"MatMul": 2 * (16 * 4) * 8}

@@ -49,6 +49,27 @@ def parse_dim(text: str) -> "Dim":
     return None if expr is None else _dim(expr)
 
 
+def dim_symbols(dim: "Dim") -> tuple[str, ...]:
+    """The symbols an expression dim is made of, sorted (`"past + seq"` -> ("past", "seq"));
+    an opaque symbol is its own one symbol; () for ints and None."""
+    if not isinstance(dim, str):
+        return ()
+    expr = None if _is_name(dim) else _parse(dim)
+    if expr is None:
+        return (dim,)
+    return tuple(sorted(str(symbol) for symbol in expr.free_symbols))
+
+
+def evaluate_dim(dim: "Dim", sizes: "dict[str, int]") -> Optional[int]:
+    """The value of `dim` with each symbol given its size in `sizes` (every symbol of
+    `dim_symbols(dim)` must be there); None for an unknown dim."""
+    if dim is None or isinstance(dim, int):
+        return dim
+    if _is_name(dim) or _parse(dim) is None:
+        return sizes[dim]
+    return int(_parse(dim).subs({_symbol(name): sizes[name] for name in dim_symbols(dim)}))
+
+
 def add_dims(a: "Dim", b: "Dim") -> "Dim":
     """a + b; None when either is unknown or the sum has no canonical form."""
     if isinstance(a, int) and isinstance(b, int):
