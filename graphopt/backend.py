@@ -14,9 +14,13 @@ versions of graphopt and torch, so a graph seen again (recompiles, a second
 
 Options (all optional):
 - `pipeline` (default "fuse"): any pipeline text/list, validated before anything runs;
-- `target` (default "torch"): any registered target spec (`graphopt targets`), e.g.
+- `target` (default "auto"): any registered target spec (`graphopt targets`), e.g.
   "onnxruntime:cpu{threads=2}" runs the optimized graph in ONNX Runtime (torch tensors in
-  and out);
+  and out); "auto" picks per graph what measured fastest (`benchmarks/llm_decode_cpu.py`,
+  `benchmarks/torch_compile_cpu.py`): ONNX Runtime on CPU (as many threads as torch uses)
+  for a graph whose attention reads a KV cache (a decoding step: its GroupQueryAttention
+  decodes at 0.4-0.5x inductor's per-token time where the torch target is at 0.9-4x), the
+  torch target for everything else;
 - `check` (default False): on the first call, compare against the original graph and fall
   back (or raise) if outputs differ by more than `tolerance` (default 1e-4);
 - `partition` (default True): when the target cannot run some nodes, run those in torch and
@@ -42,13 +46,15 @@ from graphopt.errors import GraphoptError
 from graphopt.pass_base import PipelineError
 
 _LOG = logging.getLogger("graphopt")
+AUTO = "auto"
+"""The `target` option's default: a target chosen per graph (see the module doc)."""
 _OPTION_DEFAULTS: dict[str, Any] = {
-    "pipeline": "fuse", "target": "torch", "check": False, "fallback": True, "verbose": False, "tolerance": 1e-4,
+    "pipeline": "fuse", "target": "auto", "check": False, "fallback": True, "verbose": False, "tolerance": 1e-4,
     "partition": True,
 }
 _CACHE: dict[str, tuple[Callable[..., Any], list[weakref.ref]]] = {}
 _CACHE_LOCK = threading.Lock()
-_STATS = {"compiled": 0, "cache_hits": 0, "fallbacks": 0}
+_STATS = {"compiled": 0, "cache_hits": 0, "fallbacks": 0, "auto_onnxruntime": 0}
 
 
 def graphopt_backend(gm: Any, example_inputs: Sequence[Any], options: dict[str, Any] | None = None, **kwargs: Any) -> Callable[..., Any]:
@@ -65,7 +71,7 @@ def validate_options(options: dict[str, Any]) -> dict[str, Any]:
     settings = {**_OPTION_DEFAULTS, **options}
     from graphopt.target_registry import get_target
 
-    target = get_target(settings["target"])
+    target = get_target("torch" if settings["target"] == AUTO else settings["target"])
     missing = target.available()
     if missing:
         raise PipelineError(f"graphopt backend: target '{target.spec}' cannot run here: {missing}")
@@ -79,7 +85,8 @@ def validate_options(options: dict[str, Any]) -> dict[str, Any]:
 
 
 def cache_info() -> dict[str, int]:
-    """Counters of this process: graphs compiled, cache hits, fallbacks; and cache size."""
+    """Counters of this process: graphs compiled, cache hits, fallbacks, graphs the "auto"
+    target sent to ONNX Runtime; and cache size."""
     return {**_STATS, "cached": len(_CACHE)}
 
 
@@ -134,12 +141,10 @@ class _LazyCompiled:
         from graphopt.pipeline import build_pipeline
         from graphopt.target_registry import get_target
 
-        target = get_target(self.settings["target"])
-        graph = from_fx(self.gm, self.example_inputs)
-        passes = build_pipeline(self.settings["pipeline"])
+        graph = optimize(from_fx(self.gm, self.example_inputs), build_pipeline(self.settings["pipeline"]))
+        target = get_target(_chosen_target(self.settings["target"], graph, args))
         if not self.settings["partition"]:
-            passes = with_lowering(passes, target)  # partitioning splits the graph before lowering
-        graph = optimize(graph, passes)
+            graph = optimize(graph, with_lowering([], target))  # partitioning splits the graph before lowering
         if self.settings["verbose"]:
             _LOG.warning("graphopt: graph with %d inputs:\n%s", len(graph.inputs), graph.report.table())
         if target.name == "torch":
@@ -166,6 +171,26 @@ class _LazyCompiled:
             _check(self.gm, run, args, self.settings["tolerance"])
         _STATS["compiled"] += 1
         return run
+
+
+def _chosen_target(spec: str, graph: Any, args: Sequence[Any]) -> str:
+    """`spec`, or for "auto" the target measured fastest for `graph` (see the module doc)."""
+    import torch
+
+    if spec != AUTO:
+        return spec
+    on_cpu = all(a.device.type == "cpu" for a in args if isinstance(a, torch.Tensor))
+    decoding = any(
+        n.domain == "graphopt" and n.op_type == "Attention" and len(n.inputs) > 5 and n.inputs[4] is not None
+        for n in graph.nodes
+    )
+    if on_cpu and decoding:
+        from graphopt.target_registry import get_target
+
+        if get_target("onnxruntime:cpu").available() is None:
+            _STATS["auto_onnxruntime"] += 1
+            return f"onnxruntime:cpu{{threads={torch.get_num_threads()}}}"
+    return "torch"
 
 
 def _check(gm: Any, run: Callable[..., Any], args: Sequence[Any], tolerance: float) -> None:

@@ -90,6 +90,7 @@ def test_generate_32_tokens_of_a_gqa_decoder_equal_eager(dynamic):
     if dynamic:
         # a few graphs (prefill, first decode step, decode with a symbolic past) for all 32 steps, none fell back
         assert backend.cache_info()["compiled"] <= 3 and backend.cache_info()["fallbacks"] == 0
+        assert backend.cache_info()["auto_onnxruntime"] >= 1  # the decoding steps run in ONNX Runtime
 
 
 class _ScaledNorm(torch.nn.Module):
