@@ -24,7 +24,9 @@ the data, not exporter-specific node names or sequences:
    the sequence axis, the op takes `new` as K/V and `past` as its past_key/past_value inputs,
    and its present outputs replace the Concats (usually the model's `present.*` outputs,
    whose names they keep). The repeat_kv expansions left reading the caches are removed
-   first (eliminate-dead-code).
+   first (eliminate-dead-code). An Attention a frontend raised (torch's SDPA, whose
+   `enable_gqa` torch.export writes as repeat_kv) gets the same treatment, its repeat_kv
+   expansions matched with it, and `num_kv_heads` from the un-repeated K/V.
 
 Legality: the pattern checks head counts; the rewrite commits through `graphopt.rewrite`,
 whose one legality check refuses a match with a value read outside it or returned as a
@@ -128,15 +130,23 @@ class KvCachePattern(RewritePattern):
     def match_and_rewrite(self, graph: Graph, node: Node, rewriter: Rewriter) -> Union[bool, str]:
         if len(node.inputs) > 4 or len(node.outputs) > 1:
             return "already has a KV cache"
-        concats = [_sequence_concat(node.inputs[1]), _sequence_concat(node.inputs[2])]  # type: ignore[arg-type]
+        key, value = node.inputs[1], node.inputs[2]
+        attrs = dict(node.attrs)
+        repeats: list[Node] = []
+        base_k, base_v = _repeat_source(key), _repeat_source(value)  # type: ignore[arg-type]
+        if base_k is not None and base_v is not None and base_k.type.shape[1] == base_v.type.shape[1]:  # type: ignore[index]
+            # an Attention raised by a frontend (torch's SDPA) over repeat_kv expansions
+            repeats = _repeat_chain(key) + _repeat_chain(value)  # type: ignore[arg-type]
+            key, value, attrs["num_kv_heads"] = base_k, base_v, base_k.type.shape[1]  # type: ignore[index]
+        concats = [_sequence_concat(key), _sequence_concat(value)]  # type: ignore[arg-type]
         if concats[0] is None or concats[1] is None:
             return "K and V are not Concat(past, new) along the sequence axis"
         (past_k, new_k), (past_v, new_v) = (c.inputs for c in concats)  # type: ignore[union-attr]
         outputs = [node.output, concats[0].output, concats[1].output]  # type: ignore[union-attr]
-        edit = rewriter.edit([node, *concats], outputs, before=node)  # type: ignore[list-item]
+        edit = rewriter.edit([node, *repeats, *concats], outputs, before=node)  # type: ignore[list-item]
         bias = node.inputs[3] if len(node.inputs) > 3 else None
         results = edit.op.Attention(
-            node.inputs[0], new_k, new_v, bias, past_k, past_v, _domain="graphopt", _outputs=3, **node.attrs,
+            node.inputs[0], new_k, new_v, bias, past_k, past_v, _domain="graphopt", _outputs=3, **attrs,
         )
         problem = edit.commit(results)
         return True if problem is None else problem
@@ -470,6 +480,13 @@ def _strip_repeat_kv(key: Value, value: Value, heads: int) -> tuple[Value, Value
             return base_k, base_v, kv_heads
     kv = key.type.shape[1]  # type: ignore[index]
     return key, value, kv if isinstance(kv, int) else heads
+
+
+def _repeat_chain(value: Value) -> list[Node]:
+    """The Reshape, Expand and Unsqueeze of the repeat_kv expansion computing `value`."""
+    reshape = value.producer
+    expand = reshape.inputs[0].producer  # type: ignore[union-attr]
+    return [reshape, expand, expand.inputs[0].producer]  # type: ignore[list-item,union-attr]
 
 
 def _repeat_source(value: Value) -> Optional[Value]:
