@@ -15,7 +15,20 @@ from graphopt.target_base import TargetError
 
 
 def build(module: Any, target: Any) -> Any:
-    """The `tvm.runtime.Executable` of `module` (a Relax IRModule) for `target` (a TvmTarget)."""
+    """The `tvm.runtime.Executable` of `module` (a Relax IRModule) for `target` (a TvmTarget);
+    TargetError naming TVM's message where TVM fails."""
+    try:
+        return _build(module, target)
+    except RuntimeError as exc:  # TVM's errors (its passes fail on some graphs: FuseTIR on KV-cache decoders)
+        raise _build_error(target, exc) from None
+
+
+def _build_error(target: Any, exc: BaseException) -> TargetError:
+    text = [line for line in str(exc).strip().splitlines() if line.strip()]
+    return TargetError(f"TVM could not build the model for {target.spec}: {text[-1] if text else type(exc).__name__}")
+
+
+def _build(module: Any, target: Any) -> Any:
     import tvm
     from tvm import relax
 
@@ -37,8 +50,7 @@ def build(module: Any, target: Any) -> Any:
     try:
         return tvm.compile(module, tvm_target, relax_pipeline=None)
     except Exception as exc:
-        text = str(exc).strip().splitlines()
-        raise TargetError(f"TVM could not build the model for {target.spec}: {text[-1] if text else type(exc).__name__}") from None
+        raise _build_error(target, exc) from None
 
 
 def schedule(module: Any, target: Any, tvm_target: Any) -> Any:
