@@ -93,6 +93,28 @@ def test_generate_32_tokens_of_a_gqa_decoder_equal_eager(dynamic):
         assert backend.cache_info()["auto_onnxruntime"] >= 1  # the decoding steps run in ONNX Runtime
 
 
+def test_a_decoding_step_is_not_specialized_to_its_cache_length():
+    # dynamo passes HF decoders an int it never reads (a cache length): it must not pin the
+    # graph to one length (a call at another length would run the original graph)
+    from graphopt.frontends.fx_import import from_fx
+
+    model, config = decoder_zoo.build_decoder("llama")
+    captured = []
+
+    def capture(gm, example_inputs):
+        captured.append((gm, example_inputs))
+        return gm.forward
+
+    step = torch.compile(decoder_zoo.DecoderWithPast(model), backend=capture, dynamic=True)
+    for batch, seq, past in ((1, 6, 0), (1, 1, 6)):
+        feeds = decoder_zoo.decoder_inputs(config, batch, seq, past)
+        with torch.no_grad():
+            step(*(torch.from_numpy(feeds[name]) for name in decoder_zoo.input_names(config)))
+    graph = from_fx(*captured[-1])
+    assert graph.metadata["fx_specialized"] == {}
+    assert any(n.op_type == "Attention" for n in graph.nodes)
+
+
 class _ScaledNorm(torch.nn.Module):
     def __init__(self):
         super().__init__()

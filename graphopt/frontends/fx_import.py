@@ -205,7 +205,10 @@ def _classify(placeholders: list[Any], example_inputs: list[Any]) -> tuple[list[
         elif isinstance(example, (torch.SymInt, int)) and not isinstance(example, bool):
             owner = _size_owner(node, placeholders)
             if owner is None:
-                kinds.append("specialized")
+                # a size the graph reads gets its example value (a call with another one runs the
+                # original graph); one it never reads (dynamo passes some: HF decoders' cache
+                # lengths) cannot change the results, so it is a constant of no consequence
+                kinds.append("specialized" if node.users else "constant")
                 constants[index] = _concrete(node.meta.get("example_value", example))
             else:
                 kinds.append("size")
