@@ -18,8 +18,8 @@ Options (all optional):
   "onnxruntime:cpu{threads=2}" runs the optimized graph in ONNX Runtime (torch tensors in
   and out); "auto" picks per graph what measured fastest (`benchmarks/llm_decode_cpu.py`,
   `benchmarks/torch_compile_cpu.py`): ONNX Runtime on CPU (as many threads as torch uses)
-  for a graph whose attention reads a KV cache (a decoding step: its GroupQueryAttention
-  decodes at 0.4-0.5x inductor's per-token time where the torch target is at 0.9-4x), the
+  for a graph whose attention reads a KV cache (a decoding step: through GroupQueryAttention
+  it decodes at 0.3-0.7x inductor's per-token time, the torch target at 0.4-1.3x), the
   torch target for everything else;
 - `check` (default False): on the first call, compare against the original graph and fall
   back (or raise) if outputs differ by more than `tolerance` (default 1e-4);
