@@ -180,10 +180,9 @@ def _chosen_target(spec: str, graph: Any, args: Sequence[Any]) -> str:
     if spec != AUTO:
         return spec
     on_cpu = all(a.device.type == "cpu" for a in args if isinstance(a, torch.Tensor))
-    decoding = any(
-        n.domain == "graphopt" and n.op_type == "Attention" and len(n.inputs) > 5 and n.inputs[4] is not None
-        for n in graph.nodes
-    )
+    from graphopt.ir.ops.graphopt import has_kv_cache
+
+    decoding = any(n.domain == "graphopt" and n.op_type == "Attention" and has_kv_cache(n) for n in graph.nodes)
     if on_cpu and decoding:
         from graphopt.target_registry import get_target
 

@@ -50,6 +50,7 @@ from graphopt.passes.dead_code import EliminateDeadCode
 from graphopt.passes.noops import noop_source
 
 from graphopt.ir.graph import Graph, Node, Value, constant_data, uniform_constant
+from graphopt.ir.ops.graphopt import has_kv_cache
 from graphopt.ir.symbolic import dims_equal, mul_dims
 from graphopt.pass_base import Pass, PassContext, PassResult
 from graphopt.registry import register_pass
@@ -128,16 +129,15 @@ class KvCachePattern(RewritePattern):
     depth = 1
 
     def match_and_rewrite(self, graph: Graph, node: Node, rewriter: Rewriter) -> Union[bool, str]:
-        if len(node.inputs) > 4 or len(node.outputs) > 1:
+        if has_kv_cache(node) or len(node.outputs) > 1:
             return "already has a KV cache"
-        key, value = node.inputs[1], node.inputs[2]
         attrs = dict(node.attrs)
+        key, value, kv_heads = _strip_repeat_kv(node.inputs[1], node.inputs[2], attrs["num_heads"])  # type: ignore[arg-type]
         repeats: list[Node] = []
-        base_k, base_v = _repeat_source(key), _repeat_source(value)  # type: ignore[arg-type]
-        if base_k is not None and base_v is not None and base_k.type.shape[1] == base_v.type.shape[1]:  # type: ignore[index]
+        if key is not node.inputs[1]:
             # an Attention raised by a frontend (torch's SDPA) over repeat_kv expansions
-            repeats = _repeat_chain(key) + _repeat_chain(value)  # type: ignore[arg-type]
-            key, value, attrs["num_kv_heads"] = base_k, base_v, base_k.type.shape[1]  # type: ignore[index]
+            repeats = _repeat_chain(node.inputs[1]) + _repeat_chain(node.inputs[2])  # type: ignore[arg-type]
+            attrs["num_kv_heads"] = kv_heads
         concats = [_sequence_concat(key), _sequence_concat(value)]  # type: ignore[arg-type]
         if concats[0] is None or concats[1] is None:
             return "K and V are not Concat(past, new) along the sequence axis"

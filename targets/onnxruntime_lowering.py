@@ -68,16 +68,17 @@ import numpy as np
 
 from graphopt.ir.dtypes import DType
 from graphopt.ir.graph import Graph, Node, Value, constant_data
+from graphopt.ir.ops.graphopt import has_kv_cache
 from graphopt.ir.schema import GRAPHOPT_DOMAIN
 from graphopt.ir.symbolic import add_dims, dims_equal
 from graphopt.ir.types import Dim, TensorType, same_shape
 from graphopt.exporters.onnx_lowering import LAYER_NORM_OPSET
 from graphopt.pass_base import Pass, PassContext, PassResult
+from graphopt.targets.onnxruntime_heads import HEAD_PERM, merged_source
 from graphopt.targets.onnxruntime_rotary import lower_rotary_contrib
 from graphopt.registry import register_pass
 
 MS_DOMAIN = "com.microsoft"
-HEAD_PERM = (0, 2, 1, 3)
 _LOWEST = float(np.finfo(np.float32).min)
 
 
@@ -236,23 +237,6 @@ def _omit_unread_outputs(node: Node) -> None:
 
 
 # ---------------------------------------------------------------------------- attention
-def _merged_source(value: Value, heads: int, head_size: int) -> Optional[Value]:
-    """The [B, S, heads*head_size] tensor `value` ([B, heads, S, head_size]) was made from by
-    Reshape to [B, S, heads, head_size] and Transpose(0, 2, 1, 3), if it was."""
-    transpose = value.producer
-    if transpose is None or transpose.op_type != "Transpose" or transpose.domain or tuple(transpose.attrs.get("perm", ())) != HEAD_PERM:
-        return None
-    reshape = transpose.inputs[0].producer  # type: ignore[union-attr]
-    if reshape is None or reshape.op_type != "Reshape" or reshape.domain:
-        return None
-    source, split = reshape.inputs[0], reshape.output.shape
-    if source is None or source.shape is None or len(source.shape) != 3 or split is None or len(split) != 4:
-        return None
-    if tuple(split[2:]) != (heads, head_size) or source.shape[2] != heads * head_size or tuple(split[:2]) != tuple(source.shape[:2]):
-        return None
-    return source
-
-
 def _merged_readers(value: Value, heads: int, head_size: int) -> Optional[list[Value]]:
     """The [B, S, heads*head_size] values the [B, heads, S, head_size] `value` is turned into
     by Transpose(0, 2, 1, 3) + Reshape, when that is all its readers do."""
@@ -442,7 +426,7 @@ def _float_attention(graph: Graph, node: Node, sources: list[Optional[Value]], a
 
 
 def _attention(graph: Graph, node: Node) -> bool:
-    if len(node.inputs) > 5 and node.inputs[4] is not None:
+    if has_kv_cache(node):
         return _kv_cache_attention(graph, node)
     query, key, value = node.inputs[:3]
     bias = node.inputs[3] if len(node.inputs) > 3 else None
@@ -459,7 +443,7 @@ def _attention(graph: Graph, node: Node) -> bool:
     attrs: dict = {"num_heads": heads, "scale": float(node.attrs.get("scale", 1.0 / math.sqrt(head_size)))}
     if causal:
         attrs["unidirectional"] = 1
-    sources = [_merged_source(v, heads, head_size) for v in (query, key, value)]  # type: ignore[arg-type]
+    sources = [merged_source(v, heads, head_size) for v in (query, key, value)]  # type: ignore[arg-type]
     new = None
     if all(s is not None for s in sources):
         quantized = _quantized_projection(sources)  # type: ignore[arg-type]
@@ -515,21 +499,20 @@ def _kv_cache_attention(graph: Graph, node: Node) -> bool:
     usable, attention_bias = _additive_bias(graph, bias, query, add_dims(shapes[3][2], shapes[1][2]), node)  # type: ignore[arg-type,index]
     if not usable:
         return False
-    # read from the mask where it has them (one mask for every layer: shared after CSE)
-    bias_shape = attention_bias.type.shape if attention_bias is not None else None
-    total_from_bias = bias_shape is not None and dims_equal(bias_shape[3], add_dims(shapes[3][2], shapes[1][2]))  # type: ignore[index]
-    if total_from_bias:
-        total = _dim_of(graph, attention_bias, 3, node)  # type: ignore[arg-type]
+    # lengths read from the mask where there is one (_additive_bias proved its last dim is
+    # past + seq; one mask serves every layer, so these nodes are shared after CSE)
+    if attention_bias is not None:
+        total = _dim_of(graph, attention_bias, 3, node)
     else:
         total = graph.add_node("Add", [_dim_of(graph, past_key, 2, node), _dim_of(graph, key, 2, node)], before=node).output  # type: ignore[arg-type]
     last = graph.add_node("Sub", [total, _ints(graph, [1])], before=node).output
-    bias_batch = bias_shape is not None and dims_equal(bias_shape[0], shapes[0][0])  # type: ignore[index]
+    bias_batch = attention_bias is not None and dims_equal(attention_bias.type.shape[0], shapes[0][0])  # type: ignore[index]
     batch = _dim_of(graph, attention_bias if bias_batch else query, 0, node)  # type: ignore[arg-type]
     seqlens = graph.add_node("Cast", [graph.add_node("Expand", [last, batch], before=node).output], {"to": DType.INT32.value}, before=node).output
     scalar = graph.add_node("Reshape", [total, _ints(graph, [])], before=node).output
     total_length = graph.add_node("Cast", [scalar], {"to": DType.INT32.value}, before=node).output
     merged = [
-        _merged_source(v, h, head_size) or _merge_heads(graph, v, h * head_size, node)  # type: ignore[arg-type]
+        merged_source(v, h, head_size) or _merge_heads(graph, v, h * head_size, node)  # type: ignore[arg-type]
         for v, h in ((query, heads), (key, kv_heads), (value, kv_heads))
     ]
     attrs: dict = {

@@ -38,6 +38,7 @@ import numpy as np
 from graphopt.errors import ExportError
 from graphopt.exporters.rotary_lowering import decompose_rotary
 from graphopt.ir.graph import Graph, Node, Value
+from graphopt.ir.ops.graphopt import has_kv_cache
 from graphopt.ir.schema import GRAPHOPT_DOMAIN
 from graphopt.ir.tensor import ArrayTensor
 
@@ -76,7 +77,7 @@ def decompose_graphopt_nodes(graph: Graph, keep: Collection[str] = ()) -> int:
     for node in [n for n in graph.nodes if _needs_decomposition(graph, n)]:
         builder = _Builder(graph, node)
         if node.op_type in keep:
-            if node.op_type == "Attention" and _has_kv_cache(node):
+            if node.op_type == "Attention" and has_kv_cache(node):
                 _split_kv_cache(graph, builder, node)
                 replaced += 1
             continue
@@ -126,10 +127,6 @@ class _Builder:
         return self.op("Slice", self.op("Shape", value), self.ints([start]), self.ints([end]))
 
 
-def _has_kv_cache(node: Node) -> bool:
-    return len(node.inputs) > 5 and node.inputs[4] is not None
-
-
 def _split_kv_cache(graph: Graph, b: _Builder, node: Node) -> None:
     """A kept Attention with a KV cache becomes Concat(past, new) for K and V (its present
     outputs) and an Attention without one over them, for targets whose kernel has no cache."""
@@ -147,7 +144,7 @@ def _attention(b: _Builder, node: Node) -> list[Value]:
     query, key, value = node.inputs[:3]
     bias = node.inputs[3] if len(node.inputs) > 3 else None
     presents: list[Value] = []
-    if len(node.inputs) > 5 and node.inputs[4] is not None:
+    if has_kv_cache(node):
         key = b.op("Concat", node.inputs[4], key, axis=2)  # type: ignore[arg-type]
         value = b.op("Concat", node.inputs[5], value, axis=2)  # type: ignore[arg-type]
         presents = [key, value]

@@ -29,9 +29,14 @@ kernels (torch: scaled_dot_product_attention, ONNX Runtime: contrib ops, ...).
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from graphopt.ir.schema import GRAPHOPT_DOMAIN, InferenceContext, OpSchema, register_schema
 from graphopt.ir.symbolic import add_dims
 from graphopt.ir.types import TensorType, merge_dims
+
+if TYPE_CHECKING:
+    from graphopt.ir.graph import Node
 
 
 def _attention(ctx: InferenceContext) -> list[TensorType]:
@@ -52,6 +57,11 @@ def _attention(ctx: InferenceContext) -> list[TensorType]:
     output = TensorType(query.dtype, None if query.shape is None else (query.shape[0], query.shape[1], query.shape[2], dv))
     presents = [_present(ctx.input_type(4), key), _present(ctx.input_type(5), value)] if ctx.has_input(4) else []
     return [output, *presents][: ctx.num_outputs]
+
+
+def has_kv_cache(node: "Node") -> bool:
+    """Whether graphopt Attention `node` reads a KV cache (past_key/past_value inputs)."""
+    return len(node.inputs) > 5 and node.inputs[4] is not None
 
 
 def _present(past: TensorType, new: TensorType) -> TensorType:
