@@ -30,6 +30,7 @@ import numpy as np
 from graphopt.ir.dtypes import DType
 from graphopt.ir.graph import Graph, Node, Value
 from graphopt.ir.symbolic import dims_equal
+from graphopt.targets.onnxruntime_heads import HEAD_PERM, merged_source
 
 MS_DOMAIN = "com.microsoft"
 ONNX_ROTARY_OPSET = 23
@@ -50,7 +51,8 @@ def lower_rotary_contrib(graph: Graph, node: Node) -> Optional[Node]:
     if partial:
         attrs.update(rotary_embedding_dim=rotary, num_heads=heads)
     graph.opset_imports.setdefault(MS_DOMAIN, 1)
-    merged = _merged_heads(node.inputs[0]) if heads is not None else None  # type: ignore[arg-type]
+    head_size = node.output.type.shape[3]  # type: ignore[index]
+    merged = merged_source(node.inputs[0], heads, head_size) if heads is not None and isinstance(head_size, int) else None  # type: ignore[arg-type]
     if merged is None:
         new = graph.add_node("RotaryEmbedding", [node.inputs[0], ids, cos_cache, sin_cache], attrs, domain=MS_DOMAIN, before=node, infer=False)
         return _replace(graph, node, new)
@@ -58,28 +60,11 @@ def lower_rotary_contrib(graph: Graph, node: Node) -> Optional[Node]:
     attrs["num_heads"] = heads
     new = graph.add_node("RotaryEmbedding", [merged, ids, cos_cache, sin_cache], attrs, domain=MS_DOMAIN, before=node, infer=False)
     new.outputs[0].type = merged.type
-    shape = graph.add_constant(graph.unique_name(f"{node.name}_heads"), np.array([0, 0, heads, node.output.type.shape[3]], np.int64))  # type: ignore[index]
+    shape = graph.add_constant(graph.unique_name(f"{node.name}_heads"), np.array([0, 0, heads, head_size], np.int64))
     split = graph.add_node("Reshape", [new.output, shape], before=node).output
-    heads_first = graph.add_node("Transpose", [split], {"perm": (0, 2, 1, 3)}, before=node)
+    heads_first = graph.add_node("Transpose", [split], {"perm": HEAD_PERM}, before=node)
     _replace(graph, node, heads_first)
     return new
-
-
-def _merged_heads(x: Value) -> Optional[Value]:
-    """The [B, S, H*D] tensor `x` ([B, H, S, D]) was made from by Reshape to [B, S, H, D] and
-    Transpose(0, 2, 1, 3), if it was (the contrib op takes that layout too, with `num_heads`)."""
-    transpose = x.producer
-    if transpose is None or transpose.op_type != "Transpose" or transpose.domain or tuple(transpose.attrs.get("perm", ())) != (0, 2, 1, 3):
-        return None
-    reshape = transpose.inputs[0].producer  # type: ignore[union-attr]
-    if reshape is None or reshape.op_type != "Reshape" or reshape.domain:
-        return None
-    source, split = reshape.inputs[0], reshape.output.type.shape
-    if source is None or source.type.rank != 3 or split is None or len(split) != 4 or not isinstance(split[3], int):
-        return None
-    if not (dims_equal(source.type.shape[0], split[0]) and dims_equal(source.type.shape[1], split[1])):  # type: ignore[index]
-        return None
-    return source
 
 
 def lower_rotary_onnx23(graph: Graph, node: Node) -> Optional[Node]:
