@@ -18,6 +18,8 @@
   (`value_groups`), so a large model is calibrated in several runs rather than at once.
 - `collect_rows(graph, samples, values)`: a deterministic subsample of each value's last-axis
   vectors, for passes that try alternatives on real activations (smooth-quant's per-layer alpha).
+- `collect_gram(graph, samples, values)`: X^T X of each named value's last-axis vectors over
+  every sample (GPTQ's Hessian), accumulated in float64 one sample at a time.
 - `calibrated_range(stats, method)`: the (low, high) range a quantizer should cover:
   `minmax`, `percentile` (99.99th percentile of |x|), `entropy` (the KL-divergence threshold
   of TensorRT's int8 calibrator) or `mse` (the threshold minimizing the expected squared
@@ -185,6 +187,17 @@ def collect_rows(
             picked = np.linspace(0, len(flat) - 1, num=min(per_sample, len(flat))).astype(np.int64)
             rows[name].append(flat[picked])
     return {name: np.concatenate(parts)[:max_rows].astype(np.float32) for name, parts in rows.items()}
+
+
+def collect_gram(graph: Graph, samples: Sequence[dict[str, np.ndarray]], values: Sequence[str]) -> dict[str, np.ndarray]:
+    """{name: [C, C] float64 sum of x x^T over the value's last-axis vectors x in all samples}."""
+    runners = [GraphRunner(graph, group) for group in value_groups(graph, samples, values)]
+    grams: dict[str, np.ndarray] = {}
+    for sample in samples:
+        for name, array in _run_all(runners, sample):
+            flat = array.reshape(-1, array.shape[-1]).astype(np.float64)
+            grams[name] = grams[name] + flat.T @ flat if name in grams else flat.T @ flat
+    return grams
 
 
 MEMORY_CAP = 1 << 30

@@ -15,13 +15,22 @@ already quantized (their weight is a DequantizeLinear output), so a second run c
 - mode=dynamic: DynamicQuantizeLinear -> MatMulInteger -> Cast -> Mul by the scales (the form
   ONNX Runtime fuses into DynamicQuantizeMatMul), one chain per matmul; no calibration.
 - mode=weight-only: com.microsoft MatMulNBits (dtype int4 or int8, blocks of `block_size` along
-  K, symmetric); activations stay float. For ONNX Runtime and the torch target.
+  K); activations stay float. For ONNX Runtime and the torch target. `symmetric=true` uses
+  every level ([-8, 7] for int4, largest magnitude on -8) like ONNX Runtime's quantizer;
+  `symmetric=false` adds a zero point per block. `method`: `rtn` rounds to nearest; `awq`
+  scales each activation's input channels by their calibrated importance first (the division
+  absorbed by the producing norm or a per-channel Mul, as smooth-quant does, else one Mul);
+  `gptq` spreads rounding errors over the not yet quantized input channels through the
+  calibration Hessian (`graphopt.passes.weight_only`). `accuracy_level` is MatMulNBits' lowest
+  allowed compute precision (4: int8 activations, ONNX Runtime's fastest CPU kernel; targets
+  that compute in float are more precise). `head`: the matmuls whose result is a graph
+  output (a decoder's lm_head) may get int8 or stay float.
 
 `fidelity_budget` (static and dynamic): measures each candidate's sensitivity (the drop in
 mean cosine similarity of the graph's float outputs, per last-axis vector, over the
 calibration samples, when only that matmul is quantized), then keeps the most sensitive ones
 in float, as few as possible, until the drop with everything else quantized is at most the
-budget. Needs: calibration data for static mode and for `fidelity_budget`. Changes: candidate
+budget. Needs: calibration data for static mode, `fidelity_budget` and methods awq/gptq. Changes: candidate
 matmuls as above; their float weights are removed once unused. Lossy: reports `quantized`,
 `kept_float`, `excluded` and, with a budget, the `fidelity` reached on the calibration data.
 """
@@ -43,6 +52,8 @@ from graphopt.registry import register_pass
 from graphopt.passes.quantize_weights import activation_params, quantize_blocks, quantize_symmetric
 
 MICROSOFT_DOMAIN = "com.microsoft"
+AWQ_ROWS = 512
+"""method=awq searches each activation's scaling on this many calibration vectors."""
 SENSITIVITY_SAMPLES = 8
 """fidelity_budget measures each matmul's sensitivity on this many calibration samples."""
 
@@ -116,6 +127,14 @@ class Quantize(Pass):
     """fnmatch patterns of node or weight names to keep in float."""
     fidelity_budget: Optional[float] = None
     """Largest allowed drop in mean output cosine similarity on the calibration data."""
+    symmetric: bool = True
+    """Weight-only: no zero points (False: one zero point per block)."""
+    method: Literal["rtn", "awq", "gptq"] = "rtn"
+    """Weight-only: round-to-nearest, or the calibrated AWQ-style or GPTQ-style methods."""
+    accuracy_level: int = 4
+    """Weight-only: MatMulNBits' lowest allowed compute precision (0 unset, 1 fp32, 2 fp16, 3 bf16, 4 int8)."""
+    head: Literal["same", "int8", "float"] = "same"
+    """Weight-only: the type of matmuls whose result is a graph output (a decoder's lm_head)."""
 
     def __post_init__(self) -> None:
         if self.mode == "weight-only" and self.dtype == "uint8":
@@ -126,6 +145,13 @@ class Quantize(Pass):
             raise ValueError(f"block_size must be a power of two >= 16, got {self.block_size}")
         if self.fidelity_budget is not None and not 0.0 < self.fidelity_budget < 1.0:
             raise ValueError(f"fidelity_budget is a drop in cosine similarity, in (0, 1); got {self.fidelity_budget}")
+        if self.accuracy_level not in range(5):
+            raise ValueError(f"accuracy_level is 0 (unset), 1 (fp32), 2 (fp16), 3 (bf16) or 4 (int8); got {self.accuracy_level}")
+        if self.mode != "weight-only":
+            defaults = {"symmetric": True, "method": "rtn", "head": "same"}
+            changed = [name for name, default in defaults.items() if getattr(self, name) != default]
+            if changed:
+                raise ValueError(f"{', '.join(changed)} apply to mode=weight-only only (mode={self.mode})")
 
     def run(self, graph: Graph, ctx: PassContext) -> PassResult:
         candidates, excluded, already = find_candidates(graph, list(self.exclude))
@@ -134,20 +160,32 @@ class Quantize(Pass):
             stats["already_quantized"] = already
         if not candidates:
             return PassResult(False, stats)
-        needs_data = self.mode == "static" or self.fidelity_budget is not None
-        if needs_data and not ctx.calibration:
-            why = "mode=static" if self.mode == "static" else "fidelity_budget"
+        reasons = [why for why, needed in (("mode=static", self.mode == "static"), (f"method={self.method}", self.method != "rtn"),
+                                           ("fidelity_budget", self.fidelity_budget is not None)) if needed]
+        if reasons and not ctx.calibration:
             raise QuantizationError(
-                f"pass 'quantize' with {why} needs calibration data: graphopt.optimize(..., calibration_data=[...]) "
+                f"pass 'quantize' with {reasons[0]} needs calibration data: graphopt.optimize(..., calibration_data=[...]) "
                 "or `graphopt optimize --calibration-data inputs.npz`"
             )
-        plan = self._activation_plan(graph, candidates, ctx) if self.mode == "static" else {}
+        if self.mode == "weight-only" and self.head == "float":
+            heads = [c for c in candidates if _is_head(c)]
+            candidates = [c for c in candidates if not _is_head(c)]
+            stats["kept_float"] = len(heads)
+            if not candidates:
+                return PassResult(False, stats)
+        if self.mode == "static":
+            plan = self._activation_plan(graph, candidates, ctx)
+        elif self.method != "rtn":
+            plan = self._weight_only_plan(graph, candidates, ctx)
+        else:
+            plan = {}
         chosen = [c.node.name for c in candidates]
         if self.fidelity_budget is not None:
             chosen, fidelity = self._within_budget(graph, chosen, plan, ctx)
             stats["fidelity"] = round(fidelity, 6)
         self.apply(graph, set(chosen), plan)
-        stats["quantized"], stats["kept_float"] = len(chosen), len(candidates) - len(chosen)
+        stats["quantized"] = len(chosen)
+        stats["kept_float"] = int(stats["kept_float"]) + len(candidates) - len(chosen)
         return PassResult(bool(chosen), stats)
 
     # ------------------------------------------------------------------ planning
@@ -162,6 +200,29 @@ class Quantize(Pass):
             low, high = calibrated_range(stats[name], self.calibrate)
             plan[name] = activation_params(low, high, self.activations)
         return plan
+
+    def _weight_only_plan(self, graph: Graph, candidates: list[Candidate], ctx: PassContext) -> dict[str, np.ndarray]:
+        """{activation name: AWQ factors} (method=awq, activations worth scaling only) or
+        {activation name: Gram matrix of its calibration vectors} (method=gptq)."""
+        from graphopt.calibration import collect_gram, collect_rows
+        from graphopt.passes.weight_only import awq_factors
+
+        names = list(dict.fromkeys(c.activation.name for c in candidates))
+        if self.method == "gptq":
+            return collect_gram(graph, ctx.calibration, names)
+        rows = collect_rows(graph, ctx.calibration, names, AWQ_ROWS)
+        plan = {}
+        for name in names:
+            group = [c for c in candidates if c.activation.name == name]
+            bits = {self._bits(c) for c in group}
+            factors = awq_factors(rows[name], [_matrix(c) for c in group], max(bits), self.block_size, self.symmetric) if bits == {4} else None
+            if factors is not None:
+                plan[name] = factors
+        ctx.logger.info("quantize: AWQ scaled %d of %d activations", len(plan), len(names))
+        return plan
+
+    def _bits(self, c: Candidate) -> int:
+        return 8 if self.dtype == "int8" or (self.head == "int8" and _is_head(c)) else 4
 
     def _within_budget(self, graph: Graph, names: list[str], plan: dict, ctx: PassContext) -> tuple[list[str], float]:
         """The largest set of `names` (dropping the most sensitive first) within the budget."""
@@ -208,12 +269,13 @@ class Quantize(Pass):
                 by_activation.setdefault(c.activation.name, []).append(c)
             for group in by_activation.values():
                 self._static(graph, group, plan[group[0].activation.name], weights)
-        else:
+        elif self.mode == "dynamic":
             for c in candidates:
-                if self.mode == "dynamic":
-                    self._dynamic(graph, c, weights)
-                else:
-                    self._weight_only(graph, c, weights)
+                self._dynamic(graph, c, weights)
+        else:
+            factors = self._awq_scale(graph, candidates, plan) if self.method == "awq" else {}
+            for c in candidates:
+                self._weight_only(graph, c, weights, factors.get(c.node.name), plan.get(c.activation.name) if self.method == "gptq" else None)
         for c in candidates:
             if not c.weight.uses() and c.weight.graph is graph:
                 graph.remove_constant(c.weight)
@@ -277,21 +339,43 @@ class Quantize(Pass):
         result = graph.add_node("Mul", [as_float.output, scales.output], before=node)
         self._replace(graph, node, result)
 
-    def _weight_only(self, graph: Graph, c: Candidate, weights: dict) -> None:
-        bits = 4 if self.dtype == "int4" else 8
-        data = c.weight.const.numpy()  # type: ignore[union-attr]
-        matrix = data.T if c.transposed else data
+    def _awq_scale(self, graph: Graph, candidates: list[Candidate], plan: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Divide each planned activation by its AWQ factors (absorbed by its producer when only
+        these matmuls read it, else one Mul); {matmul name: factors its weight rows get}."""
+        from graphopt.passes.smooth_quant import absorb_scaling, insert_scaling
+
+        by_activation: dict[str, list[Candidate]] = {}
+        for c in candidates:
+            if c.activation.name in plan:
+                by_activation.setdefault(c.activation.name, []).append(c)
+        scaled = {}
+        for name, group in by_activation.items():
+            if not absorb_scaling(graph, group[0].activation, {c.node for c in group}, plan[name]):
+                insert_scaling(graph, group, plan[name])
+            scaled.update({c.node.name: plan[name] for c in group})
+        return scaled
+
+    def _weight_only(self, graph: Graph, c: Candidate, weights: dict, factors: Optional[np.ndarray], gram: Optional[np.ndarray]) -> None:
+        from graphopt.passes.weight_only import gptq
+
+        bits = self._bits(c)
+        matrix = _matrix(c)
         k, n = matrix.shape
-        if c.weight.name not in weights:
-            packed, scales = quantize_blocks(matrix, bits, self.block_size)
-            weights[c.weight.name] = (
-                graph.add_constant(f"{c.weight.name}_q{bits}", packed),
-                graph.add_constant(f"{c.weight.name}_scales", scales.reshape(-1)),
-            )
-        packed_value, scale_value = weights[c.weight.name]
+        key = (c.weight.name, bits, c.activation.name if self.method != "rtn" else None)
+        if key not in weights:
+            if factors is not None:
+                matrix = matrix * factors[:, None]
+            encoded = gptq(matrix, gram, bits, self.block_size, self.symmetric) if gram is not None else quantize_blocks(matrix, bits, self.block_size, self.symmetric)
+            tag = graph.unique_name(f"{c.weight.name}_q{bits}")
+            inputs = [graph.add_constant(tag, encoded.packed), graph.add_constant(f"{tag}_scales", encoded.scales.reshape(-1))]
+            if encoded.zero_points is not None:
+                inputs.append(graph.add_constant(f"{tag}_zero_points", encoded.zero_points.reshape(-1)))
+            weights[key] = inputs
         graph.opset_imports.setdefault(MICROSOFT_DOMAIN, 1)
         attrs = {"K": k, "N": n, "bits": bits, "block_size": self.block_size}
-        node = graph.add_node("MatMulNBits", [c.activation, packed_value, scale_value], attrs, domain=MICROSOFT_DOMAIN, before=c.node)
+        if self.accuracy_level:
+            attrs["accuracy_level"] = self.accuracy_level
+        node = graph.add_node("MatMulNBits", [c.activation, *weights[key]], attrs, domain=MICROSOFT_DOMAIN, before=c.node)
         shape = c.activation.shape
         node.output.type = TensorType(DType.FLOAT, None if shape is None else (*shape[:-1], n))
         self._replace(graph, c.node, node)
@@ -305,6 +389,21 @@ class Quantize(Pass):
         old.output.replace_all_uses_with(result)
         graph.erase(old)
         graph.rename_value(result, name)
+
+
+def _matrix(c: Candidate) -> np.ndarray:
+    """A candidate's weight as the [K, N] matrix of y = x @ W."""
+    data = c.weight.const.numpy()  # type: ignore[union-attr]
+    return np.ascontiguousarray(data.T) if c.transposed else data
+
+
+def _is_head(c: Candidate) -> bool:
+    """Whether the matmul's result, or its sum with a bias, is a graph output (an lm_head)."""
+    result = c.node.output
+    if result.is_graph_output:
+        return True
+    uses = result.uses()
+    return len(uses) == 1 and uses[0].node.op_type == "Add" and not uses[0].node.domain and uses[0].node.output.is_graph_output
 
 
 def mean_cosine(reference: list[dict[str, np.ndarray]], actual: list[dict[str, np.ndarray]]) -> float:

@@ -4,14 +4,19 @@
   int8/uint8 weights, scale = max|w| / 127 per channel; |dequantized - w| <= scale / 2.
 - `activation_params(low, high, dtype)`: scale and zero point of an activation range
   (uint8: asymmetric over [low, high]; int8: symmetric, zero point 0).
-- `quantize_blocks(w, bits, block_size)`: ONNX Runtime `MatMulNBits` layout of a [K, N]
-  weight: unsigned `bits`-bit values (zero point 2^(bits-1)) of W^T in blocks of
-  `block_size` along K, packed low nibble first, and one scale per (column, block).
-- `dequantize_blocks(...)`: the inverse, used by the torch kernel and the tests.
+- `quantize_blocks(w, bits, block_size, symmetric)`: ONNX Runtime `MatMulNBits` layout of a
+  [K, N] weight: unsigned `bits`-bit codes of W^T in blocks of `block_size` along K, packed
+  low nibble first, one scale per (column, block) and, when asymmetric, one zero point.
+  Symmetric uses every level ([-8, 7] for int4) with the largest magnitude on -8, exactly as
+  ONNX Runtime's `MatMulNBitsQuantizer`; the codes are bit-equal to its C++ quantizer's.
+  `weight_blocks`, `block_params`, `quantize_values` and `pack_blocks` are its steps, which
+  the calibrated methods (`graphopt.passes.weight_only`) reuse.
+- `dequantize_blocks(...)`: the inverse, used by the tests and the calibrated methods.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Optional
 
 import numpy as np
@@ -53,30 +58,92 @@ def activation_params(low: float, high: float, dtype: str = "uint8") -> tuple[np
     return np.asarray(scale, np.float32), np.asarray(0, np.int8)
 
 
-def quantize_blocks(w: np.ndarray, bits: int, block_size: int) -> tuple[np.ndarray, np.ndarray]:
-    """(packed uint8 [N, blocks, block_size * bits / 8], scales float32 [N, blocks]) of a
-    [K, N] weight, symmetric: q = clip(round(w / s), -qmax, qmax) + 2^(bits-1), qmax = 2^(bits-1) - 1."""
+@dataclasses.dataclass
+class BlockQuantized:
+    """A [K, N] weight in ONNX Runtime's `MatMulNBits` layout (see `quantize_blocks`)."""
+
+    packed: np.ndarray
+    """uint8 [N, blocks, block_size * bits / 8]: W^T's `bits`-bit values, low nibble first."""
+    scales: np.ndarray
+    """float32 [N, blocks]."""
+    zero_points: Optional[np.ndarray]
+    """uint8 [N, ceil(blocks / 2)] (4 bits, packed like the weights) or [N, blocks] (8 bits);
+    None when symmetric (MatMulNBits' default zero point 2^(bits-1))."""
+
+
+def weight_blocks(w: np.ndarray, block_size: int) -> np.ndarray:
+    """W^T of a [K, N] weight as [N, blocks, block_size], K zero-padded to whole blocks."""
     w = np.asarray(w, dtype=np.float32)
     k, n = w.shape
     blocks = -(-k // block_size)
     padded = np.zeros((blocks * block_size, n), dtype=np.float32)
     padded[:k] = w
-    grouped = padded.T.reshape(n, blocks, block_size)
-    qmax = 2 ** (bits - 1) - 1
-    absmax = np.abs(grouped).max(axis=2)
-    scales = np.where(absmax > 0, absmax / qmax, 1.0).astype(np.float32)
-    q = (np.clip(np.rint(grouped / scales[..., None]), -qmax, qmax) + 2 ** (bits - 1)).astype(np.uint8)
+    return padded.T.reshape(n, blocks, block_size)
+
+
+def block_params(grouped: np.ndarray, bits: int, symmetric: bool) -> tuple[np.ndarray, np.ndarray]:
+    """(scale, zero point) per block of `grouped` ([..., block_size] -> [...]), as ONNX Runtime's
+    quantizer picks them: symmetric maps the value of largest magnitude to -2^(bits-1) (all 2^bits
+    levels used, scale signed, zero point 2^(bits-1)); asymmetric spans [min(x, 0), max(x, 0)]
+    with 2^bits - 1 steps and a rounded zero point."""
+    levels = 2**bits - 1
+    if symmetric:
+        index = np.abs(grouped).argmax(axis=-1)[..., None]
+        extreme = np.take_along_axis(grouped, index, axis=-1)[..., 0]
+        scale = extreme / -(2 ** (bits - 1))
+        zero = np.full(scale.shape, 2 ** (bits - 1), dtype=np.float32)
+    else:
+        low, high = np.minimum(grouped.min(axis=-1), 0.0), np.maximum(grouped.max(axis=-1), 0.0)
+        scale = (high - low) / levels
+        zero = np.clip(np.rint(-low / np.where(scale != 0, scale, 1.0)), 0, levels)
+    scale = np.where(scale != 0, scale, 1.0).astype(np.float32)
+    return scale, zero.astype(np.float32)
+
+
+def quantize_values(x: np.ndarray, scale: np.ndarray, zero: np.ndarray, bits: int) -> np.ndarray:
+    """Unsigned `bits`-bit codes of x (scale, zero broadcast against x): clip(rint(x / s) + z)."""
+    return np.clip(np.rint(x / scale) + zero, 0, 2**bits - 1)
+
+
+def pack_blocks(codes: np.ndarray, scale: np.ndarray, zero: np.ndarray, bits: int, symmetric: bool) -> BlockQuantized:
+    """`BlockQuantized` of codes [N, blocks, block_size] with their per-block scale and zero point."""
+    q = codes.astype(np.uint8)
     if bits == 4:
         q = (q[..., 0::2] | (q[..., 1::2] << 4)).astype(np.uint8)
-    return q, scales
+    zero_points = None
+    if not symmetric:
+        zero_points = zero.astype(np.uint8)
+        if bits == 4:
+            if zero_points.shape[1] % 2:
+                zero_points = np.pad(zero_points, ((0, 0), (0, 1)), constant_values=8)  # ONNX Runtime's filler
+            zero_points = (zero_points[:, 0::2] | (zero_points[:, 1::2] << 4)).astype(np.uint8)
+    return BlockQuantized(q, scale.astype(np.float32), zero_points)
 
 
-def dequantize_blocks(packed: np.ndarray, scales: np.ndarray, k: int, n: int, bits: int, block_size: int) -> np.ndarray:
+def quantize_blocks(w: np.ndarray, bits: int, block_size: int, symmetric: bool = True) -> BlockQuantized:
+    """Round-to-nearest `MatMulNBits` encoding of a [K, N] weight, scales per (column, block of
+    `block_size` along K) from `block_params`; codes equal ONNX Runtime's quantizer's."""
+    grouped = weight_blocks(w, block_size)
+    scale, zero = block_params(grouped, bits, symmetric)
+    return pack_blocks(quantize_values(grouped, scale[..., None], zero[..., None], bits), scale, zero, bits, symmetric)
+
+
+def dequantize_blocks(
+    packed: np.ndarray, scales: np.ndarray, k: int, n: int, bits: int, block_size: int, zero_points: Optional[np.ndarray] = None
+) -> np.ndarray:
     """The [K, N] float32 weight that `quantize_blocks` encoded."""
     packed = np.asarray(packed, dtype=np.uint8).reshape(n, -1, block_size * bits // 8)
+    blocks = packed.shape[1]
     if bits == 4:
-        q = np.stack([packed & 0x0F, packed >> 4], axis=-1).reshape(n, packed.shape[1], block_size)
+        q = np.stack([packed & 0x0F, packed >> 4], axis=-1).reshape(n, blocks, block_size)
     else:
         q = packed
-    values = (q.astype(np.float32) - 2 ** (bits - 1)) * np.asarray(scales, np.float32).reshape(n, -1, 1)
+    if zero_points is None:
+        zero = np.full((n, blocks), 2 ** (bits - 1), dtype=np.float32)
+    elif bits == 4:
+        zp = np.asarray(zero_points, dtype=np.uint8).reshape(n, -1)
+        zero = np.stack([zp & 0x0F, zp >> 4], axis=-1).reshape(n, -1)[:, :blocks].astype(np.float32)
+    else:
+        zero = np.asarray(zero_points, dtype=np.float32).reshape(n, blocks)
+    values = (q.astype(np.float32) - zero[..., None]) * np.asarray(scales, np.float32).reshape(n, blocks, 1)
     return values.reshape(n, -1)[:, :k].T.copy()

@@ -146,10 +146,10 @@ class SmoothQuant(Pass):
                 c.node.replace_input(1, graph.add_constant(f"{c.weight.name}_smoothed", scaled.astype(np.float32)))
                 if not c.weight.uses() and c.weight.graph is graph:
                     graph.remove_constant(c.weight)
-            if _absorb(graph, group[0].activation, {c.node for c in group}, factors):
+            if absorb_scaling(graph, group[0].activation, {c.node for c in group}, factors):
                 counts["absorbed"] += 1
             else:
-                _insert_mul(graph, group, factors)
+                insert_scaling(graph, group, factors)
                 counts["mul_inserted"] += 1
             counts["smoothed"] += 1
         return PassResult(counts["smoothed"] > 0, counts)
@@ -197,7 +197,7 @@ def _factors(activation_max: np.ndarray, group: list[Candidate], alpha: float) -
     return np.clip(factors, *SCALE_RANGE).astype(np.float32)
 
 
-def _absorb(graph: Graph, x: Value, readers: set[Node], factors: np.ndarray) -> bool:
+def absorb_scaling(graph: Graph, x: Value, readers: set[Node], factors: np.ndarray) -> bool:
     """Divide x by `factors` inside its producer, when only `readers` read x."""
     producer = x.producer
     if producer is None or x.is_graph_output or any(use.node not in readers for use in x.uses()):
@@ -241,7 +241,7 @@ def _divide_input(graph: Graph, node: Node, index: int, factors: np.ndarray) -> 
         graph.remove_constant(old)
 
 
-def _insert_mul(graph: Graph, group: list[Candidate], factors: np.ndarray) -> None:
+def insert_scaling(graph: Graph, group: list[Candidate], factors: np.ndarray) -> None:
     x = group[0].activation
     inverse = graph.add_constant(f"{x.name}_smooth_factors", (1.0 / factors).astype(np.float32))
     mul = graph.add_node("Mul", [x, inverse], before=group[0].node)

@@ -109,6 +109,10 @@ def test_static_without_calibration_data_says_how_to_give_it():
     ("quantize{mode=weight-only,dtype=uint8}", "mode=weight-only takes dtype=int4 or int8"),
     ("quantize{mode=weight-only,block_size=24}", "block_size must be a power of two >= 16, got 24"),
     ("quantize{fidelity_budget=1.5}", "fidelity_budget is a drop in cosine similarity, in (0, 1); got 1.5"),
+    ("quantize{mode=dynamic,method=gptq}", "method apply to mode=weight-only only (mode=dynamic)"),
+    ("quantize{symmetric=false,head=float}", "symmetric, head apply to mode=weight-only only (mode=static)"),
+    ("quantize{mode=weight-only,accuracy_level=5}", "accuracy_level is 0 (unset), 1 (fp32), 2 (fp16), 3 (bf16) or 4 (int8); got 5"),
+    ("quantize{mode=weight-only,method=hqq}", "method"),
 ])
 def test_bad_options_are_rejected_before_running(text, message):
     with pytest.raises(PipelineError, match=message.replace("(", r"\(").replace(")", r"\)")):
@@ -135,10 +139,11 @@ def test_dynamic_mode_runs_as_ort_dynamic_int8_kernels():
 @pytest.mark.parametrize("dtype, bits", [("int4", 4), ("int8", 8)])
 def test_weight_only_lowers_to_matmulnbits_for_ort_and_torch(dtype, bits):
     graph = block_graph()
-    out, stats = _quantized(graph, f"quantize{{mode=weight-only,dtype={dtype},block_size=16}}")
+    out, stats = _quantized(graph, f"quantize{{mode=weight-only,dtype={dtype},block_size=16,accuracy_level=0}}")
     assert stats["quantized"] == 3 and out.op_counts()["com.microsoft::MatMulNBits"] == 3
     node = next(n for n in out.nodes if n.op_type == "MatMulNBits")
     assert (node.attrs["bits"], node.attrs["K"], node.attrs["N"], node.attrs["block_size"]) == (bits, 16, 24, 16)
+    assert "accuracy_level" not in node.attrs  # 0 = unset: ORT computes in float, like the torch kernel
     _check_runs_everywhere(graph, out, 0.995 if bits == 4 else 0.9999)
     _, again = _quantized(out, f"quantize{{mode=weight-only,dtype={dtype},block_size=16}}")
     assert again["quantized"] == 0
@@ -147,11 +152,16 @@ def test_weight_only_lowers_to_matmulnbits_for_ort_and_torch(dtype, bits):
 @pytest.mark.parametrize("bits", [4, 8])
 def test_block_quantization_error_is_within_half_a_step(bits):
     weight = np.random.default_rng(3).standard_normal((40, 8)).astype(np.float32)  # K=40: a partial last block
-    packed, scales = quantize_blocks(weight, bits, 16)
-    assert packed.shape == (8, 3, 16 * bits // 8) and scales.shape == (8, 3)
-    restored = dequantize_blocks(packed, scales, 40, 8, bits, 16)
-    steps = np.repeat(scales, 16, axis=1)[:, :40].T
-    assert np.all(np.abs(restored - weight) <= steps / 2 + 1e-6)
+    for symmetric in (True, False):
+        encoded = quantize_blocks(weight, bits, 16, symmetric)
+        assert encoded.packed.shape == (8, 3, 16 * bits // 8) and encoded.scales.shape == (8, 3)
+        assert (encoded.zero_points is None) == symmetric
+        restored = dequantize_blocks(encoded.packed, encoded.scales, 40, 8, bits, 16, encoded.zero_points)
+        scales = np.repeat(encoded.scales, 16, axis=1)[:, :40].T
+        # symmetric puts the largest magnitude on -2^(bits-1): its negation clips to 2^(bits-1) - 1, one step off
+        clipped = weight / scales > 2 ** (bits - 1) - 0.5 if symmetric else np.zeros(weight.shape, bool)
+        bound = np.where(clipped, 1.0, 0.5) * np.abs(scales)
+        assert np.all(np.abs(restored - weight) <= bound + 1e-6)
 
 
 def test_gemm_with_transposed_weight_is_quantized_per_output_row_and_runs_int8():
@@ -161,7 +171,7 @@ def test_gemm_with_transposed_weight_is_quantized_per_output_row_and_runs_int8()
     w = graph.add_constant("w", rng.standard_normal((8, 16)).astype(np.float32))
     b = graph.add_constant("b", rng.standard_normal(8).astype(np.float32))
     graph.set_outputs([graph.add_node("Gemm", [x, w, b], {"transB": 1}, output_names=["y"]).output])
-    for mode in ("static", "dynamic", "weight-only"):
+    for mode in ("static", "dynamic", "weight-only,accuracy_level=0"):
         out, stats = _quantized(graph, f"quantize{{mode={mode},block_size=16}}", calibration_data=calibration(graph))
         assert stats["quantized"] == 1
         _check_runs_everywhere(graph, out, 0.999)
@@ -206,7 +216,7 @@ def test_weight_only_decoder_runs_in_ort_and_the_torch_target(zoo, zoo_onnx, dty
     zm = zoo("llama")
     graph = graphopt.from_onnx(zoo_onnx("llama"))
     feeds = numpy_inputs(zm)
-    out = graphopt.optimize(graph.clone(), f"fuse,quantize{{mode=weight-only,dtype={dtype},block_size=16}}", verify=True)
+    out = graphopt.optimize(graph.clone(), f"fuse,quantize{{mode=weight-only,dtype={dtype},block_size=16,accuracy_level=0}}", verify=True)
     quantized = out.report.records[-1].stats["quantized"]
     assert quantized == out.op_counts()["com.microsoft::MatMulNBits"] >= 2 * 4  # q/k/v/o (maybe fused) + MLP per layer
     onnx.checker.check_model(out.to_onnx())

@@ -13,7 +13,7 @@ PIPELINES = {
     "fuse,quantize": 0.999,
     "fuse,smooth-quant{alpha=per-layer},quantize": 0.999,
     "fuse,quantize{mode=dynamic}": 0.999,
-    "fuse,quantize{mode=weight-only,dtype=int4,block_size=16}": 0.98,
+    "fuse,quantize{mode=weight-only,dtype=int4,block_size=16,accuracy_level=0}": 0.98,
     "fuse,to-fp16": 0.9999,
 }
 
