@@ -7,7 +7,8 @@ its other float32 inputs are cast (one Cast per value, shared). Every other node
 norms, reductions, exp/log/pow/sqrt, casts, anything unknown) keeps float32: its half inputs
 are cast back. Graph inputs and outputs keep their float32 type (outputs are cast back under
 their own names). A graph with no float32 left to convert is unchanged, so a second run
-does nothing.
+does nothing. With `include` (fnmatch patterns of node names), only the matching nodes of
+`HALF_OPS` run in the half type (choose-precision halves single matmuls this way).
 
 Needs: nothing. Changes: float32 constants read by half nodes (the float32 copy is removed
 when unused), value types, and the Casts at the float32/half boundaries. Lossy (half
@@ -17,6 +18,7 @@ precision): check mode reports the error.
 from __future__ import annotations
 
 import dataclasses
+import fnmatch
 from typing import ClassVar
 
 import numpy as np
@@ -40,8 +42,11 @@ TYPE_AGNOSTIC = frozenset({("", "Cast"), ("", "CastLike"), ("", "Shape"), ("", "
 """Ops that read any type: their inputs are left as they are."""
 
 
+@dataclasses.dataclass
 class _MixedPrecision(Pass):
     half: ClassVar[DType] = DType.FLOAT16
+    include: list[str] = dataclasses.field(default_factory=list)
+    """fnmatch patterns of the node names to convert (empty: every node of HALF_OPS)."""
 
     def run(self, graph: Graph, ctx: PassContext) -> PassResult:
         casts: dict[tuple[int, DType], Value] = {}
@@ -51,7 +56,7 @@ class _MixedPrecision(Pass):
             key = (node.domain, node.op_type)
             if key in TYPE_AGNOSTIC:
                 continue
-            if key in HALF_OPS:
+            if key in HALF_OPS and (not self.include or any(fnmatch.fnmatchcase(node.name, p) for p in self.include)):
                 inputs = [(i, v) for i, v in enumerate(node.inputs) if v is not None and v.dtype == DType.FLOAT]
                 for index, value in inputs:
                     node.replace_input(index, self._half_input(graph, node, value, casts, halves))
