@@ -1,8 +1,11 @@
 """The `torch` target: the graph as a torch.fx GraphModule built from torch kernels.
 
 Spec: ``torch[:cpu|:cuda]{prepack=True|False}``. Fused attention runs as
-`scaled_dot_product_attention`; on CPU, matmuls with constant weights run as oneDNN linears
-over weights packed once at compile time (bias and GELU folded in), unless `prepack=False`.
+`scaled_dot_product_attention`; on CPU, matmuls with constant float32 or bfloat16 weights run
+as oneDNN linears over weights packed once at compile time (bias and GELU folded in), unless
+`prepack=False`. A CPU graph with bfloat16 matmuls compiled on an x86 CPU without
+avx512_bf16 or AMX logs a warning (logger "graphopt"): the bfloat16 arithmetic is emulated
+there, slower than float32; the results are still right.
 Called with torch tensors it returns torch tensors on the target's device; with numpy
 arrays, numpy arrays. The saved artifact is the optimized graph as ONNX with graphopt's
 own ops kept (`graph.onnx`); loading rebuilds the module from it.
@@ -14,7 +17,7 @@ import dataclasses
 import os
 from typing import Any, Optional
 
-from graphopt.exporters import torch_kernels
+from graphopt.exporters import fx_linear, torch_kernels
 from graphopt.ir.graph import Graph
 from graphopt.target_base import CompiledModel, IOSpec, Target
 from graphopt.ir.torch_arrays import to_numpy, to_torch
@@ -59,7 +62,10 @@ class TorchModel(CompiledModel):
         super().__init__(target, [IOSpec.of(v) for v in graph.inputs], [IOSpec.of(v) for v in graph.outputs])
         self.graph = graph
         self.device = target.variant or "cpu"
-        self.module = graph.to_fx(prepack_linears=target.prepack and self.device == "cpu").to(self.device)
+        prepack = target.prepack and self.device == "cpu"
+        if self.device == "cpu" and not prepack:
+            fx_linear.warn_if_bf16_emulated(graph)  # to_fx warns itself when it prepacks
+        self.module = graph.to_fx(prepack_linears=prepack).to(self.device)
 
     def _call(self, feeds: dict[str, Any]) -> list[Any]:
         import torch

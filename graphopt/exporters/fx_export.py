@@ -28,8 +28,9 @@ from graphopt.ir.tensor import ArrayTensor, ConstTensor
 def to_fx(graph: Graph, *, prepack_linears: bool = False, trainable: Collection[str] = ()) -> Any:
     """Lower `graph` to a `torch.fx.GraphModule` that computes the same outputs.
 
-    `prepack_linears` (CPU only): matmuls with constant float32 weights run as oneDNN linears
-    over weights packed once here, with bias and GELU epilogues folded in (see `fx_linear`).
+    `prepack_linears` (CPU only): matmuls with constant float32 or bfloat16 weights run as oneDNN linears
+    over weights packed once here, with bias and GELU epilogues folded in (see `fx_linear`);
+    bfloat16 matmuls on a CPU that would emulate them log a warning.
     `trainable`: names of float graph constants that become `torch.nn.Parameter`s (copies, so
     training leaves the graph's arrays alone) instead of buffers; `module.graphopt_parameters`
     maps each name to its attribute (used by `graphopt.recover`).
@@ -46,7 +47,10 @@ def _build(graph: Graph, prepack_linears: bool, trainable: Collection[str]) -> A
 
     from graphopt.exporters import fx_linear
 
-    plans = fx_linear.plan_linears(graph) if prepack_linears and fx_linear.prepacked_linear_available() else {}
+    plans: dict[int, fx_linear.LinearPlan] = {}
+    if prepack_linears:
+        fx_linear.warn_if_bf16_emulated(graph)
+        plans = fx_linear.plan_linears(graph, fx_linear.prepacked_dtypes())
     absorbed = {id(n) for plan in plans.values() for n in plan.absorbed[1:]}
     root = torch.nn.Module()
     fx_graph = torch.fx.Graph()
