@@ -132,12 +132,16 @@ class CheckSupported(Pass):
 
 
 def check_supported(target: Any, graph: Graph) -> None:
-    """UnsupportedOpError naming the nodes (the first five) `target` cannot run, if any."""
+    """UnsupportedOpError naming the nodes (the first five) `target` cannot run, if any, and
+    the target's reason (`Target.unsupported_reason`: e.g. the element types it lacks)."""
     unsupported = target.unsupported_nodes(graph)
     if unsupported:
         listed = ", ".join(f"{n.qualified_op} ({n.label})" for n in unsupported[:5])
         more = f" and {len(unsupported) - 5} more" if len(unsupported) > 5 else ""
-        raise UnsupportedOpError(f"target '{target.spec}' cannot run {len(unsupported)} node(s): {listed}{more}")
+        reason = target.unsupported_reason(unsupported)
+        raise UnsupportedOpError(
+            f"target '{target.spec}' cannot run {len(unsupported)} node(s): {listed}{more}" + (f". {reason}" if reason else "")
+        )
 
 
 def load_compiled(directory: "str | os.PathLike[str]") -> CompiledModel:

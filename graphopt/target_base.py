@@ -6,7 +6,9 @@ fields (a dataclass, like passes) and implement:
 
 - `available()`: None when the target can run here, else a sentence saying what is missing
   (e.g. "the tensorrt package is not installed");
-- `unsupported_nodes(graph)`: the nodes it cannot run (a caller names them in its error);
+- `unsupported_nodes(graph)`: the nodes it cannot run (a caller names them in its error),
+  and `unsupported_reason(nodes)`: why, naming what they lack (an element type, say) and
+  what to do instead;
 - `lowering() -> [Pass]`: the passes that rewrite a graph into the ops it runs (a pipeline
   `graphopt.compile` runs after the user's, under the same instruments);
 - `compile(graph) -> CompiledModel` (lowering the graph first with `lower`);
@@ -87,6 +89,12 @@ class Target:
     def unsupported_nodes(self, graph: Any) -> list[Any]:
         """Nodes of `graph` this target cannot run."""
         return []
+
+    def unsupported_reason(self, nodes: Sequence[Any]) -> str:
+        """Why this target cannot run `nodes` (ones `unsupported_nodes` named) and what to do
+        instead, one sentence that `check_supported` adds to its error; "" where naming the
+        ops says it all."""
+        return ""
 
     def lowering(self) -> list[Any]:
         """The passes that put a graph into the ops this target runs, in order (none by

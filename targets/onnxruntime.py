@@ -8,8 +8,10 @@ target's `lowering()`: `lower-onnxruntime{device=...}`, eliminate-dead-code, the
 `OnnxRuntimeTarget.disabled_optimizers`). On CUDA, inputs given as CUDA torch tensors are
 bound in place (IO binding) and outputs come back as CUDA tensors. Low-precision graph inputs and
 outputs (bfloat16, float8, int4/uint4) are fed and returned bit-exactly through `graphopt.ort_io`
-(the session's copy of the model is widened; the artifact is not). The saved artifact is `model.onnx`
-(plus `model.onnx.data` for models over ~1.8 GB).
+(the session's copy of the model is widened; the artifact is not). Nodes the provider has no
+kernel for with their element types (bfloat16 Add or MatMul on CPU) are refused at compile
+time, naming op and types (`unsupported_nodes`, `onnxruntime_kernels`). The saved artifact is
+`model.onnx` (plus `model.onnx.data` for models over ~1.8 GB).
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ import dataclasses
 import os
 import shutil
 import tempfile
-from typing import Any, Literal, Optional
+from typing import Any, Literal, Optional, Sequence
 
 import numpy as np
 
@@ -30,6 +32,8 @@ from graphopt.ort_io import session_model_file, widen_session_model
 from graphopt.pass_base import Pass
 from graphopt.registry import get_pass
 from graphopt.target_base import CompiledModel, IOSpec, Target, TargetError
+from graphopt.targets.dtype_support import advice, listing, node_dtypes, signature
+from graphopt.targets.onnxruntime_kernels import MissingKernel, missing_kernel
 
 MODEL_FILE = "model.onnx"
 _LEVELS = ("disable", "basic", "extended", "all")
@@ -58,6 +62,54 @@ class OnnxRuntimeTarget(Target):
         if _PROVIDERS[self.variant] not in onnxruntime.get_available_providers():
             return f"this onnxruntime build has no {_PROVIDERS[self.variant]} (pip install onnxruntime-gpu for CUDA)"
         return None
+
+    def unsupported_nodes(self, graph: Graph) -> list[Any]:
+        """Nodes the execution provider has no kernel for with the element types they read and
+        write (bfloat16 on CPU, mostly), asked of ONNX Runtime itself one node at a time
+        (`onnxruntime_kernels`). Where some node has none, a session of the whole lowered graph
+        (as `compile` builds it; not for graphs over the external-data threshold) gets the last
+        word: ORT's optimizer may remove such a node first (an int4 Identity between Casts)."""
+        gaps = self._missing_kernels(graph.nodes)
+        if gaps and _weight_bytes(graph) <= EXTERNAL_DATA_THRESHOLD and self._loads(graph):
+            return []
+        return [gap.node for gap in gaps]
+
+    def unsupported_reason(self, nodes: Sequence[Any]) -> str:
+        """The signatures ORT has no kernel for, with the kernel (or op) it lacks, and what to
+        use instead; "" when ORT lacks nothing for `nodes`."""
+        gaps = self._missing_kernels(nodes)
+        if not gaps:
+            return ""
+        import onnxruntime
+
+        found = listing([f"{signature(g.node)} (no {g.missing})" for g in gaps])
+        dtypes = [d for g in gaps for d in node_dtypes(g.node)]
+        return f"ONNX Runtime {onnxruntime.__version__}'s {_PROVIDERS[self.variant]} cannot run {found}; {advice(dtypes)}"
+
+    def _missing_kernels(self, nodes: Sequence[Any]) -> list[MissingKernel]:
+        settings = (self.variant, self.optimization_level, tuple(self.disabled_optimizers()))
+        gaps = (missing_kernel(node, self.session, settings, self.lower) for node in nodes)
+        return [gap for gap in gaps if gap is not None]
+
+    def _loads(self, graph: Graph) -> bool:
+        """Whether ORT creates a session of the lowered `graph` (low-precision IO widened)."""
+        model = self.session_graph(graph).to_onnx(keep_graphopt_ops=True)
+        widen_session_model(model)
+        try:
+            self.session(model.SerializeToString())
+        except Exception:  # ORT's own exception classes: the per-node verdicts stand
+            return False
+        return True
+
+    def session(self, model: Any, options: Any = None) -> Any:
+        """An InferenceSession of `model` (bytes or a path) on this target's provider, with
+        `options` (default: `session_options()`) and `disabled_optimizers()`."""
+        import onnxruntime as ort
+
+        return ort.InferenceSession(
+            model, options or self.session_options(), providers=[_PROVIDERS[self.variant]],
+            disabled_optimizers=self.disabled_optimizers(),
+        )
 
     def lowering(self) -> list[Pass]:
         """`lower-onnxruntime{device=<variant>}`, eliminate-dead-code and
@@ -119,8 +171,6 @@ class OnnxRuntimeModel(CompiledModel):
 
     def __init__(self, target: OnnxRuntimeTarget, inputs: list[IOSpec], outputs: list[IOSpec], *, graph: Optional[Graph] = None, path: Optional[str] = None) -> None:
         super().__init__(target, inputs, outputs)
-        import onnxruntime as ort
-
         self.graph, self.path = graph, path
         self._staging: Optional[Any] = None
         if graph is not None and _weight_bytes(graph) > EXTERNAL_DATA_THRESHOLD:
@@ -136,9 +186,7 @@ class OnnxRuntimeModel(CompiledModel):
         else:
             source, self._io = session_model_file(path, options)  # type: ignore[arg-type]
         try:
-            self.session = ort.InferenceSession(
-                source, options, providers=[_PROVIDERS[target.variant]], disabled_optimizers=target.disabled_optimizers()
-            )
+            self.session = target.session(source, options)
         except Exception as exc:
             text = str(exc).strip().splitlines()
             where = path or "the lowered graph"

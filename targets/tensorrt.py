@@ -9,6 +9,9 @@ seq: [1, 128, 512]}, engine_cache=FOLDER}``.
 - Lowering (`tensorrt_lowering`): `lowering()` decomposes graphopt's ops into standard ONNX
   (`decompose-graphopt-ops`); the build then gives the engine int32 I/O for int64 inputs and
   outputs, and keeps and checks explicit Q/DQ (symmetric int8).
+- `unsupported_nodes`: ops the parser has not (com.microsoft's MatMulNBits from weight-only
+  quantization, dynamic quantization's MatMulInteger) and element types it does not take
+  (`TENSOR_TYPES`, `QUANTIZED_TYPES`), named with their types at compile time.
 - Profiles (`tensorrt_profiles`): one optimization profile covering every dynamic dim, by dim
   name, from the `profiles` option or the defaults documented there.
 - Precision and flags (`tensorrt_engine.builder_plan`): fp16 sets the FP16 flag; int8 needs
@@ -30,16 +33,18 @@ import dataclasses
 import os
 import shutil
 import tempfile
-from typing import Any, Literal, Optional
+from typing import Any, Literal, Optional, Sequence
 
 import numpy as np
 
-from graphopt.ir.graph import Graph
+from graphopt.ir.dtypes import DType
+from graphopt.ir.graph import Graph, Node
 from graphopt.pass_base import Pass
 from graphopt.registry import get_pass
 from graphopt.target_base import CompiledModel, IOSpec, Target, TargetError
+from graphopt.targets.dtype_support import advice, dtype_name, listing, node_dtypes, signature
 from graphopt.targets.tensorrt_engine import Profiles, builder_plan
-from graphopt.targets.tensorrt_lowering import check_qdq, int32_engine_io, qdq_nodes, unparsed_nodes
+from graphopt.targets.tensorrt_lowering import QDQ_OPS, check_qdq, int32_engine_io, qdq_nodes, unparsed_nodes
 from graphopt.targets.tensorrt_profiles import compute_profiles, parse_profiles
 
 PLAN_FILE = "model.plan"
@@ -47,6 +52,16 @@ MODEL_FILE = "model.onnx"
 DEFAULT_ENGINE_CACHE = os.path.join("~", ".cache", "graphopt", "tensorrt")
 NOT_INSTALLED = "the tensorrt package is not installed (pip install tensorrt); it also needs an NVIDIA GPU"
 _PRECISIONS = ("fp32", "fp16", "int8")
+
+TENSOR_TYPES = frozenset({DType.FLOAT, DType.FLOAT16, DType.BFLOAT16, DType.INT8, DType.UINT8, DType.INT32, DType.INT64, DType.BOOL})
+"""Element types TensorRT 10's ONNX parser takes in any node (onnx-tensorrt's operator
+support notes; bfloat16 and float16 run as such, so `to-bf16` and `to-fp16` graphs are kept).
+float64 it casts to float32, so a float64 graph would compute other values: refused, as are
+int16, the wider unsigned ints, strings and complex numbers, which TensorRT has no type for."""
+
+QUANTIZED_TYPES = frozenset({DType.FLOAT8E4M3FN, DType.INT4, DType.FLOAT4E2M1})
+"""Types TensorRT has only as quantized values: taken in QuantizeLinear / DequantizeLinear
+(which `check_qdq` narrows further at build time), refused in any other node."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -97,7 +112,25 @@ class TensorRTTarget(Target):
         return os.path.abspath(os.path.expanduser(self.engine_cache or DEFAULT_ENGINE_CACHE))
 
     def unsupported_nodes(self, graph: Graph) -> list[Any]:
-        return unparsed_nodes(graph)
+        """Nodes TensorRT's ONNX parser cannot build (`unparsed_nodes`: other domains' ops,
+        integer-arithmetic quantization) and nodes reading or writing an element type it
+        does not take there (`unsupported_dtypes`)."""
+        unparsed = set(unparsed_nodes(graph))
+        return [n for n in graph.nodes if n in unparsed or unsupported_dtypes(n)]
+
+    def unsupported_reason(self, nodes: Sequence[Any]) -> str:
+        """The element types the parser refuses, with the nodes' signatures; "" for nodes it
+        cannot parse at all (their op names say it)."""
+        typed = [n for n in nodes if unsupported_dtypes(n)]
+        if not typed:
+            return ""
+        dtypes = list(dict.fromkeys(d for n in typed for d in unsupported_dtypes(n)))
+        names = ", ".join(dtype_name(d) for d in dtypes)
+        return (
+            f"TensorRT takes no {names} tensors in these nodes (float8e4m3fn, int4 and float4e2m1 only in "
+            f"QuantizeLinear/DequantizeLinear; float64 it would compute in float32): "
+            f"{listing([signature(n) for n in typed])}; {advice(dtypes)}"
+        )
 
     def lowering(self) -> list[Pass]:
         """`decompose-graphopt-ops` (TensorRT parses standard ONNX only)."""
@@ -158,6 +191,13 @@ class TensorRTTarget(Target):
             "qdq_count": qdq_count, "profiles": {name: [list(s) for s in shapes] for name, shapes in profiles.items()},
         }
         return plan, info
+
+
+def unsupported_dtypes(node: Node) -> list[DType]:
+    """The element types `node` reads or writes that TensorRT does not take in such a node
+    (`TENSOR_TYPES`, plus `QUANTIZED_TYPES` in QuantizeLinear / DequantizeLinear)."""
+    allowed = TENSOR_TYPES | QUANTIZED_TYPES if not node.domain and node.op_type in QDQ_OPS else TENSOR_TYPES
+    return [d for d in node_dtypes(node) if d not in allowed]
 
 
 class TensorRTModel(CompiledModel):

@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from typing import Any, Optional
+from typing import Any, Optional, Sequence
 
 import numpy as np
 
@@ -38,6 +38,7 @@ from graphopt.ir.schema import GRAPHOPT_DOMAIN
 from graphopt.pass_base import Pass
 from graphopt.registry import get_pass
 from graphopt.target_base import CompiledModel, IOSpec, Target, TargetError
+from graphopt.targets.dtype_support import advice, dtype_name, listing, signature
 
 LIBRARY_FILE = "model.so"
 PARAMS_FILE = "params.npz"
@@ -83,6 +84,18 @@ class TvmTarget(Target):
             return unsupported_nodes(self.lower(graph))
         except ExportError:
             return missing
+
+    def unsupported_reason(self, nodes: Sequence[Any]) -> str:
+        """The element types the translation refuses, with the nodes' signatures; "" for
+        nodes that only lack a translation rule (their op names say it)."""
+        from graphopt.targets.tvm_relax import unsupported_dtypes
+
+        typed = [n for n in nodes if unsupported_dtypes(n)]
+        if not typed:
+            return ""
+        dtypes = list(dict.fromkeys(d for n in typed for d in unsupported_dtypes(n)))
+        names = ", ".join(dtype_name(d) for d in dtypes)
+        return f"the TVM target takes no {names} tensors: {listing([signature(n) for n in typed])}; {advice(dtypes)}"
 
     def lowering(self) -> list[Pass]:
         """`decompose-graphopt-ops`, keeping the graphopt ops that have a Relax translation

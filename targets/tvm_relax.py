@@ -16,10 +16,11 @@
   DynamicQuantizeLinear, MatMulInteger, com.microsoft MatMulNBits; constant MatMulNBits
   weights dequantized at build time) in `tvm_relax_quant`; both register into the same rule table.
 
-Ops without a rule here are reported by `unsupported_nodes` (the target names them). A rule
-refuses what it cannot compute as ONNX specifies by raising `RelaxConversionError`; any other
-exception from a rule is a bug and propagates as it is (with a note naming the node), never
-disguised as a refusal.
+Ops without a rule here, and nodes reading or writing an element type the translation does
+not take (bfloat16, float8, int4: see `_TVM_DTYPES`), are reported by `unsupported_nodes` (the
+target names them and the types). A rule refuses what it cannot compute as ONNX specifies by
+raising `RelaxConversionError`; any other exception from a rule is a bug and propagates as it
+is (with a note naming the node), never disguised as a refusal.
 """
 
 from __future__ import annotations
@@ -30,8 +31,10 @@ from typing import Any, Callable, Optional
 import numpy as np
 
 from graphopt.errors import UnsupportedOpError
+from graphopt.ir.dtypes import DType
 from graphopt.ir.graph import Graph, Node, Value
 from graphopt.ir.schema import GRAPHOPT_DOMAIN
+from graphopt.targets.dtype_support import node_dtypes
 
 INLINE_LIMIT = 64
 """Constants with more elements than this are passed as parameters of the Relax function."""
@@ -100,8 +103,16 @@ def to_relax(graph: Graph, *, pack_weights: bool = True) -> RelaxModule:
 
 
 def unsupported_nodes(graph: Graph) -> list[Node]:
-    """Nodes whose op has no translation rule."""
-    return [n for n in graph.nodes if _rule(n) is None]
+    """Nodes whose op has no translation rule, or that read or write an element type the
+    translation refuses (`unsupported_dtypes`)."""
+    return [n for n in graph.nodes if _rule(n) is None or unsupported_dtypes(n)]
+
+
+def unsupported_dtypes(node: Node) -> list[DType]:
+    """The element types `node` reads or writes that are not `_TVM_DTYPES` (bfloat16, float8,
+    int4, strings, ...): refused before translation, naming the node, rather than when the
+    translation meets the first such value."""
+    return [d for d in node_dtypes(node) if d == DType.STRING or d.to_numpy().name not in _TVM_DTYPES]
 
 
 def native_graphopt_ops() -> frozenset[str]:

@@ -252,6 +252,16 @@ def test_compile_dump_ir_names_must_be_in_the_pipeline_or_the_lowering(tmp_path,
     assert "--dump-ir: pass 'fold-constants' is not in the pipeline (cli-test-drop-identities, lowering), nor nested in it" in err
 
 
+def test_compile_refuses_a_bfloat16_model_onnxruntime_has_no_kernels_for_in_one_line_writing_nothing(zoo_onnx, tmp_path, capsys):
+    source, artifact = tmp_path / "bf16.onnx", tmp_path / "art"
+    assert main(["optimize", "-q", str(zoo_onnx("bert")), "-o", str(source), "-p", "fuse,to-bf16"]) == 0
+    err = assert_one_line_error(capsys, main(["compile", str(source), "-t", "onnxruntime:cpu", "-o", str(artifact)]))
+    assert err.startswith("graphopt: error: target 'onnxruntime:cpu' cannot run ")
+    assert "CPUExecutionProvider cannot run Add(bfloat16, bfloat16) -> bfloat16" in err
+    assert "use target 'torch'" in err and "without to-bf16" in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bf16.onnx"]
+
+
 def test_optimize_quiet_prints_nothing(tmp_path, capsys):
     source, target = tiny_model(tmp_path / "in.onnx"), tmp_path / "out.onnx"
     assert main(["optimize", "-q", str(source), "-o", str(target), "-p", "cli-test-drop-identities"]) == 0
