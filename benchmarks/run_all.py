@@ -33,6 +33,8 @@ BENCHMARKS: dict[str, tuple[str, list[str]]] = {
     "tvm_cpu": ("TVM target vs ONNX Runtime (CPU)", []),
     "large_model": ("a 2.5 GB external-data model through cleanup,fuse", []),
     "llm_decode_cpu": ("LLM decoding with a KV cache (CPU)", ["--out", os.devnull]),
+    "precision_cpu": ("bf16 and int8 vs ORT fp32 and ORT dynamic int8 (CPU)", ["--out", os.devnull]),
+    "int4_cpu": ("int4 weight-only vs ORT's MatMulNBitsQuantizer (CPU)", ["--out", os.devnull]),
 }
 
 
