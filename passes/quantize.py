@@ -19,7 +19,8 @@ already quantized (their weight is a DequantizeLinear output), so a second run c
   every level ([-8, 7] for int4, largest magnitude on -8) like ONNX Runtime's quantizer;
   `symmetric=false` adds a zero point per block. `method`: `rtn` rounds to nearest; `awq`
   scales each activation's input channels by their calibrated importance first (the division
-  absorbed by the producing norm or a per-channel Mul, as smooth-quant does, else one Mul);
+  absorbed by the producing norm or a per-channel Mul, as smooth-quant does, else one Mul)
+  and clips each block's range where that lowers the block's output error;
   `gptq` spreads rounding errors over the not yet quantized input channels through the
   calibration Hessian (`graphopt.passes.weight_only`). `accuracy_level` is MatMulNBits' lowest
   allowed compute precision (4: int8 activations, ONNX Runtime's fastest CPU kernel; targets
@@ -39,7 +40,7 @@ from __future__ import annotations
 
 import dataclasses
 import fnmatch
-from typing import Literal, Optional, Sequence
+from typing import Any, Literal, Optional, Sequence
 
 import numpy as np
 
@@ -201,9 +202,9 @@ class Quantize(Pass):
             plan[name] = activation_params(low, high, self.activations)
         return plan
 
-    def _weight_only_plan(self, graph: Graph, candidates: list[Candidate], ctx: PassContext) -> dict[str, np.ndarray]:
-        """{activation name: AWQ factors} (method=awq, activations worth scaling only) or
-        {activation name: Gram matrix of its calibration vectors} (method=gptq)."""
+    def _weight_only_plan(self, graph: Graph, candidates: list[Candidate], ctx: PassContext) -> dict[str, Any]:
+        """{activation name: Gram matrix of its calibration vectors} (method=gptq), or
+        {activation name: (AWQ factors or None, calibration rows)} (method=awq)."""
         from graphopt.calibration import collect_gram, collect_rows
         from graphopt.passes.weight_only import awq_factors
 
@@ -211,14 +212,13 @@ class Quantize(Pass):
         if self.method == "gptq":
             return collect_gram(graph, ctx.calibration, names)
         rows = collect_rows(graph, ctx.calibration, names, AWQ_ROWS)
-        plan = {}
+        plan: dict[str, Any] = {}
         for name in names:
             group = [c for c in candidates if c.activation.name == name]
             bits = {self._bits(c) for c in group}
-            factors = awq_factors(rows[name], [_matrix(c) for c in group], max(bits), self.block_size, self.symmetric) if bits == {4} else None
-            if factors is not None:
-                plan[name] = factors
-        ctx.logger.info("quantize: AWQ scaled %d of %d activations", len(plan), len(names))
+            factors = awq_factors(rows[name], [_matrix(c) for c in group], 4, self.block_size, self.symmetric) if bits == {4} else None
+            plan[name] = (factors, rows[name])
+        ctx.logger.info("quantize: AWQ scaled %d of %d activations", sum(f is not None for f, _ in plan.values()), len(names))
         return plan
 
     def _bits(self, c: Candidate) -> int:
@@ -273,9 +273,9 @@ class Quantize(Pass):
             for c in candidates:
                 self._dynamic(graph, c, weights)
         else:
-            factors = self._awq_scale(graph, candidates, plan) if self.method == "awq" else {}
+            awq = self._awq_scale(graph, candidates, plan) if self.method == "awq" else {}
             for c in candidates:
-                self._weight_only(graph, c, weights, factors.get(c.node.name), plan.get(c.activation.name) if self.method == "gptq" else None)
+                self._weight_only(graph, c, weights, awq.get(c.node.name), plan.get(c.activation.name) if self.method == "gptq" else None)
         for c in candidates:
             if not c.weight.uses() and c.weight.graph is graph:
                 graph.remove_constant(c.weight)
@@ -339,9 +339,10 @@ class Quantize(Pass):
         result = graph.add_node("Mul", [as_float.output, scales.output], before=node)
         self._replace(graph, node, result)
 
-    def _awq_scale(self, graph: Graph, candidates: list[Candidate], plan: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        """Divide each planned activation by its AWQ factors (absorbed by its producer when only
-        these matmuls read it, else one Mul); {matmul name: factors its weight rows get}."""
+    def _awq_scale(self, graph: Graph, candidates: list[Candidate], plan: dict[str, Any]) -> dict[str, tuple[Optional[np.ndarray], np.ndarray]]:
+        """Divide each activation with AWQ factors by them (absorbed by its producer when only
+        these matmuls read it, else one Mul); {matmul name: (factors its weight rows get, the
+        calibration rows as the matmul now sees them)}."""
         from graphopt.passes.smooth_quant import absorb_scaling, insert_scaling
 
         by_activation: dict[str, list[Candidate]] = {}
@@ -350,22 +351,31 @@ class Quantize(Pass):
                 by_activation.setdefault(c.activation.name, []).append(c)
         scaled = {}
         for name, group in by_activation.items():
-            if not absorb_scaling(graph, group[0].activation, {c.node for c in group}, plan[name]):
-                insert_scaling(graph, group, plan[name])
-            scaled.update({c.node.name: plan[name] for c in group})
+            factors, rows = plan[name]
+            if factors is not None:
+                if not absorb_scaling(graph, group[0].activation, {c.node for c in group}, factors):
+                    insert_scaling(graph, group, factors)
+                rows = rows / factors
+            scaled.update({c.node.name: (factors, rows) for c in group})
         return scaled
 
-    def _weight_only(self, graph: Graph, c: Candidate, weights: dict, factors: Optional[np.ndarray], gram: Optional[np.ndarray]) -> None:
-        from graphopt.passes.weight_only import gptq
+    def _weight_only(self, graph: Graph, c: Candidate, weights: dict, awq: Optional[tuple[Optional[np.ndarray], np.ndarray]],
+                     gram: Optional[np.ndarray]) -> None:
+        from graphopt.passes.weight_only import clipped_blocks, gptq
 
         bits = self._bits(c)
         matrix = _matrix(c)
         k, n = matrix.shape
         key = (c.weight.name, bits, c.activation.name if self.method != "rtn" else None)
         if key not in weights:
-            if factors is not None:
-                matrix = matrix * factors[:, None]
-            encoded = gptq(matrix, gram, bits, self.block_size, self.symmetric) if gram is not None else quantize_blocks(matrix, bits, self.block_size, self.symmetric)
+            if gram is not None:
+                encoded = gptq(matrix, gram, bits, self.block_size, self.symmetric)
+            elif awq is not None:
+                factors, rows = awq
+                scaled = matrix if factors is None else matrix * factors[:, None]
+                encoded = clipped_blocks(scaled, rows, bits, self.block_size, self.symmetric)
+            else:
+                encoded = quantize_blocks(matrix, bits, self.block_size, self.symmetric)
             tag = graph.unique_name(f"{c.weight.name}_q{bits}")
             inputs = [graph.add_constant(tag, encoded.packed), graph.add_constant(f"{tag}_scales", encoded.scales.reshape(-1))]
             if encoded.zero_points is not None:

@@ -81,19 +81,20 @@ def weight_blocks(w: np.ndarray, block_size: int) -> np.ndarray:
     return padded.T.reshape(n, blocks, block_size)
 
 
-def block_params(grouped: np.ndarray, bits: int, symmetric: bool) -> tuple[np.ndarray, np.ndarray]:
+def block_params(grouped: np.ndarray, bits: int, symmetric: bool, clip: "float | np.ndarray" = 1.0) -> tuple[np.ndarray, np.ndarray]:
     """(scale, zero point) per block of `grouped` ([..., block_size] -> [...]), as ONNX Runtime's
     quantizer picks them: symmetric maps the value of largest magnitude to -2^(bits-1) (all 2^bits
     levels used, scale signed, zero point 2^(bits-1)); asymmetric spans [min(x, 0), max(x, 0)]
-    with 2^bits - 1 steps and a rounded zero point."""
+    with 2^bits - 1 steps and a rounded zero point. `clip` (per block, or one ratio) shrinks that
+    range first: values beyond it saturate."""
     levels = 2**bits - 1
     if symmetric:
         index = np.abs(grouped).argmax(axis=-1)[..., None]
-        extreme = np.take_along_axis(grouped, index, axis=-1)[..., 0]
+        extreme = np.take_along_axis(grouped, index, axis=-1)[..., 0] * clip
         scale = extreme / -(2 ** (bits - 1))
         zero = np.full(scale.shape, 2 ** (bits - 1), dtype=np.float32)
     else:
-        low, high = np.minimum(grouped.min(axis=-1), 0.0), np.maximum(grouped.max(axis=-1), 0.0)
+        low, high = np.minimum(grouped.min(axis=-1), 0.0) * clip, np.maximum(grouped.max(axis=-1), 0.0) * clip
         scale = (high - low) / levels
         zero = np.clip(np.rint(-low / np.where(scale != 0, scale, 1.0)), 0, levels)
     scale = np.where(scale != 0, scale, 1.0).astype(np.float32)

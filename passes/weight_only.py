@@ -11,6 +11,10 @@ activations x of the matmul's input.
   shrinks. alpha is searched on AWQ_GRID (0 = no scaling, so the search never loses to
   round-to-nearest) for the smallest relative squared error of the matmuls that read x, on
   the given activation rows. Returns the factors, or None when alpha = 0 wins.
+- `clipped_blocks(w, rows, ...)`: AWQ's clipping search. Each block's range is shrunk by the
+  ratio of CLIP_RATIOS (1 = no clipping) that gives the smallest squared error of that block's
+  share of x @ W on the rows, per output column: saturating a few outliers buys finer steps
+  for the rest.
 - `gptq(w, gram, ...)`: GPTQ (Frantar et al. 2023). Quantizes W's input channels one at a
   time in order, and spreads each channel's rounding error over the channels not yet
   quantized through the inverse of the Hessian H = X^T X of the calibration activations
@@ -25,11 +29,15 @@ from typing import Optional, Sequence
 import numpy as np
 
 from graphopt.passes.quantize_weights import (
-    BlockQuantized, block_params, dequantize_blocks, pack_blocks, quantize_blocks, quantize_values,
+    BlockQuantized, block_params, dequantize_blocks, pack_blocks, quantize_blocks, quantize_values, weight_blocks,
 )
 
 AWQ_GRID = tuple(i / 10 for i in range(11))
 """alpha values awq_factors tries (0: plain round-to-nearest)."""
+CLIP_RATIOS = tuple(1 - i / 20 for i in range(11))
+"""Range shrink ratios clipped_blocks tries per block (1.0 down to 0.5)."""
+CLIP_ROWS = 128
+"""Activation rows clipped_blocks scores each ratio on."""
 GPTQ_DAMP = 0.01
 """Fraction of the Hessian's mean diagonal added to it (GPTQ's percdamp)."""
 GPTQ_BATCH = 128
@@ -60,6 +68,29 @@ def awq_factors(
         if error < best[0]:
             best = (error, None if alpha == 0 else factors)
     return best[1]
+
+
+def clipped_blocks(w: np.ndarray, rows: np.ndarray, bits: int, block_size: int, symmetric: bool) -> BlockQuantized:
+    """`MatMulNBits` encoding of a [K, N] weight with each (column, block) range clipped by the
+    ratio of CLIP_RATIOS that minimizes ||x_block @ (W_block - Q(W_block))||^2 on `rows` [R, K]."""
+    grouped = weight_blocks(w, block_size)  # [N, blocks, block_size]
+    n, blocks, _ = grouped.shape
+    sample = np.asarray(rows, dtype=np.float32)[:: max(1, len(rows) // CLIP_ROWS)][:CLIP_ROWS]
+    padded = np.zeros((len(sample), blocks * block_size), np.float32)
+    padded[:, : sample.shape[1]] = sample
+    x = padded.reshape(len(sample), blocks, block_size).transpose(1, 0, 2)  # [blocks, R, block_size]
+    best_error = np.full((n, blocks), np.inf)
+    best_ratio = np.ones((n, blocks), np.float32)
+    for ratio in CLIP_RATIOS:
+        scale, zero = block_params(grouped, bits, symmetric, ratio)
+        restored = (quantize_values(grouped, scale[..., None], zero[..., None], bits) - zero[..., None]) * scale[..., None]
+        difference = (grouped - restored).transpose(1, 2, 0)  # [blocks, block_size, N]
+        error = np.sum(np.matmul(x, difference).astype(np.float64) ** 2, axis=1).T  # [N, blocks]
+        better = error < best_error
+        best_error = np.where(better, error, best_error)
+        best_ratio = np.where(better, ratio, best_ratio)
+    scale, zero = block_params(grouped, bits, symmetric, best_ratio)
+    return pack_blocks(quantize_values(grouped, scale[..., None], zero[..., None], bits), scale, zero, bits, symmetric)
 
 
 def gptq(w: np.ndarray, gram: np.ndarray, bits: int, block_size: int, symmetric: bool) -> BlockQuantized:

@@ -11,7 +11,7 @@ from graphopt import DType, Graph, TensorType
 from graphopt.check import run_graph
 from graphopt.errors import GraphoptError
 from graphopt.passes.quantize_weights import dequantize_blocks, quantize_blocks
-from graphopt.passes.weight_only import awq_factors, gptq
+from graphopt.passes.weight_only import awq_factors, clipped_blocks, gptq
 
 
 def _mlp_graph(seed: int = 0) -> Graph:
@@ -131,6 +131,22 @@ def test_awq_keeps_round_to_nearest_when_scaling_does_not_help():
         plain_error = np.sum((rows @ dequantize_blocks(plain.packed, plain.scales, 32, 16, 4, 16) - exact) ** 2)
         scaled_error = np.sum(((rows / factors) @ dequantize_blocks(scaled.packed, scaled.scales, 32, 16, 4, 16) - exact) ** 2)
         assert scaled_error < plain_error
+
+
+@pytest.mark.parametrize("symmetric", [True, False])
+def test_clipping_search_never_loses_to_round_to_nearest_on_its_rows(symmetric):
+    rng = np.random.default_rng(4)
+    weight = rng.standard_normal((64, 24)).astype(np.float32)
+    weight[rng.integers(0, 64, 10), rng.integers(0, 24, 10)] *= 6  # a few outliers stretch their blocks
+    rows = rng.standard_normal((128, 64)).astype(np.float32)
+    exact = rows @ weight
+
+    def error(encoded):
+        return float(np.sum((rows @ dequantize_blocks(encoded.packed, encoded.scales, 64, 24, 4, 16, encoded.zero_points) - exact) ** 2))
+
+    clipped, plain = clipped_blocks(weight, rows, 4, 16, symmetric), quantize_blocks(weight, 4, 16, symmetric)
+    assert error(clipped) < 0.97 * error(plain)
+    assert np.all(np.abs(clipped.scales) <= np.abs(plain.scales) + 1e-7)  # ranges only shrink
 
 
 @pytest.mark.parametrize("head, bits", [("float", None), ("int8", 8), ("same", 4)])
