@@ -652,8 +652,15 @@ def onnx_Conv(
 def onnx_LayerNormalization(
     x: Tensor, scale: Tensor, b: Tensor | None = None, *, axis: int = -1, epsilon: float = 1e-5, stash_type: int = 1
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """Statistics are computed (and returned) in the stash type; Y has x's dtype."""
+    """Statistics are computed (and returned) in the stash type; Y has x's dtype. A float32 x
+    with float32 scale and bias of the normalized shape runs as one fused `native_layer_norm`."""
     dims = list(range(_axis(axis, x.dim()), x.dim()))
+    normalized = x.shape[dims[0]:] if dims else ()
+    if (
+        dims and stash_type == 1 and x.dtype == torch.float32 and scale.dtype == torch.float32
+        and scale.shape == normalized and (b is None or (b.dtype == torch.float32 and b.shape == normalized))
+    ):
+        return torch.native_layer_norm(x, list(normalized), scale, b, epsilon)
     stashed = x.to(_torch_dtype("LayerNormalization", "stash_type", stash_type))
     mean = stashed.mean(dims, keepdim=True)
     centered = stashed - mean
