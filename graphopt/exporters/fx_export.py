@@ -30,7 +30,9 @@ def to_fx(graph: Graph, *, prepack_linears: bool = False, trainable: Collection[
 
     `prepack_linears` (CPU only): matmuls with constant float32 or bfloat16 weights run as oneDNN linears
     over weights packed once here, with bias and GELU epilogues folded in (see `fx_linear`);
-    bfloat16 matmuls on a CPU that would emulate them log a warning.
+    bfloat16 matmuls on a CPU that would emulate them log a warning. Static-quantized matmuls
+    (uint8 activation, int8 weight through DequantizeLinear) run as oneDNN int8 linears where
+    torch has them (see `fx_qlinear`).
     `trainable`: names of float graph constants that become `torch.nn.Parameter`s (copies, so
     training leaves the graph's arrays alone) instead of buffers; `module.graphopt_parameters`
     maps each name to its attribute (used by `graphopt.recover`).
@@ -45,26 +47,32 @@ def _build(graph: Graph, prepack_linears: bool, trainable: Collection[str]) -> A
     import torch
     import torch.fx
 
-    from graphopt.exporters import fx_linear
+    from graphopt.exporters import fx_linear, fx_qlinear
 
     plans: dict[int, fx_linear.LinearPlan] = {}
+    qplans: dict[int, fx_qlinear.QLinearPlan] = {}
     if prepack_linears:
         fx_linear.warn_if_bf16_emulated(graph)
         plans = fx_linear.plan_linears(graph, fx_linear.prepacked_dtypes())
+        if fx_qlinear.qlinear_available():
+            qplans = fx_qlinear.plan_qlinears(graph)
     absorbed = {id(n) for plan in plans.values() for n in plan.absorbed[1:]}
+    absorbed.update(id(n) for plan in qplans.values() for n in plan.skipped)
     root = torch.nn.Module()
     fx_graph = torch.fx.Graph()
     env: dict[int, torch.fx.Node] = {}
     for value in graph.inputs:
         env[id(value)] = fx_graph.placeholder(_identifier(value.name))
     buffers = _BufferNamer(root)
-    read = _constants_read(graph, plans, absorbed)
+    read = _constants_read(graph, {**plans, **qplans}, absorbed)
     for value in graph.constants.values():
         if id(value) in read:
             env[id(value)] = fx_graph.get_attr(buffers.add(value.name, value.const, trainable=value.name in trainable))  # type: ignore[arg-type]
     for node in graph.nodes:
         if id(node) in plans:
             _emit_linear(node, plans[id(node)], fx_graph, env, buffers)
+        elif id(node) in qplans:
+            _emit_qlinear(node, qplans[id(node)], fx_graph, env, buffers)
         elif id(node) not in absorbed:
             _emit(node, graph, fx_graph, env, buffers)
     outputs = tuple(env[id(v)] for v in graph.outputs)
@@ -160,6 +168,22 @@ def _emit_linear(node: Node, plan: Any, fx_graph: Any, env: dict[int, Any], buff
         bias = fx_graph.get_attr(buffers.add(f"{node.name}_bias", ArrayTensor(plan.bias)))
     call = fx_graph.call_function(fx_linear.packed_linear, (env[id(node.inputs[0])], weight, bias), {"gelu": plan.gelu})
     env[id(plan.last.output)] = call
+
+
+def _emit_qlinear(node: Node, plan: Any, fx_graph: Any, env: dict[int, Any], buffers: "_BufferNamer") -> None:
+    import torch
+
+    from graphopt.exporters import fx_qlinear
+
+    def buffer(suffix: str, tensor: Any) -> Any:
+        return fx_graph.get_attr(buffers.add_tensor(f"{node.name}_{suffix}", tensor))
+
+    weight = buffer("packed_weight", fx_qlinear.pack_weight(plan.weight))
+    scale = buffer("weight_scale", torch.from_numpy(plan.weight_scale))
+    zero = buffer("weight_zero_point", torch.zeros(plan.weight.shape[0], dtype=torch.int64))
+    bias = None if plan.bias is None else buffer("bias", torch.from_numpy(plan.bias))
+    op, args = fx_qlinear.qlinear_call(plan, env[id(plan.activation)], weight, scale, zero, bias)
+    env[id(plan.last.output)] = fx_graph.call_function(op, args)
 
 
 class _BufferNamer:

@@ -118,7 +118,7 @@ def plan_linears(graph: Graph, dtypes: frozenset[DType] = frozenset({DType.FLOAT
             if bias is None:
                 continue
             plan.bias = bias
-        _absorb_epilogue(plan)
+        absorb_epilogue(plan, weight.shape[0], weight.dtype)
         plans[id(node)] = plan
     return plans
 
@@ -155,24 +155,26 @@ def _bias_vector(value: Value, width: int, dtype: np.dtype) -> Optional[np.ndarr
     return None
 
 
-def _sole_user(value: Value) -> Optional[Node]:
+def sole_user(value: Value) -> Optional[Node]:
+    """The one node reading `value`, if nothing else (no other node, no graph output) does."""
     uses = value.uses()
     if len(uses) != 1 or value.is_graph_output:
         return None
     return uses[0].node
 
 
-def _absorb_epilogue(plan: LinearPlan) -> None:
-    """Fold a bias Add and then a Gelu that read the matmul's result (and nothing else does)."""
-    width, dtype = plan.weight.shape[0], plan.weight.dtype
-    user = _sole_user(plan.last.output)
+def absorb_epilogue(plan: Any, width: int, dtype: np.dtype) -> None:
+    """Fold into `plan` (a `LinearPlan` or `fx_qlinear.QLinearPlan`: `absorbed`, `bias`, `gelu`)
+    a bias Add and then a Gelu that read the matmul's result (and nothing else does); the bias
+    must be a constant [width] vector of `dtype`."""
+    user = sole_user(plan.last.output)
     if plan.bias is None and user is not None and user.domain == "" and user.op_type == "Add":
         other = user.inputs[1] if user.inputs[0] is plan.last.output else user.inputs[0]
         bias = _bias_vector(other, width, dtype) if other is not None and other is not plan.last.output else None
         if bias is not None:
             plan.bias = bias
             plan.absorbed.append(user)
-            user = _sole_user(user.output)
+            user = sole_user(user.output)
     if user is not None and user.domain == GRAPHOPT_DOMAIN and user.op_type == "Gelu" and user.inputs[0] is plan.last.output:
         approximate = str(user.attrs.get("approximate", "none"))
         gelu_bias = user.inputs[1] if len(user.inputs) > 1 else None

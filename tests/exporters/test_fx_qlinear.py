@@ -1,0 +1,124 @@
+"""oneDNN int8 linears for static-quantized matmuls on the CPU torch target: which matmuls run
+as `qlinear_pointwise`, uint8 chaining, equal outputs (vs the unlowered graph and ONNX
+Runtime on the same quantized graph) and the fallback without oneDNN int8."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from conftest import numpy_inputs
+from quant_testing import block_graph, calibration, cosine
+
+import graphopt
+from graphopt import DType, Graph, TensorType
+from graphopt.check import run_graph
+from graphopt.exporters import fx_qlinear
+from graphopt.exporters.fx_export import to_fx
+
+pytestmark = pytest.mark.skipif(not fx_qlinear.qlinear_available(), reason="torch without oneDNN int8 linears")
+
+FLOAT_BOUND = 1e-5
+"""Float outputs of an int8 linear: exact int32 sums, scaled once; float32 rounding only."""
+
+
+def _qlinear_calls(module) -> tuple[int, int]:
+    """(int8 linears, those writing uint8) in the module's code."""
+    calls = [line for line in module.code.splitlines() if "onednn.qlinear_pointwise.default(" in line]
+    return len(calls), sum("torch.uint8" in line for line in calls)
+
+
+def _run(module, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+    with torch.no_grad():
+        return [o.numpy() for o in module(*(torch.from_numpy(v) for v in feeds.values()))]
+
+
+def _static(graph: Graph) -> Graph:
+    return graphopt.optimize(graph.clone(), "quantize", calibration_data=calibration(graph))
+
+
+def _mlp() -> Graph:
+    """x @ W1 + b1 -> Gelu -> @ W2 + b2: after quantize the Gelu output is requantized for W2 only."""
+    rng = np.random.default_rng(0)
+    graph = Graph("mlp", opset_imports={"": 17, "graphopt": 1})
+    x = graph.add_input("x", TensorType(DType.FLOAT, ("batch", 4, 16)))
+    w1 = graph.add_constant("w1", (rng.standard_normal((16, 32)) / 4).astype(np.float32))
+    b1 = graph.add_constant("b1", rng.standard_normal(32).astype(np.float32))
+    w2 = graph.add_constant("w2", (rng.standard_normal((32, 8)) / 4).astype(np.float32))
+    b2 = graph.add_constant("b2", rng.standard_normal(8).astype(np.float32))
+    h = graph.add_node("Add", [graph.add_node("MatMul", [x, w1]).output, b1]).output
+    act = graph.add_node("Gelu", [h], domain="graphopt").output
+    y = graph.add_node("Add", [graph.add_node("MatMul", [act, w2]).output, b2], output_names=["y"]).output
+    graph.set_outputs([y])
+    return graph
+
+
+def test_every_static_matmul_runs_as_an_int8_linear_equal_to_the_unlowered_graph_and_ort():
+    quantized = _static(block_graph())
+    module = to_fx(quantized, prepack_linears=True)
+    assert _qlinear_calls(module) == (3, 0)  # the Relu between q_proj and o_proj keeps a float tensor
+    assert "DequantizeLinear" not in module.code and module.code.count("QuantizeLinear(") == 2
+    feeds = {"x": np.random.default_rng(3).standard_normal((2, 4, 16)).astype(np.float32)}
+    got, unlowered, in_ort = _run(module, feeds), _run(to_fx(quantized), feeds), run_graph(quantized, feeds)
+    for a, b, c in zip(got, unlowered, in_ort):
+        np.testing.assert_allclose(a, b, rtol=0, atol=FLOAT_BOUND)
+        np.testing.assert_allclose(a, c, rtol=0, atol=FLOAT_BOUND)
+
+
+def test_a_requantized_result_is_written_as_uint8_by_the_linear_within_one_step():
+    graph = _mlp()
+    quantized = _static(graph)
+    plans = list(fx_qlinear.plan_qlinears(quantized).values())
+    assert [(p.gelu, p.bias is not None, p.output is not None) for p in plans] == [("none", True, True), (None, True, False)]
+    module = to_fx(quantized, prepack_linears=True)
+    assert _qlinear_calls(module) == (2, 1) and module.code.count("QuantizeLinear(") == 1  # only the input's
+    feeds = {"x": np.random.default_rng(3).standard_normal((3, 4, 16)).astype(np.float32)}
+    (got,), (unlowered,), (in_ort,) = _run(module, feeds), _run(to_fx(quantized), feeds), run_graph(quantized, feeds)
+    # a Gelu output within float32 rounding of a rounding boundary may requantize one step
+    # (its scale) away: the output moves by at most that step times the second weight's column sums
+    step = float(plans[0].output[0])
+    w2 = plans[1].weight.astype(np.float32) * plans[1].weight_scale[:, None]
+    bound = step * np.abs(w2).sum(axis=1).max() + FLOAT_BOUND
+    assert np.abs(got - unlowered).max() <= bound and np.abs(got - in_ort).max() <= bound
+    assert np.mean(np.abs(got - in_ort) <= FLOAT_BOUND) >= 0.9
+    assert cosine(run_graph(graph, feeds)[0], got) >= 0.999
+
+
+def test_gemm_with_transposed_weight_and_int32_bias_runs_as_an_int8_linear():
+    rng = np.random.default_rng(0)
+    graph = Graph("gemm", {"": 17})
+    x = graph.add_input("x", TensorType(DType.FLOAT, ("batch", 16)))
+    w = graph.add_constant("w", rng.standard_normal((8, 16)).astype(np.float32))
+    b = graph.add_constant("b", rng.standard_normal(8).astype(np.float32))
+    graph.set_outputs([graph.add_node("Gemm", [x, w, b], {"transB": 1}, output_names=["y"]).output])
+    quantized = _static(graph)
+    (plan,) = fx_qlinear.plan_qlinears(quantized).values()
+    assert plan.weight.shape == (8, 16) and len(plan.dequantized) == 3  # activation, weight and int32 bias
+    module = to_fx(quantized, prepack_linears=True)
+    assert _qlinear_calls(module) == (1, 0)
+    feeds = {"x": rng.standard_normal((5, 16)).astype(np.float32)}
+    np.testing.assert_allclose(_run(module, feeds)[0], run_graph(quantized, feeds)[0], rtol=0, atol=FLOAT_BOUND * 10)
+
+
+def test_static_zoo_bert_after_fuse_runs_every_matmul_int8_and_matches_ort(zoo, zoo_onnx):
+    zm = zoo("bert")
+    graph = graphopt.from_onnx(zoo_onnx("bert"))
+    feeds = numpy_inputs(zm)
+    samples = [{k: v[i:i + 1] for k, v in feeds.items()} for i in range(2)]
+    model = graphopt.compile(graph.clone(), "torch", "fuse,quantize", calibration_data=samples)
+    out = model.graph
+    matmuls = model.pipeline_report.records[-1].stats["quantized"]
+    calls, chained = _qlinear_calls(model.module)
+    assert calls == matmuls and chained == out.op_counts()["graphopt::Gelu"] >= 2  # each FFN's up-projection feeds the down one in uint8
+    got, in_ort = np.asarray(model(*feeds.values())[0]), run_graph(out, feeds)[0]
+    np.testing.assert_allclose(got, in_ort, rtol=1e-3, atol=1e-3)
+    assert cosine(run_graph(graph, feeds)[0], got) >= 0.99
+
+
+def test_without_onednn_int8_the_quantized_graph_runs_on_the_torch_kernels(monkeypatch):
+    quantized = _static(_mlp())
+    monkeypatch.setattr(fx_qlinear, "qlinear_available", lambda: False)
+    module = to_fx(quantized, prepack_linears=True)
+    assert _qlinear_calls(module) == (0, 0) and module.code.count("DequantizeLinear(") == 4
+    feeds = {"x": np.random.default_rng(3).standard_normal((2, 4, 16)).astype(np.float32)}
+    np.testing.assert_allclose(_run(module, feeds)[0], _run(to_fx(quantized), feeds)[0], rtol=0, atol=0)
