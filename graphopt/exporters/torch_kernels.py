@@ -1289,7 +1289,11 @@ def onnx_QuantizeLinear(
     block_size: int = 0,
     output_dtype: int = 0,
 ) -> Tensor:
-    """round_half_even(x / scale) + zero_point, clamped to the output type's range."""
+    """round_half_even(x / scale) + zero_point, clamped to the output type's range.
+
+    After the division (in the inputs' type) the steps run in place in float32 (float64 for
+    float64 inputs, float32 for 16-bit floats): exact, since a rounded value that float32 cannot add the zero point to
+    exactly (magnitude >= 2^24) is clamped to the 8- or 16-bit range either way."""
     if y_zero_point is not None:
         dtype = y_zero_point.dtype
     else:
@@ -1299,11 +1303,13 @@ def onnx_QuantizeLinear(
         return _cast(scaled, dtype, saturate)
     if dtype not in _QUANT_RANGES:
         raise ValueError(f"QuantizeLinear: unsupported output type {dtype}")
-    quantized = torch.round(scaled).double()
+    if scaled.dtype in (torch.float16, torch.bfloat16):
+        scaled = scaled.float()
+    quantized = scaled.round_()
     if y_zero_point is not None:
-        quantized = quantized + _quant_param(y_zero_point, x, axis, block_size).double()
+        quantized = quantized.add_(_quant_param(y_zero_point, x, axis, block_size))
     low, high = _QUANT_RANGES[dtype]
-    return quantized.clamp(low, high).to(dtype)
+    return quantized.clamp_(low, high).to(dtype)
 
 
 def onnx_DequantizeLinear(
