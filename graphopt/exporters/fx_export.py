@@ -31,8 +31,9 @@ def to_fx(graph: Graph, *, prepack_linears: bool = False, trainable: Collection[
     `prepack_linears` (CPU only): matmuls with constant float32 or bfloat16 weights run as oneDNN linears
     over weights packed once here, with bias and GELU epilogues folded in (see `fx_linear`);
     bfloat16 matmuls on a CPU that would emulate them log a warning. Static-quantized matmuls
-    (uint8 activation, int8 weight through DequantizeLinear) run as oneDNN int8 linears where
-    torch has them (see `fx_qlinear`).
+    (uint8 activation, int8 weight through DequantizeLinear) and dynamic int8 ones
+    (DynamicQuantizeLinear -> MatMulInteger chains) run as oneDNN int8 linears where torch has
+    them (see `fx_qlinear`).
     `trainable`: names of float graph constants that become `torch.nn.Parameter`s (copies, so
     training leaves the graph's arrays alone) instead of buffers; `module.graphopt_parameters`
     maps each name to its attribute (used by `graphopt.recover`).
@@ -179,10 +180,13 @@ def _emit_qlinear(node: Node, plan: Any, fx_graph: Any, env: dict[int, Any], buf
         return fx_graph.get_attr(buffers.add_tensor(f"{node.name}_{suffix}", tensor))
 
     weight = buffer("packed_weight", fx_qlinear.pack_weight(plan.weight))
-    scale = buffer("weight_scale", torch.from_numpy(plan.weight_scale))
+    scale = buffer("weight_scale", torch.tensor(plan.weight_scale))
     zero = buffer("weight_zero_point", torch.zeros(plan.weight.shape[0], dtype=torch.int64))
-    bias = None if plan.bias is None else buffer("bias", torch.from_numpy(plan.bias))
-    op, args = fx_qlinear.qlinear_call(plan, env[id(plan.activation)], weight, scale, zero, bias)
+    bias = None if plan.bias is None else buffer("bias", torch.tensor(plan.bias))
+    x_scale, x_zero = plan.activation_scale, plan.activation_zero
+    if not isinstance(x_scale, float):
+        x_scale, x_zero = env[id(x_scale)], env[id(x_zero)]
+    op, args = fx_qlinear.qlinear_call(plan, env[id(plan.activation)], x_scale, x_zero, weight, scale, zero, bias)
     env[id(plan.last.output)] = fx_graph.call_function(op, args)
 
 

@@ -1,4 +1,4 @@
-"""oneDNN int8 linears for the static-quantized matmuls of the CPU torch target.
+"""oneDNN int8 linears for the quantized matmuls of the CPU torch target.
 
 `plan_qlinears(graph)` finds the matmuls `quantize{mode=static}` writes and runs each as one
 `torch.ops.onednn.qlinear_pointwise` over an int8 weight packed once, at build time, by
@@ -14,7 +14,11 @@
   point) whose output only such int8 linears read, the linear writes that uint8 tensor itself
   (oneDNN requantizes with the QuantizeLinear's scale and zero point): no float tensor and no
   separate quantize kernel;
-- the DequantizeLinear nodes only the matmul reads are not run.
+- the DequantizeLinear nodes only the matmul reads are not run;
+- `quantize{mode=dynamic}`'s chain `Mul(Cast(MatMulInteger(a, W, a_zero, 0)), Mul(a_scale,
+  w_scale))` over a `DynamicQuantizeLinear`'s (a, a_scale, a_zero) runs as one int8 linear that
+  reads the scale and zero point as tensors (the DynamicQuantizeLinear still runs), with the
+  same epilogues folded in.
 
 Results. The int32 accumulation is exact, so a float output differs from the unlowered graph's
 `x_dq @ W_dq + b` only by float32 rounding (oneDNN scales the int32 sum once by
@@ -31,7 +35,7 @@ u8s8 linear reaches ~600 GOP/s here against ~390 for ONNX Runtime's MatMulIntege
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Optional
+from typing import Any, Optional, Union
 
 import numpy as np
 
@@ -46,8 +50,9 @@ class QLinearPlan:
 
     activation: Value
     """The uint8 activation the matmul dequantizes."""
-    activation_scale: float
-    activation_zero: int
+    activation_scale: Union[float, Value]
+    """A constant (static) or the scale output of a DynamicQuantizeLinear."""
+    activation_zero: Union[int, Value]
     weight: np.ndarray
     """int8 [N, K]."""
     weight_scale: np.ndarray
@@ -87,7 +92,8 @@ def qlinear_available() -> bool:
 
 
 def plan_qlinears(graph: Graph) -> dict[int, QLinearPlan]:
-    """{id(matmul node): plan} for every static-quantized matmul that runs as an int8 linear."""
+    """{id(MatMul, Gemm or MatMulInteger node): plan} for every quantized matmul that runs as
+    an int8 linear."""
     plans: dict[int, QLinearPlan] = {}
     for node in graph.nodes:
         plan = _plan(node)
@@ -102,6 +108,8 @@ def plan_qlinears(graph: Graph) -> dict[int, QLinearPlan]:
 
 
 def _plan(node: Node) -> Optional[QLinearPlan]:
+    if node.domain == "" and node.op_type == "MatMulInteger":
+        return _plan_dynamic(node)
     if node.domain != "" or node.op_type not in ("MatMul", "Gemm") or len(node.inputs) < 2:
         return None
     x, w = node.inputs[0], node.inputs[1]
@@ -122,6 +130,42 @@ def _plan(node: Node) -> Optional[QLinearPlan]:
         v.producer for v in node.inputs
         if v is not None and v.producer is not None and v.producer.op_type == "DequantizeLinear" and sole_user(v) is node
     ]
+    return plan
+
+
+def _plan_dynamic(node: Node) -> Optional[QLinearPlan]:
+    """`Mul(Cast(MatMulInteger(a, W, a_zero, 0), float), Mul(a_scale, w_scale))` with (a, a_scale,
+    a_zero) the outputs of one DynamicQuantizeLinear: quantize{mode=dynamic}'s chain."""
+    a, w = node.inputs[0], node.inputs[1]
+    quantizer = a.producer if a is not None else None
+    if quantizer is None or quantizer.domain != "" or quantizer.op_type != "DynamicQuantizeLinear" or a is not quantizer.outputs[0]:
+        return None
+    if len(node.inputs) < 3 or node.inputs[2] is not quantizer.outputs[2] or a.type.rank is None or a.type.rank < 2:
+        return None
+    data = constant_data(w, limit=None) if w is not None else None
+    w_zero = node.inputs[3] if len(node.inputs) > 3 else None
+    zero = None if w_zero is None else constant_data(w_zero, limit=None)
+    if data is None or data.dtype != np.int8 or data.ndim != 2 or (w_zero is not None and (zero is None or np.any(zero != 0))):
+        return None
+    cast = sole_user(node.output)
+    if cast is None or cast.domain != "" or cast.op_type != "Cast" or int(cast.attrs.get("to", 0)) != DType.FLOAT.value:
+        return None
+    mul = sole_user(cast.output)
+    if mul is None or mul.domain != "" or mul.op_type != "Mul":
+        return None
+    scales = mul.inputs[1] if mul.inputs[0] is cast.output else mul.inputs[0]
+    product = scales.producer if scales is not None else None
+    if product is None or product.domain != "" or product.op_type != "Mul" or quantizer.outputs[1] not in product.inputs:
+        return None
+    other = product.inputs[1] if product.inputs[0] is quantizer.outputs[1] else product.inputs[0]
+    w_scale = constant_data(other, limit=None) if other is not None else None
+    width = data.shape[1]
+    if w_scale is None or w_scale.dtype != np.float32 or w_scale.size not in (1, width) or w_scale.shape[-1:] not in ((1,), (width,), ()):
+        return None
+    plan = QLinearPlan(a, quantizer.outputs[1], quantizer.outputs[2], np.ascontiguousarray(data.T),
+                       np.ascontiguousarray(np.broadcast_to(w_scale.reshape(-1), (width,))), absorbed=[node, cast, mul], dequantized=[])
+    absorb_epilogue(plan, width, np.dtype(np.float32))
+    plan.dequantized = [product] if sole_user(scales) is mul else []
     return plan
 
 
@@ -222,16 +266,19 @@ def pack_weight(weight: np.ndarray) -> Any:
     """The int8 [N, K] weight reordered into oneDNN's blocked layout."""
     import torch
 
-    return torch.ops.onednn.qlinear_prepack.default(torch.from_numpy(np.ascontiguousarray(weight)), None)
+    return torch.ops.onednn.qlinear_prepack.default(torch.tensor(weight), None)
 
 
-def qlinear_call(plan: QLinearPlan, x: Any, weight: Any, weight_scale: Any, weight_zero: Any, bias: Any) -> tuple[Any, tuple[Any, ...]]:
-    """(op, args) of the `qlinear_pointwise` call computing `plan` on the (fx) values given."""
+def qlinear_call(
+    plan: QLinearPlan, x: Any, x_scale: Any, x_zero: Any, weight: Any, weight_scale: Any, weight_zero: Any, bias: Any
+) -> tuple[Any, tuple[Any, ...]]:
+    """(op, args) of the `qlinear_pointwise` call computing `plan` on the (fx) values given;
+    `x_scale`/`x_zero` are the activation's (numbers, or tensors for a dynamic activation)."""
     import torch
 
     scale, zero = plan.output if plan.output is not None else (1.0, 0)
     dtype = torch.uint8 if plan.output is not None else torch.float32
     post = ("gelu", plan.gelu) if plan.gelu is not None else ("none", "")
-    args = (x, plan.activation_scale, plan.activation_zero, weight, weight_scale, weight_zero, bias,
-            scale, zero, dtype, post[0], [], post[1])
-    return torch.ops.onednn.qlinear_pointwise.default, args
+    args = (x, x_scale, x_zero, weight, weight_scale, weight_zero, bias, scale, zero, dtype, post[0], [], post[1])
+    op = torch.ops.onednn.qlinear_pointwise
+    return (op.default if isinstance(plan.activation_scale, float) else op.tensor), args

@@ -22,9 +22,9 @@ FLOAT_BOUND = 1e-5
 """Float outputs of an int8 linear: exact int32 sums, scaled once; float32 rounding only."""
 
 
-def _qlinear_calls(module) -> tuple[int, int]:
+def _qlinear_calls(module, overload: str = "default") -> tuple[int, int]:
     """(int8 linears, those writing uint8) in the module's code."""
-    calls = [line for line in module.code.splitlines() if "onednn.qlinear_pointwise.default(" in line]
+    calls = [line for line in module.code.splitlines() if f"onednn.qlinear_pointwise.{overload}(" in line]
     return len(calls), sum("torch.uint8" in line for line in calls)
 
 
@@ -122,3 +122,17 @@ def test_without_onednn_int8_the_quantized_graph_runs_on_the_torch_kernels(monke
     assert _qlinear_calls(module) == (0, 0) and module.code.count("DequantizeLinear(") == 4
     feeds = {"x": np.random.default_rng(3).standard_normal((2, 4, 16)).astype(np.float32)}
     np.testing.assert_allclose(_run(module, feeds)[0], _run(to_fx(quantized), feeds)[0], rtol=0, atol=0)
+
+
+def test_dynamic_int8_chains_run_as_int8_linears_reading_the_dynamic_scale():
+    graph = _mlp()
+    quantized = graphopt.optimize(graph.clone(), "quantize{mode=dynamic}")
+    plans = list(fx_qlinear.plan_qlinears(quantized).values())
+    assert [[n.op_type for n in p.absorbed] for p in plans] == [["MatMulInteger", "Cast", "Mul", "Add", "Gelu"], ["MatMulInteger", "Cast", "Mul", "Add"]]
+    module = to_fx(quantized, prepack_linears=True)
+    assert _qlinear_calls(module, "tensor") == (2, 0)
+    kernels = "".join(line for line in module.code.splitlines() if "torch_kernels_onnx_" in line)
+    assert kernels.count("DynamicQuantizeLinear(") == 2 and "MatMulInteger(" not in kernels and "_Mul(" not in kernels
+    feeds = {"x": np.random.default_rng(3).standard_normal((3, 4, 16)).astype(np.float32)}
+    (got,), (in_ort,) = _run(module, feeds), run_graph(quantized, feeds)
+    np.testing.assert_allclose(got, in_ort, rtol=0, atol=FLOAT_BOUND)
