@@ -14,7 +14,8 @@ token_type_ids; output last_hidden_state). Columns, all timed side by side in bl
 - graphopt bf16: `fuse,to-bf16` on the torch target (`graphopt.compile`);
 - graphopt int8 static / smooth auto / dynamic: `fuse,quantize{mode=static}`,
   `fuse,smooth-quant{alpha=auto},quantize{mode=static}` and `fuse,quantize{mode=dynamic}` on
-  `onnxruntime:cpu` (calibrated on the 20 calibration sentences).
+  `onnxruntime:cpu` and, marked (torch), on the torch target, whose oneDNN int8 linears run the
+  quantized matmuls (calibrated on the 20 calibration sentences).
 Fidelity on the 20 evaluation sentences of tests/data/minilm_sentences.json (padded to `--seq`)
 against ORT fp32: mean token cosine over real tokens and mean sentence cosine (mean pooling).
 Ratios: to ORT fp32 and to ORT dynamic int8 in the same row. The issue's targets (#26): graphopt
@@ -57,6 +58,13 @@ INT8_PIPELINES = {
     "graphopt int8 smooth auto": "fuse,smooth-quant{alpha=auto},quantize{mode=static}",
     "graphopt int8 dynamic": "fuse,quantize{mode=dynamic}",
 }
+"""int8 pipelines compiled for onnxruntime:cpu."""
+INT8_TORCH_PIPELINES = {
+    "graphopt int8 static (torch)": "fuse,quantize{mode=static}",
+    "graphopt int8 smooth auto (torch)": "fuse,smooth-quant{alpha=auto},quantize{mode=static}",
+    "graphopt int8 dynamic (torch)": "fuse,quantize{mode=dynamic}",
+}
+"""The same on the torch target (oneDNN int8 linears)."""
 
 
 def _say(text: str) -> None:
@@ -116,6 +124,9 @@ def build(name: str, args: argparse.Namespace, folder: str) -> tuple[dict[str, R
     for label, pipeline in INT8_PIPELINES.items():
         timed(label, lambda pipeline=pipeline: _session_runner(quantization_cpu.session(
             quantization_cpu.graphopt_model(path, pipeline, calibration, args.threads)[0], args.threads, disabled_optimizers=disabled)))
+    for label, pipeline in INT8_TORCH_PIPELINES.items():
+        timed(label, lambda pipeline=pipeline: _compiled_runner(
+            graphopt.compile(str(path), target="torch", pipeline=pipeline, calibration_data=calibration)))
     return runners, seconds, calibration, evaluation
 
 
@@ -159,12 +170,16 @@ def run_model(name: str, args: argparse.Namespace, folder: str) -> tuple[list[st
             met = ratio <= BF16_TARGET[0] and token >= BF16_TARGET[1]
             targets.append(f"- {name} batch {batch}: graphopt bf16 at {ratio:.2f}x ORT fp32, token cosine {token:.5f} "
                            f"(target <= {BF16_TARGET[0]}x at >= {BF16_TARGET[1]}: {'met' if met else 'not met'})")
-        int8 = [label for label in INT8_PIPELINES if label in row]
-        if int8:
-            best = min(int8, key=lambda label: row[label])
+        faithful = [label for label in (*INT8_PIPELINES, *INT8_TORCH_PIPELINES)
+                    if label in row and scores[label][0] >= INT8_TARGET[1] and scores[label][1] >= INT8_TARGET[2]]
+        if faithful:
+            best = min(faithful, key=lambda label: row[label])
             ratio = row[best] / row["ORT dynamic int8"]
-            targets.append(f"- {name} batch {batch}: fastest graphopt int8 ({best}) at {ratio:.2f}x ORT dynamic int8, token / sentence "
-                           f"cosine {scores[best][0]:.4f} / {scores[best][1]:.4f} (target <= {INT8_TARGET[0]}x)")
+            targets.append(f"- {name} batch {batch}: fastest graphopt int8 within token >= {INT8_TARGET[1]} / sentence >= {INT8_TARGET[2]} "
+                           f"({best}, {scores[best][0]:.4f} / {scores[best][1]:.4f}) at {ratio:.2f}x ORT dynamic int8 "
+                           f"(target <= {INT8_TARGET[0]}x: {'met' if ratio <= INT8_TARGET[0] else 'not met'})")
+        else:
+            targets.append(f"- {name} batch {batch}: no graphopt int8 variant within token >= {INT8_TARGET[1]} / sentence >= {INT8_TARGET[2]}")
     return lines + [""], targets
 
 
