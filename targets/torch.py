@@ -3,9 +3,13 @@
 Spec: ``torch[:cpu|:cuda]{prepack=True|False}``. Fused attention runs as
 `scaled_dot_product_attention`; on CPU, matmuls with constant float32 or bfloat16 weights run
 as oneDNN linears over weights packed once at compile time (bias and GELU folded in), unless
-`prepack=False`. A CPU graph with bfloat16 matmuls compiled on an x86 CPU without
-avx512_bf16 or AMX logs a warning (logger "graphopt"): the bfloat16 arithmetic is emulated
-there, slower than float32; the results are still right.
+`prepack=False`. With `prepack`, the int8 matmuls of `quantize{mode=static}` and
+`quantize{mode=dynamic}` run as oneDNN int8 linears too (`torch.ops.onednn.qlinear_pointwise`:
+weights prepacked, bias and GELU folded, uint8 outputs where only int8 linears read the
+requantized result) where torch has them, else as reference kernels. A CPU graph with
+bfloat16 matmuls compiled on an x86 CPU without avx512_bf16 or AMX logs a warning (logger
+"graphopt"): the bfloat16 arithmetic is emulated there, slower than float32; the results are
+still right.
 Called with torch tensors it returns torch tensors on the target's device; with numpy
 arrays, numpy arrays. The saved artifact is the optimized graph as ONNX with graphopt's
 own ops kept (`graph.onnx`); loading rebuilds the module from it.
@@ -32,7 +36,8 @@ class TorchTarget(Target):
     name = "torch"
     variants = ("cpu", "cuda")
     prepack: bool = True
-    """CPU: run matmuls with constant weights as oneDNN linears over prepacked weights."""
+    """CPU: run matmuls with constant weights (float32, bfloat16, int8 quantized) as oneDNN
+    linears over prepacked weights."""
 
     def available(self) -> Optional[str]:
         try:
