@@ -136,3 +136,9 @@ def test_dynamic_int8_chains_run_as_int8_linears_reading_the_dynamic_scale():
     feeds = {"x": np.random.default_rng(3).standard_normal((3, 4, 16)).astype(np.float32)}
     (got,), (in_ort,) = _run(module, feeds), run_graph(quantized, feeds)
     np.testing.assert_allclose(got, in_ort, rtol=0, atol=FLOAT_BOUND)
+
+
+def test_int8_linears_need_torch_built_with_onednn(monkeypatch):
+    monkeypatch.setattr(torch.backends.mkldnn, "is_available", lambda: False)
+    assert not fx_qlinear.qlinear_available()
+    assert _qlinear_calls(to_fx(_static(_mlp()), prepack_linears=True)) == (0, 0)
