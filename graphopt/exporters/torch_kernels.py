@@ -1330,12 +1330,13 @@ def onnx_DynamicQuantizeLinear(x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     Outputs (y, y_scale, y_zero_point); a range of zero width gets scale 1/255,
     as in the ONNX reference implementation.
     """
-    high = torch.clamp(x.max(), min=0).float()
-    low = torch.clamp(x.min(), max=0).float()
+    low, high = torch.aminmax(x)  # one pass over x; the quantizing steps below run in place
+    high = torch.clamp(high, min=0).float()
+    low = torch.clamp(low, max=0).float()
     width = torch.where(high == low, torch.ones_like(high), high - low)
     scale = width / 255
     zero_point = torch.round(torch.clamp(-low / scale, 0, 255))
-    y = torch.clamp(torch.round(x / scale) + zero_point, 0, 255)
+    y = (x / scale).round_().add_(zero_point).clamp_(0, 255)
     return y.to(torch.uint8), scale.to(x.dtype), zero_point.to(torch.uint8)
 
 
