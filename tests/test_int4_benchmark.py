@@ -12,7 +12,7 @@ import int4_cpu  # noqa: E402
 
 def test_decode_part_on_a_tiny_decoder_measures_every_variant(tmp_path):
     out = tmp_path / "int4.md"
-    text = int4_cpu.main(["--parts", "decode", "--models", "tiny", "--repeats", "1", "--past", "8", "--out", str(out)])
+    text = int4_cpu.main(["--parts", "decode", "--models", "tiny", "--repeats", "1", "--out", str(out)])
     assert out.read_text() == text
     rows = {cells[1]: cells for cells in ([c.strip() for c in line.strip("|").split("|")] for line in text.splitlines())
             if len(cells) == 8 and cells[0] == "tiny"}
