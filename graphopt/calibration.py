@@ -189,14 +189,26 @@ def collect_rows(
     return {name: np.concatenate(parts)[:max_rows].astype(np.float32) for name, parts in rows.items()}
 
 
-def collect_gram(graph: Graph, samples: Sequence[dict[str, np.ndarray]], values: Sequence[str]) -> dict[str, np.ndarray]:
-    """{name: [C, C] float64 sum of x x^T over the value's last-axis vectors x in all samples}."""
+@dataclasses.dataclass
+class Gram:
+    """X^T X of a value's last-axis vectors (float64 [C, C]) and how many vectors it sums."""
+
+    matrix: np.ndarray
+    rows: int
+
+
+def collect_gram(graph: Graph, samples: Sequence[dict[str, np.ndarray]], values: Sequence[str]) -> dict[str, Gram]:
+    """{name: the Gram matrix of the value's last-axis vectors over all samples}."""
     runners = [GraphRunner(graph, group) for group in value_groups(graph, samples, values)]
-    grams: dict[str, np.ndarray] = {}
+    grams: dict[str, Gram] = {}
     for sample in samples:
         for name, array in _run_all(runners, sample):
             flat = array.reshape(-1, array.shape[-1]).astype(np.float64)
-            grams[name] = grams[name] + flat.T @ flat if name in grams else flat.T @ flat
+            if name in grams:
+                grams[name].matrix += flat.T @ flat
+                grams[name].rows += len(flat)
+            else:
+                grams[name] = Gram(flat.T @ flat, len(flat))
     return grams
 
 

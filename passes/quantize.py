@@ -210,7 +210,15 @@ class Quantize(Pass):
 
         names = list(dict.fromkeys(c.activation.name for c in candidates))
         if self.method == "gptq":
-            return collect_gram(graph, ctx.calibration, names)
+            grams = collect_gram(graph, ctx.calibration, names)
+            short = [(name, gram.rows, gram.matrix.shape[0]) for name, gram in grams.items() if gram.rows < gram.matrix.shape[0]]
+            if short:
+                name, rows, channels = max(short, key=lambda item: item[2] - item[1])
+                ctx.logger.warning(
+                    "quantize method=gptq: the calibration data gives %d activation vectors of '%s' for %d input channels "
+                    "(%d matmul inputs short of that): the Hessian is rank-deficient and GPTQ may fit the calibration data "
+                    "rather than the model; give at least %d tokens", rows, name, channels, len(short), channels)
+            return {name: gram.matrix for name, gram in grams.items()}
         rows = collect_rows(graph, ctx.calibration, names, AWQ_ROWS)
         plan: dict[str, Any] = {}
         for name in names:

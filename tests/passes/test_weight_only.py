@@ -162,3 +162,14 @@ def test_head_option_chooses_the_type_of_the_matmul_that_makes_a_graph_output(he
 def test_calibrated_methods_say_they_need_calibration_data():
     with pytest.raises(GraphoptError, match=r"pass 'quantize' with method=gptq needs calibration data"):
         _quantize(_mlp_graph(), "method=gptq")
+
+
+def test_gptq_warns_when_the_calibration_gives_fewer_vectors_than_input_channels(caplog):
+    graph = _mlp_graph()
+    with caplog.at_level("WARNING", logger="graphopt"):
+        _quantize(graph, "method=gptq", _samples(1, seed=1))  # 16 vectors for 64 and 96 channels
+    assert "gives 16 activation vectors" in caplog.text and "for 96 input channels" in caplog.text and "at least 96 tokens" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="graphopt"):
+        _quantize(graph, "method=gptq", _samples(8, seed=1))  # 128 vectors
+    assert "rank-deficient" not in caplog.text
