@@ -44,6 +44,17 @@ def block_graph(seed: int = 0, outlier: float = 0.0) -> Graph:
     return graph
 
 
+def gemm_graph() -> Graph:
+    """y = Gemm(x [batch, 16], w [8, 16], b [8], transB=1): a transposed weight and a bias vector."""
+    rng = np.random.default_rng(0)
+    graph = Graph("gemm", {"": 17})
+    x = graph.add_input("x", TensorType(DType.FLOAT, ("batch", 16)))
+    w = graph.add_constant("w", rng.standard_normal((8, 16)).astype(np.float32))
+    b = graph.add_constant("b", rng.standard_normal(8).astype(np.float32))
+    graph.set_outputs([graph.add_node("Gemm", [x, w, b], {"transB": 1}, output_names=["y"]).output])
+    return graph
+
+
 def residual_graph(seed: int = 0) -> Graph:
     """x -> LayerNorm -> h; h read by a MatMul [16, 16] *and* a residual Add (so a norm
     cannot absorb smoothing factors); output y = h + h @ W."""

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 from conftest import numpy_inputs
-from quant_testing import block_graph, calibration, cosine
+from quant_testing import block_graph, calibration, cosine, gemm_graph
 
 import graphopt
 from graphopt import DType, Graph, TensorType
@@ -85,18 +85,13 @@ def test_a_requantized_result_is_written_as_uint8_by_the_linear_within_one_step(
 
 
 def test_gemm_with_transposed_weight_and_int32_bias_runs_as_an_int8_linear():
-    rng = np.random.default_rng(0)
-    graph = Graph("gemm", {"": 17})
-    x = graph.add_input("x", TensorType(DType.FLOAT, ("batch", 16)))
-    w = graph.add_constant("w", rng.standard_normal((8, 16)).astype(np.float32))
-    b = graph.add_constant("b", rng.standard_normal(8).astype(np.float32))
-    graph.set_outputs([graph.add_node("Gemm", [x, w, b], {"transB": 1}, output_names=["y"]).output])
+    graph = gemm_graph()
     quantized = _static(graph)
     (plan,) = fx_qlinear.plan_qlinears(quantized).values()
     assert plan.weight.shape == (8, 16) and len(plan.dequantized) == 3  # activation, weight and int32 bias
     module = to_fx(quantized, prepack_linears=True)
     assert _qlinear_calls(module) == (1, 0)
-    feeds = {"x": rng.standard_normal((5, 16)).astype(np.float32)}
+    feeds = {"x": np.random.default_rng(0).standard_normal((5, 16)).astype(np.float32)}
     np.testing.assert_allclose(_run(module, feeds)[0], run_graph(quantized, feeds)[0], rtol=0, atol=FLOAT_BOUND * 10)
 
 

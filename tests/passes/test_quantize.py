@@ -4,7 +4,7 @@ import numpy as np
 import onnx
 import pytest
 from conftest import numpy_inputs
-from quant_testing import INT8_KERNELS, block_graph, calibration, cosine, ort_kernel_counts
+from quant_testing import INT8_KERNELS, block_graph, calibration, cosine, gemm_graph, ort_kernel_counts
 
 import graphopt
 from graphopt import DType, Graph, PassContext, PipelineError, TensorType
@@ -165,12 +165,8 @@ def test_block_quantization_error_is_within_half_a_step(bits):
 
 
 def test_gemm_with_transposed_weight_is_quantized_per_output_row_and_runs_int8():
-    rng = np.random.default_rng(0)
-    graph = Graph("gemm", {"": 17})
-    x = graph.add_input("x", TensorType(DType.FLOAT, ("batch", 16)))
-    w = graph.add_constant("w", rng.standard_normal((8, 16)).astype(np.float32))
-    b = graph.add_constant("b", rng.standard_normal(8).astype(np.float32))
-    graph.set_outputs([graph.add_node("Gemm", [x, w, b], {"transB": 1}, output_names=["y"]).output])
+    graph = gemm_graph()
+    w = graph.constants["w"]
     for mode in ("static", "dynamic", "weight-only,accuracy_level=0"):
         out, stats = _quantized(graph, f"quantize{{mode={mode},block_size=16}}", calibration_data=calibration(graph))
         assert stats["quantized"] == 1
