@@ -55,6 +55,9 @@ class EliminateCommonSubexpressions(Pass):
        for the same size wherever it appears, so such a shape vector is computed once,
        whichever tensor it was read from.
 
+    DequantizeLinear nodes are never merged: quantize writes one per consumer, which is what
+    lets a runtime fuse each consumer into an int8 kernel.
+
     Nodes are visited in graph order, so chains of duplicates collapse in one run.
     Constants that are also graph inputs are never merged; a duplicate whose output is a
     graph output is only merged when the kept node's output can take over its name.
@@ -103,7 +106,7 @@ class EliminateCommonSubexpressions(Pass):
 
     def _node_key(self, node: Node) -> Optional[Hashable]:
         schema = node.schema
-        if schema is None or not schema.pure:
+        if schema is None or not schema.pure or (node.op_type == "DequantizeLinear" and not node.domain):
             return None
         contents = _contents_key(node)
         if contents is not None:

@@ -81,8 +81,10 @@ class FoldConstants(Pass):
        size of each of its outputs is known beforehand and at most `max_elements` elements
        (the default is 4 MB of float32); larger or unknown-size results stay nodes.
 
-    Random ops (impure), opaque ops, and nodes whose output is a graph output are never
-    folded; constants that are also graph inputs (overridable) count as unknown.
+    Random ops (impure), opaque ops, nodes whose output is a graph output and
+    DequantizeLinear (a quantized weight is stored quantized on purpose: folding it would
+    give the runtime a float matmul) are never folded; constants that are also graph inputs
+    (overridable) count as unknown.
 
     Needs: ONNX Runtime. Changes: adds constants and removes the nodes they replace;
     intermediate results that only fed folded nodes are not kept; output types refined by
@@ -166,7 +168,7 @@ class FoldConstants(Pass):
         nodes = []
         for node in graph:
             inputs = [v for v in node.inputs if v is not None]
-            if not inputs or not _is_pure_onnx(node) or not all(id(v) in known for v in inputs):
+            if not inputs or not _is_pure_onnx(node) or node.op_type == "DequantizeLinear" or not all(id(v) in known for v in inputs):
                 continue
             if any(out.is_graph_output or not _within(out, self.max_elements) for out in node.outputs):
                 continue

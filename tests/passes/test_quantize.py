@@ -221,3 +221,14 @@ def test_weight_only_decoder_runs_in_ort_and_the_torch_target(zoo, zoo_onnx, dty
     in_torch = graphopt.compile(out, "torch")(*feeds.values())[0]
     assert cosine(expected, in_ort) >= (0.99 if dtype == "int4" else 0.9999)
     np.testing.assert_allclose(np.asarray(in_torch), np.asarray(in_ort), rtol=1e-3, atol=1e-3)
+
+
+def test_a_quantized_graph_keeps_its_int8_kernels_through_fuse():
+    """fold-constants must not dequantize the weights back to float, nor CSE merge the
+    per-consumer DequantizeLinear nodes: either would leave ONNX Runtime float matmuls."""
+    graph = block_graph()
+    quantized, _ = _quantized(graph, "quantize", calibration_data=calibration(graph))
+    again = graphopt.optimize(quantized.clone(), "fuse", verify=True)
+    assert again.op_counts()["DequantizeLinear"] == quantized.op_counts()["DequantizeLinear"] == 6
+    kernels = ort_kernel_counts(again)
+    assert sum(kernels.get(k, 0) for k in INT8_KERNELS) == 3 and kernels.get("MatMul", 0) == 0, kernels
