@@ -150,8 +150,7 @@ class ChoosePrecision(Pass):
         measured: dict[tuple[int, int, int], dict[str, float]] = {}
         result = {}
         for c in candidates:
-            k, n = (c.weight.shape[1], c.weight.shape[0]) if c.transposed else c.weight.shape
-            key = (tokens[c.activation.name], int(k), int(n))
+            key = (tokens[c.activation.name], *c.in_out)
             if key not in measured:
                 measured[key] = self._measure_shape(*key, ctx)
             result[c.node.name] = measured[key]
@@ -266,26 +265,18 @@ def _activation_rows(graph: Graph, samples: list[dict[str, np.ndarray]], candida
 
 def _simulated_error(rows: np.ndarray, c: Candidate, precision: str, block_size: int) -> float:
     """Relative squared error of rows @ W computed in `precision` (see the module doc)."""
-    from graphopt.passes.quantize import _matrix
-    from graphopt.passes.quantize_weights import dequantize_blocks, quantize_blocks, quantize_symmetric
+    from graphopt.passes.quantize_weights import rounded_activation, rounded_blocks, rounded_weight
 
-    weight = _matrix(c).astype(np.float32)
-    exact = rows @ weight
     if precision == "fp32":
         return 0.0
+    weight = c.matrix
+    exact = rows @ weight
     if precision == "bf16":
         approx = _bf16(rows) @ _bf16(weight)
     elif precision == "int8":
-        low, high = min(float(rows.min()), 0.0), max(float(rows.max()), 0.0)
-        scale = (high - low) / 255 or 1.0
-        zero = np.clip(np.rint(-low / scale), 0, 255)
-        restored = (np.clip(np.rint(rows / scale) + zero, 0, 255) - zero) * scale
-        q, w_scale, _ = quantize_symmetric(weight, axis=1)
-        approx = restored @ (q.astype(np.float32) * w_scale)
+        approx = rounded_activation(rows) @ rounded_weight(weight)
     else:
-        k, n = weight.shape
-        encoded = quantize_blocks(weight, 4, block_size)
-        approx = rows @ dequantize_blocks(encoded.packed, encoded.scales, k, n, 4, block_size)
+        approx = rows @ rounded_blocks(weight, 4, block_size)
     return float(np.sum((approx - exact).astype(np.float64) ** 2) / max(float(np.sum(exact.astype(np.float64) ** 2)), 1e-30))
 
 

@@ -75,6 +75,18 @@ class Candidate:
     def activation(self) -> Value:
         return self.node.inputs[0]  # type: ignore[return-value]
 
+    @property
+    def in_out(self) -> tuple[int, int]:
+        """(K, N) of y = x @ W."""
+        rows, columns = self.weight.shape  # type: ignore[misc]
+        return (columns, rows) if self.transposed else (rows, columns)
+
+    @property
+    def matrix(self) -> np.ndarray:
+        """The weight as the [K, N] matrix of y = x @ W."""
+        data = self.weight.const.numpy()  # type: ignore[union-attr]
+        return np.ascontiguousarray(data.T) if self.transposed else data
+
 
 def find_candidates(graph: Graph, exclude: Sequence[str] = ()) -> tuple[list[Candidate], list[str], int]:
     """(candidates, names of excluded matmuls, number of matmuls already quantized)."""
@@ -224,7 +236,7 @@ class Quantize(Pass):
         for name in names:
             group = [c for c in candidates if c.activation.name == name]
             bits = {self._bits(c) for c in group}
-            factors = awq_factors(rows[name], [_matrix(c) for c in group], 4, self.block_size, self.symmetric) if bits == {4} else None
+            factors = awq_factors(rows[name], [c.matrix for c in group], 4, self.block_size, self.symmetric) if bits == {4} else None
             plan[name] = (factors, rows[name])
         ctx.logger.info("quantize: AWQ scaled %d of %d activations", sum(f is not None for f, _ in plan.values()), len(names))
         return plan
@@ -372,7 +384,7 @@ class Quantize(Pass):
         from graphopt.passes.weight_only import clipped_blocks, gptq
 
         bits = self._bits(c)
-        matrix = _matrix(c)
+        matrix = c.matrix
         k, n = matrix.shape
         key = (c.weight.name, bits, c.activation.name if self.method != "rtn" else None)
         if key not in weights:
@@ -407,12 +419,6 @@ class Quantize(Pass):
         old.output.replace_all_uses_with(result)
         graph.erase(old)
         graph.rename_value(result, name)
-
-
-def _matrix(c: Candidate) -> np.ndarray:
-    """A candidate's weight as the [K, N] matrix of y = x @ W."""
-    data = c.weight.const.numpy()  # type: ignore[union-attr]
-    return np.ascontiguousarray(data.T) if c.transposed else data
 
 
 def _is_head(c: Candidate) -> bool:

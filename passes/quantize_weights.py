@@ -11,7 +11,10 @@
   ONNX Runtime's `MatMulNBitsQuantizer`; the codes are bit-equal to its C++ quantizer's.
   `weight_blocks`, `block_params`, `quantize_values` and `pack_blocks` are its steps, which
   the calibrated methods (`graphopt.passes.weight_only`) reuse.
-- `dequantize_blocks(...)`: the inverse, used by the tests and the calibrated methods.
+- `dequantize_blocks(...)`: the inverse, used by the tests; `rounded_blocks` gives the same
+  weight without packing (what the calibrated methods and choose-precision score).
+- `rounded_activation(x)` / `rounded_weight(w)`: x and W as a uint8 per-tensor / int8
+  per-channel quantizer gives them back (smooth-quant's and choose-precision's int8 estimates).
 """
 
 from __future__ import annotations
@@ -56,6 +59,19 @@ def activation_params(low: float, high: float, dtype: str = "uint8") -> tuple[np
         return np.asarray(scale, np.float32), np.asarray(zero, np.uint8)
     scale = max(-low, high) / 127.0 or 1.0
     return np.asarray(scale, np.float32), np.asarray(0, np.int8)
+
+
+def rounded_activation(x: np.ndarray) -> np.ndarray:
+    """x as uint8 quantization over its own [min, max] (`activation_params`) gives it back: what
+    a per-tensor static or dynamic int8 matmul reads."""
+    scale, zero = activation_params(float(x.min()), float(x.max()))
+    return (np.clip(np.rint(x / scale) + zero, 0, 255) - zero) * scale
+
+
+def rounded_weight(w: np.ndarray) -> np.ndarray:
+    """A [K, N] weight as per-output-channel symmetric int8 (`quantize_symmetric`) gives it back."""
+    q, scale, _ = quantize_symmetric(w, axis=1)
+    return q.astype(np.float32) * scale
 
 
 @dataclasses.dataclass
@@ -106,6 +122,25 @@ def quantize_values(x: np.ndarray, scale: np.ndarray, zero: np.ndarray, bits: in
     return np.clip(np.rint(x / scale) + zero, 0, 2**bits - 1)
 
 
+def decoded_blocks(grouped: np.ndarray, scale: np.ndarray, zero: np.ndarray, bits: int) -> np.ndarray:
+    """The values `MatMulNBits` computes with for blocks `grouped` [N, blocks, block_size]
+    encoded with per-block `scale` and `zero` [N, blocks]: (code - zero) * scale."""
+    return (quantize_values(grouped, scale[..., None], zero[..., None], bits) - zero[..., None]) * scale[..., None]
+
+
+def rounded_blocks(w: np.ndarray, bits: int, block_size: int, symmetric: bool = True) -> np.ndarray:
+    """The [K, N] weight `quantize_blocks` encodes, as `dequantize_blocks` would give it back
+    (without packing and unpacking)."""
+    grouped = weight_blocks(w, block_size)
+    scale, zero = block_params(grouped, bits, symmetric)
+    return _ungrouped(decoded_blocks(grouped, scale, zero, bits), w.shape[0])
+
+
+def _ungrouped(grouped: np.ndarray, k: int) -> np.ndarray:
+    """The [K, N] matrix of blocks [N, blocks, block_size] (`weight_blocks`' inverse)."""
+    return grouped.reshape(grouped.shape[0], -1)[:, :k].T.copy()
+
+
 def pack_blocks(codes: np.ndarray, scale: np.ndarray, zero: np.ndarray, bits: int, symmetric: bool) -> BlockQuantized:
     """`BlockQuantized` of codes [N, blocks, block_size] with their per-block scale and zero point."""
     q = codes.astype(np.uint8)
@@ -146,5 +181,4 @@ def dequantize_blocks(
         zero = np.stack([zp & 0x0F, zp >> 4], axis=-1).reshape(n, -1)[:, :blocks].astype(np.float32)
     else:
         zero = np.asarray(zero_points, dtype=np.float32).reshape(n, blocks)
-    values = (q.astype(np.float32) - zero[..., None]) * np.asarray(scales, np.float32).reshape(n, blocks, 1)
-    return values.reshape(n, -1)[:, :k].T.copy()
+    return _ungrouped((q.astype(np.float32) - zero[..., None]) * np.asarray(scales, np.float32).reshape(n, blocks, 1), k)

@@ -158,21 +158,17 @@ class SmoothQuant(Pass):
 def _local_alpha(rows: np.ndarray, activation_max: np.ndarray, group: list[Candidate]) -> Optional[float]:
     """The alpha of AUTO_ALPHAS, or None for no smoothing, whose int8 simulation of the
     group's matmuls on `rows` has the smallest relative squared output error."""
-    from graphopt.passes.quantize_weights import activation_params, quantize_symmetric
+    from graphopt.passes.quantize_weights import rounded_activation, rounded_weight
 
-    weights = [c.weight.const.numpy().astype(np.float32) for c in group]  # type: ignore[union-attr]
-    weights = [w.T if c.transposed else w for w, c in zip(weights, group)]
+    weights = [c.matrix for c in group]
     exact = [rows @ w for w in weights]
     errors = {}
     for alpha in (None, *AUTO_ALPHAS):
         factors = np.ones_like(activation_max) if alpha is None else _factors(activation_max, group, alpha)
-        smoothed = rows / factors
-        scale, zero = activation_params(float(smoothed.min()), float(smoothed.max()))
-        restored = (np.clip(np.rint(smoothed / scale) + zero, 0, 255) - zero) * scale
+        restored = rounded_activation(rows / factors)
         error = 0.0
         for w, want in zip(weights, exact):
-            q, w_scale, _ = quantize_symmetric(w * factors[:, None], axis=1)
-            error += float(np.sum((restored @ (q.astype(np.float32) * w_scale) - want) ** 2) / max(np.sum(want**2), 1e-30))
+            error += float(np.sum((restored @ rounded_weight(w * factors[:, None]) - want) ** 2) / max(np.sum(want**2), 1e-30))
         errors[alpha] = error
     return min(errors, key=lambda a: (errors[a], -1.0 if a is None else a))
 

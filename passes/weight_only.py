@@ -29,7 +29,7 @@ from typing import Optional, Sequence
 import numpy as np
 
 from graphopt.passes.quantize_weights import (
-    BlockQuantized, block_params, dequantize_blocks, pack_blocks, quantize_blocks, quantize_values, weight_blocks,
+    BlockQuantized, block_params, decoded_blocks, pack_blocks, quantize_values, rounded_blocks, weight_blocks,
 )
 
 AWQ_GRID = tuple(i / 10 for i in range(11))
@@ -61,9 +61,7 @@ def awq_factors(
         scaled_rows = rows / factors
         error = 0.0
         for w, want, norm in zip(weights, exact, norms):
-            k, n = w.shape
-            q = quantize_blocks(w * factors[:, None], bits, block_size, symmetric)
-            restored = dequantize_blocks(q.packed, q.scales, k, n, bits, block_size, q.zero_points)
+            restored = rounded_blocks(w * factors[:, None], bits, block_size, symmetric)
             error += float(np.sum((scaled_rows @ restored - want).astype(np.float64) ** 2)) / norm
         if error < best[0]:
             best = (error, None if alpha == 0 else factors)
@@ -83,8 +81,7 @@ def clipped_blocks(w: np.ndarray, rows: np.ndarray, bits: int, block_size: int, 
     best_ratio = np.ones((n, blocks), np.float32)
     for ratio in CLIP_RATIOS:
         scale, zero = block_params(grouped, bits, symmetric, ratio)
-        restored = (quantize_values(grouped, scale[..., None], zero[..., None], bits) - zero[..., None]) * scale[..., None]
-        difference = (grouped - restored).transpose(1, 2, 0)  # [blocks, block_size, N]
+        difference = (grouped - decoded_blocks(grouped, scale, zero, bits)).transpose(1, 2, 0)  # [blocks, block_size, N]
         error = np.sum(np.matmul(x, difference).astype(np.float64) ** 2, axis=1).T  # [N, blocks]
         better = error < best_error
         best_error = np.where(better, error, best_error)
