@@ -363,7 +363,7 @@ class Quantize(Pass):
         """Divide each activation with AWQ factors by them (absorbed by its producer when only
         these matmuls read it, else one Mul); {matmul name: (factors its weight rows get, the
         calibration rows as the matmul now sees them)}."""
-        from graphopt.passes.smooth_quant import absorb_scaling, insert_scaling
+        from graphopt.passes.smooth_quant import divide_activation
 
         by_activation: dict[str, list[Candidate]] = {}
         for c in candidates:
@@ -373,8 +373,7 @@ class Quantize(Pass):
         for name, group in by_activation.items():
             factors, rows = plan[name]
             if factors is not None:
-                if not absorb_scaling(graph, group[0].activation, {c.node for c in group}, factors):
-                    insert_scaling(graph, group, factors)
+                divide_activation(graph, group, factors)
                 rows = rows / factors
             scaled.update({c.node.name: (factors, rows) for c in group})
         return scaled

@@ -146,11 +146,7 @@ class SmoothQuant(Pass):
                 c.node.replace_input(1, graph.add_constant(f"{c.weight.name}_smoothed", scaled.astype(np.float32)))
                 if not c.weight.uses() and c.weight.graph is graph:
                     graph.remove_constant(c.weight)
-            if absorb_scaling(graph, group[0].activation, {c.node for c in group}, factors):
-                counts["absorbed"] += 1
-            else:
-                insert_scaling(graph, group, factors)
-                counts["mul_inserted"] += 1
+            counts["absorbed" if divide_activation(graph, group, factors) else "mul_inserted"] += 1
             counts["smoothed"] += 1
         return PassResult(counts["smoothed"] > 0, counts)
 
@@ -193,7 +189,16 @@ def _factors(activation_max: np.ndarray, group: list[Candidate], alpha: float) -
     return np.clip(factors, *SCALE_RANGE).astype(np.float32)
 
 
-def absorb_scaling(graph: Graph, x: Value, readers: set[Node], factors: np.ndarray) -> bool:
+def divide_activation(graph: Graph, group: list[Candidate], factors: np.ndarray) -> bool:
+    """Make the matmuls of `group` (all reading one activation x) read x / `factors`: inside x's
+    producer when only they read x (returns True), else through one new Mul (False)."""
+    if _absorb(graph, group[0].activation, {c.node for c in group}, factors):
+        return True
+    _insert_mul(graph, group, factors)
+    return False
+
+
+def _absorb(graph: Graph, x: Value, readers: set[Node], factors: np.ndarray) -> bool:
     """Divide x by `factors` inside its producer, when only `readers` read x."""
     producer = x.producer
     if producer is None or x.is_graph_output or any(use.node not in readers for use in x.uses()):
@@ -237,7 +242,7 @@ def _divide_input(graph: Graph, node: Node, index: int, factors: np.ndarray) -> 
         graph.remove_constant(old)
 
 
-def insert_scaling(graph: Graph, group: list[Candidate], factors: np.ndarray) -> None:
+def _insert_mul(graph: Graph, group: list[Candidate], factors: np.ndarray) -> None:
     x = group[0].activation
     inverse = graph.add_constant(f"{x.name}_smooth_factors", (1.0 / factors).astype(np.float32))
     mul = graph.add_node("Mul", [x, inverse], before=group[0].node)
