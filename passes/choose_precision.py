@@ -5,9 +5,10 @@ Rules. The candidates are `quantize`'s (matmuls with a constant float32 weight).
 1. **Latency, measured on the target** (`target`, e.g. `onnxruntime:cpu{threads=2}` or `torch`):
    a one-matmul graph of the candidate's weight shape, fed as many rows as the first
    calibration sample gives it, is converted to each precision of `precisions` (the same
-   rewrites as step 4), compiled and timed (median of LATENCY_CALLS calls, shapes measured
-   once). A precision the target refuses (ONNX Runtime's CPU kernels have no bf16) or that is
-   not faster than the next more precise one is dropped for that shape.
+   rewrites as step 4), compiled and timed side by side (`graphopt.timing`, median of
+   LATENCY_CALLS calls each; each shape measured once). A precision the target refuses (ONNX
+   Runtime's CPU kernels have no bf16) or that is not faster than the next more precise one is
+   dropped for that shape.
 2. **Sensitivity, per matmul, on calibration data**: the relative squared error of x @ W in
    that precision on up to SENSITIVITY_ROWS calibration activation rows of its input
    (bf16: inputs and weights rounded to bfloat16; int8: uint8 per-tensor activations and
@@ -33,11 +34,11 @@ choice depend on the machine (and its load): run it where the model will run.
 
 from __future__ import annotations
 
+import collections
 import dataclasses
+import functools
 import glob
 import heapq
-import statistics
-import time
 from typing import Any, Optional
 
 import numpy as np
@@ -47,11 +48,16 @@ from graphopt.ir.graph import Graph
 from graphopt.ir.types import TensorType
 from graphopt.pass_base import Pass, PassContext, PassResult
 from graphopt.registry import register_pass
+from graphopt.timing import median_ms
 from graphopt.passes.quantize import Candidate, QuantizationError, Quantize, find_candidates, mean_cosine
 
 PRECISIONS = ("fp32", "bf16", "int8", "int4")
 SENSITIVITY_ROWS = 512
 LATENCY_CALLS = 15
+LATENCY_BLOCK = 5
+LATENCY_PAUSE_S = 0.05
+"""Each shape's precisions are timed side by side (`graphopt.timing`): rounds of a pause, then a
+block of calls each, so one precision's spinning worker threads do not slow the next one's."""
 COMPILE_PIPELINE = "eliminate-dead-code"
 """What the pass runs before its trial compiles (the target's lowering follows)."""
 
@@ -161,7 +167,7 @@ class ChoosePrecision(Pass):
 
         weight = (np.random.default_rng(0).standard_normal((k, n)) / np.sqrt(k)).astype(np.float32)
         x = np.random.default_rng(1).standard_normal((rows, k)).astype(np.float32)
-        times: dict[str, float] = {}
+        runners: dict[str, Any] = {}
         for precision in self.precisions:
             single = _single_matmul(rows, weight)
             apply_precisions(single, {"matmul": precision}, self.block_size, self.accuracy_level)
@@ -172,7 +178,8 @@ class ChoosePrecision(Pass):
                     raise
                 ctx.logger.info("choose-precision: %s cannot run %s matmuls: %s", self.target, precision, str(exc).splitlines()[0])
                 continue
-            times[precision] = _median_ms(lambda: compiled(x))
+            runners[precision] = functools.partial(compiled, x)
+        times = median_ms(runners, LATENCY_CALLS, warmup=1, block=LATENCY_BLOCK, pause_s=LATENCY_PAUSE_S)
         kept, fastest = {"fp32": times["fp32"]}, times["fp32"]
         for precision in PRECISIONS[1:]:
             if precision in times and times[precision] < fastest:
@@ -235,16 +242,6 @@ def _single_matmul(rows: int, weight: np.ndarray) -> Graph:
     x = graph.add_input("x", TensorType(DType.FLOAT, (rows, weight.shape[0])))
     graph.set_outputs([graph.add_node("MatMul", [x, graph.add_constant("w", weight)], name="matmul", output_names=["y"]).output])
     return graph
-
-
-def _median_ms(call: Any) -> float:
-    call()
-    times = []
-    for _ in range(LATENCY_CALLS):
-        start = time.perf_counter()
-        call()
-        times.append((time.perf_counter() - start) * 1000)
-    return statistics.median(times)
 
 
 def _named(compiled: Any, sample: dict[str, np.ndarray], names: list[str]) -> dict[str, np.ndarray]:
@@ -317,7 +314,4 @@ def _path(latency: dict[str, dict[str, float]], errors: dict[str, dict[str, floa
 
 
 def _counts(assignment: dict[str, str]) -> dict[str, int]:
-    counts: dict[str, int] = {}
-    for precision in assignment.values():
-        counts[precision] = counts.get(precision, 0) + 1
-    return counts
+    return dict(collections.Counter(assignment.values()))
