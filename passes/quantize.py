@@ -47,6 +47,7 @@ import numpy as np
 from graphopt.errors import GraphoptError
 from graphopt.ir.dtypes import DType
 from graphopt.ir.graph import Graph, Node, Value
+from graphopt.ir.ops.onnx import is_plain_gemm
 from graphopt.ir.types import TensorType
 from graphopt.pass_base import Pass, PassContext, PassResult
 from graphopt.registry import register_pass
@@ -102,7 +103,7 @@ def find_candidates(graph: Graph, exclude: Sequence[str] = ()) -> tuple[list[Can
             continue
         if activation.dtype != DType.FLOAT or weight.dtype != DType.FLOAT or weight.type.rank != 2:
             continue
-        if node.op_type == "Gemm" and (node.attrs.get("transA", 0) or node.attrs.get("alpha", 1.0) != 1.0 or node.attrs.get("beta", 1.0) != 1.0):
+        if node.op_type == "Gemm" and not is_plain_gemm(node):
             continue
         if any(fnmatch.fnmatchcase(node.name, p) or fnmatch.fnmatchcase(weight.name, p) for p in exclude):
             excluded.append(node.name)

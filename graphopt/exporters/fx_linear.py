@@ -32,6 +32,7 @@ import numpy as np
 
 from graphopt.ir.dtypes import DType
 from graphopt.ir.graph import Graph, Node, Value, constant_data
+from graphopt.ir.ops.onnx import is_plain_gemm
 from graphopt.ir.schema import GRAPHOPT_DOMAIN
 
 _LOG = logging.getLogger("graphopt")
@@ -130,14 +131,11 @@ def _weight(node: Node, dtypes: frozenset[DType]) -> Optional[np.ndarray]:
         if data is None or data.ndim != 2 or x is None or x.type.rank is None or x.type.rank < 2:
             return None
         return np.ascontiguousarray(data.T)
-    if node.op_type == "Gemm":
-        attrs = node.attrs
-        if float(attrs.get("alpha", 1.0)) != 1.0 or float(attrs.get("beta", 1.0)) != 1.0 or int(attrs.get("transA", 0)):
-            return None
+    if is_plain_gemm(node):
         data = _constant_of(node.inputs[1], dtypes) if node.inputs[1] is not None else None
         if data is None or data.ndim != 2:
             return None
-        return np.ascontiguousarray(data if int(attrs.get("transB", 0)) else data.T)
+        return np.ascontiguousarray(data if int(node.attrs.get("transB", 0)) else data.T)
     return None
 
 

@@ -42,6 +42,7 @@ import numpy as np
 from graphopt.exporters.fx_linear import absorb_epilogue, sole_user
 from graphopt.ir.dtypes import DType
 from graphopt.ir.graph import Graph, Node, Value, constant_data
+from graphopt.ir.ops.onnx import is_plain_gemm
 
 
 @dataclasses.dataclass
@@ -209,10 +210,9 @@ def _weight(matmul: Node, w: Value) -> Optional[tuple[np.ndarray, np.ndarray]]:
         return None
     transposed = False
     if matmul.op_type == "Gemm":
-        attrs = matmul.attrs
-        if float(attrs.get("alpha", 1.0)) != 1.0 or float(attrs.get("beta", 1.0)) != 1.0 or int(attrs.get("transA", 0)):
+        if not is_plain_gemm(matmul):
             return None
-        transposed = bool(int(attrs.get("transB", 0)))
+        transposed = bool(int(matmul.attrs.get("transB", 0)))
     out_axis = 0 if transposed else 1
     width = data.shape[out_axis]
     scale = constant_data(node.inputs[1], limit=None) if node.inputs[1] is not None else None

@@ -32,7 +32,7 @@ from __future__ import annotations
 import functools
 import math
 from collections import Counter
-from typing import Any, Callable, Optional, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Optional, Sequence
 
 import numpy as np
 
@@ -49,12 +49,27 @@ from graphopt.ir.schema import (
 from graphopt.ir.symbolic import add_dims, dim_at_most, dims_equal, floordiv_dims, mul_dims, sub_dims
 from graphopt.ir.types import Dim, Shape, TensorType, broadcast_shapes, format_dim, merge_dims
 
+if TYPE_CHECKING:
+    from graphopt.ir.graph import Node
+
 ALL_INPUTS: tuple[int, ...] = (-1,)
 
 # Slice ends at or past this reach the end of any axis (exporters write INT32_MAX or INT64_MAX).
 SLICE_TO_END = 2**31 - 1
 # The most elements a propagate function builds from attributes or repeats (Constant, ConstantOfShape).
 _MAX_PROPAGATED = 64
+
+
+def is_plain_gemm(node: "Node") -> bool:
+    """Whether `node` is a Gemm computing A @ op(B) (+ C) as a linear layer: alpha = beta = 1,
+    transA = 0, transB either way (what matmul rewrites such as quantize and the torch target's
+    prepacked linears take)."""
+    attrs = node.attrs
+    return (
+        node.domain == "" and node.op_type == "Gemm" and float(attrs.get("alpha", 1.0)) == 1.0
+        and float(attrs.get("beta", 1.0)) == 1.0 and not int(attrs.get("transA", 0))
+    )
+
 
 Propagated = list[Optional[SymbolicValue]]
 
