@@ -7,7 +7,7 @@ inputs, then of its outputs), and the advice names the graphopt pass that makes 
 
 from __future__ import annotations
 
-from typing import Iterable, Optional, Sequence
+from typing import Callable, Iterable, Optional, Sequence
 
 from graphopt.ir.dtypes import DType
 from graphopt.ir.graph import Node
@@ -58,3 +58,14 @@ def advice(dtypes: Iterable[DType]) -> str:
     passes = list(dict.fromkeys(MADE_BY[d] for d in dtypes if d in MADE_BY))
     instead = f", or a pipeline without {' / '.join(passes)}" if passes else ""
     return f"use target 'torch', or compile with partition=True to run these nodes in torch{instead}"
+
+
+def refused_types_reason(nodes: Sequence[Node], refused: Callable[[Node], list[DType]], who: str, where: str = "") -> str:
+    """"<who> takes no <types> tensors<where>: <signatures>; <advice>" for the `nodes` whose
+    element types `refused(node)` names; "" when there are none (their op names say it)."""
+    typed = [n for n in nodes if refused(n)]
+    if not typed:
+        return ""
+    dtypes = list(dict.fromkeys(d for n in typed for d in refused(n)))
+    names = ", ".join(dtype_name(d) for d in dtypes)
+    return f"{who} takes no {names} tensors{where}: {listing([signature(n) for n in typed])}; {advice(dtypes)}"

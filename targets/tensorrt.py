@@ -42,7 +42,7 @@ from graphopt.ir.graph import Graph, Node
 from graphopt.pass_base import Pass
 from graphopt.registry import get_pass
 from graphopt.target_base import CompiledModel, IOSpec, Target, TargetError
-from graphopt.targets.dtype_support import advice, dtype_name, listing, node_dtypes, signature
+from graphopt.targets.dtype_support import node_dtypes, refused_types_reason
 from graphopt.targets.tensorrt_engine import Profiles, builder_plan
 from graphopt.targets.tensorrt_lowering import QDQ_OPS, check_qdq, int32_engine_io, qdq_nodes, unparsed_nodes
 from graphopt.targets.tensorrt_profiles import compute_profiles, parse_profiles
@@ -121,15 +121,10 @@ class TensorRTTarget(Target):
     def unsupported_reason(self, nodes: Sequence[Any]) -> str:
         """The element types the parser refuses, with the nodes' signatures; "" for nodes it
         cannot parse at all (their op names say it)."""
-        typed = [n for n in nodes if unsupported_dtypes(n)]
-        if not typed:
-            return ""
-        dtypes = list(dict.fromkeys(d for n in typed for d in unsupported_dtypes(n)))
-        names = ", ".join(dtype_name(d) for d in dtypes)
-        return (
-            f"TensorRT takes no {names} tensors in these nodes (float8e4m3fn, int4 and float4e2m1 only in "
-            f"QuantizeLinear/DequantizeLinear; float64 it would compute in float32): "
-            f"{listing([signature(n) for n in typed])}; {advice(dtypes)}"
+        return refused_types_reason(
+            nodes, unsupported_dtypes, "TensorRT",
+            " in these nodes (float8e4m3fn, int4 and float4e2m1 only in QuantizeLinear/DequantizeLinear; "
+            "float64 it would compute in float32)",
         )
 
     def lowering(self) -> list[Pass]:

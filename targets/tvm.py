@@ -38,7 +38,7 @@ from graphopt.ir.schema import GRAPHOPT_DOMAIN
 from graphopt.pass_base import Pass
 from graphopt.registry import get_pass
 from graphopt.target_base import CompiledModel, IOSpec, Target, TargetError
-from graphopt.targets.dtype_support import advice, dtype_name, listing, signature
+from graphopt.targets.dtype_support import refused_types_reason
 
 LIBRARY_FILE = "model.so"
 PARAMS_FILE = "params.npz"
@@ -90,12 +90,7 @@ class TvmTarget(Target):
         nodes that only lack a translation rule (their op names say it)."""
         from graphopt.targets.tvm_relax import unsupported_dtypes
 
-        typed = [n for n in nodes if unsupported_dtypes(n)]
-        if not typed:
-            return ""
-        dtypes = list(dict.fromkeys(d for n in typed for d in unsupported_dtypes(n)))
-        names = ", ".join(dtype_name(d) for d in dtypes)
-        return f"the TVM target takes no {names} tensors: {listing([signature(n) for n in typed])}; {advice(dtypes)}"
+        return refused_types_reason(nodes, unsupported_dtypes, "the TVM target")
 
     def lowering(self) -> list[Pass]:
         """`decompose-graphopt-ops`, keeping the graphopt ops that have a Relax translation
