@@ -144,7 +144,7 @@ def minilm_part(args: argparse.Namespace, folder: Path) -> list[str]:
         except Exception as exc:  # e.g. a quantizer that wrote an invalid model
             lines.append(f"| {label} | {build[label]:.1f} | - | failed to load: {str(exc).strip().splitlines()[0][:160]} | - |")
             continue
-        mean, worst, sentence = quantization_cpu.fidelity(reference, sess, evaluation)
+        mean, worst, sentence = quantization_cpu.fidelity(reference, lambda feed: sess.run(None, feed)[0], evaluation)
         lines.append(f"| {label} | {build[label]:.1f} | {_matmul_counts(model)} | {mean:.4f} / {worst:.4f} | {sentence:.4f} |")
     return lines
 

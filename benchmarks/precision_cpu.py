@@ -130,22 +130,13 @@ def build(name: str, args: argparse.Namespace, folder: str) -> tuple[dict[str, R
     return runners, seconds, calibration, evaluation
 
 
-def fidelity(reference: list[np.ndarray], run: Runner, samples: list[dict]) -> tuple[float, float]:
-    tokens, sentences = [], []
-    for ref, feeds in zip(reference, samples):
-        out = run(feeds)
-        mask = feeds["attention_mask"][0].astype(bool)
-        a, b = ref[0][mask].astype(np.float64), out[0][mask].astype(np.float64)
-        tokens.extend((a * b).sum(1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1)))
-        pa, pb = a.mean(0), b.mean(0)
-        sentences.append(pa @ pb / (np.linalg.norm(pa) * np.linalg.norm(pb)))
-    return float(np.mean(tokens)), float(np.mean(sentences))
-
-
 def run_model(name: str, args: argparse.Namespace, folder: str) -> tuple[list[str], list[str]]:
     runners, seconds, _, evaluation = build(name, args, folder)
     reference = [runners["ORT fp32"](feeds) for feeds in evaluation]
-    scores = {label: fidelity(reference, run, evaluation) for label, run in runners.items()}
+    scores = {}
+    for label, run in runners.items():
+        token, _, sentence = quantization_cpu.fidelity(reference, run, evaluation)
+        scores[label] = (token, sentence)
     latency: dict[int, dict[str, float]] = {}
     for batch in args.batches:
         feeds = {k: np.repeat(v, batch, axis=0) for k, v in evaluation[0].items()}
