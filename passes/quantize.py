@@ -54,6 +54,8 @@ from graphopt.registry import register_pass
 from graphopt.passes.quantize_weights import activation_params, quantize_blocks, quantize_symmetric
 
 MICROSOFT_DOMAIN = "com.microsoft"
+WEIGHT_ONLY_OPTIONS = ("symmetric", "method", "head")
+"""Options that mean something for mode=weight-only only (set with another mode: an error)."""
 AWQ_ROWS = 512
 """method=awq searches each activation's scaling on this many calibration vectors."""
 SENSITIVITY_SAMPLES = 8
@@ -162,8 +164,7 @@ class Quantize(Pass):
         if self.accuracy_level not in range(5):
             raise ValueError(f"accuracy_level is 0 (unset), 1 (fp32), 2 (fp16), 3 (bf16) or 4 (int8); got {self.accuracy_level}")
         if self.mode != "weight-only":
-            defaults = {"symmetric": True, "method": "rtn", "head": "same"}
-            changed = [name for name, default in defaults.items() if getattr(self, name) != default]
+            changed = [f.name for f in dataclasses.fields(self) if f.name in WEIGHT_ONLY_OPTIONS and getattr(self, f.name) != f.default]
             if changed:
                 raise ValueError(f"{', '.join(changed)} apply to mode=weight-only only (mode={self.mode})")
 
