@@ -28,10 +28,15 @@ Options (all optional):
   in torch; False treats such a graph as a failure (see `fallback`);
 - `fallback` (default True): if import, a pass or the target fails, log ONE warning naming
   the problem and run the original graph; False raises instead;
-- `verbose` (default False): log what each pass did per graph.
-
-Inference only: graphs that need gradients fall back to the original graph (with a
-warning), since the optimized module does not record autograd history for the weights.
+- `verbose` (default False): log what each pass did per graph;
+- `mode` (default "auto"): "auto" sends a graph captured with gradients on and an input that
+  requires grad (a model in train mode, or in eval mode outside `torch.no_grad()`) down the
+  autograd path (`graphopt.autograd_backend`: parameters stay inputs, AOTAutograd derives the
+  backward, on the torch target), every other graph down the inference path (weights baked
+  in and prepacked); "training" takes the autograd path for every graph; "inference" the
+  inference path for every graph, even with gradients on: its outputs then carry no autograd
+  history (the fastest way to run a model whose parameters require grad when no backward
+  follows).
 """
 
 from __future__ import annotations
@@ -50,8 +55,9 @@ AUTO = "auto"
 """The `target` option's default: a target chosen per graph (see the module doc)."""
 _OPTION_DEFAULTS: dict[str, Any] = {
     "pipeline": "fuse", "target": "auto", "check": False, "fallback": True, "verbose": False, "tolerance": 1e-4,
-    "partition": True,
+    "partition": True, "mode": "auto",
 }
+MODES = ("auto", "inference", "training")
 _CACHE: dict[str, tuple[Callable[..., Any], list[weakref.ref]]] = {}
 _CACHE_LOCK = threading.Lock()
 _STATS = {"compiled": 0, "cache_hits": 0, "fallbacks": 0, "auto_onnxruntime": 0}
@@ -59,8 +65,12 @@ _STATS = {"compiled": 0, "cache_hits": 0, "fallbacks": 0, "auto_onnxruntime": 0}
 
 def graphopt_backend(gm: Any, example_inputs: Sequence[Any], options: dict[str, Any] | None = None, **kwargs: Any) -> Callable[..., Any]:
     """The dynamo backend: returns a callable that runs `gm` optimized by graphopt."""
+    from graphopt.autograd_backend import needs_autograd
+
     settings = validate_options({**(options or {}), **kwargs})
-    return _LazyCompiled(gm, list(example_inputs), settings)
+    mode = settings["mode"]
+    autograd = mode == "training" or (mode == AUTO and needs_autograd(example_inputs))
+    return _LazyCompiled(gm, list(example_inputs), {**settings, "autograd": autograd})
 
 
 def validate_options(options: dict[str, Any]) -> dict[str, Any]:
@@ -78,6 +88,8 @@ def validate_options(options: dict[str, Any]) -> dict[str, Any]:
     for flag in ("check", "fallback", "verbose", "partition"):
         if not isinstance(settings[flag], bool):
             raise PipelineError(f"graphopt backend: option '{flag}' must be True or False, got {settings[flag]!r}")
+    if settings["mode"] not in MODES:
+        raise PipelineError(f"graphopt backend: option 'mode' must be one of {', '.join(MODES)}, got {settings['mode']!r}")
     from graphopt.pipeline import build_pipeline
 
     build_pipeline(settings["pipeline"])
@@ -132,10 +144,25 @@ class _LazyCompiled:
         return run
 
     def _optimize(self, args: Sequence[Any]) -> Callable[..., Any]:
+        run = self._optimize_for_autograd(args) if self.settings["autograd"] else self._optimize_for_inference(args)
+        if self.settings["check"]:
+            _check(self.gm, run, args, self.settings["tolerance"])
+        _STATS["compiled"] += 1
+        return run
+
+    def _optimize_for_autograd(self, args: Sequence[Any]) -> Callable[..., Any]:
+        from graphopt.autograd_backend import compile_with_autograd
+
+        if self.settings["target"] not in (AUTO, "torch"):
+            raise GraphoptError(
+                f"the graph needs gradients and target '{self.settings['target']}' has no backward; use target 'torch' "
+                "or 'auto', or mode 'inference' when no backward follows"
+            )
+        return compile_with_autograd(self.gm, args, self.settings["pipeline"], self.settings["verbose"])
+
+    def _optimize_for_inference(self, args: Sequence[Any]) -> Callable[..., Any]:
         import torch
 
-        if torch.is_grad_enabled() and any(getattr(a, "requires_grad", False) for a in args):
-            raise GraphoptError("the graph needs gradients; graphopt's torch target is inference-only")
         from graphopt.api import optimize, with_lowering
         from graphopt.frontends.fx_import import from_fx
         from graphopt.pipeline import build_pipeline
@@ -167,9 +194,6 @@ class _LazyCompiled:
             outputs = module(*[a for a, kind in zip(call_args, kinds) if kind == "input"])
             return torch.utils._pytree.tree_unflatten(list(outputs), spec)
 
-        if self.settings["check"]:
-            _check(self.gm, run, args, self.settings["tolerance"])
-        _STATS["compiled"] += 1
         return run
 
 

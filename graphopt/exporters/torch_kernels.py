@@ -1251,13 +1251,17 @@ def onnx_CastLike(x: Tensor, target_type: Tensor, *, saturate: int = 1, round_mo
 def onnx_Dropout(
     data: Tensor, ratio: Tensor | float | None = None, training_mode: Tensor | None = None, *, seed: int | None = None
 ) -> tuple[Tensor, Tensor]:
-    """Outputs (output, mask); outside training mode, the identity and an all-True mask."""
+    """Outputs (output, mask); outside training mode, the identity and an all-True mask.
+    Without a seed the mask is drawn from torch's global generator exactly as `F.dropout`
+    draws it (so a graph traced from torch drops what eager drops); with one, from a
+    generator of that seed."""
     rate = 0.5 if ratio is None else float(ratio)
     if training_mode is None or not bool(training_mode) or rate == 0:
         return data, torch.ones_like(data, dtype=torch.bool)
+    if seed is None:
+        return torch.native_dropout(data, rate, True)
     generator = torch.Generator(device=data.device)
-    if seed is not None:
-        generator.manual_seed(seed)
+    generator.manual_seed(seed)
     mask = torch.rand(data.shape, generator=generator, device=data.device) >= rate
     return data * mask / (1 - rate), mask
 

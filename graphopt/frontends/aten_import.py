@@ -222,12 +222,12 @@ def import_program(
     changed; the constants share memory with its tensors. Raises `UntranslatableError` (see
     the module docstring).
     """
-    from torch.export.graph_signature import InputKind, OutputKind
+    from torch.export.graph_signature import InputKind
 
     signature = program.graph_signature
-    for out_spec in signature.output_specs:
-        if out_spec.kind != OutputKind.USER_OUTPUT:
-            raise UntranslatableError(f"program output {out_spec.arg} is a {out_spec.kind.name} (the graph mutates state)")
+    mutation = state_mutation(program)
+    if mutation:
+        raise UntranslatableError(mutation)
     names = iter(input_names)
     renamed = constant_names or {}
     bindings: list[Any] = []
@@ -240,6 +240,41 @@ def import_program(
         else:
             raise UntranslatableError(f"program input {spec.arg.name} is a {spec.kind.name}")
     return import_graph(program.graph_module, bindings, name=name, opset=opset)
+
+
+def state_mutation(program: Any) -> Optional[str]:
+    """What `program` (an ExportedProgram) updates in place besides its outputs (buffers such
+    as batch-norm statistics, inputs), as a sentence; None for a functional program. The IR
+    is functional: such a program cannot be imported without losing the update."""
+    from torch.export.graph_signature import OutputKind
+
+    for out_spec in program.graph_signature.output_specs:
+        if out_spec.kind != OutputKind.USER_OUTPUT:
+            target = out_spec.target or out_spec.arg.name
+            return f"the graph updates {target} in place ({out_spec.kind.name.lower()}); graphopt imports functional graphs only"
+    return None
+
+
+def written_in_place(module: Any, names: Optional[dict[str, str]] = None) -> Optional[str]:
+    """The placeholder or attribute an in-place op of the ATen graph `module` writes (directly
+    or through a view), as a sentence naming it (by `names`, placeholder -> user-facing name,
+    where given); None when it writes none."""
+    sources = {node: node for node in module.graph.nodes if node.op in ("placeholder", "get_attr")}
+    for node in module.graph.nodes:
+        schema = getattr(node.target, "_schema", None)
+        if node.op != "call_function" or schema is None:
+            continue
+        given = {**dict(zip((a.name for a in schema.arguments), node.args)), **node.kwargs}
+        for argument in schema.arguments:
+            alias = argument.alias_info
+            if alias is not None and alias.is_write and given.get(argument.name) in sources:
+                source = str(sources[given[argument.name]].target)
+                written = (names or {}).get(source, source)
+                return f"{node.target} writes {written} in place; graphopt imports functional graphs only"
+        returned = schema.returns[0].alias_info if schema.returns else None
+        if returned is not None and node.args and node.args[0] in sources:
+            sources[node] = sources[node.args[0]]
+    return None
 
 
 def import_graph(
@@ -255,6 +290,9 @@ def import_graph(
     `graphopt.frontends.dynamo_import` for dynamo's torch-level graphs). Raises
     `UntranslatableError` (see the module docstring).
     """
+    written = written_in_place(module)
+    if written:
+        raise UntranslatableError(written)
     graph = Graph(name, {"": opset})
     importer = Importer(graph)
     placeholders = iter(bindings)

@@ -267,8 +267,16 @@ def _same(cx: Importer, node: Any, x: Any, **_: Any) -> Any:
 @rule("aten.dropout.default", "aten.feature_dropout.default")
 def _dropout(cx: Importer, node: Any, x: Any, p: float, train: bool) -> Any:
     if train and p > 0:
-        raise UntranslatableError("dropout in training mode")
+        return training_dropout(cx, cx.tensor(x), p)
     return x
+
+
+def training_dropout(cx: Importer, x: Value, p: float) -> Value:
+    """ONNX Dropout in training mode (no seed: its torch kernel draws from torch's global
+    generator as `F.dropout` does, so a graph run after `torch.manual_seed` drops what eager drops)."""
+    if x.dtype is None:
+        raise UntranslatableError("dropout of a value of unknown element type")
+    return cx.op("Dropout", [x, cx.scalar(float(p), x.dtype), cx.scalar(True, DType.BOOL)])
 
 
 @rule(
@@ -320,8 +328,10 @@ def _sdpa(
 ) -> Value:
     q, k, v = (cx.tensor(t) for t in (query, key, value))
     q_shape, k_shape = fake_value(node.args[0]).shape, fake_value(node.args[1]).shape
-    if dropout_p or len(q_shape) != 4 or len(k_shape) != 4:
-        raise UntranslatableError("attention with dropout or without [batch, heads, seq, dim] inputs")
+    if dropout_p:
+        return _attention_with_dropout(cx, node, q, k, v, attn_mask, float(dropout_p), is_causal, scale, enable_gqa)
+    if len(q_shape) != 4 or len(k_shape) != 4:
+        raise UntranslatableError("attention without [batch, heads, seq, dim] inputs")
     heads, kv_heads = static_shape(node.args[0])[1], static_shape(node.args[1])[1]
     if heads is None or kv_heads is None or heads % kv_heads:
         raise UntranslatableError("attention with symbolic or ungrouped head counts")
@@ -337,6 +347,36 @@ def _sdpa(
         inputs.append(mask if mask.dtype == DType.BOOL else cx.cast(mask, q.dtype))  # type: ignore[arg-type]
         attrs["nan_to_zero"] = 1
     return cx.op("Attention", inputs, domain=GRAPHOPT_DOMAIN, **attrs)
+
+
+def _attention_with_dropout(
+    cx: Importer, node: Any, q: Value, k: Value, v: Value, attn_mask: Any, dropout_p: float, is_causal: bool,
+    scale: Optional[float], enable_gqa: bool,
+) -> Value:
+    """Training-mode attention with dropout on the probabilities, as torch's math kernel
+    computes it on CPU (both operands scaled by sqrt(scale), additive or boolean mask, softmax
+    with fully masked rows at 0, then `dropout`): the same random draws as eager, in the same
+    order. graphopt::Attention has no dropout, so the steps stay separate ops."""
+    if is_causal or enable_gqa:
+        raise UntranslatableError("attention with dropout and a causal mask or grouped heads")
+    dtype = q.dtype
+    if dtype is None or q.type.rank is None:
+        raise UntranslatableError("attention with dropout on values of unknown type or rank")
+    head_dim = _static(static_shape(node.args[0])[-1])
+    root = cx.scalar(math.sqrt(float(scale) if scale is not None else 1.0 / math.sqrt(head_dim)), dtype)
+    rank = q.type.rank
+    perm = (*range(rank - 2), rank - 1, rank - 2)
+    scores = cx.op("MatMul", [cx.op("Mul", [q, root]), cx.op("Mul", [cx.op("Transpose", [k], perm=perm), root])])
+    if attn_mask is not None:
+        mask = cx.tensor(attn_mask)
+        if mask.dtype == DType.BOOL:
+            scores = cx.op("Where", [mask, scores, cx.scalar(float("-inf"), dtype)])
+        else:
+            scores = cx.op("Add", [scores, cx.cast(mask, dtype)])
+    probs = cx.op("Softmax", [scores], axis=-1)
+    if attn_mask is not None:
+        probs = cx.op("Where", [cx.op("IsNaN", [probs]), cx.scalar(0.0, dtype), probs])
+    return cx.op("MatMul", [training_dropout(cx, probs, dropout_p), v])
 
 
 def _static(dim: Optional[int]) -> int:

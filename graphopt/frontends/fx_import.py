@@ -32,7 +32,9 @@ import warnings
 from typing import Any, Callable, Optional, Sequence
 
 from graphopt.errors import GraphoptError, UnsupportedOpError
-from graphopt.frontends.aten_import import GraphInput, State, UntranslatableError, import_graph, import_program
+from graphopt.frontends.aten_import import (
+    GraphInput, State, UntranslatableError, import_graph, import_program, state_mutation, written_in_place,
+)
 from graphopt.frontends.dynamo_import import import_dynamo_graph
 from graphopt.frontends.onnx_import import from_onnx
 from graphopt.ir.graph import Graph
@@ -41,8 +43,14 @@ DEFAULT_OPSET = 18
 _LOG = logging.getLogger("graphopt")
 
 
-def from_fx(module: Any, example_inputs: Optional[Sequence[Any]] = None, *, opset: int = DEFAULT_OPSET) -> Graph:
-    """Import a GraphModule or an ExportedProgram into an IR graph (see module docstring)."""
+def from_fx(
+    module: Any, example_inputs: Optional[Sequence[Any]] = None, *, opset: int = DEFAULT_OPSET, trainable: bool = False,
+) -> Graph:
+    """Import a GraphModule or an ExportedProgram into an IR graph (see module docstring).
+
+    `trainable` (GraphModules only): parameters that require grad stay graph inputs (kind
+    "input", named after their module path) instead of becoming constants, so a module built
+    from the graph takes them at each call and autograd reaches them; no pass can fold them."""
     import torch
 
     if isinstance(module, torch.export.ExportedProgram):
@@ -53,7 +61,7 @@ def from_fx(module: Any, example_inputs: Optional[Sequence[Any]] = None, *, opse
     elif isinstance(module, torch.fx.GraphModule):
         if example_inputs is None:
             raise GraphoptError("from_fx: a GraphModule needs its example_inputs (the backend's second argument)")
-        graph, kinds, specialized, out_spec = _import_graph_module(module, list(example_inputs), opset)
+        graph, kinds, specialized, out_spec = _import_graph_module(module, list(example_inputs), opset, trainable)
     else:
         raise GraphoptError(
             f"from_fx expects a torch.fx.GraphModule or a torch.export.ExportedProgram, got {type(module).__name__}"
@@ -66,7 +74,13 @@ def from_fx(module: Any, example_inputs: Optional[Sequence[Any]] = None, *, opse
 
 
 def _import_program(program: Any, opset: int, input_names: Sequence[str] = (), constant_names: Optional[dict[str, str]] = None) -> Graph:
-    """The program translated op by op, else through torch.onnx."""
+    """The program translated op by op, else through torch.onnx (not a program that updates
+    state in place: the ONNX export would drop the update too)."""
+    renamed = constant_names or {}
+    names = {spec.arg.name: renamed.get(spec.target, spec.target) for spec in program.graph_signature.input_specs if spec.target}
+    mutation = state_mutation(program) or written_in_place(program.graph_module, names)
+    if mutation:
+        raise UnsupportedOpError(f"from_fx: {mutation}")
     translated = _attempt("aten", lambda: import_program(program, opset=opset, input_names=input_names, constant_names=constant_names))
     return translated or _import_through_onnx(program, opset)
 
@@ -83,7 +97,7 @@ def _attempt(importer: str, translate: Callable[[], Graph]) -> Optional[Graph]:
     return graph
 
 
-def _import_graph_module(gm: Any, example_inputs: list[Any], opset: int) -> tuple[Graph, list[str], dict[int, int], Any]:
+def _import_graph_module(gm: Any, example_inputs: list[Any], opset: int, trainable: bool) -> tuple[Graph, list[str], dict[int, int], Any]:
     """(graph, placeholder kinds, specialized sizes, output spec) of a dynamo GraphModule.
 
     A graph of static shapes is translated as it is (`dynamo_import`), else traced to ATen
@@ -95,7 +109,7 @@ def _import_graph_module(gm: Any, example_inputs: list[Any], opset: int) -> tupl
         raise GraphoptError(
             f"from_fx: the GraphModule has {len(placeholders)} placeholders but {len(example_inputs)} example inputs were given"
         )
-    kinds, constants, sizes, tensors = _classify(placeholders, example_inputs)
+    kinds, constants, sizes, tensors = _classify(placeholders, example_inputs, trainable)
     input_names = [_display_name(placeholders[i].target) for i in tensors]
     static = "size" not in kinds and "specialized" not in kinds and all(_is_real(e) for e in example_inputs)
     if static:
@@ -191,7 +205,9 @@ def _export_graph_module(
     return program
 
 
-def _classify(placeholders: list[Any], example_inputs: list[Any]) -> tuple[list[str], dict[int, Any], dict[int, tuple[int, int]], list[int]]:
+def _classify(
+    placeholders: list[Any], example_inputs: list[Any], trainable: bool,
+) -> tuple[list[str], dict[int, Any], dict[int, tuple[int, int]], list[int]]:
     import torch
 
     kinds: list[str] = []
@@ -199,7 +215,10 @@ def _classify(placeholders: list[Any], example_inputs: list[Any]) -> tuple[list[
     sizes: dict[int, tuple[int, int]] = {}
     tensors: list[int] = []
     for index, (node, example) in enumerate(zip(placeholders, example_inputs)):
-        if isinstance(example, torch.nn.Parameter) or is_module_state(node) or _is_plain_scalar(example):
+        if trainable and isinstance(example, torch.Tensor) and example.requires_grad:
+            kinds.append("input")
+            tensors.append(index)
+        elif isinstance(example, torch.nn.Parameter) or is_module_state(node) or _is_plain_scalar(example):
             kinds.append("constant")
             constants[index] = _concrete(example)
         elif isinstance(example, (torch.SymInt, int)) and not isinstance(example, bool):

@@ -1,0 +1,111 @@
+"""The backend's autograd path: graphs that need gradients, optimized and differentiated.
+
+`torch.compile(backend="graphopt")` sends here each graph dynamo captures while gradients
+are on and some input requires grad: a model in train mode, or in eval mode outside
+`torch.no_grad()` (how most people first call it). `compile_with_autograd` returns what the
+backend runs:
+
+1. The graph is imported with the parameters that require grad kept as graph inputs
+   (`from_fx(..., trainable=True)`): no pass can fold or repack a weight an optimizer will
+   change, every call reads the user's own `nn.Parameter`s (no copies), and autograd
+   reaches them. Buffers and frozen parameters are constants as in inference.
+2. The pipeline runs on it; the fused ops lower to torch
+   functions that have their own backward (`scaled_dot_product_attention`, `layer_norm`,
+   `gelu`, `rms_norm`, matmuls), so fusions are differentiated as the fused op, not as the
+   pattern they replaced. Training-mode dropout stays a `Dropout` node whose kernel draws from
+   torch's global generator as eager does, in eager's order: the same seed drops the same
+   elements.
+3. The optimized module goes through AOTAutograd (`aot_module_simplified`): functionalized
+   ATen forward and backward graphs, partitioned by `default_partition` (the forward saves
+   what the backward reads: recomputing unfused pointwise ops in the backward, as the
+   min-cut partitioner does for inductor, costs time when nothing fuses them), with
+   in-place updates of inputs (batch-norm statistics) written back as eager does. graphopt is
+   the forward and the backward compiler: each ATen graph loses its dead nodes and runs as a
+   torch.fx module.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Sequence
+
+from graphopt.errors import GraphoptError
+
+
+def needs_autograd(example_inputs: Sequence[Any]) -> bool:
+    """True when the graph is captured with gradients on and some input requires grad."""
+    import torch
+
+    return torch.is_grad_enabled() and any(getattr(value, "requires_grad", False) for value in example_inputs)
+
+
+def compile_with_autograd(gm: Any, example_inputs: Sequence[Any], pipeline: Any, verbose: bool = False) -> Callable[..., Any]:
+    """A callable running `gm` optimized by `pipeline`, with a backward (see the module doc).
+    `example_inputs` are real tensors (the first call's arguments): the optimized module is
+    traced to ATen on them, so the scalars its kernels read off constants become constants.
+
+    Raises GraphoptError (or a subclass) when the graph cannot be imported or optimized;
+    the caller decides whether to fall back."""
+    import logging
+
+    import torch
+    from torch._functorch.aot_autograd import aot_module_simplified
+    from torch._functorch.partitioners import default_partition
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    from graphopt.api import optimize
+    from graphopt.frontends.fx_import import from_fx
+    from graphopt.pipeline import build_pipeline
+
+    graph = from_fx(gm, example_inputs, trainable=True)
+    graph = optimize(graph, build_pipeline(pipeline))
+    if verbose:
+        logging.getLogger("graphopt").warning("graphopt: graph with %d inputs (autograd):\n%s", len(graph.inputs), graph.report.table())
+    module = graph.to_fx()
+    kinds = graph.metadata["fx_input_kinds"]
+    specialized = graph.metadata["fx_specialized"]
+    wrapper = _module_taking_placeholders(module, gm, kinds, graph.metadata["fx_output_spec"])
+    with torch.random.fork_rng(devices=[]):  # the trace runs dropout for real: eager's draws stay for the call
+        traced = make_fx(wrapper, tracing_mode="real")(*example_inputs)
+    compiled = aot_module_simplified(
+        traced, list(example_inputs), fw_compiler=_aten_compiler, bw_compiler=_aten_compiler, partition_fn=default_partition,
+    )
+    original = gm.forward
+
+    def run(*args: Any) -> Any:
+        if any(int(args[i]) != value for i, value in specialized.items()):
+            return original(*args)
+        return compiled(*args)
+
+    return run
+
+
+def _module_taking_placeholders(module: Any, gm: Any, kinds: Sequence[str], out_spec: Any) -> Any:
+    """A GraphModule with `gm`'s placeholders that feeds `module` the ones the IR graph
+    kept as inputs and returns its outputs in `gm`'s output structure."""
+    import torch
+    import torch.fx
+
+    graph = torch.fx.Graph()
+    placeholders = [graph.placeholder(node.name) for node in gm.graph.nodes if node.op == "placeholder"]
+    if len(placeholders) != len(kinds):
+        raise GraphoptError(f"autograd backend: {len(placeholders)} placeholders but {len(kinds)} input kinds")
+    outputs = graph.call_module("optimized", tuple(p for p, kind in zip(placeholders, kinds) if kind == "input"))
+    leaves = [graph.call_function(_item, (outputs, i)) for i in range(out_spec.num_leaves)]
+    graph.output(torch.utils._pytree.tree_unflatten(leaves, out_spec))
+    root = torch.nn.Module()
+    root.optimized = module
+    return torch.fx.GraphModule(root, graph)
+
+
+def _item(values: Sequence[Any], index: int) -> Any:
+    return values[index]
+
+
+def _aten_compiler(gm: Any, example_inputs: Sequence[Any]) -> Callable[..., Any]:
+    """graphopt's forward and backward compiler: the ATen graph without dead nodes, run as a
+    torch.fx module (boxed: AOTAutograd frees the inputs it passes as soon as they are read)."""
+    from torch._functorch.aot_autograd import make_boxed_func
+
+    gm.graph.eliminate_dead_code()
+    gm.recompile()
+    return make_boxed_func(gm.forward)
