@@ -40,17 +40,16 @@ def needs_autograd(example_inputs: Sequence[Any]) -> bool:
 
 def compile_with_autograd(gm: Any, example_inputs: Sequence[Any], pipeline: Any, verbose: bool = False) -> Callable[..., Any]:
     """A callable running `gm` optimized by `pipeline`, with a backward (see the module doc).
-    `example_inputs` are real tensors (the first call's arguments): the optimized module is
-    traced to ATen on them, so the scalars its kernels read off constants become constants.
+
+    `example_inputs` are dynamo's (fake tensors with symbolic sizes for a dynamic graph).
+    The optimized module is traced to ATen on real arguments, so the scalars its kernels read
+    off constants become constants of the trace; the trace is therefore made per input
+    signature (shapes, dtypes, sizes passed as ints), on the first call with each: a graph
+    dynamo captured with symbolic sizes is optimized once and traced again for each new shape.
 
     Raises GraphoptError (or a subclass) when the graph cannot be imported or optimized;
     the caller decides whether to fall back."""
     import logging
-
-    import torch
-    from torch._functorch.aot_autograd import aot_module_simplified
-    from torch._functorch.partitioners import default_partition
-    from torch.fx.experimental.proxy_tensor import make_fx
 
     from graphopt.api import optimize
     from graphopt.frontends.fx_import import from_fx
@@ -60,23 +59,43 @@ def compile_with_autograd(gm: Any, example_inputs: Sequence[Any], pipeline: Any,
     graph = optimize(graph, build_pipeline(pipeline))
     if verbose:
         logging.getLogger("graphopt").warning("graphopt: graph with %d inputs (autograd):\n%s", len(graph.inputs), graph.report.table())
-    module = graph.to_fx()
     kinds = graph.metadata["fx_input_kinds"]
     specialized = graph.metadata["fx_specialized"]
-    wrapper = _module_taking_placeholders(module, gm, kinds, graph.metadata["fx_output_spec"])
-    with torch.random.fork_rng(devices=[]):  # the trace runs dropout for real: eager's draws stay for the call
-        traced = make_fx(wrapper, tracing_mode="real")(*example_inputs)
-    compiled = aot_module_simplified(
-        traced, list(example_inputs), fw_compiler=_aten_compiler, bw_compiler=_aten_compiler, partition_fn=default_partition,
-    )
+    wrapper = _module_taking_placeholders(graph.to_fx(), gm, kinds, graph.metadata["fx_output_spec"])
+    compiled: dict[tuple[Any, ...], Callable[..., Any]] = {}
     original = gm.forward
 
     def run(*args: Any) -> Any:
         if any(int(args[i]) != value for i, value in specialized.items()):
             return original(*args)
-        return compiled(*args)
+        signature = _signature(args)
+        if signature not in compiled:
+            import torch
+
+            with torch.enable_grad():  # AOTAutograd leaves out the backward of a graph traced without grad
+                compiled[signature] = _differentiated(wrapper, args)
+        return compiled[signature](*args)
 
     return run
+
+
+def _differentiated(wrapper: Any, args: Sequence[Any]) -> Callable[..., Any]:
+    """`wrapper` traced to ATen on `args` and compiled by AOTAutograd with a backward."""
+    import torch
+    from torch._functorch.aot_autograd import aot_module_simplified
+    from torch._functorch.partitioners import default_partition
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    with torch.random.fork_rng(devices=[]):  # the trace runs dropout for real: eager's draws stay for the call
+        traced = make_fx(wrapper, tracing_mode="real")(*args)
+    return aot_module_simplified(traced, list(args), fw_compiler=_aten_compiler, bw_compiler=_aten_compiler, partition_fn=default_partition)
+
+
+def _signature(args: Sequence[Any]) -> tuple[Any, ...]:
+    """What a trace is specialized to: each tensor's shape, dtype, device and requires_grad, each other value."""
+    return tuple(
+        (tuple(a.shape), a.dtype, a.device, a.requires_grad) if hasattr(a, "shape") else (type(a).__name__, a) for a in args
+    )
 
 
 def _module_taking_placeholders(module: Any, gm: Any, kinds: Sequence[str], out_spec: Any) -> Any:

@@ -144,13 +144,13 @@ class _LazyCompiled:
         return run
 
     def _optimize(self, args: Sequence[Any]) -> Callable[..., Any]:
-        run = self._optimize_for_autograd(args) if self.settings["autograd"] else self._optimize_for_inference(args)
+        run = self._optimize_for_autograd() if self.settings["autograd"] else self._optimize_for_inference(args)
         if self.settings["check"]:
             _check(self.gm, run, args, self.settings["tolerance"])
         _STATS["compiled"] += 1
         return run
 
-    def _optimize_for_autograd(self, args: Sequence[Any]) -> Callable[..., Any]:
+    def _optimize_for_autograd(self) -> Callable[..., Any]:
         from graphopt.autograd_backend import compile_with_autograd
 
         if self.settings["target"] not in (AUTO, "torch"):
@@ -158,7 +158,7 @@ class _LazyCompiled:
                 f"the graph needs gradients and target '{self.settings['target']}' has no backward; use target 'torch' "
                 "or 'auto', or mode 'inference' when no backward follows"
             )
-        return compile_with_autograd(self.gm, args, self.settings["pipeline"], self.settings["verbose"])
+        return compile_with_autograd(self.gm, self.example_inputs, self.settings["pipeline"], self.settings["verbose"])
 
     def _optimize_for_inference(self, args: Sequence[Any]) -> Callable[..., Any]:
         import torch
@@ -219,9 +219,12 @@ def _chosen_target(spec: str, graph: Any, args: Sequence[Any]) -> str:
 def _check(gm: Any, run: Callable[..., Any], args: Sequence[Any], tolerance: float) -> None:
     import torch
 
+    state = torch.get_rng_state()  # both draw the same dropout masks, and the real call draws them again
     with torch.no_grad():
         expected = torch.utils._pytree.tree_leaves(gm(*args))
+        torch.set_rng_state(state)
         actual = torch.utils._pytree.tree_leaves(run(*args))
+        torch.set_rng_state(state)
     for a, b in zip(expected, actual):
         if isinstance(a, torch.Tensor) and a.is_floating_point():
             error = (a.float() - b.float()).abs().max().item() if a.numel() else 0.0

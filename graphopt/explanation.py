@@ -60,8 +60,6 @@ def explain(model: Any, *args: Any, pipeline: Any = "fuse", dynamic: Optional[bo
     """Run `model(*args, **kwargs)` under dynamo and say what graphopt does to each graph."""
     import torch
 
-    from graphopt.api import optimize
-    from graphopt.frontends.fx_import import from_fx
     from graphopt.pipeline import build_pipeline
 
     build_pipeline(pipeline)
@@ -70,15 +68,16 @@ def explain(model: Any, *args: Any, pipeline: Any = "fuse", dynamic: Optional[bo
     def backend(gm: Any, example_inputs: list[Any]) -> Any:
         entry = GraphExplanation(len(graphs), sum(isinstance(e, torch.Tensor) for e in example_inputs))
         graphs.append(entry)
-        try:
-            graph = from_fx(gm, example_inputs)
-            entry.ops_before = graph.op_counts()
-            optimize(graph, build_pipeline(pipeline))
-            entry.ops_after, entry.report = graph.op_counts(), graph.report
-        except GraphoptError as exc:
-            lines = str(exc).strip().splitlines()
-            entry.fallback_reason = f"{type(exc).__name__}: {lines[0] if lines else ''}"
-        return gm.forward
+
+        def run(*args: Any) -> Any:
+            # as the backend does: the graph is imported on its first call, with its real
+            # arguments, outside dynamo's compile step (whose shape environment an import
+            # tracing the graph again would corrupt)
+            if entry.report is None and entry.fallback_reason is None:
+                _explain_graph(entry, gm, args, pipeline)
+            return gm.forward(*args)
+
+        return run
 
     modes = {m: m.training for m in model.modules()} if isinstance(model, torch.nn.Module) else {}
     try:
@@ -93,6 +92,22 @@ def explain(model: Any, *args: Any, pipeline: Any = "fuse", dynamic: Optional[bo
             module.training = training
     reasons = [_break_text(b) for b in breaks]
     return Explanation(graphs, reasons, str(pipeline))
+
+
+def _explain_graph(entry: GraphExplanation, gm: Any, args: Any, pipeline: Any) -> None:
+    """Fill `entry` with what the pipeline does to `gm`, or why graphopt cannot take it."""
+    from graphopt.api import optimize
+    from graphopt.frontends.fx_import import from_fx
+    from graphopt.pipeline import build_pipeline
+
+    try:
+        graph = from_fx(gm, args)
+        entry.ops_before = graph.op_counts()
+        optimize(graph, build_pipeline(pipeline))
+        entry.ops_after, entry.report = graph.op_counts(), graph.report
+    except GraphoptError as exc:
+        lines = str(exc).strip().splitlines()
+        entry.fallback_reason = f"{type(exc).__name__}: {lines[0] if lines else ''}"
 
 
 def _break_text(reason: Any) -> str:

@@ -106,7 +106,7 @@ def test_dropout_draws_what_eager_draws_for_the_same_seed(attention):
     ids = torch.randint(0, 100, (2, 12))
     mask = torch.ones(2, 12, dtype=torch.long)
     mask[1, 8:] = 0
-    compiled = torch.compile(model, backend="graphopt", options=STRICT)
+    compiled = torch.compile(model, backend="graphopt", options={**STRICT, "check": True})  # check draws the same masks
     losses = []
     for run in (compiled, reference):
         torch.manual_seed(123)
@@ -157,3 +157,20 @@ def test_a_target_without_backward_falls_back_naming_the_reason(caplog):
 def test_bad_mode_names_the_choices():
     with pytest.raises(Exception, match="option 'mode' must be one of auto, inference, training"):
         backend.validate_options({"mode": "train"})
+
+
+def test_dynamic_shapes_train_on_each_shape_equal_to_eager():
+    """One graph captured with symbolic sizes, optimized once, differentiated per shape."""
+    model = model_zoo.build("bert").model.train()
+    reference = copy.deepcopy(model)
+    compiled = torch.compile(model, backend="graphopt", dynamic=True, options=STRICT)
+    for batch, seq in ((2, 8), (3, 5)):
+        inputs = model_zoo.build("bert", batch=batch, seq=seq).inputs
+        model.zero_grad(set_to_none=True)
+        reference.zero_grad(set_to_none=True)
+        loss, expected = _loss(compiled(*inputs.values())), _loss(reference(*inputs.values()))
+        torch.testing.assert_close(loss, expected, rtol=1e-4, atol=0)
+        loss.backward()
+        expected.backward()
+        _assert_gradients_close(model, reference)
+    assert backend.cache_info()["fallbacks"] == 0

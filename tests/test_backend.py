@@ -267,3 +267,20 @@ def test_explain_names_why_a_graph_would_run_unoptimized():
     (graph,) = explanation.graphs
     assert graph.fallback_reason is not None and "mystery" in graph.fallback_reason
     assert "runs unoptimized: UnsupportedOpError" in str(explanation)
+
+
+def test_explain_works_on_a_gqa_llama_causal_lm():
+    """explain imports each graph on its first call, as the backend does (importing inside
+    dynamo's compile step corrupted its shape environment: IndexError in guard building)."""
+    import graphopt
+
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(
+        vocab_size=128, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, intermediate_size=128,
+    )
+    model = transformers.LlamaForCausalLM(config).eval()
+    explanation = graphopt.explain(model, torch.randint(0, 128, (1, 8)))
+    assert explanation.graphs and all(g.fallback_reason is None for g in explanation.graphs)
+    ops = explanation.graphs[0].ops_after
+    assert ops.get("graphopt::Attention") == 2 and ops.get("graphopt::RotaryEmbedding") == 4 and ops.get("graphopt::RMSNorm")
+    assert "fuse-rotary" in str(explanation) and not model.training
