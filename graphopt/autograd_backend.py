@@ -122,9 +122,11 @@ def _item(values: Sequence[Any], index: int) -> Any:
 
 def _aten_compiler(gm: Any, example_inputs: Sequence[Any]) -> Callable[..., Any]:
     """graphopt's forward and backward compiler: the ATen graph without dead nodes, run as a
-    torch.fx module (boxed: AOTAutograd frees the inputs it passes as soon as they are read)."""
+    torch.fx module (boxed: AOTAutograd frees the inputs it passes as soon as they are read).
+    Dead random ops go too (the partitioner can leave a recomputed dropout nobody reads in the
+    backward: it would cost time and advance the generator past where eager leaves it)."""
     from torch._functorch.aot_autograd import make_boxed_func
 
-    gm.graph.eliminate_dead_code()
+    gm.graph.eliminate_dead_code(is_impure_node=lambda node: node.is_impure(impure_random=False))
     gm.recompile()
     return make_boxed_func(gm.forward)

@@ -95,7 +95,7 @@ def test_parameters_get_their_gradients_and_five_adamw_steps_equal_eager():
 def test_dropout_draws_what_eager_draws_for_the_same_seed(attention):
     """Training-mode dropout (hidden and attention probabilities) consumes torch's global
     generator in eager's order: the same seed gives the same loss within 1e-5 relative and
-    the same gradients within 1e-4."""
+    the same gradients within 1e-4, also for a batch with a fully masked sequence."""
     torch.manual_seed(0)
     config = transformers.BertConfig(
         vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
@@ -103,19 +103,22 @@ def test_dropout_draws_what_eager_draws_for_the_same_seed(attention):
     )
     model = transformers.BertModel(config).train()
     reference = copy.deepcopy(model)
-    ids = torch.randint(0, 100, (2, 12))
-    mask = torch.ones(2, 12, dtype=torch.long)
+    ids = torch.randint(0, 100, (3, 12))
+    mask = torch.ones(3, 12, dtype=torch.long)
     mask[1, 8:] = 0
+    mask[2] = 0  # a sequence of padding only: rows with every key masked (0 probabilities, 0 gradient)
     compiled = torch.compile(model, backend="graphopt", options={**STRICT, "check": True})  # check draws the same masks
-    losses = []
-    for run in (compiled, reference):
+    losses: dict[str, list[torch.Tensor]] = {"compiled": [], "eager": []}
+    for label, run in (("compiled", compiled), ("eager", reference)):
         torch.manual_seed(123)
-        losses.append(_loss([run(input_ids=ids, attention_mask=mask).last_hidden_state]))
-        losses[-1].backward()
+        for _ in range(3):  # a step drawing more or fewer numbers than eager would shift the next step's masks
+            losses[label].append(_loss([run(input_ids=ids, attention_mask=mask).last_hidden_state]))
+            losses[label][-1].backward()
     torch.manual_seed(124)
     other_seed = _loss([reference(input_ids=ids, attention_mask=mask).last_hidden_state])
-    torch.testing.assert_close(losses[0], losses[1], rtol=1e-5, atol=0)
-    assert abs(other_seed.item() - losses[1].item()) > 1e-3, "dropout must be active in this test"
+    for got, expected in zip(losses["compiled"], losses["eager"]):
+        torch.testing.assert_close(got, expected, rtol=1e-5, atol=0)
+    assert abs(other_seed.item() - losses["eager"][0].item()) > 1e-3, "dropout must be active in this test"
     _assert_gradients_close(model, reference)
     assert backend.cache_info()["fallbacks"] == 0
 
@@ -174,3 +177,55 @@ def test_dynamic_shapes_train_on_each_shape_equal_to_eager():
         expected.backward()
         _assert_gradients_close(model, reference)
     assert backend.cache_info()["fallbacks"] == 0
+
+
+class _MaskedAttention(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.qkv = torch.nn.Linear(16, 48)
+
+    def forward(self, x, mask):
+        q, k, v = (t.unflatten(-1, (2, 8)).transpose(1, 2) for t in self.qkv(x).chunk(3, dim=-1))
+        return torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=0.25)
+
+
+def test_attention_with_dropout_and_fully_masked_rows_matches_eager():
+    """SDPA with dropout imports as torch's math kernel computes it: rows whose keys are all
+    masked give 0 probabilities and 0 (not NaN) gradients."""
+    torch.manual_seed(0)
+    model = _MaskedAttention().train()
+    reference = copy.deepcopy(model)
+    x = torch.randn(2, 6, 16)
+    mask = torch.ones(2, 1, 6, 6, dtype=torch.bool)
+    mask[1, :, 2] = False  # query row 2 of the second sequence sees no key
+    mask[0, :, :, 4:] = False
+    compiled = torch.compile(model, backend="graphopt", options=STRICT)
+    results = []
+    for run in (compiled, reference):
+        torch.manual_seed(5)
+        out = run(x, mask)
+        _loss([out]).backward()
+        results.append(out)
+    torch.testing.assert_close(results[0], results[1], rtol=1e-5, atol=1e-6)
+    assert not results[0][1, :, 2].any()
+    _assert_gradients_close(model, reference)
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters())
+
+
+def test_random_draw_names_dropout_only_in_training_mode():
+    """Graphs that draw random numbers never go through torch.onnx (which exports dropout
+    as inference does): `random_draw` finds them."""
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    from graphopt.frontends.aten_import import random_draw
+
+    def dropout(x, train):
+        return torch.nn.functional.dropout(x, 0.1, train) + 1
+
+    def attention(x):
+        return torch.nn.functional.scaled_dot_product_attention(x, x, x, dropout_p=0.0)
+
+    x = torch.randn(1, 2, 3, 4)
+    assert "aten.dropout.default draws random numbers" in random_draw(make_fx(lambda t: dropout(t, True), pre_dispatch=True)(x))
+    assert random_draw(make_fx(lambda t: dropout(t, False), pre_dispatch=True)(x)) is None
+    assert random_draw(make_fx(attention, pre_dispatch=True)(x)) is None

@@ -5,7 +5,9 @@ Each IR node becomes one call to the torch implementation of its op's semantics 
 the IR where the data is already writable memory), or trainable parameters for the constants
 named in `trainable`. The module's `forward` takes the graph
 inputs positionally, in order, and returns a tuple of the graph outputs. An op without a
-torch implementation raises `UnsupportedOpError` naming the node and the op.
+torch implementation raises `UnsupportedOpError` naming the node and the op. Matmuls by the
+transpose of a weight graph input (the backend's autograd path) become `F.linear` calls with
+their bias (`fx_linear_calls`).
 """
 
 from __future__ import annotations
@@ -48,7 +50,7 @@ def _build(graph: Graph, prepack_linears: bool, trainable: Collection[str]) -> A
     import torch
     import torch.fx
 
-    from graphopt.exporters import fx_linear, fx_qlinear
+    from graphopt.exporters import fx_linear, fx_linear_calls, fx_qlinear
 
     plans: dict[int, fx_linear.LinearPlan] = {}
     qplans: dict[int, fx_qlinear.QLinearPlan] = {}
@@ -57,8 +59,10 @@ def _build(graph: Graph, prepack_linears: bool, trainable: Collection[str]) -> A
         plans = fx_linear.plan_linears(graph, fx_linear.prepacked_dtypes())
         if fx_qlinear.qlinear_available():
             qplans = fx_qlinear.plan_qlinears(graph)
+    calls = fx_linear_calls.plan_linear_calls(graph)
     absorbed = {id(n) for plan in plans.values() for n in plan.absorbed[1:]}
     absorbed.update(id(n) for plan in qplans.values() for n in plan.skipped)
+    absorbed.update(id(n) for call in calls.values() for n in call.absorbed if n.op_type != "MatMul")
     root = torch.nn.Module()
     fx_graph = torch.fx.Graph()
     env: dict[int, torch.fx.Node] = {}
@@ -66,6 +70,7 @@ def _build(graph: Graph, prepack_linears: bool, trainable: Collection[str]) -> A
         env[id(value)] = fx_graph.placeholder(_identifier(value.name))
     buffers = _BufferNamer(root)
     read = _constants_read(graph, {**plans, **qplans}, absorbed)
+    read.update(id(call.bias) for call in calls.values() if call.bias is not None)
     for value in graph.constants.values():
         if id(value) in read:
             env[id(value)] = fx_graph.get_attr(buffers.add(value.name, value.const, trainable=value.name in trainable))  # type: ignore[arg-type]
@@ -74,6 +79,10 @@ def _build(graph: Graph, prepack_linears: bool, trainable: Collection[str]) -> A
             _emit_linear(node, plans[id(node)], fx_graph, env, buffers)
         elif id(node) in qplans:
             _emit_qlinear(node, qplans[id(node)], fx_graph, env, buffers)
+        elif id(node) in calls:
+            call = calls[id(node)]
+            args = (env[id(call.x)], env[id(call.weight)], None if call.bias is None else env[id(call.bias)])
+            env[id(call.last.output)] = fx_graph.call_function(torch.nn.functional.linear, args)
         elif id(node) not in absorbed:
             _emit(node, graph, fx_graph, env, buffers)
     outputs = tuple(env[id(v)] for v in graph.outputs)
@@ -150,6 +159,8 @@ def _emit(node: Node, graph: Graph, fx_graph: Any, env: dict[int, Any], buffers:
             kwargs[name] = attr
     if node.op_type in torch_kernels.OPSET_SENSITIVE_OPS and node.domain == "":
         kwargs["opset"] = graph.opset("")
+    if node.op_type == "Dropout" and node.domain == "" and len(node.outputs) < 2:
+        kwargs["mask"] = False
     if node.op_type == "Split" and node.domain == "" and "split" not in kwargs and "num_outputs" not in kwargs and (len(args) < 2 or args[1] is None):
         kwargs["num_outputs"] = len(node.outputs)
     call = fx_graph.call_function(kernel, args, kwargs)

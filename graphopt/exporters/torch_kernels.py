@@ -1088,6 +1088,10 @@ def _wrap_negative(indices: Tensor, size: int | Tensor) -> Tensor:
 @_on_unsigned("modular")
 def onnx_Gather(data: Tensor, indices: Tensor, *, axis: int = 0) -> Tensor:
     axis = _axis(axis, data.dim())
+    if axis == 0 and data.dim() == 2 and data.is_floating_point():
+        # rows of a table: an embedding lookup, whose backward is one in-place kernel (the
+        # index_select backward's functional index_add copies the whole table once more)
+        return torch.nn.functional.embedding(_wrap_negative(indices, data.shape[0]), data)
     picked = data.index_select(axis, _wrap_negative(indices, data.shape[axis]).reshape(-1))
     return picked.reshape((*data.shape[:axis], *indices.shape, *data.shape[axis + 1 :]))
 
@@ -1249,17 +1253,20 @@ def onnx_CastLike(x: Tensor, target_type: Tensor, *, saturate: int = 1, round_mo
 
 
 def onnx_Dropout(
-    data: Tensor, ratio: Tensor | float | None = None, training_mode: Tensor | None = None, *, seed: int | None = None
-) -> tuple[Tensor, Tensor]:
+    data: Tensor, ratio: Tensor | float | None = None, training_mode: Tensor | None = None, *, seed: int | None = None,
+    mask: bool = True,
+) -> tuple[Tensor, Tensor | None]:
     """Outputs (output, mask); outside training mode, the identity and an all-True mask.
     Without a seed the mask is drawn from torch's global generator exactly as `F.dropout`
     draws it (so a graph traced from torch drops what eager drops); with one, from a
-    generator of that seed."""
+    generator of that seed. `mask=False` (a node without the mask output) gives None for
+    it and runs `F.dropout` itself: its backward multiplies by a float noise tensor, faster
+    than `native_dropout`'s boolean mask."""
     rate = 0.5 if ratio is None else float(ratio)
     if training_mode is None or not bool(training_mode) or rate == 0:
-        return data, torch.ones_like(data, dtype=torch.bool)
+        return data, torch.ones_like(data, dtype=torch.bool) if mask else None
     if seed is None:
-        return torch.native_dropout(data, rate, True)
+        return torch.native_dropout(data, rate, True) if mask else (torch.nn.functional.dropout(data, rate, True), None)
     generator = torch.Generator(device=data.device)
     generator.manual_seed(seed)
     mask = torch.rand(data.shape, generator=generator, device=data.device) >= rate

@@ -277,6 +277,28 @@ def written_in_place(module: Any, names: Optional[dict[str, str]] = None) -> Opt
     return None
 
 
+def random_draw(module: Any) -> Optional[str]:
+    """The first op of the ATen graph `module` that draws random numbers (dropout in training
+    mode, attention with dropout, rand/bernoulli...), as a sentence; None when none does."""
+    import torch
+
+    for node in module.graph.nodes:
+        tags = getattr(node.target, "tags", ())
+        if node.op != "call_function" or torch.Tag.nondeterministic_seeded not in tags:
+            continue
+        name = str(node.target)
+        if name.startswith(("aten.dropout.", "aten.feature_dropout.", "aten.alpha_dropout.", "aten.native_dropout.")):
+            p, train = (list(node.args[1:3]) + [None, None])[:2]
+            if not train or not p:
+                continue
+        elif name.startswith("aten.scaled_dot_product_attention."):
+            p = node.args[4] if len(node.args) > 4 else node.kwargs.get("dropout_p", 0.0)
+            if not p:
+                continue
+        return f"{name} draws random numbers"
+    return None
+
+
 def import_graph(
     module: Any, bindings: Sequence[Any], *, name: str = "main_graph", opset: int = 18,
     translate: Optional[Callable[[Importer, Any, dict[Any, Any]], Any]] = None,

@@ -34,7 +34,7 @@ VIEW_OPS = frozenset({
     "aten.view.default", "aten._unsafe_view.default", "aten.reshape.default", "aten.transpose.int",
     "aten.permute.default", "aten.t.default", "aten.slice.Tensor", "aten.select.int", "aten.unsqueeze.default",
     "aten.squeeze.dim", "aten.squeeze.dims", "aten.squeeze.default", "aten.expand.default", "aten.alias.default",
-    "aten.split.Tensor", "aten.split_with_sizes.default", "aten.unbind.int", "aten.flatten.using_ints",
+    "aten.split.Tensor", "aten.split_with_sizes.default", "aten.chunk.default", "aten.unbind.int", "aten.flatten.using_ints",
     "aten.detach.default", "aten.as_strided.default", "aten.diagonal.default", "aten.narrow.default",
 })
 """Ops whose result may share memory with their first argument (an in-place op on such a
@@ -354,9 +354,12 @@ def _attention_with_dropout(
     scale: Optional[float], enable_gqa: bool,
 ) -> Value:
     """Training-mode attention with dropout on the probabilities, as torch's math kernel
-    computes it on CPU (both operands scaled by sqrt(scale), additive or boolean mask, softmax
-    with fully masked rows at 0, then `dropout`): the same random draws as eager, in the same
-    order. graphopt::Attention has no dropout, so the steps stay separate ops."""
+    computes it on CPU (both operands scaled by sqrt(scale), a boolean mask made additive,
+    softmax with fully masked rows at 0, then `dropout`): the same random draws as eager, in
+    the same order. graphopt::Attention has no dropout, so the steps stay separate ops. The
+    additive mask and the rows it masks fully are computed from the mask alone (shared by
+    every layer reading it once cleanup merges them), not per layer from the scores; those
+    rows add 0 instead of -inf before the softmax, so their gradient is 0 as eager's, not NaN."""
     if is_causal or enable_gqa:
         raise UntranslatableError("attention with dropout and a causal mask or grouped heads")
     dtype = q.dtype
@@ -367,15 +370,18 @@ def _attention_with_dropout(
     rank = q.type.rank
     perm = (*range(rank - 2), rank - 1, rank - 2)
     scores = cx.op("MatMul", [cx.op("Mul", [q, root]), cx.op("Mul", [cx.op("Transpose", [k], perm=perm), root])])
-    if attn_mask is not None:
-        mask = cx.tensor(attn_mask)
-        if mask.dtype == DType.BOOL:
-            scores = cx.op("Where", [mask, scores, cx.scalar(float("-inf"), dtype)])
-        else:
-            scores = cx.op("Add", [scores, cx.cast(mask, dtype)])
-    probs = cx.op("Softmax", [scores], axis=-1)
-    if attn_mask is not None:
-        probs = cx.op("Where", [cx.op("IsNaN", [probs]), cx.scalar(0.0, dtype), probs])
+    if attn_mask is None:
+        return cx.op("MatMul", [training_dropout(cx, cx.op("Softmax", [scores], axis=-1), dropout_p), v])
+    mask = cx.tensor(attn_mask)
+    lowest = cx.scalar(float("-inf"), dtype)
+    if mask.dtype == DType.BOOL:
+        mask = cx.op("Where", [mask, cx.scalar(0.0, dtype), lowest])
+    else:
+        mask = cx.cast(mask, dtype)
+    zero = cx.scalar(0.0, dtype)
+    kept = cx.op("Not", [cx.op("Equal", [cx.op("ReduceMax", [mask, cx.ints([-1])], keepdims=1), lowest])])
+    finite = cx.op("Where", [kept, mask, zero])  # a fully masked row's softmax stays finite, and so its gradient
+    probs = cx.op("Where", [kept, cx.op("Softmax", [cx.op("Add", [scores, finite])], axis=-1), zero])
     return cx.op("MatMul", [training_dropout(cx, probs, dropout_p), v])
 
 
@@ -591,7 +597,7 @@ def _stack(cx: Importer, node: Any, tensors: Sequence[Any], dim: int = 0) -> Val
     return cx.op("Concat", values, axis=axis) if len(values) > 1 else values[0]
 
 
-@rule("aten.split.Tensor", "aten.split_with_sizes.default")
+@rule("aten.split.Tensor", "aten.split_with_sizes.default", "aten.chunk.default")
 def _split(cx: Importer, node: Any, x: Any, sizes: Any, dim: int = 0) -> tuple:
     value = cx.tensor(x)
     axis = _axis(dim, value.type.rank)

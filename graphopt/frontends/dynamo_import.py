@@ -287,6 +287,9 @@ def _squeeze(node: Any, x: Any, dim: Any = None) -> AtenCall:
     return ("aten.squeeze.default", (x,), {}) if dim is None else ("aten.squeeze.dim", (x, dim), {})
 
 
+_call(*_functions(["chunk"]), methods=["chunk"])(_same("aten.chunk.default"))
+
+
 @_call(methods=["split"])
 def _split(node: Any, x: Any, split_size: Any, dim: int = 0) -> AtenCall:
     if isinstance(split_size, int):

@@ -33,7 +33,8 @@ from typing import Any, Callable, Optional, Sequence
 
 from graphopt.errors import GraphoptError, UnsupportedOpError
 from graphopt.frontends.aten_import import (
-    GraphInput, State, UntranslatableError, import_graph, import_program, state_mutation, written_in_place,
+    GraphInput, State, UntranslatableError, import_graph, import_program, random_draw, state_mutation,
+    written_in_place,
 )
 from graphopt.frontends.dynamo_import import import_dynamo_graph
 from graphopt.frontends.onnx_import import from_onnx
@@ -82,7 +83,15 @@ def _import_program(program: Any, opset: int, input_names: Sequence[str] = (), c
     if mutation:
         raise UnsupportedOpError(f"from_fx: {mutation}")
     translated = _attempt("aten", lambda: import_program(program, opset=opset, input_names=input_names, constant_names=constant_names))
-    return translated or _import_through_onnx(program, opset)
+    if translated is not None:
+        return translated
+    draw = random_draw(program.graph_module)
+    if draw:
+        raise UnsupportedOpError(
+            f"from_fx: {draw} (training mode) and the graph holds an op graphopt does not translate; torch.onnx, "
+            "the other way in, exports dropout as inference does"
+        )
+    return _import_through_onnx(program, opset)
 
 
 def _attempt(importer: str, translate: Callable[[], Graph]) -> Optional[Graph]:
