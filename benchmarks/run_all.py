@@ -28,7 +28,7 @@ BENCHMARKS: dict[str, tuple[str, list[str]]] = {
     "targets_cpu": ("every target vs ONNX Runtime and torch.compile (CPU)", []),
     "onnxruntime_cpu": ("graphopt `fuse` in ONNX Runtime vs ORT's own optimizer (CPU)", []),
     "quantization_cpu": ("int8: graphopt `quantize` vs ORT `quantize_dynamic` (CPU)", []),
-    "torch_compile_cpu": ("torch.compile backends (CPU)", ["--warmup", "3", "--repeats", "10"]),
+    "torch_compile_cpu": ("torch.compile backends, inference and training (CPU)", ["--warmup", "3", "--repeats", "10", "--train-repeats", "8"]),
     "compression_minilm": ("structured compression on the real all-MiniLM-L6-v2 (CPU)", []),
     "tvm_cpu": ("TVM target vs ONNX Runtime (CPU)", []),
     "large_model": ("a 2.5 GB external-data model through cleanup,fuse", []),
