@@ -359,7 +359,8 @@ def _attention_with_dropout(
     the same order. graphopt::Attention has no dropout, so the steps stay separate ops. The
     additive mask and the rows it masks fully are computed from the mask alone (shared by
     every layer reading it once cleanup merges them), not per layer from the scores; those
-    rows add 0 instead of -inf before the softmax, so their gradient is 0 as eager's, not NaN."""
+    rows add 0 instead of -inf before the softmax (their gradient stays finite) and their
+    output rows are set to 0, as eager's."""
     if is_causal or enable_gqa:
         raise UntranslatableError("attention with dropout and a causal mask or grouped heads")
     dtype = q.dtype
@@ -381,8 +382,10 @@ def _attention_with_dropout(
     zero = cx.scalar(0.0, dtype)
     kept = cx.op("Not", [cx.op("Equal", [cx.op("ReduceMax", [mask, cx.ints([-1])], keepdims=1), lowest])])
     finite = cx.op("Where", [kept, mask, zero])  # a fully masked row's softmax stays finite, and so its gradient
-    probs = cx.op("Where", [kept, cx.op("Softmax", [cx.op("Add", [scores, finite])], axis=-1), zero])
-    return cx.op("MatMul", [training_dropout(cx, probs, dropout_p), v])
+    probs = cx.op("Softmax", [cx.op("Add", [scores, finite])], axis=-1)
+    # zero the fully masked rows of the output ([.., seq, head_dim]) rather than of the
+    # probabilities ([.., seq, seq]): the same result and gradients, half the elements
+    return cx.op("Where", [kept, cx.op("MatMul", [training_dropout(cx, probs, dropout_p), v]), zero])
 
 
 def _static(dim: Optional[int]) -> int:
