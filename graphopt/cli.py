@@ -1,7 +1,7 @@
 """The `graphopt` command line.
 
     graphopt optimize IN.onnx -o OUT.onnx -p "cleanup,my-pass{x=1}" [--check] [--verify]
-    graphopt passes [--json]                 every registered pass, its doc and options
+    graphopt passes [PASS ...] [--json]       every registered pass (or the named ones, with their whole doc) and options
     graphopt inspect MODEL.onnx [--json] [--ops] [--dim seq=128]
     graphopt compile IN.onnx -t SPEC -o DIR  optimize + compile for a target, save the artifact
     graphopt run DIR -i INPUTS.npz           run a saved artifact
@@ -23,11 +23,13 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import inspect
 import json
 import logging
 import os
 import pathlib
 import sys
+import textwrap
 import time
 import traceback
 import typing
@@ -59,7 +61,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="graphopt",
         description="A compiler-style graph optimizer for Transformer models.",
     )
-    parser.add_argument("--version", action="version", version=f"graphopt {__version__}")
+    parser.add_argument("-V", "--version", action="version", version=f"graphopt {__version__}")
     _add_verbosity(parser, top_level=True)
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
     commands.required = True
@@ -136,9 +138,11 @@ def _add_passes(commands: Any) -> None:
     cmd = commands.add_parser(
         "passes", help="list the registered passes and their options",
         description="List every registered pass (built-in and from installed plug-ins) with its "
-        "one-line doc and its options as `name: type = default`.",
+        "one-line doc and its options as `name: type = default`; given pass names, only those, "
+        "each with its whole doc (what it needs, what it changes, what its options mean).",
     )
     _add_verbosity(cmd, top_level=False)
+    cmd.add_argument("names", nargs="*", metavar="PASS", help="show only these passes, with their whole doc")
     cmd.add_argument("--json", action="store_true", help="print JSON instead of text")
     cmd.set_defaults(run=_passes)
 
@@ -352,7 +356,20 @@ class Progress(Instrument):
 def _passes(args: argparse.Namespace) -> int:
     from graphopt.registry import registered_passes
 
-    infos = [pass_info(cls) for cls in registered_passes().values()]
+    passes = registered_passes()
+    unknown = [name for name in args.names if name not in passes]
+    if unknown:
+        import difflib
+
+        close = sorted({m for name in unknown for m in difflib.get_close_matches(name, passes, n=3)})
+        hint = f"; did you mean {', '.join(close)}?" if close else "; `graphopt passes` lists them"
+        raise GraphoptError(f"unknown pass(es) {', '.join(unknown)}{hint}")
+    chosen = [passes[name] for name in args.names] or list(passes.values())
+    infos = [pass_info(cls) for cls in chosen]
+    if args.names:
+        for info, cls in zip(infos, chosen):
+            doc = inspect.cleandoc(cls.__doc__ or "")
+            info["doc"] = doc[len(info["summary"]):].strip() if doc.startswith(info["summary"]) else doc
     if args.json:
         print(json.dumps(infos, indent=2, default=str))
         return 0
@@ -369,6 +386,8 @@ def _passes(args: argparse.Namespace) -> int:
         facts = [f"{key}: {', '.join(info[key])}" for key in ("requires", "provides", "invalidates") if info[key]]
         if facts:
             print(f"    ({'; '.join(facts)})")
+        if info.get("doc"):
+            print("\n" + textwrap.indent(info["doc"], "    ") + "\n")
     return 0
 
 

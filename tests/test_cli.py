@@ -427,3 +427,19 @@ def test_inspect_summary_sizes_can_be_chosen(tmp_path, capsys):
     assert "parameters: 12 (48 B) in 1 tensors" in out
     assert "  x: float[batch, 4]" in out
     assert f"FLOPs: {2 * 10 * 3 * 4 + 10 * 4:,} " in out and "assuming batch=10" in out
+
+
+def test_passes_names_show_the_whole_doc_and_unknown_names_get_suggestions(capsys):
+    assert main(["passes", "fuse-rotary"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("fuse-rotary") and "Stats:" in out and "fuse-attention" not in out
+    assert main(["passes", "fuse-rotery"]) == 2
+    assert "unknown pass(es) fuse-rotery; did you mean" in capsys.readouterr().err
+
+
+def test_short_version_flag_and_python_dash_m(capsys):
+    with pytest.raises(SystemExit):
+        main(["-V"])
+    assert capsys.readouterr().out.startswith("graphopt ")
+    done = subprocess.run([sys.executable, "-m", "graphopt", "--version"], capture_output=True, text=True, check=True)
+    assert done.stdout.startswith("graphopt ")
