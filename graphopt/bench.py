@@ -226,6 +226,10 @@ class _ModelSource:
     def resolve(cls, model: str, scratch: str) -> "_ModelSource":
         if model.startswith("hf:") or model.endswith(".json"):
             return cls._from_hf_config(model, scratch)
+        if os.path.isdir(model):
+            raise GraphoptError(
+                f"{model}: is a folder; give an .onnx file, a Hugging Face config.json (random weights) or hf:<model_type>"
+            )
         if not os.path.isfile(model):
             raise GraphoptError(f"{model}: no such file (give an .onnx file, a Hugging Face config.json or hf:<model_type>)")
         return cls(model)
@@ -241,7 +245,7 @@ class _ModelSource:
             else:
                 config = transformers.AutoConfig.from_pretrained(os.path.dirname(os.path.abspath(model)))
         except (ValueError, OSError, KeyError) as exc:
-            raise GraphoptError(f"{model}: not a Hugging Face config transformers can build ({str(exc).splitlines()[0]})") from None
+            raise GraphoptError(f"{model}: not a Hugging Face config transformers can build ({_short_reason(model, exc)})") from None
         if getattr(config, "vocab_size", None) is None:
             raise GraphoptError(f"{model}: only text models (with a vocab_size) can be built from a config here; export other models to ONNX")
         torch.manual_seed(0)
@@ -545,3 +549,18 @@ def save_png(result: BenchResult, path: str) -> None:
         atomic_write(path, chart_png(result))
     except ImportError:
         raise GraphoptError("--png needs matplotlib (pip install matplotlib)") from None
+
+
+def _short_reason(model: str, exc: BaseException) -> str:
+    """Why transformers cannot build `model`, in one line: for an unknown `hf:<type>`, the
+    closest known model types (transformers' own message lists all ~500 of them)."""
+    import difflib
+
+    import transformers
+
+    if model.startswith("hf:"):
+        known = list(transformers.CONFIG_MAPPING.keys())
+        if model[3:] not in known:
+            close = difflib.get_close_matches(model[3:], known, n=5)
+            return f"unknown model type '{model[3:]}'" + (f"; closest: {', '.join(close)}" if close else "; e.g. bert, llama, vit")
+    return str(exc).splitlines()[0][:300]

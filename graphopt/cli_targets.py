@@ -94,7 +94,7 @@ def _run(args: argparse.Namespace) -> int:
     from graphopt.api import load_compiled
 
     compiled = load_compiled(args.artifact)
-    feeds = _load_inputs(args.inputs)
+    feeds = _load_inputs(args.inputs, compiled.input_names)
     start = time.perf_counter()
     outputs = compiled(**feeds)
     elapsed = time.perf_counter() - start
@@ -108,16 +108,25 @@ def _run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _load_inputs(path: str) -> dict[str, Any]:
+def _load_inputs(path: str, input_names: Sequence[str]) -> dict[str, Any]:
+    """The arrays of an .npz (named by input), or of an .npy for a model of one input."""
     import numpy as np
 
     try:
-        with np.load(path, allow_pickle=False) as data:
-            return {name: data[name] for name in data.files}
+        loaded = np.load(path, allow_pickle=False)
     except FileNotFoundError:
         raise GraphoptError(f"{path}: no such file") from None
     except (OSError, ValueError) as exc:
         raise GraphoptError(f"{path}: not a readable .npz file of arrays ({exc})") from None
+    if isinstance(loaded, np.ndarray):
+        if len(input_names) != 1:
+            raise GraphoptError(
+                f"{path}: an .npy holds one unnamed array, but the model takes {len(input_names)} inputs "
+                f"({', '.join(input_names)}); save them named in an .npz: np.savez('inputs.npz', {input_names[0] if input_names else 'name'}=...)"
+            )
+        return {input_names[0]: loaded}
+    with loaded as data:
+        return {name: data[name] for name in data.files}
 
 
 def _save_outputs(path: str, arrays: dict[str, Any]) -> None:

@@ -84,3 +84,18 @@ def test_cli_bench_draws_the_charts_as_png(bert_onnx, tmp_path):
     png = tmp_path / "bench.png"
     assert main(["bench", bert_onnx, "--against", "ort-opt", "--seq", "8", "--repeats", "2", "--warmup", "1", "--threads", "1", "--png", str(png), "-q"]) == 0
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
+
+
+@pytest.mark.parametrize("model, message", [
+    ("hf:bret", "unknown model type 'bret'; closest: bert"),
+    ("hf:zzzzzz", "unknown model type 'zzzzzz'; e.g. bert, llama, vit"),
+])
+def test_cli_bench_names_an_unknown_model_type_in_one_line(capsys, model, message):
+    assert main(["bench", model]) == 2
+    err = capsys.readouterr().err
+    assert message in err and len(err) < 300
+
+
+def test_cli_bench_says_a_folder_is_a_folder(tmp_path, capsys):
+    assert main(["bench", str(tmp_path)]) == 2
+    assert f"{tmp_path}: is a folder; give an .onnx file" in capsys.readouterr().err

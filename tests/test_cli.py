@@ -443,3 +443,14 @@ def test_short_version_flag_and_python_dash_m(capsys):
     assert capsys.readouterr().out.startswith("graphopt ")
     done = subprocess.run([sys.executable, "-m", "graphopt", "--version"], capture_output=True, text=True, check=True)
     assert done.stdout.startswith("graphopt ")
+
+
+def test_run_takes_an_npy_for_a_one_input_model_and_says_what_a_multi_input_one_needs(tmp_path, capsys):
+    from graphopt.cli_targets import _load_inputs
+    from graphopt.errors import GraphoptError
+
+    path = tmp_path / "x.npy"
+    np.save(path, np.ones((2, 4), np.float32))
+    assert list(_load_inputs(str(path), ["x"])) == ["x"]
+    with pytest.raises(GraphoptError, match=r"an \.npy holds one unnamed array, but the model takes 2 inputs \(ids, mask\)"):
+        _load_inputs(str(path), ["ids", "mask"])
