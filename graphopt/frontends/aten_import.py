@@ -242,38 +242,20 @@ def import_program(
     return import_graph(program.graph_module, bindings, name=name, opset=opset)
 
 
-def state_mutation(program: Any) -> Optional[str]:
+def state_mutation(program: Any, names: Optional[dict[str, str]] = None) -> Optional[str]:
     """What `program` (an ExportedProgram) updates in place besides its outputs (buffers such
-    as batch-norm statistics, inputs), as a sentence; None for a functional program. The IR
-    is functional: such a program cannot be imported without losing the update."""
+    as batch-norm statistics, inputs), as a sentence naming it (by `names`, state name ->
+    user-facing name, where given); None for a functional program. The IR is functional:
+    such a program cannot be imported without losing the update. Torch.export's training IR
+    keeps updates inside ops (an in-place `add_`, `batch_norm`'s statistics): functionalize it
+    (`run_decompositions({})`) for them to show."""
     from torch.export.graph_signature import OutputKind
 
     for out_spec in program.graph_signature.output_specs:
         if out_spec.kind != OutputKind.USER_OUTPUT:
             target = out_spec.target or out_spec.arg.name
+            target = (names or {}).get(target, target)
             return f"the graph updates {target} in place ({out_spec.kind.name.lower()}); graphopt imports functional graphs only"
-    return None
-
-
-def written_in_place(module: Any, names: Optional[dict[str, str]] = None) -> Optional[str]:
-    """The placeholder or attribute an in-place op of the ATen graph `module` writes (directly
-    or through a view), as a sentence naming it (by `names`, placeholder -> user-facing name,
-    where given); None when it writes none."""
-    sources = {node: node for node in module.graph.nodes if node.op in ("placeholder", "get_attr")}
-    for node in module.graph.nodes:
-        schema = getattr(node.target, "_schema", None)
-        if node.op != "call_function" or schema is None:
-            continue
-        given = {**dict(zip((a.name for a in schema.arguments), node.args)), **node.kwargs}
-        for argument in schema.arguments:
-            alias = argument.alias_info
-            if alias is not None and alias.is_write and given.get(argument.name) in sources:
-                source = str(sources[given[argument.name]].target)
-                written = (names or {}).get(source, source)
-                return f"{node.target} writes {written} in place; graphopt imports functional graphs only"
-        returned = schema.returns[0].alias_info if schema.returns else None
-        if returned is not None and node.args and node.args[0] in sources:
-            sources[node] = sources[node.args[0]]
     return None
 
 
@@ -312,9 +294,6 @@ def import_graph(
     `graphopt.frontends.dynamo_import` for dynamo's torch-level graphs). Raises
     `UntranslatableError` (see the module docstring).
     """
-    written = written_in_place(module)
-    if written:
-        raise UntranslatableError(written)
     graph = Graph(name, {"": opset})
     importer = Importer(graph)
     placeholders = iter(bindings)

@@ -34,7 +34,6 @@ from typing import Any, Callable, Optional, Sequence
 from graphopt.errors import GraphoptError, UnsupportedOpError
 from graphopt.frontends.aten_import import (
     GraphInput, State, UntranslatableError, import_graph, import_program, random_draw, state_mutation,
-    written_in_place,
 )
 from graphopt.frontends.dynamo_import import import_dynamo_graph
 from graphopt.frontends.onnx_import import from_onnx
@@ -75,23 +74,25 @@ def from_fx(
 
 
 def _import_program(program: Any, opset: int, input_names: Sequence[str] = (), constant_names: Optional[dict[str, str]] = None) -> Graph:
-    """The program translated op by op, else through torch.onnx (not a program that updates
-    state in place: the ONNX export would drop the update too)."""
-    renamed = constant_names or {}
-    names = {spec.arg.name: renamed.get(spec.target, spec.target) for spec in program.graph_signature.input_specs if spec.target}
-    mutation = state_mutation(program) or written_in_place(program.graph_module, names)
-    if mutation:
-        raise UnsupportedOpError(f"from_fx: {mutation}")
+    """The program translated op by op, else through torch.onnx; neither for a program that
+    updates state in place (the IR is functional, and the ONNX export drops the update too)
+    or, through torch.onnx, one that draws random numbers."""
     translated = _attempt("aten", lambda: import_program(program, opset=opset, input_names=input_names, constant_names=constant_names))
     if translated is not None:
         return translated
+    with _quiet():
+        # functionalized: in-place updates, also those inside ops such as batch_norm, become outputs
+        functional = program.run_decompositions({})
+    mutation = state_mutation(functional, constant_names)
+    if mutation:
+        raise UnsupportedOpError(f"from_fx: {mutation}")
     draw = random_draw(program.graph_module)
     if draw:
         raise UnsupportedOpError(
             f"from_fx: {draw} (training mode) and the graph holds an op graphopt does not translate; torch.onnx, "
             "the other way in, exports dropout as inference does"
         )
-    return _import_through_onnx(program, opset)
+    return _import_through_onnx(functional, opset)
 
 
 def _attempt(importer: str, translate: Callable[[], Graph]) -> Optional[Graph]:
