@@ -354,17 +354,9 @@ class Progress(Instrument):
 
 # ----------------------------------------------------------------------------- passes
 def _passes(args: argparse.Namespace) -> int:
-    from graphopt.registry import registered_passes
+    from graphopt.registry import get_pass, registered_passes
 
-    passes = registered_passes()
-    unknown = [name for name in args.names if name not in passes]
-    if unknown:
-        import difflib
-
-        close = sorted({m for name in unknown for m in difflib.get_close_matches(name, passes, n=3)})
-        hint = f"; did you mean {', '.join(close)}?" if close else "; `graphopt passes` lists them"
-        raise GraphoptError(f"unknown pass(es) {', '.join(unknown)}{hint}")
-    chosen = [passes[name] for name in args.names] or list(passes.values())
+    chosen = [get_pass(name) for name in args.names] or list(registered_passes().values())
     infos = [pass_info(cls) for cls in chosen]
     if args.names:
         for info, cls in zip(infos, chosen):

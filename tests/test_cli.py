@@ -434,7 +434,7 @@ def test_passes_names_show_the_whole_doc_and_unknown_names_get_suggestions(capsy
     out = capsys.readouterr().out
     assert out.startswith("fuse-rotary") and "Stats:" in out and "fuse-attention" not in out
     assert main(["passes", "fuse-rotery"]) == 2
-    assert "unknown pass(es) fuse-rotery; did you mean" in capsys.readouterr().err
+    assert "unknown pass 'fuse-rotery'; did you mean 'fuse-rotary'" in capsys.readouterr().err
 
 
 def test_short_version_flag_and_python_dash_m(capsys):

@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Optional
 
+from graphopt.exporters.fx_linear import sole_user
 from graphopt.ir.graph import Graph, Node, Value
 
 
@@ -45,8 +46,8 @@ def plan_linear_calls(graph: Graph) -> dict[int, LinearCall]:
         plan = LinearCall(node.inputs[0], weight, None, absorbed)  # type: ignore[arg-type]
         bias_add = _bias_add(node, weight)
         if bias_add is not None:
-            plan.bias = bias_add.inputs[1] if bias_add.inputs[0] is node.output else bias_add.inputs[0]
-            plan.absorbed.append(bias_add)
+            plan.absorbed.append(bias_add[0])
+            plan.bias = bias_add[1]
         plans[id(node)] = plan
     return plans
 
@@ -67,15 +68,12 @@ def _transposed_input(node: Node) -> Optional[Value]:
     return weight
 
 
-def _bias_add(node: Node, weight: Value) -> Optional[Node]:
-    """The Add of a bias vector that alone reads the matmul's output, if any."""
-    uses = node.output.uses()
-    if len(uses) != 1 or node.output.is_graph_output:
+def _bias_add(node: Node, weight: Value) -> Optional[tuple[Node, Value]]:
+    """(the Add, its bias vector) when an Add of a bias alone reads the matmul's output."""
+    add = sole_user(node.output)
+    if add is None or add.domain != "" or add.op_type != "Add" or len(add.inputs) != 2:
         return None
-    add = uses[0].node
-    if add.domain != "" or add.op_type != "Add" or len(add.inputs) != 2:
-        return None
-    bias = add.inputs[1 - uses[0].index]
+    bias = add.inputs[1] if add.inputs[0] is node.output else add.inputs[0]
     if bias is None or bias is node.output or bias.producer is not None or bias.dtype != weight.dtype:
         return None
     n = weight.shape[0] if weight.shape else None  # type: ignore[index]
@@ -83,4 +81,4 @@ def _bias_add(node: Node, weight: Value) -> Optional[Node]:
         return None
     if add.output.type.shape != node.output.type.shape:
         return None
-    return add
+    return add, bias
