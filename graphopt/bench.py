@@ -10,18 +10,20 @@ untimed and three timed calls: see `graphopt.timing`), so drift on a shared mach
 them alike. Per contender: median latency and
 spread (25th-75th percentile), the ratio of its median to the baseline's median (the
 original model in ONNX Runtime), parameters and bytes of the graph it runs, estimated FLOPs,
-and fidelity against the baseline's outputs (max and mean absolute error, cosine).
+and fidelity of its first output against the baseline's (`graphopt.fidelity`: max absolute and
+relative error, token and pooled cosine, top-1 agreement for logits).
 
 Contenders (`against`; `ort`, the original model in ONNX Runtime, is always the baseline):
 - `ort-opt`: ONNX Runtime's `transformers.optimizer.optimize_model` output;
 - `ort-int8`: that output through `quantize_dynamic` (int8 weights);
-- `eager`, `inductor`: PyTorch eager / `torch.compile()` (needs a PyTorch model: give an
-  `hf:<model_type>` or a Hugging Face config.json as MODEL);
+- `eager`, `inductor`: PyTorch eager / `torch.compile()` (needs a PyTorch model: any MODEL
+  but an .onnx file);
 - `tvm-default`: TVM's ONNX importer and default `relax.build` (needs apache-tvm).
 
-MODEL is an .onnx file, a Hugging Face `config.json`, or `hf:<model_type>` (e.g. `hf:bert`:
-the architecture's default config, random weights; exported to ONNX in a temporary folder;
-no download).
+MODEL is anything `graphopt.model_sources` resolves: an .onnx file, a Hugging Face model
+folder, a `config.json` or `hf:<model_type>` (e.g. `hf:bert`: the architecture's default
+config, random weights, no download), a .pt2 ExportedProgram or `module:function`; all but
+an .onnx file are exported to ONNX in a temporary folder.
 """
 
 from __future__ import annotations
@@ -34,13 +36,16 @@ import platform
 import statistics
 import tempfile
 import time
-from typing import Any, Callable, Optional, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Optional, Sequence
 
 import numpy as np
 
 from graphopt.errors import GraphoptError
 from graphopt.exporters.files import atomic_write
 from graphopt.timing import time_interleaved
+
+if TYPE_CHECKING:
+    from graphopt.model_sources import ModelSource
 
 CONTENDERS = ("ort-opt", "ort-int8", "eager", "inductor", "tvm-default")
 BASELINE = "original (ort)"
@@ -58,9 +63,16 @@ class BenchRow:
     bytes: Optional[int] = None
     flops: Optional[int] = None
     max_error: Optional[float] = None
-    mean_error: Optional[float] = None
-    cosine: Optional[float] = None
+    relative_error: Optional[float] = None
+    token_cosine: Optional[float] = None
+    pooled_cosine: Optional[float] = None
+    top1: Optional[float] = None
     note: str = ""
+
+    @property
+    def cosine(self) -> Optional[float]:
+        """The cosine the charts plot: the mean per-token cosine."""
+        return self.token_cosine
 
     @property
     def median_ms(self) -> Optional[float]:
@@ -87,7 +99,7 @@ class BenchResult:
 
     def cells(self) -> list[list[str]]:
         """The table as text cells: the head row, then one row per contender (baseline first)."""
-        rows = [["contender", "build s", "median ms", "p25-p75 ms", "ratio", "params", "MB", "GFLOPs", "max err", "mean err", "cosine", "note"]]
+        rows = [["contender", "build s", "median ms", "p25-p75 ms", "ratio", "params", "MB", "est. GFLOPs (graph run)", "max err", "rel err", "token cos", "pooled cos", "top-1", "note"]]
         for r in self.rows:
             spread = r.spread_ms
             rows.append([
@@ -96,9 +108,24 @@ class BenchResult:
                 f"{r.parameters:,}" if r.parameters is not None else "-",
                 _num(None if r.bytes is None else r.bytes / 1e6, ".1f"),
                 _num(None if r.flops is None else r.flops / 1e9, ".2f"),
-                _num(r.max_error, ".2e"), _num(r.mean_error, ".2e"), _num(r.cosine, ".6f"), r.note,
+                _num(r.max_error, ".2e"), _num(r.relative_error, ".2e"), _num(r.token_cosine, ".6f"),
+                _num(r.pooled_cosine, ".6f"), _num(None if r.top1 is None else 100 * r.top1, ".1f"), r.note,
             ])
         return rows
+
+    def footnotes(self) -> list[str]:
+        """What the columns that describe each contender's own graph mean (under the table in --html)."""
+        return [
+            "ratio: the contender's median latency / the original's (below 1 is faster). "
+            "max err, rel err (||y - y0|| / ||y0||), token cos (mean cosine per token vector), pooled cos (cosine "
+            "of the mask-weighted mean over tokens: a sentence embedding's) and top-1 (% of positions whose argmax "
+            "agrees, for logits): its first output against the original's, on the same inputs.",
+            "params, MB and est. GFLOPs (graph run) describe the graph each contender runs: the original, ONNX Runtime's "
+            "optimized or int8-quantized graph, graphopt's output. est. GFLOPs is graphopt's static estimate "
+            "(graphopt.flops), not a measurement: ops it does not know (e.g. MatMulInteger of an int8 graph, ONNX Runtime's "
+            "com.microsoft fused ops) count 0, so a lower figure on another graph does not mean less work. Compare latency, "
+            "not this column, across contenders.",
+        ]
 
     def table(self) -> str:
         """A markdown table of `cells()`."""
@@ -109,8 +136,9 @@ class BenchResult:
 
     def header(self) -> str:
         s = self.settings
+        shape = f"inputs {s['inputs']}" if s.get("inputs") else f"batch {s['batch']}, seq {s['seq']}"
         return (
-            f"{self.model}: batch {s['batch']}, seq {s['seq']}, {s['threads']} threads, "
+            f"{self.model}: {shape}, {s['threads']} threads, "
             f"{s['warmup']} warm-up + {s['repeats']} timed calls each (side by side, in blocks of 3 after 1 untimed call); "
             f"machine: {s['machine']}; {s['versions']}"
         )
@@ -148,8 +176,13 @@ def run_bench(
     repeats: int = 10,
     dims: Optional[dict[str, int]] = None,
     progress: Optional[Callable[[str], None]] = None,
+    inputs: Optional[str] = None,
+    calibration_data: Any = None,
 ) -> BenchResult:
-    """Build and time every contender on the same inputs; see the module docstring."""
+    """Build and time every contender on the same inputs; see the module docstring.
+
+    `inputs`: an .npz of real inputs (one array per input) used instead of random token ids;
+    `calibration_data`: samples (or an .npz path) for graphopt's data-aware passes."""
     against = [name for name in against if name != "ort"]  # "ort" is the baseline, always run
     unknown = [name for name in against if name not in CONTENDERS]
     if unknown:
@@ -158,24 +191,31 @@ def run_bench(
         raise GraphoptError("bench: batch, seq and repeats must be >= 1; warmup and threads >= 0")
     say = progress or (lambda message: None)
     with tempfile.TemporaryDirectory(prefix="graphopt-bench-") as scratch:
-        source = _ModelSource.resolve(model, scratch)
+        from graphopt.model_sources import resolve_model
+
+        source = resolve_model(model, scratch)
         from graphopt.frontends.onnx_import import from_onnx
 
         original = from_onnx(source.onnx_path)
-        feeds = bench_inputs(original, batch, seq, dims)
+        if inputs:
+            from graphopt.cli import load_inputs
+
+            feeds = load_inputs(inputs, original)
+        else:
+            feeds = bench_inputs(original, batch, seq, dims)
         sizes = _symbol_sizes(original, feeds)
         say("building the original model in ONNX Runtime")
         contenders = [_ort_contender(BASELINE, source.onnx_path, threads, original, sizes)]
         say(f"optimizing with '{pipeline}' and compiling for {target}")
-        contenders.append(_graphopt_contender(source.onnx_path, pipeline, target, threads, sizes))
+        contenders.append(_graphopt_contender(source.onnx_path, pipeline, target, threads, sizes, calibration_data))
         for name in against:
             say(f"building {name}")
             contenders.append(_build_contender(name, source, scratch, threads, sizes))
         _time_all(contenders, feeds, warmup, repeats, threads, say)
     rows = [c.row for c in contenders]
-    _fill_ratios_and_fidelity(contenders, feeds)
+    _fill_ratios_and_fidelity(contenders, feeds, original.outputs[0].name)
     settings = {
-        "batch": batch, "seq": seq, "threads": threads, "warmup": warmup, "repeats": repeats,
+        "batch": batch, "seq": seq, "inputs": inputs, "threads": threads, "warmup": warmup, "repeats": repeats,
         "pipeline": str(pipeline), "target": str(target), "sizes": sizes, "machine": machine_description(),
         "versions": _versions(), "date": time.strftime("%Y-%m-%d"),
     }
@@ -214,69 +254,6 @@ def _symbol_sizes(graph: Any, feeds: dict[str, np.ndarray]) -> dict[str, int]:
     return sizes
 
 
-@dataclasses.dataclass
-class _ModelSource:
-    """Where the model comes from: an ONNX path, and the PyTorch module when known."""
-
-    onnx_path: str
-    module: Any = None
-    input_names: Sequence[str] = ()
-
-    @classmethod
-    def resolve(cls, model: str, scratch: str) -> "_ModelSource":
-        if model.startswith("hf:") or model.endswith(".json"):
-            return cls._from_hf_config(model, scratch)
-        if os.path.isdir(model):
-            raise GraphoptError(
-                f"{model}: is a folder; give an .onnx file, a Hugging Face config.json (random weights) or hf:<model_type>"
-            )
-        if not os.path.isfile(model):
-            raise GraphoptError(f"{model}: no such file (give an .onnx file, a Hugging Face config.json or hf:<model_type>)")
-        return cls(model)
-
-    @classmethod
-    def _from_hf_config(cls, model: str, scratch: str) -> "_ModelSource":
-        import torch
-        import transformers
-
-        try:
-            if model.startswith("hf:"):
-                config = transformers.AutoConfig.for_model(model[3:])
-            else:
-                config = transformers.AutoConfig.from_pretrained(os.path.dirname(os.path.abspath(model)))
-        except (ValueError, OSError, KeyError) as exc:
-            raise GraphoptError(f"{model}: not a Hugging Face config transformers can build ({_short_reason(model, exc)})") from None
-        if getattr(config, "vocab_size", None) is None:
-            raise GraphoptError(f"{model}: only text models (with a vocab_size) can be built from a config here; export other models to ONNX")
-        torch.manual_seed(0)
-        module = _last_hidden(transformers.AutoModel.from_config(config)).eval()
-        ids = torch.ones(2, 16, dtype=torch.int64)
-        path = os.path.join(scratch, "model.onnx")
-        axes = {"input_ids": {0: "batch", 1: "seq"}, "attention_mask": {0: "batch", 1: "seq"}, "last_hidden_state": {0: "batch", 1: "seq"}}
-        with torch.no_grad():
-            torch.onnx.export(
-                module, (ids, torch.ones_like(ids)), path, dynamo=False, opset_version=17,
-                input_names=["input_ids", "attention_mask"], output_names=["last_hidden_state"], dynamic_axes=axes,
-            )
-        module.eval()
-        return cls(path, module, ("input_ids", "attention_mask"))
-
-
-def _last_hidden(model: Any) -> Any:
-    """Wraps a Hugging Face model: (input_ids, attention_mask) -> last hidden state."""
-    import torch
-
-    class LastHidden(torch.nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.model = model
-
-        def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-            return self.model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
-
-    return LastHidden()
-
-
 def _graph_figures(row: BenchRow, graph: Any, sizes: dict[str, int]) -> None:
     from graphopt.flops import estimate_flops
 
@@ -292,12 +269,13 @@ def _ort_contender(label: str, path: str, threads: int, graph: Any, sizes: dict[
     start = time.perf_counter()
     session, _ = reference_session(path, threads=threads, optimize=True, widen_io=False)
     row = BenchRow(label, build_s=time.perf_counter() - start)
-    _graph_figures(row, graph, sizes)
+    if graph is not None:
+        _graph_figures(row, graph, sizes)
     names = {i.name for i in session.get_inputs()}
     return _Contender(label, lambda feeds: session.run(None, {k: v for k, v in feeds.items() if k in names}), row)
 
 
-def _graphopt_contender(path: str, pipeline: Any, target: str, threads: int, sizes: dict[str, int]) -> _Contender:
+def _graphopt_contender(path: str, pipeline: Any, target: str, threads: int, sizes: dict[str, int], calibration_data: Any = None) -> _Contender:
     from graphopt.api import compile
     from graphopt.target_base import TargetSpec
 
@@ -306,7 +284,7 @@ def _graphopt_contender(path: str, pipeline: Any, target: str, threads: int, siz
         spec = TargetSpec(spec.name, spec.variant, {**spec.options, "threads": threads})
     label = f"graphopt ({pipeline} -> {spec})"
     start = time.perf_counter()
-    compiled = compile(path, spec, pipeline)
+    compiled = compile(path, spec, pipeline, calibration_data=calibration_data)
     row = BenchRow(label, build_s=time.perf_counter() - start)
     graph = getattr(compiled, "graph", None)
     if graph is not None:
@@ -314,7 +292,7 @@ def _graphopt_contender(path: str, pipeline: Any, target: str, threads: int, siz
     return _Contender(label, lambda feeds: compiled(**feeds), row)
 
 
-def _build_contender(name: str, source: _ModelSource, scratch: str, threads: int, sizes: dict[str, int]) -> _Contender:
+def _build_contender(name: str, source: "ModelSource", scratch: str, threads: int, sizes: dict[str, int]) -> _Contender:
     """The contender `name`, or a row with a note saying why it could not be built."""
     try:
         if name in ("ort-opt", "ort-int8"):
@@ -352,14 +330,18 @@ def _ort_optimizer_contender(name: str, path: str, scratch: str, threads: int, s
         quantized = os.path.join(scratch, "ort_int8.onnx")
         quantize_dynamic(out, quantized, weight_type=QuantType.QInt8, extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT})
         out = quantized
-    contender = _ort_contender(name, out, threads, from_onnx(out), sizes)
+    try:
+        graph = from_onnx(out)
+    except GraphoptError:  # ONNX Runtime's own ops (SimplifiedLayerNormalization) graphopt cannot read: no figures
+        graph = None
+    contender = _ort_contender(name, out, threads, graph, sizes)
     contender.row.build_s = time.perf_counter() - start
     return contender
 
 
-def _torch_contender(name: str, source: _ModelSource, threads: int) -> _Contender:
+def _torch_contender(name: str, source: "ModelSource", threads: int) -> _Contender:
     if source.module is None:
-        raise _Skip("needs a PyTorch model: give hf:<model_type> or a config.json")
+        raise _Skip("needs a PyTorch model: give a Hugging Face folder, hf:<model_type>, a config.json or module:function")
     import torch
 
     if threads:
@@ -374,7 +356,7 @@ def _torch_contender(name: str, source: _ModelSource, threads: int) -> _Contende
     def run(feeds: dict[str, np.ndarray]) -> list[Any]:
         with torch.no_grad():
             out = runner(*[torch.from_numpy(feeds[n]) for n in source.input_names])
-        return [out.numpy()]
+        return [t.numpy() for t in (out if isinstance(out, (tuple, list)) else [out])]
 
     if name == "inductor":
         row.note = "build s includes the first (compiling) call"
@@ -441,7 +423,9 @@ def _time_all(contenders: list[_Contender], feeds: dict[str, np.ndarray], warmup
         contender.row.times_ms.extend(times[contender.label])
 
 
-def _fill_ratios_and_fidelity(contenders: list[_Contender], feeds: dict[str, np.ndarray]) -> None:
+def _fill_ratios_and_fidelity(contenders: list[_Contender], feeds: dict[str, np.ndarray], output_name: str) -> None:
+    from graphopt.fidelity import compare_outputs
+
     baseline = contenders[0]
     base_median = baseline.row.median_ms
     expected = getattr(baseline, "outputs", None)
@@ -452,15 +436,13 @@ def _fill_ratios_and_fidelity(contenders: list[_Contender], feeds: dict[str, np.
         actual = getattr(contender, "outputs", None)
         if expected is None or actual is None:
             continue
-        a = np.concatenate([np.asarray(x, dtype=np.float64).ravel() for x in expected[:1]])
-        b = np.concatenate([np.asarray(x, dtype=np.float64).ravel() for x in actual[:1]])
-        if a.shape != b.shape:
+        try:
+            (fidelity,) = compare_outputs(expected[:1], actual[:1], [output_name], feeds)
+        except ValueError:
             row.note = (row.note + "; " if row.note else "") + "output shape differs from the original"
             continue
-        diff = np.abs(a - b)
-        row.max_error, row.mean_error = float(diff.max(initial=0.0)), float(diff.mean()) if diff.size else 0.0
-        norms = np.linalg.norm(a) * np.linalg.norm(b)
-        row.cosine = float(a @ b / norms) if norms else 1.0
+        row.max_error, row.relative_error, row.top1 = fidelity.max_abs, fidelity.relative, fidelity.top1
+        row.token_cosine, row.pooled_cosine = fidelity.token_cosine, fidelity.pooled_cosine
 
 
 def machine_description() -> str:
@@ -494,31 +476,16 @@ def save_json(result: BenchResult, path: str) -> None:
 
 
 def save_html(result: BenchResult, path: str) -> None:
-    """A self-contained HTML page: settings, the table, and the charts when matplotlib is installed."""
-    import base64
-    import html
+    """A self-contained HTML page: settings, the table with its footnotes, and the charts as
+    inline SVG (`graphopt.bench_page`; no matplotlib, no script, no network)."""
+    from graphopt.bench_page import bench_page
 
-    cells = result.cells()
-    table = "<table>" + "".join(
-        "<tr>" + "".join(f"<{'th' if i == 0 else 'td'}>{html.escape(c)}</{'th' if i == 0 else 'td'}>" for c in row) + "</tr>"
-        for i, row in enumerate(cells)
-    ) + "</table>"
-    chart = ""
-    try:
-        png = chart_png(result)
-        chart = f'<img alt="latency and fidelity" src="data:image/png;base64,{base64.b64encode(png).decode()}">'
-    except ImportError:
-        chart = "<p>(install matplotlib for charts)</p>"
-    page = (
-        "<!doctype html><meta charset='utf-8'><title>graphopt bench</title>"
-        "<style>body{font-family:sans-serif}td,th{padding:2px 8px;border-bottom:1px solid #ddd;text-align:right}</style>"
-        f"<h1>graphopt bench: {html.escape(result.model)}</h1><p>{html.escape(result.header())}</p>{table}{chart}"
-    )
-    atomic_write(path, page.encode())
+    atomic_write(path, bench_page(result, result.footnotes()).encode())
 
 
 def chart_png(result: BenchResult) -> bytes:
-    """A PNG: median latency per contender (bars), and cosine vs speed-up (scatter)."""
+    """A PNG: median latency per contender (bars), and cosine vs speed-up (scatter) with the
+    points numbered as in the legend beside it, numbers placed so that none overlap."""
     import io
 
     import matplotlib
@@ -526,22 +493,52 @@ def chart_png(result: BenchResult) -> bytes:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rows = [r for r in result.rows if r.median_ms is not None]
-    figure, (bars, scatter) = plt.subplots(1, 2, figsize=(11, 4))
-    bars.barh([r.label for r in rows], [r.median_ms for r in rows])
+    from graphopt.bench_page import COLORS
+
+    numbered = [(n, r) for n, r in enumerate(result.rows, 1) if r.median_ms is not None]
+    figure, (bars, scatter) = plt.subplots(1, 2, figsize=(13, 4.5), gridspec_kw={"width_ratios": [1, 1]})
+    bars.barh([f"{n} {r.label}" for n, r in numbered], [r.median_ms for _, r in numbered],
+              color=[COLORS[(n - 1) % len(COLORS)] for n, _ in numbered])
     bars.set_xlabel("median latency (ms)")
+    bars.tick_params(axis="y", labelsize=8)
     bars.invert_yaxis()
-    for r in rows:
-        if r.ratio and r.cosine is not None:
-            scatter.scatter(1 / r.ratio, r.cosine)
-            scatter.annotate(r.label, (1 / r.ratio, r.cosine), fontsize=7)
+    points = [(n, r, 1 / r.ratio, r.cosine) for n, r in numbered if r.ratio and r.cosine is not None]
+    for n, r, x, y in points:
+        scatter.scatter(x, y, color=COLORS[(n - 1) % len(COLORS)], label=f"{n} {r.label}", zorder=3)
     scatter.set_xlabel("speed-up vs original")
     scatter.set_ylabel("output cosine vs original")
+    scatter.ticklabel_format(useOffset=False)
+    if points:
+        scatter.legend(loc="upper left", bbox_to_anchor=(1.02, 1.0), fontsize=7, frameon=False)
     figure.tight_layout()
+    _number_points(figure, scatter, points)
     buffer = io.BytesIO()
     figure.savefig(buffer, format="png", dpi=100)
     plt.close(figure)
     return buffer.getvalue()
+
+
+def _number_points(figure: Any, axes: Any, points: list[tuple[int, BenchRow, float, float]]) -> None:
+    """Writes each point's number next to it, placed in pixels by `graphopt.svg.place_labels`."""
+    from graphopt.svg import Box, place_labels
+
+    if not points:
+        return
+    figure.canvas.draw()
+    height = figure.bbox.height
+    to_pixels = axes.transData.transform
+    anchors = [(float(px), height - float(py)) for px, py in (to_pixels((x, y)) for _, _, x, y in points)]
+    frame = axes.bbox
+    area = Box(frame.x0 + 2, height - frame.y1 + 2, frame.x1 - 2, height - frame.y0 - 2)
+    sizes = [(8.0 * len(str(n)) + 6, 14.0) for n, _, _, _ in points]
+    centres = place_labels(anchors, sizes, area, [Box.around(ax, ay, 10, 10) for ax, ay in anchors])
+    points_per_pixel = 72 / figure.dpi
+    for (n, _, x, y), (ax, ay), (cx, cy) in zip(points, anchors, centres):
+        axes.annotate(
+            str(n), (x, y), xytext=((cx - ax) * points_per_pixel, (ay - cy) * points_per_pixel), textcoords="offset points",
+            ha="center", va="center", fontsize=8, fontweight="bold", color="#222",
+            arrowprops={"arrowstyle": "-", "lw": 0.5, "color": "#666"} if abs(cx - ax) + abs(cy - ay) > 16 else None,
+        )
 
 
 def save_png(result: BenchResult, path: str) -> None:
@@ -549,18 +546,3 @@ def save_png(result: BenchResult, path: str) -> None:
         atomic_write(path, chart_png(result))
     except ImportError:
         raise GraphoptError("--png needs matplotlib (pip install matplotlib)") from None
-
-
-def _short_reason(model: str, exc: BaseException) -> str:
-    """Why transformers cannot build `model`, in one line: for an unknown `hf:<type>`, the
-    closest known model types (transformers' own message lists all ~500 of them)."""
-    import difflib
-
-    import transformers
-
-    if model.startswith("hf:"):
-        known = list(transformers.CONFIG_MAPPING.keys())
-        if model[3:] not in known:
-            close = difflib.get_close_matches(model[3:], known, n=5)
-            return f"unknown model type '{model[3:]}'" + (f"; closest: {', '.join(close)}" if close else "; e.g. bert, llama, vit")
-    return str(exc).splitlines()[0][:300]

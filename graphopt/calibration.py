@@ -64,8 +64,9 @@ class TensorStats:
         return max(abs(self.min), abs(self.max))
 
 
-def normalize_calibration(graph: Graph, data: Iterable[Any]) -> list[dict[str, np.ndarray]]:
-    """Validate `data` against `graph`'s inputs; return the samples as dicts of numpy arrays."""
+def normalize_calibration(graph: Graph, data: Iterable[Any], label: str = "calibration sample {index}") -> list[dict[str, np.ndarray]]:
+    """Validate `data` against `graph`'s inputs; return the samples as dicts of numpy arrays.
+    Errors name a sample by `label` formatted with its index."""
     if isinstance(data, (dict, str, bytes, os.PathLike)) or not hasattr(data, "__iter__"):
         raise CalibrationError(
             f"calibration data must be an iterable of samples (dicts or tuples), got {type(data).__name__}"
@@ -73,25 +74,26 @@ def normalize_calibration(graph: Graph, data: Iterable[Any]) -> list[dict[str, n
     names = [v.name for v in graph.inputs]
     samples = []
     for index, sample in enumerate(data):
+        where = label.format(index=index)
         if isinstance(sample, dict):
             unknown = sorted(set(sample) - set(names) - {LABELS})
             if unknown:
                 raise CalibrationError(
-                    f"calibration sample {index}: unknown input(s) {', '.join(unknown)} (graph inputs: {', '.join(names)})"
+                    f"{where}: unknown input(s) {', '.join(unknown)} (graph inputs: {', '.join(names)})"
                 )
             missing = [n for n in names if n not in sample]
             if missing:
-                raise CalibrationError(f"calibration sample {index}: missing input(s) {', '.join(missing)}")
+                raise CalibrationError(f"{where}: missing input(s) {', '.join(missing)}")
             items = [(n, sample[n]) for n in names]
         elif isinstance(sample, (tuple, list)):
             if len(sample) != len(names):
                 raise CalibrationError(
-                    f"calibration sample {index}: {len(sample)} arrays given, the graph has {len(names)} inputs ({', '.join(names)})"
+                    f"{where}: {len(sample)} arrays given, the graph has {len(names)} inputs ({', '.join(names)})"
                 )
             items = list(zip(names, sample))
         else:
-            raise CalibrationError(f"calibration sample {index}: expected a dict or a tuple, got {type(sample).__name__}")
-        checked = {name: _checked_array(graph, index, name, array) for name, array in items}
+            raise CalibrationError(f"{where}: expected a dict or a tuple, got {type(sample).__name__}")
+        checked = {name: _checked_array(graph, where, name, array) for name, array in items}
         if isinstance(sample, dict) and LABELS in sample and LABELS not in names:
             checked[LABELS] = _numpy(sample[LABELS])
         samples.append(checked)
@@ -104,10 +106,10 @@ def _numpy(array: Any) -> np.ndarray:
     return np.asarray(array.detach().cpu().numpy() if hasattr(array, "detach") else array)
 
 
-def _checked_array(graph: Graph, index: int, name: str, array: Any) -> np.ndarray:
+def _checked_array(graph: Graph, sample: str, name: str, array: Any) -> np.ndarray:
     array = _numpy(array)
     value = next(v for v in graph.inputs if v.name == name)
-    where = f"calibration sample {index}, input '{name}'"
+    where = f"{sample}, input '{name}'"
     if value.dtype is not None and array.dtype != value.dtype.to_numpy():
         raise CalibrationError(f"{where}: dtype {array.dtype} given, the graph expects {value.dtype.to_numpy()}")
     shape = value.shape

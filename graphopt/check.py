@@ -13,6 +13,7 @@ import numpy as np
 
 from graphopt.errors import GraphoptError
 from graphopt.ir.graph import Graph
+from graphopt.ir.symbolic import dim_symbols, evaluate_dim
 
 DEFAULT_SYMBOL_SIZE = 2
 SEQUENCE_SYMBOL_SIZE = 8
@@ -38,6 +39,10 @@ def sample_inputs(graph: Graph, seed: int = 0, sizes: Optional[dict[str, int]] =
         for dim in value.shape:
             if isinstance(dim, int):
                 shape.append(dim)
+            elif dim and dim_symbols(dim) != (dim,):  # an expression (`past + seq`) of its symbols' sizes
+                for symbol in dim_symbols(dim):
+                    chosen.setdefault(symbol, symbol_size(symbol))
+                shape.append(evaluate_dim(dim, chosen))
             else:
                 key = dim or f"?{value.name}"
                 if key not in chosen:

@@ -1,12 +1,17 @@
 """The `graphopt` command line.
 
-    graphopt optimize IN.onnx -o OUT.onnx -p "cleanup,my-pass{x=1}" [--check] [--verify]
+    graphopt optimize MODEL -o OUT.onnx -p "cleanup,my-pass{x=1}" [--check] [--inputs X.npz] [--verify]
     graphopt passes [PASS ...] [--json]       every registered pass (or the named ones, with their whole doc) and options
-    graphopt inspect MODEL.onnx [--json] [--ops] [--dim seq=128]
-    graphopt compile IN.onnx -t SPEC -o DIR  optimize + compile for a target, save the artifact
+    graphopt inspect MODEL [--json] [--ir] [--dim seq=128]
+    graphopt export MODEL -o OUT.onnx [--task T]  a Hugging Face folder, hf:<type>, .pt2 or module:function to ONNX
+    graphopt compile MODEL -t SPEC -o DIR    optimize + compile for a target, save the artifact
     graphopt run DIR -i INPUTS.npz           run a saved artifact
     graphopt targets [--json]                the registered targets, variants and options
     graphopt bench MODEL [-p P] [--against ort-opt,ort-int8,inductor]   side-by-side timings
+    graphopt completion bash|zsh             a shell completion script
+
+MODEL is an .onnx file or anything `graphopt.model_sources` exports to one first (a Hugging
+Face model folder, a config.json, hf:<model_type>, a .pt2 ExportedProgram, module:function).
 
 Global flags (before or after the command): `-v` shows tracebacks of unexpected errors and
 info logging, `-q` prints nothing but errors (and the result `--check` asked for).
@@ -68,12 +73,18 @@ def build_parser() -> argparse.ArgumentParser:
     _add_optimize(commands)
     _add_passes(commands)
     _add_inspect(commands)
+    from graphopt.cli_export import add_command as add_export
+
+    add_export(commands, _add_verbosity)
     from graphopt.cli_targets import add_commands
 
     add_commands(commands, _add_verbosity)
     from graphopt.cli_bench import add_command
 
     add_command(commands, _add_verbosity, _add_dims)
+    from graphopt.cli_completion import add_command as add_completion
+
+    add_completion(commands, _add_verbosity)
     return parser
 
 
@@ -91,13 +102,15 @@ def _add_verbosity(parser: argparse.ArgumentParser, top_level: bool) -> None:
 
 
 def _add_optimize(commands: Any) -> None:
+    from graphopt.model_sources import MODEL_HELP
+
     cmd = commands.add_parser(
-        "optimize", help="run a pass pipeline over an ONNX model and write the result",
-        description="Validate PIPELINE, load IN, run the passes in order and write OUT atomically "
-        "(nothing is written when a pass fails). Prints a per-pass table unless -q.",
+        "optimize", help="run a pass pipeline over a model and write the result as ONNX",
+        description="Validate PIPELINE, load MODEL, run the passes in order and write OUT atomically "
+        f"(nothing is written when a pass fails). Prints a per-pass table unless -q. MODEL is {MODEL_HELP}.",
     )
     _add_verbosity(cmd, top_level=False)
-    cmd.add_argument("model", metavar="IN.onnx", help="the model to optimize (never modified)")
+    cmd.add_argument("model", metavar="MODEL", help="the model to optimize (never modified)")
     cmd.add_argument("-o", "--output", required=True, metavar="OUT.onnx", help="where to write the result; must differ from IN")
     source = cmd.add_mutually_exclusive_group(required=True)
     source.add_argument(
@@ -107,8 +120,17 @@ def _add_optimize(commands: Any) -> None:
     source.add_argument("--pipeline-file", metavar="FILE", help="a JSON or YAML pipeline file")
     cmd.add_argument(
         "--check", action="store_true",
-        help="compare outputs after every pass and OUT vs IN on sample inputs; print the max error "
+        help="compare outputs after every pass and OUT vs MODEL on sample inputs (or --inputs); print "
+        "the fidelity: relative error, token and pooled cosine, top-1 for logits "
         "(fails naming the first lossless pass that changed them)",
+    )
+    add_inputs_option(cmd, "real inputs for --check (implies --check)")
+    cmd.add_argument(
+        "--lower", choices=("onnx", "onnxruntime"), default="onnx",
+        help="what OUT holds: onnx (default) standard ONNX ops at the model's opset, graphopt's fused ops "
+        "written back as their exact decompositions, so any ONNX runtime loads it; onnxruntime: ONNX Runtime's "
+        "fused contrib kernels (Attention/MultiHeadAttention/GroupQueryAttention, SkipLayerNormalization, "
+        "Gelu, RotaryEmbedding, ...), as `graphopt compile -t onnxruntime` runs them",
     )
     cmd.add_argument("--verify", action="store_true", help="verify the IR before the first pass and after every pass")
     cmd.add_argument(
@@ -127,10 +149,9 @@ def _add_optimize(commands: Any) -> None:
     )
     _add_dims(cmd, "sizes of symbolic input dims for --check")
     cmd.add_argument("--seed", type=int, default=0, help="seed of the sample inputs and of the passes (default 0)")
-    cmd.add_argument(
-        "--calibration-data", metavar="INPUTS.npz",
-        help="samples for data-aware passes (quantize, smooth-quant): arrays named by input, first axis = samples",
-    )
+    from graphopt.cli_targets import add_calibration_option
+
+    add_calibration_option(cmd)
     cmd.set_defaults(run=_optimize)
 
 
@@ -148,18 +169,27 @@ def _add_passes(commands: Any) -> None:
 
 
 def _add_inspect(commands: Any) -> None:
+    from graphopt.model_sources import MODEL_HELP
+
     cmd = commands.add_parser(
-        "inspect", help="print a model's IR and a summary (ops, parameters, I/O, FLOPs)",
-        description="Load an ONNX model into graphopt's IR, verify it, print it and a summary: "
-        "nodes, op histogram, parameters, inputs/outputs, opsets and estimated FLOPs for the "
-        "sample input sizes.",
+        "inspect", help="print a model's summary (ops, parameters, I/O, FLOPs) and, with --ir, its IR",
+        description="Load a model into graphopt's IR, verify it and print a summary: nodes, op "
+        "histogram, parameters, inputs/outputs, opsets and estimated FLOPs for the sample input "
+        f"sizes; with --ir, the IR listing after it. MODEL is {MODEL_HELP}.",
     )
     _add_verbosity(cmd, top_level=False)
-    cmd.add_argument("model", help="path of an .onnx file")
-    cmd.add_argument("--ops", action="store_true", help="print the summary only, not the whole graph")
+    cmd.add_argument("model", metavar="MODEL", help="the model to inspect")
+    cmd.add_argument("--ir", action="store_true", help="also print the whole IR, after the summary")
     cmd.add_argument("--json", action="store_true", help="print the summary as JSON")
     _add_dims(cmd, "sizes of symbolic input dims for the FLOP estimate")
     cmd.set_defaults(run=_inspect)
+
+
+def add_inputs_option(cmd: argparse.ArgumentParser, purpose: str) -> None:
+    cmd.add_argument(
+        "--inputs", metavar="INPUTS.npz",
+        help=f"{purpose}: one array per model input, named by input (an .npy for a one-input model)",
+    )
 
 
 def _add_dims(cmd: argparse.ArgumentParser, purpose: str) -> None:
@@ -182,33 +212,55 @@ def _optimize(args: argparse.Namespace) -> int:
     from graphopt.pipeline import build_pipeline
 
     passes = build_pipeline(pathlib.Path(args.pipeline_file) if args.pipeline_file else args.pipeline)
+    if args.lower == "onnxruntime":
+        from graphopt.api import with_lowering
+        from graphopt.target_registry import get_target
+
+        passes = with_lowering(passes, get_target("onnxruntime:cpu"))
     dump_ir = dump_ir_names(args, passes)
     _check_output_path(args.model, args.output)
     if args.report and os.path.splitext(args.report)[1].lower() not in (".md", ".html", ".htm"):
         raise GraphoptError(f"--report {args.report}: use a .md or .html file name")
+    from graphopt.model_sources import model_as_onnx
+
+    with model_as_onnx(args.model) as source:
+        return _optimize_loaded(args, load_graph(source.onnx_path), passes, dump_ir)
+
+
+def _optimize_loaded(args: argparse.Namespace, graph: "Graph", passes: Sequence["Pass"], dump_ir: list[str]) -> int:
     start = time.perf_counter()
-    graph = load_graph(args.model)
     nodes_in = len(graph)
     if args.verify:
         graph.verify()
-    check = _prepare_check(graph, args) if args.check else None
+    check = _prepare_check(graph, args) if args.check or args.inputs else None
     before = _snapshot(graph, args) if args.report else None
     report = _run_passes(graph, passes, args, dump_ir, check)
-    graph.save_onnx(args.output, external_data=args.external_data)
+    graph.save_onnx(args.output, external_data=args.external_data, keep_graphopt_ops=args.lower == "onnxruntime")
     if not args.quiet:
         print(report.table())
-        print(f"{args.model}: {nodes_in} -> {len(graph)} nodes in {time.perf_counter() - start:.2f} s; wrote {args.output}")
-    fidelity = _check_output(args.output, check) if check is not None else None
+        print(f"{args.model}: {nodes_in} -> {len(graph)} nodes in {time.perf_counter() - start:.2f} s; wrote {args.output} ({_written_form(graph, args.lower)})")
+    fidelity = _check_output(args.output, check, args.lower) if check is not None else None
     if fidelity is not None:
         print(fidelity)
     if before is not None:
         from graphopt.report import write_report
 
         pipeline = args.pipeline_file or args.pipeline
-        written = write_report(args.report, args.model, pipeline, before, _snapshot(graph, args), report, fidelity)
+        one_line = None if fidelity is None else fidelity.replace(":\n  ", ": ").replace("\n  ", "; ")
+        written = write_report(args.report, args.model, pipeline, before, _snapshot(graph, args), report, one_line)
         if not args.quiet:
             print(f"report: {', '.join(written)}")
     return 0
+
+
+def _written_form(graph: "Graph", lower: str) -> str:
+    """What the written file holds: standard ONNX, or which ONNX Runtime contrib kernels."""
+    if lower == "onnx":
+        return f"standard ONNX, opset {graph.opset()}; --lower onnxruntime writes ONNX Runtime's fused kernels"
+    counts = [(node.op_type, node.domain) for node in graph.nodes if node.domain not in ("", "ai.onnx")]
+    kernels = sorted({op for op, _ in counts})
+    listed = ", ".join(f"{op} x{sum(1 for o, _ in counts if o == op)}" for op in kernels)
+    return f"ONNX Runtime kernels: {listed}" if listed else "ONNX Runtime: no contrib kernel applied"
 
 
 def _snapshot(graph: "Graph", args: argparse.Namespace) -> Any:
@@ -256,18 +308,34 @@ def _check_output_path(model: str, output: str) -> None:
 
 @dataclasses.dataclass
 class _Check:
-    """What `--check` compares OUT against: IN's outputs on fixed sample inputs."""
+    """What `--check` compares OUT against: IN's outputs on fixed sample inputs or on --inputs."""
 
     feeds: dict[str, Any]
     expected: list[Any]
-    sizes: dict[str, int]
+    where: str
 
 
 def _prepare_check(graph: "Graph", args: argparse.Namespace) -> _Check:
     from graphopt.check import run_graph, sample_inputs
 
-    feeds = sample_inputs(graph, seed=args.seed, sizes=dict(args.dims))
-    return _Check(feeds, run_graph(graph, feeds), _sizes_used(graph.inputs, feeds))
+    if args.inputs:
+        feeds = load_inputs(args.inputs, graph)
+        where = f"on {args.inputs}"
+    else:
+        feeds = sample_inputs(graph, seed=args.seed, sizes=dict(args.dims))
+        sizes = ", ".join(f"{name}={size}" for name, size in _sizes_used(graph.inputs, feeds).items())
+        where = "on sample inputs" + (f" ({sizes})" if sizes else "")
+    return _Check(feeds, run_graph(graph, feeds), where)
+
+
+def load_inputs(path: str, graph: "Graph") -> dict[str, Any]:
+    """The arrays of `path` (see `cli_targets.load_input_arrays`), checked against `graph`'s inputs
+    (names, ranks, dtypes) so a wrong file fails here with a clear message."""
+    from graphopt.calibration import normalize_calibration
+    from graphopt.cli_targets import load_input_arrays
+
+    arrays = load_input_arrays(path, [value.name for value in graph.inputs])
+    return normalize_calibration(graph, [arrays], label=path)[0]
 
 
 def _sizes_used(inputs: Sequence["Value"], feeds: dict[str, Any]) -> dict[str, int]:
@@ -310,15 +378,22 @@ def _calibration(graph: "Graph", args: argparse.Namespace) -> Optional[list[dict
     return normalize_calibration(graph, load_npz(args.calibration_data))
 
 
-def _check_output(output: str, check: _Check) -> str:
-    """Run the written OUT on the sample inputs; the line reporting its error vs IN."""
-    from graphopt.check import max_abs_error, run_graph
+def _check_output(output: str, check: _Check, lower: str) -> str:
+    """Run the written OUT on the check's inputs; the lines reporting its fidelity vs IN."""
+    from graphopt.check import run_graph
+    from graphopt.fidelity import compare_outputs, format_fidelity
     from graphopt.frontends.onnx_import import from_onnx
 
-    error = max_abs_error(check.expected, run_graph(from_onnx(output), check.feeds))
-    sizes = ", ".join(f"{name}={size}" for name, size in check.sizes.items())
-    where = f" ({sizes})" if sizes else ""
-    return f"check: max abs error of {output} vs the input on sample inputs{where}: {error:.3g}"
+    if lower == "onnxruntime":  # ONNX Runtime's own ops: the file runs in ORT as written
+        from graphopt.ort_io import reference_session
+
+        session, io = reference_session(output)
+        names, actual = [o.name for o in session.get_outputs()], io.run(session, check.feeds)
+    else:
+        graph = from_onnx(output)
+        names, actual = [v.name for v in graph.outputs], run_graph(graph, check.feeds)
+    report = compare_outputs(check.expected, actual, names, check.feeds)
+    return f"check: {output} vs the input {check.where}:\n" + textwrap.indent(format_fidelity(report), "  ")
 
 
 class Progress(Instrument):
@@ -373,6 +448,8 @@ def _passes(args: argparse.Namespace) -> int:
         for option in info["options"]:
             default = f" = {option['default']!r}" if "default" in option else " (required)"
             print(f"    {option['name']}: {option['type']}{default}")
+            if option.get("doc"):
+                print(textwrap.fill(option["doc"], width=100, initial_indent=" " * 8, subsequent_indent=" " * 8))
         if "steps" in info:
             print(f"    (pipeline: {', '.join(info['steps'])})")
         facts = [f"{key}: {', '.join(info[key])}" for key in ("requires", "provides", "invalidates") if info[key]]
@@ -389,10 +466,11 @@ def pass_info(cls: type["Pass"]) -> dict[str, Any]:
     from graphopt.pass_manager import Pipeline
 
     facts: Any = cls() if issubclass(cls, Pipeline) else cls
+    docs = option_docs(cls)
     return {
         "name": cls.name,
         "summary": cls.summary(),
-        "options": [_option_info(cls, field) for field in cls.option_fields()],
+        "options": [{**_option_info(cls, field), **({"doc": docs[field.name]} if field.name in docs else {})} for field in cls.option_fields()],
         "requires": list(facts.requires),
         "provides": list(facts.provides),
         "invalidates": list(facts.invalidates),
@@ -400,6 +478,26 @@ def pass_info(cls: type["Pass"]) -> dict[str, Any]:
         "module": cls.__module__,
         **({"steps": list(cls.steps)} if issubclass(cls, Pipeline) else {}),
     }
+
+
+def option_docs(cls: type) -> dict[str, str]:
+    """The docstrings written under a class's (and its bases') annotated fields: `name: type = x` then `\"\"\"meaning\"\"\"`."""
+    import ast
+
+    docs: dict[str, str] = {}
+    for klass in reversed(cls.__mro__):
+        try:
+            tree = ast.parse(textwrap.dedent(inspect.getsource(klass)))
+        except (OSError, TypeError, SyntaxError):  # built-ins, classes defined at a prompt
+            continue
+        body = tree.body[0].body if tree.body and isinstance(tree.body[0], ast.ClassDef) else []
+        for field, after in zip(body, body[1:]):
+            if (
+                isinstance(field, ast.AnnAssign) and isinstance(field.target, ast.Name)
+                and isinstance(after, ast.Expr) and isinstance(after.value, ast.Constant) and isinstance(after.value.value, str)
+            ):
+                docs[field.target.id] = " ".join(inspect.cleandoc(after.value.value).split())
+    return docs
 
 
 def _option_info(cls: type, field: dataclasses.Field) -> dict[str, Any]:
@@ -426,16 +524,18 @@ def _type_text(hint: Any) -> str:
 # ----------------------------------------------------------------------------- inspect
 def _inspect(args: argparse.Namespace) -> int:
     from graphopt.api import load_graph
+    from graphopt.model_sources import model_as_onnx
 
-    graph = load_graph(args.model)
-    graph.verify()
-    summary = model_summary(graph, dict(args.dims))
-    if args.json:
-        print(json.dumps({"model": args.model, **summary}, indent=2))
-        return 0
-    if not args.ops:
-        sys.stdout.write(str(graph) + "\n")
-    print(_format_summary(args.model, summary))
+    with model_as_onnx(args.model) as source:
+        graph = load_graph(source.onnx_path)
+        graph.verify()
+        summary = model_summary(graph, dict(args.dims))
+        if args.json:
+            print(json.dumps({"model": args.model, **summary}, indent=2))
+            return 0
+        print(_format_summary(args.model, summary))
+        if args.ir:
+            sys.stdout.write("\n" + str(graph) + "\n")
     return 0
 
 
@@ -477,7 +577,7 @@ def _format_summary(model: str, summary: dict[str, Any]) -> str:
     ]
     for kind in ("inputs", "outputs"):
         lines.append(f"{kind}:")
-        lines += [f"  {v['name']}: {v['dtype'] or '?'}{_shape_text(v['shape'])}" for v in summary[kind]]
+        lines += [f"  {v['name']}: {v['dtype'] or '?'}{shape_text(v['shape'])}" for v in summary[kind]]
     sizes = ", ".join(f"{name}={size}" for name, size in flops["sizes"].items())
     lines.append(f"FLOPs: {flops['total']:,} ({_scaled(flops['total'])}FLOP)" + (f", assuming {sizes}" if sizes else ""))
     if flops["uncounted"]:
@@ -487,7 +587,7 @@ def _format_summary(model: str, summary: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def _shape_text(shape: Optional[list]) -> str:
+def shape_text(shape: Optional[Sequence[Any]]) -> str:
     if shape is None:
         return "[*]"
     return "[" + ", ".join("?" if d is None else str(d) for d in shape) + "]"
@@ -504,18 +604,21 @@ def _scaled(number: float) -> str:
 # ----------------------------------------------------------------------------- main
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
-    with _logging_to_stderr(args.verbose, args.quiet):
+    with _logging_to_stderr(args.verbose, args.quiet), _interrupts_noted() as interrupted:
         try:
             return args.run(args)
         except BrokenPipeError:
             return 0
-        except (GraphoptError, OSError) as exc:
-            _report(f"graphopt: error: {_one_line(exc)}", exc if args.verbose else None)
-            return 2
         except KeyboardInterrupt:
             _report("graphopt: interrupted", None)
             return 130
         except Exception as exc:
+            if interrupted:  # Ctrl-C inside a native library (TVM) that turned it into its own error
+                _report("graphopt: interrupted", exc if args.verbose else None)
+                return 130
+            if isinstance(exc, (GraphoptError, OSError)):
+                _report(f"graphopt: error: {_one_line(exc)}", exc if args.verbose else None)
+                return 2
             described = str(exc) if isinstance(exc, PassCrash) else f"{type(exc).__name__}: {_one_line(exc)}"
             hint = "" if args.verbose else " (rerun with -v for the traceback)"
             _report(f"graphopt: error: {described}{hint}", exc if args.verbose else None)
@@ -535,6 +638,30 @@ def _one_line(exc: BaseException) -> str:
     if not lines:
         return type(exc).__name__
     return lines[0].rstrip(":") + (": " + "; ".join(lines[1:]) if len(lines) > 1 else "")
+
+
+@contextlib.contextmanager
+def _interrupts_noted() -> Iterator[list[bool]]:
+    """For the block, Ctrl-C raises KeyboardInterrupt as usual and is also noted in the yielded
+    list (non-empty once interrupted), so an error a native library raised in its place
+    (TVM's "RuntimeError") still reads as an interruption. Only in the main thread."""
+    import signal
+    import threading
+
+    noted: list[bool] = []
+    if threading.current_thread() is not threading.main_thread():
+        yield noted
+        return
+
+    def on_interrupt(signum: int, frame: Any) -> None:
+        noted.append(True)
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGINT, on_interrupt)
+    try:
+        yield noted
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 class _StderrHandler(logging.Handler):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import textwrap
 import typing
 from typing import Any
 
@@ -18,7 +19,11 @@ def add_command(commands: Any, add_verbosity: typing.Callable[..., None], add_di
         "print latency, ratio to the original, size, FLOPs and fidelity.",
     )
     add_verbosity(cmd, top_level=False)
-    cmd.add_argument("model", metavar="MODEL", help="an .onnx file, a Hugging Face config.json, or hf:<model_type> (random weights)")
+    from graphopt.cli import add_inputs_option
+    from graphopt.cli_targets import add_calibration_option
+    from graphopt.model_sources import MODEL_HELP
+
+    cmd.add_argument("model", metavar="MODEL", help=MODEL_HELP)
     cmd.add_argument("-p", "--pipeline", default="fuse", help="graphopt's pipeline (default: fuse)")
     cmd.add_argument("-t", "--target", default="onnxruntime:cpu", metavar="SPEC", help="graphopt's target (default: onnxruntime:cpu)")
     cmd.add_argument(
@@ -31,6 +36,8 @@ def add_command(commands: Any, add_verbosity: typing.Callable[..., None], add_di
     cmd.add_argument("--warmup", type=int, default=3, help="untimed calls per contender (default 3)")
     cmd.add_argument("--repeats", type=int, default=10, help="timed calls per contender (default 10)")
     add_dims(cmd, "sizes of other symbolic input dims")
+    add_inputs_option(cmd, "time and compare on these inputs instead of random token ids (--batch/--seq are then the file's)")
+    add_calibration_option(cmd)
     cmd.add_argument("--json", metavar="FILE", help="also write the results as JSON")
     cmd.add_argument("--html", metavar="FILE", help="also write an HTML page with the table and charts")
     cmd.add_argument("--png", metavar="FILE", help="also write the charts as PNG (needs matplotlib)")
@@ -49,6 +56,7 @@ def _bench(args: argparse.Namespace) -> int:
     result = run_bench(
         args.model, args.pipeline, args.target, against, batch=args.batch, seq=args.seq, threads=args.threads,
         warmup=args.warmup, repeats=args.repeats, dims=dict(args.dims), progress=progress,
+        inputs=args.inputs, calibration_data=args.calibration_data,
     )
     if args.json:
         save_json(result, args.json)
@@ -58,4 +66,7 @@ def _bench(args: argparse.Namespace) -> int:
         save_png(result, args.png)
     print(result.header())
     print(result.table())
+    if not args.quiet:
+        for note in result.footnotes():
+            print(textwrap.fill(note, width=110, initial_indent="* ", subsequent_indent="  "))
     return 0

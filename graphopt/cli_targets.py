@@ -1,6 +1,6 @@
 """The `graphopt compile`, `graphopt run` and `graphopt targets` commands.
 
-    graphopt compile IN.onnx --target SPEC -o DIR [-p PIPELINE]   optimize, compile, save an artifact
+    graphopt compile MODEL --target SPEC -o DIR [-p PIPELINE]     optimize, compile, save an artifact
     graphopt run DIR --inputs INPUTS.npz [-o OUTPUTS.npz]         run a saved artifact
     graphopt targets [--json]                                     the registered targets and options
 """
@@ -13,22 +13,25 @@ import json
 import os
 import time
 import typing
-from typing import Any
+from typing import Any, Sequence
 
 from graphopt.errors import GraphoptError
 
 
 def add_commands(commands: Any, add_verbosity: typing.Callable[..., None]) -> None:
     """Add the three commands to the `graphopt` subparsers."""
+    from graphopt.cli import add_inputs_option
+    from graphopt.model_sources import MODEL_HELP
+
     cmd = commands.add_parser(
-        "compile", help="optimize an ONNX model and compile it for a target into an artifact folder",
-        description="Run PIPELINE over IN, then the target's lowering passes (listed in the per-pass "
+        "compile", help="optimize a model and compile it for a target into an artifact folder",
+        description="Run PIPELINE over MODEL, then the target's lowering passes (listed in the per-pass "
         "table as 'lowering'), compile the result for TARGET and save the artifact "
         "(target files + manifest.json) into DIR atomically. Load it with `graphopt run` or "
-        "graphopt.load_compiled(DIR).",
+        f"graphopt.load_compiled(DIR). MODEL is {MODEL_HELP}.",
     )
     add_verbosity(cmd, top_level=False)
-    cmd.add_argument("model", metavar="IN.onnx", help="the model to compile (never modified)")
+    cmd.add_argument("model", metavar="MODEL", help="the model to compile (never modified)")
     cmd.add_argument("-t", "--target", required=True, metavar="SPEC", help="e.g. onnxruntime:cpu{threads=2}, torch, tvm:llvm; see `graphopt targets`")
     cmd.add_argument("-o", "--output", required=True, metavar="DIR", help="the artifact folder to write (replaced if it holds an artifact)")
     cmd.add_argument("-p", "--pipeline", default="fuse", metavar="PIPELINE", help="passes to run first (default: fuse)")
@@ -43,6 +46,8 @@ def add_commands(commands: Any, add_verbosity: typing.Callable[..., None]) -> No
         help="write the IR before and after these passes, the lowering's included (needs --dump-dir)",
     )
     cmd.add_argument("--dump-dir", metavar="DIR", help="folder for --dump-ir files")
+    add_calibration_option(cmd)
+    add_inputs_option(cmd, "run the compiled model and MODEL on these and print the fidelity")
     cmd.set_defaults(run=_compile)
 
     cmd = commands.add_parser(
@@ -65,9 +70,18 @@ def add_commands(commands: Any, add_verbosity: typing.Callable[..., None]) -> No
     cmd.set_defaults(run=_targets)
 
 
+def add_calibration_option(cmd: argparse.ArgumentParser) -> None:
+    cmd.add_argument(
+        "--calibration-data", metavar="INPUTS.npz",
+        help="samples for data-aware passes (quantize, smooth-quant, prune-heads, ...): one array per input, "
+        "named by input, samples along the first axis",
+    )
+
+
 def _compile(args: argparse.Namespace) -> int:
-    from graphopt.api import compile, with_lowering
+    from graphopt.api import compile, load_graph, with_lowering
     from graphopt.cli import dump_ir_names
+    from graphopt.model_sources import model_as_onnx
     from graphopt.pipeline import build_pipeline
     from graphopt.target_registry import get_target
 
@@ -75,17 +89,38 @@ def _compile(args: argparse.Namespace) -> int:
         raise GraphoptError(f"-o {args.output} is the input model; give a folder for the artifact")
     passes = build_pipeline(args.pipeline)
     dump_ir = dump_ir_names(args, with_lowering(passes, get_target(args.target)))
-    start = time.perf_counter()
-    compiled = compile(
-        args.model, args.target, passes, check=args.check, verify=args.verify, dump_ir=dump_ir, dump_dir=args.dump_dir,
-    )
-    built = time.perf_counter() - start
-    path = compiled.save(args.output)
-    if not args.quiet:
-        if compiled.pipeline_report is not None:
-            print(compiled.pipeline_report.table())
-        print(f"{args.model}: compiled for {compiled.target.spec} in {built:.2f} s; wrote {path}")
+    with model_as_onnx(args.model) as source:
+        start = time.perf_counter()
+        original = load_graph(source.onnx_path)
+        feeds = None
+        if args.inputs:
+            from graphopt.cli import load_inputs
+
+            feeds = load_inputs(args.inputs, original)
+        compiled = compile(
+            original, args.target, passes, check=args.check, verify=args.verify, dump_ir=dump_ir, dump_dir=args.dump_dir,
+            calibration_data=args.calibration_data,
+        )
+        built = time.perf_counter() - start
+        path = compiled.save(args.output)
+        if not args.quiet:
+            if compiled.pipeline_report is not None:
+                print(compiled.pipeline_report.table())
+            print(f"{args.model}: compiled for {compiled.target.spec} in {built:.2f} s; wrote {path}")
+        if feeds is not None:
+            print(_fidelity_text(original, compiled, feeds, args.inputs))
     return 0
+
+
+def _fidelity_text(original: Any, compiled: Any, feeds: dict[str, Any], where: str) -> str:
+    """The compiled model's fidelity vs the original (run in ONNX Runtime) on `feeds`."""
+    import textwrap
+
+    from graphopt.check import run_graph
+    from graphopt.fidelity import compare_outputs, format_fidelity
+
+    report = compare_outputs(run_graph(original, feeds), list(compiled(**feeds)), compiled.output_names, feeds)
+    return f"fidelity vs the original on {where}:\n" + textwrap.indent(format_fidelity(report), "  ")
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -94,7 +129,7 @@ def _run(args: argparse.Namespace) -> int:
     from graphopt.api import load_compiled
 
     compiled = load_compiled(args.artifact)
-    feeds = _load_inputs(args.inputs, compiled.input_names)
+    feeds = load_input_arrays(args.inputs, compiled.input_names)
     start = time.perf_counter()
     outputs = compiled(**feeds)
     elapsed = time.perf_counter() - start
@@ -108,7 +143,7 @@ def _run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _load_inputs(path: str, input_names: Sequence[str]) -> dict[str, Any]:
+def load_input_arrays(path: str, input_names: Sequence[str]) -> dict[str, Any]:
     """The arrays of an .npz (named by input), or of an .npy for a model of one input."""
     import numpy as np
 

@@ -21,6 +21,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import re
+import textwrap
 import time
 from typing import TYPE_CHECKING, Any, Iterable, Iterator, Optional
 
@@ -92,9 +93,20 @@ class PipelineReport:
         header = ("pass", "time", "nodes", "max err", "stats")
         rows = [header] + [cells[:3] + cells[4:] for cells in map(row_cells, self.rows())]
         widths = [max(len(row[i]) for row in rows) for i in range(4)]
-        lines = ["  ".join(cell.ljust(w) for cell, w in zip(row[:4], widths)) + "  " + row[4] for row in rows]
-        lines.insert(1, "-" * len(lines[0]))
+        stats_width = max(STATS_WIDTH, TABLE_WIDTH - sum(widths) - 8)
+        lines = []
+        for row in rows:
+            first, *rest = textwrap.wrap(row[4], stats_width, break_on_hyphens=False) or [""]
+            left = "  ".join(cell.ljust(w) for cell, w in zip(row[:4], widths)) + "  "
+            lines += [left + first] + [" " * len(left) + more for more in rest]
+        lines.insert(1, "-" * min(len(lines[0]), TABLE_WIDTH))
         return "\n".join(line.rstrip() for line in lines)
+
+
+TABLE_WIDTH = 150
+"""Characters per line the per-pass table aims at; its stats column wraps to fit."""
+STATS_WIDTH = 40
+"""The stats column's least width, however wide the other columns are."""
 
 
 def row_cells(record: PassRecord, full_path: bool = False) -> tuple[str, str, str, str, str, str]:

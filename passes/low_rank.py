@@ -10,6 +10,10 @@ with C = X^T X the second moment of the matmul's input over the calibration toke
 C = L L^T (Cholesky, with a small ridge), the SVD of L^T W = U S V^T gives A = L^-T U_r S_r,
 B = V_r^T, which minimizes the output error ||X W - X A B||_F instead.
 
+Default (`activation_aware=auto`): activation-aware with calibration data, plain SVD without
+(with a warning naming the better setting). Measured on all-MiniLM-L6-v2 (ratio=0.25, 20
+calibration sentences, mean sentence cosine on 20 others): plain 0.60, activation-aware 0.88.
+
 Rank (exactly one of):
 - `rank=r`: the same r everywhere;
 - `energy=e`: per matrix, the smallest r whose singular values keep a fraction e of the
@@ -26,14 +30,14 @@ before/after.
 from __future__ import annotations
 
 import dataclasses
-from typing import Optional
+from typing import Literal, Optional, Union
 
 import numpy as np
 
 from graphopt.ir.graph import Graph, Node
 from graphopt.pass_base import Pass, PassContext, PassResult
 from graphopt.registry import register_pass
-from graphopt.passes._structured import CompressionError, capture, constant_weight, count_params
+from graphopt.passes._structured import CALIBRATION_HINT, CompressionError, capture, constant_weight, count_params
 
 WHITENING_RIDGE = 1e-6
 """Added to C's diagonal (relative to its mean) before the Cholesky factorization."""
@@ -114,7 +118,8 @@ class LowRank(Pass):
 
     See `graphopt.passes.low_rank`. Needs constant-weight MatMuls with float weights (fact
     ``constant-float-weights``: run it before quantize and to-bf16; float16 weights are
-    factorized too); calibration data when activation_aware. Changes each factorized MatMul
+    factorized too); calibration data when activation_aware (the default when calibration
+    data is given; without it, plain SVD with a warning). Changes each factorized MatMul
     into two; lossy.
     """
 
@@ -125,7 +130,9 @@ class LowRank(Pass):
     energy: Optional[float] = None
     ratio: Optional[float] = None
     """Global budget: fraction of the candidate weights' parameters to remove."""
-    activation_aware: bool = False
+    activation_aware: Union[bool, Literal["auto"]] = "auto"
+    """Minimize the output error on calibration activations instead of the weight error.
+    `auto`: true when calibration data is given, else false (with a warning)."""
     min_size: int = 4096
     """Weights with fewer elements are left alone."""
 
@@ -140,9 +147,25 @@ class LowRank(Pass):
         if self.ratio is not None and not 0.0 < self.ratio < 1.0:
             raise ValueError(f"ratio must be in (0, 1), got {self.ratio}")
 
+    def resolved(self, ctx: PassContext) -> "LowRank":
+        """This pass with activation_aware=auto replaced by what it means given ctx's
+        calibration data; warns when its absence makes it the plain SVD."""
+        if self.activation_aware != "auto":
+            return self
+        if not ctx.calibration:
+            ctx.logger.warning(
+                "low-rank: no calibration data, so weights are factorized by plain SVD (activation_aware=false). "
+                "activation_aware=true, the default when calibration data is given, keeps far more of the output "
+                "(all-MiniLM-L6-v2, ratio=0.25: sentence cosine 0.88 instead of 0.60) but needs calibration data: %s. "
+                "Set activation_aware=false to keep this choice without the warning", CALIBRATION_HINT)
+        return dataclasses.replace(self, activation_aware=bool(ctx.calibration))
+
     def run(self, graph: Graph, ctx: PassContext) -> PassResult:
         if self.rank is None and self.energy is None and self.ratio is None:
             raise CompressionError("pass 'low-rank': give one of the options rank, energy or ratio")
+        return self.resolved(ctx)._run(graph, ctx)
+
+    def _run(self, graph: Graph, ctx: PassContext) -> PassResult:
         nodes = [n for n in graph if constant_weight(n) is not None and constant_weight(n).size >= self.min_size]  # type: ignore[union-attr]
         params_before = count_params(graph)
         moments: dict[str, np.ndarray] = {}
@@ -164,7 +187,8 @@ class LowRank(Pass):
             if candidate.cost(rank) < candidate.dense:
                 self._factorize(graph, candidate, rank)
                 factorized[candidate.node.name or candidate.node.output.name] = f"{candidate.weight.shape[0]}x{candidate.weight.shape[1]}:r{rank}"
-        stats = {"factorized": len(factorized), "ranks": factorized, "params": f"{params_before} -> {count_params(graph)}"}
+        stats = {"factorized": len(factorized), "ranks": factorized, "params": f"{params_before} -> {count_params(graph)}",
+                 "activation_aware": self.activation_aware}
         return PassResult(bool(factorized), stats)
 
     @staticmethod

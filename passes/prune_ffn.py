@@ -23,14 +23,21 @@ error against a sample's `labels` entry; without labels, squared error against t
 sampled around the unpruned output).
 `compensate=true` refits the kept rows of W2 and a bias by ridge least squares, block by
 block in graph order, so that the kept neurons in the graph as pruned so far reproduce the
-original block output on the calibration tokens, as `prune-heads` does. Lossy. Stats: neurons before/after per
+original block output on the calibration tokens, as `prune-heads` does.
+Defaults (`score=auto`, `compensate=auto`): with calibration data, `score=activation` and
+`compensate=true`; without, `score=magnitude` and no compensation, and a warning names the
+better setting. Measured on all-MiniLM-L6-v2 (ratio=0.25, per-block, 20 calibration
+sentences, mean sentence cosine on 20 others): magnitude 0.86, magnitude+compensate 0.94,
+activation 0.92, activation+compensate 0.97 (scope=global 0.97 too, but 0.91 against
+per-block's 0.92 at ratio=0.5, so per-block stays the default). Options the user sets are
+kept as given. Lossy. Stats: neurons before/after per
 block count, parameters before/after.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from typing import Literal, Optional
+from typing import Literal, Optional, Union
 
 import numpy as np
 
@@ -38,7 +45,7 @@ from graphopt.ir.graph import Graph, Node
 from graphopt.pass_base import Pass, PassContext, PassResult
 from graphopt.registry import register_pass
 from graphopt.passes._structured import (
-    Columns, CompressionError, add_output_bias, capture, constant_weight, count_params, find_columns,
+    CALIBRATION_HINT, Columns, CompressionError, add_output_bias, capture, constant_weight, count_params, find_columns,
     lowest_under_budget, refit, reinfer, replace_vector, slice_columns, slice_rows,
 )
 from graphopt.passes._taylor import gate_gradients, importance
@@ -138,7 +145,9 @@ class PruneFFN(Pass):
 
     See `graphopt.passes.prune_ffn`. Needs constant-weight MatMuls with float weights (fact
     ``constant-float-weights``: run it before quantize and to-bf16); calibration data for
-    score=activation, score=taylor or compensate. Changes weight and bias shapes; lossy.
+    score=activation, score=taylor or compensate. Defaults: with calibration data
+    score=activation and compensate=true (the most faithful measured), without it
+    score=magnitude and no compensation, with a warning. Changes weight and bias shapes; lossy.
     """
 
     name = "prune-ffn"
@@ -146,13 +155,15 @@ class PruneFFN(Pass):
     requires = ("constant-float-weights",)
     ratio: float = 0.25
     """Fraction of each block's intermediate neurons to remove."""
-    score: Literal["magnitude", "activation", "taylor"] = "magnitude"
-    """How neurons are ranked (see the module doc); activation and taylor need calibration data."""
+    score: Literal["auto", "magnitude", "activation", "taylor"] = "auto"
+    """How neurons are ranked (see the module doc); activation and taylor need calibration data.
+    `auto`: activation when calibration data is given, else magnitude (with a warning)."""
     scope: Literal["per-block", "global"] = "per-block"
     """`global` (score=activation or taylor): rank all neurons together, each block's scores
     normalized (see the module doc), so blocks that matter less give more."""
-    compensate: bool = False
-    """Least-squares refit of the down projection (+ bias) on calibration activations."""
+    compensate: Union[bool, Literal["auto"]] = "auto"
+    """Least-squares refit of the down projection (+ bias) on calibration activations.
+    `auto`: true when calibration data is given, else false."""
     neurons: dict[int, list[int]] = dataclasses.field(default_factory=dict)
     """Explicit neurons to remove per block index (overrides ratio and score)."""
 
@@ -162,7 +173,27 @@ class PruneFFN(Pass):
         if self.scope == "global" and self.score == "magnitude":
             raise ValueError("scope=global needs score=activation or score=taylor (magnitudes of different blocks do not compare)")
 
+    def resolved(self, ctx: PassContext) -> "PruneFFN":
+        """This pass with `auto` options replaced by what they mean given ctx's calibration
+        data (see the module doc); warns when a missing calibration set makes it pick the
+        less faithful setting."""
+        data = bool(ctx.calibration)
+        score = self.score if self.score != "auto" else ("activation" if data else "magnitude")
+        if score == "magnitude" and self.scope == "global":
+            raise CompressionError(f"pass 'prune-ffn': scope=global needs score=activation or score=taylor, which need calibration data: {CALIBRATION_HINT}")
+        compensate = data if self.compensate == "auto" else self.compensate
+        if not data and self.score == "auto" and not self.neurons and self.ratio:
+            ctx.logger.warning(
+                "prune-ffn: no calibration data, so neurons are ranked by weight magnitude without compensation "
+                "(score=magnitude, compensate=false). score=activation,compensate=true, the default when calibration data "
+                "is given, keeps far more of the output (all-MiniLM-L6-v2, ratio=0.25: sentence cosine 0.97 instead of "
+                "0.86) but needs calibration data: %s. Set score=magnitude to keep this choice without the warning", CALIBRATION_HINT)
+        return dataclasses.replace(self, score=score, compensate=compensate)
+
     def run(self, graph: Graph, ctx: PassContext) -> PassResult:
+        return self.resolved(ctx)._run(graph, ctx)
+
+    def _run(self, graph: Graph, ctx: PassContext) -> PassResult:
         blocks = find_blocks(graph)
         params_before = count_params(graph)
         bad = sorted(i for i in self.neurons if not 0 <= i < len(blocks))
@@ -187,7 +218,8 @@ class PruneFFN(Pass):
                 current = np.concatenate([o[name].reshape(-1, block.width) for o in capture(graph, ctx, [name], self.name, "compensate=true")]).astype(np.float64)
             self._prune(graph, block, np.setdiff1d(np.arange(block.width), remove), current, data)
             pruned_any = True
-        stats = {"blocks": len(blocks), "neurons": f"{before} -> {after}", "params": f"{params_before} -> {count_params(graph)}"}
+        stats = {"blocks": len(blocks), "neurons": f"{before} -> {after}", "params": f"{params_before} -> {count_params(graph)}",
+                 "score": "explicit neurons" if self.neurons else self.score, "compensate": self.compensate}
         return PassResult(after < before, stats)
 
     def _scores(self, block: _Block, data: np.ndarray) -> np.ndarray:

@@ -33,6 +33,14 @@ nothing). Which units go:
   squared error against targets sampled around the unpruned output), divided by the L2 norm
   of the layer's scores.
 
+Defaults (`score=auto`, `compensate=auto`): with calibration data, `score=activation` and
+`compensate=true`; without, `score=magnitude` and no compensation, and a warning names the
+better setting. Measured on all-MiniLM-L6-v2 (ratio=0.25, 20 calibration sentences, mean
+sentence cosine on 20 others): magnitude 0.81, activation 0.97, activation+compensate 0.98,
+taylor+compensate 0.98 (slower: gradients), magnitude+compensate 0.80; so `compensate=auto`
+compensates only scores computed from the data (activation, taylor) and explicit `heads`.
+Options the user sets are kept as given.
+
 `compensate=true` (needs calibration data): layer by layer, in graph order, the kept rows of
 the output projection and a bias are refit by ridge-regularized least squares
 (`graphopt.passes._structured.refit`) so that the kept heads' outputs in the graph as pruned
@@ -47,7 +55,7 @@ Lossy. Stats: units removed per layer, heads before/after, parameters before/aft
 from __future__ import annotations
 
 import dataclasses
-from typing import Literal, Optional
+from typing import Literal, Optional, Union
 
 import numpy as np
 
@@ -55,7 +63,7 @@ from graphopt.ir.graph import Graph, Node, Value, constant_data
 from graphopt.pass_base import Pass, PassContext, PassResult
 from graphopt.registry import register_pass
 from graphopt.passes._structured import (
-    Columns, CompressionError, add_output_bias, capture, constant_weight, count_params, find_columns,
+    CALIBRATION_HINT, Columns, CompressionError, add_output_bias, capture, constant_weight, count_params, find_columns,
     lowest_under_budget, refit, reinfer, replace_vector, slice_columns, slice_rows,
 )
 from graphopt.passes._taylor import gate_gradients, importance
@@ -267,7 +275,9 @@ class PruneHeads(Pass):
 
     See `graphopt.passes.prune_heads`. Needs raised `graphopt::Attention` ops (`fuse` or
     `fuse-attention`), float constant weights (fact ``constant-float-weights``: run it before
-    quantize and to-bf16); calibration data for score=activation, score=taylor or compensate. Changes weight
+    quantize and to-bf16); calibration data for score=activation, score=taylor or compensate.
+    Defaults: with calibration data score=activation and compensate=true (the most faithful
+    measured), without it score=magnitude and no compensation, with a warning. Changes weight
     shapes, num_heads/num_kv_heads, Reshape shape constants; lossy.
     """
 
@@ -278,12 +288,15 @@ class PruneHeads(Pass):
     """Fraction of units (heads, or KV groups) to remove."""
     heads: dict[int, list[int]] = dataclasses.field(default_factory=dict)
     """Explicit query heads to remove per layer index (instead of ratio)."""
-    score: Literal["magnitude", "activation", "taylor"] = "magnitude"
-    """How units are ranked (see the module doc); activation and taylor need calibration data."""
+    score: Literal["auto", "magnitude", "activation", "taylor"] = "auto"
+    """How units are ranked (see the module doc); activation and taylor need calibration data.
+    `auto`: activation when calibration data is given, else magnitude (with a warning)."""
     scope: Literal["global", "per-layer"] = "global"
     """Rank units over all layers, or remove `ratio` of each layer's."""
-    compensate: bool = False
-    """Least-squares refit of the output projection (+ bias) on calibration activations."""
+    compensate: Union[bool, Literal["auto"]] = "auto"
+    """Least-squares refit of the output projection (+ bias) on calibration activations.
+    `auto`: true when calibration data is given and the units are chosen from it (score
+    activation or taylor) or by `heads`; false otherwise."""
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.ratio < 1.0:
@@ -291,7 +304,27 @@ class PruneHeads(Pass):
         if self.ratio and self.heads:
             raise ValueError("give either ratio or heads, not both")
 
+    def resolved(self, ctx: PassContext) -> "PruneHeads":
+        """This pass with `auto` options replaced by what they mean given ctx's calibration
+        data (see the module doc); warns when a missing calibration set makes it pick the
+        less faithful setting."""
+        data = bool(ctx.calibration)
+        score = self.score if self.score != "auto" else ("activation" if data else "magnitude")
+        compensate = self.compensate
+        if compensate == "auto":
+            compensate = data and (bool(self.heads) or score != "magnitude")
+        if not data and self.score == "auto" and not self.heads and self.ratio:
+            ctx.logger.warning(
+                "prune-heads: no calibration data, so heads are ranked by weight magnitude without compensation "
+                "(score=magnitude, compensate=false). score=activation,compensate=true, the default when calibration data "
+                "is given, keeps far more of the output (all-MiniLM-L6-v2, ratio=0.25: sentence cosine 0.98 instead of "
+                "0.81) but needs calibration data: %s. Set score=magnitude to keep this choice without the warning", CALIBRATION_HINT)
+        return dataclasses.replace(self, score=score, compensate=compensate)
+
     def run(self, graph: Graph, ctx: PassContext) -> PassResult:
+        return self.resolved(ctx)._run(graph, ctx)
+
+    def _run(self, graph: Graph, ctx: PassContext) -> PassResult:
         layers, skipped = find_layers(graph)
         params_before = count_params(graph)
         needs_data = self.compensate or (self.score == "activation" and not self.heads)
@@ -313,6 +346,8 @@ class PruneHeads(Pass):
             "heads": f"{heads_before} -> {heads_before - sum(len(u) * l.group for u, l in zip(removed, layers))}",
             "removed": {i: [h for u in units for h in _unit_heads(layers[i], u)] for i, units in enumerate(removed) if units},
             "params": f"{params_before} -> {count_params(graph)}",
+            "score": "explicit heads" if self.heads else self.score,
+            "compensate": self.compensate,
         }
         if skipped:
             stats["skipped"] = skipped

@@ -5,7 +5,8 @@
 
 CI runs this before it adds the test extras. It fails (exit 1, naming the problem) if a test-only
 package is importable, if `import graphopt` pulls in a heavy dependency, if a built-in pass or
-target does not load through its entry point, or if the CLI cannot optimize a small ONNX model.
+target does not load through its entry point, if the CLI cannot optimize a small ONNX model, or
+if a Hugging Face MODEL does not name the `hf` extra that it needs.
 """
 
 from __future__ import annotations
@@ -72,6 +73,10 @@ def main() -> None:
         run = subprocess.run(command, capture_output=True, text=True)
         if run.returncode != 0 or not os.path.exists(optimized):
             _fail(f"`graphopt optimize` failed on a small model:\n{run.stdout}{run.stderr}")
+        command = [sys.executable, "-m", "graphopt.cli", "export", "hf:bert", "-o", os.path.join(folder, "bert.onnx")]
+        run = subprocess.run(command, capture_output=True, text=True)
+        if run.returncode != 2 or "pip install 'graphopt[hf]'" not in run.stderr:
+            _fail(f"`graphopt export hf:bert` without transformers must say to install graphopt[hf]:\n{run.stdout}{run.stderr}")
     print(f"bare install ok: graphopt {graphopt.__version__}, "
           f"{len(passes)} passes, {len(targets)} targets load without the test extras")
 

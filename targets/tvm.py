@@ -35,6 +35,7 @@ import numpy as np
 from graphopt.errors import GraphoptError
 from graphopt.ir.graph import Graph
 from graphopt.ir.schema import GRAPHOPT_DOMAIN
+from graphopt.native_logs import native_stderr_to_log
 from graphopt.pass_base import Pass
 from graphopt.registry import get_pass
 from graphopt.target_base import CompiledModel, IOSpec, Target, TargetError
@@ -117,21 +118,23 @@ class TvmTarget(Target):
         from graphopt.targets.tvm_build import build
         from graphopt.targets.tvm_relax import to_relax
 
-        relax_module = to_relax(self.lower(graph), pack_weights=self.variant == "llvm")
-        executable = build(relax_module.module, self)
-        inputs = [IOSpec.of(v) for v in graph.inputs]
-        outputs = [IOSpec.of(v) for v in graph.outputs]
-        return TvmModel(self, inputs, outputs, executable, relax_module.params)
+        with native_stderr_to_log("TVM"):
+            relax_module = to_relax(self.lower(graph), pack_weights=self.variant == "llvm")
+            executable = build(relax_module.module, self)
+            inputs = [IOSpec.of(v) for v in graph.inputs]
+            outputs = [IOSpec.of(v) for v in graph.outputs]
+            return TvmModel(self, inputs, outputs, executable, relax_module.params)
 
     def load(self, directory: str, manifest: dict[str, Any]) -> "TvmModel":
         import tvm
 
         inputs = [IOSpec.from_json(d) for d in manifest["inputs"]]
         outputs = [IOSpec.from_json(d) for d in manifest["outputs"]]
-        library = tvm.runtime.load_module(os.path.join(directory, LIBRARY_FILE))
-        with np.load(os.path.join(directory, PARAMS_FILE)) as archive:
-            params = [archive[f"p{i}"] for i in range(len(archive.files))]
-        return TvmModel(self, inputs, outputs, library, params)
+        with native_stderr_to_log("TVM"):
+            library = tvm.runtime.load_module(os.path.join(directory, LIBRARY_FILE))
+            with np.load(os.path.join(directory, PARAMS_FILE)) as archive:
+                params = [archive[f"p{i}"] for i in range(len(archive.files))]
+            return TvmModel(self, inputs, outputs, library, params)
 
 
 class TvmModel(CompiledModel):
@@ -161,7 +164,8 @@ class TvmModel(CompiledModel):
 
     def _save_files(self, directory: str) -> list[str]:
         try:
-            self.executable.export_library(os.path.join(directory, LIBRARY_FILE))
+            with native_stderr_to_log("TVM"):
+                self.executable.export_library(os.path.join(directory, LIBRARY_FILE))
         except Exception as exc:
             text = str(exc).strip().splitlines()
             raise TargetError(f"TVM could not write {LIBRARY_FILE} (export_library needs a C compiler): {text[-1] if text else exc}") from None

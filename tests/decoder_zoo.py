@@ -29,6 +29,12 @@ import numpy as np
 import torch
 import transformers
 
+from graphopt.hf_export import DecoderWithPast, head_dim, kv_heads
+from graphopt.hf_export import decoder_step as _step
+from graphopt.hf_export import decoder_dynamic_axes
+from graphopt.hf_export import decoder_example_inputs as decoder_inputs
+from graphopt.hf_export import decoder_input_names as input_names
+from graphopt.hf_export import decoder_output_names as output_names
 from model_zoo import _quiet
 
 if TYPE_CHECKING:
@@ -119,97 +125,9 @@ def build_decoder(
     return model, config
 
 
-def kv_heads(config: transformers.PretrainedConfig) -> int:
-    """Number of key/value heads: axis 1 of the past and present tensors."""
-    return config.num_key_value_heads
-
-
-def head_dim(config: transformers.PretrainedConfig) -> int:
-    """Size of one attention head: axis 3 of the past and present tensors."""
-    return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-
-
-def input_names(config: transformers.PretrainedConfig) -> list[str]:
-    """The export's input names, in order."""
-    pasts = [f"past_key_values.{i}.{kind}" for i in range(config.num_hidden_layers) for kind in ("key", "value")]
-    return ["input_ids", "attention_mask", "position_ids", *pasts]
-
-
-def output_names(config: transformers.PretrainedConfig) -> list[str]:
-    """The export's output names, in order."""
-    presents = [f"present.{i}.{kind}" for i in range(config.num_hidden_layers) for kind in ("key", "value")]
-    return ["logits", *presents]
-
-
-def _cache(pasts: Sequence[torch.Tensor]) -> transformers.DynamicCache:
-    """A DynamicCache holding ``pasts`` (key, value, key, value, ... per layer), without sliding-window cropping.
-
-    No config is passed, so every layer is a plain ``DynamicLayer`` that
-    concatenates: the presents are past + new, the Optimum convention, for
-    sliding-window models too (the window is applied by the mask).
-    """
-    return transformers.DynamicCache(list(zip(pasts[0::2], pasts[1::2], strict=True)))
-
-
-def _step(
-    model: transformers.PreTrainedModel,
-    input_ids: torch.Tensor,
-    attention_mask: torch.Tensor,
-    position_ids: torch.Tensor,
-    pasts: Sequence[torch.Tensor],
-) -> tuple[torch.Tensor, ...]:
-    """One forward step: (logits, *presents), the presents read from the cache the model updated in place.
-
-    The cache goes in as ``past_key_values``, the name transformers 5.23 takes
-    and 5.25 still accepts (it renames it ``cache``, also in the outputs, which
-    is why the presents are not read from the outputs).
-    """
-    cache = _cache(pasts)
-    out = model(
-        input_ids=input_ids,
-        attention_mask=attention_mask,
-        position_ids=position_ids,
-        past_key_values=cache,
-        use_cache=True,
-        return_dict=True,
-    )
-    return (out.logits, *(tensor for layer in cache.layers for tensor in (layer.keys, layer.values)))
-
-
-class DecoderWithPast(torch.nn.Module):
-    """A causal LM with the flat Optimum signature: (ids, mask, positions, *pasts) -> (logits, *presents)."""
-
-    def __init__(self, model: transformers.PreTrainedModel) -> None:
-        super().__init__()
-        self.model = model
-
-    def forward(
-        self,
-        input_ids: torch.Tensor,
-        attention_mask: torch.Tensor,
-        position_ids: torch.Tensor,
-        *past_key_values: torch.Tensor,
-    ) -> tuple[torch.Tensor, ...]:
-        return _step(self.model, input_ids, attention_mask, position_ids, past_key_values)
-
-
 def _example_inputs(config: transformers.PretrainedConfig) -> tuple[torch.Tensor, ...]:
     feeds = decoder_inputs(config, batch=2, seq=EXPORT_SEQ, past=EXPORT_PAST)
     return tuple(torch.from_numpy(feeds[key]) for key in input_names(config))
-
-
-def _dynamic_axes(config: transformers.PretrainedConfig) -> dict[str, dict[int, str]]:
-    axes = {
-        "input_ids": {0: "batch", 1: "seq"},
-        "attention_mask": {0: "batch", 1: "past_seq"},
-        "position_ids": {0: "batch", 1: "seq"},
-        "logits": {0: "batch", 1: "seq"},
-    }
-    for name in input_names(config)[3:]:
-        axes[name] = {0: "batch", 2: "past"}
-    for name in output_names(config)[1:]:
-        axes[name] = {0: "batch", 2: "past_seq"}
-    return axes
 
 
 def _dynamic_shapes(config: transformers.PretrainedConfig) -> tuple[object, ...]:
@@ -265,7 +183,7 @@ def export_decoder(
                 opset_version=17,
                 input_names=input_names(config),
                 output_names=output_names(config),
-                dynamic_axes=_dynamic_axes(config),
+                dynamic_axes=decoder_dynamic_axes(config, total="past_seq"),
             )
     return path
 
@@ -300,34 +218,6 @@ def decoder_onnx(name: str, exporter: str, attention: str) -> pathlib.Path:
         finally:
             pathlib.Path(staging).unlink(missing_ok=True)
     return path
-
-
-def decoder_inputs(
-    config: transformers.PretrainedConfig,
-    batch: int,
-    seq: int,
-    past: int,
-    left_padding: bool = False,
-    seed: int = 0,
-) -> dict[str, np.ndarray]:
-    """Feeds for one step: random token ids and past keys/values, a mask and the positions HF derives from it.
-
-    With ``left_padding`` (and ``batch > 1``) the first ``(past + seq) // 3``
-    columns of row 0's mask are 0.
-    ``position_ids`` are ``cumsum(mask) - 1`` clipped at 0, last ``seq`` columns.
-    """
-    rng = np.random.default_rng(seed)
-    total = past + seq
-    input_ids = rng.integers(4, config.vocab_size, size=(batch, seq), dtype=np.int64)
-    attention_mask = np.ones((batch, total), dtype=np.int64)
-    if left_padding and batch > 1:
-        attention_mask[0, : total // 3] = 0
-    position_ids = np.clip(np.cumsum(attention_mask, axis=1) - 1, 0, None)[:, past:]
-    feeds = {"input_ids": input_ids, "attention_mask": attention_mask, "position_ids": position_ids}
-    shape = (batch, kv_heads(config), past, head_dim(config))
-    for name in input_names(config)[3:]:
-        feeds[name] = rng.standard_normal(shape, dtype=np.float32)
-    return feeds
 
 
 def reference_outputs(model: transformers.PreTrainedModel, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:

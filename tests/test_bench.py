@@ -98,4 +98,4 @@ def test_cli_bench_names_an_unknown_model_type_in_one_line(capsys, model, messag
 
 def test_cli_bench_says_a_folder_is_a_folder(tmp_path, capsys):
     assert main(["bench", str(tmp_path)]) == 2
-    assert f"{tmp_path}: is a folder; give an .onnx file" in capsys.readouterr().err
+    assert f"{tmp_path}: is a folder without config.json; give an .onnx file or a Hugging Face model folder" in capsys.readouterr().err

@@ -7,6 +7,7 @@ import pathlib
 import re
 import subprocess
 import sys
+import time
 
 import numpy as np
 import onnxruntime as ort
@@ -26,17 +27,20 @@ def test_help_lists_commands(capsys):
     assert "inspect" in capsys.readouterr().out
 
 
-def test_inspect_prints_ir(zoo_onnx, capsys):
-    assert main(["inspect", str(zoo_onnx("bert"))]) == 0
+def test_inspect_prints_the_summary_first_and_the_ir_only_when_asked(zoo_onnx, capsys):
+    assert main(["inspect", "--ir", str(zoo_onnx("bert"))]) == 0
     out = capsys.readouterr().out
-    assert out.startswith("graph main_graph (\n  %input_ids: i64[batch, seq]")
-    assert "= LayerNormalization(" in out
+    summary, listing = out.split("\ngraph main_graph (\n", 1)
+    assert summary.startswith(f"{zoo_onnx('bert')}: graph 'main_graph', ") and "ops:" in summary
+    assert listing.startswith("  %input_ids: i64[batch, seq]")
+    assert "= LayerNormalization(" in listing
 
 
 def test_inspect_ops_histogram(zoo_onnx, capsys):
-    assert main(["inspect", "--ops", str(zoo_onnx("llama"))]) == 0
+    assert main(["inspect", str(zoo_onnx("llama"))]) == 0
     out = capsys.readouterr().out
     assert "nodes" in out and "MatMul" in out
+    assert "graph main_graph (" not in out and len(out.splitlines()) < 80
 
 
 def test_bad_file_is_one_line_without_traceback(tmp_path):
@@ -189,7 +193,7 @@ def test_optimize_check_prints_the_max_error(tmp_path, capsys):
     code = main(["optimize", str(source), "-o", str(tmp_path / "out.onnx"), "-p", "cli-test-drop-identities", "--check"])
     out = capsys.readouterr().out
     assert code == 0
-    assert re.search(r"^check: max abs error of .*out\.onnx vs the input on sample inputs \(batch=2\): 0$", out, re.M)
+    assert re.search(r"^check: .*out\.onnx vs the input on sample inputs \(batch=2\):\n  y: max abs 0, relative 0, token cosine 1\.00000 \(min 1\.00000\)$", out, re.M)
     assert "0.00e+00" in out  # the per-pass column of the table
 
 
@@ -399,7 +403,9 @@ def test_passes_lists_test_passes_with_options(capsys):
 def test_passes_json(capsys):
     assert main(["passes", "--json"]) == 0
     passes = {entry["name"]: entry for entry in json.loads(capsys.readouterr().out)}
-    assert passes["cli-test-drop-identities"]["options"] == [{"name": "limit", "type": "int", "default": 0}]
+    assert passes["cli-test-drop-identities"]["options"] == [
+        {"name": "limit", "type": "int", "default": 0, "doc": "Remove at most this many (0: all)."}
+    ]
     assert passes["cli-test-provides"]["provides"] == ["cli-test-fact"]
     assert passes["cli-test-crash"]["lossless"] is True
 
@@ -422,7 +428,7 @@ def test_inspect_json(zoo_onnx, capsys):
 
 def test_inspect_summary_sizes_can_be_chosen(tmp_path, capsys):
     source = tiny_model(tmp_path / "in.onnx")
-    assert main(["inspect", "--ops", "--dim", "batch=10", str(source)]) == 0
+    assert main(["inspect", "--dim", "batch=10", str(source)]) == 0
     out = capsys.readouterr().out
     assert "parameters: 12 (48 B) in 1 tensors" in out
     assert "  x: float[batch, 4]" in out
@@ -446,11 +452,60 @@ def test_short_version_flag_and_python_dash_m(capsys):
 
 
 def test_run_takes_an_npy_for_a_one_input_model_and_says_what_a_multi_input_one_needs(tmp_path, capsys):
-    from graphopt.cli_targets import _load_inputs
+    from graphopt.cli_targets import load_input_arrays
     from graphopt.errors import GraphoptError
 
     path = tmp_path / "x.npy"
     np.save(path, np.ones((2, 4), np.float32))
-    assert list(_load_inputs(str(path), ["x"])) == ["x"]
+    assert list(load_input_arrays(str(path), ["x"])) == ["x"]
     with pytest.raises(GraphoptError, match=r"an \.npy holds one unnamed array, but the model takes 2 inputs \(ids, mask\)"):
-        _load_inputs(str(path), ["ids", "mask"])
+        load_input_arrays(str(path), ["ids", "mask"])
+
+
+def test_completion_script_completes_commands_passes_and_targets(capsys):
+    import shutil
+
+    assert main(["completion", "bash"]) == 0
+    script = capsys.readouterr().out
+    assert "complete -o filenames -F _graphopt_complete graphopt" in script
+    if shutil.which("bash") is None:
+        pytest.skip("no bash here")
+    probe = (
+        script + "\nCOMP_WORDS=(graphopt passes prune); COMP_CWORD=2; _graphopt_complete; echo \"${COMPREPLY[@]}\""
+        "\nCOMP_WORDS=(graphopt compile m.onnx -t onnx); COMP_CWORD=4; _graphopt_complete; echo \"${COMPREPLY[@]}\""
+        "\nCOMP_WORDS=(graphopt exp); COMP_CWORD=1; _graphopt_complete; echo \"${COMPREPLY[@]}\""
+    )
+    lines = subprocess.run(["bash", "-c", probe], capture_output=True, text=True, check=True).stdout.splitlines()
+    assert lines == ["prune-ffn prune-heads", "onnxruntime onnxruntime:cpu onnxruntime:cuda", "export"]
+
+
+def test_ctrl_c_inside_a_native_library_reads_as_an_interruption(tmp_path, capsys, monkeypatch):
+    """TVM turns a Ctrl-C during its compile into RuntimeError('RuntimeError'); the CLI says interrupted."""
+    import os
+    import signal
+
+    def compile_like_tvm(args):
+        try:
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(1)
+        except KeyboardInterrupt:
+            raise RuntimeError("RuntimeError") from None
+        return 0
+
+    monkeypatch.setattr("graphopt.cli._optimize", compile_like_tvm)
+    source = tiny_model(tmp_path / "in.onnx")
+    assert main(["optimize", str(source), "-o", str(tmp_path / "out.onnx"), "-p", "cleanup"]) == 130
+    assert capsys.readouterr().err == "graphopt: interrupted\n"
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
+def test_tvm_native_warnings_stay_off_the_terminal_unless_verbose(tmp_path, capfd):
+    pytest.importorskip("tvm")
+    source = tiny_model(tmp_path / "in.onnx")
+    artifact = tmp_path / "tiny.tvm"
+    assert main(["compile", str(source), "-t", "tvm:llvm", "-o", str(artifact), "-p", "cleanup", "-q"]) == 0
+    np.savez(tmp_path / "x.npz", x=np.ones((2, 4), dtype=np.float32))
+    assert main(["run", str(artifact), "-i", str(tmp_path / "x.npz"), "-q"]) == 0
+    assert capfd.readouterr().err == ""
+    assert main(["run", str(artifact), "-i", str(tmp_path / "x.npz"), "-v"]) == 0
+    assert "TVM: " in capfd.readouterr().err

@@ -87,3 +87,20 @@ def test_options_are_checked():
         graphopt.optimize(_mlp(), "low-rank{rank=4,ratio=0.5}")
     with pytest.raises(CompressionError, match=r"^pass 'low-rank': activation_aware=true needs calibration data"):
         LowRank(rank=4, activation_aware=True, min_size=1).run(_mlp(), PassContext())
+
+
+@pytest.mark.parametrize("aware, calibrated, resolved, warns", [
+    ("auto", True, True, False),
+    ("auto", False, False, True),
+    (False, True, False, False),
+    (False, False, False, False),
+])
+def test_activation_aware_is_the_default_with_calibration_data(caplog, aware, calibrated, resolved, warns):
+    graph = _mlp()
+    ctx = PassContext(calibration=[sample_inputs(graph)] if calibrated else None)
+    result = LowRank(rank=4, activation_aware=aware, min_size=1).run(graph, ctx)
+    assert result.stats["activation_aware"] is resolved
+    warned = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert len(warned) == warns
+    if warns:
+        assert "activation_aware=true" in warned[0] and "needs calibration data" in warned[0]

@@ -95,7 +95,8 @@ def test_biases_and_per_neuron_constants_are_sliced_too():
     expected = run_graph(graph, feeds)
     result = PruneFFN(ratio=3 / 16).run(graph, PassContext())
     graph.verify()
-    assert result.stats == {"blocks": 1, "neurons": "16 -> 13", "params": f"{8 * 16 + 16 + 16 + 16 * 8 + 8} -> {8 * 13 + 13 + 13 + 13 * 8 + 8}"}
+    assert result.stats == {"blocks": 1, "neurons": "16 -> 13", "params": f"{8 * 16 + 16 + 16 + 16 * 8 + 8} -> {8 * 13 + 13 + 13 + 13 * 8 + 8}",
+                            "score": "magnitude", "compensate": False}
     assert {v.name.split("_")[0]: v.shape for v in graph.constants.values()} == {"w1": (8, 13), "b1": (13,), "scale": (13,), "w2": (13, 8), "b2": (8,)}
     assert max_abs_error(expected, run_graph(graph, feeds)) < 1e-5
 
@@ -124,6 +125,23 @@ def test_compensation_reduces_the_error_on_calibration_data(graphs):
         PruneFFN(compensate=True).run(original.clone(), PassContext())
 
 
+@pytest.mark.parametrize("options, calibrated, resolved", [
+    ({}, True, ("activation", True)),
+    ({}, False, ("magnitude", False)),
+    ({"score": "magnitude"}, True, ("magnitude", True)),  # magnitude+compensate measured better than magnitude (module doc)
+    ({"compensate": False}, True, ("activation", False)),
+    ({"score": "taylor"}, True, ("taylor", True)),
+])
+def test_auto_options_mean_the_best_measured_setting_and_explicit_ones_are_kept(graphs, caplog, options, calibrated, resolved):
+    graph = graphs("bert")
+    chosen = PruneFFN(**options).resolved(PassContext(calibration=[sample_inputs(graph)] if calibrated else None))
+    assert (chosen.score, chosen.compensate) == resolved
+    warned = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert len(warned) == (not calibrated and "score" not in options)
+    if warned:
+        assert "score=activation,compensate=true" in warned[0] and "needs calibration data" in warned[0]
+
+
 def test_global_scope_meets_the_overall_ratio(graphs):
     graph = graphs("bert")
     ctx = PassContext(calibration=[sample_inputs(graph, seed=s) for s in range(2)])
@@ -132,7 +150,9 @@ def test_global_scope_meets_the_overall_ratio(graphs):
     assert result.stats["neurons"] == "128 -> 64"
     assert sum(b.width for b in find_blocks(graph)) == 64
     with pytest.raises(graphopt.PipelineError, match="scope=global needs score=activation"):
-        graphopt.optimize(graph, "prune-ffn{scope=global}")
+        graphopt.optimize(graph, "prune-ffn{scope=global,score=magnitude}")
+    with pytest.raises(CompressionError, match=r"^pass 'prune-ffn': scope=global needs score=activation or score=taylor, which need calibration data: graphopt.optimize"):
+        graphopt.optimize(graph, "prune-ffn{scope=global}")  # score=auto is magnitude without data
 
 
 @pytest.mark.parametrize("labelled", [False, True], ids=["label-free", "float targets"])

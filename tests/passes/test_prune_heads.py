@@ -130,6 +130,35 @@ def test_activation_score_needs_calibration(graphs):
         PruneHeads(ratio=0.25, score="activation").run(graphs("bert"), PassContext())
 
 
+@pytest.mark.parametrize("options, calibrated, resolved", [
+    ({}, True, ("activation", True)),
+    ({}, False, ("magnitude", False)),
+    ({"score": "magnitude"}, True, ("magnitude", False)),  # magnitude+compensate measured worse (module doc)
+    ({"score": "taylor"}, True, ("taylor", True)),
+    ({"compensate": False}, True, ("activation", False)),
+    ({"compensate": True}, False, ("magnitude", True)),  # then run() says compensate=true needs data
+    ({"heads": {0: [1]}}, True, ("activation", True)),
+])
+def test_auto_options_mean_the_best_measured_setting_and_explicit_ones_are_kept(graphs, caplog, options, calibrated, resolved):
+    graph = graphs("bert")
+    ctx = PassContext(calibration=[sample_inputs(graph)] if calibrated else None)
+    options = {"ratio": 0.25, **options} if "heads" not in options else options
+    chosen = PruneHeads(**options).resolved(ctx)
+    assert (chosen.score, chosen.compensate) == resolved
+    warned = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert len(warned) == (not calibrated and "score" not in options)
+    if warned:
+        assert "score=activation,compensate=true" in warned[0] and "needs calibration data" in warned[0] and "--calibration-data" in warned[0]
+
+
+def test_without_calibration_data_the_default_prunes_by_magnitude_and_reports_it(graphs, caplog):
+    graph = graphs("bert")
+    result = PruneHeads(ratio=0.25).run(graph, PassContext())
+    assert (result.stats["score"], result.stats["compensate"]) == ("magnitude", False)
+    assert result.stats["removed"] == PruneHeads(ratio=0.25, score="magnitude", compensate=False).run(graphs("bert"), PassContext()).stats["removed"]
+    assert "prune-heads: no calibration data" in caplog.text
+
+
 def test_compensation_reduces_the_error_on_calibration_data(graphs):
     original = graphs("bert")
     samples = [sample_inputs(original, seed=s) for s in range(4)]

@@ -4,7 +4,7 @@ import numpy as np
 import onnx
 import pytest
 from conftest import numpy_inputs
-from quant_testing import INT8_KERNELS, block_graph, calibration, cosine, gemm_graph, ort_kernel_counts
+from quant_testing import INT8_KERNELS, block_graph, calibration, cosine, gemm_graph, ort_kernel_counts, residual_graph
 
 import graphopt
 from graphopt import DType, Graph, PassContext, PipelineError, TensorType
@@ -31,7 +31,7 @@ def _check_runs_everywhere(original: Graph, quantized: Graph, min_cosine: float)
 
 def test_static_puts_one_dequantize_per_consumer_and_ort_runs_int8_kernels():
     graph = block_graph()
-    out, stats = _quantized(graph, "quantize", calibration_data=calibration(graph))
+    out, stats = _quantized(graph, "quantize{smooth=false}", calibration_data=calibration(graph))
     assert stats == {"quantized": 3, "kept_float": 0, "excluded": 0}
     counts = out.op_counts()
     # two activations (the norm output, shared by q/k, and the Relu output): one Q each;
@@ -62,7 +62,7 @@ def test_weights_are_per_channel_symmetric_within_half_a_step():
 
 def test_static_per_channel_scales_in_the_graph_match_the_weights():
     graph = block_graph()
-    out, _ = _quantized(graph, "quantize", calibration_data=calibration(graph))
+    out, _ = _quantized(graph, "quantize{smooth=false}", calibration_data=calibration(graph))
     scale = out.constants["wq_scale"].const.numpy()
     np.testing.assert_allclose(scale, np.abs(graph.constants["wq"].const.numpy()).max(axis=0) / 127, rtol=1e-6)
     dq = next(n for n in out.nodes if n.op_type == "DequantizeLinear" and n.inputs[0].name == "wq_quantized")
@@ -71,7 +71,7 @@ def test_static_per_channel_scales_in_the_graph_match_the_weights():
 
 def test_excluded_layers_stay_float():
     graph = block_graph()
-    out, stats = _quantized(graph, "quantize{exclude=['o_*', 'wk']}", calibration_data=calibration(graph))
+    out, stats = _quantized(graph, "quantize{exclude=['o_*', 'wk'],smooth=false}", calibration_data=calibration(graph))
     assert stats == {"quantized": 1, "kept_float": 0, "excluded": 2}
     by_name = {n.name: n for n in out.nodes}
     assert by_name["o_proj"].inputs[1].name == "wo" and by_name["k_proj"].inputs[1].name == "wk"
@@ -99,9 +99,48 @@ def test_quantize_is_deterministic():
         np.testing.assert_array_equal(value.const.numpy(), b.constants[name].const.numpy())
 
 
-def test_static_without_calibration_data_says_how_to_give_it():
-    with pytest.raises(QuantizationError, match=r"^pass 'quantize' with mode=static needs calibration data: graphopt.optimize\(\.\.\., calibration_data=\[\.\.\.\]\) or `graphopt optimize --calibration-data inputs.npz`$"):
+def test_static_without_calibration_data_says_how_to_give_it_or_to_use_dynamic():
+    with pytest.raises(QuantizationError, match=(
+        r"^pass 'quantize' with mode=static needs calibration data: give it with graphopt.optimize\(\.\.\., calibration_data=\[\.\.\.\]\) "
+        r"or `graphopt optimize --calibration-data inputs.npz`, or use mode=dynamic, which needs none$"
+    )):
         Quantize().run(block_graph(), PassContext())
+    with pytest.raises(QuantizationError, match=r"^pass 'quantize' with smooth=0.6 needs calibration data: give it with graphopt.optimize"):
+        Quantize(mode="dynamic", smooth=0.6).run(block_graph(), PassContext())
+
+
+def test_by_default_static_and_dynamic_smooth_first_exactly_as_smooth_quant_auto_would():
+    graph = residual_graph()
+    data = calibration(graph, 16)
+    for mode in ("static", "dynamic"):
+        default, stats = _quantized(graph, f"quantize{{mode={mode}}}", calibration_data=data)
+        spelled = graphopt.optimize(graph.clone(), f"smooth-quant{{alpha=auto}},quantize{{mode={mode},smooth=false}}", calibration_data=data)
+        assert stats["smoothed"] == 1 and stats["alpha"] in (0.4, 0.5, 0.6, 0.7, 0.8, 0.9), stats
+        assert str(default) == str(spelled) and spelled.report.records[0].stats["alpha"] == stats["alpha"]
+    feeds = sample_inputs(graph)
+    expected = run_graph(graph, feeds)[0]
+    plain, _ = _quantized(graph, "quantize{smooth=false}", calibration_data=data)
+    smoothed, _ = _quantized(graph, "quantize", calibration_data=data)
+    assert np.abs(run_graph(smoothed, feeds)[0] - expected).max() < np.abs(run_graph(plain, feeds)[0] - expected).max()
+
+
+def test_a_graph_smooth_quant_already_smoothed_is_not_smoothed_again():
+    graph = residual_graph()
+    data = calibration(graph)
+    once = graphopt.optimize(graph.clone(), "smooth-quant{alpha=0.5},quantize", calibration_data=data)
+    assert "smoothed" not in once.report.records[-1].stats
+    assert once.op_counts()["Mul"] == 1  # smooth-quant's
+
+
+def test_dynamic_without_calibration_data_warns_that_smoothing_needs_it(caplog):
+    _, stats = _quantized(block_graph(), "quantize{mode=dynamic}")
+    assert stats["quantized"] == 3 and "smoothed" not in stats
+    [message] = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert message.startswith("quantize{mode=dynamic}: no calibration data") and "smooth=auto" in message and "needs calibration data" in message
+    caplog.clear()
+    _quantized(block_graph(), "quantize{mode=dynamic,smooth=false}")
+    _quantized(block_graph(), "quantize{mode=weight-only,block_size=16}")
+    assert not [r for r in caplog.records if r.levelname == "WARNING"]
 
 
 @pytest.mark.parametrize("text, message", [
@@ -113,6 +152,9 @@ def test_static_without_calibration_data_says_how_to_give_it():
     ("quantize{symmetric=false,head=float}", "symmetric, head apply to mode=weight-only only (mode=static)"),
     ("quantize{mode=weight-only,accuracy_level=5}", "accuracy_level is 0 (unset), 1 (fp32), 2 (fp16), 3 (bf16) or 4 (int8); got 5"),
     ("quantize{mode=weight-only,method=hqq}", "method"),
+    ("quantize{smooth=true}", "smooth takes an alpha in .0, 1., auto, per-layer or false; got True"),
+    ("quantize{smooth=1.5}", "smooth takes an alpha in .0, 1., auto, per-layer or false; got 1.5"),
+    ("quantize{mode=weight-only,dtype=int4,smooth=0.5}", "smooth applies to mode=static and mode=dynamic"),
 ])
 def test_bad_options_are_rejected_before_running(text, message):
     with pytest.raises(PipelineError, match=message.replace("(", r"\(").replace(")", r"\)")):
@@ -171,7 +213,7 @@ def test_gemm_with_transposed_weight_is_quantized_per_output_row_and_runs_int8()
         out, stats = _quantized(graph, f"quantize{{mode={mode},block_size=16}}", calibration_data=calibration(graph))
         assert stats["quantized"] == 1
         _check_runs_everywhere(graph, out, 0.999)
-    static, _ = _quantized(graph, "quantize", calibration_data=calibration(graph))
+    static, _ = _quantized(graph, "quantize{smooth=false}", calibration_data=calibration(graph))
     np.testing.assert_allclose(static.constants["w_scale"].const.numpy(), np.abs(w.const.numpy()).max(axis=1) / 127, rtol=1e-6)
     dq = next(n for n in static.nodes if n.op_type == "DequantizeLinear" and n.inputs[0].name == "w_quantized")
     assert dq.attrs["axis"] == 0
@@ -227,7 +269,7 @@ def test_a_quantized_graph_keeps_its_int8_kernels_through_fuse():
     """fold-constants must not dequantize the weights back to float, nor CSE merge the
     per-consumer DequantizeLinear nodes: either would leave ONNX Runtime float matmuls."""
     graph = block_graph()
-    quantized, _ = _quantized(graph, "quantize", calibration_data=calibration(graph))
+    quantized, _ = _quantized(graph, "quantize{smooth=false}", calibration_data=calibration(graph))
     again = graphopt.optimize(quantized.clone(), "fuse", verify=True)
     assert again.op_counts()["DequantizeLinear"] == quantized.op_counts()["DequantizeLinear"] == 6
     kernels = ort_kernel_counts(again)

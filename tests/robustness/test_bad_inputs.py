@@ -112,7 +112,7 @@ def _guarded(corpus: pathlib.Path, case: Any, out_dir: pathlib.Path) -> Iterator
 def _cli_argv(corpus: pathlib.Path, case: Any, output: pathlib.Path, command: str = "optimize") -> list[str]:
     good = str(corpus / corpus_script.GOOD_MODEL)
     if command == "inspect":
-        return ["inspect", str(corpus / case.subject), "--ops"]
+        return ["inspect", str(corpus / case.subject)]
     if case.kind == "model":
         return ["optimize", str(corpus / case.subject), "-o", str(output), "-p", "cleanup,fuse"]
     if case.kind == "pipeline":
