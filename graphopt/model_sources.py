@@ -103,10 +103,10 @@ def _from_hf(model: str, target: str, task: str, opset: int) -> ModelSource:
     _require_transformers(model)
     if os.path.isdir(model):
         built, config = build_hf_model(model, task=task)
-        origin = f"Hugging Face folder {model} (from_pretrained)"
+        origin = "Hugging Face folder (from_pretrained)"
     else:
         built, config = build_hf_model(config=_hf_config(model), task=task)
-        origin = f"Hugging Face config {model} (random weights)"
+        origin = "Hugging Face config (random weights)"
     export = export_hf(built, config, target, task=task, opset=opset)
     return ModelSource(target, export.module, export.input_names, export.task, f"{origin}, exported as {export.task}")
 
@@ -167,7 +167,7 @@ def _from_exported_program(model: str, target: str) -> ModelSource:
     except Exception as exc:
         raise GraphoptError(f"{model}: not an ExportedProgram torch.export.load can read ({first_line(exc)})") from None
     from_fx(program).save_onnx(target)
-    return ModelSource(target, program.module(), origin=f"ExportedProgram {model}")
+    return ModelSource(target, program.module(), origin="ExportedProgram")
 
 
 def _from_function(model: str, module_name: str, function_name: str, target: str, opset: int) -> ModelSource:
@@ -182,7 +182,7 @@ def _from_function(model: str, module_name: str, function_name: str, target: str
     names, args = _named_inputs(model, module, inputs)
     axes = axes if axes is not None else _default_axes(names, args)
     _export_module(model, module, args, names, axes, target, opset)
-    return ModelSource(target, module, names, origin=f"module from {model}")
+    return ModelSource(target, module, names, origin="module from a function (exported in eval mode)")
 
 
 def _load_function(model: str, module_name: str, function_name: str) -> Any:

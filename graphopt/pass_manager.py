@@ -89,6 +89,7 @@ class Pipeline(Pass):
     """True for a pipeline meant to reach a fixed point: it reports "iterations" and warns
     when `max_iterations` stops it first."""
     max_iterations: int = 1
+    """Rounds of the nested passes at most (a fixed-point pipeline stops earlier once a round changes nothing)."""
 
     def __post_init__(self) -> None:
         if self.max_iterations < 1:

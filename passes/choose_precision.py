@@ -108,6 +108,7 @@ class ChoosePrecision(Pass):
     target: str = "onnxruntime:cpu"
     """Where latencies are measured and fidelity is checked: the target the model will be compiled for."""
     precisions: list[str] = dataclasses.field(default_factory=lambda: list(PRECISIONS))
+    """The precisions a matmul may get (from fp32, bf16, int8, int4)."""
     samples: int = 4
     """Calibration samples the fidelity is measured on."""
     block_size: int = 32

@@ -67,6 +67,7 @@ class EliminateCommonSubexpressions(Pass):
 
     name = "eliminate-common-subexpressions"
     max_elements: int = 1024
+    """Constants larger than this many elements are not compared for merging."""
 
     def run(self, graph: Graph, ctx: PassContext) -> PassResult:
         stats = {"merged_constants": self._merge_constants(graph), "merged_nodes": self._merge_nodes(graph)}

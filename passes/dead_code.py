@@ -27,6 +27,7 @@ class EliminateDeadCode(Pass):
 
     name = "eliminate-dead-code"
     remove_opaque: bool = False
+    """Also remove unused nodes of ops without a schema (they may have side effects graphopt cannot see)."""
 
     def run(self, graph: Graph, ctx: PassContext) -> PassResult:
         live = self._live_nodes(graph)

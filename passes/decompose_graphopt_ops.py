@@ -26,6 +26,7 @@ class DecomposeGraphoptOps(Pass):
 
     name = "decompose-graphopt-ops"
     keep: list[str] = dataclasses.field(default_factory=list)
+    """graphopt op types to leave as they are (a target that runs them natively)."""
 
     def run(self, graph: Graph, ctx: PassContext) -> PassResult:
         decomposed = decompose_graphopt_nodes(graph, keep=self.keep)

@@ -93,6 +93,7 @@ class FoldConstants(Pass):
 
     name = "fold-constants"
     max_elements: int = 1_000_000
+    """Largest output (in elements) a folded node may produce; bigger results stay computed at run time."""
 
     def run(self, graph: Graph, ctx: PassContext) -> PassResult:
         stats = {

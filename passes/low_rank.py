@@ -127,7 +127,9 @@ class LowRank(Pass):
     lossless = False
     requires = ("constant-float-weights",)
     rank: Optional[int] = None
+    """Keep this rank in every factorized matmul (give one of rank, energy, ratio)."""
     energy: Optional[float] = None
+    """Per matmul, the smallest rank keeping this fraction of the spectrum's energy (sum of squared singular values)."""
     ratio: Optional[float] = None
     """Global budget: fraction of the candidate weights' parameters to remove."""
     activation_aware: Union[bool, Literal["auto"]] = "auto"

@@ -150,10 +150,15 @@ class Quantize(Pass):
     requires = ("constant-float-weights", "float32-weights")
     invalidates = ("constant-float-weights",)
     mode: Literal["static", "dynamic", "weight-only"] = "static"
+    """static: int8 activations with calibrated ranges (needs calibration data); dynamic: activation ranges computed at run time; weight-only: int4/int8 weights, float activations (MatMulNBits)."""
     dtype: Literal["int8", "uint8", "int4"] = "int8"
+    """The weights' type."""
     activations: Literal["uint8", "int8"] = "uint8"
+    """Static mode: the activations' type (uint8 is ONNX Runtime's fast x86 path)."""
     per_channel: bool = True
+    """One weight scale per output channel (else one per tensor)."""
     calibrate: Literal["minmax", "percentile", "entropy", "mse"] = "minmax"
+    """Static mode: how activation ranges are chosen from the calibration statistics."""
     block_size: int = 32
     """Weight-only: weights per scale along K (a power of two, at least 16)."""
     exclude: list[str] = dataclasses.field(default_factory=list)

@@ -97,6 +97,7 @@ class LowerOnnxRuntime(Pass):
 
     name = "lower-onnxruntime"
     device: Literal["cpu", "cuda"] = "cpu"
+    """Which ONNX Runtime execution provider the contrib kernels are chosen for (their speed differs)."""
 
     def run(self, graph: Graph, ctx: PassContext) -> PassResult:
         lowered = 0

@@ -158,7 +158,7 @@ def test_export_from_module_function_leaves_the_users_module_unchanged(tmp_path,
     assert user_models.MODEL.training
     out_file = tmp_path / "user.onnx"
     out = _run(capsys, "export", "user_models:build", "-o", str(out_file))
-    assert "module from user_models:build" in out and "input: int64[batch, seq]" in out
+    assert "user_models:build: module from a function" in out and "input: int64[batch, seq]" in out
     assert user_models.MODEL.training  # still in train mode, weights untouched
     assert all(torch.equal(weights[name], tensor) for name, tensor in user_models.MODEL.state_dict().items())
     ids = np.random.default_rng(0).integers(0, 50, (3, 5))
@@ -192,3 +192,30 @@ def test_pt2_exported_program_through_optimize(tmp_path, capsys):
     graph = graphopt.from_onnx(str(tmp_path / "mlp.onnx"))
     (got,) = run_graph(graph, {graph.inputs[0].name: x.numpy()})
     np.testing.assert_allclose(got, module(x).detach().numpy(), atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    ("model", "task", "names"),
+    [
+        ("hf:t5{num_layers=2,d_model=64,d_ff=128,num_heads=4,d_kv=16,vocab_size=300}", "seq2seq-encoder", ("input_ids", "attention_mask")),
+        ("hf:vit{num_hidden_layers=2,hidden_size=64,intermediate_size=128,num_attention_heads=4,image_size=32,patch_size=8}", "vision", ("pixel_values",)),
+    ],
+)
+def test_task_presets_export_what_the_model_computes(model, task, names, tmp_path, capsys):
+    from graphopt.hf_export import LastHiddenState
+    from graphopt.model_sources import _hf_config
+
+    out = _run(capsys, "export", model, "-o", str(tmp_path / "m.onnx"))
+    assert f"exported as {task}" in out
+    built, config = build_hf_model(config=_hf_config(model))
+    rng = np.random.default_rng(0)
+    if task == "vision":
+        feeds = {"pixel_values": rng.standard_normal((3, 3, 32, 32)).astype(np.float32)}
+    else:
+        feeds = {"input_ids": rng.integers(0, 300, (3, 9)), "attention_mask": np.ones((3, 9), dtype=np.int64)}
+        feeds["attention_mask"][0, 6:] = 0
+        built = built.get_encoder()
+    with torch.no_grad():
+        want = LastHiddenState(built, names)(*[torch.from_numpy(feeds[n]) for n in names]).numpy()
+    (got,) = run_graph(graphopt.from_onnx(str(tmp_path / "m.onnx")), feeds)
+    np.testing.assert_allclose(got, want, atol=1e-4)
