@@ -78,6 +78,7 @@ def compile(
     dump_dir: Optional[str] = None,
     seed: int = 0,
     partition: bool = False,
+    world_size: int = 1,
 ) -> CompiledModel:
     """Optimize `model` with `pipeline`, lower it and compile it for `target`; return a `CompiledModel`.
 
@@ -93,8 +94,20 @@ def compile(
     Raises TargetError when the target is unknown or cannot run here, UnsupportedOpError
     naming the nodes the target cannot run unless `partition=True`, which runs those nodes
     in torch and the rest in the target (`graphopt.partition`; such a model cannot be saved).
+    `world_size` > 1: tensor-parallel over that many worker processes, the model split by the
+    `shard` pass (`graphopt.distributed.compile_sharded`; `partition` does not apply).
     """
     from graphopt.target_registry import get_target
+
+    if world_size != 1:
+        from graphopt.distributed import compile_sharded
+
+        if partition:
+            raise GraphoptError("compile: partition=True does not combine with world_size > 1")
+        return compile_sharded(
+            model, world_size, pipeline, target, example_inputs=example_inputs, calibration=calibration,
+            calibration_data=calibration_data, check=check, verify=verify, dump_ir=dump_ir, dump_dir=dump_dir, seed=seed,
+        )
 
     chosen = get_target(target)
     missing = chosen.available()

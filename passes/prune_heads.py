@@ -162,7 +162,7 @@ def _head_local(node: Node) -> bool:
 def _trace_output(attention: Node) -> Optional[tuple[Node, Node]]:
     """(merge Reshape, output projection MatMul) after the Attention, else None."""
     chain = []
-    value = attention.output
+    value = attention.outputs[0]
     for op in ("Transpose", "Reshape", "MatMul"):
         uses = value.uses()
         if len(uses) != 1 or value.is_graph_output or uses[0].node.op_type != op or uses[0].index != 0:

@@ -3,7 +3,9 @@
 These are what the torch target runs for fused ops: `Attention` becomes one
 `scaled_dot_product_attention` call (grouped-query aware; with a KV cache, after appending the
 new keys and values to the past ones, and returning the presents too), `RMSNorm` and `Gelu` the
-matching torch functions, `SkipLayerNorm` the residual add and `layer_norm` (or the RMS form).
+matching torch functions, `SkipLayerNorm` the residual add and `layer_norm` (or the RMS form),
+`AllReduce` and `AllGather` the torch.distributed collectives of the default process group
+(which `graphopt.distributed` sets up on each rank).
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from graphopt.errors import GraphoptError
 from graphopt.exporters.rotary_kernels import graphopt_RotaryEmbedding
 
 
@@ -78,10 +81,49 @@ def graphopt_SkipLayerNorm(
     return (normed if beta is None else normed + beta), total
 
 
+def _process_group(op: str, world_size: int) -> object:
+    """torch.distributed, checked to be set up for `world_size` ranks."""
+    import torch.distributed as dist
+
+    if not dist.is_available() or not dist.is_initialized():
+        raise GraphoptError(
+            f"graphopt::{op} over {world_size} ranks needs a torch.distributed process group on every rank; "
+            "run the sharded model with graphopt.distributed.compile_sharded (or under torchrun after init_process_group)"
+        )
+    if dist.get_world_size() != world_size:
+        raise GraphoptError(f"graphopt::{op} was built for {world_size} ranks, the process group has {dist.get_world_size()}")
+    return dist
+
+
+def graphopt_AllReduce(x: Tensor, *, world_size: int, reduction: str = "sum") -> Tensor:
+    """The sum of x over the ranks (a new tensor; x is left as it was)."""
+    if reduction != "sum":
+        raise ValueError(f"AllReduce: reduction {reduction!r} is not supported (only 'sum')")
+    if world_size == 1:
+        return x
+    dist = _process_group("AllReduce", world_size)
+    total = x.clone(memory_format=torch.contiguous_format)
+    dist.all_reduce(total, op=dist.ReduceOp.SUM)  # type: ignore[attr-defined]
+    return total
+
+
+def graphopt_AllGather(x: Tensor, *, world_size: int, axis: int = 0) -> Tensor:
+    """The ranks' x concatenated along `axis`, in rank order."""
+    if world_size == 1:
+        return x
+    dist = _process_group("AllGather", world_size)
+    x = x.contiguous()
+    parts = [torch.empty_like(x) for _ in range(world_size)]
+    dist.all_gather(parts, x)  # type: ignore[attr-defined]
+    return torch.cat(parts, dim=axis)
+
+
 GRAPHOPT_KERNELS: dict[tuple[str, str], Callable] = {
     ("graphopt", "Attention"): graphopt_Attention,
     ("graphopt", "RMSNorm"): graphopt_RMSNorm,
     ("graphopt", "Gelu"): graphopt_Gelu,
     ("graphopt", "SkipLayerNorm"): graphopt_SkipLayerNorm,
     ("graphopt", "RotaryEmbedding"): graphopt_RotaryEmbedding,
+    ("graphopt", "AllReduce"): graphopt_AllReduce,
+    ("graphopt", "AllGather"): graphopt_AllGather,
 }

@@ -25,6 +25,11 @@ kernels (torch: scaled_dot_product_attention, ONNX Runtime: contrib ops, ...).
   (`simplified` = 0) or RMSNorm(sum, scale) (`simplified` = 1, no beta), with `epsilon`;
   statistics in float32. The optional second output is the residual sum itself, for the
   nodes that read it (it usually feeds the next residual Add).
+- ``AllReduce(x)``: the element-wise sum of `x` over the `world_size` ranks of a tensor-parallel
+  group (`reduction` = "sum", the only one); every rank gets the sum. ``AllGather(x)``: the
+  ranks' `x` concatenated along `axis` in rank order. The `shard` pass inserts them; they
+  are not pure (every rank must run each one, in the same order), so no pass removes, merges or
+  folds them. The torch target runs them with torch.distributed (`graphopt.distributed`).
 """
 
 from __future__ import annotations
@@ -32,7 +37,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from graphopt.ir.schema import GRAPHOPT_DOMAIN, InferenceContext, OpSchema, register_schema
-from graphopt.ir.symbolic import add_dims
+from graphopt.ir.symbolic import add_dims, mul_dims
 from graphopt.ir.types import TensorType, merge_dims
 
 if TYPE_CHECKING:
@@ -87,6 +92,33 @@ def _skip_layer_norm(ctx: InferenceContext) -> list[TensorType]:
     return [TensorType(x.dtype, shape)] * ctx.num_outputs
 
 
+def _world_size(ctx: InferenceContext, op: str) -> int:
+    size = ctx.attr("world_size")
+    if not isinstance(size, int) or size < 1:
+        raise ValueError(f"{op}: world_size must be a positive integer, got {size!r}")
+    return size
+
+
+def _all_reduce(ctx: InferenceContext) -> list[TensorType]:
+    _world_size(ctx, "AllReduce")
+    if ctx.attr("reduction", "sum") != "sum":
+        raise ValueError(f"AllReduce: reduction {ctx.attr('reduction')!r} is not supported (only 'sum')")
+    return [ctx.input_type(0)]
+
+
+def _all_gather(ctx: InferenceContext) -> list[TensorType]:
+    size = _world_size(ctx, "AllGather")
+    x = ctx.input_type(0)
+    if x.shape is None:
+        return [TensorType(x.dtype, None)]
+    axis = ctx.attr("axis", 0)
+    if not -len(x.shape) <= axis < len(x.shape):
+        raise ValueError(f"AllGather: axis {axis} is out of range for rank {len(x.shape)}")
+    shape = list(x.shape)
+    shape[axis] = None if shape[axis] is None else mul_dims(shape[axis], size)
+    return [TensorType(x.dtype, tuple(shape))]
+
+
 register_schema(OpSchema(
     GRAPHOPT_DOMAIN, "Attention", _attention, min_inputs=3, max_inputs=6, max_outputs=3, same_dtype_inputs=((0, 1, 2, 4, 5),),
     doc="Scaled dot-product attention over split heads, grouped-query aware, optional bias, causal mask and KV cache.",
@@ -103,4 +135,12 @@ register_schema(OpSchema(
     GRAPHOPT_DOMAIN, "SkipLayerNorm", _skip_layer_norm, min_inputs=3, max_inputs=5, max_outputs=2,
     same_dtype_inputs=((0, 1, 2, 3, 4),),
     doc="Residual add (x + bias + skip) then LayerNorm or RMSNorm; the sum as an optional second output.",
+))
+register_schema(OpSchema(
+    GRAPHOPT_DOMAIN, "AllReduce", _all_reduce, min_inputs=1, max_inputs=1, pure=False,
+    doc="Sum of a tensor over the ranks of a tensor-parallel group (a collective: every rank runs it).",
+))
+register_schema(OpSchema(
+    GRAPHOPT_DOMAIN, "AllGather", _all_gather, min_inputs=1, max_inputs=1, pure=False,
+    doc="The ranks' tensors concatenated along an axis, in rank order (a collective: every rank runs it).",
 ))
