@@ -38,6 +38,7 @@ def optimize(
     calibration: Optional[list[dict[str, Any]]] = None,
     calibration_data: "Optional[Iterable[Any] | str | os.PathLike[str]]" = None,
     seed: int = 0,
+    distributed: Any = False,
 ) -> Graph:
     """Run `pipeline` over `model` (a Graph, an .onnx path or a ModelProto); return the Graph.
 
@@ -50,18 +51,52 @@ def optimize(
     numpy array or torch tensor) or tuples in input order, or the path of an .npz holding
     one array per input with the samples along the first axis; checked against the graph's
     inputs (see `graphopt.calibration`).
+    `distributed=True`: data-parallel calibration. Call it on every rank of a
+    torch.distributed process group you initialized (`torch.distributed.init_process_group`,
+    gloo or NCCL), with the same model and pipeline everywhere and each rank's own shard of
+    the samples as `calibration_data` (the global order is rank 0's shard, then rank 1's, ...;
+    every rank holds at least one sample). Data-aware passes reduce their statistics across
+    ranks, so every rank returns the graph one process would build from all the samples
+    (`graphopt.distributed_calibration` lists what is reduced how, and which statistics are
+    equal only up to float summation order). A `Reducer` object instead of True reduces
+    through it. Refused with `choose-precision` in the pipeline; a rank that fails inside a
+    pass leaves the others waiting until the process group's timeout.
     """
+    from graphopt.distributed_calibration import check_ranks, reducer_for, refuse_local_only
+
     passes = build_pipeline(pipeline)
     graph = load_graph(model)
-    if calibration_data is not None:
-        from graphopt.calibration import load_npz, normalize_calibration
+    reducer = reducer_for(distributed)
+    error = None
+    try:
+        if reducer.distributed:
+            refuse_local_only([p.name for p in _walk(passes)])
+        if calibration_data is not None:
+            from graphopt.calibration import load_npz, normalize_calibration
 
-        if isinstance(calibration_data, (str, os.PathLike)):
-            calibration_data = load_npz(calibration_data)
-        calibration = normalize_calibration(graph, calibration_data)
+            if isinstance(calibration_data, (str, os.PathLike)):
+                calibration_data = load_npz(calibration_data)
+            calibration = normalize_calibration(graph, calibration_data)
+    except GraphoptError as exc:
+        if not reducer.distributed:
+            raise
+        error = exc
+    if reducer.distributed:
+        inputs = ",".join(f"{v.name}:{v.type}" for v in graph.inputs)
+        check_ranks(reducer, calibration, error, f"{[p.describe() for p in _walk(passes)]}|{inputs}|{seed}")
     manager = PassManager(passes, verify_each=verify, dump_ir=dump_ir, dump_dir=dump_dir, check=check, check_inputs=check_inputs)
-    manager.run(graph, PassContext(calibration=calibration, seed=seed))
+    manager.run(graph, PassContext(calibration=calibration, seed=seed, reducer=reducer))
     return graph
+
+
+def _walk(passes: Sequence[Pass]) -> list[Pass]:
+    """`passes` and, depth first, the passes nested in pipelines among them."""
+    found = []
+    for item in passes:
+        found.append(item)
+        if isinstance(item, Pipeline):
+            found.extend(_walk(item.passes))
+    return found
 
 
 def compile(
@@ -186,6 +221,10 @@ def load_compiled(directory: "str | os.PathLike[str]") -> CompiledModel:
     missing = chosen.available()
     if missing:
         raise TargetError(f"{directory}: target '{spec}' cannot run here: {missing}")
+    if int(manifest.get("world_size", 1)) > 1:  # one artifact per rank: start the ranks again
+        from graphopt.distributed import load_sharded
+
+        return load_sharded(directory, manifest)
     return chosen.load(directory, manifest)
 
 

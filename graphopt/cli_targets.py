@@ -134,7 +134,7 @@ def _run(args: argparse.Namespace) -> int:
     outputs = compiled(**feeds)
     elapsed = time.perf_counter() - start
     if args.output:
-        _save_outputs(args.output, dict(zip(compiled.output_names, outputs)))
+        save_outputs(args.output, dict(zip(compiled.output_names, outputs)))
     if not args.quiet:
         for name, value in zip(compiled.output_names, outputs):
             array = np.asarray(value)
@@ -164,7 +164,7 @@ def load_input_arrays(path: str, input_names: Sequence[str]) -> dict[str, Any]:
         return {name: data[name] for name in data.files}
 
 
-def _save_outputs(path: str, arrays: dict[str, Any]) -> None:
+def save_outputs(path: str, arrays: dict[str, Any]) -> None:
     """Write the .npz atomically."""
     import io
 

@@ -30,8 +30,12 @@ The process that calls `compile_sharded` (the launcher) gets a `ShardedModel`, a
 As with any spawned process, a script that calls this must guard its entry point with
 `if __name__ == "__main__":`. Passes after `shard` run on each rank without calibration data
 (their ONNX Runtime runs cannot run collectives): calibrate before `shard`.
-Not done yet: saving a sharded model (one artifact per rank) and launching one with
-torchrun; keeping the KV cache on the ranks between calls (the presents are gathered
+`ShardedModel.save(DIR)` has each rank write its own artifact into `DIR/rank<R>/` (its shard
+only) under one manifest; `graphopt.load_compiled(DIR)` (and `graphopt run DIR`) starts the
+ranks again, each loading its folder, and `torchrun --standalone --nproc-per-node N -m
+graphopt.distributed DIR -i inputs.npz` runs the saved ranks under torchrun instead
+(`torchrun_main`; without --standalone, torchrun's own rendezvous options across machines).
+Not done yet: keeping the KV cache on the ranks between calls (the presents are gathered
 and returned whole each call).
 """
 
@@ -92,6 +96,8 @@ class _RankConfig:
     threads: int
     timeout_s: float
     seed: int
+    artifact: Optional[str] = None
+    """A saved rank artifact to load instead of building from `graph_path` and `passes`."""
 
 
 def compile_sharded(
@@ -225,6 +231,7 @@ class ShardedModel(CompiledModel):
         self.tp = len(configs)
         self.ranks: list[dict[str, Any]] = []
         self._timeout = timeout
+        self._backend = configs[0].backend if configs else "gloo"
         self._lock = threading.Lock()
         self._processes: list[Any] = []
         self._conns: list[Any] = []
@@ -332,7 +339,18 @@ class ShardedModel(CompiledModel):
         raise error
 
     def _save_files(self, directory: str) -> list[str]:
-        raise TargetError("saving a sharded model (one artifact per rank) is not supported yet; compile it with compile_sharded where it runs")
+        """Each rank saves its own artifact into `rank<R>/` (its shard's graph, loadable alone
+        by a process of that rank: `load_compiled` or torchrun, see `torchrun_main`)."""
+        with self._lock:
+            if self._closed:
+                raise DistributedError("this sharded model is closed; compile it again to save it")
+            for rank, conn in enumerate(self._conns):
+                conn.send(("save", os.path.join(directory, f"rank{rank}")))
+            listed = self._answers()
+        return [f"rank{rank}/{name}" for rank, names in enumerate(listed) for name in names]
+
+    def _manifest_extra(self) -> dict[str, Any]:
+        return {"world_size": self.tp, "backend": self._backend}
 
 
 def _free_port() -> int:
@@ -402,6 +420,9 @@ def _rank_main(config: _RankConfig, conn: Any) -> None:
                 kind, feeds = conn.recv()
             except (EOFError, OSError):
                 break  # the launcher is gone
+            if kind == "save":
+                conn.send(("ok", _save_rank(compiled, feeds)))
+                continue
             if kind != "run":
                 break
             outputs = compiled(**feeds)
@@ -417,21 +438,31 @@ def _rank_main(config: _RankConfig, conn: Any) -> None:
         conn.close()
 
 
+def _save_rank(compiled: CompiledModel, directory: str) -> list[str]:
+    """Save this rank's artifact into `directory`; the file names written, its manifest included."""
+    compiled.save(directory)
+    return sorted(name for name in os.listdir(directory))
+
+
 def _build_rank(config: _RankConfig) -> tuple[CompiledModel, dict[str, Any]]:
-    """This rank's compiled model, and what it reports about itself."""
+    """This rank's compiled model (built, or loaded from its saved artifact), and what it reports about itself."""
     import resource
 
-    from graphopt.api import with_lowering
+    from graphopt.api import load_compiled, with_lowering
     from graphopt.frontends.onnx_import import from_onnx
     from graphopt.partition import compile_for_target
     from graphopt.pass_manager import PassManager
     from graphopt.target_registry import get_target
 
-    target = get_target(config.target)
-    graph = from_onnx(config.graph_path)
-    PassManager(with_lowering(config.passes, target)).run(graph, PassContext(seed=config.seed))
-    compiled = compile_for_target(graph, target, partition=False)
-    shard_stats = next((r.stats for r in graph.report.records if r.name == "shard"), {}) if graph.report else {}
+    if config.artifact is not None:
+        compiled = load_compiled(config.artifact)
+        graph = compiled.graph  # type: ignore[attr-defined]
+    else:
+        target = get_target(config.target)
+        graph = from_onnx(config.graph_path)
+        PassManager(with_lowering(config.passes, target)).run(graph, PassContext(seed=config.seed))
+        compiled = compile_for_target(graph, target, partition=False)
+    shard_stats = next((r.stats for r in graph.report.records if r.name == "shard"), {}) if getattr(graph, "report", None) else {}
     info = {
         "rank": config.rank,
         "pid": os.getpid(),
@@ -459,3 +490,76 @@ def _send_error(conn: Any, exc: BaseException) -> None:
         conn.send(("error", payload))
     except (OSError, EOFError, ValueError):
         pass
+
+
+# ----------------------------------------------------------------------------- saved artifacts
+
+
+def load_sharded(directory: str, manifest: dict[str, Any], *, threads: Optional[int] = None, timeout: float = 300.0) -> ShardedModel:
+    """The sharded model `ShardedModel.save` wrote into `directory`: one process per saved rank,
+    each loading its own artifact (`rank<R>/`), called from here like any CompiledModel."""
+    from graphopt.target_registry import get_target
+
+    tp = int(manifest["world_size"])
+    for rank in range(tp):
+        if not os.path.isfile(os.path.join(directory, f"rank{rank}", "manifest.json")):
+            raise TargetError(f"{directory}: the artifact of rank {rank} of {tp} (rank{rank}/) is missing")
+    chosen = get_target(manifest["spec"])
+    cores = os.cpu_count() or 1
+    configs = [
+        _RankConfig(
+            rank, tp, 0, "", [], str(chosen.spec), manifest.get("backend", "gloo"), threads or max(1, cores // tp),
+            timeout, 0, artifact=os.path.join(directory, f"rank{rank}"),
+        )
+        for rank in range(tp)
+    ]
+    inputs = [IOSpec.from_json(d) for d in manifest["inputs"]]
+    outputs = [IOSpec.from_json(d) for d in manifest["outputs"]]
+    return ShardedModel(chosen, inputs, outputs, configs, tempfile.mkdtemp(prefix="graphopt-shard-"), timeout)
+
+
+def torchrun_main(argv: Optional[Sequence[str]] = None) -> int:
+    """One rank of a saved sharded model under torchrun (which sets RANK, WORLD_SIZE, MASTER_*):
+
+        torchrun --standalone --nproc-per-node 2 -m graphopt.distributed DIR -i INPUTS.npz [-o OUTPUTS.npz]
+
+    Each process joins the group, loads `DIR/rank<RANK>/` and runs the inputs; rank 0 prints
+    the output shapes (and writes them with -o)."""
+    import argparse
+    import json
+
+    import torch.distributed as dist
+
+    from graphopt.api import load_compiled
+    from graphopt.cli_targets import load_input_arrays
+
+    parser = argparse.ArgumentParser(prog="python -m graphopt.distributed", description=torchrun_main.__doc__.splitlines()[0])
+    parser.add_argument("artifact", metavar="DIR")
+    parser.add_argument("-i", "--inputs", required=True)
+    parser.add_argument("-o", "--output")
+    args = parser.parse_args(argv)
+    if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
+        raise SystemExit("python -m graphopt.distributed runs under torchrun (RANK and WORLD_SIZE are not set)")
+    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    with open(os.path.join(args.artifact, "manifest.json")) as handle:
+        manifest = json.load(handle)
+    if int(manifest.get("world_size", 1)) != world:
+        raise SystemExit(f"{args.artifact} was saved for {manifest.get('world_size', 1)} ranks; torchrun started {world}")
+    dist.init_process_group(manifest.get("backend", "gloo"), rank=rank, world_size=world)
+    try:
+        compiled = load_compiled(os.path.join(args.artifact, f"rank{rank}"))
+        outputs = compiled(**load_input_arrays(args.inputs, compiled.input_names))
+        if rank == 0:
+            for name, value in zip(compiled.output_names, outputs):
+                print(f"{name}: {np.asarray(value).dtype} {list(np.shape(value))}")
+            if args.output:
+                from graphopt.cli_targets import save_outputs
+
+                save_outputs(args.output, dict(zip(compiled.output_names, outputs)))
+    finally:
+        dist.destroy_process_group()
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(torchrun_main())

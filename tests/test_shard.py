@@ -294,3 +294,37 @@ def test_an_exception_that_does_not_survive_pickling_comes_back_as_its_message()
     error = _rebuild_error(1, 2, payload)
     assert isinstance(error, DistributedError) and str(error) == "rank 1 of 2 raised Odd: x/y"
     assert "Traceback: ..." in str(error.__cause__)
+
+
+def test_a_saved_sharded_model_loads_runs_and_launches_under_torchrun(exported, tmp_path, capsys):
+    """save() writes one artifact per rank (each holding only its shard); load_compiled and
+    `graphopt run` start the ranks again; torchrun runs the saved ranks itself."""
+    import subprocess
+    import sys
+
+    from graphopt.cli import main
+
+    path, feeds, torch_outputs = exported("llama")
+    artifact = tmp_path / "llama.tp2"
+    with graphopt.compile(str(path), target="torch", pipeline="fuse", world_size=2) as sharded:
+        expected = sharded(**feeds)
+        sharded.save(artifact)
+        per_rank = [r["weight_bytes"] for r in sharded.ranks]
+    assert sorted(p.name for p in artifact.iterdir()) == ["manifest.json", "rank0", "rank1"]
+    for rank in range(2):  # each rank's folder holds its own shard: its weights, no more
+        assert weight_bytes(graphopt.load_compiled(artifact / f"rank{rank}").graph) == per_rank[rank]
+    with graphopt.load_compiled(artifact) as loaded:
+        assert loaded.tp == 2 and max_abs_error(expected, loaded(**feeds)) == 0.0
+    np.savez(tmp_path / "inputs.npz", **feeds)
+    assert main(["run", str(artifact), "-i", str(tmp_path / "inputs.npz"), "-o", str(tmp_path / "run.npz")]) == 0
+    with np.load(tmp_path / "run.npz") as saved:
+        assert max_abs_error(expected, [saved[name] for name in saved.files]) == 0.0
+    capsys.readouterr()
+    launched = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m", "graphopt.distributed",
+         str(artifact), "-i", str(tmp_path / "inputs.npz"), "-o", str(tmp_path / "torchrun.npz")],
+        capture_output=True, text=True, timeout=120,
+    )
+    assert launched.returncode == 0, launched.stderr[-2000:]
+    with np.load(tmp_path / "torchrun.npz") as saved:
+        assert max_abs_error(torch_outputs, [saved[name] for name in saved.files]) < TOLERANCE
