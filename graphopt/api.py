@@ -114,6 +114,7 @@ def compile(
     seed: int = 0,
     partition: bool = False,
     world_size: int = 1,
+    distributed: Any = False,
 ) -> CompiledModel:
     """Optimize `model` with `pipeline`, lower it and compile it for `target`; return a `CompiledModel`.
 
@@ -131,14 +132,15 @@ def compile(
     in torch and the rest in the target (`graphopt.partition`; such a model cannot be saved).
     `world_size` > 1: tensor-parallel over that many worker processes, the model split by the
     `shard` pass (`graphopt.distributed.compile_sharded`; `partition` does not apply).
+    `distributed`: data-parallel calibration over the caller's process group, as in `optimize`.
     """
     from graphopt.target_registry import get_target
 
     if world_size != 1:
         from graphopt.distributed import compile_sharded
 
-        if partition:
-            raise GraphoptError("compile: partition=True does not combine with world_size > 1")
+        if partition or distributed:
+            raise GraphoptError("compile: world_size > 1 combines with neither partition=True nor distributed calibration")
         return compile_sharded(
             model, world_size, pipeline, target, example_inputs=example_inputs, calibration=calibration,
             calibration_data=calibration_data, check=check, verify=verify, dump_ir=dump_ir, dump_dir=dump_dir, seed=seed,
@@ -152,7 +154,7 @@ def compile(
     graph = _graph_for_compile(model, example_inputs)
     graph = optimize(
         graph, passes, calibration=calibration, calibration_data=calibration_data, check=check, verify=verify,
-        dump_ir=dump_ir, dump_dir=dump_dir, seed=seed,
+        dump_ir=dump_ir, dump_dir=dump_dir, seed=seed, distributed=distributed,
     )
     from graphopt.partition import compile_for_target
 

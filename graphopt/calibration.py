@@ -20,6 +20,9 @@
   vectors, for passes that try alternatives on real activations (smooth-quant's per-layer alpha).
 - `collect_gram(graph, samples, values)`: X^T X of each named value's last-axis vectors over
   every sample (GPTQ's Hessian), accumulated in float64 one sample at a time.
+- Data-parallel calibration: each collector takes `reducer=` (a `PassContext.reducer`); with
+  a distributed one, every rank passes its shard of the samples and gets the statistics of all
+  of them (`graphopt.distributed_calibration` says what is reduced how).
 - `calibrated_range(stats, method)`: the (low, high) range a quantizer should cover:
   `minmax`, `percentile` (99.99th percentile of |x|), `entropy` (the KL-divergence threshold
   of TensorRT's int8 calibrator) or `mse` (the threshold minimizing the expected squared
@@ -34,6 +37,7 @@ from typing import Any, Iterable, Optional, Sequence
 
 import numpy as np
 
+from graphopt.distributed_calibration import LOCAL, Reducer, gather_rows, shard_offset
 from graphopt.errors import GraphoptError
 from graphopt.ir.graph import Graph
 
@@ -144,11 +148,14 @@ def load_npz(path: "str | os.PathLike[str]") -> list[dict[str, np.ndarray]]:
 
 
 def collect_statistics(
-    graph: Graph, samples: Sequence[dict[str, np.ndarray]], values: Sequence[str], *, histogram: bool = False
+    graph: Graph, samples: Sequence[dict[str, np.ndarray]], values: Sequence[str], *, histogram: bool = False,
+    reducer: Optional[Reducer] = None,
 ) -> dict[str, TensorStats]:
-    """Statistics of the named float values over `samples` (see the module doc)."""
+    """Statistics of the named float values over `samples` (see the module doc); with a
+    distributed `reducer`, over every rank's samples (this rank's may be none)."""
     if not values:
         return {}
+    reducer = reducer or LOCAL
     runners = [GraphRunner(graph, group) for group in value_groups(graph, samples, values)]
     ranges: dict[str, list[Any]] = {}
     for sample in samples:
@@ -162,6 +169,8 @@ def collect_statistics(
                 seen[2] = np.maximum(seen[2], channel)
             else:
                 ranges[name] = [low, high, channel]
+    if reducer.distributed:
+        ranges = _reduced_ranges(ranges, list(values), reducer)
     stats = {name: TensorStats(lo, hi, ch.astype(np.float32)) for name, (lo, hi, ch) in ranges.items()}
     if histogram:
         for stat in stats.values():
@@ -172,23 +181,54 @@ def collect_statistics(
                 top = stat.absmax or 1.0
                 counts, _ = np.histogram(np.abs(array), bins=HISTOGRAM_BINS, range=(0.0, top))
                 stat.histogram += counts
+        if reducer.distributed:
+            names = list(stats)
+            total = reducer.all_reduce_sum(np.stack([stats[name].histogram for name in names]))
+            for name, counts in zip(names, total):
+                stats[name].histogram = counts
     return stats
 
 
+def _reduced_ranges(ranges: dict[str, list[Any]], values: list[str], reducer: Reducer) -> dict[str, list[Any]]:
+    """[min, max, channel |max|] of every value over all ranks (MIN, MAX, MAX): the channel
+    counts are agreed first, so a rank without samples takes part with neutral entries."""
+    channels = reducer.all_reduce_max(np.array([len(ranges[n][2]) if n in ranges else 0 for n in values], np.int64))
+    lows = np.array([ranges[n][0] if n in ranges else np.inf for n in values])
+    highs = np.array([ranges[n][1] if n in ranges else -np.inf for n in values])
+    absmax = np.concatenate([ranges[n][2].astype(np.float32) if n in ranges else np.zeros(int(c), np.float32) for n, c in zip(values, channels)])
+    lows, highs, absmax = reducer.all_reduce_min(lows), reducer.all_reduce_max(highs), reducer.all_reduce_max(absmax)
+    bounds = np.cumsum([0, *channels.tolist()])
+    return {n: [float(lows[i]), float(highs[i]), absmax[bounds[i]:bounds[i + 1]]] for i, n in enumerate(values) if np.isfinite(lows[i])}
+
+
 def collect_rows(
-    graph: Graph, samples: Sequence[dict[str, np.ndarray]], values: Sequence[str], max_rows: int = 512
+    graph: Graph, samples: Sequence[dict[str, np.ndarray]], values: Sequence[str], max_rows: int = 512, *,
+    reducer: Optional[Reducer] = None,
 ) -> dict[str, np.ndarray]:
     """A deterministic subsample of each named value's last-axis vectors: [rows, channels],
-    evenly spaced rows from every sample, at most `max_rows` in all."""
+    evenly spaced rows from every sample, at most `max_rows` in all. With a distributed
+    `reducer`, the subsample of every rank's samples in rank order, the same on every rank:
+    each rank picks from its own samples and sends only its rows among the first `max_rows`."""
+    reducer = reducer or LOCAL
     runners = [GraphRunner(graph, group) for group in value_groups(graph, samples, values)]
-    per_sample = max(1, -(-max_rows // len(samples)))
+    total = shard_offset(len(samples), reducer)[1]
+    per_sample = max(1, -(-max_rows // total)) if total else 1
     rows: dict[str, list[np.ndarray]] = {name: [] for name in values}
     for sample in samples:
         for name, array in _run_all(runners, sample):
             flat = array.reshape(-1, array.shape[-1])
             picked = np.linspace(0, len(flat) - 1, num=min(per_sample, len(flat))).astype(np.int64)
             rows[name].append(flat[picked])
-    return {name: np.concatenate(parts)[:max_rows].astype(np.float32) for name, parts in rows.items()}
+    if not reducer.distributed:
+        return {name: np.concatenate(parts)[:max_rows].astype(np.float32) for name, parts in rows.items()}
+    local = {name: np.concatenate(parts).astype(np.float32) if parts else np.zeros((0, 0), np.float32) for name, parts in rows.items()}
+    counts = np.stack(reducer.all_gather(np.array([len(local[name]) for name in values], np.int64)))  # [ranks, values]
+    before = counts[: reducer.rank].sum(0)
+    result = {}
+    for index, name in enumerate(values):
+        wanted = local[name][: max(0, max_rows - int(before[index]))]
+        result[name] = gather_rows(wanted, reducer)[:max_rows]
+    return result
 
 
 @dataclasses.dataclass
@@ -199,8 +239,12 @@ class Gram:
     rows: int
 
 
-def collect_gram(graph: Graph, samples: Sequence[dict[str, np.ndarray]], values: Sequence[str]) -> dict[str, Gram]:
-    """{name: the Gram matrix of the value's last-axis vectors over all samples}."""
+def collect_gram(
+    graph: Graph, samples: Sequence[dict[str, np.ndarray]], values: Sequence[str], *, reducer: Optional[Reducer] = None
+) -> dict[str, Gram]:
+    """{name: the Gram matrix of the value's last-axis vectors over all samples}; with a
+    distributed `reducer`, over every rank's samples (each rank's float64 sum, summed)."""
+    reducer = reducer or LOCAL
     runners = [GraphRunner(graph, group) for group in value_groups(graph, samples, values)]
     grams: dict[str, Gram] = {}
     for sample in samples:
@@ -211,7 +255,15 @@ def collect_gram(graph: Graph, samples: Sequence[dict[str, np.ndarray]], values:
                 grams[name].rows += len(flat)
             else:
                 grams[name] = Gram(flat.T @ flat, len(flat))
-    return grams
+    if not reducer.distributed:
+        return grams
+    channels = reducer.all_reduce_max(np.array([len(grams[n].matrix) if n in grams else 0 for n in values], np.int64))
+    reduced = {}
+    for name, size in zip(values, channels.tolist()):
+        local = grams.get(name) or Gram(np.zeros((size, size)), 0)
+        totals = reducer.all_reduce_sum(np.concatenate([local.matrix.reshape(-1), [float(local.rows)]]))
+        reduced[name] = Gram(totals[:-1].reshape(size, size), int(totals[-1]))
+    return reduced
 
 
 MEMORY_CAP = 1 << 30

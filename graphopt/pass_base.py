@@ -34,6 +34,7 @@ import logging
 import typing
 from typing import TYPE_CHECKING, Any, ClassVar, Mapping, Optional, TypeVar, Union
 
+from graphopt.distributed_calibration import LOCAL, Reducer
 from graphopt.errors import GraphoptError
 from graphopt.options import Spec
 
@@ -61,6 +62,10 @@ class PassContext:
     `seed`: for any randomness; `options`: free-form settings;
     `instrumentation`: set by the pass manager while it runs (its instruments and the
     path of the running pipelines); passes leave it alone.
+    `reducer`: how statistics of `calibration` combine across ranks when each of several
+    processes holds a shard of the samples (`graphopt.distributed_calibration`; the default
+    is the no-op of one process). Passes hand it to the collectors of `graphopt.calibration`
+    and reduce any other sums over samples through it.
     """
 
     calibration: Optional[list[dict[str, Any]]] = None
@@ -68,6 +73,7 @@ class PassContext:
     logger: logging.Logger = dataclasses.field(default_factory=lambda: logging.getLogger("graphopt"))
     options: dict[str, Any] = dataclasses.field(default_factory=dict)
     instrumentation: Any = dataclasses.field(default=None, repr=False)
+    reducer: Reducer = dataclasses.field(default=LOCAL, repr=False)
 
 
 class Pass:

@@ -10,7 +10,8 @@
 - `require_calibration(ctx, ...)`: the calibration samples, or an error naming the option
   (`CALIBRATION_HINT` says how to give them).
 - `capture(graph, ctx, names)`: the named values on every calibration sample (ORT).
-- `refit(...)` / `add_output_bias(...)`: least-squares compensation of a projection.
+- `refit(...)` / `add_output_bias(...)`: least-squares compensation of a projection (its
+  sums reduced across ranks with a distributed `PassContext.reducer`).
 - `count_params(graph)`: elements of the float constants (weights and biases).
 """
 
@@ -21,6 +22,7 @@ from typing import Optional, Sequence
 
 import numpy as np
 
+from graphopt.distributed_calibration import Reducer, mean_rows, summed
 from graphopt.errors import GraphoptError
 from graphopt.ir.graph import Graph, Node, Value, constant_data
 from graphopt.ir.types import TensorType
@@ -238,17 +240,19 @@ def capture(graph: Graph, ctx: PassContext, names: Sequence[str], pass_name: str
     return [runner.run(sample) for sample in samples]
 
 
-def refit(inputs: np.ndarray, target: np.ndarray, start: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def refit(inputs: np.ndarray, target: np.ndarray, start: np.ndarray, reducer: Optional[Reducer] = None) -> tuple[np.ndarray, np.ndarray]:
     """(W, c) minimizing ||inputs @ W + c - target||^2 + ridge * ||W - start||^2.
 
-    inputs [T, k], target [T, n], start [k, n] (the weights before the refit)."""
+    inputs [T, k], target [T, n], start [k, n] (the weights before the refit). With a
+    distributed `reducer` the rows are every rank's: the means, then the centred X^T X and
+    X^T Y are summed over ranks (rows never travel)."""
     x = inputs.astype(np.float64)
     y = target.astype(np.float64)
-    x_mean, y_mean = x.mean(0), y.mean(0)
+    x_mean, y_mean = mean_rows(x, reducer), mean_rows(y, reducer)
     xc, yc = x - x_mean, y - y_mean
-    gram = xc.T @ xc
+    gram, cross = summed(xc.T @ xc, reducer), summed(xc.T @ yc, reducer)
     ridge = REFIT_RIDGE * max(float(np.trace(gram)) / max(len(gram), 1), 1e-12)
-    weight = np.linalg.solve(gram + ridge * np.eye(len(gram)), xc.T @ yc + ridge * start.astype(np.float64))
+    weight = np.linalg.solve(gram + ridge * np.eye(len(gram)), cross + ridge * start.astype(np.float64))
     return weight, y_mean - x_mean @ weight
 
 

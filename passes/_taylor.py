@@ -40,6 +40,7 @@ from typing import Any, Optional, Sequence
 import numpy as np
 
 from graphopt.calibration import LABELS
+from graphopt.distributed_calibration import gather_rows, shard_offset
 from graphopt.ir.graph import Graph
 from graphopt.ir.types import TensorType
 from graphopt.pass_base import PassContext
@@ -59,7 +60,9 @@ def gate_gradients(graph: Graph, ctx: PassContext, gates: Sequence[tuple[str, tu
     """dL/dgate for every calibration sample (and label-free draw), for each (value name, gate
     shape): a gate of ones of that shape multiplies the named value (broadcast against it).
     Returns one [samples * draws, *shape] float64 array per gate (draws: 1 for a sample with
-    labels); needs calibration data (unless there are no gates)."""
+    labels); needs calibration data (unless there are no gates). With a distributed
+    `ctx.reducer`, the rows of every rank's samples in rank order (gathered: one float per
+    gate element per sample), label-free targets seeded by the global sample index."""
     import torch
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
@@ -70,7 +73,8 @@ def gate_gradients(graph: Graph, ctx: PassContext, gates: Sequence[tuple[str, tu
     dtypes = [_add_gate(gated, name, shape, pass_name) for name, shape in gates]
     module = gated.to_fx()
     gradients: list[list[np.ndarray]] = [[] for _ in gates]
-    for index, sample in enumerate(samples):
+    offset = shard_offset(len(samples), ctx.reducer)[0]
+    for index, sample in enumerate(samples, start=offset):
         ones = [torch.ones(shape, dtype=dtype, requires_grad=True) for (_, shape), dtype in zip(gates, dtypes)]
         feeds = [torch.from_numpy(np.asarray(sample[v.name])) for v in graph.inputs]
         with sdpa_kernel(SDPBackend.MATH):
@@ -78,7 +82,7 @@ def gate_gradients(graph: Graph, ctx: PassContext, gates: Sequence[tuple[str, tu
             for loss in _losses(output, sample.get(LABELS), ctx.seed, index, pass_name):
                 for found, gate, grad in zip(gradients, ones, torch.autograd.grad(loss, ones, retain_graph=True, allow_unused=True)):
                     found.append(np.zeros(gate.shape) if grad is None else grad.detach().double().numpy())
-    return [np.stack(g) for g in gradients]
+    return [gather_rows(np.stack(g) if g else np.zeros((0, *shape)), ctx.reducer) for g, (_, shape) in zip(gradients, gates)]
 
 
 def importance(gradients: np.ndarray) -> np.ndarray:

@@ -6,7 +6,8 @@ becomes `MatMul(MatMul(x, A), B)` only where it saves FLOPs and bytes, r (m + n)
 Factors. Plain: the truncated SVD of W (A = U_r S_r, B = V_r^T, computed as A = U_r,
 B = U_r^T W from the eigenvectors of W W^T, or of W^T W when m > n), which minimizes
 ||W - AB||_F. `activation_aware=true` (SVD-LLM, Wang et al. 2024; needs calibration data):
-with C = X^T X the second moment of the matmul's input over the calibration tokens and
+with C = X^T X the second moment of the matmul's input over the calibration tokens (of every
+rank, summed, in distributed calibration: `graphopt.distributed_calibration`) and
 C = L L^T (Cholesky, with a small ridge), the SVD of L^T W = U S V^T gives A = L^-T U_r S_r,
 B = V_r^T, which minimizes the output error ||X W - X A B||_F instead.
 
@@ -37,7 +38,8 @@ import numpy as np
 from graphopt.ir.graph import Graph, Node
 from graphopt.pass_base import Pass, PassContext, PassResult
 from graphopt.registry import register_pass
-from graphopt.passes._structured import CALIBRATION_HINT, CompressionError, capture, constant_weight, count_params
+from graphopt.distributed_calibration import has_samples
+from graphopt.passes._structured import CALIBRATION_HINT, CompressionError, constant_weight, count_params, require_calibration
 
 WHITENING_RIDGE = 1e-6
 """Added to C's diagonal (relative to its mean) before the Cholesky factorization."""
@@ -154,13 +156,14 @@ class LowRank(Pass):
         calibration data; warns when its absence makes it the plain SVD."""
         if self.activation_aware != "auto":
             return self
-        if not ctx.calibration:
+        data = has_samples(ctx.calibration, ctx.reducer)
+        if not data:
             ctx.logger.warning(
                 "low-rank: no calibration data, so weights are factorized by plain SVD (activation_aware=false). "
                 "activation_aware=true, the default when calibration data is given, keeps far more of the output "
                 "(all-MiniLM-L6-v2, ratio=0.25: sentence cosine 0.88 instead of 0.60) but needs calibration data: %s. "
                 "Set activation_aware=false to keep this choice without the warning", CALIBRATION_HINT)
-        return dataclasses.replace(self, activation_aware=bool(ctx.calibration))
+        return dataclasses.replace(self, activation_aware=data)
 
     def run(self, graph: Graph, ctx: PassContext) -> PassResult:
         if self.rank is None and self.energy is None and self.ratio is None:
@@ -172,11 +175,11 @@ class LowRank(Pass):
         params_before = count_params(graph)
         moments: dict[str, np.ndarray] = {}
         if self.activation_aware and nodes:
+            from graphopt.calibration import collect_gram
+
             names = list(dict.fromkeys(n.inputs[0].name for n in nodes))  # type: ignore[union-attr]
-            for sample in capture(graph, ctx, names, self.name, "activation_aware=true"):
-                for name, array in sample.items():
-                    rows = array.reshape(-1, array.shape[-1]).astype(np.float64)
-                    moments[name] = moments.get(name, 0.0) + rows.T @ rows
+            samples = require_calibration(ctx, self.name, "activation_aware=true")
+            moments = {name: gram.matrix for name, gram in collect_gram(graph, samples, names, reducer=ctx.reducer).items()}
         candidates = [_decompose(n, constant_weight(n), moments.get(n.inputs[0].name)) for n in nodes]  # type: ignore[arg-type,union-attr]
         if self.ratio is not None:
             ranks = _ranks_for_ratio(candidates, self.ratio)

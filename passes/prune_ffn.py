@@ -41,6 +41,7 @@ from typing import Literal, Optional, Union
 
 import numpy as np
 
+from graphopt.distributed_calibration import Reducer, has_samples, mean_rows, summed
 from graphopt.ir.graph import Graph, Node
 from graphopt.pass_base import Pass, PassContext, PassResult
 from graphopt.registry import register_pass
@@ -177,7 +178,7 @@ class PruneFFN(Pass):
         """This pass with `auto` options replaced by what they mean given ctx's calibration
         data (see the module doc); warns when a missing calibration set makes it pick the
         less faithful setting."""
-        data = bool(ctx.calibration)
+        data = has_samples(ctx.calibration, ctx.reducer)
         score = self.score if self.score != "auto" else ("activation" if data else "magnitude")
         if score == "magnitude" and self.scope == "global":
             raise CompressionError(f"pass 'prune-ffn': scope=global needs score=activation or score=taylor, which need calibration data: {CALIBRATION_HINT}")
@@ -216,24 +217,28 @@ class PruneFFN(Pass):
             if self.compensate and pruned_any:
                 name = block.down.inputs[0].name  # type: ignore[union-attr]
                 current = np.concatenate([o[name].reshape(-1, block.width) for o in capture(graph, ctx, [name], self.name, "compensate=true")]).astype(np.float64)
-            self._prune(graph, block, np.setdiff1d(np.arange(block.width), remove), current, data)
+            self._prune(graph, block, np.setdiff1d(np.arange(block.width), remove), current, data, ctx.reducer)
             pruned_any = True
         stats = {"blocks": len(blocks), "neurons": f"{before} -> {after}", "params": f"{params_before} -> {count_params(graph)}",
                  "score": "explicit neurons" if self.neurons else self.score, "compensate": self.compensate}
         return PassResult(after < before, stats)
 
-    def _scores(self, block: _Block, data: np.ndarray) -> np.ndarray:
-        """Energy of each neuron's contribution to the block output, over the whole output's."""
+    def _scores(self, block: _Block, data: np.ndarray, reducer: Optional[Reducer] = None) -> np.ndarray:
+        """Energy of each neuron's contribution to the block output, over the whole output's
+        (over every rank's tokens: the mean and the sums of squares are reduced)."""
         down = constant_weight(block.down).astype(np.float64)  # type: ignore[union-attr]
-        x = data - data.mean(0) if self.compensate else data
-        return (x**2).mean(0) * (down**2).sum(1) / max(float(np.mean((x @ down) ** 2)) * down.shape[1], 1e-30)
+        x = data - mean_rows(data, reducer) if self.compensate else data
+        sums = summed(np.concatenate([(x**2).sum(0), [float(np.sum((x @ down) ** 2)), float(len(x))]]), reducer)
+        tokens, outputs = sums[-1], down.shape[1]
+        energy = sums[:-2] / tokens  # E[h_j^2]; the next line's denominator: E[y^2] * outputs
+        return energy * (down**2).sum(1) / max(float(sums[-2] / (tokens * outputs)) * outputs, 1e-30)
 
     def _lowest(self, graph: Graph, ctx: PassContext, blocks: list[_Block], hidden: list[Optional[np.ndarray]]) -> list[np.ndarray]:
         """The lowest-scored neurons of each block: `ratio` of each, or of all (scope=global)."""
         if self.score == "taylor":
             scores = _taylor(graph, ctx, blocks)
         elif self.score == "activation":
-            scores = [self._scores(b, h) for b, h in zip(blocks, hidden)]  # type: ignore[arg-type]
+            scores = [self._scores(b, h, ctx.reducer) for b, h in zip(blocks, hidden)]  # type: ignore[arg-type]
         else:
             scores = [_magnitude(b) for b in blocks]
         if self.scope == "global":
@@ -246,7 +251,8 @@ class PruneFFN(Pass):
             raise CompressionError(f"pass 'prune-ffn': option 'neurons' block {index}: indices must lie in [0, {block.width}) and leave at least one")
         return wanted
 
-    def _prune(self, graph: Graph, block: _Block, keep: np.ndarray, current: Optional[np.ndarray], original: Optional[np.ndarray]) -> None:
+    def _prune(self, graph: Graph, block: _Block, keep: np.ndarray, current: Optional[np.ndarray], original: Optional[np.ndarray],
+               reducer: Optional[Reducer] = None) -> None:
         """Keep neurons `keep`; with compensate, refit W2 so that the kept neurons in the graph
         as pruned so far (`current`) reproduce the original block output (from `original`)."""
         changed = slice_columns(graph, [(c, keep) for c in block.sources])
@@ -256,7 +262,7 @@ class PruneFFN(Pass):
             replace_vector(graph, node, index, vector[..., keep])
         if self.compensate and current is not None and original is not None:
             down = constant_weight(block.down).astype(np.float64)  # type: ignore[union-attr]
-            weight, bias = refit(current[:, keep], original @ down, down[keep])
+            weight, bias = refit(current[:, keep], original @ down, down[keep], reducer)
             slice_rows(graph, block.down, keep, weight)
             add_output_bias(graph, block.down, bias)
         else:

@@ -59,6 +59,7 @@ from typing import Literal, Optional, Union
 
 import numpy as np
 
+from graphopt.distributed_calibration import Reducer, has_samples, mean_rows, summed
 from graphopt.ir.graph import Graph, Node, Value, constant_data
 from graphopt.pass_base import Pass, PassContext, PassResult
 from graphopt.registry import register_pass
@@ -239,15 +240,18 @@ def _head_outputs(layer: _Layer, outputs: list[dict[str, np.ndarray]]) -> np.nda
     return np.concatenate(parts).astype(np.float64)
 
 
-def _activation(layer: _Layer, merged: np.ndarray, centered: bool) -> np.ndarray:
+def _activation(layer: _Layer, merged: np.ndarray, centered: bool, reducer: Optional[Reducer] = None) -> np.ndarray:
+    """Each unit's share of the output projection's energy over the calibration tokens (of
+    every rank: the mean and the sums of squares are reduced)."""
     wo = constant_weight(layer.out_proj).astype(np.float64)  # type: ignore[union-attr]
-    x = merged - merged.mean(0) if centered else merged
-    total = float(np.sum((x @ wo) ** 2)) or 1.0
-    scores = []
+    x = merged - mean_rows(merged, reducer) if centered else merged
+    energies = [float(np.sum((x @ wo) ** 2))]
     for unit in range(layer.kv_heads):
         rows = _cols(_unit_heads(layer, unit), layer.v_dim)
-        scores.append(float(np.sum((x[:, rows] @ wo[rows]) ** 2)) / total)
-    return np.array(scores)
+        energies.append(float(np.sum((x[:, rows] @ wo[rows]) ** 2)))
+    energies = summed(np.array(energies), reducer).tolist()
+    total = energies[0] or 1.0
+    return np.array([energy / total for energy in energies[1:]])
 
 
 def _taylor(graph: Graph, ctx: PassContext, layers: list[_Layer]) -> list[np.ndarray]:
@@ -308,7 +312,7 @@ class PruneHeads(Pass):
         """This pass with `auto` options replaced by what they mean given ctx's calibration
         data (see the module doc); warns when a missing calibration set makes it pick the
         less faithful setting."""
-        data = bool(ctx.calibration)
+        data = has_samples(ctx.calibration, ctx.reducer)
         score = self.score if self.score != "auto" else ("activation" if data else "magnitude")
         compensate = self.compensate
         if compensate == "auto":
@@ -341,7 +345,7 @@ class PruneHeads(Pass):
             current = data
             if self.compensate and any(removed[:index]):
                 current = _head_outputs(layer, capture(graph, ctx, [layer.attention.output.name], self.name, "compensate=true"))
-            self._prune(graph, layer, units, current, data)
+            self._prune(graph, layer, units, current, data, ctx.reducer)
         stats = {
             "heads": f"{heads_before} -> {heads_before - sum(len(u) * l.group for u, l in zip(removed, layers))}",
             "removed": {i: [h for u in units for h in _unit_heads(layers[i], u)] for i, units in enumerate(removed) if units},
@@ -361,7 +365,7 @@ class PruneHeads(Pass):
         if self.score == "taylor":
             scores = _taylor(graph, ctx, layers)
         elif self.score == "activation":
-            scores = [_activation(layer, data, self.compensate) for layer, data in zip(layers, merged)]  # type: ignore[arg-type]
+            scores = [_activation(layer, data, self.compensate, ctx.reducer) for layer, data in zip(layers, merged)]  # type: ignore[arg-type]
         else:
             scores = [_magnitude(layer) for layer in layers]
         if self.scope == "per-layer":
@@ -389,7 +393,8 @@ class PruneHeads(Pass):
             raise CompressionError(f"pass 'prune-heads': option 'heads' layer {index}: at least one head must remain")
         return units
 
-    def _prune(self, graph: Graph, layer: _Layer, units: list[int], current: Optional[np.ndarray], original: Optional[np.ndarray]) -> None:
+    def _prune(self, graph: Graph, layer: _Layer, units: list[int], current: Optional[np.ndarray], original: Optional[np.ndarray],
+               reducer: Optional[Reducer] = None) -> None:
         """Remove `units`; with compensate, refit the output projection so that the kept
         heads' outputs in the graph as pruned so far (`current`) reproduce the original
         graph's projection output (from `original`, the unpruned attention output)."""
@@ -404,7 +409,7 @@ class PruneHeads(Pass):
         ])
         if self.compensate and current is not None and original is not None:
             wo = constant_weight(layer.out_proj).astype(np.float64)  # type: ignore[union-attr]
-            weight, bias = refit(current[:, rows], original @ wo, wo[rows])
+            weight, bias = refit(current[:, rows], original @ wo, wo[rows], reducer)
             slice_rows(graph, layer.out_proj, rows, weight)
             add_output_bias(graph, layer.out_proj, bias)
         else:

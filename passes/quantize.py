@@ -58,6 +58,7 @@ from typing import Any, Literal, Optional, Sequence, Union
 
 import numpy as np
 
+from graphopt.distributed_calibration import Reducer, gather_rows, global_slice, has_samples
 from graphopt.errors import GraphoptError
 from graphopt.ir.dtypes import DType
 from graphopt.ir.graph import Graph, Node, Value
@@ -209,7 +210,7 @@ class Quantize(Pass):
         reasons = [why for why, needed in (("mode=static", self.mode == "static"), (f"method={self.method}", self.method != "rtn"),
                                            ("fidelity_budget", self.fidelity_budget is not None),
                                            (f"smooth={self.smooth}", self.smooth != "auto" and self.smooth is not False)) if needed]
-        if reasons and not ctx.calibration:
+        if reasons and not has_samples(ctx.calibration, ctx.reducer):
             other = ", or use mode=dynamic, which needs none" if reasons[0] == "mode=static" else ""
             raise QuantizationError(f"pass 'quantize' with {reasons[0]} needs calibration data: give it with {CALIBRATION_HINT}{other}")
         alpha = self._smooth_alpha(graph, ctx)
@@ -250,7 +251,7 @@ class Quantize(Pass):
 
         if ALPHA_KEY in (graph.metadata.get("metadata_props") or {}):
             return None
-        if not ctx.calibration:
+        if not has_samples(ctx.calibration, ctx.reducer):
             ctx.logger.warning(
                 "quantize{mode=%s}: no calibration data, so activations are not smoothed first. smooth=auto, the default "
                 "when calibration data is given (SmoothQuant with a searched alpha), keeps more of the output "
@@ -265,7 +266,7 @@ class Quantize(Pass):
         from graphopt.calibration import calibrated_range, collect_statistics
 
         names = list(dict.fromkeys(c.activation.name for c in candidates))
-        stats = collect_statistics(graph, ctx.calibration, names, histogram=self.calibrate != "minmax")
+        stats = collect_statistics(graph, ctx.calibration, names, histogram=self.calibrate != "minmax", reducer=ctx.reducer)
         plan = {}
         for name in names:
             low, high = calibrated_range(stats[name], self.calibrate)
@@ -280,7 +281,7 @@ class Quantize(Pass):
 
         names = list(dict.fromkeys(c.activation.name for c in candidates))
         if self.method == "gptq":
-            grams = collect_gram(graph, ctx.calibration, names)
+            grams = collect_gram(graph, ctx.calibration, names, reducer=ctx.reducer)
             short = [(name, gram.rows, gram.matrix.shape[0]) for name, gram in grams.items() if gram.rows < gram.matrix.shape[0]]
             if short:
                 name, rows, channels = max(short, key=lambda item: item[2] - item[1])
@@ -289,7 +290,7 @@ class Quantize(Pass):
                     "(%d matmul inputs short of that): the Hessian is rank-deficient and GPTQ may fit the calibration data "
                     "rather than the model; give at least %d tokens", rows, name, channels, len(short), channels)
             return {name: gram.matrix for name, gram in grams.items()}
-        rows = collect_rows(graph, ctx.calibration, names, AWQ_ROWS)
+        rows = collect_rows(graph, ctx.calibration, names, AWQ_ROWS, reducer=ctx.reducer)
         plan: dict[str, Any] = {}
         for name in names:
             group = [c for c in candidates if c.activation.name == name]
@@ -316,8 +317,8 @@ class Quantize(Pass):
             trial = graph.clone()
             self.apply(trial, subset, plan)
             runner = GraphRunner(trial, outputs, optimize=True)
-            samples = ctx.calibration[:count]
-            return mean_cosine(reference, [runner.run(s) for s in samples])
+            samples = global_slice(ctx.calibration, ctx.reducer, stop=count)
+            return mean_cosine(reference, [runner.run(s) for s in samples], ctx.reducer)
 
         sensitivity = {name: 1.0 - fidelity({name}, SENSITIVITY_SAMPLES) for name in names}
         order = sorted(names, key=lambda n: (-sensitivity[n], names.index(n)))
@@ -487,8 +488,10 @@ def _is_head(c: Candidate) -> bool:
     return len(uses) == 1 and uses[0].node.op_type == "Add" and not uses[0].node.domain and uses[0].node.output.is_graph_output
 
 
-def mean_cosine(reference: list[dict[str, np.ndarray]], actual: list[dict[str, np.ndarray]]) -> float:
-    """Mean cosine similarity of last-axis vectors over every sample and output."""
+def mean_cosine(reference: list[dict[str, np.ndarray]], actual: list[dict[str, np.ndarray]], reducer: Optional[Reducer] = None) -> float:
+    """Mean cosine similarity of last-axis vectors over every sample and output; with a
+    distributed `reducer`, over every rank's samples (the cosines are gathered in rank order,
+    so the mean is one process's to the bit)."""
     cosines = []
     for ref, got in zip(reference, actual):
         for name, expected in ref.items():
@@ -496,4 +499,4 @@ def mean_cosine(reference: list[dict[str, np.ndarray]], actual: list[dict[str, n
             b = got[name].reshape(a.shape).astype(np.float64)
             norms = np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1)
             cosines.append(np.where(norms > 0, np.sum(a * b, axis=1) / np.maximum(norms, 1e-30), 1.0))
-    return float(np.mean(np.concatenate(cosines)))
+    return float(np.mean(gather_rows(np.concatenate(cosines) if cosines else np.zeros(0), reducer)))

@@ -47,6 +47,7 @@ from typing import TYPE_CHECKING, Literal, Optional, Sequence, Union
 
 import numpy as np
 
+from graphopt.distributed_calibration import global_slice, has_samples, shard_offset
 from graphopt.ir.graph import Graph, Node, Value, constant_data
 from graphopt.pass_base import Pass, PassContext, PassResult
 from graphopt.registry import register_pass
@@ -133,10 +134,13 @@ def _search(graph: Graph, ctx: PassContext, exclude: list[str], trial: "Quantize
     from graphopt.passes.quantize import mean_cosine
 
     _require_calibration(ctx)
-    samples = ctx.calibration
-    fit, held = (samples[0::2], samples[1::2]) if len(samples) > 1 else (samples, samples)
-    subset = dataclasses.replace(ctx, calibration=fit[:SEARCH_SAMPLES])
-    held = held[:SEARCH_SAMPLES]
+    samples, reducer = ctx.calibration, ctx.reducer
+    if shard_offset(len(samples), reducer)[1] > 1:  # slices of the samples of all ranks, in rank order
+        fit, held = global_slice(samples, reducer, 0, None, 2), global_slice(samples, reducer, 1, None, 2)
+    else:
+        fit, held = samples, samples
+    subset = dataclasses.replace(ctx, calibration=global_slice(fit, reducer, stop=SEARCH_SAMPLES))
+    held = global_slice(held, reducer, stop=SEARCH_SAMPLES)
     outputs = [v.name for v in graph.outputs if v.dtype is not None and v.dtype.is_float]
     baseline = GraphRunner(graph, outputs)
     reference = [baseline.run(s) for s in held]
@@ -147,7 +151,7 @@ def _search(graph: Graph, ctx: PassContext, exclude: list[str], trial: "Quantize
             _smooth(copy, subset, alpha, exclude)
         trial.run(copy, subset)
         runner = GraphRunner(copy, outputs, optimize=True)
-        scores[alpha] = mean_cosine(reference, [runner.run(s) for s in held])
+        scores[alpha] = mean_cosine(reference, [runner.run(s) for s in held], reducer)
     ctx.logger.info("smooth-quant: fidelity by alpha (None: not smoothed) %s", scores)
     return max(scores, key=lambda a: (scores[a], -(a or 0.0)))
 
@@ -164,8 +168,8 @@ def _smooth(graph: Graph, ctx: PassContext, alpha: Union[float, str], exclude: l
     if not groups:
         return PassResult(False, {"smoothed": 0})
     _require_calibration(ctx)
-    stats = collect_statistics(graph, ctx.calibration, list(groups))
-    rows = collect_rows(graph, ctx.calibration, list(groups), LOCAL_ROWS) if alpha == "per-layer" else {}
+    stats = collect_statistics(graph, ctx.calibration, list(groups), reducer=ctx.reducer)
+    rows = collect_rows(graph, ctx.calibration, list(groups), LOCAL_ROWS, reducer=ctx.reducer) if alpha == "per-layer" else {}
     counts = {"smoothed": 0, "absorbed": 0, "mul_inserted": 0}
     for name, group in groups.items():
         chosen = _local_alpha(rows[name], stats[name].channel_absmax, group) if alpha == "per-layer" else alpha
@@ -204,7 +208,7 @@ def _local_alpha(rows: np.ndarray, activation_max: np.ndarray, group: list[Candi
 
 
 def _require_calibration(ctx: PassContext) -> None:
-    if not ctx.calibration:
+    if not has_samples(ctx.calibration, ctx.reducer):
         raise QuantizationError(f"pass 'smooth-quant' needs calibration data: {CALIBRATION_HINT}")
 
 
