@@ -35,6 +35,7 @@ BENCHMARKS: dict[str, tuple[str, list[str]]] = {
     "llm_decode_cpu": ("LLM decoding with a KV cache (CPU)", ["--out", os.devnull]),
     "precision_cpu": ("bf16 and int8 vs ORT fp32 and ORT dynamic int8 (CPU)", ["--out", os.devnull]),
     "int4_cpu": ("int4 weight-only vs ORT's MatMulNBitsQuantizer (CPU)", ["--out", os.devnull]),
+    "sharding_cpu": ("tensor parallelism: 1 process x 2 threads vs 2 gloo ranks x 1 thread (CPU)", []),
     "recipes_minilm": ("fidelity of docs/recipes.md's pipelines and of the lossy passes' defaults on the real all-MiniLM-L6-v2 (no timing)", []),
 }
 
