@@ -11,7 +11,7 @@ The process that calls `compile_sharded` (the launcher) gets a `ShardedModel`, a
    `torch:cuda` target, rank R on cuda:R), loads the graph (weights memory-mapped, not
    read), runs `shard{tp, rank=R}` and the passes after it, and compiles for the target
    (with its lowering). So each rank holds only its own slices of the split weights plus the
-   replicated ones (embeddings, norms, lm_head): `ShardedModel.ranks` reports each rank's
+   replicated ones (norms, position embeddings): `ShardedModel.ranks` reports each rank's
    float weight bytes, all constant bytes and peak resident memory.
    The collectives the pass inserted run inside each rank's module (the torch target's
    kernels of graphopt::AllReduce / AllGather call torch.distributed).

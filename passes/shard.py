@@ -25,11 +25,19 @@ Rules, for rank R of N:
    [R*I/N, (R+1)*I/N): up and gate projections column-parallel (weight columns, bias entries,
    packed gate/up Split sizes, per-neuron constants such as graphopt::Gelu's bias), the down
    projection row-parallel followed by `graphopt::AllReduce`.
-4. Everything else is replicated on every rank: embeddings, norms, the lm_head (not split by
-   vocabulary), and any attention layer whose structure is not recognized (listed in the stats
-   under `replicated`, with a warning): computed whole on each rank, which is correct but
-   saves no memory there.
-5. First, GPT-2-style Conv1D projections, `Reshape(x, [-1, K]) -> Gemm(W, b) -> Reshape(back)`,
+4. Vocabulary (`vocab=true`, the default): the LM head (a constant-weight MatMul, + bias,
+   whose result is a graph output) is column-parallel over the vocabulary, its logits gathered
+   back along the last axis (`graphopt::AllGather`); the token embedding (a Gather on axis 0
+   of a constant float table whose indices are a graph input, e.g. input_ids) keeps rows
+   [R*V/N, (R+1)*V/N): each rank looks up the ids in its range (the others read row 0 and are
+   zeroed by a mask) and `graphopt::AllReduce` sums the rows. Negative ids wrap as Gather's do,
+   and an id outside [-V, V) still fails the lookup (it is passed on out of every rank's range). A vocabulary that does not divide
+   by N stays whole (stats `vocab_replicated`). Position and token-type tables (indices not
+   from a graph input) stay whole.
+5. Everything else is replicated on every rank: norms, position embeddings, and any attention
+   layer whose structure is not recognized (listed in the stats under `replicated`, with a
+   warning): computed whole on each rank, which is correct but saves no memory there.
+6. First, GPT-2-style Conv1D projections, `Reshape(x, [-1, K]) -> Gemm(W, b) -> Reshape(back)`,
    are restated as `MatMul(x, W) + b` over x's leading axes (through a `Reshape(x, [0, .., K])`
    when x still has its head axes), the form the rules above find.
 
@@ -38,7 +46,7 @@ neurons do not divide by N; nothing is changed then. N = 1 changes nothing.
 Each rank's graph alone computes partial sums, not the model's outputs (so check mode cannot
 compare it; the pass is marked lossy); the ranks together reproduce the outputs up to float
 reassociation. Stats: tp, rank, layers and blocks split, float weight bytes before/after on
-this rank, replicated layers.
+this rank, replicated layers, vocabulary-parallel heads and embeddings.
 """
 
 from __future__ import annotations
@@ -55,7 +63,7 @@ from graphopt.ir.ops.graphopt import has_kv_cache
 from graphopt.ir.schema import GRAPHOPT_DOMAIN, get_schema
 from graphopt.pass_base import Pass, PassContext, PassResult
 from graphopt.registry import register_pass
-from graphopt.passes._structured import reinfer, replace_vector, slice_columns, slice_rows
+from graphopt.passes._structured import find_columns, reinfer, replace_vector, slice_columns, slice_rows
 from graphopt.passes.prune_ffn import _Block, find_blocks
 from graphopt.passes.prune_heads import _Layer, _rewrite_shape, find_layers
 
@@ -81,7 +89,8 @@ class Shard(Pass):
     constant weights (run it before quantize and to-bf16). Changes weight shapes (this rank's
     slices only), num_heads/num_kv_heads, Reshape shape constants and Split sizes; adds
     graphopt::AllReduce after row-parallel projections and, with a KV cache, a Slice of the
-    past and graphopt::AllGather of the presents. Replicates embeddings and the lm_head.
+    past and graphopt::AllGather of the presents; splits the token embedding and the LM head by
+    vocabulary (`vocab`), with an AllReduce of the looked-up rows and an AllGather of the logits.
     `graphopt.distributed.compile_sharded` runs the ranks.
     """
 
@@ -92,6 +101,8 @@ class Shard(Pass):
     """Number of ranks (tensor-parallel degree)."""
     rank: int = 0
     """Which rank's part to keep, 0 <= rank < tp."""
+    vocab: bool = True
+    """Also split the LM head and the token embedding by vocabulary (rule 4 of the module doc)."""
 
     def __post_init__(self) -> None:
         if self.tp < 1:
@@ -118,6 +129,7 @@ class Shard(Pass):
             self._shard_attention(graph, layer)
         for block in blocks:
             self._shard_ffn(graph, block)
+        heads, embeddings, vocab_whole = self._shard_vocabulary(graph) if self.vocab else (0, 0, [])
         if skipped:
             ctx.logger.warning(
                 "shard: %d attention layer(s) stay whole on every rank (correct, but their weights are not split): %s",
@@ -126,11 +138,15 @@ class Shard(Pass):
             "tp": self.tp, "rank": self.rank, "attention_layers": len(layers), "ffn_blocks": len(blocks),
             "weight_bytes": f"{before} -> {weight_bytes(graph)}",
         }
+        if heads or embeddings:
+            stats["vocab_parallel"] = f"{heads} head(s), {embeddings} embedding(s)"
+        if vocab_whole:
+            stats["vocab_replicated"] = vocab_whole
         if restated:
             stats["gemms_restated"] = restated
         if skipped:
             stats["replicated"] = skipped
-        return PassResult(bool(layers or blocks or restated), stats)
+        return PassResult(bool(layers or blocks or restated or heads or embeddings), stats)
 
     def _find(self, graph: Graph) -> tuple[list[_Layer], list[_Block], list[str]]:
         """The attention layers and FFN blocks to split (ShardError if one does not divide)
@@ -206,6 +222,79 @@ class Shard(Pass):
         slice_rows(graph, block.down, keep)
         reinfer(graph, [*changed, *block.nodes, block.down])
         _collective_after(graph, block.down.output, "AllReduce", {"world_size": self.tp, "reduction": "sum"})
+
+
+    def _shard_vocabulary(self, graph: Graph) -> tuple[int, int, list[str]]:
+        """Rule 4: (LM heads split, embeddings split, what stayed whole and why)."""
+        heads, embeddings, whole = 0, 0, []
+        for output in list(graph.outputs):
+            columns = find_columns(output)
+            if columns is None or columns.split is not None or output.shape is None or output.dtype is None or not output.dtype.is_float:
+                continue
+            if columns.width % self.tp:
+                whole.append(f"head {columns.matmul.label}: vocabulary {columns.width} does not divide by {self.tp}")
+                continue
+            changed = slice_columns(graph, [(columns, self._range(columns.width, 1))])
+            reinfer(graph, [*changed, columns.matmul, *([columns.bias_add] if columns.bias_add else [])])
+            _collective_after(graph, output, "AllGather", {"world_size": self.tp, "axis": len(output.shape) - 1})
+            heads += 1
+        for node in list(graph.nodes):
+            table = _token_table(graph, node)
+            if table is None:
+                continue
+            rows = table.const.shape[0]  # type: ignore[union-attr]
+            if rows % self.tp:
+                whole.append(f"embedding {node.label}: {rows} rows do not divide by {self.tp}")
+                continue
+            self._shard_embedding(graph, node, table, rows // self.tp)
+            embeddings += 1
+        return heads, embeddings, whole
+
+    def _shard_embedding(self, graph: Graph, gather: Node, table: Value, share: int) -> None:
+        """Rows [rank * share, (rank + 1) * share) of the table; ids outside read row 0, masked to zero; AllReduce."""
+        ids = gather.inputs[1]
+        kind = ids.dtype.to_numpy()  # type: ignore[union-attr]
+        start = self.rank * share
+
+        def constant(label: str, data: np.ndarray) -> Value:
+            return graph.add_constant(graph.unique_name(f"{gather.name}_{label}"), data)
+
+        part = constant("rows", np.ascontiguousarray(table.const.numpy()[start:start + share]))  # type: ignore[union-attr]
+        first, end = constant("first", np.array(start, kind)), constant("end", np.array(start + share, kind))
+        zero, total = constant("zero", np.array(0, kind)), constant("rows_total", np.array(share * self.tp, kind))
+
+        def op(op_type: str, inputs: list, **attrs: object) -> Value:
+            return graph.add_node(op_type, inputs, attrs or None, before=gather, name=f"{gather.name}_{op_type.lower()}").output
+
+        def within(value: Value, low: Value, high: Value) -> Value:
+            return op("And", [op("GreaterOrEqual", [value, low]), op("Less", [value, high])])
+
+        # Gather's own index rules: negative ids count from the end; an id outside [-V, V) must still
+        # fail, so it is passed on unchanged (outside this rank's rows too) instead of being masked.
+        wrapped = op("Where", [op("Less", [ids, zero]), op("Add", [ids, total]), ids])
+        inside = within(wrapped, first, end)
+        elsewhere = op("Where", [within(wrapped, zero, total), zero, ids])  # invalid ids are outside [-V/N, V/N) too
+        local = op("Where", [inside, op("Sub", [wrapped, first]), elsewhere])
+        mask = op("Unsqueeze", [op("Cast", [inside], to=int(table.dtype)), constant("axis", np.array([-1], np.int64))])  # type: ignore[union-attr]
+        rows = op("Gather", [part, local], axis=0)
+        masked = graph.add_node("Mul", [rows, mask], before=gather, name=f"{gather.name}_masked")
+        graph.replace_value(gather.output, masked.output)
+        _collective_after(graph, masked.output, "AllReduce", {"world_size": self.tp, "reduction": "sum"})
+        _erase_dead(graph, [gather])
+
+
+def _token_table(graph: Graph, node: Node) -> Optional[Value]:
+    """The constant float [V, H] table of a token-embedding Gather (axis 0, indices a graph input, maybe Cast), else None."""
+    if node.op_type != "Gather" or node.domain or node.attrs.get("axis", 0) != 0 or len(node.inputs) != 2:
+        return None
+    table, ids = node.inputs
+    if table is None or table.const is None or len(table.const.shape) != 2 or table.dtype is None or not table.dtype.is_float:
+        return None
+    while ids is not None and ids.producer is not None and ids.producer.op_type == "Cast" and not ids.producer.domain:
+        ids = ids.producer.inputs[0]
+    if ids is None or ids not in graph.inputs or node.inputs[1].dtype is None or node.inputs[1].dtype.is_float:  # type: ignore[union-attr]
+        return None
+    return table
 
 
 def _collective_after(graph: Graph, value: Value, op: str, attrs: dict) -> Node:

@@ -30,6 +30,12 @@ from graphopt.passes.shard import Shard, ShardError, shard_graph
 from graphopt.target_base import TargetError
 
 MODELS = ("bert", "llama", "gpt2", "vit")
+VOCAB_COLLECTIVES = {
+    "bert": {"graphopt::AllReduce": 6},
+    "llama": {"graphopt::AllReduce": 5, "graphopt::AllGather": 1},
+    "gpt2": {"graphopt::AllReduce": 5, "graphopt::AllGather": 1},
+    "vit": {"graphopt::AllReduce": 4},
+}
 TOLERANCE = 1e-4
 
 
@@ -116,7 +122,9 @@ def test_the_ranks_together_compute_the_unsharded_outputs(fused, exported, name)
     ranks = [shard_graph(graph, 2, rank) for rank in range(2)]
     for rank in ranks:
         rank.verify()
-        assert _counts(rank) == {"graphopt::AllReduce": 4}  # 2 layers x (attention output, FFN down)
+        # 2 layers x (attention output, FFN down) + one per vocabulary-split embedding (BERT: word and
+        # token-type tables), and the logits gathered from the vocabulary-split LM head
+        assert _counts(rank) == VOCAB_COLLECTIVES[name]
         assert [(layer.heads, layer.kv_heads) for layer in find_layers(rank)[0]] == [(2, 1 if name == "llama" else 2)] * 2
     expected = run_graph(graph, feeds, engine="torch")
     assert max_abs_error(torch_outputs, expected) < TOLERANCE
@@ -128,7 +136,7 @@ def test_the_ranks_together_compute_the_unsharded_outputs(fused, exported, name)
 def test_row_parallel_biases_wait_for_the_sum(fused):
     """The output projections' biases (random here) are read once, after the AllReduce."""
     rank = shard_graph(fused("gpt2"), 2, 1)
-    reduces = [n for n in rank.nodes if n.op_type == "AllReduce"]
+    reduces = [n for n in rank.nodes if n.op_type == "AllReduce" and n.inputs[0].producer.op_type != "Mul"]  # not the embedding's
     for node in reduces:
         assert node.inputs[0].producer.op_type == "MatMul"
         (reader,) = node.output.users()
@@ -153,18 +161,23 @@ def test_grouped_query_heads_keep_their_kv_groups(fused):
 
 def test_each_rank_holds_half_of_the_split_weights(fused):
     """LLaMA (hidden 32, 4 heads of 8, 2 KV heads, FFN 64, vocab 256, 2 layers, no biases): per layer
-    qkv 32x64 + o 32x32 + gate/up 32x128 + down 64x32 = 9216 floats are split; the embedding and
-    the lm_head (256x32 each) stay whole."""
+    qkv 32x64 + o 32x32 + gate/up 32x128 + down 64x32 = 9216 floats are split, and by vocabulary the
+    embedding and the lm_head (256x32 each); only the norms stay whole: a rank holds half the weights."""
     graph = fused("llama")
     full = weight_bytes(graph)
-    split = 2 * 9216 * 4
-    replicated = full - split
-    assert replicated >= 2 * 256 * 32 * 4
+    layers, vocabulary = 2 * 9216 * 4, 2 * 256 * 32 * 4
+    replicated = full - layers - vocabulary
+    assert 0 < replicated < 0.01 * full  # the RMSNorm scales
     for rank in range(2):
-        assert weight_bytes(shard_graph(graph, 2, rank)) == replicated + split // 2 == full - 36864
+        assert weight_bytes(shard_graph(graph, 2, rank)) == replicated + (layers + vocabulary) // 2
+        without_vocab = graph.clone()
+        Shard(tp=2, rank=rank, vocab=False).run(without_vocab, PassContext())
+        assert weight_bytes(without_vocab) == full - layers // 2  # vocab=false: embedding and head whole
     # BERT with biases: QKV and FFN-up biases split too (96 + 64 per layer), output biases stay whole.
     bert = fused("bert")
-    assert weight_bytes(bert) - weight_bytes(shard_graph(bert, 2, 0)) == (2 * (32 * 96 + 32 * 32 + 32 * 64 + 64 * 32) + 2 * (96 + 64)) * 4 // 2
+    tables = [n.inputs[0].const.nbytes for n in bert.nodes if n.op_type == "Gather" and n.inputs[1] in bert.inputs]
+    assert len(tables) == 2  # word and token-type embeddings: their ids are graph inputs; positions stay whole
+    assert weight_bytes(bert) - weight_bytes(shard_graph(bert, 2, 0)) == ((2 * (32 * 96 + 32 * 32 + 32 * 64 + 64 * 32) + 2 * (96 + 64)) * 4 + sum(tables)) // 2
 
 
 def test_shard_is_a_pipeline_pass(exported):
@@ -214,7 +227,8 @@ def test_kv_cache_decoder_ranks_slice_the_past_and_gather_the_presents():
     _, config = decoder_zoo.build_decoder("llama", "sdpa")
     feeds = decoder_zoo.decoder_inputs(config, batch=2, seq=3, past=4)
     ranks = [shard_graph(graph, 2, rank) for rank in range(2)]
-    assert _counts(ranks[1]) == {"graphopt::AllReduce": 4, "graphopt::AllGather": 4}
+    # 2 layers x 2 row-parallel sums + the embedding's; 4 presents + the vocabulary-split logits gathered
+    assert _counts(ranks[1]) == {"graphopt::AllReduce": 5, "graphopt::AllGather": 5}
     assert ranks[1].output_names == graph.output_names
     assert [v.shape for v in ranks[1].outputs[1:]] == [v.shape for v in graph.outputs[1:]]  # presents whole: [batch, 2, past + seq, 16]
     expected = run_graph(graph, feeds, engine="torch")
@@ -328,3 +342,15 @@ def test_a_saved_sharded_model_loads_runs_and_launches_under_torchrun(exported, 
     assert launched.returncode == 0, launched.stderr[-2000:]
     with np.load(tmp_path / "torchrun.npz") as saved:
         assert max_abs_error(torch_outputs, [saved[name] for name in saved.files]) < TOLERANCE
+
+
+def test_vocabulary_split_embedding_keeps_gathers_index_rules(fused, exported):
+    """Negative ids wrap as in Gather; an id outside [-V, V) still fails rather than reading zeros."""
+    graph = fused("llama")
+    _, feeds, _ = exported("llama")
+    merged = merge_ranks([shard_graph(graph, 2, rank) for rank in range(2)])
+    wrapped = dict(feeds, input_ids=feeds["input_ids"] - 256)  # the same tokens, counted from the end
+    assert max_abs_error(run_graph(graph, feeds, engine="torch"), run_graph(merged, wrapped, engine="torch")) < TOLERANCE
+    for bad in (256, -257):
+        with pytest.raises(Exception, match="out of"):
+            run_graph(merged, dict(feeds, input_ids=np.full_like(feeds["input_ids"], bad)), engine="torch")
