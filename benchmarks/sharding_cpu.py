@@ -11,7 +11,10 @@ Contenders, all `fuse` on the torch target, timed side by side in one run (`grap
 - `2 ranks x 1 thread`: `graphopt.compile(..., world_size=2)`: `shard{tp=2}`, two processes,
   one thread each, an all-reduce (gloo, loopback) after every attention output projection and
   FFN down projection, inputs sent to both ranks and the full outputs back over pipes.
-Ratios are to `1 x 2 threads`. Per-rank weight bytes come from the ranks themselves.
+Ratios are to `1 x 2 threads`. Per-rank weight bytes and peak resident memory (VmHWM) come
+from the ranks themselves; the one-process figure is a fresh process doing what a rank does
+(load the fused graph, compile it for the torch target), and the torch-import baseline, a
+fresh process that only imports torch and the target, is subtracted from both.
 On one 2-core machine tensor parallelism cannot beat two threads in one process: the same
 cores do the same arithmetic, plus gloo's all-reduces (2 per layer) and the pipe transfers;
 the table says what that costs. What it buys is memory per rank (and, on several machines or
@@ -21,7 +24,9 @@ GPUs, compute): see the bytes column.
 from __future__ import annotations
 
 import argparse
+import json
 import os
+import subprocess
 import sys
 import tempfile
 import warnings
@@ -66,6 +71,23 @@ def _export(name: str, folder: str) -> tuple[str, list[tuple[str, dict[str, np.n
     raise SystemExit(f"unknown model {name!r}; expected bert-base or llama-100m")
 
 
+_PEAK = """
+import json, sys
+import graphopt, graphopt.targets.torch
+from graphopt.distributed import peak_rss_bytes
+if sys.argv[1:]:
+    compiled = graphopt.compile(sys.argv[1], "torch", "eliminate-dead-code")
+print(json.dumps(peak_rss_bytes()))
+"""
+
+
+def _peak_mb(*args: str) -> float:
+    """Peak resident memory (MB) of a fresh process: importing torch and the target, and
+    compiling the graph file in `args` if given."""
+    out = subprocess.run([sys.executable, "-c", _PEAK, *args], capture_output=True, text=True, check=True).stdout
+    return json.loads(out.strip().splitlines()[-1]) / 1e6
+
+
 def _single(path: str, threads: int):
     torch.set_num_threads(threads)
     compiled = graphopt.compile(path, "torch", "fuse")
@@ -85,14 +107,20 @@ def main() -> None:
     args = parser.parse_args()
     warnings.filterwarnings("ignore")
     print(f"1 process x 2 threads vs 2 gloo ranks x 1 thread, fuse on the torch target, {args.repeats} timed calls each, "
-          f"side by side (graphopt.timing); machine: {machine_description()}\n")
-    print("| model | input | 1 x 2 threads ms | 1 x 1 thread ms | 2 ranks x 1 thread ms | tp=2 / 1x2 | max abs diff tp=2 | weights, one process | weights per rank |")
-    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+          f"side by side (graphopt.timing); machine: {machine_description()}")
+    baseline = _peak_mb()
+    print(f"peak resident memory of a process that imports torch and the target: {baseline:.0f} MB (subtracted below)\n")
+    print("| model | input | 1 x 2 threads ms | 1 x 1 thread ms | 2 ranks x 1 thread ms | tp=2 / 1x2 | max abs diff tp=2 "
+          "| weights, one process | weights per rank | peak RSS - torch import, one process | per rank |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     with tempfile.TemporaryDirectory() as folder:
         for name in args.models.split(","):
             _say(f"exporting {name}")
             path, cases = _export(name, folder)
             two, run_two = _single(path, 2)
+            fused = os.path.join(folder, f"{name}.fused.onnx")
+            two.graph.save_onnx(fused, keep_graphopt_ops=True)
+            single_peak = _peak_mb(fused) - baseline
             _, run_one = _single(path, 1)
             _say(f"starting 2 ranks for {name}")
             with compile_sharded(path, tp=2, pipeline="fuse", target="torch", threads=1) as sharded:
@@ -106,8 +134,10 @@ def main() -> None:
                     medians = {key: float(np.median(value)) for key, value in times.items()}
                     diff = max(float(np.abs(a - b).max()) for a, b in zip(run_two(feeds), sharded(**feeds)))
                     per_rank = ", ".join(f"{r['weight_bytes'] / 1e6:.0f}" for r in sharded.ranks)
+                    rank_peaks = ", ".join(f"{r['peak_rss_bytes'] / 1e6 - baseline:.0f}" for r in sharded.ranks)
                     print(f"| {name} | {case} | {medians['two']:.1f} | {medians['one']:.1f} | {medians['tp']:.1f} | "
-                          f"{medians['tp'] / medians['two']:.2f}x | {diff:.1e} | {weight_bytes(two.graph) / 1e6:.0f} MB | {per_rank} MB |")
+                          f"{medians['tp'] / medians['two']:.2f}x | {diff:.1e} | {weight_bytes(two.graph) / 1e6:.0f} MB | {per_rank} MB "
+                          f"| {single_peak:.0f} MB | {rank_peaks} MB |")
     print("\nGPU plan (NCCL): the same `graphopt.compile(..., world_size=N)` with target `torch:cuda` runs rank R on "
           "cuda:R with the NCCL backend; it needs N GPUs in one machine (the lent machine has one), so it has not run.")
 

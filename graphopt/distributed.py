@@ -5,12 +5,13 @@ The process that calls `compile_sharded` (the launcher) gets a `ShardedModel`, a
 
 1. The launcher imports the model, runs the pipeline's passes before `shard` (e.g. `fuse`)
    once, checks that the graph splits `tp` ways (`ShardError` naming the layer, before any
-   process starts) and writes it to a temporary folder as ONNX with graphopt's ops kept.
+   process starts), runs `shard{tp, rank=R}` for each rank on a copy (the weights shared until
+   sliced) and writes each rank's graph to a temporary folder as ONNX with graphopt's ops kept.
 2. It starts `tp` processes (torch.multiprocessing, spawn). Rank R sets MASTER_ADDR /
    MASTER_PORT (127.0.0.1, a free port), joins the process group (gloo on CPU, NCCL for a
-   `torch:cuda` target, rank R on cuda:R), loads the graph (weights memory-mapped, not
-   read), runs `shard{tp, rank=R}` and the passes after it, and compiles for the target
-   (with its lowering). So each rank holds only its own slices of the split weights plus the
+   `torch:cuda` target, rank R on cuda:R), loads its own graph (weights memory-mapped), runs
+   the passes after `shard`, and compiles for the target (with its lowering). So each rank
+   maps, reads and holds only its own slices of the split weights plus the
    replicated ones (norms, position embeddings): `ShardedModel.ranks` reports each rank's
    float weight bytes, all constant bytes and peak resident memory.
    The collectives the pass inserted run inside each rank's module (the torch target's
@@ -47,6 +48,7 @@ import pickle
 import shutil
 import signal
 import socket
+import sys
 import tempfile
 import threading
 import traceback
@@ -62,7 +64,6 @@ from graphopt.pass_base import Pass, PassContext
 from graphopt.pipeline import PipelineLike
 from graphopt.target_base import CompiledModel, IOSpec, TargetError
 
-GRAPH_FILE = "model.onnx"
 SHUTDOWN_WAIT_S = 10.0
 """How long `close` waits for a rank to exit by itself before terminating it."""
 
@@ -98,6 +99,8 @@ class _RankConfig:
     seed: int
     artifact: Optional[str] = None
     """A saved rank artifact to load instead of building from `graph_path` and `passes`."""
+    shard_stats: dict[str, Any] = dataclasses.field(default_factory=dict)
+    """The shard pass's stats for this rank (it ran in the launcher)."""
 
 
 def compile_sharded(
@@ -128,6 +131,7 @@ def compile_sharded(
     `timeout`: seconds to wait for a rank (start-up, each call, each collective).
     """
     from graphopt.api import _graph_for_compile, optimize
+    from graphopt.pass_manager import PassManager
     from graphopt.target_registry import get_target
 
     if tp < 1:
@@ -150,16 +154,19 @@ def compile_sharded(
     shard.validate(graph)  # type: ignore[attr-defined]
     folder = tempfile.mkdtemp(prefix="graphopt-shard-")
     try:
-        path = os.path.join(folder, GRAPH_FILE)
-        graph.save_onnx(path, keep_graphopt_ops=True)
         cores = os.cpu_count() or 1
-        configs = [
-            _RankConfig(
-                rank, tp, 0, path, [dataclasses.replace(shard, rank=rank), *after], str(chosen.spec), backend,
-                threads or max(1, cores // tp), timeout, seed,
-            )
-            for rank in range(tp)
-        ]
+        configs = []
+        for rank in range(tp):  # each rank's graph written apart, so a rank maps and reads only its own slices
+            part = graph.clone()
+            PassManager([dataclasses.replace(shard, rank=rank)]).run(part, PassContext(seed=seed))
+            path = os.path.join(folder, f"rank{rank}.onnx")
+            part.save_onnx(path, keep_graphopt_ops=True)
+            stats = part.report.records[-1].stats if part.report else {}
+            del part
+            configs.append(_RankConfig(
+                rank, tp, 0, path, list(after), str(chosen.spec), backend, threads or max(1, cores // tp), timeout, seed,
+                shard_stats=dict(stats),
+            ))
     except BaseException:
         shutil.rmtree(folder, ignore_errors=True)
         raise
@@ -222,7 +229,7 @@ class ShardedModel(CompiledModel):
 
     `ranks`: per rank, what it reported when it was built: `rank`, `pid`, `weight_bytes`
     (float constants of its graph: its slices plus the replicated weights), `constant_bytes`
-    (every constant), `peak_rss_bytes` (the process's peak resident memory after building,
+    (every constant), `peak_rss_bytes` (the rank process's own peak resident memory after building,
     torch included) and `shard` (the shard pass's stats). `close()` stops the ranks.
     """
 
@@ -446,8 +453,6 @@ def _save_rank(compiled: CompiledModel, directory: str) -> list[str]:
 
 def _build_rank(config: _RankConfig) -> tuple[CompiledModel, dict[str, Any]]:
     """This rank's compiled model (built, or loaded from its saved artifact), and what it reports about itself."""
-    import resource
-
     from graphopt.api import load_compiled, with_lowering
     from graphopt.frontends.onnx_import import from_onnx
     from graphopt.partition import compile_for_target
@@ -462,16 +467,31 @@ def _build_rank(config: _RankConfig) -> tuple[CompiledModel, dict[str, Any]]:
         graph = from_onnx(config.graph_path)
         PassManager(with_lowering(config.passes, target)).run(graph, PassContext(seed=config.seed))
         compiled = compile_for_target(graph, target, partition=False)
-    shard_stats = next((r.stats for r in graph.report.records if r.name == "shard"), {}) if getattr(graph, "report", None) else {}
     info = {
         "rank": config.rank,
         "pid": os.getpid(),
         "weight_bytes": weight_bytes(graph),
         "constant_bytes": int(sum(v.const.nbytes for v in graph.constants.values() if v.const is not None)),
-        "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
-        "shard": shard_stats,
+        "peak_rss_bytes": peak_rss_bytes(),
+        "shard": config.shard_stats,
     }
     return compiled, info
+
+
+def peak_rss_bytes() -> int:
+    """This process's peak resident memory: VmHWM of /proc/self/status on Linux. (getrusage's
+    ru_maxrss is not used there: a spawned process inherits the peak of the parent it was forked
+    from, so every rank would report the launcher's peak.)"""
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if sys.platform == "darwin" else 1024)
 
 
 def weight_bytes(graph: Graph) -> int:
