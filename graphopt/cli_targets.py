@@ -48,6 +48,11 @@ def add_commands(commands: Any, add_verbosity: typing.Callable[..., None]) -> No
     cmd.add_argument("--dump-dir", metavar="DIR", help="folder for --dump-ir files")
     add_calibration_option(cmd)
     add_inputs_option(cmd, "run the compiled model and MODEL on these and print the fidelity")
+    cmd.add_argument(
+        "--world-size", type=int, default=1, metavar="N",
+        help="tensor-parallel over N processes (the shard pass; torch target): DIR gets one artifact per rank, "
+        "which `graphopt run DIR` starts again (default 1)",
+    )
     cmd.set_defaults(run=_compile)
 
     cmd = commands.add_parser(
@@ -99,16 +104,23 @@ def _compile(args: argparse.Namespace) -> int:
             feeds = load_inputs(args.inputs, original)
         compiled = compile(
             original, args.target, passes, check=args.check, verify=args.verify, dump_ir=dump_ir, dump_dir=args.dump_dir,
-            calibration_data=args.calibration_data,
+            calibration_data=args.calibration_data, world_size=args.world_size,
         )
         built = time.perf_counter() - start
-        path = compiled.save(args.output)
+        try:
+            path = compiled.save(args.output)
+            if feeds is not None:
+                fidelity = _fidelity_text(original, compiled, feeds, args.inputs)
+        finally:
+            if hasattr(compiled, "close"):  # a sharded model: stop its ranks
+                compiled.close()
         if not args.quiet:
             if compiled.pipeline_report is not None:
                 print(compiled.pipeline_report.table())
-            print(f"{args.model}: compiled for {compiled.target.spec} in {built:.2f} s; wrote {path}")
+            ranks = f" as {args.world_size} ranks" if args.world_size > 1 else ""
+            print(f"{args.model}: compiled for {compiled.target.spec}{ranks} in {built:.2f} s; wrote {path}")
         if feeds is not None:
-            print(_fidelity_text(original, compiled, feeds, args.inputs))
+            print(fidelity)
     return 0
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import pickle
+import re
 import signal
 
 import numpy as np
@@ -354,3 +355,18 @@ def test_vocabulary_split_embedding_keeps_gathers_index_rules(fused, exported):
     for bad in (256, -257):
         with pytest.raises(Exception, match="out of"):
             run_graph(merged, dict(feeds, input_ids=np.full_like(feeds["input_ids"], bad)), engine="torch")
+
+
+def test_cli_compiles_tensor_parallel_and_runs_the_saved_ranks(exported, tmp_path, capsys):
+    from graphopt.cli import main
+
+    path, feeds, torch_outputs = exported("bert")
+    np.savez(tmp_path / "inputs.npz", **feeds)
+    artifact = tmp_path / "bert.tp2"
+    assert main(["compile", str(path), "-t", "torch", "--world-size", "2", "-o", str(artifact), "--inputs", str(tmp_path / "inputs.npz")]) == 0
+    out = capsys.readouterr().out
+    assert re.search(r"compiled for torch\S* as 2 ranks", out) and re.search(r"last_hidden_state: max abs [\d.e-]+, relative", out)
+    assert sorted(p.name for p in artifact.iterdir()) == ["manifest.json", "rank0", "rank1"]
+    assert main(["run", str(artifact), "-i", str(tmp_path / "inputs.npz"), "-o", str(tmp_path / "out.npz")]) == 0
+    with np.load(tmp_path / "out.npz") as saved:
+        assert max_abs_error(torch_outputs, [saved[name] for name in saved.files]) < TOLERANCE
