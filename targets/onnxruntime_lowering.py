@@ -37,7 +37,8 @@ decomposed into standard ONNX by the exporter. Each mapping, and when it is take
   used only for a `causal` op without a bias). Taken when the head sizes are static and equal,
   the new keys are as many as the queries, and the bias is rank 4 [B|1, 1|N, Sq, past + Sk]
   (symbolic dims compared as expressions). ORT's CPU kernel refuses, at run time, a batch
-  above 1 with several new tokens and a non-empty past (batched chunked prefill).
+  above 1 with several new tokens and a non-empty past (batched chunked prefill); the target's
+  model then runs such a call one batch row at a time (exact: rows are independent).
   Measured on the decoder zoo (`tests/targets/test_kv_cache_attention.py`): <= 1e-4 against the
   export at prefill, decode and with left padding, and the same 32 greedy tokens.
 - `RotaryEmbedding` -> ORT's contrib `RotaryEmbedding` (`targets/onnxruntime_rotary.py`).
