@@ -384,16 +384,31 @@ def _check_output(output: str, check: _Check, lower: str) -> str:
     from graphopt.fidelity import compare_outputs, format_fidelity
     from graphopt.frontends.onnx_import import from_onnx
 
-    if lower == "onnxruntime":  # ONNX Runtime's own ops: the file runs in ORT as written
-        from graphopt.ort_io import reference_session
-
-        session, io = reference_session(output)
-        names, actual = [o.name for o in session.get_outputs()], io.run(session, check.feeds)
+    if lower == "onnxruntime":  # ONNX Runtime's own ops: the file runs in ORT as written, as the target runs it
+        compiled = _ort_file_model(output)
+        names, actual = compiled.output_names, compiled(**check.feeds)
     else:
         graph = from_onnx(output)
         names, actual = [v.name for v in graph.outputs], run_graph(graph, check.feeds)
     report = compare_outputs(check.expected, actual, names, check.feeds)
     return f"check: {output} vs the input {check.where}:\n" + textwrap.indent(format_fidelity(report), "  ")
+
+
+def _ort_file_model(path: str) -> Any:
+    """The onnxruntime target's model over an ONNX file holding ORT's own ops (which graphopt's
+    importer does not read), so it runs as `graphopt compile -t onnxruntime` runs it."""
+    import onnx
+
+    from graphopt.target_base import IOSpec
+    from graphopt.target_registry import get_target
+    from graphopt.targets.onnxruntime import OnnxRuntimeModel
+
+    def specs(values: Any) -> list[IOSpec]:
+        dims = [[d.dim_param or (d.dim_value if d.HasField("dim_value") else None) for d in v.type.tensor_type.shape.dim] for v in values]
+        return [IOSpec(v.name, None, tuple(shape)) for v, shape in zip(values, dims)]
+
+    model = onnx.load(path, load_external_data=False)
+    return OnnxRuntimeModel(get_target("onnxruntime:cpu"), specs(model.graph.input), specs(model.graph.output), path=path)
 
 
 class Progress(Instrument):

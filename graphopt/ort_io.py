@@ -20,7 +20,7 @@ from __future__ import annotations
 import ctypes
 import dataclasses
 import os
-from typing import Any, Optional
+from typing import Any, Callable, Optional, Sequence
 
 from graphopt.ir.dtypes import DType
 
@@ -166,7 +166,7 @@ def reference_session(model: Any, *, threads: int = 0, optimize: bool = False, w
     import onnxruntime as ort
 
     options = ort.SessionOptions()
-    options.log_severity_level = 3
+    options.log_severity_level = 4  # errors come back as exceptions, which graphopt reports itself
     if threads:
         options.intra_op_num_threads, options.inter_op_num_threads = threads, 1
     options.graph_optimization_level = (
@@ -241,3 +241,31 @@ def _fresh(base: str, taken: set[str]) -> str:
         name, index = f"{base}_{index}", index + 1
     taken.add(name)
     return name
+
+
+GQA_BATCH_LIMIT = "batch_size must be 1 when sequence_length > 1 and past context is given"
+"""ONNX Runtime's CPU GroupQueryAttention error for a batched chunked prefill (ORT 1.32)."""
+
+
+def run_by_batch_rows(
+    run: Callable[[dict[str, Any]], list[Any]], feeds: dict[str, Any], error: BaseException,
+    input_shapes: dict[str, Optional[Sequence[Any]]], output_shapes: Sequence[Optional[Sequence[Any]]],
+) -> Optional[list[Any]]:
+    """After `error` from `run(feeds)`: when it is ORT's GroupQueryAttention refusing a batch
+    above 1 with several new tokens and a non-empty past, and every output and each input with
+    a leading batch axis share one symbolic batch dim, the outputs of running each batch row
+    alone, concatenated along the batch axis (exact: the rows are independent); else None."""
+    import numpy as np
+
+    if GQA_BATCH_LIMIT not in str(error):
+        return None
+    batch = {shape[0] if shape else None for shape in output_shapes}
+    if len(batch) != 1 or not isinstance(next(iter(batch)), str):
+        return None
+    symbol = next(iter(batch))
+    split = {name for name, shape in input_shapes.items() if shape and shape[0] == symbol and name in feeds}
+    sizes = {np.shape(feeds[name])[0] for name in split}
+    if len(sizes) != 1 or min(sizes) < 2:
+        return None
+    parts = [run({name: value[row:row + 1] if name in split else value for name, value in feeds.items()}) for row in range(sizes.pop())]
+    return [np.concatenate([np.asarray(part[index]) for part in parts], axis=0) for index in range(len(output_shapes))]

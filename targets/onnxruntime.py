@@ -28,7 +28,7 @@ from graphopt.errors import GraphoptError
 from graphopt.exporters.onnx_export import EXTERNAL_DATA_THRESHOLD
 from graphopt.ir.dtypes import DType
 from graphopt.ir.graph import Graph
-from graphopt.ort_io import session_model_file, widen_session_model
+from graphopt.ort_io import run_by_batch_rows, session_model_file, widen_session_model
 from graphopt.pass_base import Pass
 from graphopt.registry import get_pass
 from graphopt.target_base import CompiledModel, IOSpec, Target, TargetError
@@ -146,7 +146,7 @@ class OnnxRuntimeTarget(Target):
         import onnxruntime as ort
 
         options = ort.SessionOptions()
-        options.log_severity_level = 3
+        options.log_severity_level = 4  # errors come back as exceptions, which graphopt reports itself
         if self.threads:
             options.intra_op_num_threads = self.threads
             options.inter_op_num_threads = 1
@@ -164,10 +164,6 @@ class OnnxRuntimeTarget(Target):
         bias-last order escapes it, a norm without a bias does not). Pass the same list to
         an InferenceSession of the saved model to keep that speed."""
         return ["SkipLayerNormFusion"] if self.variant == "cpu" else []
-
-
-GQA_BATCH_LIMIT = "batch_size must be 1 when sequence_length > 1 and past context is given"
-"""ONNX Runtime's CPU GroupQueryAttention error for a batched chunked prefill (ORT 1.32)."""
 
 
 class OnnxRuntimeModel(CompiledModel):
@@ -201,33 +197,12 @@ class OnnxRuntimeModel(CompiledModel):
         try:
             return self._io.run(self.session, feeds, self._session_inputs)
         except Exception as exc:
-            rows = self._batch_rows(feeds) if GQA_BATCH_LIMIT in str(exc) else None
+            shapes = {spec.name: spec.shape for spec in self.inputs}
+            rows = run_by_batch_rows(self._run, feeds, exc, shapes, [spec.shape for spec in self.outputs])
             if rows is not None:  # batched chunked prefill: GroupQueryAttention runs it one sequence at a time
-                return self._run_by_rows(feeds, rows)
+                return rows
             text = str(exc).strip().splitlines()
             raise GraphoptError(f"ONNX Runtime failed to run the model: {text[0] if text else type(exc).__name__}") from None
-
-    def _batch_rows(self, feeds: dict[str, np.ndarray]) -> Optional[int]:
-        """The batch size when every output and each input with a leading batch axis share one
-        symbolic batch dim (so the call splits into independent rows), else None."""
-        symbols = {spec.shape[0] for spec in self.outputs if spec.shape}
-        if len(symbols) != 1 or not isinstance(next(iter(symbols)), str) or any(not spec.shape for spec in self.outputs):
-            return None
-        batch = next(iter(symbols))
-        sizes = {np.shape(feeds[spec.name])[0] for spec in self.inputs if spec.shape and spec.shape[0] == batch and spec.name in feeds}
-        return sizes.pop() if len(sizes) == 1 and min(sizes) > 1 else None
-
-    def _run_by_rows(self, feeds: dict[str, np.ndarray], rows: int) -> list[np.ndarray]:
-        """Run each batch row alone and concatenate the outputs along the batch axis: rows of a
-        batch are independent, so this is exact (ORT's CPU GroupQueryAttention refuses a batch
-        above 1 with several new tokens and a non-empty past, which batch 1 avoids)."""
-        batch = self.outputs[0].shape[0]  # type: ignore[index]
-        split = {spec.name for spec in self.inputs if spec.shape and spec.shape[0] == batch}
-        parts = [
-            self._run({name: value[row:row + 1] if name in split else value for name, value in feeds.items()})
-            for row in range(rows)
-        ]
-        return [np.concatenate([part[index] for part in parts], axis=0) for index in range(len(self.outputs))]
 
     def _call(self, feeds: dict[str, Any]) -> list[Any]:
         on_cuda = [v for v in feeds.values() if getattr(getattr(v, "device", None), "type", None) == "cuda"]

@@ -118,6 +118,11 @@ def test_hf_config_decoder_export_compile_run(tmp_path, capsys):
     feeds = decoder_example_inputs(config, batch=1, seq=3, past=5)
     np.savez(steps, **feeds)
 
+    # ORT's kernels written into the file, checked on the default sample sizes (batch 2, seq 8,
+    # past 2: a batched chunked prefill, which GroupQueryAttention takes one row at a time)
+    out = _run(capsys, "optimize", str(exported), "-o", str(tmp_path / "ort.onnx"), "-p", "fuse", "--lower", "onnxruntime", "--check")
+    assert "ONNX Runtime kernels: GroupQueryAttention x2" in out and _figure(out, "logits", "top-1 agreement") == 1.0
+
     artifact = tmp_path / "llama.ort"
     out = _run(capsys, "compile", SMALL_LLAMA, "-t", "onnxruntime", "-o", str(artifact), "--inputs", str(steps))
     assert _figure(out, "logits", "top-1 agreement") == 1.0 and _figure(out, "logits", "relative") < 1e-5
