@@ -69,18 +69,28 @@ def _quote(text: str) -> str:
 def write_report(
     path: str, model: str, pipeline: str, before: GraphSnapshot, after: GraphSnapshot, report: Any, fidelity: Optional[str] = None
 ) -> list[str]:
-    """Write the report (format from the extension) and the two DOT files; return the paths written."""
+    """Write the report (format from the extension), the two DOT files and, beside a Markdown
+    report, the two drawings as SVG files it shows; return the paths written."""
     extension = os.path.splitext(path)[1].lower()
     if extension not in (".md", ".html", ".htm"):
         raise GraphoptError(f"--report {path}: use a .md or .html file name")
     stem = os.path.splitext(path)[0]
     dots = [f"{stem}.before.dot", f"{stem}.after.dot"]
     sections = _sections(model, pipeline, before, after, report, fidelity, [os.path.basename(d) for d in dots])
-    text = _html(model, sections, _drawings(before, after, dots)) if extension != ".md" else _markdown(sections)
+    svgs: list[str] = []
+    if extension == ".md":  # drawings as SVG files beside it, shown as images
+        drawn = [(f"{stem}.{title}.svg", graph_svg(snapshot.dot, snapshot.drawing, title)[0]) for title, snapshot in (("before", before), ("after", after))]
+        svgs = [file for file, svg in drawn if svg]
+        text = _markdown(sections) + "".join(f"\n![{title}]({os.path.basename(file)})\n" for title, (file, svg) in zip(("before", "after"), drawn) if svg)
+        for file, svg in drawn:
+            if svg:
+                atomic_write(file, svg.encode())
+    else:
+        text = _html(model, sections, _drawings(before, after, dots))
     atomic_write(path, text.encode())
     atomic_write(dots[0], before.dot.encode())
     atomic_write(dots[1], after.dot.encode())
-    return [path, *dots]
+    return [path, *dots, *svgs]
 
 
 def _sections(

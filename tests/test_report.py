@@ -34,6 +34,10 @@ def test_markdown_report_tables_match_the_models_before_and_after(bert_onnx, tmp
     assert re.search(r"\| fidelity \| check: .*out\.onnx vs the input on sample inputs .*: last_hidden_state: max abs [\d.e+-]+, relative", text)
     drawing = (tmp_path / "report.after.dot").read_text()
     assert drawing.startswith('digraph "') and drawing.count("[label=") - drawing.count("->") == len(after)
+    for title, graph in (("before", before), ("after", after)):  # drawings beside it, shown as images
+        assert f"![{title}](report.{title}.svg)" in text
+        svg = (tmp_path / f"report.{title}.svg").read_text()
+        assert svg.startswith("<svg") and svg.count("<rect ") >= len(graph)
 
 
 def test_html_report_and_a_bad_report_name(bert_onnx, tmp_path, capsys):
