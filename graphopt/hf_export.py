@@ -77,6 +77,7 @@ def build_hf_model(folder: Optional[str] = None, *, config: Any = None, task: st
 
 
 def check_task(task: str) -> str:
+    """`task` when it is one of `TASKS`, else a GraphoptError listing them."""
     if task not in TASKS:
         raise GraphoptError(f"unknown task '{task}'; choose from auto, {', '.join(TASKS)}")
     return task
