@@ -385,8 +385,7 @@ def _check_output(output: str, check: _Check, lower: str) -> str:
     from graphopt.frontends.onnx_import import from_onnx
 
     if lower == "onnxruntime":  # ONNX Runtime's own ops: the file runs in ORT as written, as the target runs it
-        compiled = _ort_file_model(output)
-        names, actual = compiled.output_names, compiled(**check.feeds)
+        names, actual = _run_ort_file(output, check.feeds)
     else:
         graph = from_onnx(output)
         names, actual = [v.name for v in graph.outputs], run_graph(graph, check.feeds)
@@ -394,21 +393,27 @@ def _check_output(output: str, check: _Check, lower: str) -> str:
     return f"check: {output} vs the input {check.where}:\n" + textwrap.indent(format_fidelity(report), "  ")
 
 
-def _ort_file_model(path: str) -> Any:
-    """The onnxruntime target's model over an ONNX file holding ORT's own ops (which graphopt's
-    importer does not read), so it runs as `graphopt compile -t onnxruntime` runs it."""
+def _run_ort_file(path: str, feeds: dict[str, Any]) -> tuple[list[str], list[Any]]:
+    """(output names, outputs) of an ONNX file holding ORT's own ops (which graphopt's importer
+    does not read), run in ONNX Runtime as the onnxruntime target runs it (a batched chunked
+    prefill row by row, see `ort_io.run_by_batch_rows`)."""
     import onnx
 
-    from graphopt.target_base import IOSpec
-    from graphopt.target_registry import get_target
-    from graphopt.targets.onnxruntime import OnnxRuntimeModel
+    from graphopt.ort_io import reference_session, run_by_batch_rows
 
-    def specs(values: Any) -> list[IOSpec]:
-        dims = [[d.dim_param or (d.dim_value if d.HasField("dim_value") else None) for d in v.type.tensor_type.shape.dim] for v in values]
-        return [IOSpec(v.name, None, tuple(shape)) for v, shape in zip(values, dims)]
+    def shapes(values: Any) -> dict[str, list[Any]]:
+        return {v.name: [d.dim_param or (d.dim_value if d.HasField("dim_value") else None) for d in v.type.tensor_type.shape.dim] for v in values}
 
-    model = onnx.load(path, load_external_data=False)
-    return OnnxRuntimeModel(get_target("onnxruntime:cpu"), specs(model.graph.input), specs(model.graph.output), path=path)
+    graph = onnx.load(path, load_external_data=False).graph
+    session, io = reference_session(path)
+    try:
+        outputs = io.run(session, feeds)
+    except Exception as exc:
+        rows = run_by_batch_rows(lambda part: io.run(session, part), feeds, exc, shapes(graph.input), list(shapes(graph.output).values()))
+        if rows is None:
+            raise
+        outputs = rows
+    return [o.name for o in session.get_outputs()], outputs
 
 
 class Progress(Instrument):
