@@ -198,7 +198,7 @@ def run_bench(
 
         original = from_onnx(source.onnx_path)
         if inputs:
-            from graphopt.cli import load_inputs
+            from graphopt.calibration import load_inputs
 
             feeds = load_inputs(inputs, original)
         else:

@@ -147,6 +147,33 @@ def load_npz(path: "str | os.PathLike[str]") -> list[dict[str, np.ndarray]]:
     return [{name: array[i] for name, array in arrays.items()} for i in range(total)]
 
 
+def load_input_arrays(path: str, input_names: Sequence[str]) -> dict[str, Any]:
+    """The arrays of an .npz (named by input), or of an .npy for a model of one input: one
+    sample, as `--inputs` and `graphopt run -i` take it."""
+    try:
+        loaded = np.load(path, allow_pickle=False)
+    except FileNotFoundError:
+        raise GraphoptError(f"{path}: no such file") from None
+    except (OSError, ValueError) as exc:
+        raise GraphoptError(f"{path}: not a readable .npz file of arrays ({exc})") from None
+    if isinstance(loaded, np.ndarray):
+        if len(input_names) != 1:
+            raise GraphoptError(
+                f"{path}: an .npy holds one unnamed array, but the model takes {len(input_names)} inputs "
+                f"({', '.join(input_names)}); save them named in an .npz: np.savez('inputs.npz', {input_names[0] if input_names else 'name'}=...)"
+            )
+        return {input_names[0]: loaded}
+    with loaded as data:
+        return {name: data[name] for name in data.files}
+
+
+def load_inputs(path: str, graph: Graph) -> dict[str, np.ndarray]:
+    """`load_input_arrays` of `path`, checked against `graph`'s inputs (names, ranks, dtypes) by
+    `normalize_calibration`, so a wrong file fails with a message naming it."""
+    arrays = load_input_arrays(path, [value.name for value in graph.inputs])
+    return normalize_calibration(graph, [arrays], label=path)[0]
+
+
 def collect_statistics(
     graph: Graph, samples: Sequence[dict[str, np.ndarray]], values: Sequence[str], *, histogram: bool = False,
     reducer: Optional[Reducer] = None,

@@ -81,14 +81,8 @@ def run_graph(graph: Graph, feeds: dict[str, np.ndarray], engine: str = "onnxrun
 
     try:
         session, io = reference_session(graph.to_onnx())
-        try:
-            return io.run(session, feeds)
-        except Exception as exc:  # ORT's GroupQueryAttention and a batched chunked prefill: row by row
-            shapes = {v.name: v.shape for v in graph.inputs}
-            rows = run_by_batch_rows(lambda part: io.run(session, part), feeds, exc, shapes, [v.shape for v in graph.outputs])
-            if rows is None:
-                raise
-            return rows
+        shapes = {v.name: v.shape for v in graph.inputs}
+        return run_by_batch_rows(lambda part: io.run(session, part), feeds, shapes, [v.shape for v in graph.outputs])
     except Exception as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise GraphoptError(f"ONNX Runtime could not run graph '{graph.name}': {first}") from None

@@ -26,6 +26,7 @@ which shows the traceback. No traceback reaches the user otherwise.
 from __future__ import annotations
 
 import argparse
+import collections
 import contextlib
 import dataclasses
 import inspect
@@ -257,9 +258,8 @@ def _written_form(graph: "Graph", lower: str) -> str:
     """What the written file holds: standard ONNX, or which ONNX Runtime contrib kernels."""
     if lower == "onnx":
         return f"standard ONNX, opset {graph.opset()}; --lower onnxruntime writes ONNX Runtime's fused kernels"
-    counts = [(node.op_type, node.domain) for node in graph.nodes if node.domain not in ("", "ai.onnx")]
-    kernels = sorted({op for op, _ in counts})
-    listed = ", ".join(f"{op} x{sum(1 for o, _ in counts if o == op)}" for op in kernels)
+    counts = collections.Counter(node.op_type for node in graph.nodes if node.domain not in ("", "ai.onnx"))
+    listed = ", ".join(f"{op} x{count}" for op, count in sorted(counts.items()))
     return f"ONNX Runtime kernels: {listed}" if listed else "ONNX Runtime: no contrib kernel applied"
 
 
@@ -316,6 +316,7 @@ class _Check:
 
 
 def _prepare_check(graph: "Graph", args: argparse.Namespace) -> _Check:
+    from graphopt.calibration import load_inputs
     from graphopt.check import run_graph, sample_inputs
 
     if args.inputs:
@@ -326,16 +327,6 @@ def _prepare_check(graph: "Graph", args: argparse.Namespace) -> _Check:
         sizes = ", ".join(f"{name}={size}" for name, size in _sizes_used(graph.inputs, feeds).items())
         where = "on sample inputs" + (f" ({sizes})" if sizes else "")
     return _Check(feeds, run_graph(graph, feeds), where)
-
-
-def load_inputs(path: str, graph: "Graph") -> dict[str, Any]:
-    """The arrays of `path` (see `cli_targets.load_input_arrays`), checked against `graph`'s inputs
-    (names, ranks, dtypes) so a wrong file fails here with a clear message."""
-    from graphopt.calibration import normalize_calibration
-    from graphopt.cli_targets import load_input_arrays
-
-    arrays = load_input_arrays(path, [value.name for value in graph.inputs])
-    return normalize_calibration(graph, [arrays], label=path)[0]
 
 
 def _sizes_used(inputs: Sequence["Value"], feeds: dict[str, Any]) -> dict[str, int]:
@@ -406,13 +397,7 @@ def _run_ort_file(path: str, feeds: dict[str, Any]) -> tuple[list[str], list[Any
 
     graph = onnx.load(path, load_external_data=False).graph
     session, io = reference_session(path)
-    try:
-        outputs = io.run(session, feeds)
-    except Exception as exc:
-        rows = run_by_batch_rows(lambda part: io.run(session, part), feeds, exc, shapes(graph.input), list(shapes(graph.output).values()))
-        if rows is None:
-            raise
-        outputs = rows
+    outputs = run_by_batch_rows(lambda part: io.run(session, part), feeds, shapes(graph.input), list(shapes(graph.output).values()))
     return [o.name for o in session.get_outputs()], outputs
 
 

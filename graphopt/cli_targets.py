@@ -13,7 +13,7 @@ import json
 import os
 import time
 import typing
-from typing import Any, Sequence
+from typing import Any
 
 from graphopt.errors import GraphoptError
 
@@ -99,7 +99,7 @@ def _compile(args: argparse.Namespace) -> int:
         original = load_graph(source.onnx_path)
         feeds = None
         if args.inputs:
-            from graphopt.cli import load_inputs
+            from graphopt.calibration import load_inputs
 
             feeds = load_inputs(args.inputs, original)
         compiled = compile(
@@ -139,6 +139,7 @@ def _run(args: argparse.Namespace) -> int:
     import numpy as np
 
     from graphopt.api import load_compiled
+    from graphopt.calibration import load_input_arrays
 
     compiled = load_compiled(args.artifact)
     feeds = load_input_arrays(args.inputs, compiled.input_names)
@@ -153,27 +154,6 @@ def _run(args: argparse.Namespace) -> int:
             print(f"{name}: {array.dtype} {list(array.shape)}")
         print(f"ran {args.artifact} ({compiled.target.spec}) in {elapsed * 1000:.1f} ms" + (f"; wrote {args.output}" if args.output else ""))
     return 0
-
-
-def load_input_arrays(path: str, input_names: Sequence[str]) -> dict[str, Any]:
-    """The arrays of an .npz (named by input), or of an .npy for a model of one input."""
-    import numpy as np
-
-    try:
-        loaded = np.load(path, allow_pickle=False)
-    except FileNotFoundError:
-        raise GraphoptError(f"{path}: no such file") from None
-    except (OSError, ValueError) as exc:
-        raise GraphoptError(f"{path}: not a readable .npz file of arrays ({exc})") from None
-    if isinstance(loaded, np.ndarray):
-        if len(input_names) != 1:
-            raise GraphoptError(
-                f"{path}: an .npy holds one unnamed array, but the model takes {len(input_names)} inputs "
-                f"({', '.join(input_names)}); save them named in an .npz: np.savez('inputs.npz', {input_names[0] if input_names else 'name'}=...)"
-            )
-        return {input_names[0]: loaded}
-    with loaded as data:
-        return {name: data[name] for name in data.files}
 
 
 def save_outputs(path: str, arrays: dict[str, Any]) -> None:

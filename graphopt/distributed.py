@@ -551,7 +551,7 @@ def torchrun_main(argv: Optional[Sequence[str]] = None) -> int:
     import torch.distributed as dist
 
     from graphopt.api import load_compiled
-    from graphopt.cli_targets import load_input_arrays
+    from graphopt.calibration import load_input_arrays
 
     parser = argparse.ArgumentParser(prog="python -m graphopt.distributed", description=torchrun_main.__doc__.splitlines()[0])
     parser.add_argument("artifact", metavar="DIR")

@@ -248,24 +248,27 @@ GQA_BATCH_LIMIT = "batch_size must be 1 when sequence_length > 1 and past contex
 
 
 def run_by_batch_rows(
-    run: Callable[[dict[str, Any]], list[Any]], feeds: dict[str, Any], error: BaseException,
+    run: Callable[[dict[str, Any]], list[Any]], feeds: dict[str, Any],
     input_shapes: dict[str, Optional[Sequence[Any]]], output_shapes: Sequence[Optional[Sequence[Any]]],
-) -> Optional[list[Any]]:
-    """After `error` from `run(feeds)`: when it is ORT's GroupQueryAttention refusing a batch
-    above 1 with several new tokens and a non-empty past, and every output and each input with
-    a leading batch axis share one symbolic batch dim, the outputs of running each batch row
-    alone, concatenated along the batch axis (exact: the rows are independent); else None."""
+) -> list[Any]:
+    """`run(feeds)`; when ONNX Runtime's GroupQueryAttention refuses it (a batch above 1 with
+    several new tokens and a non-empty past) and every output and each input with a leading batch
+    axis share one symbolic batch dim, each batch row is run alone and the outputs concatenated
+    along the batch axis (exact: the rows are independent). Any other error is raised as it is."""
     import numpy as np
 
-    if GQA_BATCH_LIMIT not in str(error):
-        return None
-    batch = {shape[0] if shape else None for shape in output_shapes}
-    if len(batch) != 1 or not isinstance(next(iter(batch)), str):
-        return None
-    symbol = next(iter(batch))
-    split = {name for name, shape in input_shapes.items() if shape and shape[0] == symbol and name in feeds}
-    sizes = {np.shape(feeds[name])[0] for name in split}
-    if len(sizes) != 1 or min(sizes) < 2:
-        return None
+    try:
+        return run(feeds)
+    except Exception as exc:
+        if GQA_BATCH_LIMIT not in str(exc):
+            raise
+        batch = {shape[0] if shape else None for shape in output_shapes}
+        if len(batch) != 1 or not isinstance(next(iter(batch)), str):
+            raise
+        symbol = next(iter(batch))
+        split = {name for name, shape in input_shapes.items() if shape and shape[0] == symbol and name in feeds}
+        sizes = {np.shape(feeds[name])[0] for name in split}
+        if len(sizes) != 1 or min(sizes) < 2:
+            raise
     parts = [run({name: value[row:row + 1] if name in split else value for name, value in feeds.items()}) for row in range(sizes.pop())]
     return [np.concatenate([np.asarray(part[index]) for part in parts], axis=0) for index in range(len(output_shapes))]

@@ -194,13 +194,12 @@ class OnnxRuntimeModel(CompiledModel):
         self._session_inputs = {i.name for i in self.session.get_inputs()}
 
     def _run(self, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
-        try:
-            return self._io.run(self.session, feeds, self._session_inputs)
+        try:  # a batched chunked prefill, which GroupQueryAttention refuses, runs one sequence at a time
+            return run_by_batch_rows(
+                lambda part: self._io.run(self.session, part, self._session_inputs), feeds,
+                {spec.name: spec.shape for spec in self.inputs}, [spec.shape for spec in self.outputs],
+            )
         except Exception as exc:
-            shapes = {spec.name: spec.shape for spec in self.inputs}
-            rows = run_by_batch_rows(self._run, feeds, exc, shapes, [spec.shape for spec in self.outputs])
-            if rows is not None:  # batched chunked prefill: GroupQueryAttention runs it one sequence at a time
-                return rows
             text = str(exc).strip().splitlines()
             raise GraphoptError(f"ONNX Runtime failed to run the model: {text[0] if text else type(exc).__name__}") from None
 

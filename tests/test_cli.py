@@ -452,7 +452,7 @@ def test_short_version_flag_and_python_dash_m(capsys):
 
 
 def test_run_takes_an_npy_for_a_one_input_model_and_says_what_a_multi_input_one_needs(tmp_path, capsys):
-    from graphopt.cli_targets import load_input_arrays
+    from graphopt.calibration import load_input_arrays
     from graphopt.errors import GraphoptError
 
     path = tmp_path / "x.npy"
