@@ -119,6 +119,8 @@ def _compile(args: argparse.Namespace) -> int:
                 print(compiled.pipeline_report.table())
             ranks = f" as {args.world_size} ranks" if args.world_size > 1 else ""
             print(f"{args.model}: compiled for {compiled.target.spec}{ranks} in {built:.2f} s; wrote {path}")
+            for line in compiled.build_notes():
+                print(f"  {line}")
         if feeds is not None:
             print(fidelity)
     return 0

@@ -107,6 +107,34 @@ def option_literal(text: str) -> Any:
         return text
 
 
+def mapping_literal(value: Any) -> Optional[dict[str, Any]]:
+    """A mapping option's value: a dict as is, or the text ``{key: value, ...}`` whose keys may
+    be bare words and whose values are `option_literal`s (so ``{tracker: 127.0.0.1:9190}``
+    reads as {"tracker": "127.0.0.1:9190"}); None for anything else."""
+    if isinstance(value, dict):
+        return value
+    if not isinstance(value, str) or not value.strip().startswith("{") or not value.strip().endswith("}"):
+        return None
+
+    def fail(problem: str) -> Exception:
+        return ValueError(problem)
+
+    mapping: dict[str, Any] = {}
+    try:
+        entries = split_top_level(value.strip()[1:-1], ",", fail)
+    except ValueError:
+        return None
+    for entry in entries:
+        if not entry.strip():
+            continue
+        key, sep, raw = entry.partition(":")
+        key = key.strip().strip("'\"")
+        if not sep or not key:
+            return None
+        mapping[key] = option_literal(raw.strip())
+    return mapping
+
+
 def split_top_level(text: str, separator: str, fail: Fail) -> list[str]:
     """`text` split at each `separator` outside brackets and quotes; `fail(problem)` builds
     the exception raised when brackets or quotes do not balance."""

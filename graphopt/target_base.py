@@ -208,6 +208,11 @@ class CompiledModel:
         """Target-specific manifest entries."""
         return {}
 
+    def build_notes(self) -> list[str]:
+        """Lines on what the build did beyond compiling (e.g. TVM's tuning), printed by
+        `graphopt compile`; none by default."""
+        return []
+
     def save(self, directory: "str | os.PathLike[str]") -> str:
         """Write the artifact and a manifest.json into `directory`, atomically; return its path.
 

@@ -16,11 +16,10 @@ same range, as the model needs them equal at run time:
 
 from __future__ import annotations
 
-import ast
-import re
 from typing import Any, Optional, Sequence
 
 from graphopt.ir.graph import Graph
+from graphopt.options import mapping_literal
 from graphopt.target_base import TargetError
 
 DimRange = tuple[int, int, int]
@@ -29,21 +28,14 @@ DEFAULT_BATCH: DimRange = (1, 1, 32)
 DEFAULT_OTHER: DimRange = (1, 128, 512)
 """(min, opt, max) of every other dynamic dim (sequence lengths): tuned for 128 tokens, up to 512."""
 
-_BARE_KEY = re.compile(r"([{,]\s*)([A-Za-z_][\w.]*)\s*:")
-
 
 def parse_profiles(value: "dict[str, Any] | str | None") -> dict[str, DimRange]:
     """The `profiles` option as {dim name: (min, opt, max)}; TargetError naming a bad entry."""
     if value is None or value == "":
         return {}
     given = value
-    if isinstance(value, str):
-        text = _BARE_KEY.sub(lambda m: f"{m.group(1)}{m.group(2)!r}:", value.strip())
-        try:
-            value = ast.literal_eval(text)
-        except (ValueError, SyntaxError):
-            value = None
-    if not isinstance(value, dict):
+    value = mapping_literal(value)
+    if value is None:
         raise TargetError(
             f"target 'tensorrt': option 'profiles' must be a mapping such as "
             f"{{batch: [1, 8, 32], seq: [1, 128, 512]}}, got {given!r}"

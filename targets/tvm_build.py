@@ -9,16 +9,17 @@ cuda: the same with dlight's GPU rules in place of the CPU schedules.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Optional
 
 from graphopt.target_base import TargetError
 
 
-def build(module: Any, target: Any) -> Any:
-    """The `tvm.runtime.Executable` of `module` (a Relax IRModule) for `target` (a TvmTarget);
-    TargetError naming TVM's message where TVM fails."""
+def build(module: Any, target: Any, tuning_dims: Optional[dict[str, int]] = None) -> tuple[Any, Any]:
+    """The `tvm.runtime.Executable` of `module` (a Relax IRModule) for `target` (a TvmTarget),
+    and the `tvm_tuning.TuningReport` when `tuning_dims` (the static sizes `module` was built
+    for) is given and the target has a tuning budget (else None); TargetError naming TVM's message where TVM fails."""
     try:
-        return _build(module, target)
+        return _build(module, target, tuning_dims)
     except RuntimeError as exc:  # TVM's errors (its passes fail on some graphs: FuseTIR on KV-cache decoders)
         raise _build_error(target, exc) from None
 
@@ -28,9 +29,11 @@ def _build_error(target: Any, exc: BaseException) -> TargetError:
     return TargetError(f"TVM could not build the model for {target.spec}: {text[-1] if text else type(exc).__name__}")
 
 
-def _build(module: Any, target: Any) -> Any:
+def _build(module: Any, target: Any, tuning_dims: Optional[dict[str, int]]) -> tuple[Any, Any]:
     import tvm
     from tvm import relax
+
+    from graphopt.targets.tvm_schedule import hoist_reduction_inits
 
     tvm_target = target.tvm_target()
     with tvm_target:
@@ -39,7 +42,14 @@ def _build(module: Any, target: Any) -> Any:
             + relax.pipeline.library_dispatch_passes(tvm_target)
             + relax.pipeline.legalize_passes(tvm_target)
         )(module)
-        module = schedule(module, target, tvm_target)
+        report = None
+        if tuning_dims is not None and target.tuning:
+            from graphopt.targets.tvm_tuning import tune
+
+            module, report = tune(module, target, tvm_target, tuning_dims)
+            module = hoist_reduction_inits(module)
+        else:
+            module = schedule(module, target, tvm_target)
         lowering = [
             relax.transform.RewriteDataflowReshape(),
             relax.transform.ToNonDataflow(),
@@ -48,18 +58,30 @@ def _build(module: Any, target: Any) -> Any:
         ]
         module = tvm.transform.Sequential(lowering + relax.pipeline.finalize_passes(tvm_target))(module)
     try:
-        return tvm.compile(module, tvm_target, relax_pipeline=None)
+        return tvm.compile(module, tvm_target, relax_pipeline=None), report
     except Exception as exc:
         raise _build_error(target, exc) from None
 
 
 def schedule(module: Any, target: Any, tvm_target: Any) -> Any:
-    """Every PrimFunc of `module` scheduled for `tvm_target`."""
+    """Every PrimFunc of `module` scheduled for `tvm_target` by the hand rules."""
+    from tvm.s_tir import dlight
+
+    module = dlight.ApplyDefaultSchedule(*schedule_rules(target))(module)
+    if target.variant == "cuda":
+        return module
+    from graphopt.targets.tvm_schedule import hoist_reduction_inits
+
+    return hoist_reduction_inits(module)
+
+
+def schedule_rules(target: Any) -> list[Any]:
+    """The hand schedule rules for `target` (a TvmTarget), first match wins: graphopt's CPU
+    rules (`tvm_schedule`) for llvm, dlight's GPU rules for cuda."""
     from tvm.s_tir import dlight
 
     if target.variant == "cuda":
-        rules = [dlight.gpu.Matmul(), dlight.gpu.GEMV(), dlight.gpu.Reduction(), dlight.gpu.GeneralReduction(), dlight.gpu.Fallback()]
-        return dlight.ApplyDefaultSchedule(*rules)(module)
-    from graphopt.targets.tvm_schedule import cpu_rules, hoist_reduction_inits
+        return [dlight.gpu.Matmul(), dlight.gpu.GEMV(), dlight.gpu.Reduction(), dlight.gpu.GeneralReduction(), dlight.gpu.Fallback()]
+    from graphopt.targets.tvm_schedule import cpu_rules
 
-    return hoist_reduction_inits(dlight.ApplyDefaultSchedule(*cpu_rules())(module))
+    return cpu_rules()

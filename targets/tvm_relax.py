@@ -34,6 +34,7 @@ from graphopt.errors import UnsupportedOpError
 from graphopt.ir.dtypes import DType
 from graphopt.ir.graph import Graph, Node, Value
 from graphopt.ir.schema import GRAPHOPT_DOMAIN
+from graphopt.ir.symbolic import evaluate_dim
 from graphopt.targets.dtype_support import node_dtypes
 
 INLINE_LIMIT = 64
@@ -93,13 +94,15 @@ def _plain_gemm(node: Node) -> bool:
     return node.op_type == "Gemm" and not node.attrs.get("transA", 0) and not node.attrs.get("transB", 0)
 
 
-def to_relax(graph: Graph, *, pack_weights: bool = True) -> RelaxModule:
+def to_relax(graph: Graph, *, pack_weights: bool = True, static_dims: Optional[dict[str, int]] = None) -> RelaxModule:
     """`graph` as a Relax IRModule whose ``main`` takes (inputs..., params...);
-    `pack_weights`: matmul weights in CPU column panels (see `PACK`). Constant
-    MatMulNBits weights are dequantized first (`tvm_relax_quant.dequantize_nbits_weights`)."""
+    `pack_weights`: matmul weights in CPU column panels (see `PACK`); `static_dims`: sizes
+    of symbolic dims (by symbol) to build the module for, so the input dims that are those
+    symbols, or expressions over them only, become constants (tuning needs static shapes).
+    Constant MatMulNBits weights are dequantized first (`tvm_relax_quant.dequantize_nbits_weights`)."""
     from graphopt.targets.tvm_relax_quant import dequantize_nbits_weights
 
-    return _Converter(dequantize_nbits_weights(graph), pack_weights).run()
+    return _Converter(dequantize_nbits_weights(graph), pack_weights, static_dims or {}).run()
 
 
 def unsupported_nodes(graph: Graph) -> list[Node]:
@@ -125,12 +128,13 @@ def _rule(node: Node) -> Optional[Callable[..., Any]]:
 
 
 class _Converter:
-    def __init__(self, graph: Graph, pack_weights: bool) -> None:
+    def __init__(self, graph: Graph, pack_weights: bool, static_dims: dict[str, int]) -> None:
         from tvm import relax, tirx as tir
 
         self.relax, self.tir = relax, tir
         self.graph = graph
         self.pack_weights = pack_weights
+        self.static_dims = static_dims
         self.bb = relax.BlockBuilder()
         self.env: dict[Value, Any] = {}
         self.dims: dict[str, Any] = {}
@@ -181,6 +185,10 @@ class _Converter:
         for axis, dim in enumerate(value.shape):
             if isinstance(dim, int):
                 shape.append(dim)
+                continue
+            size = evaluate_dim(dim, self.static_dims) if isinstance(dim, str) and self.static_dims else None
+            if size is not None:
+                shape.append(size)
                 continue
             name = dim if isinstance(dim, str) else f"{value.name}_dim{axis}"
             if name not in self.dims:

@@ -15,7 +15,8 @@ than ONNX Runtime). `cpu_rules()` gives, in order of preference:
   slower than with a static one ([seq, 384] x [384, 1536], one thread: 3.7-4.3 ms against
   1.6-1.8 ms, torch 1.6 ms). Padding the rows to whole tiles in TE removed the row
   predicate but not the cost (its LLVM IR had one more workspace allocation than the
-  static build's, so the tile is likely not kept in registers). Not fixed;
+  static build's, so the tile is likely not kept in registers). Not fixed in the symbolic
+  build; the target's static buckets (`tune_shapes`) avoid it;
 - dlight's CPU `Reduction` (softmax, layer norm, RMS norm) and `GEMV` (skipped for a kernel
   their analysis fails on);
 - `Elementwise`: injective kernels with every loop fused, parallel and vectorized (pure

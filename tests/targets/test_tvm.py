@@ -100,7 +100,7 @@ def test_tvm_names_the_node_and_op_it_cannot_run():
 @pytest.mark.parametrize("spec, message", [
     ("tvm{num_cores=-2}", "target 'tvm': num_cores must be >= 0 (0: all cores), got -2"),
     ("tvm{num_cores=two}", "target 'tvm': option 'num_cores' must be int, got 'two'"),
-    ("tvm{tune=1}", "target 'tvm' has no option 'tune' (options: mcpu, num_cores)"),
+    ("tvm{tune=1}", "target 'tvm' has no option 'tune' (options: mcpu, num_cores, rpc, tune_minutes, tune_shapes, tune_trials, tuning_db)"),
     ("tvm{mcpu='-O3 x'}", "target 'tvm': mcpu must be an LLVM CPU name such as 'znver4' or 'skylake-avx512', got '-O3 x'"),
     ("tvm:gpu", "target 'tvm' has no variant 'gpu'; use one of llvm, cuda"),
 ])
