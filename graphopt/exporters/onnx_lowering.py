@@ -3,15 +3,18 @@
 `decompose_graphopt_nodes(graph)` replaces, in place, every graphopt-domain node by the
 default-domain ops it stands for, valid in the graph's own opset (13 and up), with the same
 arithmetic as the patterns fusion raised them from (the `decompose-graphopt-ops` pass runs it
-in a target's lowering; `decompose_graphopt_ops(graph)` is the copying form the exporter uses):
+in a target's lowering; `decompose_graphopt_ops(graph)` is the copying form the exporter uses,
+which also emits ONNX's opset-23 ops where the graph's opset has them):
 
 - `Attention(q, k, v[, bias][, past_key, past_value])`: with a KV cache, K and V first become
   `Concat(past, new, axis=2)` (also the present outputs); K and V repeated for grouped-query heads
   (Unsqueeze/Expand/Reshape), `MatMul(q, Transpose(k))`, `Mul` by the scale, the bias added
   (a boolean bias selects with `Where`), a causal mask aligned to the last key, `Softmax`
   over the keys, `MatMul` with V;
-- `RMSNorm(x, scale)`: `x * 1/sqrt(ReduceMean(x^2) + eps) * scale`;
-- `RotaryEmbedding(x, cos, sin)`: `graphopt.exporters.rotary_lowering`;
+- `RMSNorm(x, scale)`: `x * 1/sqrt(ReduceMean(x^2) + eps) * scale` (in the exporter's form
+  at opset >= 23: ONNX's own `RMSNormalization`);
+- `RotaryEmbedding(x, cos, sin)`: `graphopt.exporters.rotary_lowering` (in the exporter's form
+  at opset >= 23, where cos/sin are [B, S, R/2]: ONNX's own `RotaryEmbedding`);
 - `Gelu(x[, bias])`: `x + bias`, then the erf or tanh formula;
 - `SkipLayerNorm(x, skip, scale[, beta][, bias])`: `(x + bias) + skip`, then
   `LayerNormalization` (or the RMSNorm formula when `simplified`); the sum is the second output.
@@ -40,6 +43,7 @@ from graphopt.exporters.rotary_lowering import decompose_rotary
 from graphopt.ir.graph import Graph, Node, Value
 from graphopt.ir.ops.graphopt import has_kv_cache
 from graphopt.ir.schema import GRAPHOPT_DOMAIN
+from graphopt.ir.symbolic import dims_equal
 from graphopt.ir.tensor import ArrayTensor
 
 _LOWEST = float(np.finfo(np.float32).min)
@@ -47,6 +51,9 @@ _LOWEST = float(np.finfo(np.float32).min)
 
 LAYER_NORM_OPSET = 17
 """The first ONNX opset with LayerNormalization."""
+
+STANDARD_OPS_OPSET = 23
+"""The first ONNX opset with RMSNormalization and RotaryEmbedding."""
 
 
 def _needs_decomposition(graph: Graph, node: Node) -> bool:
@@ -60,22 +67,27 @@ def has_graphopt_ops(graph: Graph) -> bool:
     return any(_needs_decomposition(graph, node) for node in graph.nodes)
 
 
-def decompose_graphopt_ops(graph: Graph) -> Graph:
-    """`graph` itself when it holds no graphopt-domain ops, else a copy with them decomposed."""
+def decompose_graphopt_ops(graph: Graph, standard_ops: bool = True) -> Graph:
+    """`graph` itself when it holds no graphopt-domain ops, else a copy with them decomposed
+    (`standard_ops`: see `decompose_graphopt_nodes`)."""
     if not has_graphopt_ops(graph):
         return graph
     lowered = graph.clone()
-    decompose_graphopt_nodes(lowered)
+    decompose_graphopt_nodes(lowered, standard_ops=standard_ops)
     return lowered
 
 
-def decompose_graphopt_nodes(graph: Graph, keep: Collection[str] = ()) -> int:
+def decompose_graphopt_nodes(graph: Graph, keep: Collection[str] = (), standard_ops: bool = False) -> int:
     """Replace, in place, each graphopt-domain node (and each LayerNormalization below opset
     17) by standard ONNX ops, except those whose op type is in `keep`; return how many
-    nodes were replaced. The results keep the replaced outputs' names."""
+    nodes were replaced. The results keep the replaced outputs' names. `standard_ops`: in a
+    graph of opset >= 23, RMS norms become ONNX's `RMSNormalization` and rotary embeddings
+    its `RotaryEmbedding` (where the cos/sin have a batch dim equal to x's) instead of their
+    formulas (`Attention` stays decomposed: see the module docstring)."""
     replaced = 0
+    standard = standard_ops and graph.opset() >= STANDARD_OPS_OPSET
     for node in [n for n in graph.nodes if _needs_decomposition(graph, n)]:
-        builder = _Builder(graph, node)
+        builder = _Builder(graph, node, standard)
         if node.op_type in keep:
             if node.op_type == "Attention" and has_kv_cache(node):
                 _split_kv_cache(graph, builder, node)
@@ -84,7 +96,7 @@ def decompose_graphopt_nodes(graph: Graph, keep: Collection[str] = ()) -> int:
         if node.op_type == "Attention":
             results = _attention(builder, node)
         elif node.op_type == "RotaryEmbedding":
-            results = [decompose_rotary(builder, node)]
+            results = [_standard_rotary(builder, node) if builder.standard and _batched_tables(node) else decompose_rotary(builder, node)]
         elif node.op_type == "RMSNorm":
             results = [_rmsnorm(builder, node)]
         elif node.op_type == "Gelu":
@@ -107,9 +119,11 @@ def decompose_graphopt_nodes(graph: Graph, keep: Collection[str] = ()) -> int:
 class _Builder:
     """Adds default-domain nodes before `anchor`; numbers become constants of a given dtype."""
 
-    def __init__(self, graph: Graph, anchor: Node) -> None:
+    def __init__(self, graph: Graph, anchor: Node, standard: bool = False) -> None:
         self.graph = graph
         self.anchor = anchor
+        self.standard = standard
+        """Whether ONNX's opset-23 RMSNormalization and RotaryEmbedding may be emitted."""
 
     def op(self, op_type: str, *inputs: Value, **attrs: object) -> Value:
         return self.graph.add_node(op_type, list(inputs), attrs or None, before=self.anchor).output
@@ -207,11 +221,34 @@ def _mean(b: _Builder, x: Value, axes: list[int]) -> Value:
 def _rmsnorm(b: _Builder, node: Node, x: Optional[Value] = None) -> Value:
     x = node.inputs[0] if x is None else x
     scale = node.inputs[1] if node.op_type == "RMSNorm" else node.inputs[2]
+    if b.standard:
+        axis = _normalized_axes(node, x)[0]  # type: ignore[arg-type]
+        return b.op("RMSNormalization", x, scale, axis=axis, epsilon=float(node.attrs.get("epsilon", 1e-5)))  # type: ignore[arg-type]
     square = b.op("Pow", x, b.const(2.0, like=x))  # type: ignore[arg-type]
     mean = _mean(b, square, _normalized_axes(node, x))  # type: ignore[arg-type]
     root = b.op("Sqrt", b.op("Add", mean, b.const(float(node.attrs.get("epsilon", 1e-5)), like=x)))
     normalized = b.op("Mul", x, b.op("Reciprocal", root))  # type: ignore[arg-type]
     return b.op("Mul", scale, normalized)  # type: ignore[arg-type]
+
+
+def _batched_tables(node: Node) -> bool:
+    """Whether a RotaryEmbedding's cos and sin are [B, S, R/2] with x's batch dim B, the form
+    ONNX's RotaryEmbedding takes without position ids."""
+    x, cos, sin = node.inputs[:3]
+    shapes = [v.type.shape for v in (x, cos, sin)]
+    if any(shape is None for shape in shapes) or len(shapes[1]) != 3 or len(shapes[2]) != 3:  # type: ignore[arg-type]
+        return False
+    return all(dims_equal(shape[0], shapes[0][0]) is True for shape in shapes[1:])  # type: ignore[index]
+
+
+def _standard_rotary(b: _Builder, node: Node) -> Value:
+    """ONNX's RotaryEmbedding on the [B, H, S, D] input with the same cos/sin (the arithmetic
+    of `graphopt.ir.ops.rotary`)."""
+    attrs: dict[str, object] = {"interleaved": int(node.attrs.get("interleaved", 0))}
+    rotary = int(node.attrs.get("rotary_dim", 0) or 0)
+    if rotary:
+        attrs["rotary_embedding_dim"] = rotary
+    return b.op("RotaryEmbedding", *node.inputs[:3], **attrs)  # type: ignore[arg-type]
 
 
 def _layer_norm(b: _Builder, node: Node, x: Value, scale: Value, beta: Optional[Value] = None) -> Value:
