@@ -23,6 +23,7 @@ with the same thread count; tuning time is its own column. Prints markdown.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import pathlib
 import sys
@@ -64,7 +65,8 @@ def _graphopt(path: pathlib.Path, spec: str) -> tuple[Any, float]:
 
 def _tvm_metaschedule(module: Any, feeds: dict[str, np.ndarray], threads: int, trials: int, work_dir: str) -> tuple[Runner, float, Any]:
     """TVM's own flow: torch.export, `relax.frontend.torch` import, legalize + fuse,
-    tune_relax, compile_relax (TVM's ONNX importer fails on these exports: broadcast_to)."""
+    tune_relax, the database applied, tvm.compile (TVM's ONNX importer fails on these exports:
+    broadcast_to)."""
     import torch
     import tvm
     from tvm import relax
@@ -84,8 +86,9 @@ def _tvm_metaschedule(module: Any, feeds: dict[str, np.ndarray], threads: int, t
         mod = tvm.transform.Sequential([relax.transform.LegalizeOps(), relax.transform.AnnotateTIROpPattern(), relax.transform.FoldConstant(),
                                         relax.transform.FuseOps(), relax.transform.FuseTIR()])(mod)
     builder = ms.builder.LocalBuilder(max_workers=threads, f_build=build_kernel, timeout_sec=60.0)
-    database = ms.relax_integration.tune_relax(mod, {}, target, work_dir, max_trials_global=trials, builder=builder,
-                                               num_trials_per_iter=32)
+    with contextlib.redirect_stdout(sys.stderr):  # MetaSchedule binds its INFO log handler to stdout here
+        database = ms.relax_integration.tune_relax(mod, {}, target, work_dir, max_trials_global=trials, builder=builder,
+                                                   num_trials_per_iter=32)
     # meta_schedule.compile_relax (0.27) re-runs legalization and returns an unscheduled build
     # (MiniLM: 1970 ms against 63 ms for the same 64-trial database applied as below).
     with target, database, tvm.transform.PassContext(opt_level=3):

@@ -72,6 +72,8 @@ def test_tuning_with_a_tiny_budget_keeps_or_beats_each_hand_schedule_and_a_secon
     assert measured, report
     for kernel in measured:
         assert kernel["best_ms"] <= kernel["hand_ms"], kernel  # the hand schedule is the baseline the tuner must beat
+    assert set(report["module_ms"]) == {"hand", "tuned"}  # both modules timed end to end; the faster is kept
+    assert report["uses"] == min(report["module_ms"], key=report["module_ms"].__getitem__)
     x = _x(1, 32)
     np.testing.assert_allclose(tuned(x=x)[0], untuned(x=x)[0], rtol=1e-5, atol=1e-5)
     records = _records(database)
@@ -81,6 +83,17 @@ def test_tuning_with_a_tiny_budget_keeps_or_beats_each_hand_schedule_and_a_secon
     assert again["trials"] == 0
     assert _records(database) == records
     assert [k["best_ms"] for k in again["kernels"]] == [k["best_ms"] for k in report["kernels"]]
+
+
+def test_a_tuned_module_slower_end_to_end_than_the_hand_one_is_not_used(tmp_path, monkeypatch):
+    import graphopt.timing
+
+    monkeypatch.setattr(graphopt.timing, "median_ms", lambda runners, repeats: {"hand": 1.0, "tuned": 2.0})
+    compiled = compile(_linear_graph(), f"tvm:llvm{{tune_trials=2,tune_shapes={{batch:1,seq:8}},tuning_db='{tmp_path}'}}", "cleanup")
+    assert compiled.buckets[0].report["uses"] == "hand"
+    assert "uses the hand one" in compiled.build_notes()[0]
+    x = _x(1, 8)
+    np.testing.assert_allclose(compiled(x=x)[0], _expected(x), rtol=1e-5, atol=1e-5)
 
 
 def test_ctrl_c_during_the_search_keeps_what_was_measured_and_builds(tmp_path, monkeypatch):
