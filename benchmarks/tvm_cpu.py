@@ -133,10 +133,11 @@ def run_model(name: str, args: argparse.Namespace, folder: str) -> tuple[list[st
         _say(f"{name}: graphopt tuned {minutes:g} min")
         database = tempfile.mkdtemp(prefix=f"db-{name}-{minutes:g}-", dir=folder)
         compiled, seconds = _graphopt(path, f"{base},{shapes},tune_minutes={minutes},tuning_db={database!r}}}")
-        trials = compiled.buckets[0].report.get("trials", 0)
-        most_trials = max(most_trials, trials)
-        kernels = compiled.buckets[0].report["kernels"]
-        add(f"graphopt tuned {minutes:g} min", compiled, seconds, trials)
+        report = compiled.buckets[0].report
+        most_trials = max(most_trials, report["trials"])
+        kernels = report["kernels"]
+        timed = ", ".join(f"{label} {ms:.1f} ms" for label, ms in report.get("module_ms", {}).items())
+        add(f"graphopt tuned {minutes:g} min (uses the {report['uses']} module; at build: {timed})", compiled, seconds, report["trials"])
     if args.metaschedule and most_trials:
         _say(f"{name}: TVM MetaSchedule, {most_trials} trials")
         runner, seconds, outputs = _tvm_metaschedule(module, feeds, args.threads, most_trials, tempfile.mkdtemp(prefix="ms-", dir=folder))
