@@ -49,11 +49,12 @@ from graphopt.pass_base import Pass
 from graphopt.registry import get_pass
 from graphopt.target_base import CompiledModel, IOSpec, Target, TargetError
 from graphopt.targets.dtype_support import refused_types_reason
+from graphopt.targets.tvm_build import last_line
 from graphopt.targets.tvm_tuning import default_database_dir, faster_module
 
 LIBRARY_FILE = "model.so"
-_EXAMPLES = {"tune_shapes": "{batch: 1, seq: [128, 256]}", "rpc": '{tracker: "127.0.0.1:9190", key: cpu}'}
 PARAMS_FILE = "params.npz"
+_EXAMPLES = {"tune_shapes": "{batch: 1, seq: [128, 256]}", "rpc": '{tracker: "127.0.0.1:9190", key: cpu}'}
 
 
 @dataclasses.dataclass
@@ -88,9 +89,12 @@ class TvmTarget(Target):
             raise ValueError("tune_minutes and tune_trials must be >= 0")
         for option in ("tune_shapes", "rpc"):
             value = getattr(self, option)
-            if value is not None and mapping_literal(value) is None:
+            if value is None:
+                continue
+            mapping = mapping_literal(value)
+            if mapping is None:
                 raise ValueError(f"option {option} must be a mapping such as {_EXAMPLES[option]}, got {value!r}")
-            setattr(self, option, mapping_literal(value) if value is not None else None)
+            setattr(self, option, mapping)
         if self.rpc is not None:
             from graphopt.targets.tvm_tuning import rpc_address
 
@@ -240,7 +244,7 @@ class TvmModel(CompiledModel):
         self.buckets = list(buckets)
         self.device = tvm.cuda(0) if target.variant == "cuda" else tvm.cpu(0)
         self.vm = relax.VirtualMachine(executable, self.device)
-        self._bucket_vms = {_dims_key(b.dims): relax.VirtualMachine(b.executable, self.device) for b in self.buckets}
+        self._bucket_vms = [(b.dims, relax.VirtualMachine(b.executable, self.device)) for b in self.buckets]
         self._weights = [tvm.runtime.tensor(p, self.device) for p in params]
 
     def machine_for(self, feeds: dict[str, np.ndarray]) -> Any:
@@ -253,9 +257,9 @@ class TvmModel(CompiledModel):
             for dim, size in zip(spec.shape, np.shape(feeds[spec.name])):
                 if isinstance(dim, str) and dim_symbols(dim) == (dim,):
                     sizes[dim] = int(size)
-        for bucket in self.buckets:
-            if all(sizes.get(symbol) == size for symbol, size in bucket.dims.items()):
-                return self._bucket_vms[_dims_key(bucket.dims)]
+        for dims, machine in self._bucket_vms:
+            if all(sizes.get(symbol) == size for symbol, size in dims.items()):
+                return machine
         return self.vm
 
     def _run(self, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
@@ -265,8 +269,7 @@ class TvmModel(CompiledModel):
         try:
             results = self.machine_for(feeds)["main"](*args, *self._weights)
         except Exception as exc:
-            text = str(exc).strip().splitlines()
-            raise GraphoptError(f"TVM failed to run the model: {text[-1] if text else type(exc).__name__}") from None
+            raise GraphoptError(f"TVM failed to run the model: {last_line(str(exc)) or type(exc).__name__}") from None
         return [r.numpy() for r in results]
 
     def _save_files(self, directory: str) -> list[str]:
@@ -276,8 +279,7 @@ class TvmModel(CompiledModel):
                 with native_stderr_to_log("TVM"):
                     executable.export_library(os.path.join(directory, name))
             except Exception as exc:
-                text = str(exc).strip().splitlines()
-                raise TargetError(f"TVM could not write {name} (export_library needs a C compiler): {text[-1] if text else exc}") from None
+                raise TargetError(f"TVM could not write {name} (export_library needs a C compiler): {last_line(str(exc)) or exc}") from None
         np.savez(os.path.join(directory, PARAMS_FILE), **{f"p{i}": p for i, p in enumerate(self.params)})
         return [name for name, _ in files] + [PARAMS_FILE]
 
@@ -324,10 +326,6 @@ def _default_size(symbol: str) -> Optional[int]:
 
 def _bucket_file(index: int) -> str:
     return f"bucket{index}.so"
-
-
-def _dims_key(dims: dict[str, int]) -> tuple[tuple[str, int], ...]:
-    return tuple(sorted(dims.items()))
 
 
 def _cuda_arch() -> str:

@@ -25,13 +25,20 @@ def build(module: Any, target: Any, tuning_dims: Optional[dict[str, int]] = None
 
 
 def _build_error(target: Any, exc: BaseException) -> TargetError:
-    text = [line for line in str(exc).strip().splitlines() if line.strip()]
-    return TargetError(f"TVM could not build the model for {target.spec}: {text[-1] if text else type(exc).__name__}")
+    return TargetError(f"TVM could not build the model for {target.spec}: {last_line(str(exc)) or type(exc).__name__}")
+
+
+def last_line(text: str) -> str:
+    """The last non-blank line of a (TVM) message; "" for none. TVM ends its errors with the
+    line that says what failed, after C++ frames."""
+    lines = [line for line in text.strip().splitlines() if line.strip()]
+    return lines[-1] if lines else ""
 
 
 def _build(module: Any, target: Any, tuning_dims: Optional[dict[str, int]]) -> tuple[Any, Any]:
     import tvm
     from tvm import relax
+    from tvm.s_tir import dlight
 
     from graphopt.targets.tvm_schedule import hoist_reduction_inits
 
@@ -47,9 +54,10 @@ def _build(module: Any, target: Any, tuning_dims: Optional[dict[str, int]]) -> t
             from graphopt.targets.tvm_tuning import tune
 
             module, report = tune(module, target, tvm_target, tuning_dims)
-            module = hoist_reduction_inits(module)
         else:
-            module = schedule(module, target, tvm_target)
+            module = dlight.ApplyDefaultSchedule(*schedule_rules(target))(module)
+        if target.variant != "cuda":
+            module = hoist_reduction_inits(module)
         lowering = [
             relax.transform.RewriteDataflowReshape(),
             relax.transform.ToNonDataflow(),
@@ -61,18 +69,6 @@ def _build(module: Any, target: Any, tuning_dims: Optional[dict[str, int]]) -> t
         return tvm.compile(module, tvm_target, relax_pipeline=None), report
     except Exception as exc:
         raise _build_error(target, exc) from None
-
-
-def schedule(module: Any, target: Any, tvm_target: Any) -> Any:
-    """Every PrimFunc of `module` scheduled for `tvm_target` by the hand rules."""
-    from tvm.s_tir import dlight
-
-    module = dlight.ApplyDefaultSchedule(*schedule_rules(target))(module)
-    if target.variant == "cuda":
-        return module
-    from graphopt.targets.tvm_schedule import hoist_reduction_inits
-
-    return hoist_reduction_inits(module)
 
 
 def schedule_rules(target: Any) -> list[Any]:

@@ -40,6 +40,7 @@ import time
 from typing import Any, Optional
 
 from graphopt.target_base import TargetError
+from graphopt.targets.tvm_build import last_line
 
 COVERED = 0.95
 """Share of the measured kernel time whose tasks are tuned."""
@@ -85,10 +86,6 @@ class TuningReport:
     trials: int
     seconds: float
     interrupted: bool = False
-
-    def estimated_ms(self, tuned: bool = True) -> float:
-        """Sum of kernel time x calls over the measured kernels (hand or best schedules)."""
-        return sum((k.best_ms if tuned else k.hand_ms) * k.calls for k in self.kernels if k.hand_ms is not None and k.best_ms is not None)
 
     def to_json(self) -> dict[str, Any]:
         return {"dims": self.dims, "trials": self.trials, "seconds": round(self.seconds, 1), "interrupted": self.interrupted,
@@ -288,14 +285,14 @@ def _measure_hand(tasks: list[_Task], database: Any, tvm_target: Any, builder: A
         inputs, ran = [], []
         for task, result in zip(pending, built):
             if result.error_msg is not None:
-                log.info("tvm tuning: kernel %s could not be built for measuring (kept untuned): %s", task.name, _last_line(result.error_msg))
+                log.info("tvm tuning: kernel %s could not be built for measuring (kept untuned): %s", task.name, last_line(result.error_msg))
             else:
                 inputs.append(ms.runner.RunnerInput(result.artifact_path, "cuda" if tvm_target.kind.name == "cuda" else "cpu", ms.arg_info.ArgInfo.from_prim_func(task.mod["main"])))
                 ran.append(task)
         for task, future in zip(ran, runner.run(inputs)):
             result = future.result()
             if result.error_msg is not None or not result.run_secs:
-                log.info("tvm tuning: kernel %s could not be measured (kept untuned): %s", task.name, _last_line(result.error_msg or ""))
+                log.info("tvm tuning: kernel %s could not be measured (kept untuned): %s", task.name, last_line(result.error_msg or ""))
                 continue
             workload = database.commit_workload(task.mod)
             args = ms.arg_info.ArgInfo.from_prim_func(task.mod["main"])
@@ -452,8 +449,3 @@ def _record_ms(record: Any) -> Optional[float]:
 def _secs_ms(run_secs: Any) -> float:
     values = [float(s) for s in run_secs]
     return 1000 * sum(values) / len(values)
-
-
-def _last_line(text: str) -> str:
-    lines = [line for line in text.strip().splitlines() if line.strip()]
-    return lines[-1] if lines else ""
