@@ -177,6 +177,10 @@ class _LazyCompiled:
         if target.name == "torch":
             on_cpu = all(a.device.type == "cpu" for a in args if isinstance(a, torch.Tensor))
             module = graph.to_fx(prepack_linears=on_cpu and getattr(target, "prepack", True))
+            if on_cpu and getattr(target, "keep_heap", True):
+                from graphopt.cpu_heap import keep_freed_memory
+
+                keep_freed_memory()
         else:
             from graphopt.partition import PartitionedModel, compile_for_target
 

@@ -10,6 +10,7 @@ matching torch functions, `SkipLayerNorm` the residual add and `layer_norm` (or 
 
 from __future__ import annotations
 
+import weakref
 from typing import Callable, Optional
 
 import torch
@@ -47,11 +48,63 @@ def graphopt_Attention(
     if mask is not None and mask.dtype != torch.bool and mask.dtype != query.dtype:
         mask = mask.to(query.dtype)
     grouped = num_kv_heads is not None and num_kv_heads != num_heads
-    out = F.scaled_dot_product_attention(query, key, value, attn_mask=mask, scale=scale, enable_gqa=grouped)
+    if _half_on_cpu(query) and not grouped and not presents and (mask is None or (mask.dtype == query.dtype and not _has_blocked_row(mask))):
+        out = _half_attention_by_matmuls(query, key, value, mask, scale)
+    else:
+        out = F.scaled_dot_product_attention(query, key, value, attn_mask=mask, scale=scale, enable_gqa=grouped)
     if nan_to_zero and mask is not None:
         attended = mask.any(dim=-1, keepdim=True) if mask.dtype == torch.bool else (mask > float("-inf")).any(dim=-1, keepdim=True)
         out = torch.where(attended, out, torch.zeros((), dtype=out.dtype, device=out.device))
     return (out, *presents)
+
+
+def _half_on_cpu(x: Tensor) -> bool:
+    return x.device.type == "cpu" and x.dtype in (torch.bfloat16, torch.float16)
+
+
+_last_bias_checked: tuple[Optional[Callable[[], Optional[Tensor]]], int, bool] = (None, -1, False)
+"""(weak reference to the bias, its version, the answer): the layers of a model share one mask."""
+
+
+def _has_blocked_row(bias: Tensor) -> bool:
+    """Whether a row of the additive bias is -inf throughout (SDPA answers 0 there, a plain softmax NaN)."""
+    global _last_bias_checked
+    reference, version, answer = _last_bias_checked
+    try:
+        current = bias._version
+    except RuntimeError:  # an inference-mode tensor keeps no version counter
+        current = None
+    if current is not None and reference is not None and reference() is bias and version == current:
+        return answer
+    answer = bool((bias.amax(dim=-1) == float("-inf")).any())
+    if current is not None:
+        _last_bias_checked = (weakref.ref(bias), current, answer)
+    return answer
+
+
+def _half_attention_by_matmuls(query: Tensor, key: Tensor, value: Tensor, bias: Optional[Tensor], scale: Optional[float]) -> Tensor:
+    """softmax(q·kᵀ·scale + bias)·v as two batched GEMMs around a softmax, for bfloat16/float16 on CPU.
+
+    Measured on 2 Zen 4 cores (12 heads, 128 tokens, bfloat16), this takes 0.59x (head size 32) and
+    0.49x (head size 64) of SDPA's CPU flash kernel at batch 8, and 0.79x / 0.71x at batch 1: the
+    flash kernel's tiling suits long sequences, not these. The scale and a [B, 1, 1, K] padding
+    bias are applied in the first GEMM's epilogue. The softmax accumulates in float32, as SDPA's
+    does; the scores are rounded to the half type once, where SDPA keeps them in float32.
+    """
+    scale = query.shape[-1] ** -0.5 if scale is None else scale
+    batch, heads, q_len, size = query.shape
+    k_len = key.shape[-2]
+    queries = query.reshape(batch * heads, q_len, size)
+    keys_t = key.reshape(batch * heads, k_len, size).transpose(1, 2)
+    if bias is not None and bias.dim() == 4 and bias.shape[1] == 1 and bias.shape[2] == 1:
+        rows = bias.expand(batch, heads, 1, k_len).reshape(batch * heads, 1, k_len)
+        scores = torch.baddbmm(rows, queries, keys_t, alpha=scale)
+    else:
+        scores = torch.baddbmm(query.new_zeros(()), queries, keys_t, beta=0, alpha=scale)
+        if bias is not None:
+            scores = scores.view(batch, heads, q_len, k_len).add_(bias).view(batch * heads, q_len, k_len)
+    probs = torch.softmax(scores, dim=-1)
+    return torch.bmm(probs, value.reshape(batch * heads, k_len, value.shape[-1])).view(batch, heads, q_len, value.shape[-1])
 
 
 def graphopt_RMSNorm(x: Tensor, scale: Tensor, *, axis: int = -1, epsilon: float = 1e-5, stash_type: int = 1) -> Tensor:
@@ -74,8 +127,9 @@ def graphopt_SkipLayerNorm(
     total = (x if bias is None else x + bias) + skip
     if simplified:
         return graphopt_RMSNorm(total, scale, epsilon=epsilon), total
-    if total.dtype == scale.dtype == torch.float32 and (beta is None or beta.dtype == torch.float32):
-        return F.layer_norm(total, total.shape[-1:], scale, beta, epsilon), total  # one pass (measured 2.5x faster at [128, 384])
+    if scale.dtype == total.dtype and (beta is None or beta.dtype == total.dtype):
+        # one pass (float32: measured 2.5x faster at [128, 384]); half inputs are normalized in float32, rounded once
+        return F.layer_norm(total, total.shape[-1:], scale, beta, epsilon), total
     stashed = total.to(torch.float32)
     normed = F.layer_norm(stashed, stashed.shape[-1:], eps=epsilon).to(total.dtype) * scale
     return (normed if beta is None else normed + beta), total

@@ -62,6 +62,32 @@ def test_to_bf16_runs_in_torch():
     np.testing.assert_allclose(run_graph(out, feeds, engine="torch")[0], run_graph(graph, feeds)[0], atol=1e-1)
 
 
+@pytest.mark.parametrize("pipeline, norm_type", [
+    ("to-bf16", DType.BFLOAT16),
+    ("to-bf16{norms=float32}", DType.FLOAT),
+    ("to-fp16", DType.FLOAT),
+    ("to-fp16{norms=half}", DType.FLOAT16),
+])
+def test_norms_run_in_the_half_type_by_default_for_bf16_only(pipeline, norm_type):
+    graph = _attention_like()
+    out = graphopt.optimize(graph.clone(), pipeline, verify=True)
+    norm = next(n for n in out.nodes if n.name == "norm")
+    assert [v.dtype for v in norm.inputs] == [norm_type] * 3  # x, gamma and beta alike (valid ONNX)
+    assert norm.output.dtype == norm_type and out.outputs[0].dtype == DType.FLOAT
+    assert next(n for n in out.nodes if n.name == "softmax").output.dtype == DType.FLOAT
+    assert norm.inputs[0].producer.op_type == ("Cast" if norm_type == DType.FLOAT else "Add")  # half: the residual, uncast
+    feeds = sample_inputs(graph)
+    engines = ("torch",) if "bf16" in pipeline else ("onnxruntime", "torch")
+    for engine in engines:
+        got = run_graph(out, feeds, engine=engine)[0]
+        assert cosine(got, run_graph(graph, feeds)[0]) > 0.999, engine
+
+
+def test_norms_option_names_its_values():
+    with pytest.raises(graphopt.PipelineError, match="option 'norms' must be one of float32, half"):
+        graphopt.optimize(_attention_like(), "to-bf16{norms=bf16}")
+
+
 @pytest.mark.slow
 def test_fp16_zoo_bert_after_fuse_stays_faithful(zoo, zoo_onnx):
     graph = graphopt.from_onnx(zoo_onnx("bert"))

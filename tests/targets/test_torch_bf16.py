@@ -73,6 +73,22 @@ def test_tiny_bert_in_bf16_runs_prepacked_linears_near_float32(bert):
     assert cosines.min() >= 0.999, cosines.min()
 
 
+def test_bf16_norms_keep_the_residual_stream_in_bf16(bert):
+    graph, bf16, feeds, expected = bert
+    float_norms = graphopt.optimize(graph.clone(), "fuse,to-bf16{norms=float32}")
+    skips = [n for n in bf16.nodes if n.qualified_op == "graphopt::SkipLayerNorm"]
+    assert skips and all(v.dtype == DType.BFLOAT16 for n in skips for v in (*n.inputs, *n.outputs) if v is not None)
+    assert all(n.outputs[0].dtype == DType.FLOAT for n in float_norms.nodes if n.qualified_op == "graphopt::SkipLayerNorm")
+
+    def casts(g: Graph) -> int:
+        return sum(n.op_type == "Cast" for n in g.nodes)
+
+    assert casts(float_norms) - casts(bf16) >= len(skips)
+    for g in (bf16, float_norms):
+        cosines = _token_cosines(graphopt.compile(g, target="torch")(**feeds)[0], expected[0])
+        assert cosines.min() >= 0.999, cosines.min()
+
+
 def test_tiny_bert_bias_and_gelu_fold_into_the_bf16_linears(bert):
     _, bf16, _, _ = bert
     gelus = [n for n in bf16.nodes if n.qualified_op == "graphopt::Gelu"]

@@ -1,0 +1,122 @@
+"""The torch target's half-precision CPU attention (two batched GEMMs around a softmax instead
+of SDPA's flash kernel) and the process heap setting that keeps freed tensor memory.
+
+Bound: against SDPA on the same bfloat16/float16 inputs (unit-normal q, k, v, a seeded bias),
+|a - b| <= tol * (1 + |b|) with tol = 2^-4 for bfloat16 and 2^-7 for float16. Both accumulate
+in float32; the GEMM path rounds the scores to the half type once, which moves a score of
+magnitude 8-16 by up to half a unit in the last place (bf16 2^-4, fp16 2^-7) and the output by
+about that times |v|. A wrong scale, mask or layout is off by O(1).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+import graphopt
+from graphopt import cpu_heap
+from graphopt.exporters import graphopt_kernels
+from graphopt.exporters.graphopt_kernels import graphopt_Attention
+
+TOLERANCE = {torch.bfloat16: 2.0**-4, torch.float16: 2.0**-7}
+
+
+def _qkv(dtype: torch.dtype, batch: int = 2, heads: int = 4, seq: int = 16, size: int = 32):
+    generator = torch.Generator().manual_seed(0)
+    # [B, S, H, D] transposed to [B, H, S, D], as the graphs hand them over (not contiguous)
+    return [torch.randn(batch, seq, heads, size, generator=generator).to(dtype).transpose(1, 2) for _ in range(3)]
+
+
+def _padding(dtype: torch.dtype, batch: int, seq: int, rows: int = 1) -> torch.Tensor:
+    mask = torch.zeros(batch, 1, rows, seq, dtype=dtype)
+    mask[0, ..., seq // 2:] = torch.finfo(dtype).min
+    return mask
+
+
+def _sdpa(q, k, v, mask=None, scale=None):
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("mask_kind", ["none", "padding [B,1,1,S]", "full [B,1,S,S]", "shared [S,S]"])
+def test_half_attention_on_cpu_equals_sdpa(dtype, mask_kind, monkeypatch):
+    q, k, v = _qkv(dtype)
+    mask = {
+        "none": None,
+        "padding [B,1,1,S]": _padding(dtype, 2, 16),
+        "full [B,1,S,S]": _padding(dtype, 2, 16, rows=16),
+        "shared [S,S]": torch.randn(16, 16, generator=torch.Generator().manual_seed(1)).to(dtype),
+    }[mask_kind]
+    calls = []
+    original = graphopt_kernels._half_attention_by_matmuls
+    monkeypatch.setattr(graphopt_kernels, "_half_attention_by_matmuls", lambda *a: calls.append(1) or original(*a))
+    (out,) = graphopt_Attention(q, k, v, mask, num_heads=4, scale=0.3)
+    assert calls, "the GEMM path was not taken"
+    assert out.dtype == dtype and out.shape == (2, 4, 16, 32)
+    torch.testing.assert_close(out.float(), _sdpa(q, k, v, mask, 0.3).float(), atol=TOLERANCE[dtype], rtol=TOLERANCE[dtype])
+
+
+def test_fully_masked_rows_answer_zero_as_sdpa_does():
+    q, k, v = _qkv(torch.bfloat16)
+    mask = torch.zeros(2, 1, 1, 16, dtype=torch.bfloat16)
+    mask[1] = float("-inf")  # every key of batch 1 blocked
+    (out,) = graphopt_Attention(q, k, v, mask, num_heads=4)
+    assert torch.equal(out[1], torch.zeros_like(out[1]))
+    torch.testing.assert_close(out.float(), _sdpa(q, k, v, mask).float(), atol=TOLERANCE[torch.bfloat16], rtol=TOLERANCE[torch.bfloat16])
+    mask[1] = 0  # the same mask object, edited in place: the cached answer must not be reused
+    (out,) = graphopt_Attention(q, k, v, mask, num_heads=4)
+    assert out[1].abs().sum() > 0
+    torch.testing.assert_close(out.float(), _sdpa(q, k, v, mask).float(), atol=TOLERANCE[torch.bfloat16], rtol=TOLERANCE[torch.bfloat16])
+
+
+def test_inference_mode_tensors_work_without_the_cache():
+    q, k, v = _qkv(torch.bfloat16)
+    with torch.inference_mode():
+        mask = _padding(torch.bfloat16, 2, 16)
+        (out,) = graphopt_Attention(q, k, v, mask, num_heads=4)
+    torch.testing.assert_close(out.float(), _sdpa(q, k, v, mask).float(), atol=TOLERANCE[torch.bfloat16], rtol=TOLERANCE[torch.bfloat16])
+
+
+@pytest.mark.parametrize("case", ["float32", "grouped-query", "boolean mask", "kv cache"])
+def test_other_attention_keeps_sdpa(case, monkeypatch):
+    dtype = torch.float32 if case == "float32" else torch.bfloat16
+    q, k, v = _qkv(dtype)
+    kwargs: dict = {"num_heads": 4}
+    mask = None
+    if case == "grouped-query":
+        k, v = k[:, :2], v[:, :2]
+        kwargs["num_kv_heads"] = 2
+    if case == "boolean mask":
+        mask = torch.ones(2, 1, 1, 16, dtype=torch.bool)
+    args = [q, k, v, mask]
+    if case == "kv cache":
+        args += [k[:, :, :3], v[:, :, :3]]
+    monkeypatch.setattr(graphopt_kernels, "_half_attention_by_matmuls", lambda *a: pytest.fail("GEMM path taken"))
+    graphopt_Attention(*args, **kwargs)
+
+
+def test_keep_freed_memory_takes_effect_once_on_glibc(monkeypatch):
+    import platform
+
+    if platform.system() != "Linux" or not platform.libc_ver()[0] == "glibc":
+        assert cpu_heap.keep_freed_memory() is False
+        return
+    assert cpu_heap.keep_freed_memory() is True
+    monkeypatch.setattr(cpu_heap, "_tune", lambda: pytest.fail("tuned twice"))
+    assert cpu_heap.keep_freed_memory() is True
+
+
+@pytest.mark.parametrize("spec, expected", [("torch", 1), ("torch{keep_heap=false}", 0)])
+def test_the_torch_target_keeps_the_heap_unless_told_not_to(spec, expected, monkeypatch):
+    from graphopt import Graph, TensorType, DType
+
+    calls = []
+    monkeypatch.setattr(cpu_heap, "keep_freed_memory", lambda: calls.append(1) or True)
+    graph = Graph("relu", {"": 17})
+    x = graph.add_input("x", TensorType(DType.FLOAT, (2, 3)))
+    graph.set_outputs([graph.add_node("Relu", [x], output_names=["y"]).output])
+    compiled = graphopt.compile(graph, target=spec, pipeline="eliminate-dead-code")
+    np.testing.assert_array_equal(compiled(x=-np.ones((2, 3), np.float32))[0], np.zeros((2, 3), np.float32))
+    assert len(calls) == expected
