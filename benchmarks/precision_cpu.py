@@ -11,7 +11,8 @@ token_type_ids; output last_hidden_state). Columns, all timed side by side in bl
 - ORT dynamic int8: ORT's transformer optimizer, then `quantize_dynamic` (as benchmarks/quantization_cpu.py);
 - torch eager bf16: the Hugging Face module under `torch.autocast("cpu", torch.bfloat16)`;
 - inductor bf16: `torch.compile` of the same autocast call;
-- graphopt bf16: `fuse,to-bf16` on the torch target (`graphopt.compile`);
+- graphopt bf16: `fuse,to-bf16` on the torch target (`graphopt.compile`; norms in bf16, the
+  pass's default), and with `to-bf16{norms=float32}`;
 - graphopt int8 static / smooth auto / dynamic: `fuse,quantize{mode=static,smooth=false}`,
   `fuse,smooth-quant{alpha=auto},quantize{mode=static}` (what plain `quantize` does with
   calibration data) and `fuse,quantize{mode=dynamic,smooth=false}` on
@@ -121,6 +122,8 @@ def build(name: str, args: argparse.Namespace, folder: str) -> tuple[dict[str, R
     timed("torch eager bf16", lambda: _torch_runner(hf))
     timed("inductor bf16", lambda: _torch_runner(torch.compile(hf)))
     timed("graphopt bf16", lambda: _compiled_runner(graphopt.compile(str(path), target="torch", pipeline="fuse,to-bf16")))
+    timed("graphopt bf16, float32 norms", lambda: _compiled_runner(
+        graphopt.compile(str(path), target="torch", pipeline="fuse,to-bf16{norms=float32}")))
     disabled = get_target(f"onnxruntime:cpu{{threads={args.threads}}}").disabled_optimizers()
     for label, pipeline in INT8_PIPELINES.items():
         timed(label, lambda pipeline=pipeline: _session_runner(quantization_cpu.session(

@@ -43,7 +43,7 @@ class TorchTarget(Target):
     linears over prepacked weights."""
     keep_heap: bool = True
     """CPU: keep freed tensor memory in the process heap for reuse (glibc malloc tuning, process-wide;
-    `graphopt.cpu_heap`). Measured 6 of 82 ms per call on MiniLM bfloat16 at batch 8."""
+    `graphopt.cpu_heap`, where the measurements are)."""
 
     def available(self) -> Optional[str]:
         try:
