@@ -5,7 +5,8 @@ arithmetic, activations, data movement, fused attention) and whose float inputs 
 float32 runs in the half type: its float32 constant inputs are replaced by half copies and
 its other float32 inputs are cast (one Cast per value, shared). Every other node (softmax,
 norms, reductions, exp/log/pow/sqrt, casts, anything unknown) keeps float32: its half inputs
-are cast back. With `norms=half` (to-bf16's default) the norms of `HALF_NORMS` run in the half
+are cast back. The nodes of a quantized graph's int8 matmuls (`_part_of_int8_matmul`) keep
+float32 too, so quantize-then-to-bf16 keeps its int8 kernels. With `norms=half` (to-bf16's default) the norms of `HALF_NORMS` run in the half
 type too, their statistics still in float32. Graph inputs and outputs keep their float32 type (outputs are cast back under
 their own names). A graph with no float32 left to convert is unchanged, so a second run
 does nothing. With `include` (fnmatch patterns of node names), only the matching nodes of
@@ -66,7 +67,7 @@ class _MixedPrecision(Pass):
             key = (node.domain, node.op_type)
             if key in TYPE_AGNOSTIC:
                 continue
-            halved = key in HALF_OPS or (self.norms == "half" and key in HALF_NORMS)
+            halved = (key in HALF_OPS and not _part_of_int8_matmul(node)) or (self.norms == "half" and key in HALF_NORMS)
             if halved and (not self.include or any(fnmatch.fnmatchcase(node.name, p) for p in self.include)):
                 inputs = [(i, v) for i, v in enumerate(node.inputs) if v is not None and v.dtype == DType.FLOAT]
                 for index, value in inputs:
@@ -109,6 +110,23 @@ class _MixedPrecision(Pass):
             restored += 1
         graph.set_outputs(outputs)
         return restored
+
+
+def _part_of_int8_matmul(node: Node) -> bool:
+    """A node of a quantized graph's int8 matmul, which stays float32 so that targets still see
+    the int8 pattern (and run their int8 kernel) after a later to-fp16/to-bf16: a MatMul/Gemm
+    reading a DequantizeLinear (static), or a Mul reading a Cast of a MatMulInteger or a
+    DynamicQuantizeLinear's scale (dynamic)."""
+    if node.domain != "" or node.op_type not in ("MatMul", "Gemm", "Mul"):
+        return False
+    producers = [v.producer for v in node.inputs if v is not None and v.producer is not None and v.producer.domain == ""]
+    if node.op_type != "Mul":
+        return any(p.op_type == "DequantizeLinear" for p in producers)
+    return any(
+        p.op_type == "DynamicQuantizeLinear"
+        or (p.op_type == "Cast" and p.inputs[0] is not None and p.inputs[0].producer is not None and p.inputs[0].producer.op_type == "MatMulInteger")
+        for p in producers
+    )
 
 
 def _to_half(data: np.ndarray, dtype: DType) -> np.ndarray:

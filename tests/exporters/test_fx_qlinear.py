@@ -111,6 +111,22 @@ def test_static_zoo_bert_after_fuse_runs_every_matmul_int8_and_matches_ort(zoo, 
     assert cosine(run_graph(graph, feeds)[0], got) >= 0.99
 
 
+@pytest.mark.parametrize("mode", ["static", "dynamic"])
+def test_to_bf16_after_quantize_keeps_the_int8_linears(mode, zoo, zoo_onnx):
+    zm = zoo("bert")
+    graph = graphopt.from_onnx(zoo_onnx("bert"))
+    feeds = numpy_inputs(zm)
+    samples = [{k: v[i:i + 1] for k, v in feeds.items()} for i in range(2)]
+    quantize = f"fuse,quantize{{mode={mode},smooth=false}}"
+    int8 = graphopt.compile(graph.clone(), "torch", quantize, calibration_data=samples)
+    mixed = graphopt.compile(graph.clone(), "torch", quantize + ",to-bf16", calibration_data=samples)
+    overload = "default" if mode == "static" else "tensor"
+    assert _qlinear_calls(mixed.module, overload)[0] == _qlinear_calls(int8.module, overload)[0] >= 8
+    assert any(n.output.dtype == DType.BFLOAT16 for n in mixed.graph.nodes if n.qualified_op == "graphopt::Attention")
+    expected = run_graph(graph, feeds)[0]
+    assert cosine(expected, np.asarray(mixed(*feeds.values())[0])) >= cosine(expected, np.asarray(int8(*feeds.values())[0])) - 2e-3
+
+
 def test_without_onednn_int8_the_quantized_graph_runs_on_the_torch_kernels(monkeypatch):
     quantized = _static(_mlp())
     monkeypatch.setattr(fx_qlinear, "qlinear_available", lambda: False)
