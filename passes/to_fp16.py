@@ -6,11 +6,13 @@ float32 runs in the half type: its float32 constant inputs are replaced by half 
 its other float32 inputs are cast (one Cast per value, shared). Every other node (softmax,
 norms, reductions, exp/log/pow/sqrt, casts, anything unknown) keeps float32: its half inputs
 are cast back. The nodes of a quantized graph's int8 matmuls (`_part_of_int8_matmul`) keep
-float32 too, so quantize-then-to-bf16 keeps its int8 kernels. With `norms=half` (to-bf16's default) the norms of `HALF_NORMS` run in the half
-type too, their statistics still in float32. Graph inputs and outputs keep their float32 type (outputs are cast back under
-their own names). A graph with no float32 left to convert is unchanged, so a second run
-does nothing. With `include` (fnmatch patterns of node names), only the matching nodes of
-`HALF_OPS` (and `HALF_NORMS`) run in the half type (choose-precision halves single matmuls this way).
+float32 too, so quantize-then-to-bf16 keeps its int8 kernels. With `norms=half` (to-bf16's
+default) the norms of `HALF_NORMS` run in the half type too, their statistics still in
+float32. Graph inputs and outputs keep their float32 type (outputs are cast back under their
+own names). A graph with no float32 left to convert is unchanged, so a second run does
+nothing. With `include` (fnmatch patterns of node names), only the matching nodes of
+`HALF_OPS` (and `HALF_NORMS`) run in the half type (choose-precision halves single matmuls
+this way).
 
 Needs: nothing. Changes: float32 constants read by half nodes (the float32 copy is removed
 when unused), value types, and the Casts at the float32/half boundaries. Lossy (half
@@ -21,7 +23,7 @@ from __future__ import annotations
 
 import dataclasses
 import fnmatch
-from typing import ClassVar, Literal
+from typing import ClassVar, Literal, Optional
 
 import numpy as np
 
@@ -119,14 +121,16 @@ def _part_of_int8_matmul(node: Node) -> bool:
     DynamicQuantizeLinear's scale (dynamic)."""
     if node.domain != "" or node.op_type not in ("MatMul", "Gemm", "Mul"):
         return False
-    producers = [v.producer for v in node.inputs if v is not None and v.producer is not None and v.producer.domain == ""]
+    producers = [_producer(v) for v in node.inputs]
+    ops = [p.op_type for p in producers if p is not None and p.domain == ""]
     if node.op_type != "Mul":
-        return any(p.op_type == "DequantizeLinear" for p in producers)
-    return any(
-        p.op_type == "DynamicQuantizeLinear"
-        or (p.op_type == "Cast" and p.inputs[0] is not None and p.inputs[0].producer is not None and p.inputs[0].producer.op_type == "MatMulInteger")
-        for p in producers
-    )
+        return "DequantizeLinear" in ops
+    casts = [p for p in producers if p is not None and p.domain == "" and p.op_type == "Cast"]
+    return "DynamicQuantizeLinear" in ops or any(getattr(_producer(c.inputs[0]), "op_type", None) == "MatMulInteger" for c in casts)
+
+
+def _producer(value: Optional[Value]) -> Optional[Node]:
+    return value.producer if value is not None else None
 
 
 def _to_half(data: np.ndarray, dtype: DType) -> np.ndarray:
@@ -169,9 +173,10 @@ class ToBf16(_MixedPrecision):
     CPU kernels mostly lack it, the torch target runs it), except that the norms run in
     bfloat16 by default (`norms=half`: float32 statistics, bfloat16 in and out), so the
     residual stream stays bfloat16. Measured on the torch target (2 Zen 4 cores, seq 128,
-    batch 8): MiniLM 0.53x ORT float32 against 0.57x with `norms=float32`, BERT-base 0.49x
-    against 0.50x; token cosine 0.99994 / 0.99993 against 0.99998 (Hugging Face's float32
-    model, its real weights for MiniLM). Needs nothing; lossy. The weights become bfloat16,
+    `benchmarks/precision_cpu.py`): MiniLM batch 8 0.63x ORT float32 against 0.66x with
+    `norms=float32`, BERT-base batch 1 0.53x against 0.56x; token cosine 0.99994 / 0.99992
+    against 0.99998 (Hugging Face's float32 model, its real weights for MiniLM). Needs nothing;
+    lossy. The weights become bfloat16,
     which the weight-editing passes do not read (invalidates ``float32-weights`` and
     ``constant-float-weights``: quantize, smooth-quant, prune-heads, prune-ffn and low-rank go
     before it).

@@ -3,8 +3,8 @@
 These are what the torch target runs for fused ops: `Attention` becomes one
 `scaled_dot_product_attention` call (grouped-query aware; with a KV cache, after appending the
 new keys and values to the past ones, and returning the presents too; bfloat16/float16 on CPU
-without a cache or grouped heads: two batched GEMMs around a softmax, faster there), `RMSNorm` and `Gelu` the
-matching torch functions, `SkipLayerNorm` the residual add and `layer_norm` (or the RMS form),
+without a cache or grouped heads: two batched GEMMs around a softmax, faster there), `RMSNorm`
+and `Gelu` the matching torch functions, `SkipLayerNorm` the residual add and `layer_norm` (or the RMS form),
 `AllReduce` and `AllGather` the torch.distributed collectives of the default process group
 (which `graphopt.distributed` sets up on each rank).
 """
@@ -49,7 +49,10 @@ def graphopt_Attention(
     if mask is not None and mask.dtype != torch.bool and mask.dtype != query.dtype:
         mask = mask.to(query.dtype)
     grouped = num_kv_heads is not None and num_kv_heads != num_heads
-    if _half_on_cpu(query) and not grouped and not presents and (mask is None or (mask.dtype == query.dtype and not _has_blocked_row(mask))):
+    by_matmuls = _half_on_cpu(query) and not grouped and not presents
+    if by_matmuls and mask is not None:
+        by_matmuls = mask.dtype == query.dtype and not _has_blocked_row(mask)
+    if by_matmuls:
         out = _half_attention_by_matmuls(query, key, value, mask, scale)
     else:
         out = F.scaled_dot_product_attention(query, key, value, attn_mask=mask, scale=scale, enable_gqa=grouped)

@@ -10,13 +10,15 @@ about that times |v|. A wrong scale, mask or layout is off by O(1).
 
 from __future__ import annotations
 
+import platform
+
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 
 import graphopt
-from graphopt import cpu_heap
+from graphopt import DType, Graph, TensorType, cpu_heap
 from graphopt.exporters import graphopt_kernels
 from graphopt.exporters.graphopt_kernels import graphopt_Attention
 
@@ -98,8 +100,6 @@ def test_other_attention_keeps_sdpa(case, monkeypatch):
 
 
 def test_keep_freed_memory_takes_effect_once_on_glibc(monkeypatch):
-    import platform
-
     if platform.system() != "Linux" or not platform.libc_ver()[0] == "glibc":
         assert cpu_heap.keep_freed_memory() is False
         return
@@ -110,8 +110,6 @@ def test_keep_freed_memory_takes_effect_once_on_glibc(monkeypatch):
 
 @pytest.mark.parametrize("spec, expected", [("torch", 1), ("torch{keep_heap=false}", 0)])
 def test_the_torch_target_keeps_the_heap_unless_told_not_to(spec, expected, monkeypatch):
-    from graphopt import Graph, TensorType, DType
-
     calls = []
     monkeypatch.setattr(cpu_heap, "keep_freed_memory", lambda: calls.append(1) or True)
     graph = Graph("relu", {"": 17})
