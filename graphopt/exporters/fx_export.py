@@ -54,14 +54,20 @@ def _build(graph: Graph, prepack_linears: bool, trainable: Collection[str]) -> A
 
     plans: dict[int, fx_linear.LinearPlan] = {}
     qplans: dict[int, fx_qlinear.QLinearPlan] = {}
+    quantizers: dict[int, fx_qlinear.QuantizePlan] = {}
+    dynamic_quantizers: set[int] = set()
     if prepack_linears:
         fx_linear.warn_if_bf16_emulated(graph)
         plans = fx_linear.plan_linears(graph, fx_linear.prepacked_dtypes())
         if fx_qlinear.qlinear_available():
             qplans = fx_qlinear.plan_qlinears(graph)
+            if fx_qlinear.fast_quantize_available():
+                quantizers = fx_qlinear.plan_quantizers(graph, qplans)
+                dynamic_quantizers = fx_qlinear.plan_dynamic_quantizers(graph, qplans)
     calls = fx_linear_calls.plan_linear_calls(graph)
     absorbed = {id(n) for plan in plans.values() for n in plan.absorbed[1:]}
     absorbed.update(id(n) for plan in qplans.values() for n in plan.skipped)
+    absorbed.update(id(n) for plan in quantizers.values() for n in plan.absorbed[:-1])
     absorbed.update(id(n) for call in calls.values() for n in call.absorbed if n.op_type != "MatMul")
     root = torch.nn.Module()
     fx_graph = torch.fx.Graph()
@@ -69,7 +75,7 @@ def _build(graph: Graph, prepack_linears: bool, trainable: Collection[str]) -> A
     for value in graph.inputs:
         env[id(value)] = fx_graph.placeholder(_identifier(value.name))
     buffers = _BufferNamer(root)
-    read = _constants_read(graph, {**plans, **qplans}, absorbed)
+    read = _constants_read(graph, {**plans, **qplans, **quantizers}, absorbed)
     read.update(id(call.bias) for call in calls.values() if call.bias is not None)
     for value in graph.constants.values():
         if id(value) in read:
@@ -79,6 +85,12 @@ def _build(graph: Graph, prepack_linears: bool, trainable: Collection[str]) -> A
             _emit_linear(node, plans[id(node)], fx_graph, env, buffers)
         elif id(node) in qplans:
             _emit_qlinear(node, qplans[id(node)], fx_graph, env, buffers)
+        elif id(node) in quantizers:
+            _emit_quantize(node, quantizers[id(node)], fx_graph, env, buffers)
+        elif id(node) in dynamic_quantizers:
+            call = fx_graph.call_function(fx_qlinear.dynamic_quantize_uint8, (env[id(node.inputs[0])],))
+            for index, out in enumerate(node.outputs):
+                env[id(out)] = fx_graph.call_function(operator.getitem, (call, index))
         elif id(node) in calls:
             call = calls[id(node)]
             args = (env[id(call.x)], env[id(call.weight)], None if call.bias is None else env[id(call.bias)])
@@ -199,6 +211,16 @@ def _emit_qlinear(node: Node, plan: Any, fx_graph: Any, env: dict[int, Any], buf
         x_scale, x_zero = env[id(x_scale)], env[id(x_zero)]
     op, args = fx_qlinear.qlinear_call(plan, env[id(plan.activation)], x_scale, x_zero, weight, scale, zero, bias)
     env[id(plan.last.output)] = fx_graph.call_function(op, args)
+
+
+def _emit_quantize(node: Node, plan: Any, fx_graph: Any, env: dict[int, Any], buffers: "_BufferNamer") -> None:
+    from graphopt.exporters import fx_qlinear
+
+    multiplier = None
+    if plan.multiplier is not None:
+        multiplier = fx_graph.get_attr(buffers.add(f"{node.name}_multiplier", ArrayTensor(plan.multiplier)))
+    args = (env[id(plan.source)], plan.scale, plan.zero, multiplier)
+    env[id(node.output)] = fx_graph.call_function(fx_qlinear.quantize_uint8, args)
 
 
 class _BufferNamer:

@@ -15,6 +15,9 @@
   (oneDNN requantizes with the QuantizeLinear's scale and zero point): no float tensor and no
   separate quantize kernel;
 - the DequantizeLinear nodes only the matmul reads are not run;
+- a QuantizeLinear or DynamicQuantizeLinear whose uint8 output only these linears read runs
+  as one `torch.quantize_per_tensor` pass (`quantize_uint8`, `dynamic_quantize_uint8`), with a
+  smooth-quant factor Mul in front of it folded in;
 - `quantize{mode=dynamic}`'s chain `Mul(Cast(MatMulInteger(a, W, a_zero, 0)), Mul(a_scale,
   w_scale))` over a `DynamicQuantizeLinear`'s (a, a_scale, a_zero) runs as one int8 linear that
   reads the scale and zero point as tensors (the DynamicQuantizeLinear still runs), with the
@@ -35,6 +38,7 @@ u8s8 linear reaches ~600 GOP/s here against ~390 for ONNX Runtime's MatMulIntege
 from __future__ import annotations
 
 import dataclasses
+import warnings
 from typing import Any, Optional, Union
 
 import numpy as np
@@ -100,12 +104,139 @@ def plan_qlinears(graph: Graph) -> dict[int, QLinearPlan]:
         plan = _plan(node)
         if plan is not None:
             plans[id(node)] = plan
-    read_by_linears = {
-        id(dq) for plan in plans.values() for dq in plan.dequantized if dq is plan.absorbed[0].inputs[0].producer  # type: ignore[union-attr]
-    }
+    read_by_linears = _activation_dequantizers(plans)
     for plan in plans.values():
         _requantize(plan, read_by_linears)
     return plans
+
+
+def _activation_dequantizers(plans: dict[int, QLinearPlan]) -> set[int]:
+    """Ids of the DequantizeLinear nodes that only an int8 linear's activation reads (not run)."""
+    return {
+        id(dq) for plan in plans.values() for dq in plan.dequantized if dq is plan.absorbed[0].inputs[0].producer  # type: ignore[union-attr]
+    }
+
+
+@dataclasses.dataclass
+class QuantizePlan:
+    """A QuantizeLinear feeding only int8 linears, run as one `torch.quantize_per_tensor`."""
+
+    source: Value
+    """The float32 tensor quantized: the QuantizeLinear's input, or the folded Mul's."""
+    scale: float
+    zero: int
+    multiplier: Optional[np.ndarray]
+    """float32 [K]: a folded Mul's constant factors divided by `scale` (then the scale used is 1)."""
+    absorbed: list[Node]
+    """The folded Mul, if any, then the QuantizeLinear."""
+
+    @property
+    def last(self) -> Node:
+        return self.absorbed[-1]
+
+
+def fast_quantize_available() -> bool:
+    """Whether this torch has `quantize_per_tensor` (deprecated in torch 2.13's docs)."""
+    import torch
+
+    return hasattr(torch, "quantize_per_tensor")
+
+
+def plan_quantizers(graph: Graph, plans: dict[int, QLinearPlan]) -> dict[int, QuantizePlan]:
+    """{id(QuantizeLinear): plan} for each uint8 QuantizeLinear (constant scalar scale and zero
+    point, float32 input) whose output only int8 linears of `plans` read, and that no linear
+    already requantizes into. A Mul by a constant float32 vector along the last axis, read only
+    by the QuantizeLinear (smooth-quant's factors), folds into it."""
+    read_by_linears = _activation_dequantizers(plans)
+    folded = {id(node) for plan in plans.values() for node in plan.skipped}
+    quantizers: dict[int, QuantizePlan] = {}
+    for node in graph.nodes:
+        if node.domain != "" or node.op_type != "QuantizeLinear" or id(node) in folded or node.inputs[0] is None:
+            continue
+        if node.inputs[0].dtype != DType.FLOAT or node.output.dtype != DType.UINT8 or node.output.is_graph_output:
+            continue
+        if int(node.attrs.get("block_size", 0)) or int(node.attrs.get("saturate", 1)) != 1:
+            continue
+        params = _scalar_params(node, DType.UINT8)
+        uses = node.output.uses()
+        if params is None or not uses or any(id(u.node) not in read_by_linears for u in uses):
+            continue
+        plan = QuantizePlan(node.inputs[0], params[0], params[1], None, [node])
+        _fold_factors(plan)
+        quantizers[id(node)] = plan
+    return quantizers
+
+
+def plan_dynamic_quantizers(graph: Graph, plans: dict[int, QLinearPlan]) -> set[int]:
+    """Ids of the DynamicQuantizeLinear nodes (float32 input) whose uint8 output only int8
+    linears of `plans` read: `dynamic_quantize_uint8` runs them."""
+    dynamic = set()
+    for node in graph.nodes:
+        if node.domain != "" or node.op_type != "DynamicQuantizeLinear" or node.inputs[0] is None or node.inputs[0].dtype != DType.FLOAT:
+            continue
+        uses = node.outputs[0].uses()
+        if uses and not node.outputs[0].is_graph_output and all(id(u.node) in plans and u.index == 0 for u in uses):
+            dynamic.add(id(node))
+    return dynamic
+
+
+def _fold_factors(plan: QuantizePlan) -> None:
+    """Fold `Mul(x, c)` (c a constant float32 vector over x's last axis, the Mul read only by
+    the QuantizeLinear) into `plan`: it then quantizes x * (c / scale) with scale 1."""
+    mul = plan.source.producer
+    if mul is None or mul.domain != "" or mul.op_type != "Mul" or len(mul.inputs) != 2 or sole_user(plan.source) is not plan.last:
+        return
+    for x, c in (mul.inputs, reversed(mul.inputs)):
+        factors = constant_data(c, limit=None) if c is not None else None
+        if x is None or factors is None or factors.dtype != np.float32 or x.type.rank is None or x.type.rank < 1:
+            continue
+        width = x.type.shape[-1]
+        if not isinstance(width, int) or factors.size != width or factors.shape[-1:] != (width,) or factors.ndim > x.type.rank:
+            continue
+        if x.dtype != DType.FLOAT or x.const is not None or not np.all(np.isfinite(factors)):
+            continue
+        plan.multiplier = np.ascontiguousarray(factors.reshape(width) / np.float32(plan.scale), dtype=np.float32)
+        plan.source, plan.scale = x, 1.0
+        plan.absorbed.insert(0, mul)
+        return
+
+
+def quantize_uint8(x: Any, scale: float, zero: int, multiplier: Any = None) -> Any:
+    """round(x / scale) + zero (or round(x * multiplier) + zero, with scale 1), clamped to
+    [0, 255], as a plain uint8 tensor: one vectorized `torch.quantize_per_tensor` pass whose
+    quint8 storage is viewed as uint8 (no copy). torch multiplies by 1 / scale where ONNX
+    divides, and rounds ties to even after adding the zero point where ONNX rounds before, so
+    a value on or within float32 rounding of a rounding boundary may land one step away."""
+    import torch
+
+    if multiplier is not None:
+        x = x * multiplier
+    with warnings.catch_warnings():  # the quantized tensor type is deprecated; only its storage is used
+        warnings.simplefilter("ignore", UserWarning)
+        quantized = torch.quantize_per_tensor(x, scale, zero, torch.quint8)
+    return _codes(quantized)
+
+
+def dynamic_quantize_uint8(x: Any) -> tuple[Any, Any, Any]:
+    """DynamicQuantizeLinear's (y, y_scale, y_zero_point), y from one `torch.quantize_per_tensor`
+    pass as in `quantize_uint8` (with its rounding); the scale and zero point are exact."""
+    import torch
+
+    from graphopt.exporters.torch_kernels import dynamic_quantize_params
+
+    scale, zero_point = dynamic_quantize_params(x)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        quantized = torch.quantize_per_tensor(x, scale, zero_point.long(), torch.quint8)
+    return _codes(quantized), scale, zero_point.to(torch.uint8)
+
+
+def _codes(quantized: Any) -> Any:
+    """The uint8 codes of a quint8 tensor: its storage, viewed (no copy)."""
+    import torch
+
+    codes = torch.empty((0,), dtype=torch.uint8, device=quantized.device)
+    return codes.set_(quantized.untyped_storage(), quantized.storage_offset(), quantized.shape, quantized.stride())
 
 
 def _plan(node: Node) -> Optional[QLinearPlan]:

@@ -1341,14 +1341,20 @@ def onnx_DynamicQuantizeLinear(x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     Outputs (y, y_scale, y_zero_point); a range of zero width gets scale 1/255,
     as in the ONNX reference implementation.
     """
-    low, high = torch.aminmax(x)  # one pass over x; the quantizing steps below run in place
+    scale, zero_point = dynamic_quantize_params(x)
+    y = (x / scale).round_().add_(zero_point).clamp_(0, 255)  # in place, after one pass for the range
+    return y.to(torch.uint8), scale.to(x.dtype), zero_point.to(torch.uint8)
+
+
+def dynamic_quantize_params(x: Tensor) -> tuple[Tensor, Tensor]:
+    """DynamicQuantizeLinear's (scale, zero point) of x as float32 scalars (the zero point a
+    whole number in [0, 255]), from one pass over x."""
+    low, high = torch.aminmax(x)
     high = torch.clamp(high, min=0).float()
     low = torch.clamp(low, max=0).float()
     width = torch.where(high == low, torch.ones_like(high), high - low)
     scale = width / 255
-    zero_point = torch.round(torch.clamp(-low / scale, 0, 255))
-    y = (x / scale).round_().add_(zero_point).clamp_(0, 255)
-    return y.to(torch.uint8), scale.to(x.dtype), zero_point.to(torch.uint8)
+    return scale, torch.round(torch.clamp(-low / scale, 0, 255))
 
 
 def com_microsoft_MatMulNBits(

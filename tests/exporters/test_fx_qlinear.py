@@ -8,13 +8,15 @@ import numpy as np
 import pytest
 import torch
 from conftest import numpy_inputs
-from quant_testing import block_graph, calibration, cosine, gemm_graph
+from quant_testing import block_graph, calibration, cosine, gemm_graph, residual_graph
 
 import graphopt
 from graphopt import DType, Graph, TensorType
+from graphopt.ir.graph import constant_data
 from graphopt.check import run_graph
 from graphopt.exporters import fx_qlinear
 from graphopt.exporters.fx_export import to_fx
+from graphopt.exporters.torch_kernels import onnx_DynamicQuantizeLinear, onnx_QuantizeLinear
 
 pytestmark = pytest.mark.skipif(not fx_qlinear.qlinear_available(), reason="torch without oneDNN int8 linears")
 
@@ -57,7 +59,7 @@ def test_every_static_matmul_runs_as_an_int8_linear_equal_to_the_unlowered_graph
     quantized = _static(block_graph())
     module = to_fx(quantized, prepack_linears=True)
     assert _qlinear_calls(module) == (3, 0)  # the Relu between q_proj and o_proj keeps a float tensor
-    assert "DequantizeLinear" not in module.code and module.code.count("QuantizeLinear(") == 2
+    assert "DequantizeLinear" not in module.code and "QuantizeLinear(" not in module.code and module.code.count("quantize_uint8(") == 2
     feeds = {"x": np.random.default_rng(3).standard_normal((2, 4, 16)).astype(np.float32)}
     got, unlowered, in_ort = _run(module, feeds), _run(to_fx(quantized), feeds), run_graph(quantized, feeds)
     for a, b, c in zip(got, unlowered, in_ort):
@@ -71,7 +73,7 @@ def test_a_requantized_result_is_written_as_uint8_by_the_linear_within_one_step(
     plans = list(fx_qlinear.plan_qlinears(quantized).values())
     assert [(p.gelu, p.bias is not None, p.output is not None) for p in plans] == [("none", True, True), (None, True, False)]
     module = to_fx(quantized, prepack_linears=True)
-    assert _qlinear_calls(module) == (2, 1) and module.code.count("QuantizeLinear(") == 1  # only the input's
+    assert _qlinear_calls(module) == (2, 1) and module.code.count("quantize_uint8(") == 1  # only the input's
     feeds = {"x": np.random.default_rng(3).standard_normal((3, 4, 16)).astype(np.float32)}
     (got,), (unlowered,), (in_ort,) = _run(module, feeds), _run(to_fx(quantized), feeds), run_graph(quantized, feeds)
     # a Gelu output within float32 rounding of a rounding boundary may requantize one step
@@ -82,6 +84,60 @@ def test_a_requantized_result_is_written_as_uint8_by_the_linear_within_one_step(
     assert np.abs(got - unlowered).max() <= bound and np.abs(got - in_ort).max() <= bound
     assert np.mean(np.abs(got - in_ort) <= FLOAT_BOUND) >= 0.9
     assert cosine(run_graph(graph, feeds)[0], got) >= 0.999
+
+
+def test_quantize_uint8_is_quantize_linear_but_one_step_on_rounding_boundaries():
+    rng = np.random.default_rng(0)
+    x = torch.from_numpy((rng.standard_normal((256, 384)) * 2).astype(np.float32))
+    scale, zero = 2.0**-6, 131
+    x[0, :5] = torch.tensor([1e9, -1e9, 0.0, 3.5 * scale, 2.5 * scale])  # clamped both ways, the zero point, two ties
+    factors = torch.from_numpy((rng.random(384) + 0.5).astype(np.float32))
+    factors[:5] = 1.0
+    expected = onnx_QuantizeLinear(x * factors, torch.tensor(scale), torch.tensor(zero, dtype=torch.uint8))
+    plain = fx_qlinear.quantize_uint8(x * factors, scale, zero)
+    folded = fx_qlinear.quantize_uint8(x, 1.0, zero, factors / scale)
+    for got in (plain, folded):
+        assert got.dtype == torch.uint8 and got.shape == x.shape and got.is_contiguous()
+        steps = (got.int() - expected.int()).abs()
+        assert steps.max() <= 1 and steps.float().mean() < 1e-3
+        assert got[0, :3].tolist() == [255, 0, zero]
+        assert got[0, 3:5].tolist() == [zero + 3, zero + 3]  # ties to even after adding the odd zero point; ONNX: 4, 2
+
+
+def test_smooth_quant_factors_fold_into_one_quantize_per_activation_within_one_step():
+    assert [[[n.op_type for n in q.absorbed] for q in _quantizers(g).values()] for g in (_mlp(), block_graph())] == [
+        [["Mul", "QuantizeLinear"]] * 2, [["QuantizeLinear"], ["Mul", "QuantizeLinear"]]  # block: absorbed by the norm
+    ]
+    graph = residual_graph()  # the norm also feeds the residual Add, so its factors stay a Mul
+    quantized = graphopt.optimize(graph.clone(), "smooth-quant{alpha=0.5},quantize", calibration_data=calibration(graph))
+    module = to_fx(quantized, prepack_linears=True)
+    assert module.code.count("quantize_uint8(") == 1 and "_Mul(" not in module.code and "QuantizeLinear(" not in module.code
+    feeds = {"x": np.random.default_rng(3).standard_normal((4, 4, 16)).astype(np.float32)}
+    (got,), (unlowered,), (in_ort,) = _run(module, feeds), _run(to_fx(quantized), feeds), run_graph(quantized, feeds)
+    # an activation within float32 rounding of a rounding boundary may land one step (the
+    # scale) away: the output moves by at most that times a column sum of the dequantized weight
+    (plan,) = fx_qlinear.plan_qlinears(quantized).values()
+    (quantizer,) = _quantizers(quantized).values()
+    step = float(constant_data(quantizer.last.inputs[1]))
+    bound = step * np.abs(plan.weight.astype(np.float32) * plan.weight_scale[:, None]).sum(axis=1).max() + FLOAT_BOUND
+    assert np.abs(got - unlowered).max() <= bound and np.abs(got - in_ort).max() <= bound
+    assert np.mean(np.abs(got - in_ort) <= FLOAT_BOUND) >= 0.9
+
+
+def test_a_quantized_activation_read_by_more_than_int8_linears_runs_its_quantize_linear():
+    quantized = _static(_mlp())
+    assert len(_quantizers(quantized)) == 1  # the input's; the Gelu's is requantized by the linear
+    quant = next(n for n in quantized.nodes if n.op_type == "QuantizeLinear")
+    quantized.set_outputs([*quantized.outputs, quant.output])
+    assert not _quantizers(quantized)
+    module = to_fx(quantized, prepack_linears=True)
+    assert "quantize_uint8(" not in module.code and module.code.count("QuantizeLinear(") == 1
+
+
+def _quantizers(graph: Graph) -> dict:
+    if not any(n.op_type == "QuantizeLinear" for n in graph.nodes):
+        graph = graphopt.optimize(graph.clone(), "smooth-quant{alpha=0.5},quantize", calibration_data=calibration(graph))
+    return fx_qlinear.plan_quantizers(graph, fx_qlinear.plan_qlinears(graph))
 
 
 def test_gemm_with_transposed_weight_and_int32_bias_runs_as_an_int8_linear():
@@ -143,11 +199,19 @@ def test_dynamic_int8_chains_run_as_int8_linears_reading_the_dynamic_scale():
     assert [[n.op_type for n in p.absorbed] for p in plans] == [["MatMulInteger", "Cast", "Mul", "Add", "Gelu"], ["MatMulInteger", "Cast", "Mul", "Add"]]
     module = to_fx(quantized, prepack_linears=True)
     assert _qlinear_calls(module, "tensor") == (2, 0)
-    kernels = "".join(line for line in module.code.splitlines() if "torch_kernels_onnx_" in line)
-    assert kernels.count("DynamicQuantizeLinear(") == 2 and "MatMulInteger(" not in kernels and "_Mul(" not in kernels
+    assert module.code.count("dynamic_quantize_uint8(") == 2 and "torch_kernels_onnx_" not in module.code  # no Mul, no MatMulInteger
     feeds = {"x": np.random.default_rng(3).standard_normal((3, 4, 16)).astype(np.float32)}
     (got,), (in_ort,) = _run(module, feeds), run_graph(quantized, feeds)
     np.testing.assert_allclose(got, in_ort, rtol=0, atol=FLOAT_BOUND)
+
+
+def test_dynamic_quantize_uint8_is_dynamic_quantize_linear_but_one_step_on_rounding_boundaries():
+    x = torch.from_numpy((np.random.default_rng(0).standard_normal((256, 384)) * 2).astype(np.float32))
+    expected = onnx_DynamicQuantizeLinear(x)
+    got = fx_qlinear.dynamic_quantize_uint8(x)
+    assert torch.equal(got[1], expected[1]) and torch.equal(got[2], expected[2])
+    steps = (got[0].int() - expected[0].int()).abs()
+    assert got[0].dtype == torch.uint8 and steps.max() <= 1 and steps.float().mean() < 1e-3
 
 
 def test_int8_linears_need_torch_built_with_onednn(monkeypatch):
