@@ -19,6 +19,9 @@ Contenders (one column each, all in one process, `--threads` intra-op threads):
   num_heads, hidden_size)` (the closest type: ORT has no LLaMA type; "qwen3" is gpt2 at level 0);
 - onnxscript: `onnxscript.rewriter.ort_fusions.optimize_for_ort` on the export;
 - graphopt ORT: `graphopt.compile(path, "onnxruntime:cpu{threads=N}", "fuse")`;
+- graphopt ORT, cache in place: the same compiled model with its KV cache in preallocated buffers
+  that GroupQueryAttention extends in place (`KVCacheSession`, the loop `graphopt.generate` runs):
+  a decode call's buffers hold the row's past, so it copies no cache; prefill copies its presents in;
 - graphopt torch: `graphopt.compile(path, "torch", "fuse")` (run on torch tensors);
 - torch eager: the HF model (sdpa attention) in the flat signature of `decoder_zoo.DecoderWithPast`
   (a fresh `DynamicCache` from the past tensors on every call, as the ONNX graphs concatenate),
@@ -82,7 +85,8 @@ CONFIGS: dict[str, dict[str, int]] = {
                  intermediate_size=2816, vocab_size=32000),
 }
 BASELINE = "ORT optimizer"
-GRAPHOPT_PATHS = ("graphopt ORT", "graphopt torch", "torch.compile graphopt")
+IN_PLACE = "graphopt ORT, cache in place"
+GRAPHOPT_PATHS = ("graphopt ORT", IN_PLACE, "graphopt torch", "torch.compile graphopt")
 """The columns that are graphopt's CPU paths, for the issue's target."""
 TARGET_VS_ORT_OPT = 0.75
 GREEDY_PROMPT = 8
@@ -205,6 +209,31 @@ def _compiled_contender(label: str, compiled: Any, config: Any, torch_tensors: b
     return Contender(label, prepare, step, lambda: [node.op_type for node in compiled.graph.nodes])
 
 
+def _in_place_contender(label: str, compiled: Any, config: Any) -> Contender:
+    """graphopt ORT with the KV cache in place (`graphopt.generate`'s decoding loop): a decode
+    step reads and extends preallocated buffers loaded with the row's past; prefill runs the
+    prompt and copies its presents in."""
+    from graphopt.targets.onnxruntime_kv_cache import KVCacheSession
+
+    names = decoder_zoo.input_names(config)
+
+    def session_and_call(feeds: Feeds) -> tuple[Any, Callable[[], Any]]:
+        new = {name: feeds[name] for name in names[:3]}
+        session = KVCacheSession(compiled, batch=feeds["input_ids"].shape[0], capacity=feeds["attention_mask"].shape[1])
+        if feeds[names[3]].shape[2] == 0:
+            return session, lambda: session.prefill(new)
+        session.load({name: feeds[name] for name in names[3:]})
+        return session, lambda: session.step(new)
+
+    def step(feeds: Feeds) -> tuple[np.ndarray, list[np.ndarray]]:
+        session, call = session_and_call(feeds)
+        logits = call()
+        return logits, [session.arrays[name].copy() for name in names[3:]]
+
+    return Contender(label, lambda feeds: session_and_call(feeds)[1], step,
+                     lambda: [node.op_type for node in compiled.graph.nodes] if compiled.graph is not None else [])
+
+
 def _ort_optimizer(path: Path, config: Any, threads: int) -> Contender:
     from onnxruntime.transformers.optimizer import optimize_model
 
@@ -234,6 +263,8 @@ def build_contenders(wrapper: torch.nn.Module, config: Any, path: Path, threads:
         ("graphopt ORT", lambda: _compiled_contender(
             "graphopt ORT", graphopt.compile(str(path), target=f"onnxruntime:cpu{{threads={threads}}}", pipeline="fuse"),
             config, torch_tensors=False)),
+        (IN_PLACE, lambda: _in_place_contender(
+            IN_PLACE, graphopt.compile(str(path), target=f"onnxruntime:cpu{{threads={threads}}}", pipeline="fuse"), config)),
         ("graphopt torch", lambda: _compiled_contender(
             "graphopt torch", graphopt.compile(str(path), target="torch", pipeline="fuse"), config, torch_tensors=True)),
         ("torch eager", lambda: _torch_contender("torch eager", wrapper, config)),

@@ -32,7 +32,7 @@ __version__ = "0.1.0"
 __all__ = [
     "DType", "ExportError", "Graph", "GraphError", "GraphoptError", "ModelLoadError", "Node", "Pass",
     "PassContext", "PassResult", "PipelineError", "TensorType", "UnsupportedOpError", "Value",
-    "VerificationError", "__version__", "compile", "explain", "from_fx", "load_compiled", "from_onnx", "get_pass", "optimize",
+    "VerificationError", "__version__", "compile", "explain", "from_fx", "generate", "load_compiled", "from_onnx", "get_pass", "optimize",
     "recover", "register_pass", "registered_passes", "save_onnx", "to_fx", "to_onnx", "verify",
 ]
 
@@ -90,6 +90,14 @@ def compile(model: Any, target: Any = "onnxruntime", pipeline: Any = "fuse", **o
     from graphopt.api import compile as _compile
 
     return _compile(model, target, pipeline, **options)
+
+
+def generate(model: Any, input_ids: Any, attention_mask: Any = None, **options: Any) -> Any:
+    """Greedy decoding with a compiled decoder (KV cache in place on onnxruntime:cpu); see
+    `graphopt.generation.generate`."""
+    from graphopt.generation import generate as _generate
+
+    return _generate(model, input_ids, attention_mask, **options)
 
 
 def load_compiled(directory: Any) -> Any:

@@ -15,7 +15,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 import llm_decode_cpu  # noqa: E402
 
 LABELS = [
-    "ORT plain", "ORT optimizer", "onnxscript", "graphopt ORT", "graphopt torch", "torch eager", "torch inductor",
+    "ORT plain", "ORT optimizer", "onnxscript", "graphopt ORT", "graphopt ORT, cache in place", "graphopt torch", "torch eager", "torch inductor",
     "torch.compile graphopt",
 ]
 CELL = re.compile(r"^(\d+\.\d\d) \((\d+\.\d\d)x\)$")
