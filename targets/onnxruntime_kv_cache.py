@@ -2,8 +2,8 @@
 
 A decoder exported with a KV cache (Optimum's with-past form: `input_ids`, `attention_mask`
 [batch, past + seq], `past_key_values.{i}.key/value` [batch, kv_heads, past, head_dim] in;
-`present.{i}.key/value` out) copies its whole cache on every step: each present is a new tensor
-holding the past plus the new token. `KVCacheSession` keeps one preallocated buffer per past
+`logits` (the first output) and `present.{i}.key/value` out) copies its whole cache on every
+step: each present is a new tensor holding the past plus the new token. `KVCacheSession` keeps one preallocated buffer per past
 instead, [batch, kv_heads, capacity, head_dim], bound by IO binding as both the past input and
 the present output, so ONNX Runtime's GroupQueryAttention appends the new keys and values in
 place (its `past_present_share_buffer` mode) and a step copies nothing.
@@ -24,6 +24,8 @@ from typing import Any, Optional
 
 import numpy as np
 
+from graphopt.errors import GraphoptError
+
 PAST = re.compile(r"past_key_values\.(\d+)\.(key|value)$")
 """A past input's name (Optimum's convention); its present is `present.{i}.{key|value}`."""
 
@@ -32,6 +34,10 @@ def present_name(past: str) -> str:
     match = PAST.match(past)
     assert match is not None
     return f"present.{match.group(1)}.{match.group(2)}"
+
+
+class _Unavailable(Exception):
+    """Why a model's graph cannot keep its cache in place."""
 
 
 def unavailable_reason(model: Any) -> Optional[str]:
@@ -64,10 +70,6 @@ def _prepared(model: Any) -> Any:
     return cached
 
 
-class _Unavailable(Exception):
-    pass
-
-
 class KVCacheSession:
     """Decoding steps of a compiled decoder over an in-place KV cache of `capacity` positions.
 
@@ -82,7 +84,7 @@ class KVCacheSession:
 
         reason = unavailable_reason(model)
         if reason is not None:
-            raise ValueError(f"no in-place KV cache: {reason}")
+            raise GraphoptError(f"no in-place KV cache: {reason}")
         self.session, shapes = _prepared(model)
         self.capacity = capacity
         self.arrays = {name: np.zeros((batch, heads, capacity, size), dtype=dtype) for name, (heads, size, dtype) in shapes.items()}
@@ -107,17 +109,17 @@ class KVCacheSession:
         for name, array in self.arrays.items():
             past = pasts[name]
             if past.shape[2] > self.capacity:
-                raise ValueError(f"{past.shape[2]} cached positions do not fit a KV cache of capacity {self.capacity}")
+                raise GraphoptError(f"{past.shape[2]} cached positions do not fit a KV cache of capacity {self.capacity}")
             array[:, :, : past.shape[2]] = past
 
     def step(self, feeds: dict[str, np.ndarray]) -> np.ndarray:
         total = feeds["attention_mask"].shape[1]
         if total > self.capacity:
-            raise ValueError(f"a step over {total} positions does not fit a KV cache of capacity {self.capacity}")
+            raise GraphoptError(f"a step over {total} positions does not fit a KV cache of capacity {self.capacity}")
         for name, value in feeds.items():
             self._binding.bind_cpu_input(name, np.ascontiguousarray(value))
         self.session.run_with_iobinding(self._binding)
-        return self._binding.get_outputs()[-1].numpy()
+        return self._binding.get_outputs()[-1].numpy()  # outputs come back in binding order: the logits last
 
 
 def _rewritten(model: Any) -> tuple[Any, Optional[str], dict[str, tuple[int, int, np.dtype]]]:

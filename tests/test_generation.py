@@ -72,7 +72,7 @@ def test_a_step_extends_the_buffers_in_place_with_the_presents_the_model_returns
         assert id(session.arrays[name]) == before[name]  # the same buffers, written by the step
         np.testing.assert_allclose(session.arrays[name][:, :, :21], present, rtol=0, atol=1e-6)
         assert not session.arrays[name][:, :, 21:].any()
-    with pytest.raises(ValueError, match="capacity 32"):
+    with pytest.raises(GraphoptError, match="capacity 32"):
         session.load({name: np.zeros((2, config.num_key_value_heads, 40, 16), np.float32) for name in names[3:]})
 
 
