@@ -20,7 +20,7 @@ Contenders (one column each, all in one process, `--threads` intra-op threads):
 - onnxscript: `onnxscript.rewriter.ort_fusions.optimize_for_ort` on the export;
 - graphopt ORT: `graphopt.compile(path, "onnxruntime:cpu{threads=N}", "fuse")`;
 - graphopt ORT, cache in place: the same compiled model with its KV cache in preallocated buffers
-  that GroupQueryAttention extends in place (`KVCacheSession`, the loop `graphopt.generate` runs):
+  that GroupQueryAttention extends in place (`CompiledModel.in_place_kv_cache`, the loop `graphopt.generate` runs):
   a decode call's buffers hold the row's past, so it copies no cache; prefill copies its presents in;
 - graphopt torch: `graphopt.compile(path, "torch", "fuse")` (run on torch tensors);
 - torch eager: the HF model (sdpa attention) in the flat signature of `decoder_zoo.DecoderWithPast`
@@ -213,13 +213,11 @@ def _in_place_contender(label: str, compiled: Any, config: Any) -> Contender:
     """graphopt ORT with the KV cache in place (`graphopt.generate`'s decoding loop): a decode
     step reads and extends preallocated buffers loaded with the row's past; prefill runs the
     prompt and copies its presents in."""
-    from graphopt.targets.onnxruntime_kv_cache import KVCacheSession
-
     names = decoder_zoo.input_names(config)
 
     def session_and_call(feeds: Feeds) -> tuple[Any, Callable[[], Any]]:
         new = {name: feeds[name] for name in names[:3]}
-        session = KVCacheSession(compiled, batch=feeds["input_ids"].shape[0], capacity=feeds["attention_mask"].shape[1])
+        session = compiled.in_place_kv_cache(batch=feeds["input_ids"].shape[0], capacity=feeds["attention_mask"].shape[1])
         if feeds[names[3]].shape[2] == 0:
             return session, lambda: session.prefill(new)
         session.load({name: feeds[name] for name in names[3:]})

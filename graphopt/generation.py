@@ -11,13 +11,14 @@ left-padded row starts at 0 at its first real token), so batched prompts of diff
 go in left-padded with their mask.
 
 The KV cache: `kv_cache="in_place"` keeps it in preallocated buffers that ONNX Runtime's
-GroupQueryAttention extends in place (`targets/onnxruntime_kv_cache.py`; the onnxruntime:cpu
-target); `"copy"` feeds each step's presents back as the next step's pasts (any target);
+GroupQueryAttention extends in place (`CompiledModel.in_place_kv_cache`, which the
+onnxruntime:cpu target provides in `targets/onnxruntime_kv_cache.py`); `"copy"` feeds each step's presents back as the next step's pasts (any target);
 `"auto"` (default) takes in place where the model allows it, else copy.
 """
 
 from __future__ import annotations
 
+import re
 from typing import Any, Literal, Optional
 
 import numpy as np
@@ -26,6 +27,17 @@ from graphopt.errors import GraphoptError
 from graphopt.target_base import CompiledModel
 
 KVCache = Literal["auto", "in_place", "copy"]
+
+PAST = re.compile(r"past_key_values\.(\d+)\.(key|value)$")
+"""A past input's name (Optimum's convention); its present is `present.{i}.{key|value}`."""
+
+
+def present_name(past: str) -> str:
+    """`present.{i}.{key|value}` of the past input `past_key_values.{i}.{key|value}`."""
+    match = PAST.match(past)
+    if match is None:
+        raise ValueError(f"{past!r} is not a past_key_values.{{i}}.key/value name")
+    return f"present.{match.group(1)}.{match.group(2)}"
 
 
 def generate(
@@ -77,8 +89,6 @@ class _Signature:
     """The with-past inputs and outputs of `model`, checked."""
 
     def __init__(self, model: CompiledModel) -> None:
-        from graphopt.targets.onnxruntime_kv_cache import PAST, present_name
-
         inputs = {spec.name: spec for spec in model.inputs}
         missing = [name for name in ("input_ids", "attention_mask") if name not in inputs]
         self.pasts = [name for name in inputs if PAST.match(name)]
@@ -109,12 +119,10 @@ def _empty_past(spec: Any) -> Any:
 
 def _runner(model: CompiledModel, signature: _Signature, kv_cache: KVCache, *, batch: int, capacity: int) -> Any:
     """A call (feeds, first) -> logits for the chosen cache."""
-    from graphopt.targets.onnxruntime_kv_cache import KVCacheSession, unavailable_reason
-
     if kv_cache != "copy":
-        reason = unavailable_reason(model)
+        reason = model.in_place_kv_cache_unavailable()
         if reason is None:
-            session = KVCacheSession(model, batch=batch, capacity=capacity)
+            session = model.in_place_kv_cache(batch=batch, capacity=capacity)
             return lambda feeds, first: session.prefill(feeds) if first else session.step(feeds)
         if kv_cache == "in_place":
             raise GraphoptError(f"generate: kv_cache='in_place' is not available: {reason}; use kv_cache='copy'")

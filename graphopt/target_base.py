@@ -208,6 +208,16 @@ class CompiledModel:
         """Target-specific manifest entries."""
         return {}
 
+    def in_place_kv_cache_unavailable(self) -> Optional[str]:
+        """Why this model cannot decode with its KV cache kept in place (`graphopt.generate`'s
+        `kv_cache="in_place"`); None where it can (`in_place_kv_cache` then gives the session)."""
+        return f"the in-place KV cache needs the onnxruntime target, not {self.target.spec}"
+
+    def in_place_kv_cache(self, *, batch: int, capacity: int) -> Any:
+        """A session with `prefill(feeds)` and `step(feeds)` -> logits over a KV cache of
+        `capacity` positions for `batch` sequences, kept in place between steps."""
+        raise TargetError(f"no in-place KV cache: {self.in_place_kv_cache_unavailable()}")
+
     def build_notes(self) -> list[str]:
         """Lines on what the build did beyond compiling (e.g. TVM's tuning), printed by
         `graphopt compile`; none by default."""

@@ -224,6 +224,16 @@ class OnnxRuntimeModel(CompiledModel):
         self.session.run_with_iobinding(binding)
         return [torch.from_dlpack(o.to_dlpack()) if hasattr(o, "to_dlpack") else torch.from_numpy(o.numpy()).to(device) for o in binding.get_outputs()]
 
+    def in_place_kv_cache_unavailable(self) -> Optional[str]:
+        from graphopt.targets.onnxruntime_kv_cache import unavailable_reason
+
+        return unavailable_reason(self)
+
+    def in_place_kv_cache(self, *, batch: int, capacity: int) -> Any:
+        from graphopt.targets.onnxruntime_kv_cache import KVCacheSession
+
+        return KVCacheSession(self, batch=batch, capacity=capacity)
+
     def _save_files(self, directory: str) -> list[str]:
         if self.graph is not None:
             self.graph.save_onnx(os.path.join(directory, MODEL_FILE), keep_graphopt_ops=True)

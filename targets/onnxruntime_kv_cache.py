@@ -19,21 +19,12 @@ is the compiled graph unchanged, so the logits are the compiled model's.
 from __future__ import annotations
 
 import os
-import re
 from typing import Any, Optional
 
 import numpy as np
 
 from graphopt.errors import GraphoptError
-
-PAST = re.compile(r"past_key_values\.(\d+)\.(key|value)$")
-"""A past input's name (Optimum's convention); its present is `present.{i}.{key|value}`."""
-
-
-def present_name(past: str) -> str:
-    match = PAST.match(past)
-    assert match is not None
-    return f"present.{match.group(1)}.{match.group(2)}"
+from graphopt.generation import PAST, present_name
 
 
 class _Unavailable(Exception):
@@ -41,11 +32,7 @@ class _Unavailable(Exception):
 
 
 def unavailable_reason(model: Any) -> Optional[str]:
-    """Why `model` cannot keep its KV cache in place (None when it can)."""
-    from graphopt.targets.onnxruntime import OnnxRuntimeModel
-
-    if not isinstance(model, OnnxRuntimeModel):
-        return f"the in-place KV cache needs the onnxruntime target, not {model.target.spec}"
+    """Why `model` (an `OnnxRuntimeModel`) cannot keep its KV cache in place (None when it can)."""
     if model.target.variant != "cpu":
         return "the in-place KV cache runs on onnxruntime:cpu only (on CUDA, the cache would be bound on the device)"
     prepared = _prepared(model)

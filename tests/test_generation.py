@@ -14,7 +14,6 @@ import torch
 
 import graphopt
 from graphopt.errors import GraphoptError
-from graphopt.targets.onnxruntime_kv_cache import KVCacheSession, unavailable_reason
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
@@ -47,7 +46,7 @@ def test_generate_with_the_cache_in_place_equals_hf_generate_with_left_padding(c
     name, exporter = case
     model, config = decoder_zoo.build_decoder(name, "sdpa")
     compiled = graphopt.compile(str(decoder_zoo.decoder_onnx(name, exporter, "sdpa")), "onnxruntime:cpu", "fuse")
-    assert unavailable_reason(compiled) is None
+    assert compiled.in_place_kv_cache_unavailable() is None
     ids, mask = _prompts(config)
     expected = _hf_generate(model, ids, mask, NEW_TOKENS)
     in_place = graphopt.generate(compiled, ids, mask, max_new_tokens=NEW_TOKENS, kv_cache="in_place")
@@ -63,7 +62,7 @@ def test_a_step_extends_the_buffers_in_place_with_the_presents_the_model_returns
     past = decoder_zoo.decoder_inputs(config, batch=2, seq=1, past=20)
     names = decoder_zoo.input_names(config)
     logits, *presents = compiled(**past)
-    session = KVCacheSession(compiled, batch=2, capacity=32)
+    session = compiled.in_place_kv_cache(batch=2, capacity=32)
     session.load({name: past[name] for name in names[3:]})
     before = {name: id(array) for name, array in session.arrays.items()}
     got = session.step({name: past[name] for name in names[:3]})
@@ -82,12 +81,14 @@ def test_other_targets_and_unlowered_graphs_copy_the_cache() -> None:
     ids, mask = _prompts(config)
     expected = _hf_generate(model, ids, mask, 8)
     on_torch = graphopt.compile(path, "torch", "fuse")
-    assert "onnxruntime target" in unavailable_reason(on_torch)  # type: ignore[operator]
+    assert "onnxruntime target" in on_torch.in_place_kv_cache_unavailable()  # type: ignore[operator]
     np.testing.assert_array_equal(graphopt.generate(on_torch, torch.from_numpy(ids), torch.from_numpy(mask), max_new_tokens=8), expected)
     with pytest.raises(GraphoptError, match="kv_cache='in_place' is not available: .*onnxruntime target"):
         graphopt.generate(on_torch, ids, mask, max_new_tokens=8, kv_cache="in_place")
+    with pytest.raises(GraphoptError, match="no in-place KV cache: .*onnxruntime target"):
+        on_torch.in_place_kv_cache(batch=2, capacity=16)
     unfused = graphopt.compile(path, "onnxruntime:cpu", "cleanup")  # attention stays decomposed: Concat reads the past
-    assert "not only by GroupQueryAttention" in unavailable_reason(unfused)  # type: ignore[operator]
+    assert "not only by GroupQueryAttention" in unfused.in_place_kv_cache_unavailable()  # type: ignore[operator]
     np.testing.assert_array_equal(graphopt.generate(unfused, ids, mask, max_new_tokens=8), expected)
 
 
