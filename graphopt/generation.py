@@ -32,6 +32,9 @@ PAST = re.compile(r"past_key_values\.(\d+)\.(key|value)$")
 """A past input's name (Optimum's convention); its present is `present.{i}.{key|value}`."""
 
 
+PRESENT = re.compile(r"present\.(\d+)\.(key|value)$")
+
+
 def present_name(past: str) -> str:
     """`present.{i}.{key|value}` of the past input `past_key_values.{i}.{key|value}`."""
     match = PAST.match(past)
@@ -105,6 +108,8 @@ class _Signature:
         absent = [present_name(p) for p in self.pasts if present_name(p) not in outputs]
         if absent:
             raise GraphoptError(f"generate: the model lacks output(s) {', '.join(absent)} for its pasts")
+        if PRESENT.match(outputs[0]):
+            raise GraphoptError(f"generate: the model's first output must be the logits, got {outputs[0]!r}")
         self.positions = "position_ids" in inputs
         self.presents = [outputs.index(present_name(p)) for p in self.pasts]
         self.empty = {name: _empty_past(inputs[name]) for name in self.pasts}

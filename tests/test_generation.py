@@ -118,6 +118,10 @@ def test_generate_explains_what_it_cannot_run() -> None:
         graphopt.generate(compiled, ids.astype(np.float32))
     with pytest.raises(GraphoptError, match="kv_cache must be"):
         graphopt.generate(compiled, ids, kv_cache="paged")  # type: ignore[arg-type]
+    reordered = graphopt.compile(str(decoder_zoo.decoder_onnx("llama", "torchscript", "sdpa")), "onnxruntime:cpu", "fuse")
+    reordered.outputs = reordered.outputs[1:] + reordered.outputs[:1]
+    with pytest.raises(GraphoptError, match="first output must be the logits, got 'present.0.key'"):
+        graphopt.generate(reordered, ids)
     encoder = graphopt.Graph("encoder", {"": 17})
     x = encoder.add_input("input_ids", graphopt.TensorType(graphopt.DType.INT64, ("batch", "seq")))
     encoder.set_outputs([encoder.add_node("Identity", [x], output_names=["y"]).output])
