@@ -12,8 +12,9 @@ go in left-padded with their mask.
 
 The KV cache: `kv_cache="in_place"` keeps it in preallocated buffers that ONNX Runtime's
 GroupQueryAttention extends in place (`CompiledModel.in_place_kv_cache`, which the
-onnxruntime:cpu target provides in `targets/onnxruntime_kv_cache.py`); `"copy"` feeds each step's presents back as the next step's pasts (any target);
-`"auto"` (default) takes in place where the model allows it, else copy.
+onnxruntime:cpu target provides in `targets/onnxruntime_kv_cache.py`); `"copy"` feeds each
+step's presents back as the next step's pasts (any target); `"auto"` (default) takes in place
+where the model allows it, else copy.
 """
 
 from __future__ import annotations
@@ -30,8 +31,6 @@ KVCache = Literal["auto", "in_place", "copy"]
 
 PAST = re.compile(r"past_key_values\.(\d+)\.(key|value)$")
 """A past input's name (Optimum's convention); its present is `present.{i}.{key|value}`."""
-
-
 PRESENT = re.compile(r"present\.(\d+)\.(key|value)$")
 
 

@@ -175,7 +175,7 @@ class OnnxRuntimeModel(CompiledModel):
         self._staging: Optional[Any] = None
         if graph is not None and _weight_bytes(graph) > EXTERNAL_DATA_THRESHOLD:
             self._staging = tempfile.TemporaryDirectory(prefix="graphopt-ort-")
-            path = os.path.join(self._staging.name, MODEL_FILE)
+            path = self.path = os.path.join(self._staging.name, MODEL_FILE)
             graph.save_onnx(path, keep_graphopt_ops=True)
             graph = None
         options = target.session_options()

@@ -3,10 +3,11 @@
 A decoder exported with a KV cache (Optimum's with-past form: `input_ids`, `attention_mask`
 [batch, past + seq], `past_key_values.{i}.key/value` [batch, kv_heads, past, head_dim] in;
 `logits` (the first output) and `present.{i}.key/value` out) copies its whole cache on every
-step: each present is a new tensor holding the past plus the new token. `KVCacheSession` keeps one preallocated buffer per past
-instead, [batch, kv_heads, capacity, head_dim], bound by IO binding as both the past input and
-the present output, so ONNX Runtime's GroupQueryAttention appends the new keys and values in
-place (its `past_present_share_buffer` mode) and a step copies nothing.
+step: each present is a new tensor holding the past plus the new token. `KVCacheSession`
+keeps one preallocated buffer per past instead, [batch, kv_heads, capacity, head_dim], bound
+by IO binding as both the past input and the present output, so ONNX Runtime's
+GroupQueryAttention appends the new keys and values in place (its `past_present_share_buffer`
+mode) and a step copies nothing.
 
 It needs a graph where GroupQueryAttention is the only reader of each past (besides Shape
 nodes) and writes each present: what the onnxruntime target's lowering of graphopt's
@@ -116,12 +117,12 @@ def _rewritten(model: Any) -> tuple[Any, Optional[str], dict[str, tuple[int, int
 
     from graphopt.ort_io import widen_session_model
 
-    if model.graph is not None:
-        proto = model.graph.to_onnx(keep_graphopt_ops=True)
-        folder = None
-    else:
+    if model.path is not None:  # saved with external data: read the graph, leave the weights on disk
         proto = onnx.load(model.path, load_external_data=False)
         folder = os.path.dirname(os.path.abspath(model.path))
+    else:
+        proto = model.graph.to_onnx(keep_graphopt_ops=True)
+        folder = None
     if widen_session_model(proto):
         raise _Unavailable("the model has inputs or outputs that numpy cannot hold natively (bfloat16, float8, int4)")
     graph = proto.graph
@@ -186,7 +187,7 @@ def _read_past_lengths_from_mask(graph: Any, shapes: dict[str, tuple[int, int, n
         helper.make_node("Slice", [f"{prefix}_mask_shape", f"{prefix}_one", f"{prefix}_two"], [f"{prefix}_total"]),
         helper.make_node("Sub", [f"{prefix}_total", f"{prefix}_seq"], [f"{prefix}_past"]),
     ]
-    for node in shape_nodes:
+    for node in shape_nodes:  # replaced in place: the Concat takes the Shape's slot and output
         heads, size, _ = shapes[node.input[0]]
         name = node.output[0]
         constants += [helper.make_tensor(f"{name}_{prefix}_heads", TensorProto.INT64, [1], [heads]),
@@ -197,10 +198,7 @@ def _read_past_lengths_from_mask(graph: Any, shapes: dict[str, tuple[int, int, n
         start, end = (start + 4 if start < 0 else start), (end + 4 if end < 0 else end)
         if not pieces[max(start, 0):min(end, 4)]:
             raise _Unavailable(f"Shape node {node.name!r} of {node.input[0]} reads no dimension")
-        replacement = helper.make_node("Concat", pieces[max(start, 0):min(end, 4)], [name], axis=0)
-        index = list(graph.node).index(node)
-        graph.node.remove(node)
-        graph.node.insert(index, replacement)
+        node.CopyFrom(helper.make_node("Concat", pieces[max(start, 0):min(end, 4)], [name], axis=0))
     for offset, node in enumerate(nodes):
         graph.node.insert(offset, node)
     graph.initializer.extend(constants)

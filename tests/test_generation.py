@@ -56,6 +56,16 @@ def test_generate_with_the_cache_in_place_equals_hf_generate_with_left_padding(c
     np.testing.assert_array_equal(copied, expected)
 
 
+def test_a_saved_model_keeps_its_cache_in_place_reading_the_graph_from_its_file(tmp_path: Path) -> None:
+    model, config = decoder_zoo.build_decoder("llama", "sdpa")
+    compiled = graphopt.compile(str(decoder_zoo.decoder_onnx("llama", "dynamo", "sdpa")), "onnxruntime:cpu", "fuse")
+    compiled.save(tmp_path / "saved")
+    loaded = graphopt.load_compiled(tmp_path / "saved")
+    assert loaded.graph is None and loaded.in_place_kv_cache_unavailable() is None
+    ids, mask = _prompts(config)
+    np.testing.assert_array_equal(graphopt.generate(loaded, ids, mask, max_new_tokens=8, kv_cache="in_place"), _hf_generate(model, ids, mask, 8))
+
+
 def test_a_step_extends_the_buffers_in_place_with_the_presents_the_model_returns() -> None:
     _, config = decoder_zoo.build_decoder("llama", "sdpa")
     compiled = graphopt.compile(str(decoder_zoo.decoder_onnx("llama", "torchscript", "sdpa")), "onnxruntime:cpu", "fuse")

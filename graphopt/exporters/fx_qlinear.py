@@ -207,14 +207,9 @@ def quantize_uint8(x: Any, scale: float, zero: int, multiplier: Any = None) -> A
     quint8 storage is viewed as uint8 (no copy). torch multiplies by 1 / scale where ONNX
     divides, and rounds ties to even after adding the zero point where ONNX rounds before, so
     a value on or within float32 rounding of a rounding boundary may land one step away."""
-    import torch
-
     if multiplier is not None:
         x = x * multiplier
-    with warnings.catch_warnings():  # the quantized tensor type is deprecated; only its storage is used
-        warnings.simplefilter("ignore", UserWarning)
-        quantized = torch.quantize_per_tensor(x, scale, zero, torch.quint8)
-    return _codes(quantized)
+    return _quantized_codes(x, scale, zero)
 
 
 def dynamic_quantize_uint8(x: Any) -> tuple[Any, Any, Any]:
@@ -225,16 +220,17 @@ def dynamic_quantize_uint8(x: Any) -> tuple[Any, Any, Any]:
     from graphopt.exporters.torch_kernels import dynamic_quantize_params
 
     scale, zero_point = dynamic_quantize_params(x)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", UserWarning)
-        quantized = torch.quantize_per_tensor(x, scale, zero_point.long(), torch.quint8)
-    return _codes(quantized), scale, zero_point.to(torch.uint8)
+    return _quantized_codes(x, scale, zero_point.long()), scale, zero_point.to(torch.uint8)
 
 
-def _codes(quantized: Any) -> Any:
-    """The uint8 codes of a quint8 tensor: its storage, viewed (no copy)."""
+def _quantized_codes(x: Any, scale: Any, zero: Any) -> Any:
+    """`torch.quantize_per_tensor(x, scale, zero, quint8)`'s codes as a plain uint8 tensor:
+    the quint8 tensor's storage, viewed (no copy)."""
     import torch
 
+    with warnings.catch_warnings():  # the quantized tensor type is deprecated; only its storage is used
+        warnings.simplefilter("ignore", UserWarning)
+        quantized = torch.quantize_per_tensor(x, scale, zero, torch.quint8)
     codes = torch.empty((0,), dtype=torch.uint8, device=quantized.device)
     return codes.set_(quantized.untyped_storage(), quantized.storage_offset(), quantized.shape, quantized.stride())
 
