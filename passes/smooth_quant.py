@@ -67,6 +67,8 @@ SCALE_RANGE = (1e-5, 1e5)
 UNCHANGED = 1e-3
 """Factors within this relative distance of 1 everywhere leave an activation as it is."""
 
+_GELUS = ("Gelu", "FastGelu", "BiasGelu")
+
 # op -> (input index of the scale, input index of the shift or None) of norms whose output 0
 # is scale * normalized + shift over the last axis
 _NORMS = {
@@ -97,6 +99,11 @@ class SmoothQuant(Pass):
     `auto` / `per-layer`: searched on the calibration data (see the module doc)."""
     exclude: list[str] = dataclasses.field(default_factory=list)
     """fnmatch patterns of matmul node or weight names not to smooth."""
+    gelu_outputs: bool = True
+    """Smooth the activations a Gelu writes (a Transformer's FFN down-projection inputs).
+    No producer absorbs their factors, and on the torch target their Mul keeps the
+    up-projection's int8 linear from writing the quantized activation itself (see
+    docs/quantization.md for what `false` costs and gains)."""
 
     def __post_init__(self) -> None:
         if self.alpha not in ("auto", "per-layer") and not 0.0 <= self.alpha <= 1.0:
@@ -105,29 +112,33 @@ class SmoothQuant(Pass):
     def run(self, graph: Graph, ctx: PassContext) -> PassResult:
         from graphopt.passes.quantize import Quantize
 
-        return smooth(graph, ctx, self.alpha, list(self.exclude), Quantize(exclude=list(self.exclude), smooth=False))
+        trial = Quantize(exclude=list(self.exclude), smooth=False)
+        return smooth(graph, ctx, self.alpha, list(self.exclude), trial, gelu_outputs=self.gelu_outputs)
 
 
-def smooth(graph: Graph, ctx: PassContext, alpha: Union[float, str], exclude: Sequence[str], trial: "Quantize") -> PassResult:
-    """Smooth the activations of `quantize`'s candidates (not matching `exclude`) with `alpha`:
-    a number, `auto` (scored by quantizing copies with `trial`, a `quantize` pass that does not
-    smooth) or `per-layer` (see the module doc), and record the alpha in graph's metadata.
-    A searched alpha leaves a graph whose metadata already records one as it is."""
+def smooth(
+    graph: Graph, ctx: PassContext, alpha: Union[float, str], exclude: Sequence[str], trial: "Quantize", *, gelu_outputs: bool = True,
+) -> PassResult:
+    """Smooth the activations of `quantize`'s candidates (not matching `exclude`; without
+    `gelu_outputs`, not those a Gelu writes) with `alpha`: a number, `auto` (scored by
+    quantizing copies with `trial`, a `quantize` pass that does not smooth) or `per-layer`
+    (see the module doc), and record the alpha in graph's metadata. A searched alpha leaves
+    a graph whose metadata already records one as it is."""
     properties = graph.metadata.get("metadata_props") or {}
     if alpha in ("auto", "per-layer") and ALPHA_KEY in properties:
         return PassResult(False, {"smoothed": 0, "alpha": properties[ALPHA_KEY]})
     if alpha == "auto":
-        chosen: Union[float, str, None] = _search(graph, ctx, list(exclude), trial)
+        chosen: Union[float, str, None] = _search(graph, ctx, list(exclude), trial, gelu_outputs)
     else:
         chosen = alpha if alpha == "per-layer" else float(alpha)
-    result = PassResult(False, {"smoothed": 0}) if chosen is None else _smooth(graph, ctx, chosen, list(exclude))
+    result = PassResult(False, {"smoothed": 0}) if chosen is None else _smooth(graph, ctx, chosen, list(exclude), gelu_outputs)
     graph.metadata["metadata_props"] = {**properties, ALPHA_KEY: "none" if chosen is None else str(chosen)}
     if alpha in ("auto", "per-layer"):
         result.stats["alpha"] = "none" if chosen is None else chosen
     return result
 
 
-def _search(graph: Graph, ctx: PassContext, exclude: list[str], trial: "Quantize") -> Optional[float]:
+def _search(graph: Graph, ctx: PassContext, exclude: list[str], trial: "Quantize", gelu_outputs: bool) -> Optional[float]:
     """The alpha of AUTO_ALPHAS whose smoothed-then-quantized (by `trial`) copy is most
     faithful, or None when quantizing without smoothing is (see the module doc)."""
     from graphopt.calibration import GraphRunner
@@ -148,7 +159,7 @@ def _search(graph: Graph, ctx: PassContext, exclude: list[str], trial: "Quantize
     for alpha in (None, *AUTO_ALPHAS):
         copy = graph.clone()
         if alpha is not None:
-            _smooth(copy, subset, alpha, exclude)
+            _smooth(copy, subset, alpha, exclude, gelu_outputs)
         trial.run(copy, subset)
         runner = GraphRunner(copy, outputs, optimize=True)
         scores[alpha] = mean_cosine(reference, [runner.run(s) for s in held], reducer)
@@ -156,12 +167,14 @@ def _search(graph: Graph, ctx: PassContext, exclude: list[str], trial: "Quantize
     return max(scores, key=lambda a: (scores[a], -(a or 0.0)))
 
 
-def _smooth(graph: Graph, ctx: PassContext, alpha: Union[float, str], exclude: list[str]) -> PassResult:
+def _smooth(graph: Graph, ctx: PassContext, alpha: Union[float, str], exclude: list[str], gelu_outputs: bool = True) -> PassResult:
     """Smooth with one alpha, or `per-layer`'s alpha per activation."""
     from graphopt.calibration import collect_rows, collect_statistics
 
     groups: dict[str, list[Candidate]] = {}
     for c in find_candidates(graph, exclude)[0]:
+        if not gelu_outputs and _written_by_gelu(c.activation):
+            continue
         channels = c.activation.shape[-1] if c.activation.shape else None
         if isinstance(channels, int) and channels > 0:
             groups.setdefault(c.activation.name, []).append(c)
@@ -187,6 +200,12 @@ def _smooth(graph: Graph, ctx: PassContext, alpha: Union[float, str], exclude: l
         counts["absorbed" if divide_activation(graph, group, factors) else "mul_inserted"] += 1
         counts["smoothed"] += 1
     return PassResult(counts["smoothed"] > 0, counts)
+
+
+def _written_by_gelu(value: Value) -> bool:
+    """Whether a Gelu (graphopt's, ONNX's or com.microsoft's Gelu / FastGelu / BiasGelu) writes `value`."""
+    producer = value.producer
+    return producer is not None and producer.op_type in _GELUS and producer.domain in ("", "graphopt", "com.microsoft")
 
 
 def _local_alpha(rows: np.ndarray, activation_max: np.ndarray, group: list[Candidate]) -> Optional[float]:

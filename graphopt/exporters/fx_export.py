@@ -65,6 +65,7 @@ def _build(graph: Graph, prepack_linears: bool, trainable: Collection[str]) -> A
                 quantizers = fx_qlinear.plan_quantizers(graph, qplans)
                 dynamic_quantizers = fx_qlinear.plan_dynamic_quantizers(graph, qplans)
     calls = fx_linear_calls.plan_linear_calls(graph)
+    residual_norms = {id(plan.norm): plan.norm for plan in qplans.values() if plan.norm is not None}
     absorbed = {id(n) for plan in plans.values() for n in plan.absorbed[1:]}
     absorbed.update(id(n) for plan in qplans.values() for n in plan.skipped)
     absorbed.update(id(n) for plan in quantizers.values() for n in plan.absorbed[:-1])
@@ -87,6 +88,8 @@ def _build(graph: Graph, prepack_linears: bool, trainable: Collection[str]) -> A
             _emit_qlinear(node, qplans[id(node)], fx_graph, env, buffers)
         elif id(node) in quantizers:
             _emit_quantize(node, quantizers[id(node)], fx_graph, env, buffers)
+        elif id(node) in residual_norms:
+            _emit_residual_norm(node, fx_graph, env)
         elif id(node) in dynamic_quantizers:
             call = fx_graph.call_function(fx_qlinear.dynamic_quantize_uint8, (env[id(node.inputs[0])],))
             for index, out in enumerate(node.outputs):
@@ -209,8 +212,20 @@ def _emit_qlinear(node: Node, plan: Any, fx_graph: Any, env: dict[int, Any], buf
     x_scale, x_zero = plan.activation_scale, plan.activation_zero
     if not isinstance(x_scale, float):
         x_scale, x_zero = env[id(x_scale)], env[id(x_zero)]
-    op, args = fx_qlinear.qlinear_call(plan, env[id(plan.activation)], x_scale, x_zero, weight, scale, zero, bias)
+    residual = None if plan.residual is None else fx_graph.call_method("contiguous", (env[id(plan.residual)],))
+    op, args = fx_qlinear.qlinear_call(plan, env[id(plan.activation)], x_scale, x_zero, weight, scale, zero, bias, residual)
     env[id(plan.last.output)] = fx_graph.call_function(op, args)
+
+
+def _emit_residual_norm(node: Node, fx_graph: Any, env: dict[int, Any]) -> None:
+    """A SkipLayerNorm whose residual add (and bias) an int8 linear did: its x input stands for the sum."""
+    from graphopt.exporters import graphopt_kernels
+
+    args = (env[id(node.inputs[0])], *(None if v is None else env[id(v)] for v in node.inputs[2:4]))
+    kwargs = {name: node.attrs[name] for name in ("epsilon", "simplified") if name in node.attrs}
+    call = fx_graph.call_function(graphopt_kernels.skip_layer_norm_of_sum, args, kwargs)
+    for index, out in enumerate(node.outputs):
+        env[id(out)] = fx_graph.call_function(operator.getitem, (call, index))
 
 
 def _emit_quantize(node: Node, plan: Any, fx_graph: Any, env: dict[int, Any], buffers: "_BufferNamer") -> None:

@@ -10,6 +10,11 @@
   per output channel (or one per tensor). A Gemm's bias (float, or int32 through a
   DequantizeLinear as quantize writes it) becomes the linear's float bias;
 - a following bias `Add` and `graphopt::Gelu` fold in as in `fx_linear` (`absorb_epilogue`);
+- without a Gelu, a `graphopt::SkipLayerNorm` that alone reads the float result as its `x`
+  gives the linear its residual add (oneDNN's binary "add" post-op, with the norm's bias
+  added to the linear's): the norm then normalizes the linear's sum (`residual_norm`). Its
+  skip input is read, not written. Measured at batch 8 (MiniLM's [1024, 384] x [384, 384]):
+  0.47 ms fused against 2.4 ms for the linear, bias and residual adds apart;
 - when the result is read only by a `QuantizeLinear` (uint8, constant scalar scale and zero
   point) whose output only such int8 linears read, the linear writes that uint8 tensor itself
   (oneDNN requantizes with the QuantizeLinear's scale and zero point): no float tensor and no
@@ -47,6 +52,7 @@ from graphopt.exporters.fx_linear import absorb_epilogue, sole_user
 from graphopt.ir.dtypes import DType
 from graphopt.ir.graph import Graph, Node, Value, constant_data
 from graphopt.ir.ops.onnx import is_plain_gemm
+from graphopt.ir.schema import GRAPHOPT_DOMAIN
 
 
 @dataclasses.dataclass
@@ -70,6 +76,10 @@ class QLinearPlan:
     gelu: Optional[str] = None
     output: Optional[tuple[float, int]] = None
     """(scale, zero point) of the uint8 output when the linear requantizes; None: float32."""
+    residual: Optional[Value] = None
+    """The skip input of the SkipLayerNorm whose residual add the linear does."""
+    norm: Optional[Node] = None
+    """That SkipLayerNorm: it normalizes the linear's result (the sum), adding nothing."""
 
     @property
     def last(self) -> Node:
@@ -254,6 +264,7 @@ def _plan(node: Node) -> Optional[QLinearPlan]:
         if plan.bias is None:
             return None
     absorb_epilogue(plan, width, np.dtype(np.float32))
+    _absorb_residual(plan, width)
     plan.dequantized = [
         v.producer for v in node.inputs
         if v is not None and v.producer is not None and v.producer.op_type == "DequantizeLinear" and sole_user(v) is node
@@ -293,8 +304,32 @@ def _plan_dynamic(node: Node) -> Optional[QLinearPlan]:
     plan = QLinearPlan(a, quantizer.outputs[1], quantizer.outputs[2], np.ascontiguousarray(data.T),
                        np.ascontiguousarray(np.broadcast_to(w_scale.reshape(-1), (width,))), absorbed=[node, cast, mul], dequantized=[])
     absorb_epilogue(plan, width, np.dtype(np.float32))
+    _absorb_residual(plan, width)
     plan.dequantized = [product] if sole_user(scales) is mul else []
     return plan
+
+
+def _absorb_residual(plan: QLinearPlan, width: int) -> None:
+    """Give `plan` the residual add of the `graphopt::SkipLayerNorm` that alone reads its float
+    result as `x` (no Gelu folded; the skip a float32 tensor of the result's own shape, so
+    nothing broadcasts): the norm's bias joins the linear's bias."""
+    result = plan.last.output
+    norm = sole_user(result)
+    if plan.gelu is not None or norm is None or norm.domain != GRAPHOPT_DOMAIN or norm.op_type != "SkipLayerNorm":
+        return
+    skip = norm.inputs[1] if len(norm.inputs) > 1 else None
+    if norm.inputs[0] is not result or skip is None or skip is result or skip.dtype != DType.FLOAT:
+        return
+    if skip.type.shape is None or result.type.shape is None or tuple(skip.type.shape) != tuple(result.type.shape):
+        return
+    norm_bias = norm.inputs[4] if len(norm.inputs) > 4 else None
+    if norm_bias is not None:
+        extra = constant_data(norm_bias, limit=None)
+        if extra is None or extra.dtype != np.float32 or extra.size != width or extra.shape[-1:] != (width,):
+            return
+        extra = extra.reshape(width)
+        plan.bias = extra.copy() if plan.bias is None else plan.bias + extra
+    plan.residual, plan.norm = skip, norm
 
 
 def _dequantize_node(value: Value) -> Optional[Node]:
@@ -397,15 +432,21 @@ def pack_weight(weight: np.ndarray) -> Any:
 
 
 def qlinear_call(
-    plan: QLinearPlan, x: Any, x_scale: Any, x_zero: Any, weight: Any, weight_scale: Any, weight_zero: Any, bias: Any
+    plan: QLinearPlan, x: Any, x_scale: Any, x_zero: Any, weight: Any, weight_scale: Any, weight_zero: Any, bias: Any,
+    residual: Any = None,
 ) -> tuple[Any, tuple[Any, ...]]:
     """(op, args) of the `qlinear_pointwise` call computing `plan` on the (fx) values given;
-    `x_scale`/`x_zero` are the activation's (numbers, or tensors for a dynamic activation)."""
+    `x_scale`/`x_zero` are the activation's (numbers, or tensors for a dynamic activation);
+    `residual`: the contiguous skip tensor a plan with a residual adds."""
     import torch
 
     scale, zero = plan.output if plan.output is not None else (1.0, 0)
     dtype = torch.uint8 if plan.output is not None else torch.float32
     post = ("gelu", plan.gelu) if plan.gelu is not None else ("none", "")
-    args = (x, x_scale, x_zero, weight, weight_scale, weight_zero, bias, scale, zero, dtype, post[0], [], post[1])
     op = torch.ops.onednn.qlinear_pointwise
-    return (op.default if isinstance(plan.activation_scale, float) else op.tensor), args
+    static = isinstance(plan.activation_scale, float)
+    if plan.residual is not None:  # no Gelu then (`_absorb_residual`)
+        args = (x, x_scale, x_zero, weight, weight_scale, weight_zero, residual, bias, scale, zero, dtype, 1.0, 0, "add", 1.0, "none", [], "")
+        return (op.binary if static else op.binary_tensor), args
+    args = (x, x_scale, x_zero, weight, weight_scale, weight_zero, bias, scale, zero, dtype, post[0], [], post[1])
+    return (op.default if static else op.tensor), args

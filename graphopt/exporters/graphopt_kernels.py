@@ -128,7 +128,14 @@ def graphopt_SkipLayerNorm(
     x: Tensor, skip: Tensor, scale: Tensor, beta: Optional[Tensor] = None, bias: Optional[Tensor] = None, *,
     epsilon: float = 1e-5, simplified: int = 0,
 ) -> tuple[Tensor, Tensor]:
-    total = (x if bias is None else x + bias) + skip
+    return skip_layer_norm_of_sum((x if bias is None else x + bias) + skip, scale, beta, epsilon=epsilon, simplified=simplified)
+
+
+def skip_layer_norm_of_sum(
+    total: Tensor, scale: Tensor, beta: Optional[Tensor] = None, *, epsilon: float = 1e-5, simplified: int = 0,
+) -> tuple[Tensor, Tensor]:
+    """SkipLayerNorm's (y, sum) given the sum (x + bias) + skip already added, as an int8
+    linear's residual post-op adds it (`fx_qlinear`)."""
     if simplified:
         return graphopt_RMSNorm(total, scale, epsilon=epsilon), total
     if scale.dtype == total.dtype and (beta is None or beta.dtype == total.dtype):
