@@ -74,6 +74,22 @@ def residual_graph(seed: int = 0) -> Graph:
     return graph
 
 
+def mlp_graph() -> Graph:
+    """x @ W1 + b1 -> Gelu -> @ W2 + b2: after quantize the Gelu output is requantized for W2 only."""
+    rng = np.random.default_rng(0)
+    graph = Graph("mlp", opset_imports={"": 17, "graphopt": 1})
+    x = graph.add_input("x", TensorType(DType.FLOAT, ("batch", 4, 16)))
+    w1 = graph.add_constant("w1", (rng.standard_normal((16, 32)) / 4).astype(np.float32))
+    b1 = graph.add_constant("b1", rng.standard_normal(32).astype(np.float32))
+    w2 = graph.add_constant("w2", (rng.standard_normal((32, 8)) / 4).astype(np.float32))
+    b2 = graph.add_constant("b2", rng.standard_normal(8).astype(np.float32))
+    h = graph.add_node("Add", [graph.add_node("MatMul", [x, w1]).output, b1]).output
+    act = graph.add_node("Gelu", [h], domain="graphopt").output
+    y = graph.add_node("Add", [graph.add_node("MatMul", [act, w2]).output, b2], output_names=["y"]).output
+    graph.set_outputs([y])
+    return graph
+
+
 def calibration(graph: Graph, count: int = 8, seed: int = 1) -> list[dict[str, np.ndarray]]:
     rng = np.random.default_rng(seed)
     value = graph.inputs[0]

@@ -48,6 +48,8 @@ def graphopt_Attention(
             mask = mask.masked_fill(~allowed, torch.finfo(mask.dtype).min)
     if mask is not None and mask.dtype != torch.bool and mask.dtype != query.dtype:
         mask = mask.to(query.dtype)
+    if mask is not None and not causal:
+        mask = _one_row_if_rows_equal(mask)
     grouped = num_kv_heads is not None and num_kv_heads != num_heads
     by_matmuls = _half_on_cpu(query) and not grouped and not presents
     if by_matmuls and mask is not None:
@@ -57,8 +59,9 @@ def graphopt_Attention(
     else:
         out = F.scaled_dot_product_attention(query, key, value, attn_mask=mask, scale=scale, enable_gqa=grouped)
     if nan_to_zero and mask is not None:
-        attended = mask.any(dim=-1, keepdim=True) if mask.dtype == torch.bool else (mask > float("-inf")).any(dim=-1, keepdim=True)
-        out = torch.where(attended, out, torch.zeros((), dtype=out.dtype, device=out.device))
+        attended = _blocked_rows_mask(mask)
+        if attended is not None:
+            out = torch.where(attended, out, torch.zeros((), dtype=out.dtype, device=out.device))
     return (out, *presents)
 
 
@@ -68,6 +71,52 @@ def _half_on_cpu(x: Tensor) -> bool:
 
 _last_bias_checked: tuple[Optional[Callable[[], Optional[Tensor]]], int, bool] = (None, -1, False)
 """(weak reference to the bias, its version, the answer): the layers of a model share one mask."""
+
+
+_last_rows_checked: tuple[Optional[Callable[[], Optional[Tensor]]], int, bool] = (None, -1, False)
+"""(weak reference to the mask, its version, whether its rows are equal) of `_one_row_if_rows_equal`."""
+
+
+def _one_row_if_rows_equal(mask: Tensor) -> Tensor:
+    """A [B, H, Q, K] mask (Q > 1) whose query rows are all equal, as its first row ([B, H, 1, K],
+    a view that SDPA broadcasts: the same scores, ~10% faster at 128 tokens); else the mask.
+    Exported encoders build their padding mask at [B, 1, Q, K]. The answer is kept for the
+    same unchanged tensor (the layers share one mask)."""
+    global _last_rows_checked
+    if mask.dim() != 4 or mask.shape[2] < 2:
+        return mask
+    reference, version, equal = _last_rows_checked
+    try:
+        current = mask._version
+    except RuntimeError:  # an inference-mode tensor keeps no version counter
+        return mask
+    if not (reference is not None and reference() is mask and version == current):
+        equal = bool((mask == mask[:, :, :1]).all())
+        _last_rows_checked = (weakref.ref(mask), current, equal)
+    return mask[:, :, :1] if equal else mask
+
+
+_last_mask_checked: tuple[Optional[Callable[[], Optional[Tensor]]], int, Optional[Tensor]] = (None, -1, None)
+"""(weak reference to the mask, its version, the answer) of `_blocked_rows_mask`."""
+
+
+def _blocked_rows_mask(mask: Tensor) -> Optional[Tensor]:
+    """[..., 1] bool: which rows of the mask (bool: allowed; float: additive) attend to at least
+    one key, or None when all do (then nan_to_zero changes nothing). The layers of a model read
+    one mask, so the answer is kept for the same unchanged tensor."""
+    global _last_mask_checked
+    reference, version, answer = _last_mask_checked
+    try:
+        current = mask._version
+    except RuntimeError:  # an inference-mode tensor keeps no version counter
+        current = None
+    if current is not None and reference is not None and reference() is mask and version == current:
+        return answer
+    attended = mask.any(dim=-1, keepdim=True) if mask.dtype == torch.bool else (mask > float("-inf")).any(dim=-1, keepdim=True)
+    answer = None if bool(attended.all()) else attended
+    if current is not None:
+        _last_mask_checked = (weakref.ref(mask), current, answer)
+    return answer
 
 
 def _has_blocked_row(bias: Tensor) -> bool:

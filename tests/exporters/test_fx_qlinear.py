@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 from conftest import numpy_inputs
-from quant_testing import block_graph, calibration, cosine, gemm_graph, residual_graph
+from quant_testing import block_graph, calibration, cosine, gemm_graph, mlp_graph, residual_graph
 
 import graphopt
 from graphopt import DType, Graph, TensorType
@@ -39,22 +39,6 @@ def _static(graph: Graph) -> Graph:
     return graphopt.optimize(graph.clone(), "quantize{smooth=false}", calibration_data=calibration(graph))
 
 
-def _mlp() -> Graph:
-    """x @ W1 + b1 -> Gelu -> @ W2 + b2: after quantize the Gelu output is requantized for W2 only."""
-    rng = np.random.default_rng(0)
-    graph = Graph("mlp", opset_imports={"": 17, "graphopt": 1})
-    x = graph.add_input("x", TensorType(DType.FLOAT, ("batch", 4, 16)))
-    w1 = graph.add_constant("w1", (rng.standard_normal((16, 32)) / 4).astype(np.float32))
-    b1 = graph.add_constant("b1", rng.standard_normal(32).astype(np.float32))
-    w2 = graph.add_constant("w2", (rng.standard_normal((32, 8)) / 4).astype(np.float32))
-    b2 = graph.add_constant("b2", rng.standard_normal(8).astype(np.float32))
-    h = graph.add_node("Add", [graph.add_node("MatMul", [x, w1]).output, b1]).output
-    act = graph.add_node("Gelu", [h], domain="graphopt").output
-    y = graph.add_node("Add", [graph.add_node("MatMul", [act, w2]).output, b2], output_names=["y"]).output
-    graph.set_outputs([y])
-    return graph
-
-
 def test_every_static_matmul_runs_as_an_int8_linear_equal_to_the_unlowered_graph_and_ort():
     quantized = _static(block_graph())
     module = to_fx(quantized, prepack_linears=True)
@@ -68,7 +52,7 @@ def test_every_static_matmul_runs_as_an_int8_linear_equal_to_the_unlowered_graph
 
 
 def test_a_requantized_result_is_written_as_uint8_by_the_linear_within_one_step():
-    graph = _mlp()
+    graph = mlp_graph()
     quantized = _static(graph)
     plans = list(fx_qlinear.plan_qlinears(quantized).values())
     assert [(p.gelu, p.bias is not None, p.output is not None) for p in plans] == [("none", True, True), (None, True, False)]
@@ -105,7 +89,7 @@ def test_quantize_uint8_is_quantize_linear_but_one_step_on_rounding_boundaries()
 
 
 def test_smooth_quant_factors_fold_into_one_quantize_per_activation_within_one_step():
-    assert [[[n.op_type for n in q.absorbed] for q in _quantizers(g).values()] for g in (_mlp(), block_graph())] == [
+    assert [[[n.op_type for n in q.absorbed] for q in _quantizers(g).values()] for g in (mlp_graph(), block_graph())] == [
         [["Mul", "QuantizeLinear"]] * 2, [["QuantizeLinear"], ["Mul", "QuantizeLinear"]]  # block: absorbed by the norm
     ]
     graph = residual_graph()  # the norm also feeds the residual Add, so its factors stay a Mul
@@ -125,7 +109,7 @@ def test_smooth_quant_factors_fold_into_one_quantize_per_activation_within_one_s
 
 
 def test_a_quantized_activation_read_by_more_than_int8_linears_runs_its_quantize_linear():
-    quantized = _static(_mlp())
+    quantized = _static(mlp_graph())
     assert len(_quantizers(quantized)) == 1  # the input's; the Gelu's is requantized by the linear
     quant = next(n for n in quantized.nodes if n.op_type == "QuantizeLinear")
     quantized.set_outputs([*quantized.outputs, quant.output])
@@ -138,6 +122,52 @@ def _quantizers(graph: Graph) -> dict:
     if not any(n.op_type == "QuantizeLinear" for n in graph.nodes):
         graph = graphopt.optimize(graph.clone(), "smooth-quant{alpha=0.5},quantize", calibration_data=calibration(graph))
     return fx_qlinear.plan_quantizers(graph, fx_qlinear.plan_qlinears(graph))
+
+
+def _skip_norm_graph(norm_bias: bool) -> Graph:
+    """x @ W + b -> SkipLayerNorm(that, skip, gamma, beta[, bias]) -> (y, sum); the skip is an input."""
+    rng = np.random.default_rng(5)
+    graph = Graph("skip_norm", opset_imports={"": 17, "graphopt": 1})
+    x = graph.add_input("x", TensorType(DType.FLOAT, ("batch", 4, 16)))
+    skip = graph.add_input("skip", TensorType(DType.FLOAT, ("batch", 4, 8)))
+    w = graph.add_constant("w", (rng.standard_normal((16, 8)) / 4).astype(np.float32))
+    b = graph.add_constant("b", rng.standard_normal(8).astype(np.float32))
+    inputs = [graph.add_node("Add", [graph.add_node("MatMul", [x, w]).output, b]).output, skip,
+              graph.add_constant("gamma", rng.uniform(0.5, 2, 8).astype(np.float32)), graph.add_constant("beta", rng.standard_normal(8).astype(np.float32))]
+    if norm_bias:
+        inputs.append(graph.add_constant("norm_bias", rng.standard_normal(8).astype(np.float32)))
+    norm = graph.add_node("SkipLayerNorm", inputs, {"epsilon": 1e-5}, domain="graphopt", output_names=["y", "sum"], num_outputs=2)
+    graph.set_outputs(list(norm.outputs))
+    return graph
+
+
+@pytest.mark.parametrize("norm_bias", [False, True])
+def test_a_skip_layer_norm_after_an_int8_linear_gets_its_residual_added_by_the_linear(norm_bias):
+    graph = _skip_norm_graph(norm_bias)
+    rng = np.random.default_rng(2)
+    samples = [{"x": rng.standard_normal((2, 4, 16)).astype(np.float32), "skip": rng.standard_normal((2, 4, 8)).astype(np.float32)} for _ in range(4)]
+    quantized = graphopt.optimize(graph.clone(), "quantize{smooth=false}", calibration_data=samples)
+    module = to_fx(quantized, prepack_linears=True)
+    assert _qlinear_calls(module, "binary") == (1, 0) and _qlinear_calls(module) == (0, 0)
+    assert module.code.count("skip_layer_norm_of_sum(") == 1 and "graphopt_SkipLayerNorm" not in module.code
+    feeds = {"x": rng.standard_normal((3, 4, 16)).astype(np.float32), "skip": rng.standard_normal((3, 4, 8)).astype(np.float32)}
+    skip = torch.from_numpy(feeds["skip"].copy())
+    with torch.no_grad():
+        got = [o.numpy() for o in module(torch.from_numpy(feeds["x"]), skip)]
+    assert np.array_equal(skip.numpy(), feeds["skip"])  # read, not written
+    for a, b, c in zip(got, _run(to_fx(quantized), feeds), run_graph(quantized, feeds)):
+        np.testing.assert_allclose(a, b, rtol=0, atol=FLOAT_BOUND * 10)
+        np.testing.assert_allclose(a, c, rtol=0, atol=FLOAT_BOUND * 10)
+
+
+def test_a_skip_that_broadcasts_keeps_the_norm_adding_it():
+    graph = _skip_norm_graph(False)
+    graph.inputs[1].type = TensorType(DType.FLOAT, (1, 4, 8))
+    rng = np.random.default_rng(2)
+    samples = [{"x": rng.standard_normal((2, 4, 16)).astype(np.float32), "skip": rng.standard_normal((1, 4, 8)).astype(np.float32)} for _ in range(2)]
+    quantized = graphopt.optimize(graph.clone(), "quantize{smooth=false}", calibration_data=samples)
+    module = to_fx(quantized, prepack_linears=True)
+    assert _qlinear_calls(module, "binary") == (0, 0) and _qlinear_calls(module) == (1, 0) and "graphopt_SkipLayerNorm" in module.code
 
 
 def test_gemm_with_transposed_weight_and_int32_bias_runs_as_an_int8_linear():
@@ -161,7 +191,11 @@ def test_static_zoo_bert_after_fuse_runs_every_matmul_int8_and_matches_ort(zoo, 
     out = model.graph
     matmuls = model.pipeline_report.records[-1].stats["quantized"]
     calls, chained = _qlinear_calls(model.module)
-    assert calls == matmuls and chained == out.op_counts()["graphopt::Gelu"] >= 2  # each FFN's up-projection feeds the down one in uint8
+    residual, _ = _qlinear_calls(model.module, "binary")
+    # each FFN's up-projection feeds the down one in uint8; each attention output and FFN
+    # down-projection adds the residual of the SkipLayerNorm after it
+    assert calls + residual == matmuls and chained == out.op_counts()["graphopt::Gelu"] >= 2
+    assert residual == 2 * chained and model.module.code.count("skip_layer_norm_of_sum(") == residual
     got, in_ort = np.asarray(model(*feeds.values())[0]), run_graph(out, feeds)[0]
     np.testing.assert_allclose(got, in_ort, rtol=1e-3, atol=1e-3)
     assert cosine(run_graph(graph, feeds)[0], got) >= 0.99
@@ -176,15 +210,19 @@ def test_to_bf16_after_quantize_keeps_the_int8_linears(mode, zoo, zoo_onnx):
     quantize = f"fuse,quantize{{mode={mode},smooth=false}}"
     int8 = graphopt.compile(graph.clone(), "torch", quantize, calibration_data=samples)
     mixed = graphopt.compile(graph.clone(), "torch", quantize + ",to-bf16", calibration_data=samples)
-    overload = "default" if mode == "static" else "tensor"
-    assert _qlinear_calls(mixed.module, overload)[0] == _qlinear_calls(int8.module, overload)[0] >= 8
+    overloads = ("default", "binary") if mode == "static" else ("tensor", "binary_tensor")
+
+    def linears(module) -> int:
+        return sum(_qlinear_calls(module, overload)[0] for overload in overloads)
+
+    assert linears(mixed.module) == linears(int8.module) >= 8
     assert any(n.output.dtype == DType.BFLOAT16 for n in mixed.graph.nodes if n.qualified_op == "graphopt::Attention")
     expected = run_graph(graph, feeds)[0]
     assert cosine(expected, np.asarray(mixed(*feeds.values())[0])) >= cosine(expected, np.asarray(int8(*feeds.values())[0])) - 2e-3
 
 
 def test_without_onednn_int8_the_quantized_graph_runs_on_the_torch_kernels(monkeypatch):
-    quantized = _static(_mlp())
+    quantized = _static(mlp_graph())
     monkeypatch.setattr(fx_qlinear, "qlinear_available", lambda: False)
     module = to_fx(quantized, prepack_linears=True)
     assert _qlinear_calls(module) == (0, 0) and module.code.count("DequantizeLinear(") == 4
@@ -193,7 +231,7 @@ def test_without_onednn_int8_the_quantized_graph_runs_on_the_torch_kernels(monke
 
 
 def test_dynamic_int8_chains_run_as_int8_linears_reading_the_dynamic_scale():
-    graph = _mlp()
+    graph = mlp_graph()
     quantized = graphopt.optimize(graph.clone(), "quantize{mode=dynamic}")
     plans = list(fx_qlinear.plan_qlinears(quantized).values())
     assert [[n.op_type for n in p.absorbed] for p in plans] == [["MatMulInteger", "Cast", "Mul", "Add", "Gelu"], ["MatMulInteger", "Cast", "Mul", "Add"]]
@@ -217,4 +255,16 @@ def test_dynamic_quantize_uint8_is_dynamic_quantize_linear_but_one_step_on_round
 def test_int8_linears_need_torch_built_with_onednn(monkeypatch):
     monkeypatch.setattr(torch.backends.mkldnn, "is_available", lambda: False)
     assert not fx_qlinear.qlinear_available()
-    assert _qlinear_calls(to_fx(_static(_mlp()), prepack_linears=True)) == (0, 0)
+    assert _qlinear_calls(to_fx(_static(mlp_graph()), prepack_linears=True)) == (0, 0)
+
+
+@pytest.mark.parametrize("gelu_outputs, chained", [(True, 0), (False, 1)])
+def test_unsmoothed_gelu_outputs_let_the_up_projection_write_uint8(gelu_outputs, chained):
+    graph = mlp_graph()
+    pipeline = f"smooth-quant{{alpha=0.8,gelu_outputs={str(gelu_outputs).lower()}}},quantize"
+    quantized = graphopt.optimize(graph.clone(), pipeline, calibration_data=calibration(graph))
+    module = to_fx(quantized, prepack_linears=True)
+    assert _qlinear_calls(module) == (2, chained)
+    feeds = {"x": np.random.default_rng(3).standard_normal((2, 4, 16)).astype(np.float32)}
+    got, in_ort = _run(module, feeds)[0], run_graph(quantized, feeds)[0]
+    assert cosine(got, in_ort) >= 0.999

@@ -73,6 +73,28 @@ def test_fully_masked_rows_answer_zero_as_sdpa_does():
     torch.testing.assert_close(out.float(), _sdpa(q, k, v, mask).float(), atol=TOLERANCE[torch.bfloat16], rtol=TOLERANCE[torch.bfloat16])
 
 
+@pytest.mark.parametrize("kind", ["float", "bool"])
+def test_nan_to_zero_zeroes_only_blocked_rows_and_rechecks_an_edited_mask(kind):
+    q, k, v = _qkv(torch.float32)
+    allowed = torch.ones(2, 1, 16, 16, dtype=torch.bool)
+    mask = allowed.clone() if kind == "bool" else torch.zeros(2, 1, 16, 16)
+    plain = _sdpa(q, k, v, mask)
+    for _ in range(2):  # the second call reads the kept answer: no row blocked, nothing zeroed
+        (out,) = graphopt_Attention(q, k, v, mask, num_heads=4, nan_to_zero=1)
+        assert torch.equal(out, plain)
+    blocked = (slice(1, 2), slice(None), slice(3, 5))  # rows 3-4 of batch 1 see no key
+    if kind == "bool":
+        mask[blocked] = False
+    else:
+        mask[blocked] = float("-inf")
+    (out,) = graphopt_Attention(q, k, v, mask, num_heads=4, nan_to_zero=1)
+    assert torch.equal(out[1, :, 3:5], torch.zeros_like(out[1, :, 3:5]))
+    expected = _sdpa(q, k, v, mask)
+    keep = torch.ones(2, 1, 16, 1, dtype=torch.bool)
+    keep[1, :, 3:5] = False
+    assert torch.equal(torch.where(keep, out, 0.0), torch.where(keep, expected, 0.0))
+
+
 def test_inference_mode_tensors_work_without_the_cache():
     q, k, v = _qkv(torch.bfloat16)
     with torch.inference_mode():

@@ -2,7 +2,7 @@
 
 import numpy as np
 import pytest
-from quant_testing import block_graph, calibration, cosine, residual_graph
+from quant_testing import block_graph, calibration, cosine, mlp_graph, residual_graph
 
 import graphopt
 from graphopt import PassContext
@@ -92,3 +92,17 @@ def test_searched_alpha_is_lossless_and_recorded_so_a_second_run_keeps_it(tmp_pa
     plain, _ = _smoothed(graph, "quantize{smooth=false}", data)
     searched_error = np.abs(run_graph(again, feeds)[0] - expected).max()
     assert searched_error < np.abs(run_graph(plain, feeds)[0] - expected).max()
+
+
+def test_gelu_outputs_false_leaves_the_down_projection_input_unsmoothed():
+    graph = mlp_graph()
+    data = calibration(graph)
+    every, stats = _smoothed(graph, "smooth-quant{alpha=0.8}", data)
+    assert stats == {"smoothed": 2, "absorbed": 0, "mul_inserted": 2}
+    out, stats = _smoothed(graph, "smooth-quant{alpha=0.8,gelu_outputs=false}", data)
+    assert stats == {"smoothed": 1, "absorbed": 0, "mul_inserted": 1}
+    gelu = next(n for n in out.nodes if n.op_type == "Gelu")
+    (down,) = [u.node for u in gelu.output.uses()]
+    assert down.op_type == "MatMul" and down.inputs[1].name == "w2"  # its weight as it was
+    feeds = sample_inputs(graph)
+    assert max_abs_error(run_graph(graph, feeds), run_graph(out, feeds)) <= 1e-4
