@@ -3,7 +3,8 @@
 These are what the torch target runs for fused ops: `Attention` becomes one
 `scaled_dot_product_attention` call (grouped-query aware; with a KV cache, after appending the
 new keys and values to the past ones, and returning the presents too; bfloat16/float16 on CPU
-without a cache or grouped heads: two batched GEMMs around a softmax, faster there), `RMSNorm`
+without a cache or grouped heads: two batched GEMMs around a softmax, faster there; a mask
+whose query rows are all equal passed as one row, which SDPA broadcasts), `RMSNorm`
 and `Gelu` the matching torch functions, `SkipLayerNorm` the residual add and `layer_norm` (or the RMS form),
 `AllReduce` and `AllGather` the torch.distributed collectives of the default process group
 (which `graphopt.distributed` sets up on each rank).

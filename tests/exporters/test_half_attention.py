@@ -95,6 +95,22 @@ def test_nan_to_zero_zeroes_only_blocked_rows_and_rechecks_an_edited_mask(kind):
     assert torch.equal(torch.where(keep, out, 0.0), torch.where(keep, expected, 0.0))
 
 
+def test_a_mask_with_equal_query_rows_runs_as_one_row_with_the_same_output(monkeypatch):
+    q, k, v = _qkv(torch.float32)
+    mask = _padding(torch.float32, 2, 16, rows=16)  # [B, 1, Q, K], every query row the same
+    expected = _sdpa(q, k, v, mask)
+    shapes = []
+    sdpa = F.scaled_dot_product_attention
+    monkeypatch.setattr(F, "scaled_dot_product_attention", lambda *a, attn_mask=None, **kw: shapes.append(tuple(attn_mask.shape)) or sdpa(*a, attn_mask=attn_mask, **kw))
+    for _ in range(2):  # the second call reads the kept answer
+        (out,) = graphopt_Attention(q, k, v, mask, num_heads=4)
+        assert torch.equal(out, expected)
+    mask[1, 0, 3, 0] = torch.finfo(torch.float32).min  # edited in place: row 3 differs now
+    (out,) = graphopt_Attention(q, k, v, mask, num_heads=4)
+    assert shapes == [(2, 1, 1, 16), (2, 1, 1, 16), (2, 1, 16, 16)]
+    assert torch.equal(out, sdpa(q, k, v, attn_mask=mask))
+
+
 def test_inference_mode_tensors_work_without_the_cache():
     q, k, v = _qkv(torch.bfloat16)
     with torch.inference_mode():
