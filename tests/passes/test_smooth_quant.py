@@ -106,3 +106,20 @@ def test_gelu_outputs_false_leaves_the_down_projection_input_unsmoothed():
     assert down.op_type == "MatMul" and down.inputs[1].name == "w2"  # its weight as it was
     feeds = sample_inputs(graph)
     assert max_abs_error(run_graph(graph, feeds), run_graph(out, feeds)) <= 1e-4
+
+
+def test_attention_outputs_are_absorbed_by_the_value_projection(zoo, zoo_onnx):
+    from conftest import numpy_inputs
+
+    graph = graphopt.optimize(graphopt.from_onnx(zoo_onnx("bert")), "fuse")
+    feeds = numpy_inputs(zoo("bert"))
+    samples = [{k: v[i:i + 1] for k, v in feeds.items()} for i in range(2)]
+    out, stats = _smoothed(graph, "smooth-quant{alpha=0.8}", samples)
+    attentions = [n for n in out.nodes if n.qualified_op == "graphopt::Attention"]
+    assert len(attentions) >= 2 and stats["absorbed"] == len(attentions)
+    assert stats["mul_inserted"] == stats["smoothed"] - len(attentions)
+    for attention in attentions:  # Attention -> Transpose -> Reshape -> the output projection, no Mul
+        (merge,) = [u.node for u in attention.output.uses()[0].node.output.uses()]
+        assert [u.node.op_type for u in merge.output.uses()] == ["MatMul"]
+    expected, got = run_graph(graph, feeds), run_graph(out, feeds)
+    assert max_abs_error(expected, got) <= 1e-4 * max(float(np.abs(e).max()) for e in expected)
