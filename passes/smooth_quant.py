@@ -290,6 +290,9 @@ def _absorb_into_values(graph: Graph, x: Value, factors: np.ndarray) -> bool:
     merge = x.producer
     if merge is None or (merge.domain, merge.op_type) != ("", "Reshape") or x.type.rank != 3:
         return False
+    merged = merge.inputs[0].type.shape if merge.inputs[0] is not None else None
+    if merged is None or x.type.shape is None or len(merged) != 4 or tuple(merged[:2]) != tuple(x.type.shape[:2]):
+        return False  # not [B, S, H, D] -> [B, S, H*D]
     to_sequence = _sole_producer(merge.inputs[0])
     attention = _sole_producer(to_sequence.inputs[0]) if _head_transpose(to_sequence) else None
     if attention is None or (attention.domain, attention.op_type) != ("graphopt", "Attention"):
@@ -305,7 +308,7 @@ def _absorb_into_values(graph: Graph, x: Value, factors: np.ndarray) -> bool:
     shape, heads_shape = projection.type.shape, split_heads.output.type.shape
     if shape is None or heads_shape is None or len(shape) != 3 or len(heads_shape) != 4 or tuple(heads_shape[:2]) != tuple(shape[:2]):
         return False
-    if shape[2] != factors.size or x.type.shape is None or x.type.shape[-1] != factors.size or len(projection.uses()) != 1 or projection.is_graph_output:
+    if shape[2] != factors.size or x.type.shape[-1] != factors.size or len(projection.uses()) != 1 or projection.is_graph_output:
         return False
     split = projection.producer
     if split is not None and (split.domain, split.op_type) == ("", "Split"):

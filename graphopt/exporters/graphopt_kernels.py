@@ -13,7 +13,7 @@ and `Gelu` the matching torch functions, `SkipLayerNorm` the residual add and `l
 from __future__ import annotations
 
 import weakref
-from typing import Callable, Optional
+from typing import Any, Callable, Optional
 
 import torch
 import torch.nn.functional as F
@@ -70,70 +70,50 @@ def _half_on_cpu(x: Tensor) -> bool:
     return x.device.type == "cpu" and x.dtype in (torch.bfloat16, torch.float16)
 
 
-_last_bias_checked: tuple[Optional[Callable[[], Optional[Tensor]]], int, bool] = (None, -1, False)
-"""(weak reference to the bias, its version, the answer): the layers of a model share one mask."""
+class _KeptAnswer:
+    """A function of a mask tensor whose last answer is kept while the same tensor is unchanged
+    (same object, same version): the layers of a model read one mask."""
+
+    def __init__(self, compute: Callable[[Tensor], Any]) -> None:
+        self.compute = compute
+        self.last: tuple[Optional[Callable[[], Optional[Tensor]]], int, Any] = (None, -1, None)
+
+    def __call__(self, mask: Tensor) -> Any:
+        try:
+            current = mask._version
+        except RuntimeError:  # an inference-mode tensor keeps no version counter
+            return self.compute(mask)
+        reference, version, answer = self.last
+        if reference is not None and reference() is mask and version == current:
+            return answer
+        answer = self.compute(mask)
+        self.last = (weakref.ref(mask), current, answer)
+        return answer
 
 
-_last_rows_checked: tuple[Optional[Callable[[], Optional[Tensor]]], int, bool] = (None, -1, False)
-"""(weak reference to the mask, its version, whether its rows are equal) of `_one_row_if_rows_equal`."""
+_has_blocked_row = _KeptAnswer(lambda bias: bool((bias.amax(dim=-1) == float("-inf")).any()))
+"""Whether a row of the additive bias is -inf throughout (SDPA answers 0 there, a plain softmax NaN)."""
+
+_rows_equal = _KeptAnswer(lambda mask: bool((mask == mask[:, :, :1]).all()))
 
 
 def _one_row_if_rows_equal(mask: Tensor) -> Tensor:
     """A [B, H, Q, K] mask (Q > 1) whose query rows are all equal, as its first row ([B, H, 1, K],
     a view that SDPA broadcasts: the same scores, ~10% faster at 128 tokens); else the mask.
-    Exported encoders build their padding mask at [B, 1, Q, K]. The answer is kept for the
-    same unchanged tensor (the layers share one mask)."""
-    global _last_rows_checked
+    Exported encoders build their padding mask at [B, 1, Q, K]."""
     if mask.dim() != 4 or mask.shape[2] < 2:
         return mask
-    reference, version, equal = _last_rows_checked
-    try:
-        current = mask._version
-    except RuntimeError:  # an inference-mode tensor keeps no version counter
-        return mask
-    if not (reference is not None and reference() is mask and version == current):
-        equal = bool((mask == mask[:, :, :1]).all())
-        _last_rows_checked = (weakref.ref(mask), current, equal)
-    return mask[:, :, :1] if equal else mask
+    return mask[:, :, :1] if _rows_equal(mask) else mask
 
 
-_last_mask_checked: tuple[Optional[Callable[[], Optional[Tensor]]], int, Optional[Tensor]] = (None, -1, None)
-"""(weak reference to the mask, its version, the answer) of `_blocked_rows_mask`."""
-
-
-def _blocked_rows_mask(mask: Tensor) -> Optional[Tensor]:
+def _attended_rows(mask: Tensor) -> Optional[Tensor]:
     """[..., 1] bool: which rows of the mask (bool: allowed; float: additive) attend to at least
-    one key, or None when all do (then nan_to_zero changes nothing). The layers of a model read
-    one mask, so the answer is kept for the same unchanged tensor."""
-    global _last_mask_checked
-    reference, version, answer = _last_mask_checked
-    try:
-        current = mask._version
-    except RuntimeError:  # an inference-mode tensor keeps no version counter
-        current = None
-    if current is not None and reference is not None and reference() is mask and version == current:
-        return answer
+    one key, or None when all do (then nan_to_zero changes nothing)."""
     attended = mask.any(dim=-1, keepdim=True) if mask.dtype == torch.bool else (mask > float("-inf")).any(dim=-1, keepdim=True)
-    answer = None if bool(attended.all()) else attended
-    if current is not None:
-        _last_mask_checked = (weakref.ref(mask), current, answer)
-    return answer
+    return None if bool(attended.all()) else attended
 
 
-def _has_blocked_row(bias: Tensor) -> bool:
-    """Whether a row of the additive bias is -inf throughout (SDPA answers 0 there, a plain softmax NaN)."""
-    global _last_bias_checked
-    reference, version, answer = _last_bias_checked
-    try:
-        current = bias._version
-    except RuntimeError:  # an inference-mode tensor keeps no version counter
-        current = None
-    if current is not None and reference is not None and reference() is bias and version == current:
-        return answer
-    answer = bool((bias.amax(dim=-1) == float("-inf")).any())
-    if current is not None:
-        _last_bias_checked = (weakref.ref(bias), current, answer)
-    return answer
+_blocked_rows_mask = _KeptAnswer(_attended_rows)
 
 
 def _half_attention_by_matmuls(query: Tensor, key: Tensor, value: Tensor, bias: Optional[Tensor], scale: Optional[float]) -> Tensor:
