@@ -70,15 +70,27 @@ def _half_on_cpu(x: Tensor) -> bool:
     return x.device.type == "cpu" and x.dtype in (torch.bfloat16, torch.float16)
 
 
+def _tracing() -> bool:
+    """Whether a tracer runs the kernel (dynamo, or make_fx as the autograd backend's AOT
+    autograd does): it cannot branch on a tensor's values, so the mask shortcuts are off."""
+    from torch.utils._python_dispatch import is_in_torch_dispatch_mode
+
+    return torch.compiler.is_compiling() or is_in_torch_dispatch_mode()
+
+
 class _KeptAnswer:
     """A function of a mask tensor whose last answer is kept while the same tensor is unchanged
-    (same object, same version): the layers of a model read one mask."""
+    (same object, same version): the layers of a model read one mask. Under a tracer the
+    answer is `traced(mask)`, which reads no value."""
 
-    def __init__(self, compute: Callable[[Tensor], Any]) -> None:
+    def __init__(self, compute: Callable[[Tensor], Any], traced: Callable[[Tensor], Any]) -> None:
         self.compute = compute
+        self.traced = traced
         self.last: tuple[Optional[Callable[[], Optional[Tensor]]], int, Any] = (None, -1, None)
 
     def __call__(self, mask: Tensor) -> Any:
+        if _tracing():
+            return self.traced(mask)
         try:
             current = mask._version
         except RuntimeError:  # an inference-mode tensor keeps no version counter
@@ -91,10 +103,10 @@ class _KeptAnswer:
         return answer
 
 
-_has_blocked_row = _KeptAnswer(lambda bias: bool((bias.amax(dim=-1) == float("-inf")).any()))
+_has_blocked_row = _KeptAnswer(lambda bias: bool((bias.amax(dim=-1) == float("-inf")).any()), traced=lambda bias: True)
 """Whether a row of the additive bias is -inf throughout (SDPA answers 0 there, a plain softmax NaN)."""
 
-_rows_equal = _KeptAnswer(lambda mask: bool((mask == mask[:, :, :1]).all()))
+_rows_equal = _KeptAnswer(lambda mask: bool((mask == mask[:, :, :1]).all()), traced=lambda mask: False)
 
 
 def _one_row_if_rows_equal(mask: Tensor) -> Tensor:
@@ -106,14 +118,18 @@ def _one_row_if_rows_equal(mask: Tensor) -> Tensor:
     return mask[:, :, :1] if _rows_equal(mask) else mask
 
 
-def _attended_rows(mask: Tensor) -> Optional[Tensor]:
-    """[..., 1] bool: which rows of the mask (bool: allowed; float: additive) attend to at least
-    one key, or None when all do (then nan_to_zero changes nothing)."""
-    attended = mask.any(dim=-1, keepdim=True) if mask.dtype == torch.bool else (mask > float("-inf")).any(dim=-1, keepdim=True)
+def _attended_rows(mask: Tensor) -> Tensor:
+    """[..., 1] bool: which rows of the mask (bool: allowed; float: additive) attend to at least one key."""
+    return mask.any(dim=-1, keepdim=True) if mask.dtype == torch.bool else (mask > float("-inf")).any(dim=-1, keepdim=True)
+
+
+def _attended_rows_unless_all(mask: Tensor) -> Optional[Tensor]:
+    """`_attended_rows`, or None when every row attends (then nan_to_zero changes nothing)."""
+    attended = _attended_rows(mask)
     return None if bool(attended.all()) else attended
 
 
-_blocked_rows_mask = _KeptAnswer(_attended_rows)
+_blocked_rows_mask = _KeptAnswer(_attended_rows_unless_all, traced=_attended_rows)
 
 
 def _half_attention_by_matmuls(query: Tensor, key: Tensor, value: Tensor, bias: Optional[Tensor], scale: Optional[float]) -> Tensor:

@@ -156,3 +156,17 @@ def test_the_torch_target_keeps_the_heap_unless_told_not_to(spec, expected, monk
     compiled = graphopt.compile(graph, target=spec, pipeline="eliminate-dead-code")
     np.testing.assert_array_equal(compiled(x=-np.ones((2, 3), np.float32))[0], np.zeros((2, 3), np.float32))
     assert len(calls) == expected
+
+
+def test_the_mask_shortcuts_stay_off_under_a_tracer():
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    q, k, v = _qkv(torch.float32)
+    mask = _padding(torch.float32, 2, 16, rows=16)
+
+    def attend(q, k, v, mask):
+        return graphopt_Attention(q, k, v, mask, num_heads=4, nan_to_zero=1)[0]
+
+    traced = make_fx(attend)(q, k, v, mask)  # no value is read while tracing (the autograd backend's AOT path)
+    assert "_local_scalar_dense" not in traced.code and "where" in traced.code
+    assert torch.equal(traced(q, k, v, mask), attend(q, k, v, mask))
