@@ -143,10 +143,12 @@ def find_columns(value: Value) -> Optional[Columns]:
 
 def _slice_bias(graph: Graph, add: Node, keep: np.ndarray) -> None:
     index = bias_slot(add)
-    _replace_constant(graph, add, index, add.inputs[index].const.numpy()[keep], "pruned")  # type: ignore[union-attr]
+    replace_constant(graph, add, index, add.inputs[index].const.numpy()[keep], "pruned")  # type: ignore[union-attr]
 
 
-def _replace_constant(graph: Graph, node: Node, index: int, data: np.ndarray, suffix: str) -> None:
+def replace_constant(graph: Graph, node: Node, index: int, data: np.ndarray, suffix: str) -> None:
+    """Put `data` (a new constant named after the old one plus `suffix`) in place of node's
+    constant input `index`; the old constant goes when nothing else reads it."""
     old = node.inputs[index]
     new = graph.add_constant(graph.unique_name(f"{old.name}_{suffix}"), np.ascontiguousarray(data))  # type: ignore[union-attr]
     node.replace_input(index, new)
@@ -175,7 +177,7 @@ def slice_columns(graph: Graph, selections: Sequence[tuple[Columns, np.ndarray]]
             keep = np.concatenate([offsets[i] + k for i, k in enumerate(kept)])
             new_sizes = np.array([len(k) for k in kept], np.int64)
             if len(first.split.inputs) > 1 and first.split.inputs[1] is not None:
-                _replace_constant(graph, first.split, 1, new_sizes, "pruned")
+                replace_constant(graph, first.split, 1, new_sizes, "pruned")
             else:
                 first.split.attrs["split"] = tuple(int(s) for s in new_sizes)
             changed.append(first.split)
@@ -185,7 +187,7 @@ def slice_columns(graph: Graph, selections: Sequence[tuple[Columns, np.ndarray]]
                 changed.append(columns.bias_add)
         if len(keep) == total and np.array_equal(keep, np.arange(total)):
             continue
-        _replace_constant(graph, first.matmul, 1, first.weight[:, keep], "pruned")
+        replace_constant(graph, first.matmul, 1, first.weight[:, keep], "pruned")
         changed.append(first.matmul)
         if first.fused_bias_add is not None:
             _slice_bias(graph, first.fused_bias_add, keep)
@@ -196,12 +198,12 @@ def slice_columns(graph: Graph, selections: Sequence[tuple[Columns, np.ndarray]]
 def slice_rows(graph: Graph, matmul: Node, keep: np.ndarray, rows: Optional[np.ndarray] = None) -> None:
     """Keep rows `keep` of matmul's constant weight (or put `rows` there instead)."""
     weight = matmul.inputs[1].const.numpy()  # type: ignore[union-attr]
-    _replace_constant(graph, matmul, 1, weight[keep] if rows is None else rows.astype(weight.dtype), "pruned")
+    replace_constant(graph, matmul, 1, weight[keep] if rows is None else rows.astype(weight.dtype), "pruned")
 
 
 def replace_vector(graph: Graph, node: Node, index: int, data: np.ndarray) -> None:
     """Put `data` in place of node's constant input `index`."""
-    _replace_constant(graph, node, index, data, "pruned")
+    replace_constant(graph, node, index, data, "pruned")
 
 
 def reinfer(graph: Graph, nodes: Sequence[Node]) -> None:

@@ -54,7 +54,7 @@ from graphopt.distributed_calibration import global_slice, has_samples, shard_of
 from graphopt.ir.graph import Graph, Node, Value, constant_data
 from graphopt.pass_base import Pass, PassContext, PassResult
 from graphopt.registry import register_pass
-from graphopt.passes._structured import CALIBRATION_HINT
+from graphopt.passes._structured import CALIBRATION_HINT, bias_slot, find_columns, replace_constant
 from graphopt.passes.quantize import Candidate, QuantizationError, find_candidates
 
 if TYPE_CHECKING:
@@ -310,11 +310,18 @@ def _absorb_into_values(graph: Graph, x: Value, factors: np.ndarray) -> bool:
         return False
     if shape[2] != factors.size or x.type.shape[-1] != factors.size or len(projection.uses()) != 1 or projection.is_graph_output:
         return False
-    split = projection.producer
-    if split is not None and (split.domain, split.op_type) == ("", "Split"):
-        offset = _split_offset(split, projection)
-        return offset is not None and _divide_columns(graph, split.inputs[0], offset, factors)
-    return _divide_columns(graph, projection, 0, factors)
+    columns = find_columns(projection)
+    if columns is None or columns.width != factors.size or columns.weight.dtype != np.float32:
+        return False
+    spread = np.ones(columns.weight.shape[1], np.float32)  # the factors at v's columns of the (fused) weight
+    spread[columns.offset:columns.offset + columns.width] = factors
+    biases = [(add, by) for add, by in ((columns.bias_add, factors), (columns.fused_bias_add, spread)) if add is not None]
+    if any(_vector(add.inputs[bias_slot(add)], by.size) is None for add, by in biases):
+        return False
+    replace_constant(graph, columns.matmul, 1, columns.weight / spread, "smoothed")
+    for add, by in biases:
+        _divide_input(graph, add, bias_slot(add), by)
+    return True
 
 
 def _sole_producer(value: Optional[Value]) -> Optional[Node]:
@@ -326,50 +333,6 @@ def _sole_producer(value: Optional[Value]) -> Optional[Node]:
 
 def _head_transpose(node: Optional[Node]) -> bool:
     return node is not None and (node.domain, node.op_type) == ("", "Transpose") and tuple(node.attrs.get("perm", ())) == _HEADS_TO_SEQUENCE
-
-
-def _split_offset(split: Node, part: Value) -> Optional[int]:
-    """The first channel of `part`, an output of a last-axis Split with known sizes."""
-    source = split.inputs[0]
-    rank = source.type.rank if source is not None else None
-    axis = int(split.attrs.get("axis", 0))
-    if rank is None or axis not in (-1, rank - 1):
-        return None
-    sizes = split.attrs.get("split")
-    if sizes is None and len(split.inputs) > 1 and split.inputs[1] is not None:
-        data = constant_data(split.inputs[1])
-        sizes = None if data is None else [int(v) for v in data.reshape(-1)]
-    if sizes is None or len(sizes) != len(split.outputs):
-        return None
-    return int(sum(sizes[: list(split.outputs).index(part)]))
-
-
-def _divide_columns(graph: Graph, y: Value, offset: int, factors: np.ndarray) -> bool:
-    """Divide columns offset.. offset + len(factors) of y = MatMul(h, W) (+ Add(., b)), W and b
-    constants, y read by one node; the MatMul (and Add) nodes get new constants."""
-    if y.is_graph_output or len(y.uses()) != 1:
-        return False
-    add, matmul = None, y.producer
-    if matmul is not None and (matmul.domain, matmul.op_type) == ("", "Add"):
-        add = matmul
-        matmul = next((_sole_producer(v) for v in add.inputs if v is not None and v.const is None), None)
-    if matmul is None or (matmul.domain, matmul.op_type) != ("", "MatMul") or matmul.inputs[1] is None:
-        return False
-    weight = constant_data(matmul.inputs[1], limit=None)
-    width = None if weight is None else weight.shape[-1]
-    if weight is None or weight.dtype != np.float32 or weight.ndim != 2 or offset + factors.size > width:
-        return False
-    columns = np.ones(width, np.float32)
-    columns[offset:offset + factors.size] = factors
-    bias_index = None
-    if add is not None:
-        bias_index = next((i for i, v in enumerate(add.inputs) if v is not None and _vector(v, width) is not None), None)
-        if bias_index is None or add.inputs[1 - bias_index] is not matmul.output:
-            return False
-    _replace_constant(graph, matmul, 1, weight / columns[None, :])
-    if add is not None and bias_index is not None:
-        _divide_input(graph, add, bias_index, columns)
-    return True
 
 
 def _last_axis(node: Node) -> bool:
@@ -388,15 +351,7 @@ def _vector(value: Optional[Value], channels: int) -> Optional[np.ndarray]:
 
 def _divide_input(graph: Graph, node: Node, index: int, factors: np.ndarray) -> None:
     data = _vector(node.inputs[index], factors.size)
-    _replace_constant(graph, node, index, data / factors.reshape(data.shape))  # type: ignore[union-attr]
-
-
-def _replace_constant(graph: Graph, node: Node, index: int, data: np.ndarray) -> None:
-    """`node` reads `data` (a new constant) as input `index`; the old constant goes if unused."""
-    old = node.inputs[index]
-    node.replace_input(index, graph.add_constant(f"{old.name}_smoothed", data.astype(np.float32)))  # type: ignore[union-attr]
-    if old.const is not None and not old.uses() and old.graph is graph:  # type: ignore[union-attr]
-        graph.remove_constant(old)  # type: ignore[arg-type]
+    replace_constant(graph, node, index, (data / factors.reshape(data.shape)).astype(np.float32), "smoothed")  # type: ignore[union-attr]
 
 
 def _insert_mul(graph: Graph, group: list[Candidate], factors: np.ndarray) -> None:

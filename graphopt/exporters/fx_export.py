@@ -65,7 +65,7 @@ def _build(graph: Graph, prepack_linears: bool, trainable: Collection[str]) -> A
                 quantizers = fx_qlinear.plan_quantizers(graph, qplans)
                 dynamic_quantizers = fx_qlinear.plan_dynamic_quantizers(graph, qplans)
     calls = fx_linear_calls.plan_linear_calls(graph)
-    residual_norms = {id(plan.norm): plan.norm for plan in qplans.values() if plan.norm is not None}
+    residual_norms = {id(plan.norm) for plan in qplans.values() if plan.norm is not None}
     absorbed = {id(n) for plan in plans.values() for n in plan.absorbed[1:]}
     absorbed.update(id(n) for plan in qplans.values() for n in plan.skipped)
     absorbed.update(id(n) for plan in quantizers.values() for n in plan.absorbed[:-1])

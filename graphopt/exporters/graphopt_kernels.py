@@ -18,6 +18,7 @@ from typing import Any, Callable, Optional
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from torch.utils._python_dispatch import is_in_torch_dispatch_mode
 
 from graphopt.errors import GraphoptError
 from graphopt.exporters.rotary_kernels import graphopt_RotaryEmbedding
@@ -49,18 +50,19 @@ def graphopt_Attention(
             mask = mask.masked_fill(~allowed, torch.finfo(mask.dtype).min)
     if mask is not None and mask.dtype != torch.bool and mask.dtype != query.dtype:
         mask = mask.to(query.dtype)
+    full_mask = mask  # the kept answers below are about this tensor, which every layer reads
     if mask is not None and not causal:
         mask = _one_row_if_rows_equal(mask)
     grouped = num_kv_heads is not None and num_kv_heads != num_heads
     by_matmuls = _half_on_cpu(query) and not grouped and not presents
     if by_matmuls and mask is not None:
-        by_matmuls = mask.dtype == query.dtype and not _has_blocked_row(mask)
+        by_matmuls = mask.dtype == query.dtype and not _has_blocked_row(full_mask)
     if by_matmuls:
         out = _half_attention_by_matmuls(query, key, value, mask, scale)
     else:
         out = F.scaled_dot_product_attention(query, key, value, attn_mask=mask, scale=scale, enable_gqa=grouped)
     if nan_to_zero and mask is not None:
-        attended = _blocked_rows_mask(mask)
+        attended = _blocked_rows_mask(full_mask)
         if attended is not None:
             out = torch.where(attended, out, torch.zeros((), dtype=out.dtype, device=out.device))
     return (out, *presents)
@@ -73,8 +75,6 @@ def _half_on_cpu(x: Tensor) -> bool:
 def _tracing() -> bool:
     """Whether a tracer runs the kernel (dynamo, or make_fx as the autograd backend's AOT
     autograd does): it cannot branch on a tensor's values, so the mask shortcuts are off."""
-    from torch.utils._python_dispatch import is_in_torch_dispatch_mode
-
     return torch.compiler.is_compiling() or is_in_torch_dispatch_mode()
 
 
