@@ -4,7 +4,8 @@ These are what the torch target runs for fused ops: `Attention` becomes one
 `scaled_dot_product_attention` call (grouped-query aware; with a KV cache, after appending the
 new keys and values to the past ones, and returning the presents too; bfloat16/float16 on CPU
 without a cache or grouped heads: two batched GEMMs around a softmax, faster there; a mask
-whose query rows are all equal passed as one row, which SDPA broadcasts), `RMSNorm`
+whose query rows are all equal passed as one row, which SDPA broadcasts; without a cache, the
+keys that every query row blocks at the end, a right-padded batch's padding, left out), `RMSNorm`
 and `Gelu` the matching torch functions, `SkipLayerNorm` the residual add and `layer_norm` (or the RMS form),
 `AllReduce` and `AllGather` the torch.distributed collectives of the default process group
 (which `graphopt.distributed` sets up on each rank).
@@ -53,6 +54,8 @@ def graphopt_Attention(
     full_mask = mask  # the kept answers below are about this tensor, which every layer reads
     if mask is not None and not causal:
         mask = _one_row_if_rows_equal(mask)
+        if not presents:
+            key, value, mask = _without_blocked_tail(key, value, mask, full_mask)
     grouped = num_kv_heads is not None and num_kv_heads != num_heads
     by_matmuls = _half_on_cpu(query) and not grouped and not presents
     if by_matmuls and mask is not None:
@@ -116,6 +119,42 @@ def _one_row_if_rows_equal(mask: Tensor) -> Tensor:
     if mask.dim() != 4 or mask.shape[2] < 2:
         return mask
     return mask[:, :, :1] if _rows_equal(mask) else mask
+
+
+def _blocked(mask: Tensor) -> Tensor:
+    """Where the mask (bool: allowed; float: additive) blocks a key: False, or at most half the
+    dtype's lowest value (-inf, or Hugging Face's finfo.min), whose softmax weight is exactly 0."""
+    return ~mask if mask.dtype == torch.bool else mask <= torch.finfo(mask.dtype).min / 2
+
+
+_KEY_MULTIPLE = 16
+"""Kept keys are rounded up to a multiple of this (blocked keys fill the rest): torch's CPU softmax
+and SDPA measured 3x slower over 8-9 keys than over 16."""
+
+
+def _kept_key_count(mask: Tensor) -> Optional[int]:
+    """How many leading keys some query row attends to, when every key after them is blocked
+    in every row (a padding tail) and no row blocks all keys; None when that is all keys or
+    there is no such tail."""
+    blocked = _blocked(mask)
+    if bool(blocked.all(dim=-1).any()):
+        return None
+    attended = (~blocked).reshape(-1, mask.shape[-1]).any(dim=0)
+    kept = -(-(int(attended.nonzero().max()) + 1) // _KEY_MULTIPLE) * _KEY_MULTIPLE
+    return kept if kept < mask.shape[-1] else None
+
+
+_kept_keys = _KeptAnswer(_kept_key_count, traced=lambda mask: None)
+
+
+def _without_blocked_tail(key: Tensor, value: Tensor, mask: Tensor, full_mask: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """Keys, values and mask without the keys that every query row blocks at the end (the padding
+    of a right-padded batch): their softmax weights are exactly 0, so the output is the same
+    and attention's cost falls with the padding. `full_mask` is the tensor the answer is kept for."""
+    kept = _kept_keys(full_mask) if mask.shape[-1] == key.shape[-2] and mask.dim() >= 2 else None
+    if kept is None:
+        return key, value, mask
+    return key[..., :kept, :], value[..., :kept, :], mask[..., :kept]
 
 
 def _attended_rows(mask: Tensor) -> Tensor:

@@ -170,3 +170,85 @@ def test_the_mask_shortcuts_stay_off_under_a_tracer():
     traced = make_fx(attend)(q, k, v, mask)  # no value is read while tracing (the autograd backend's AOT path)
     assert "_local_scalar_dense" not in traced.code and "where" in traced.code
     assert torch.equal(traced(q, k, v, mask), attend(q, k, v, mask))
+
+
+def _right_padded(dtype: torch.dtype, lengths: list[int], seq: int, rows: int = 1) -> torch.Tensor:
+    """A [B, 1, rows, seq] padding mask: batch item b attends to its first lengths[b] keys."""
+    if dtype == torch.bool:
+        return torch.arange(seq).expand(len(lengths), 1, rows, seq) < torch.tensor(lengths).view(-1, 1, 1, 1)
+    mask = torch.zeros(len(lengths), 1, rows, seq, dtype=dtype)
+    for b, length in enumerate(lengths):
+        mask[b, ..., length:] = torch.finfo(dtype).min if dtype != torch.float64 else float("-inf")
+    return mask
+
+
+def _key_counts(monkeypatch) -> list[int]:
+    counts: list[int] = []
+    sdpa = F.scaled_dot_product_attention
+    monkeypatch.setattr(F, "scaled_dot_product_attention", lambda q, k, *a, **kw: counts.append(k.shape[-2]) or sdpa(q, k, *a, **kw))
+    return counts
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bool])
+@pytest.mark.parametrize("rows", [1, 40])
+def test_a_padding_tail_is_left_out_of_attention_with_the_same_output(dtype, rows, monkeypatch):
+    q, k, v = (x.double() if dtype == torch.float64 else x for x in _qkv(torch.float32, seq=40))
+    mask = _right_padded(dtype, [5, 9], 40, rows)
+    expected = _sdpa(q, k, v, mask)
+    counts = _key_counts(monkeypatch)
+    for _ in range(2):  # the second call reads the kept answer
+        (out,) = graphopt_Attention(q, k, v, mask, num_heads=4)
+        torch.testing.assert_close(out, expected, atol=1e-6, rtol=1e-6)
+    assert counts == [16, 16]  # 9 attended keys, rounded up to a multiple of 16 (blocked keys fill the rest)
+    if dtype == torch.bool:
+        mask[1, ..., 30] = True  # edited in place: key 30 is attended now
+    else:
+        mask[1, ..., 30] = 0.0
+    (out,) = graphopt_Attention(q, k, v, mask, num_heads=4)
+    assert counts[-1] == 32
+    torch.testing.assert_close(out, _sdpa(q, k, v, mask), atol=1e-6, rtol=1e-6)
+
+
+@pytest.mark.parametrize("case", ["a row blocks every key", "no padding tail", "padding at the front", "causal", "kv cache", "broadcast keys"])
+def test_attention_keeps_every_key_where_leaving_some_out_could_change_the_output(case, monkeypatch):
+    q, k, v = _qkv(torch.float32, seq=40)
+    mask = _right_padded(torch.float32, [5, 9], 40)
+    kwargs: dict = {"num_heads": 4}
+    args = [q, k, v, mask]
+    if case == "a row blocks every key":  # Hugging Face's finfo.min mask averages every value there
+        mask[0] = torch.finfo(torch.float32).min
+    elif case == "no padding tail":
+        mask = _right_padded(torch.float32, [5, 40], 40)
+    elif case == "padding at the front":
+        mask = mask.flip(-1)
+    elif case == "causal":
+        kwargs["causal"] = 1
+    elif case == "kv cache":
+        args += [k[:, :, :3], v[:, :, :3]]
+        args[3] = _right_padded(torch.float32, [5, 9], 43)
+    elif case == "broadcast keys":
+        mask = mask[..., :1].clone()  # [B, 1, 1, 1]: one bias for every key
+    if case not in ("kv cache",):
+        args[3] = mask
+    counts = _key_counts(monkeypatch)
+    outputs = graphopt_Attention(*args, **kwargs)
+    assert counts == [43 if case == "kv cache" else 40]
+    assert torch.isfinite(outputs[0]).all()
+
+
+def test_a_right_padded_batch_on_the_torch_target_attends_to_fewer_keys_with_the_same_output(monkeypatch, tmp_path):
+    import model_zoo
+    from graphopt.check import run_graph
+
+    zm = model_zoo.build("bert")
+    graph = graphopt.from_onnx(model_zoo.export_onnx(zm, tmp_path / "bert.onnx"))
+    generator = np.random.default_rng(0)
+    feeds = {value.name: np.zeros((2, 40), np.int64) for value in graph.inputs}
+    feeds["input_ids"] = generator.integers(1, 100, (2, 40))
+    feeds["attention_mask"][0, :5] = 1
+    feeds["attention_mask"][1, :9] = 1
+    compiled = graphopt.compile(graph.clone(), target="torch", pipeline="fuse")
+    counts = _key_counts(monkeypatch)
+    got = compiled(**feeds)
+    assert counts and set(counts) == {16}, counts  # every layer: 9 attended keys, rounded up to 16
+    np.testing.assert_allclose(got[0], run_graph(graph, feeds)[0], atol=1e-5, rtol=1e-5)
