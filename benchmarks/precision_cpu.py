@@ -1,7 +1,7 @@
 """Precision beyond fp32 on CPU: bf16 and int8 paths side by side with ORT fp32 and ORT dynamic int8.
 
     python benchmarks/precision_cpu.py [--models bert-base,minilm] [--batches 1,8] [--seq 128]
-                                       [--threads 2] [--repeats 20] [--skip-bf16]
+                                       [--threads 2] [--repeats 20] [--skip-bf16] [--unpadded]
                                        [--out benchmarks/results/precision_cpu.md]
 
 Models: BERT-base from its config (random weights, seed 0) and the real all-MiniLM-L6-v2 (package
@@ -23,6 +23,9 @@ token_type_ids; output last_hidden_state). Columns, all timed side by side in bl
   FFN down-projection inputs unsmoothed so that each up-projection writes its uint8 output.
 `--skip-bf16` leaves out the bf16 columns (on a CPU without avx512_bf16 or AMX they are emulated
 and say nothing about bf16 hardware).
+Latency: the first evaluation sentence (9 tokens, padded to `--seq`) repeated to the batch size;
+the torch target's attention leaves the padding keys out (exact). `--unpadded` times the same
+tokens with every position attended (attention_mask all ones): a batch without padding.
 Fidelity on the 20 evaluation sentences of tests/data/minilm_sentences.json (padded to `--seq`)
 against ORT fp32: mean token cosine over real tokens and mean sentence cosine (mean pooling).
 Ratios: to ORT fp32 and to ORT dynamic int8 in the same row. The issue's targets (#26): graphopt
@@ -151,10 +154,13 @@ def run_model(name: str, args: argparse.Namespace, folder: str) -> tuple[list[st
     latency: dict[int, dict[str, float]] = {}
     for batch in args.batches:
         feeds = {k: np.repeat(v, batch, axis=0) for k, v in evaluation[0].items()}
+        if args.unpadded:
+            feeds["attention_mask"] = np.ones_like(feeds["attention_mask"])
         times = time_interleaved({label: (lambda run=run: run(feeds)) for label, run in runners.items()}, args.repeats, warmup=2)
         latency[batch] = {label: statistics.median(ms) for label, ms in times.items()}
         _say(f"{name} batch {batch}: " + ", ".join(f"{label} {ms:.1f} ms" for label, ms in latency[batch].items()))
-    lines = [f"## {name} (seq {args.seq}, {args.threads} threads)", "",
+    padding = "no padding" if args.unpadded else f"{int(evaluation[0]['attention_mask'].sum())} tokens padded to {args.seq}"
+    lines = [f"## {name} (seq {args.seq}, {padding}, {args.threads} threads)", "",
              "| variant | build s | " + " | ".join(f"b{b} ms | vs ORT fp32 | vs ORT int8" for b in args.batches) + " | token cos | sentence cos |",
              "|" + " --- |" * (4 + 3 * len(args.batches))]
     targets = []
@@ -194,6 +200,7 @@ def main(argv: list[str] | None = None) -> str:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=20)
     parser.add_argument("--skip-bf16", action="store_true", help="leave out the bf16 columns")
+    parser.add_argument("--unpadded", action="store_true", help="time inputs with every position attended (no padding)")
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "precision_cpu.md"))
     args = parser.parse_args(argv)
     args.batches = [int(b) for b in args.batches.split(",")]

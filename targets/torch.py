@@ -1,8 +1,9 @@
 """The `torch` target: the graph as a torch.fx GraphModule built from torch kernels.
 
 Spec: ``torch[:cpu|:cuda]{prepack=True|False,keep_heap=True|False}``. Fused attention runs as
-`scaled_dot_product_attention` (bfloat16/float16 on CPU: two batched GEMMs around a softmax,
-see `graphopt.exporters.graphopt_kernels`); on CPU, matmuls with constant float32 or bfloat16 weights run
+`scaled_dot_product_attention` (bfloat16/float16 on CPU: two batched GEMMs around a softmax;
+the keys a right-padded batch's mask blocks in every row left out, exactly; see
+`graphopt.exporters.graphopt_kernels`); on CPU, matmuls with constant float32 or bfloat16 weights run
 as oneDNN linears over weights packed once at compile time (bias and GELU folded in), unless
 `prepack=False`. With `prepack`, the int8 matmuls of `quantize{mode=static}` and
 `quantize{mode=dynamic}` run as oneDNN int8 linears too (`torch.ops.onednn.qlinear_pointwise`:
