@@ -136,11 +136,11 @@ def _kept_key_count(mask: Tensor) -> Optional[int]:
     """How many leading keys some query row attends to, when every key after them is blocked
     in every row (a padding tail) and no row blocks all keys; None when that is all keys or
     there is no such tail."""
-    blocked = _blocked(mask)
-    if bool(blocked.all(dim=-1).any()):
+    attended = ~_blocked(mask)
+    if not bool(attended.any(dim=-1).all()):
         return None
-    attended = (~blocked).reshape(-1, mask.shape[-1]).any(dim=0)
-    kept = -(-(int(attended.nonzero().max()) + 1) // _KEY_MULTIPLE) * _KEY_MULTIPLE
+    keys = attended.reshape(-1, mask.shape[-1]).any(dim=0)
+    kept = -(-(int(keys.nonzero().max()) + 1) // _KEY_MULTIPLE) * _KEY_MULTIPLE
     return kept if kept < mask.shape[-1] else None
 
 
@@ -151,7 +151,7 @@ def _without_blocked_tail(key: Tensor, value: Tensor, mask: Tensor, full_mask: T
     """Keys, values and mask without the keys that every query row blocks at the end (the padding
     of a right-padded batch): their softmax weights are exactly 0, so the output is the same
     and attention's cost falls with the padding. `full_mask` is the tensor the answer is kept for."""
-    kept = _kept_keys(full_mask) if mask.shape[-1] == key.shape[-2] and mask.dim() >= 2 else None
+    kept = _kept_keys(full_mask) if mask.shape[-1] == key.shape[-2] else None
     if kept is None:
         return key, value, mask
     return key[..., :kept, :], value[..., :kept, :], mask[..., :kept]

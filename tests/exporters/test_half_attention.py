@@ -214,7 +214,7 @@ def test_attention_keeps_every_key_where_leaving_some_out_could_change_the_outpu
     q, k, v = _qkv(torch.float32, seq=40)
     mask = _right_padded(torch.float32, [5, 9], 40)
     kwargs: dict = {"num_heads": 4}
-    args = [q, k, v, mask]
+    past: list = []
     if case == "a row blocks every key":  # Hugging Face's finfo.min mask averages every value there
         mask[0] = torch.finfo(torch.float32).min
     elif case == "no padding tail":
@@ -224,14 +224,12 @@ def test_attention_keeps_every_key_where_leaving_some_out_could_change_the_outpu
     elif case == "causal":
         kwargs["causal"] = 1
     elif case == "kv cache":
-        args += [k[:, :, :3], v[:, :, :3]]
-        args[3] = _right_padded(torch.float32, [5, 9], 43)
+        past = [k[:, :, :3], v[:, :, :3]]
+        mask = _right_padded(torch.float32, [5, 9], 43)
     elif case == "broadcast keys":
         mask = mask[..., :1].clone()  # [B, 1, 1, 1]: one bias for every key
-    if case not in ("kv cache",):
-        args[3] = mask
     counts = _key_counts(monkeypatch)
-    outputs = graphopt_Attention(*args, **kwargs)
+    outputs = graphopt_Attention(q, k, v, mask, *past, **kwargs)
     assert counts == [43 if case == "kv cache" else 40]
     assert torch.isfinite(outputs[0]).all()
 
