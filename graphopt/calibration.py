@@ -301,8 +301,9 @@ def value_groups(
     graph: Graph, samples: Sequence[dict[str, np.ndarray]], values: Sequence[str], cap: Optional[int] = None
 ) -> list[list[str]]:
     """`values` split so that one sample's activations of a group stay under `cap` bytes
-    (estimated from the values' types, symbolic dims sized from the largest sample; a value
-    whose size is unknown runs alone)."""
+    (estimated from the values' types, symbolic dims sized from the largest sample; a symbol
+    no input has, a length computed inside the graph such as drop-padding's kept prefix,
+    sized as the largest input dim; a value whose size is unknown runs alone)."""
     cap = MEMORY_CAP if cap is None else cap
     sizes: dict[str, int] = {}
     for sample in samples:
@@ -312,6 +313,11 @@ def value_groups(
                     if isinstance(dim, str):
                         sizes[dim] = max(sizes.get(dim, 0), int(size))
     by_name = {v.name: v for v in graph.values()}
+    inner = max(sizes.values(), default=0)
+    for value in by_name.values():
+        for dim in value.shape or ():
+            if isinstance(dim, str) and dim not in sizes and inner:
+                sizes[dim] = inner
     groups: list[list[str]] = []
     current: list[str] = []
     used = 0
