@@ -116,6 +116,8 @@ class DropPadding(Pass):
         for value in outputs:
             if value.producer is None:
                 raise DropPaddingError(f"{where}: output '{value.name}' is a graph input or constant, not computed from the trimmed inputs")
+            if value.dtype is None:
+                raise DropPaddingError(f"{where}: output '{value.name}' has no known element type, so its padded positions cannot be zeroed")
         return _Plan(mask, seq, inputs, outputs)
 
 
