@@ -109,7 +109,8 @@ class DropPadding(Pass):
             if isinstance(other, str) and other != seq:
                 raise DropPaddingError(
                     f"{where}: input '{value.name}' has length '{other}' at axis 1 where '{mask.name}' has '{seq}': "
-                    "in a KV-cache decoder the mask also covers the cached positions, which cannot be trimmed"
+                    "another length (a KV-cache decoder's, where the mask also covers the cached positions, or a second sequence's) "
+                    "cannot be trimmed by this mask"
                 )
         inputs = tuple(v for v in graph.inputs if _has_axis(v, seq, "input", where))
         outputs = tuple(v for v in graph.outputs if _has_axis(v, seq, "output", where))
