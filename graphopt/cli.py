@@ -43,6 +43,7 @@ from typing import Any, Iterator, Optional, Sequence, TextIO
 
 from graphopt.errors import GraphoptError
 from graphopt.instruments import Instrument, PassRecord
+from graphopt.ir.types import format_shape
 
 if typing.TYPE_CHECKING:
     from graphopt.instruments import PipelineReport
@@ -582,7 +583,7 @@ def _format_summary(model: str, summary: dict[str, Any]) -> str:
     ]
     for kind in ("inputs", "outputs"):
         lines.append(f"{kind}:")
-        lines += [f"  {v['name']}: {v['dtype'] or '?'}{shape_text(v['shape'])}" for v in summary[kind]]
+        lines += [f"  {v['name']}: {v['dtype'] or '?'}{format_shape(v['shape'])}" for v in summary[kind]]
     sizes = ", ".join(f"{name}={size}" for name, size in flops["sizes"].items())
     lines.append(f"FLOPs: {flops['total']:,} ({_scaled(flops['total'])}FLOP)" + (f", assuming {sizes}" if sizes else ""))
     if flops["uncounted"]:
@@ -590,12 +591,6 @@ def _format_summary(model: str, summary: dict[str, Any]) -> str:
     lines.append("ops:")
     lines += [f"  {count:6d}  {op}" for op, count in summary["ops"].items()]
     return "\n".join(lines)
-
-
-def shape_text(shape: Optional[Sequence[Any]]) -> str:
-    if shape is None:
-        return "[*]"
-    return "[" + ", ".join("?" if d is None else str(d) for d in shape) + "]"
 
 
 def _scaled(number: float) -> str:

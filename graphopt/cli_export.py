@@ -32,7 +32,7 @@ def add_command(commands: Any, add_verbosity: typing.Callable[..., None]) -> Non
 
 
 def _export(args: argparse.Namespace) -> int:
-    from graphopt.cli import shape_text
+    from graphopt.ir.types import format_shape
     from graphopt.exporters.files import atomic_write
     from graphopt.frontends.onnx_import import from_onnx
     from graphopt.model_sources import model_as_onnx
@@ -49,7 +49,7 @@ def _export(args: argparse.Namespace) -> int:
     if not args.quiet:
         print(f"{args.model}: {source.origin}; wrote {args.output} in {time.perf_counter() - start:.1f} s")
         for kind, values in (("inputs", graph.inputs), ("outputs", graph.outputs)):
-            shown = ", ".join(f"{v.name}: {v.dtype.name.lower() if v.dtype else '?'}{shape_text(v.shape)}" for v in values[:6])
+            shown = ", ".join(f"{v.name}: {v.dtype.name.lower() if v.dtype else '?'}{format_shape(v.shape)}" for v in values[:6])
             more = f", ... ({len(values)} in all)" if len(values) > 6 else ""
             print(f"  {kind}: {shown}{more}")
     return 0

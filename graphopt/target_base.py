@@ -36,6 +36,7 @@ from graphopt.errors import GraphoptError
 from graphopt.options import Spec
 from graphopt.pass_base import configure, field_default
 from graphopt.ir.torch_arrays import is_torch, to_numpy, to_torch
+from graphopt.ir.types import format_shape
 
 MANIFEST = "manifest.json"
 MANIFEST_FORMAT = 1
@@ -281,10 +282,10 @@ def _check_input(spec: IOSpec, value: Any) -> None:
     shape = tuple(value.shape) if hasattr(value, "shape") else np.shape(value)
     if spec.shape is not None:
         if len(shape) != len(spec.shape):
-            raise TargetError(f"input {spec.name!r}: expected rank {len(spec.shape)} {_shape_text(spec.shape)}, got shape {tuple(shape)}")
+            raise TargetError(f"input {spec.name!r}: expected rank {len(spec.shape)} {format_shape(spec.shape)}, got shape {tuple(shape)}")
         for axis, (want, got) in enumerate(zip(spec.shape, shape)):
             if isinstance(want, int) and want != got:
-                raise TargetError(f"input {spec.name!r}: dim {axis} must be {want} {_shape_text(spec.shape)}, got shape {tuple(shape)}")
+                raise TargetError(f"input {spec.name!r}: dim {axis} must be {want} {format_shape(spec.shape)}, got shape {tuple(shape)}")
     if spec.dtype is not None:
         got_dtype = str(value.dtype).replace("torch.", "") if hasattr(value, "dtype") else np.asarray(value).dtype.name
         if got_dtype != spec.dtype:
@@ -306,6 +307,3 @@ def _numpy_dtype(name: str) -> Optional[np.dtype]:
     except TypeError:
         return None  # an ml_dtypes name numpy does not know by itself: the full check compares names
 
-
-def _shape_text(shape: tuple[Any, ...]) -> str:
-    return "[" + ", ".join("?" if d is None else str(d) for d in shape) + "]"

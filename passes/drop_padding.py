@@ -40,7 +40,7 @@ from graphopt.errors import GraphoptError
 from graphopt.ir.dtypes import DType
 from graphopt.ir.graph import Graph, Node, Value
 from graphopt.ir.symbolic import dim_symbols
-from graphopt.ir.types import TensorType
+from graphopt.ir.types import TensorType, format_shape
 from graphopt.pass_base import Pass, PassContext, PassResult
 from graphopt.registry import register_pass
 
@@ -98,7 +98,7 @@ class DropPadding(Pass):
             raise DropPaddingError(f"{where}: the graph has no input '{self.mask}' (its inputs: {names}); name the attention mask with mask=<input>")
         if mask.shape is None or len(mask.shape) != 2 or not isinstance(mask.shape[1], str) or dim_symbols(mask.shape[1]) != (mask.shape[1],):
             raise DropPaddingError(
-                f"{where}: input '{mask.name}' has shape {_shape_text(mask)}; it needs [batch, seq] with a symbolic "
+                f"{where}: input '{mask.name}' has shape {'unknown' if mask.shape is None else format_shape(mask.shape)}; it needs [batch, seq] with a symbolic "
                 "sequence length of its own (a static length or a KV cache's 'past + seq' cannot be trimmed)"
             )
         if graph.opset() < 11:
@@ -131,14 +131,10 @@ def _has_axis(value: Value, seq: str, kind: str, where: str) -> bool:
         return False
     if axes != [1] or value.shape[1] != seq:
         raise DropPaddingError(
-            f"{where}: {kind} '{value.name}' has shape {_shape_text(value)}; the sequence length '{seq}' may only be its axis 1 "
+            f"{where}: {kind} '{value.name}' has shape {format_shape(value.shape)}; the sequence length '{seq}' may only be its axis 1 "
             "(an encoder's [batch, seq, ...])"
         )
     return True
-
-
-def _shape_text(value: Value) -> str:
-    return "unknown" if value.shape is None else "[" + ", ".join("?" if d is None else str(d) for d in value.shape) + "]"
 
 
 def _plan_in(copy: Graph, plan: _Plan) -> _Plan:

@@ -63,9 +63,7 @@ class TensorType:
 
     def __str__(self) -> str:
         dtype = self.dtype.short if self.dtype is not None else "?"
-        if self.shape is None:
-            return f"{dtype}[*]"
-        return f"{dtype}[{', '.join(format_dim(d) for d in self.shape)}]"
+        return f"{dtype}{format_shape(self.shape)}"
 
 
 UNKNOWN = TensorType()
@@ -143,6 +141,11 @@ class MapType(_NonTensorType):
 
 def format_dim(dim: Dim) -> str:
     return "?" if dim is None else str(dim)
+
+
+def format_shape(shape: Optional[Sequence[Dim]]) -> str:
+    """`[batch, seq, 384]` (an unknown dim `?`), `[*]` for an unknown rank."""
+    return "[*]" if shape is None else "[" + ", ".join(format_dim(d) for d in shape) + "]"
 
 
 def _check_dim(dim: object) -> Dim:

@@ -47,7 +47,7 @@ from graphopt.ir.schema import (
     register_schema,
 )
 from graphopt.ir.symbolic import add_dims, dim_at_most, dims_equal, floordiv_dims, mul_dims, sub_dims
-from graphopt.ir.types import Dim, Shape, TensorType, broadcast_shapes, format_dim, merge_dims
+from graphopt.ir.types import Dim, Shape, TensorType, broadcast_shapes, format_dim, format_shape, merge_dims
 
 if TYPE_CHECKING:
     from graphopt.ir.graph import Node
@@ -109,10 +109,6 @@ def _register(
 
 def _error(ctx: InferenceContext, message: str) -> ValueError:
     return ValueError(f"{ctx.op_type}: {message}")
-
-
-def _fmt(shape: Sequence[Dim]) -> str:
-    return "[" + ", ".join(format_dim(d) for d in shape) + "]"
 
 
 def _shape(ctx: InferenceContext, index: int) -> Shape:
@@ -178,7 +174,7 @@ def _broadcast(ctx: InferenceContext, shapes: Sequence[Shape]) -> Shape:
     try:
         return broadcast_shapes(*shapes)
     except ValueError as exc:
-        listed = ", ".join(_fmt(s) for s in shapes if s is not None)
+        listed = ", ".join(format_shape(s) for s in shapes if s is not None)
         raise _error(ctx, f"shapes {listed} do not broadcast ({exc})") from None
 
 
@@ -296,7 +292,7 @@ def _broadcasting(result: Optional[DType] = None, dtype_from: Optional[Sequence[
 def _infer_prelu(ctx: InferenceContext) -> list[TensorType]:
     x, slope = _shape(ctx, 0), _shape(ctx, 1)
     if x is not None and slope is not None and len(slope) > len(x):
-        raise _error(ctx, f"slope {_fmt(slope)} has a higher rank than X {_fmt(x)}")
+        raise _error(ctx, f"slope {format_shape(slope)} has a higher rank than X {format_shape(x)}")
     _broadcast(ctx, [x, slope])
     return [ctx.input_type(0)]
 
@@ -569,7 +565,7 @@ def _matmul_shape(ctx: InferenceContext, a: Shape, b: Shape) -> Shape:
     b_matrix = b if len(b) > 1 else b + (1,)
     k_a, k_b = a_matrix[-1], b_matrix[-2]
     if _proven_different(k_a, k_b):
-        raise _error(ctx, f"inner dims {k_a} and {k_b} differ (shapes {_fmt(a)} and {_fmt(b)})")
+        raise _error(ctx, f"inner dims {k_a} and {k_b} differ (shapes {format_shape(a)} and {format_shape(b)})")
     batch = _broadcast(ctx, [a_matrix[:-2], b_matrix[:-2]])
     assert batch is not None
     rows = (a_matrix[-2],) if len(a) > 1 else ()
@@ -589,7 +585,7 @@ def _infer_gemm(ctx: InferenceContext) -> list[TensorType]:
     a, b = _shape(ctx, 0), _shape(ctx, 1)
     for name, shape in (("A", a), ("B", b)):
         if shape is not None and len(shape) != 2:
-            raise _error(ctx, f"{name} must be 2-D, got {_fmt(shape)}")
+            raise _error(ctx, f"{name} must be 2-D, got {format_shape(shape)}")
     m = k_a = k_b = n = None
     if a is not None:
         m, k_a = (a[1], a[0]) if ctx.attr("transA", 0) else a
@@ -742,7 +738,7 @@ def _spatial_rank(ctx: InferenceContext, *shapes: Shape) -> Optional[int]:
     for shape in shapes:
         if shape is not None:
             if len(shape) < 3:
-                raise _error(ctx, f"expected (N, C, spatial...) but got {_fmt(shape)}")
+                raise _error(ctx, f"expected (N, C, spatial...) but got {format_shape(shape)}")
             return len(shape) - 2
     kernel = _ints_attr(ctx, "kernel_shape")
     return None if kernel is None else len(kernel)
@@ -757,7 +753,7 @@ def _infer_conv(ctx: InferenceContext) -> list[TensorType]:
     x = x if x is not None else (None,) * (n + 2)
     w = w if w is not None else (None,) * (n + 2)
     if len(x) != len(w):
-        raise _error(ctx, f"X {_fmt(x)} and W {_fmt(w)} have different ranks")
+        raise _error(ctx, f"X {format_shape(x)} and W {format_shape(w)} have different ranks")
     group = int(ctx.attr("group", 1))
     channels, per_group = x[1], w[1]
     if isinstance(channels, int) and isinstance(per_group, int) and channels != per_group * group:
@@ -832,7 +828,7 @@ def _reshape_inferred_dim(ctx: InferenceContext, source: Sequence[Dim], known: S
     if rest == 0:
         return None
     if isinstance(total, int) and isinstance(rest, int) and total % rest:
-        raise _error(ctx, f"cannot reshape {_fmt(source)} into a shape with fixed part {_fmt(known)}")
+        raise _error(ctx, f"cannot reshape {format_shape(source)} into a shape with fixed part {format_shape(known)}")
     return floordiv_dims(total, rest)
 
 
@@ -849,15 +845,15 @@ def _infer_reshape(ctx: InferenceContext) -> list[TensorType]:
     for i, value in enumerate(target):
         if value == 0 and not allow_zero:
             if source is not None and i >= len(source):
-                raise _error(ctx, f"target {_fmt(target)} copies dim {i} of rank-{len(source)} input")
+                raise _error(ctx, f"target {format_shape(target)} copies dim {i} of rank-{len(source)} input")
             out.append(None if source is None else source[i])
         elif value == -1:
             if inferred is not None:
-                raise _error(ctx, f"target {_fmt(target)} has more than one -1")
+                raise _error(ctx, f"target {format_shape(target)} has more than one -1")
             inferred = i
             out.append(None)
         elif isinstance(value, int) and value < 0:
-            raise _error(ctx, f"target {_fmt(target)} has invalid dim {value}")
+            raise _error(ctx, f"target {format_shape(target)} has invalid dim {value}")
         else:
             out.append(value)
     if source is not None:
@@ -866,7 +862,7 @@ def _infer_reshape(ctx: InferenceContext) -> list[TensorType]:
         else:
             before, after = _product(source), _product(out)
             if _proven_different(before, after):
-                raise _error(ctx, f"cannot reshape {_fmt(source)} ({before} elements) into {_fmt(out)}")
+                raise _error(ctx, f"cannot reshape {format_shape(source)} ({before} elements) into {format_shape(out)}")
     return [TensorType(dtype, tuple(out))]
 
 
@@ -923,7 +919,7 @@ def _infer_concat(ctx: InferenceContext) -> list[TensorType]:
         return [TensorType(dtype, None)]
     rank = len(known[0])
     if any(len(s) != rank for s in known):
-        raise _error(ctx, f"inputs have different ranks: {', '.join(_fmt(s) for s in known)}")
+        raise _error(ctx, f"inputs have different ranks: {', '.join(format_shape(s) for s in known)}")
     axis = _axis(ctx, int(_required_attr(ctx, "axis")), rank)
     out: list[Dim] = []
     for i in range(rank):
@@ -962,7 +958,7 @@ def _infer_split(ctx: InferenceContext) -> list[TensorType]:
                 raise _error(ctx, f"split {list(split)} has {len(split)} parts for {count} outputs")
             total = _concat_dim(split)
             if _proven_different(total, dim):
-                raise _error(ctx, f"split {_fmt(split)} sums to {format_dim(total)}, not dim {format_dim(dim)}")
+                raise _error(ctx, f"split {format_shape(split)} sums to {format_dim(total)}, not dim {format_dim(dim)}")
             sizes = list(split)
     elif not isinstance(dim, int):
         # equal parts (also with num_outputs, whose last part is smaller only when the
@@ -1059,7 +1055,7 @@ def _infer_expand(ctx: InferenceContext) -> list[TensorType]:
         length = _vector_length(ctx, 1)
         target = None if length is None else (None,) * length
     elif any(isinstance(v, int) and v < 0 for v in target):
-        raise _error(ctx, f"target shape {_fmt(target)} has a negative dim")
+        raise _error(ctx, f"target shape {format_shape(target)} has a negative dim")
     return [TensorType(_dtype(ctx, 0), _broadcast(ctx, [_shape(ctx, 0), target]))]
 
 
@@ -1071,9 +1067,9 @@ def _infer_tile(ctx: InferenceContext) -> list[TensorType]:
     if repeats is None:
         return [TensorType(dtype, (None,) * len(shape))]
     if len(repeats) != len(shape):
-        raise _error(ctx, f"repeats {_fmt(repeats)} do not match rank {len(shape)}")
+        raise _error(ctx, f"repeats {format_shape(repeats)} do not match rank {len(shape)}")
     if any(isinstance(r, int) and r < 0 for r in repeats):
-        raise _error(ctx, f"repeats {_fmt(repeats)} has a negative count")
+        raise _error(ctx, f"repeats {format_shape(repeats)} has a negative count")
     return [TensorType(dtype, tuple(_product((d, r)) for d, r in zip(shape, repeats)))]
 
 
@@ -1217,7 +1213,7 @@ def _infer_gather(ctx: InferenceContext) -> list[TensorType]:
 def _infer_gather_elements(ctx: InferenceContext) -> list[TensorType]:
     data, indices = _shape(ctx, 0), _shape(ctx, 1)
     if data is not None and indices is not None and len(data) != len(indices):
-        raise _error(ctx, f"data {_fmt(data)} and indices {_fmt(indices)} have different ranks")
+        raise _error(ctx, f"data {format_shape(data)} and indices {format_shape(indices)} have different ranks")
     if data is not None:
         _axis(ctx, int(ctx.attr("axis", 0)), len(data))
     return [TensorType(_dtype(ctx, 0), indices)]
@@ -1376,7 +1372,7 @@ def _infer_constant_of_shape(ctx: InferenceContext) -> list[TensorType]:
         length = _vector_length(ctx, 0)
         return [TensorType(dtype, None if length is None else (None,) * length)]
     if any(isinstance(d, int) and d < 0 for d in target):
-        raise _error(ctx, f"shape {_fmt(target)} has a negative dim")
+        raise _error(ctx, f"shape {format_shape(target)} has a negative dim")
     return [TensorType(dtype, target)]
 
 
@@ -1544,7 +1540,7 @@ def _infer_batch_norm(ctx: InferenceContext) -> list[TensorType]:
     channels: Dim = None
     if x is not None:
         if len(x) < 2:
-            raise _error(ctx, f"X must have rank >= 2, got {_fmt(x)}")
+            raise _error(ctx, f"X must have rank >= 2, got {format_shape(x)}")
         channels = x[1]
     stats = TensorType(_first_dtype(ctx, (3, 4)), (channels,))
     return [ctx.input_type(0), stats, stats][: ctx.num_outputs]
@@ -1604,9 +1600,9 @@ def _heads_split(ctx: InferenceContext, index: int, heads: Any, what: str) -> tu
             raise _error(ctx, f"{what} has {shape[1]} heads, attribute says {heads}")
         return shape  # type: ignore[return-value]
     if len(shape) != 3:
-        raise _error(ctx, f"{what} must have rank 3 or 4, got {_fmt(shape)}")
+        raise _error(ctx, f"{what} must have rank 3 or 4, got {format_shape(shape)}")
     if not isinstance(heads, int) or heads <= 0:
-        raise _error(ctx, f"3-D {what} {_fmt(shape)} needs a positive head-count attribute")
+        raise _error(ctx, f"3-D {what} {format_shape(shape)} needs a positive head-count attribute")
     hidden = shape[2]
     if isinstance(hidden, int) and hidden % heads:
         raise _error(ctx, f"{what} hidden size {hidden} is not a multiple of {heads} heads")
@@ -1652,7 +1648,7 @@ def _infer_rotary(ctx: InferenceContext) -> list[TensorType]:
     shape = _shape(ctx, 0)
     if shape is not None:
         if len(shape) not in (3, 4):
-            raise _error(ctx, f"X must have rank 3 or 4, got {_fmt(shape)}")
+            raise _error(ctx, f"X must have rank 3 or 4, got {format_shape(shape)}")
         if len(shape) == 3:
             _heads_split(ctx, 0, ctx.attr("num_heads"), "X")
     rotary = int(ctx.attr("rotary_embedding_dim", 0))
@@ -1751,7 +1747,7 @@ def _infer_random(ctx: InferenceContext) -> list[TensorType]:
 def _infer_multinomial(ctx: InferenceContext) -> list[TensorType]:
     shape = _shape(ctx, 0)
     if shape is not None and len(shape) != 2:
-        raise _error(ctx, f"input must be [batch, classes], got {_fmt(shape)}")
+        raise _error(ctx, f"input must be [batch, classes], got {format_shape(shape)}")
     batch = None if shape is None else shape[0]
     dtype = _dtype_attr(ctx, "dtype", DType.INT32)
     return [TensorType(dtype, (batch, int(ctx.attr("sample_size", 1))))]
