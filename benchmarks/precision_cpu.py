@@ -163,19 +163,18 @@ def build(name: str, args: argparse.Namespace, folder: str) -> tuple[dict[str, R
         timed("graphopt bf16, float32 norms", lambda: _compiled_runner(
             graphopt.compile(str(path), target="torch", pipeline="fuse,to-bf16{norms=float32}")))
     disabled = get_target(f"onnxruntime:cpu{{threads={args.threads}}}").disabled_optimizers()
+    makers: dict[str, Callable[[str], Runner]] = {
+        "onnxruntime": lambda pipeline: _session_runner(quantization_cpu.session(
+            quantization_cpu.graphopt_model(path, pipeline, calibration, args.threads)[0], args.threads, disabled_optimizers=disabled)),
+        "torch": lambda pipeline: _compiled_runner(
+            graphopt.compile(str(path), target="torch", pipeline=pipeline, calibration_data=calibration)),
+    }
     for label, pipeline in INT8_PIPELINES.items():
-        timed(label, lambda pipeline=pipeline: _session_runner(quantization_cpu.session(
-            quantization_cpu.graphopt_model(path, pipeline, calibration, args.threads)[0], args.threads, disabled_optimizers=disabled)))
+        timed(label, lambda pipeline=pipeline: makers["onnxruntime"](pipeline))
     for label, pipeline in INT8_TORCH_PIPELINES.items():
-        timed(label, lambda pipeline=pipeline: _compiled_runner(
-            graphopt.compile(str(path), target="torch", pipeline=pipeline, calibration_data=calibration)))
+        timed(label, lambda pipeline=pipeline: makers["torch"](pipeline))
     for label, (target, pipeline) in DROP_PADDING_PIPELINES.items():
-        if target == "torch":
-            timed(label, lambda pipeline=pipeline: _compiled_runner(
-                graphopt.compile(str(path), target="torch", pipeline=pipeline, calibration_data=calibration)))
-        else:
-            timed(label, lambda pipeline=pipeline: _session_runner(quantization_cpu.session(
-                quantization_cpu.graphopt_model(path, pipeline, calibration, args.threads)[0], args.threads, disabled_optimizers=disabled)))
+        timed(label, lambda target=target, pipeline=pipeline: makers[target](pipeline))
     return runners, seconds, calibration, evaluation
 
 

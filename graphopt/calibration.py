@@ -314,10 +314,11 @@ def value_groups(
                         sizes[dim] = max(sizes.get(dim, 0), int(size))
     by_name = {v.name: v for v in graph.values()}
     inner = max(sizes.values(), default=0)
-    for value in by_name.values():
-        for dim in value.shape or ():
-            if isinstance(dim, str) and dim not in sizes and inner:
-                sizes[dim] = inner
+    if inner:
+        for value in by_name.values():
+            for dim in value.shape or ():
+                if isinstance(dim, str):
+                    sizes.setdefault(dim, inner)
     groups: list[list[str]] = []
     current: list[str] = []
     used = 0
